@@ -1,0 +1,803 @@
+//! The HTTP/JSON API of API.md: decoding and validating requests, auth, calling
+//! the engine, waiting for durability, and encoding answers with the
+//! `X-RateLimit-*` headers. The only layer that knows HTTP.
+
+mod error;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, RawQuery, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use subtle::ConstantTimeEq;
+
+pub use error::ApiError;
+
+use crate::clock::Clock;
+use crate::config::{MaxValue, Role, MAX_SAFE_INTEGER};
+use crate::engine::{
+    Applied, DecideOp, Decision, DecisionRequest, Engine, Finish, Lsn, Override, ReasonCode,
+};
+use crate::journal::DurableWatch;
+use crate::metrics::Metrics;
+
+/// Bounds on request fields, from API.md.
+pub mod bounds {
+    /// Subject length in bytes.
+    pub const SUBJECT_BYTES: usize = 256;
+    /// Event length in bytes.
+    pub const EVENT_BYTES: usize = 128;
+    /// Attribute pairs per request.
+    pub const ATTRIBUTES: usize = 16;
+    /// Attribute key length.
+    pub const ATTRIBUTE_KEY_BYTES: usize = 64;
+    /// Attribute value length.
+    pub const ATTRIBUTE_VALUE_BYTES: usize = 256;
+    /// Metrics per request.
+    pub const AMOUNTS: usize = 32;
+    /// Metric name length.
+    pub const METRIC_BYTES: usize = 64;
+    /// Idempotency key length.
+    pub const IDEMPOTENCY_KEY_BYTES: usize = 255;
+    /// Subjects per list page.
+    pub const LIST_LIMIT: usize = 1000;
+}
+
+/// A configured bearer token.
+#[derive(Clone)]
+pub struct Token {
+    /// The secret.
+    pub secret: Vec<u8>,
+    /// What it may do.
+    pub role: Role,
+}
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Token")
+            .field("role", &self.role)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Shared state of all handlers.
+pub struct AppState {
+    /// The engine.
+    pub engine: Arc<Engine>,
+    /// Time source.
+    pub clock: Arc<dyn Clock>,
+    /// Where to wait for durability.
+    pub durable: DurableWatch,
+    /// Accepted tokens; empty disables auth.
+    pub tokens: Vec<Token>,
+    /// Request counters.
+    pub metrics: Metrics,
+    /// Set once recovery has finished.
+    pub ready: AtomicBool,
+    /// Set when shutdown starts: writes are refused with 503 from then on.
+    pub shutting_down: AtomicBool,
+    /// Body size limit.
+    pub max_body_bytes: usize,
+}
+
+impl AppState {
+    fn authorize(&self, headers: &HeaderMap, need: Role) -> Result<(), ApiError> {
+        if self.tokens.is_empty() {
+            return Ok(());
+        }
+        let presented = headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .ok_or_else(|| ApiError::Unauthorized("send `Authorization: Bearer <token>`".into()))?;
+        // Compare against every token so timing does not tell which one was close.
+        let mut role = None;
+        for t in &self.tokens {
+            if bool::from(t.secret.as_slice().ct_eq(presented.trim().as_bytes())) {
+                role = role.max(Some(t.role));
+            }
+        }
+        match role {
+            None => Err(ApiError::Unauthorized(
+                "the bearer token is not valid".into(),
+            )),
+            Some(r) if r >= need => Ok(()),
+            Some(_) => Err(ApiError::Forbidden(
+                "this token's role is client; this endpoint needs admin".into(),
+            )),
+        }
+    }
+
+    fn writable(&self) -> Result<(), ApiError> {
+        if self.shutting_down.load(Ordering::Acquire) {
+            return Err(ApiError::Unavailable(
+                "quotad is shutting down; nothing was applied, retry elsewhere or later".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    async fn durable<T>(&self, applied: Applied<T>) -> Result<T, ApiError> {
+        if let Some(lsn) = applied.lsn {
+            self.wait(lsn).await?;
+        }
+        Ok(applied.value)
+    }
+
+    async fn wait(&self, lsn: Lsn) -> Result<(), ApiError> {
+        self.durable
+            .wait(lsn)
+            .await
+            .map_err(|e| ApiError::Unavailable(format!("{e}; the change was not acknowledged")))
+    }
+
+    fn now(&self) -> u64 {
+        self.clock.now_ms()
+    }
+}
+
+/// Builds the router.
+pub fn router(state: Arc<AppState>) -> Router {
+    let limit = state.max_body_bytes;
+    Router::new()
+        .route("/v1/check", post(check))
+        .route("/v1/consume", post(consume))
+        .route("/v1/reserve", post(reserve))
+        .route("/v1/reservations/{id}/commit", post(commit))
+        .route("/v1/reservations/{id}/release", post(release))
+        .route("/v1/subjects", get(list_subjects))
+        .route(
+            "/v1/subjects/{subject}",
+            get(get_subject).put(put_subject).delete(delete_subject),
+        )
+        .route("/v1/subjects/{subject}/reset", post(reset))
+        .route("/v1/subjects/{subject}/credit", post(credit))
+        .route("/v1/plans", get(plans))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .fallback(|| async {
+            ApiError::NotFound("not_found", "no such endpoint; see API.md".into())
+        })
+        .method_not_allowed_fallback(|| async {
+            ApiError::MethodNotAllowed("this endpoint does not take that method".into())
+        })
+        .layer(DefaultBodyLimit::max(limit))
+        .layer(axum::middleware::map_response_with_state(
+            state.clone(),
+            count_errors,
+        ))
+        .with_state(state)
+}
+
+async fn count_errors(State(st): State<Arc<AppState>>, resp: Response) -> Response {
+    let s = resp.status().as_u16();
+    if s >= 400 {
+        st.metrics.error(s);
+    }
+    resp
+}
+
+// ---------- decoding ----------
+
+fn body_bytes(body: Result<Bytes, BytesRejection>, max: usize) -> Result<Bytes, ApiError> {
+    body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::PayloadTooLarge(format!(
+                "the request body is larger than {max} bytes (server.max_body_bytes)"
+            ))
+        } else {
+            ApiError::InvalidRequest(format!("could not read the request body: {e}"))
+        }
+    })
+}
+
+/// Parses JSON, naming the field path of any error. An empty body is `{}`.
+fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
+        b"{}"
+    } else {
+        bytes
+    };
+    let de = &mut serde_json::Deserializer::from_slice(bytes);
+    let value = serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if matches!(path.as_str(), "." | "?" | "") {
+            ApiError::InvalidRequest(format!("invalid JSON body: {inner}"))
+        } else {
+            ApiError::InvalidRequest(format!("{path}: {inner}"))
+        }
+    })?;
+    Ok(value)
+}
+
+fn check_text(field: &str, s: &str, max_bytes: usize) -> Result<(), ApiError> {
+    if s.is_empty() || s.len() > max_bytes {
+        return Err(ApiError::invalid(
+            field,
+            format!("must be 1 to {max_bytes} bytes, got {}", s.len()),
+        ));
+    }
+    if s.chars().any(char::is_control) {
+        return Err(ApiError::invalid(
+            field,
+            "must not contain control characters",
+        ));
+    }
+    Ok(())
+}
+
+fn check_amounts(field: &str, amounts: &BTreeMap<String, u64>) -> Result<(), ApiError> {
+    if amounts.len() > bounds::AMOUNTS {
+        return Err(ApiError::invalid(
+            field,
+            format!("at most {} metrics per request", bounds::AMOUNTS),
+        ));
+    }
+    for (metric, v) in amounts {
+        check_text(&format!("{field} key"), metric, bounds::METRIC_BYTES)?;
+        if *v > MAX_SAFE_INTEGER {
+            return Err(ApiError::invalid(
+                &format!("{field}.{metric}"),
+                format!("{v} is above the largest allowed amount {MAX_SAFE_INTEGER} (2^53-1)"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The idempotency key from the body and/or the `Idempotency-Key` header.
+fn idempotency_key(
+    headers: &HeaderMap,
+    body_key: Option<String>,
+) -> Result<Option<String>, ApiError> {
+    let header = match headers.get("idempotency-key") {
+        Some(v) => Some(
+            v.to_str()
+                .map_err(|_| ApiError::invalid("Idempotency-Key header", "must be visible ASCII"))?
+                .to_string(),
+        ),
+        None => None,
+    };
+    let key = match (header, body_key) {
+        (Some(h), Some(b)) if h != b => {
+            return Err(ApiError::invalid(
+                "idempotency_key",
+                "differs from the Idempotency-Key header; send one or make them equal",
+            ))
+        }
+        (h, b) => h.or(b),
+    };
+    if let Some(k) = &key {
+        check_text("idempotency_key", k, bounds::IDEMPOTENCY_KEY_BYTES)?;
+    }
+    Ok(key)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DecisionBody {
+    subject: String,
+    #[serde(default)]
+    event: Option<String>,
+    #[serde(default)]
+    attributes: BTreeMap<String, String>,
+    #[serde(default)]
+    amounts: BTreeMap<String, u64>,
+    #[serde(default)]
+    idempotency_key: Option<String>,
+    #[serde(default)]
+    ttl_ms: Option<u64>,
+}
+
+fn decision_request(headers: &HeaderMap, bytes: &[u8]) -> Result<DecisionRequest, ApiError> {
+    let b: DecisionBody = parse(bytes)?;
+    check_text("subject", &b.subject, bounds::SUBJECT_BYTES)?;
+    if let Some(e) = &b.event {
+        check_text("event", e, bounds::EVENT_BYTES)?;
+    }
+    if b.attributes.len() > bounds::ATTRIBUTES {
+        return Err(ApiError::invalid(
+            "attributes",
+            format!(
+                "at most {} pairs, got {}",
+                bounds::ATTRIBUTES,
+                b.attributes.len()
+            ),
+        ));
+    }
+    for (k, v) in &b.attributes {
+        check_text("attributes key", k, bounds::ATTRIBUTE_KEY_BYTES)?;
+        if v.len() > bounds::ATTRIBUTE_VALUE_BYTES || v.chars().any(char::is_control) {
+            return Err(ApiError::invalid(
+                &format!("attributes.{k}"),
+                format!(
+                    "values are at most {} bytes without control characters",
+                    bounds::ATTRIBUTE_VALUE_BYTES
+                ),
+            ));
+        }
+    }
+    check_amounts("amounts", &b.amounts)?;
+    Ok(DecisionRequest {
+        subject: b.subject,
+        event: b.event,
+        attributes: b.attributes,
+        amounts: b.amounts,
+        idempotency_key: idempotency_key(headers, b.idempotency_key)?,
+        ttl_ms: b.ttl_ms,
+    })
+}
+
+fn subject_path(s: &str) -> Result<(), ApiError> {
+    check_text("subject (path)", s, bounds::SUBJECT_BYTES)
+}
+
+// ---------- encoding ----------
+
+/// The `X-RateLimit-*` and `Retry-After` headers of a decision: from the limit that
+/// denied (the one with the longest wait), else the one with the least remaining.
+fn rate_headers(d: &Decision) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    let source = if d.allowed {
+        d.counters
+            .iter()
+            .filter(|c| c.remaining.is_some())
+            .min_by_key(|c| c.remaining)
+    } else {
+        d.reasons
+            .iter()
+            .filter(|r| {
+                matches!(
+                    r.code,
+                    ReasonCode::LimitExceeded | ReasonCode::ExceedsCapacity
+                )
+            })
+            // A denial that never clears outranks any finite wait.
+            .max_by_key(|r| r.retry_after_ms.map_or(u128::MAX, u128::from))
+            .and_then(|r| {
+                d.counters
+                    .iter()
+                    .find(|c| Some(&c.limit) == r.limit.as_ref())
+            })
+    };
+    if let Some(c) = source {
+        if let MaxValue::Finite(m) = c.max {
+            h.insert("x-ratelimit-limit", HeaderValue::from(m));
+        }
+        if let Some(r) = c.remaining {
+            h.insert("x-ratelimit-remaining", HeaderValue::from(r));
+        }
+        if let Some(at) = c.resets_at {
+            h.insert("x-ratelimit-reset", HeaderValue::from(at.div_ceil(1000)));
+        }
+    }
+    if !d.allowed {
+        if let Some(ms) = d.retry_after_ms {
+            h.insert("retry-after", HeaderValue::from(ms.div_ceil(1000)));
+        }
+    }
+    h
+}
+
+fn decision_response(d: Decision) -> Response {
+    let headers = rate_headers(&d);
+    (headers, Json(d)).into_response()
+}
+
+// ---------- handlers ----------
+
+async fn decide(
+    st: Arc<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+    op: DecideOp,
+) -> Result<Response, ApiError> {
+    st.authorize(&headers, Role::Client)?;
+    let bytes = body_bytes(body, st.max_body_bytes)?;
+    let req = decision_request(&headers, &bytes)?;
+    if op != DecideOp::Check {
+        st.writable()?;
+    }
+    let applied = st.engine.decide(op, &req, st.now())?;
+    let d = st.durable(applied).await?;
+    let op_index = match op {
+        DecideOp::Check => 0,
+        DecideOp::Consume => 1,
+        DecideOp::Reserve => 2,
+    };
+    st.metrics.decision(op_index, d.decision, d.replayed);
+    if !d.allowed {
+        tracing::debug!(subject = %d.subject, ?op, reasons = ?d.reasons, "denied");
+    }
+    Ok(decision_response(d))
+}
+
+async fn check(
+    State(st): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    decide(st, headers, body, DecideOp::Check).await
+}
+
+async fn consume(
+    State(st): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    decide(st, headers, body, DecideOp::Consume).await
+}
+
+async fn reserve(
+    State(st): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    decide(st, headers, body, DecideOp::Reserve).await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CommitBody {
+    #[serde(default)]
+    amounts: BTreeMap<String, u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReleaseBody {}
+
+fn reservation_path(id: &str) -> Result<(), ApiError> {
+    check_text("reservation id (path)", id, 128)
+}
+
+async fn commit(
+    State(st): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    st.authorize(&headers, Role::Client)?;
+    reservation_path(&id)?;
+    let b: CommitBody = parse(&body_bytes(body, st.max_body_bytes)?)?;
+    check_amounts("amounts", &b.amounts)?;
+    st.writable()?;
+    let applied = st.engine.finish(&id, Finish::Commit(b.amounts), st.now())?;
+    Ok(Json(st.durable(applied).await?).into_response())
+}
+
+async fn release(
+    State(st): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    st.authorize(&headers, Role::Client)?;
+    reservation_path(&id)?;
+    let _: ReleaseBody = parse(&body_bytes(body, st.max_body_bytes)?)?;
+    st.writable()?;
+    let applied = st.engine.finish(&id, Finish::Release, st.now())?;
+    Ok(Json(st.durable(applied).await?).into_response())
+}
+
+async fn get_subject(
+    State(st): State<Arc<AppState>>,
+    Path(subject): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    st.authorize(&headers, Role::Client)?;
+    subject_path(&subject)?;
+    Ok(Json(st.engine.subject(&subject, st.now())?).into_response())
+}
+
+/// Answers an admin write with the subject as it is now; marks replays.
+fn subject_answer(st: &AppState, subject: &str, replayed: bool) -> Result<Response, ApiError> {
+    let view = st.engine.subject(subject, st.now())?;
+    let mut resp = Json(view).into_response();
+    if replayed {
+        resp.headers_mut()
+            .insert("idempotent-replayed", HeaderValue::from_static("true"));
+    }
+    Ok(resp)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PutSubjectBody {
+    #[serde(default)]
+    plan: Option<String>,
+    #[serde(default)]
+    overrides: Option<BTreeMap<String, Override>>,
+}
+
+async fn put_subject(
+    State(st): State<Arc<AppState>>,
+    Path(subject): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    st.authorize(&headers, Role::Admin)?;
+    subject_path(&subject)?;
+    let b: PutSubjectBody = parse(&body_bytes(body, st.max_body_bytes)?)?;
+    if let Some(p) = &b.plan {
+        check_text("plan", p, 128)?;
+    }
+    if b.overrides.as_ref().is_some_and(|o| o.len() > 64) {
+        return Err(ApiError::invalid("overrides", "at most 64 entries"));
+    }
+    let key = idempotency_key(&headers, None)?;
+    st.writable()?;
+    let applied = st.engine.put_subject(
+        &subject,
+        b.plan.as_deref(),
+        b.overrides.as_ref(),
+        key.as_deref(),
+        st.now(),
+    )?;
+    let replayed = st.durable(applied).await?;
+    subject_answer(&st, &subject, replayed)
+}
+
+#[derive(Serialize)]
+struct Deleted<'a> {
+    subject: &'a str,
+    deleted: bool,
+}
+
+async fn delete_subject(
+    State(st): State<Arc<AppState>>,
+    Path(subject): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    st.authorize(&headers, Role::Admin)?;
+    subject_path(&subject)?;
+    let key = idempotency_key(&headers, None)?;
+    st.writable()?;
+    let applied = st
+        .engine
+        .delete_subject(&subject, key.as_deref(), st.now())?;
+    let existed = st.durable(applied).await?;
+    Ok(Json(Deleted {
+        subject: &subject,
+        deleted: existed,
+    })
+    .into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ResetBody {
+    #[serde(default)]
+    limit: Option<String>,
+    #[serde(default)]
+    idempotency_key: Option<String>,
+}
+
+async fn reset(
+    State(st): State<Arc<AppState>>,
+    Path(subject): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    st.authorize(&headers, Role::Admin)?;
+    subject_path(&subject)?;
+    let b: ResetBody = parse(&body_bytes(body, st.max_body_bytes)?)?;
+    if let Some(l) = &b.limit {
+        check_text("limit", l, 128)?;
+    }
+    let key = idempotency_key(&headers, b.idempotency_key)?;
+    st.writable()?;
+    let applied = st
+        .engine
+        .reset(&subject, b.limit.as_deref(), key.as_deref(), st.now())?;
+    let replayed = st.durable(applied).await?;
+    subject_answer(&st, &subject, replayed)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreditBody {
+    limit: String,
+    amount: u64,
+    #[serde(default)]
+    idempotency_key: Option<String>,
+}
+
+async fn credit(
+    State(st): State<Arc<AppState>>,
+    Path(subject): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    st.authorize(&headers, Role::Admin)?;
+    subject_path(&subject)?;
+    let b: CreditBody = parse(&body_bytes(body, st.max_body_bytes)?)?;
+    check_text("limit", &b.limit, 128)?;
+    if b.amount == 0 || b.amount > MAX_SAFE_INTEGER {
+        return Err(ApiError::invalid(
+            "amount",
+            format!("must be between 1 and {MAX_SAFE_INTEGER}, got {}", b.amount),
+        ));
+    }
+    let key = idempotency_key(&headers, b.idempotency_key)?;
+    st.writable()?;
+    let applied = st
+        .engine
+        .credit(&subject, &b.limit, b.amount, key.as_deref(), st.now())?;
+    let replayed = st.durable(applied).await?;
+    subject_answer(&st, &subject, replayed)
+}
+
+#[derive(Serialize)]
+struct SubjectEntry {
+    subject: String,
+    plan: Option<String>,
+}
+
+#[derive(Serialize)]
+struct SubjectPage {
+    subjects: Vec<SubjectEntry>,
+    /// Pass as `after` for the next page; null on the last page.
+    next_after: Option<String>,
+}
+
+async fn list_subjects(
+    State(st): State<Arc<AppState>>,
+    headers: HeaderMap,
+    RawQuery(q): RawQuery,
+) -> Result<Response, ApiError> {
+    st.authorize(&headers, Role::Admin)?;
+    let mut after = None;
+    let mut limit = 100usize;
+    for (k, v) in form_urlencoded_pairs(q.as_deref().unwrap_or(""))? {
+        match k.as_str() {
+            "after" => after = Some(v),
+            "limit" => {
+                limit = v
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=bounds::LIST_LIMIT).contains(n))
+                    .ok_or_else(|| {
+                        ApiError::invalid(
+                            "limit",
+                            format!("must be a whole number from 1 to {}", bounds::LIST_LIMIT),
+                        )
+                    })?
+            }
+            other => {
+                return Err(ApiError::invalid(
+                    other,
+                    "unknown query parameter; use after and limit",
+                ))
+            }
+        }
+    }
+    let rows = st.engine.list_subjects(after.as_deref(), limit);
+    let next_after = (rows.len() == limit)
+        .then(|| rows.last().map(|r| r.0.clone()))
+        .flatten();
+    let subjects = rows
+        .into_iter()
+        .map(|(subject, plan)| SubjectEntry { subject, plan })
+        .collect();
+    Ok(Json(SubjectPage {
+        subjects,
+        next_after,
+    })
+    .into_response())
+}
+
+/// Decodes `a=b&c=d` with percent-escapes and `+` as space.
+fn form_urlencoded_pairs(q: &str) -> Result<Vec<(String, String)>, ApiError> {
+    fn decode(s: &str) -> Result<String, ApiError> {
+        let bytes = s.as_bytes();
+        let mut out = Vec::with_capacity(bytes.len());
+        let mut i = 0;
+        while i < bytes.len() {
+            match bytes[i] {
+                b'+' => out.push(b' '),
+                b'%' => {
+                    let hex = bytes
+                        .get(i + 1..i + 3)
+                        .and_then(|h| std::str::from_utf8(h).ok());
+                    let v = hex
+                        .and_then(|h| u8::from_str_radix(h, 16).ok())
+                        .ok_or_else(|| ApiError::invalid("query", "bad percent-escape"))?;
+                    out.push(v);
+                    i += 2;
+                }
+                b => out.push(b),
+            }
+            i += 1;
+        }
+        String::from_utf8(out).map_err(|_| ApiError::invalid("query", "is not UTF-8"))
+    }
+    q.split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            Ok((decode(k)?, decode(v)?))
+        })
+        .collect()
+}
+
+#[derive(Serialize)]
+struct PlanView {
+    name: String,
+    default: bool,
+    unmatched: crate::config::Unmatched,
+    limits: Vec<crate::config::LimitConfig>,
+}
+
+#[derive(Serialize)]
+struct PlansView {
+    plans: Vec<PlanView>,
+    limits: Vec<crate::config::LimitConfig>,
+    metrics: Vec<String>,
+}
+
+async fn plans(State(st): State<Arc<AppState>>, headers: HeaderMap) -> Result<Response, ApiError> {
+    st.authorize(&headers, Role::Client)?;
+    let p = st.engine.policy();
+    let mut metrics: Vec<String> = p.metrics.iter().cloned().collect();
+    metrics.sort();
+    let view = PlansView {
+        plans: p
+            .plans
+            .iter()
+            .map(|pl| PlanView {
+                name: pl.name.clone(),
+                default: pl.default,
+                unmatched: pl.unmatched,
+                limits: pl
+                    .all
+                    .iter()
+                    .filter(|(_, own)| *own)
+                    .map(|(l, _)| l.source.clone())
+                    .collect(),
+            })
+            .collect(),
+        limits: p.top_limits.iter().map(|l| l.source.clone()).collect(),
+        metrics,
+    };
+    Ok(Json(view).into_response())
+}
+
+async fn healthz() -> Response {
+    Json(serde_json::json!({"status": "ok"})).into_response()
+}
+
+async fn readyz(State(st): State<Arc<AppState>>) -> Response {
+    if st.ready.load(Ordering::Acquire) && !st.shutting_down.load(Ordering::Acquire) {
+        Json(serde_json::json!({"status": "ready"})).into_response()
+    } else {
+        ApiError::Unavailable("not ready: recovery is running or shutdown has begun".into())
+            .into_response()
+    }
+}
+
+async fn metrics(
+    State(st): State<Arc<AppState>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    st.authorize(&headers, Role::Client)?;
+    let body = st.metrics.render(&st.engine.stats());
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        body,
+    )
+        .into_response())
+}

@@ -1,0 +1,620 @@
+//! `quotad.toml`: the settings structs with their defaults and bounds, parsing,
+//! and `sanitize()`, which rejects contradictions with the file, key and problem.
+//! Limits and plans are compiled into an engine [`Policy`](crate::engine::Policy)
+//! by the engine; this module only checks the settings that are not limits.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::de::{self, Deserializer, Visitor};
+use serde::{Deserialize, Serialize};
+
+use crate::period::Period;
+
+/// Largest amount or `max` the API accepts: 2^53 - 1, exact in a JSON double.
+pub const MAX_SAFE_INTEGER: u64 = (1 << 53) - 1;
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Listeners and HTTP limits.
+    pub server: ServerConfig,
+    /// Where and how state is persisted.
+    pub storage: StorageConfig,
+    /// Reservation and idempotency settings, sharding.
+    pub engine: EngineConfig,
+    /// Bearer tokens; empty means no authentication.
+    pub auth: AuthConfig,
+    /// Metrics that no limit uses but requests may carry (others are `unknown_metric`).
+    pub metrics: Vec<String>,
+    /// Limits that apply to every subject, whatever its plan.
+    pub limits: Vec<LimitConfig>,
+    /// Plans that subjects are assigned to.
+    pub plans: Vec<PlanConfig>,
+}
+
+/// `[server]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Addresses to listen on: `host:port` or `unix:/path/to.sock`. Default `["127.0.0.1:7878"]`.
+    pub listen: Vec<String>,
+    /// Largest request body accepted, in bytes; larger is 413. Default 65536, 1024..=16 MiB.
+    pub max_body_bytes: usize,
+    /// Open connections at most; further ones wait in the accept queue. Default 10000, 1..=1_000_000.
+    pub max_connections: usize,
+    /// How long graceful shutdown waits for open requests, in ms. Default 10000.
+    pub shutdown_grace_ms: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: vec!["127.0.0.1:7878".to_string()],
+            max_body_bytes: 64 * 1024,
+            max_connections: 10_000,
+            shutdown_grace_ms: 10_000,
+        }
+    }
+}
+
+/// `[storage]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    /// Directory of the WAL and snapshot. Default `./data`.
+    pub data_dir: PathBuf,
+    /// `fsync` (default): answer after the write is synced. `batch`: answer first, sync every `flush_interval_ms`.
+    pub durability: Durability,
+    /// Sync interval for `durability = "batch"`, in ms. Default 10, 1..=10000.
+    pub flush_interval_ms: u64,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("./data"),
+            durability: Durability::Fsync,
+            flush_interval_ms: 10,
+        }
+    }
+}
+
+/// When a write is acknowledged relative to its fsync.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Durability {
+    /// Acknowledge after fdatasync.
+    Fsync,
+    /// Acknowledge before the periodic sync.
+    Batch,
+}
+
+/// `[engine]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EngineConfig {
+    /// How long idempotency keys and finished reservations are kept. Default "24h", 1s..=30d.
+    pub idempotency_retention: String,
+    /// Reservation TTL when a request gives none. Default "60s".
+    pub reservation_ttl_default: String,
+    /// Longest reservation TTL a request may ask for. Default "1h", at most 7d.
+    pub reservation_ttl_max: String,
+    /// Number of state shards (lock stripes). Default 64, 1..=4096.
+    pub shards: usize,
+    /// Open reservations at most, across all subjects; beyond it reserve is 503. Default 1_000_000.
+    pub max_open_reservations: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            idempotency_retention: "24h".into(),
+            reservation_ttl_default: "60s".into(),
+            reservation_ttl_max: "1h".into(),
+            shards: 64,
+            max_open_reservations: 1_000_000,
+        }
+    }
+}
+
+/// `[auth]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Accepted bearer tokens and their roles.
+    pub tokens: Vec<TokenConfig>,
+}
+
+/// One accepted bearer token.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenConfig {
+    /// What the token may do.
+    pub role: Role,
+    /// The token itself (prefer `token_file` outside tests).
+    pub token: Option<String>,
+    /// A file whose trimmed content is the token.
+    pub token_file: Option<PathBuf>,
+}
+
+/// What a token may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Decisions, reservations and reading a subject.
+    Client,
+    /// Everything.
+    Admin,
+}
+
+/// One `[[limits]]` or `[[plans.limits]]` entry, as written.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitConfig {
+    /// Counter identity with the scope value; shared by same-named limits of other plans.
+    pub name: String,
+    /// What is counted. Default "requests".
+    #[serde(default = "default_metric")]
+    pub metric: String,
+    /// "subject" (default), "global" or "attribute:<name>".
+    #[serde(default = "default_scope")]
+    pub scope: String,
+    /// Counting algorithm. Default `fixed`.
+    #[serde(default)]
+    pub algorithm: Algorithm,
+    /// The cap, or "unlimited".
+    pub max: MaxValue,
+    /// Token bucket only: tokens added per period. Default: `max`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refill: Option<u64>,
+    /// Window or refill period; required except for `lifetime`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub period: Option<String>,
+    /// IANA time zone of calendar windows (fixed limits of a day or longer). Default "UTC".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timezone: Option<String>,
+    /// Which events the limit applies to; all when absent.
+    #[serde(default, rename = "match", skip_serializing_if = "Option::is_none")]
+    pub match_: Option<MatchConfig>,
+    /// What happens when the limit is exceeded. Default `enforce`.
+    #[serde(default)]
+    pub mode: Mode,
+}
+
+fn default_metric() -> String {
+    "requests".into()
+}
+
+fn default_scope() -> String {
+    "subject".into()
+}
+
+/// `match = { event = "llm.*", attributes = { model = "gpt-4o" } }`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MatchConfig {
+    /// Glob over the event name (`*` any run, `?` one character).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event: Option<String>,
+    /// Attributes that must be present with a value matching the glob.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub attributes: BTreeMap<String, String>,
+}
+
+/// Counting algorithm of a limit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Algorithm {
+    /// Calendar-aligned windows.
+    #[default]
+    Fixed,
+    /// Rolling window of `period`.
+    Sliding,
+    /// Continuous refill.
+    TokenBucket,
+    /// Never resets.
+    Lifetime,
+}
+
+impl fmt::Display for Algorithm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Algorithm::Fixed => "fixed",
+            Algorithm::Sliding => "sliding",
+            Algorithm::TokenBucket => "token_bucket",
+            Algorithm::Lifetime => "lifetime",
+        })
+    }
+}
+
+/// What a limit does when exceeded.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// Deny the call.
+    #[default]
+    Enforce,
+    /// Allow, and report `would_deny`.
+    Monitor,
+    /// Allow with decision "degrade".
+    Degrade,
+}
+
+/// One `[[plans]]` entry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlanConfig {
+    /// Plan name used in `PUT /v1/subjects/{s}`.
+    pub name: String,
+    /// Whether unassigned subjects get this plan (at most one plan).
+    #[serde(default)]
+    pub default: bool,
+    /// What to do with events that match none of the plan's limits. Default `allow`.
+    #[serde(default)]
+    pub unmatched: Unmatched,
+    /// The plan's limits.
+    #[serde(default)]
+    pub limits: Vec<LimitConfig>,
+}
+
+/// Policy for events that match no limit of the plan.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Unmatched {
+    /// Allow them (top-level limits still apply).
+    #[default]
+    Allow,
+    /// Deny them with reason `unmatched`.
+    Deny,
+}
+
+/// A cap: a whole number up to 2^53-1, or "unlimited".
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(into = "MaxRepr", try_from = "MaxRepr")]
+pub enum MaxValue {
+    /// At most this much.
+    Finite(u64),
+    /// Always allows, still counts.
+    Unlimited,
+}
+
+/// Wire form of [`MaxValue`].
+#[derive(Debug, Clone, Serialize)]
+#[serde(untagged)]
+pub enum MaxRepr {
+    /// A number.
+    Number(u64),
+    /// The word "unlimited".
+    Word(String),
+}
+
+impl<'de> Deserialize<'de> for MaxRepr {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = MaxRepr;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a whole number from 0 to 9007199254740991 or \"unlimited\"")
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<MaxRepr, E> {
+                Ok(MaxRepr::Number(v))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<MaxRepr, E> {
+                u64::try_from(v)
+                    .map(MaxRepr::Number)
+                    .map_err(|_| E::custom(format!("{v} is negative")))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<MaxRepr, E> {
+                Ok(MaxRepr::Word(v.to_string()))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl From<MaxValue> for MaxRepr {
+    fn from(m: MaxValue) -> Self {
+        match m {
+            MaxValue::Finite(n) => MaxRepr::Number(n),
+            MaxValue::Unlimited => MaxRepr::Word("unlimited".into()),
+        }
+    }
+}
+
+impl TryFrom<MaxRepr> for MaxValue {
+    type Error = String;
+    fn try_from(r: MaxRepr) -> Result<Self, String> {
+        match r {
+            MaxRepr::Number(n) if n <= MAX_SAFE_INTEGER => Ok(MaxValue::Finite(n)),
+            MaxRepr::Number(n) => Err(format!(
+                "{n} is above the largest allowed value {MAX_SAFE_INTEGER}"
+            )),
+            MaxRepr::Word(w) if w == "unlimited" => Ok(MaxValue::Unlimited),
+            MaxRepr::Word(w) => Err(format!("{w:?} is neither a whole number nor \"unlimited\"")),
+        }
+    }
+}
+
+/// A configuration problem: which file, which key, what is wrong.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{file}: {key}: {message}")]
+pub struct ConfigError {
+    /// The file read (or "<built-in defaults>").
+    pub file: String,
+    /// Dotted path of the offending key, e.g. `plans[0].limits[1].period`.
+    pub key: String,
+    /// What is wrong and what is expected.
+    pub message: String,
+}
+
+impl ConfigError {
+    /// Builds an error for `key` (the file is filled in by the loader).
+    pub fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            file: String::new(),
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Durations of `[engine]` resolved to milliseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EngineSettings {
+    /// Idempotency key and finished-reservation retention.
+    pub idempotency_retention_ms: u64,
+    /// Default reservation TTL.
+    pub reservation_ttl_default_ms: u64,
+    /// Largest reservation TTL accepted.
+    pub reservation_ttl_max_ms: u64,
+    /// Shard count.
+    pub shards: usize,
+    /// Cap on open reservations.
+    pub max_open_reservations: usize,
+}
+
+impl Default for EngineSettings {
+    fn default() -> Self {
+        EngineConfig::default()
+            .settings()
+            .expect("defaults are valid")
+    }
+}
+
+fn duration_ms(key: &str, value: &str, min_ms: u64, max_ms: u64) -> Result<u64, ConfigError> {
+    let p = Period::parse_duration(value).map_err(|e| ConfigError::new(key, e.to_string()))?;
+    let ms = p
+        .fixed_ms()
+        .ok_or_else(|| ConfigError::new(key, "months have no fixed length; use days (\"30d\")"))?;
+    if !(min_ms..=max_ms).contains(&ms) {
+        return Err(ConfigError::new(
+            key,
+            format!("{value:?} is out of range: must be between {min_ms} ms and {max_ms} ms"),
+        ));
+    }
+    Ok(ms)
+}
+
+impl EngineConfig {
+    /// Checks bounds and resolves durations.
+    pub fn settings(&self) -> Result<EngineSettings, ConfigError> {
+        const DAY: u64 = 86_400_000;
+        let s = EngineSettings {
+            idempotency_retention_ms: duration_ms(
+                "engine.idempotency_retention",
+                &self.idempotency_retention,
+                1_000,
+                30 * DAY,
+            )?,
+            reservation_ttl_default_ms: duration_ms(
+                "engine.reservation_ttl_default",
+                &self.reservation_ttl_default,
+                1,
+                7 * DAY,
+            )?,
+            reservation_ttl_max_ms: duration_ms(
+                "engine.reservation_ttl_max",
+                &self.reservation_ttl_max,
+                1,
+                7 * DAY,
+            )?,
+            shards: self.shards,
+            max_open_reservations: self.max_open_reservations,
+        };
+        if s.reservation_ttl_default_ms > s.reservation_ttl_max_ms {
+            return Err(ConfigError::new(
+                "engine.reservation_ttl_default",
+                "is longer than engine.reservation_ttl_max",
+            ));
+        }
+        if !(1..=4096).contains(&s.shards) {
+            return Err(ConfigError::new(
+                "engine.shards",
+                "must be between 1 and 4096",
+            ));
+        }
+        if s.max_open_reservations == 0 {
+            return Err(ConfigError::new(
+                "engine.max_open_reservations",
+                "must be at least 1",
+            ));
+        }
+        Ok(s)
+    }
+}
+
+/// Where the daemon listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenAddr {
+    /// `host:port`.
+    Tcp(String),
+    /// `unix:/path`.
+    Unix(PathBuf),
+}
+
+impl fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ListenAddr::Tcp(a) => f.write_str(a),
+            ListenAddr::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+impl ListenAddr {
+    /// Parses one entry of `server.listen`.
+    pub fn parse(s: &str) -> Result<ListenAddr, String> {
+        if let Some(path) = s.strip_prefix("unix:") {
+            if path.is_empty() {
+                return Err(
+                    "a unix socket address needs a path, as in \"unix:/run/quotad/quotad.sock\""
+                        .into(),
+                );
+            }
+            return Ok(ListenAddr::Unix(PathBuf::from(path)));
+        }
+        match s.rsplit_once(':') {
+            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {
+                Ok(ListenAddr::Tcp(s.into()))
+            }
+            _ => Err(format!("{s:?} is neither host:port nor unix:/path")),
+        }
+    }
+}
+
+impl Config {
+    /// Parses TOML text; `file` names it in errors. Checks everything but the
+    /// limits and plans, which [`crate::engine::Policy::compile`] checks.
+    pub fn from_toml(text: &str, file: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError {
+            file: file.to_string(),
+            key: "parse".into(),
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        config.sanitize().map_err(|mut e| {
+            e.file = file.to_string();
+            e
+        })?;
+        Ok(config)
+    }
+
+    /// Reads and checks a file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: file.clone(),
+            key: "file".into(),
+            message: format!("cannot read: {e}"),
+        })?;
+        Self::from_toml(&text, &file)
+    }
+
+    /// Rejects out-of-range settings and contradictions (limits are checked by the engine).
+    pub fn sanitize(&self) -> Result<(), ConfigError> {
+        if self.server.listen.is_empty() {
+            return Err(ConfigError::new(
+                "server.listen",
+                "needs at least one address",
+            ));
+        }
+        for (i, l) in self.server.listen.iter().enumerate() {
+            ListenAddr::parse(l).map_err(|m| ConfigError::new(format!("server.listen[{i}]"), m))?;
+        }
+        if !(1024..=16 * 1024 * 1024).contains(&self.server.max_body_bytes) {
+            return Err(ConfigError::new(
+                "server.max_body_bytes",
+                "must be between 1024 and 16777216",
+            ));
+        }
+        if !(1..=1_000_000).contains(&self.server.max_connections) {
+            return Err(ConfigError::new(
+                "server.max_connections",
+                "must be between 1 and 1000000",
+            ));
+        }
+        if !(1..=10_000).contains(&self.storage.flush_interval_ms) {
+            return Err(ConfigError::new(
+                "storage.flush_interval_ms",
+                "must be between 1 and 10000",
+            ));
+        }
+        if self.storage.data_dir.as_os_str().is_empty() {
+            return Err(ConfigError::new("storage.data_dir", "must not be empty"));
+        }
+        self.engine.settings()?;
+        for (i, t) in self.auth.tokens.iter().enumerate() {
+            let key = format!("auth.tokens[{i}]");
+            match (&t.token, &t.token_file) {
+                (Some(_), Some(_)) => {
+                    return Err(ConfigError::new(
+                        key,
+                        "give either token or token_file, not both",
+                    ))
+                }
+                (None, None) => return Err(ConfigError::new(key, "needs token or token_file")),
+                (Some(tok), None) if tok.len() < 16 => {
+                    return Err(ConfigError::new(
+                        key + ".token",
+                        "must be at least 16 characters",
+                    ))
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// The parsed listen addresses (valid after `sanitize`).
+    pub fn listen_addrs(&self) -> Vec<ListenAddr> {
+        self.server
+            .listen
+            .iter()
+            .filter_map(|l| ListenAddr::parse(l).ok())
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = Config::from_toml("", "t.toml").unwrap();
+        assert_eq!(c.server.listen, vec!["127.0.0.1:7878"]);
+        assert_eq!(
+            c.engine.settings().unwrap().idempotency_retention_ms,
+            86_400_000
+        );
+    }
+
+    #[test]
+    fn errors_name_file_and_key() {
+        let e = Config::from_toml("[server]\nlisten = [\"nope\"]\n", "q.toml").unwrap_err();
+        assert_eq!(e.file, "q.toml");
+        assert_eq!(e.key, "server.listen[0]");
+        let e = Config::from_toml("[server]\nbogus = 1\n", "q.toml").unwrap_err();
+        assert!(e.to_string().contains("unknown field `bogus`"), "{e}");
+        let e =
+            Config::from_toml("[engine]\nidempotency_retention = \"1x\"\n", "q.toml").unwrap_err();
+        assert_eq!(e.key, "engine.idempotency_retention");
+    }
+
+    #[test]
+    fn max_value_forms() {
+        #[derive(Deserialize)]
+        struct W {
+            m: MaxValue,
+        }
+        let w: W = toml::from_str("m = 5").unwrap();
+        assert_eq!(w.m, MaxValue::Finite(5));
+        let w: W = toml::from_str("m = \"unlimited\"").unwrap();
+        assert_eq!(w.m, MaxValue::Unlimited);
+        assert!(toml::from_str::<W>("m = -1").is_err());
+        assert!(toml::from_str::<W>("m = \"lots\"").is_err());
+        assert!(toml::from_str::<W>("m = 9007199254740992").is_err());
+    }
+}

@@ -1,0 +1,1354 @@
+//! The quota engine: decides and applies usage against sharded in-memory state.
+//!
+//! It is pure in the sense of DESIGN.md: no I/O and no clock reads. Every
+//! operation takes `now_ms`, locks the shards it needs in ascending index order
+//! (so operations touching a subject and a global counter cannot deadlock),
+//! decides, turns the decision into [`Mutation`]s, hands them to the journal and
+//! only then applies them. A journal failure therefore leaves state untouched.
+
+mod counter;
+mod policy;
+mod state;
+mod types;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::hash::{BuildHasher, Hasher};
+use std::sync::atomic::{AtomicIsize, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+
+pub use counter::{evaluate, slot_for, Counter, Usage, Verdict};
+pub use policy::{
+    glob_match, Kind, Limit, LimitShape, Matcher, Plan, Policy, Scope, SLIDING_BUCKETS,
+};
+pub use state::{apply, Shard, ShardAccess, SubjectState};
+pub use types::*;
+
+use crate::clock::Millis;
+use crate::config::{MaxValue, Mode, Unmatched};
+use crate::journal::{DurableWatch, Journal};
+
+/// FNV-1a over `bytes`, with a domain tag: used to pick shards and to fingerprint
+/// requests (stable across processes, unlike `DefaultHasher`).
+fn fnv1a(tag: u8, bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ u64::from(tag);
+    for &b in bytes {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+/// Fingerprint of a request body for idempotency: operation tag + canonical JSON
+/// (maps are ordered, defaults filled in).
+fn fingerprint<T: serde::Serialize>(op: &str, body: &T) -> u64 {
+    let mut bytes = op.as_bytes().to_vec();
+    bytes.push(0);
+    serde_json::to_writer(&mut bytes, body).expect("request types serialize");
+    fnv1a(0, &bytes)
+}
+
+/// What a commit or release (or the TTL) does to a reservation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Finish {
+    /// Commit with actual amounts; metrics not named keep what was held.
+    Commit(BTreeMap<String, u64>),
+    /// Release without charging.
+    Release,
+    /// The TTL passed.
+    Expire,
+}
+
+/// Counts for metrics and tests.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Stats {
+    /// Known subjects.
+    pub subjects: usize,
+    /// Live counters (subject, global and attribute scope).
+    pub counters: usize,
+    /// Active reservations.
+    pub open_reservations: usize,
+    /// Reservations kept, active or finished.
+    pub reservations: usize,
+    /// Idempotency keys kept.
+    pub idempotency_keys: usize,
+}
+
+/// A matched limit during a decision.
+struct Matched {
+    limit: Arc<Limit>,
+    is_plan: bool,
+    key: CounterKey,
+    amount: u64,
+    max: MaxValue,
+    slot: Slot,
+    verdict: Verdict,
+    usage: Usage,
+}
+
+/// The quota engine.
+pub struct Engine {
+    /// Limits and plans in force; swapped whole on reload.
+    policy: RwLock<Arc<Policy>>,
+    /// The state, striped by key hash.
+    shards: Box<[Mutex<Shard>]>,
+    /// Highest time seen: engine time never goes backwards.
+    floor_ms: AtomicU64,
+    /// Active reservations by expiry. Lock order: this before any shard.
+    expiry: Mutex<BTreeSet<(Millis, String)>>,
+    /// Earliest expiry in `expiry` (u64::MAX if none): checked without the lock.
+    next_expiry_ms: AtomicU64,
+    /// Active reservations, for the `max_open_reservations` cap.
+    open_reservations: AtomicIsize,
+    /// Random per process, so reservation ids differ across restarts.
+    id_seed: u64,
+    /// Reservation ids handed out by this process.
+    id_seq: AtomicU64,
+    /// Where applied mutations go.
+    journal: Arc<dyn Journal>,
+}
+
+/// The shards an operation holds, sorted by index.
+struct Locked<'a> {
+    engine: &'a Engine,
+    idx: Vec<usize>,
+    guards: Vec<MutexGuard<'a, Shard>>,
+}
+
+impl Locked<'_> {
+    fn shard(&mut self, i: usize) -> &mut Shard {
+        let pos = self
+            .idx
+            .binary_search(&i)
+            .expect("invariant: an operation only touches shards it locked");
+        &mut self.guards[pos]
+    }
+
+    fn counter(&mut self, key: &CounterKey) -> Option<&Counter> {
+        match &key.scope {
+            ScopeKey::Subject(s) => {
+                let i = self.engine.shard_of_subject(s);
+                self.shard(i)
+                    .subjects
+                    .get(&**s)
+                    .and_then(|st| st.counters.get(&key.limit))
+            }
+            _ => {
+                let i = self.engine.shard_of_counter(key);
+                self.shard(i).shared.get(key)
+            }
+        }
+    }
+
+    /// Journals `muts` as one record, then applies them. Nothing is applied if the
+    /// journal refuses.
+    fn commit(&mut self, muts: &[Mutation]) -> Result<Option<Lsn>, EngineError> {
+        if muts.is_empty() {
+            return Ok(None);
+        }
+        let lsn = self
+            .engine
+            .journal
+            .append(muts)
+            .map_err(|e| EngineError::Unavailable(e.to_string()))?;
+        for m in muts {
+            let a = apply(self, m, lsn);
+            self.engine
+                .open_reservations
+                .fetch_add(a.open_reservations_delta, Ordering::Relaxed);
+        }
+        Ok(Some(lsn))
+    }
+}
+
+impl ShardAccess for Locked<'_> {
+    fn subject_shard(&mut self, subject: &str) -> &mut Shard {
+        let i = self.engine.shard_of_subject(subject);
+        self.shard(i)
+    }
+    fn shared_shard(&mut self, key: &CounterKey) -> &mut Shard {
+        let i = self.engine.shard_of_counter(key);
+        self.shard(i)
+    }
+    fn reservation_shard(&mut self, id: &str) -> &mut Shard {
+        let i = self.engine.shard_of_reservation(id);
+        self.shard(i)
+    }
+    fn idempotency_shard(&mut self, key: &str) -> &mut Shard {
+        let i = self.engine.shard_of_idempotency(key);
+        self.shard(i)
+    }
+}
+
+/// Unlocked access for replay at start, when nothing else runs.
+struct Exclusive<'a> {
+    engine_shards: &'a mut [Mutex<Shard>],
+    count: usize,
+}
+
+impl Exclusive<'_> {
+    fn get(&mut self, h: u64) -> &mut Shard {
+        let i = (h % self.count as u64) as usize;
+        self.engine_shards[i]
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl ShardAccess for Exclusive<'_> {
+    fn subject_shard(&mut self, subject: &str) -> &mut Shard {
+        self.get(hash_subject(subject))
+    }
+    fn shared_shard(&mut self, key: &CounterKey) -> &mut Shard {
+        self.get(hash_counter(key))
+    }
+    fn reservation_shard(&mut self, id: &str) -> &mut Shard {
+        self.get(fnv1a(4, id.as_bytes()))
+    }
+    fn idempotency_shard(&mut self, key: &str) -> &mut Shard {
+        self.get(fnv1a(5, key.as_bytes()))
+    }
+}
+
+fn hash_subject(s: &str) -> u64 {
+    fnv1a(1, s.as_bytes())
+}
+
+fn hash_counter(key: &CounterKey) -> u64 {
+    match &key.scope {
+        ScopeKey::Subject(s) => hash_subject(s),
+        ScopeKey::Global => fnv1a(2, key.limit.as_bytes()),
+        ScopeKey::Attribute { value, .. } => {
+            let mut b = key.limit.as_bytes().to_vec();
+            b.push(0);
+            b.extend_from_slice(value.as_bytes());
+            fnv1a(3, &b)
+        }
+    }
+}
+
+/// The counter a limit uses for this subject and attributes; `None` when the limit
+/// is scoped by an attribute the event does not carry.
+fn counter_key(
+    limit: &Limit,
+    subject: &Arc<str>,
+    attributes: &BTreeMap<String, String>,
+) -> Option<CounterKey> {
+    let scope = match &limit.scope {
+        Scope::Subject => ScopeKey::Subject(subject.clone()),
+        Scope::Global => ScopeKey::Global,
+        Scope::Attribute(name) => ScopeKey::Attribute {
+            name: name.clone(),
+            value: attributes.get(&**name)?.as_str().into(),
+        },
+    };
+    Some(CounterKey {
+        limit: limit.name.clone(),
+        scope,
+    })
+}
+
+fn view(limit: &Limit, key: &CounterKey, u: &Usage) -> CounterView {
+    CounterView {
+        limit: limit.name.clone(),
+        metric: limit.metric.clone(),
+        scope: key.scope.display(),
+        max: u.max,
+        used: u.used,
+        remaining: match u.max {
+            MaxValue::Finite(m) => Some(m.saturating_sub(u.used)),
+            MaxValue::Unlimited => None,
+        },
+        resets_at: u.resets_at,
+        mode: limit.mode,
+    }
+}
+
+/// The view of a counter after a charge that has not been applied yet.
+fn view_after(
+    limit: &Limit,
+    key: &CounterKey,
+    current: Option<&Counter>,
+    charge: Option<(&Slot, i64)>,
+    max: MaxValue,
+    now: Millis,
+) -> CounterView {
+    let mut c = current.cloned();
+    if let Some((slot, delta)) = charge {
+        if delta != 0 {
+            counter::apply_charge(&mut c, slot, delta, now);
+        }
+    }
+    let (usage, _) = evaluate(&limit.kind, c.as_ref(), now, 0, max);
+    view(limit, key, &usage)
+}
+
+fn effective_max(limit: &Limit, overrides: &BTreeMap<String, Override>) -> MaxValue {
+    match limit.scope {
+        Scope::Subject => overrides.get(&*limit.name).map_or(limit.max, |o| o.max),
+        _ => limit.max,
+    }
+}
+
+fn signed(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+impl Engine {
+    /// A new engine with empty state.
+    pub fn new(policy: Policy, journal: Arc<dyn Journal>) -> Engine {
+        let n = policy.settings.shards;
+        let id_seed = std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish();
+        Engine {
+            policy: RwLock::new(Arc::new(policy)),
+            shards: (0..n).map(|_| Mutex::new(Shard::default())).collect(),
+            floor_ms: AtomicU64::new(0),
+            expiry: Mutex::new(BTreeSet::new()),
+            next_expiry_ms: AtomicU64::new(u64::MAX),
+            open_reservations: AtomicIsize::new(0),
+            id_seed,
+            id_seq: AtomicU64::new(0),
+            journal,
+        }
+    }
+
+    /// Limits and plans in force.
+    pub fn policy(&self) -> Arc<Policy> {
+        self.policy
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Replaces the limits and plans (reload). Counters keep their identity.
+    pub fn set_policy(&self, policy: Policy) {
+        *self.policy.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(policy);
+    }
+
+    /// Where to wait for an answer's LSN to be durable.
+    pub fn durable_watch(&self) -> DurableWatch {
+        self.journal.watch()
+    }
+
+    fn now(&self, now_ms: Millis) -> Millis {
+        self.floor_ms
+            .fetch_max(now_ms, Ordering::AcqRel)
+            .max(now_ms)
+    }
+
+    fn shard_index(&self, h: u64) -> usize {
+        (h % self.shards.len() as u64) as usize
+    }
+    fn shard_of_subject(&self, s: &str) -> usize {
+        self.shard_index(hash_subject(s))
+    }
+    fn shard_of_counter(&self, key: &CounterKey) -> usize {
+        self.shard_index(hash_counter(key))
+    }
+    fn shard_of_reservation(&self, id: &str) -> usize {
+        self.shard_index(fnv1a(4, id.as_bytes()))
+    }
+    fn shard_of_idempotency(&self, key: &str) -> usize {
+        self.shard_index(fnv1a(5, key.as_bytes()))
+    }
+
+    /// Locks shards in ascending order: the one lock order that rules out deadlock.
+    fn lock(&self, mut idx: Vec<usize>) -> Locked<'_> {
+        idx.sort_unstable();
+        idx.dedup();
+        let guards = idx
+            .iter()
+            .map(|&i| self.shards[i].lock().unwrap_or_else(|e| e.into_inner()))
+            .collect();
+        Locked {
+            engine: self,
+            idx,
+            guards,
+        }
+    }
+
+    fn next_reservation_id(&self) -> String {
+        let seq = self.id_seq.fetch_add(1, Ordering::Relaxed);
+        // splitmix64 of seed+seq: unpredictable across processes, unique within one.
+        let mut z = self
+            .id_seed
+            .wrapping_add(seq.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        format!("rsv_{z:016x}{seq:08x}")
+    }
+
+    fn normalize_amounts(
+        policy: &Policy,
+        amounts: &BTreeMap<String, u64>,
+    ) -> Result<BTreeMap<String, u64>, EngineError> {
+        for metric in amounts.keys() {
+            if !policy.metrics.contains(metric) {
+                return Err(EngineError::UnknownMetric(metric.clone()));
+            }
+        }
+        let mut out = amounts.clone();
+        out.entry("requests".to_string()).or_insert(1);
+        Ok(out)
+    }
+
+    /// check, consume or reserve.
+    pub fn decide(
+        &self,
+        op: DecideOp,
+        req: &DecisionRequest,
+        now_ms: Millis,
+    ) -> Result<Applied<Decision>, EngineError> {
+        let now = self.now(now_ms);
+        self.expire_due(now);
+        let policy = self.policy();
+        let amounts = Self::normalize_amounts(&policy, &req.amounts)?;
+        let ttl_ms = match (op, req.ttl_ms) {
+            (DecideOp::Reserve, None) => Some(policy.settings.reservation_ttl_default_ms),
+            (DecideOp::Reserve, Some(t)) if t == 0 || t > policy.settings.reservation_ttl_max_ms => {
+                return Err(EngineError::InvalidRequest(format!(
+                    "ttl_ms: {t} is out of range: must be between 1 and {} (engine.reservation_ttl_max)",
+                    policy.settings.reservation_ttl_max_ms
+                )))
+            }
+            (DecideOp::Reserve, Some(t)) => Some(t),
+            (_, Some(_)) => return Err(EngineError::InvalidRequest("ttl_ms: only reserve takes a TTL".into())),
+            (_, None) => None,
+        };
+        let idem_key = if op == DecideOp::Check {
+            None
+        } else {
+            req.idempotency_key.as_deref()
+        };
+        let subject: Arc<str> = req.subject.as_str().into();
+        let event = req.event.as_deref();
+
+        let mut shards = vec![self.shard_of_subject(&subject)];
+        if let Some(k) = idem_key {
+            shards.push(self.shard_of_idempotency(k));
+        }
+        for l in &policy.shared_limits {
+            if l.matcher.matches(event, &req.attributes) {
+                if let Some(key) = counter_key(l, &subject, &req.attributes) {
+                    shards.push(self.shard_of_counter(&key));
+                }
+            }
+        }
+        let mut locked = self.lock(shards);
+
+        let fp = idem_key.map(|_| {
+            let canonical = DecisionRequest {
+                amounts: amounts.clone(),
+                idempotency_key: None,
+                ttl_ms,
+                ..req.clone()
+            };
+            fingerprint(
+                if op == DecideOp::Reserve {
+                    "reserve"
+                } else {
+                    "consume"
+                },
+                &canonical,
+            )
+        });
+        if let (Some(k), Some(fp)) = (idem_key, fp) {
+            if let Some((entry, lsn)) = locked.idempotency_shard(k).idempotency.get(k) {
+                return match &entry.answer {
+                    StoredAnswer::Decision(d) if entry.fingerprint == fp => Ok(Applied {
+                        value: Decision {
+                            replayed: true,
+                            ..d.clone()
+                        },
+                        lsn: Some(*lsn),
+                    }),
+                    _ => Err(EngineError::IdempotencyConflict(k.to_string())),
+                };
+            }
+        }
+
+        let (assigned, overrides) = match locked.subject_shard(&subject).subjects.get(&*subject) {
+            Some(st) => (st.plan.clone(), st.overrides.clone()),
+            None => (None, BTreeMap::new()),
+        };
+        let plan = policy
+            .plan_for(assigned.as_deref())
+            .ok_or_else(|| EngineError::UnknownSubject(req.subject.clone()))?;
+
+        let mut matched = Vec::with_capacity(plan.all.len());
+        for (limit, is_plan) in &plan.all {
+            if !limit.matcher.matches(event, &req.attributes) {
+                continue;
+            }
+            let Some(key) = counter_key(limit, &subject, &req.attributes) else {
+                continue;
+            };
+            let amount = amounts.get(&*limit.metric).copied().unwrap_or(0);
+            let max = effective_max(limit, &overrides);
+            let (usage, verdict) = evaluate(&limit.kind, locked.counter(&key), now, amount, max);
+            matched.push(Matched {
+                limit: limit.clone(),
+                is_plan: *is_plan,
+                key,
+                amount,
+                max,
+                slot: slot_for(&limit.kind, now),
+                verdict,
+                usage,
+            });
+        }
+
+        let mut reasons = Vec::new();
+        let mut denied = false;
+        let mut retry: Option<u64> = Some(0);
+        for m in matched.iter().filter(|m| !m.verdict.fits) {
+            let code = match m.limit.mode {
+                Mode::Enforce => {
+                    denied = true;
+                    retry = match (retry, m.verdict.retry_after_ms) {
+                        (Some(a), Some(b)) => Some(a.max(b)),
+                        _ => None,
+                    };
+                    if m.verdict.exceeds_capacity {
+                        ReasonCode::ExceedsCapacity
+                    } else {
+                        ReasonCode::LimitExceeded
+                    }
+                }
+                Mode::Monitor => ReasonCode::WouldDeny,
+                Mode::Degrade => ReasonCode::Degraded,
+            };
+            reasons.push(Reason {
+                limit: Some(m.limit.name.clone()),
+                code,
+                retry_after_ms: m.verdict.retry_after_ms,
+            });
+        }
+        if !denied && plan.unmatched == Unmatched::Deny && !matched.iter().any(|m| m.is_plan) {
+            denied = true;
+            retry = None;
+            reasons.push(Reason {
+                limit: None,
+                code: ReasonCode::Unmatched,
+                retry_after_ms: None,
+            });
+        }
+        if denied {
+            // Degrading is moot when the call is denied.
+            reasons.retain(|r| r.code != ReasonCode::Degraded);
+        }
+        let outcome = if denied {
+            Outcome::Deny
+        } else if reasons.iter().any(|r| r.code == ReasonCode::Degraded) {
+            Outcome::Degrade
+        } else {
+            Outcome::Allow
+        };
+
+        let mut decision = Decision {
+            allowed: !denied,
+            decision: outcome,
+            subject: req.subject.clone(),
+            counters: Vec::with_capacity(matched.len()),
+            reasons,
+            retry_after_ms: if denied { retry } else { None },
+            replayed: false,
+            reservation_id: None,
+            expires_at: None,
+        };
+        if denied || op == DecideOp::Check {
+            decision.counters = matched
+                .iter()
+                .map(|m| view(&m.limit, &m.key, &m.usage))
+                .collect();
+            return Ok(Applied {
+                value: decision,
+                lsn: None,
+            });
+        }
+
+        let mut muts = Vec::with_capacity(matched.len() + 2);
+        for m in &matched {
+            let current = locked.counter(&m.key);
+            decision.counters.push(view_after(
+                &m.limit,
+                &m.key,
+                current,
+                Some((&m.slot, signed(m.amount))),
+                m.max,
+                now,
+            ));
+            if m.amount > 0 {
+                muts.push(Mutation::Charge {
+                    counter: m.key.clone(),
+                    slot: m.slot,
+                    delta: signed(m.amount),
+                    at_ms: now,
+                });
+            }
+        }
+        let mut expiry = None;
+        if let Some(ttl) = ttl_ms {
+            if self.open_reservations.load(Ordering::Relaxed)
+                >= policy.settings.max_open_reservations as isize
+            {
+                return Err(EngineError::Unavailable(format!(
+                    "{} reservations are open, the configured maximum (engine.max_open_reservations)",
+                    policy.settings.max_open_reservations
+                )));
+            }
+            let id = self.next_reservation_id();
+            let expires_ms = now.saturating_add(ttl);
+            let holds = matched
+                .iter()
+                .map(|m| Hold {
+                    counter: m.key.clone(),
+                    metric: m.limit.metric.clone(),
+                    slot: m.slot,
+                    amount: m.amount,
+                })
+                .collect();
+            muts.push(Mutation::PutReservation(Box::new(Reservation {
+                id: id.clone(),
+                subject: subject.clone(),
+                amounts: amounts.clone(),
+                holds,
+                created_ms: now,
+                expires_ms,
+                status: ReservationStatus::Active,
+                finished_ms: None,
+                answer: None,
+            })));
+            decision.reservation_id = Some(id.clone());
+            decision.expires_at = Some(expires_ms);
+            expiry = Some((expires_ms, id));
+        }
+        if let (Some(k), Some(fp)) = (idem_key, fp) {
+            let entry = IdempotencyEntry {
+                fingerprint: fp,
+                answer: StoredAnswer::Decision(decision.clone()),
+                expires_ms: now.saturating_add(policy.settings.idempotency_retention_ms),
+            };
+            muts.push(Mutation::PutIdempotency {
+                key: k.to_string(),
+                entry: Box::new(entry),
+            });
+        }
+        let lsn = locked.commit(&muts)?;
+        drop(locked);
+        if let Some((at, id)) = expiry {
+            self.track_expiry(at, id);
+        }
+        Ok(Applied {
+            value: decision,
+            lsn,
+        })
+    }
+
+    fn track_expiry(&self, at: Millis, id: String) {
+        let mut idx = self.expiry.lock().unwrap_or_else(|e| e.into_inner());
+        idx.insert((at, id));
+        self.next_expiry_ms.fetch_min(at, Ordering::AcqRel);
+    }
+
+    /// Releases every active reservation whose TTL has passed. Called before every
+    /// operation, so no decision ever sees an expired hold.
+    pub fn expire_due(&self, now_ms: Millis) {
+        if now_ms < self.next_expiry_ms.load(Ordering::Acquire) {
+            return;
+        }
+        // Held while expiring so a concurrent operation waits for the holds to go.
+        let mut idx = self.expiry.lock().unwrap_or_else(|e| e.into_inner());
+        while let Some((at, _)) = idx.first() {
+            if *at > now_ms {
+                break;
+            }
+            let (_, id) = idx.pop_first().expect("first exists");
+            if let Err(e) = self.finish_locked(&id, Finish::Expire, now_ms) {
+                if !matches!(e, EngineError::UnknownReservation(_)) {
+                    tracing::error!(reservation = %id, error = %e, "could not expire a reservation");
+                }
+            }
+        }
+        self.next_expiry_ms.store(
+            idx.first().map_or(u64::MAX, |(at, _)| *at),
+            Ordering::Release,
+        );
+    }
+
+    /// Commits, releases or expires a reservation.
+    pub fn finish(
+        &self,
+        id: &str,
+        action: Finish,
+        now_ms: Millis,
+    ) -> Result<Applied<FinishAnswer>, EngineError> {
+        let now = self.now(now_ms);
+        self.expire_due(now);
+        if let Finish::Commit(amounts) = &action {
+            let policy = self.policy();
+            for metric in amounts.keys() {
+                if !policy.metrics.contains(metric) {
+                    return Err(EngineError::UnknownMetric(metric.clone()));
+                }
+            }
+        }
+        self.finish_locked(id, action, now)
+    }
+
+    fn finish_locked(
+        &self,
+        id: &str,
+        action: Finish,
+        now: Millis,
+    ) -> Result<Applied<FinishAnswer>, EngineError> {
+        let unknown = || EngineError::UnknownReservation(id.to_string());
+        let rshard = self.shard_of_reservation(id);
+        // Phase 1: which shards the reservation touches (holds never change).
+        let shards = {
+            let mut l = self.lock(vec![rshard]);
+            let (r, _) = l.shard(rshard).reservations.get(id).ok_or_else(unknown)?;
+            let mut s: Vec<usize> = r
+                .holds
+                .iter()
+                .map(|h| self.shard_of_counter(&h.counter))
+                .collect();
+            s.push(self.shard_of_subject(&r.subject));
+            s.push(rshard);
+            s
+        };
+        let mut locked = self.lock(shards);
+        let (r, lsn) = locked
+            .shard(rshard)
+            .reservations
+            .get(id)
+            .cloned()
+            .ok_or_else(unknown)?;
+        let policy = self.policy();
+        let (assigned, overrides) = match locked.subject_shard(&r.subject).subjects.get(&*r.subject)
+        {
+            Some(st) => (st.plan.clone(), st.overrides.clone()),
+            None => (None, BTreeMap::new()),
+        };
+        let plan = policy.plan_for(assigned.as_deref());
+        let finished = |status: &str| {
+            EngineError::ReservationFinished(format!("reservation {id:?} was already {status}"))
+        };
+
+        let (status, charged, deltas): (ReservationStatus, BTreeMap<String, u64>, Vec<i64>) =
+            match (&action, &r.status) {
+                (Finish::Expire, ReservationStatus::Active) => (
+                    ReservationStatus::Expired,
+                    BTreeMap::new(),
+                    r.holds.iter().map(|h| -signed(h.amount)).collect(),
+                ),
+                (Finish::Expire, _) => {
+                    return Ok(Applied {
+                        value: r.answer.clone().unwrap_or_else(|| empty_answer(&r)),
+                        lsn: None,
+                    })
+                }
+                (Finish::Commit(given), ReservationStatus::Active | ReservationStatus::Expired) => {
+                    let mut actual = r.amounts.clone();
+                    actual.extend(given.iter().map(|(k, v)| (k.clone(), *v)));
+                    let was_active = r.status == ReservationStatus::Active;
+                    let deltas = r
+                        .holds
+                        .iter()
+                        .map(|h| {
+                            let a = signed(actual.get(&*h.metric).copied().unwrap_or(0));
+                            if was_active {
+                                a - signed(h.amount)
+                            } else {
+                                a
+                            }
+                        })
+                        .collect();
+                    (ReservationStatus::Committed, actual, deltas)
+                }
+                (Finish::Commit(given), ReservationStatus::Committed) => {
+                    let answer = r
+                        .answer
+                        .clone()
+                        .expect("finished reservations keep their answer");
+                    let mut actual = r.amounts.clone();
+                    actual.extend(given.iter().map(|(k, v)| (k.clone(), *v)));
+                    return if actual == answer.charged {
+                        Ok(Applied {
+                            value: answer,
+                            lsn: Some(lsn),
+                        })
+                    } else {
+                        Err(finished("committed with other amounts"))
+                    };
+                }
+                (Finish::Commit(_), ReservationStatus::Released) => {
+                    return Err(finished("released"))
+                }
+                (Finish::Release, ReservationStatus::Active) => (
+                    ReservationStatus::Released,
+                    BTreeMap::new(),
+                    r.holds.iter().map(|h| -signed(h.amount)).collect(),
+                ),
+                (Finish::Release, ReservationStatus::Expired) => (
+                    ReservationStatus::Released,
+                    BTreeMap::new(),
+                    vec![0; r.holds.len()],
+                ),
+                (Finish::Release, ReservationStatus::Released) => {
+                    let answer = r
+                        .answer
+                        .clone()
+                        .expect("finished reservations keep their answer");
+                    return Ok(Applied {
+                        value: answer,
+                        lsn: Some(lsn),
+                    });
+                }
+                (Finish::Release, ReservationStatus::Committed) => {
+                    return Err(finished("committed"))
+                }
+            };
+
+        let mut muts = Vec::with_capacity(r.holds.len() + 1);
+        let mut counters = Vec::new();
+        for (h, &delta) in r.holds.iter().zip(&deltas) {
+            if let Some(limit) = plan.and_then(|p| p.limit(&h.counter.limit)) {
+                let max = effective_max(limit, &overrides);
+                let current = locked.counter(&h.counter);
+                counters.push(view_after(
+                    limit,
+                    &h.counter,
+                    current,
+                    Some((&h.slot, delta)),
+                    max,
+                    now,
+                ));
+            }
+            if delta != 0 {
+                muts.push(Mutation::Charge {
+                    counter: h.counter.clone(),
+                    slot: h.slot,
+                    delta,
+                    at_ms: now,
+                });
+            }
+        }
+        let answer = FinishAnswer {
+            reservation_id: r.id.clone(),
+            subject: r.subject.to_string(),
+            status: status.clone(),
+            expired: r.status == ReservationStatus::Expired || status == ReservationStatus::Expired,
+            held: r.amounts.clone(),
+            charged,
+            counters,
+        };
+        let finished_r = Reservation {
+            status,
+            finished_ms: Some(r.finished_ms.unwrap_or(now)),
+            answer: (action != Finish::Expire).then(|| answer.clone()),
+            ..r
+        };
+        muts.push(Mutation::PutReservation(Box::new(finished_r)));
+        let lsn = locked.commit(&muts)?;
+        Ok(Applied { value: answer, lsn })
+    }
+
+    fn check_admin_idempotency(
+        locked: &mut Locked<'_>,
+        key: Option<&str>,
+        fp: u64,
+    ) -> Result<Option<Applied<bool>>, EngineError> {
+        let Some(k) = key else { return Ok(None) };
+        match locked.idempotency_shard(k).idempotency.get(k) {
+            Some((e, lsn)) if e.fingerprint == fp => Ok(Some(Applied {
+                value: true,
+                lsn: Some(*lsn),
+            })),
+            Some(_) => Err(EngineError::IdempotencyConflict(k.to_string())),
+            None => Ok(None),
+        }
+    }
+
+    fn admin_entry(
+        policy: &Policy,
+        key: Option<&str>,
+        fp: u64,
+        subject: &str,
+        now: Millis,
+    ) -> Option<Mutation> {
+        key.map(|k| Mutation::PutIdempotency {
+            key: k.to_string(),
+            entry: Box::new(IdempotencyEntry {
+                fingerprint: fp,
+                answer: StoredAnswer::Deleted {
+                    subject: subject.to_string(),
+                },
+                expires_ms: now.saturating_add(policy.settings.idempotency_retention_ms),
+            }),
+        })
+    }
+
+    fn admin_shards(&self, subject: &str, key: Option<&str>) -> Vec<usize> {
+        let mut s = vec![self.shard_of_subject(subject)];
+        if let Some(k) = key {
+            s.push(self.shard_of_idempotency(k));
+        }
+        s
+    }
+
+    /// Assigns a plan and/or overrides (`None` keeps what the subject has). The
+    /// answer is whether this was a replay of an earlier identical request.
+    pub fn put_subject(
+        &self,
+        subject: &str,
+        plan: Option<&str>,
+        overrides: Option<&BTreeMap<String, Override>>,
+        idem_key: Option<&str>,
+        now_ms: Millis,
+    ) -> Result<Applied<bool>, EngineError> {
+        let now = self.now(now_ms);
+        self.expire_due(now);
+        let policy = self.policy();
+        if let Some(p) = plan {
+            if !policy.plan_index.contains_key(p) {
+                return Err(EngineError::UnknownPlan(p.to_string()));
+            }
+        }
+        for name in overrides.into_iter().flat_map(|o| o.keys()) {
+            let shape = policy
+                .shapes
+                .get(name.as_str())
+                .ok_or_else(|| EngineError::UnknownLimit(name.clone()))?;
+            if shape.scope != Scope::Subject {
+                return Err(EngineError::InvalidRequest(format!(
+                    "overrides.{name}: limit {name:?} is not scoped per subject, so it cannot be overridden per subject"
+                )));
+            }
+        }
+        let fp = fingerprint("put_subject", &(subject, plan, overrides));
+        let mut locked = self.lock(self.admin_shards(subject, idem_key));
+        if let Some(replay) = Self::check_admin_idempotency(&mut locked, idem_key, fp)? {
+            return Ok(replay);
+        }
+        let current = locked
+            .subject_shard(subject)
+            .subjects
+            .get(subject)
+            .cloned()
+            .unwrap_or_default();
+        let new_plan = plan.map(str::to_string).or(current.plan);
+        if policy.plan_for(new_plan.as_deref()).is_none() {
+            return Err(EngineError::UnknownSubject(subject.to_string()));
+        }
+        let mut muts = vec![Mutation::SetSubject {
+            subject: subject.into(),
+            plan: new_plan,
+            overrides: overrides.cloned().unwrap_or(current.overrides),
+        }];
+        muts.extend(Self::admin_entry(&policy, idem_key, fp, subject, now));
+        let lsn = locked.commit(&muts)?;
+        Ok(Applied { value: false, lsn })
+    }
+
+    /// Forgets a subject: its plan, overrides, counters and active holds (holds on
+    /// shared counters are refunded). The answer is whether it was known.
+    pub fn delete_subject(
+        &self,
+        subject: &str,
+        idem_key: Option<&str>,
+        now_ms: Millis,
+    ) -> Result<Applied<bool>, EngineError> {
+        let now = self.now(now_ms);
+        self.expire_due(now);
+        let policy = self.policy();
+        let fp = fingerprint("delete_subject", &subject);
+        let sshard = self.shard_of_subject(subject);
+        loop {
+            // Phase 1: the shards of the subject's holds.
+            let holds: BTreeSet<String> = {
+                let mut l = self.lock(vec![sshard]);
+                l.shard(sshard)
+                    .subjects
+                    .get(subject)
+                    .map(|s| s.holds.clone())
+                    .unwrap_or_default()
+            };
+            let mut shards = self.admin_shards(subject, idem_key);
+            for id in &holds {
+                let rs = self.shard_of_reservation(id);
+                shards.push(rs);
+                let mut l = self.lock(vec![rs]);
+                if let Some((r, _)) = l.shard(rs).reservations.get(id) {
+                    shards.extend(r.holds.iter().map(|h| self.shard_of_counter(&h.counter)));
+                }
+            }
+            let mut locked = self.lock(shards);
+            let now_holds = locked
+                .shard(sshard)
+                .subjects
+                .get(subject)
+                .map(|s| s.holds.clone())
+                .unwrap_or_default();
+            if now_holds != holds {
+                continue; // A hold came or went meanwhile: take the locks again.
+            }
+            if let Some(replay) = Self::check_admin_idempotency(&mut locked, idem_key, fp)? {
+                return Ok(replay);
+            }
+            let existed = locked.shard(sshard).subjects.contains_key(subject);
+            let mut muts = Vec::new();
+            for id in &holds {
+                let rs = self.shard_of_reservation(id);
+                let Some((r, _)) = locked.shard(rs).reservations.get(id).cloned() else {
+                    continue;
+                };
+                for h in r
+                    .holds
+                    .iter()
+                    .filter(|h| h.amount > 0 && !matches!(h.counter.scope, ScopeKey::Subject(_)))
+                {
+                    muts.push(Mutation::Charge {
+                        counter: h.counter.clone(),
+                        slot: h.slot,
+                        delta: -signed(h.amount),
+                        at_ms: now,
+                    });
+                }
+                muts.push(Mutation::DropReservation { id: id.clone() });
+            }
+            if existed {
+                muts.push(Mutation::DeleteSubject {
+                    subject: subject.into(),
+                });
+            }
+            muts.extend(Self::admin_entry(&policy, idem_key, fp, subject, now));
+            let lsn = locked.commit(&muts)?;
+            return Ok(Applied {
+                value: existed,
+                lsn,
+            });
+        }
+    }
+
+    fn subject_limit(&self, policy: &Policy, name: &str) -> Result<Arc<Limit>, EngineError> {
+        let shape = policy
+            .shapes
+            .get(name)
+            .ok_or_else(|| EngineError::UnknownLimit(name.to_string()))?;
+        if shape.scope != Scope::Subject {
+            return Err(EngineError::InvalidRequest(format!(
+                "limit: {name:?} is not scoped per subject; its counter is not the subject's"
+            )));
+        }
+        let found = policy
+            .plans
+            .iter()
+            .flat_map(|p| p.all.iter().map(|(l, _)| l))
+            .chain(&policy.top_limits)
+            .find(|l| &*l.name == name)
+            .expect("every shape comes from a limit");
+        Ok(found.clone())
+    }
+
+    /// Zeroes one or all of a subject's counters.
+    pub fn reset(
+        &self,
+        subject: &str,
+        limit: Option<&str>,
+        idem_key: Option<&str>,
+        now_ms: Millis,
+    ) -> Result<Applied<bool>, EngineError> {
+        let now = self.now(now_ms);
+        self.expire_due(now);
+        let policy = self.policy();
+        if let Some(name) = limit {
+            self.subject_limit(&policy, name)?;
+        }
+        let fp = fingerprint("reset", &(subject, limit));
+        let mut locked = self.lock(self.admin_shards(subject, idem_key));
+        if let Some(replay) = Self::check_admin_idempotency(&mut locked, idem_key, fp)? {
+            return Ok(replay);
+        }
+        let st = locked.subject_shard(subject).subjects.get(subject).cloned();
+        if policy
+            .plan_for(st.as_ref().and_then(|s| s.plan.as_deref()))
+            .is_none()
+        {
+            return Err(EngineError::UnknownSubject(subject.to_string()));
+        }
+        let subj: Arc<str> = subject.into();
+        let names: Vec<Arc<str>> = match limit {
+            Some(n) => vec![n.into()],
+            None => {
+                let mut v: Vec<Arc<str>> =
+                    st.iter().flat_map(|s| s.counters.keys().cloned()).collect();
+                v.sort();
+                v
+            }
+        };
+        let mut muts: Vec<Mutation> = names
+            .into_iter()
+            .map(|l| Mutation::ResetCounter {
+                counter: CounterKey {
+                    limit: l,
+                    scope: ScopeKey::Subject(subj.clone()),
+                },
+            })
+            .collect();
+        muts.extend(Self::admin_entry(&policy, idem_key, fp, subject, now));
+        let lsn = locked.commit(&muts)?;
+        Ok(Applied { value: false, lsn })
+    }
+
+    /// Gives back `amount` of a subject's limit (a top-up for lifetime limits).
+    pub fn credit(
+        &self,
+        subject: &str,
+        limit: &str,
+        amount: u64,
+        idem_key: Option<&str>,
+        now_ms: Millis,
+    ) -> Result<Applied<bool>, EngineError> {
+        let now = self.now(now_ms);
+        self.expire_due(now);
+        let policy = self.policy();
+        let l = self.subject_limit(&policy, limit)?;
+        let fp = fingerprint("credit", &(subject, limit, amount));
+        let mut locked = self.lock(self.admin_shards(subject, idem_key));
+        if let Some(replay) = Self::check_admin_idempotency(&mut locked, idem_key, fp)? {
+            return Ok(replay);
+        }
+        let assigned = locked
+            .subject_shard(subject)
+            .subjects
+            .get(subject)
+            .and_then(|s| s.plan.clone());
+        let plan = policy
+            .plan_for(assigned.as_deref())
+            .ok_or_else(|| EngineError::UnknownSubject(subject.to_string()))?;
+        // The subject's own plan decides the slot when it has the limit.
+        let kind = plan.limit(limit).map_or(&l.kind, |pl| &pl.kind);
+        let mut muts = vec![Mutation::Credit {
+            counter: CounterKey {
+                limit: l.name.clone(),
+                scope: ScopeKey::Subject(subject.into()),
+            },
+            slot: slot_for(kind, now),
+            amount,
+            at_ms: now,
+        }];
+        muts.extend(Self::admin_entry(&policy, idem_key, fp, subject, now));
+        let lsn = locked.commit(&muts)?;
+        Ok(Applied { value: false, lsn })
+    }
+
+    /// The subject as `GET /v1/subjects/{s}` shows it.
+    pub fn subject(&self, subject: &str, now_ms: Millis) -> Result<SubjectView, EngineError> {
+        let now = self.now(now_ms);
+        self.expire_due(now);
+        let policy = self.policy();
+        let sshard = self.shard_of_subject(subject);
+        let st = self
+            .lock(vec![sshard])
+            .shard(sshard)
+            .subjects
+            .get(subject)
+            .cloned()
+            .unwrap_or_default();
+        let plan = policy
+            .plan_for(st.plan.as_deref())
+            .ok_or_else(|| EngineError::UnknownSubject(subject.to_string()))?;
+        let subj: Arc<str> = subject.into();
+        let mut counters = Vec::new();
+        for (limit, _) in &plan.all {
+            let max = effective_max(limit, &st.overrides);
+            match &limit.scope {
+                Scope::Subject => {
+                    let key = CounterKey {
+                        limit: limit.name.clone(),
+                        scope: ScopeKey::Subject(subj.clone()),
+                    };
+                    let (u, _) = evaluate(&limit.kind, st.counters.get(&limit.name), now, 0, max);
+                    counters.push(view(limit, &key, &u));
+                }
+                Scope::Global => {
+                    let key = CounterKey {
+                        limit: limit.name.clone(),
+                        scope: ScopeKey::Global,
+                    };
+                    let i = self.shard_of_counter(&key);
+                    let c = self.lock(vec![i]).shard(i).shared.get(&key).cloned();
+                    let (u, _) = evaluate(&limit.kind, c.as_ref(), now, 0, max);
+                    counters.push(view(limit, &key, &u));
+                }
+                Scope::Attribute(_) => {
+                    // One counter per attribute value seen; listed in value order, at most 100.
+                    let mut found: Vec<(CounterKey, Counter)> = Vec::new();
+                    for i in 0..self.shards.len() {
+                        let mut l = self.lock(vec![i]);
+                        found.extend(
+                            l.shard(i)
+                                .shared
+                                .iter()
+                                .filter(|(k, _)| k.limit == limit.name)
+                                .map(|(k, c)| (k.clone(), c.clone())),
+                        );
+                    }
+                    found.sort_by(|a, b| a.0.cmp(&b.0));
+                    for (key, c) in found.into_iter().take(100) {
+                        let (u, _) = evaluate(&limit.kind, Some(&c), now, 0, max);
+                        counters.push(view(limit, &key, &u));
+                    }
+                }
+            }
+        }
+        Ok(SubjectView {
+            subject: subject.to_string(),
+            plan: plan.name.clone(),
+            assigned: st.plan.is_some(),
+            overrides: st.overrides,
+            counters,
+        })
+    }
+
+    /// Known subjects after `after`, in byte order, at most `limit`, with their plan.
+    pub fn list_subjects(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Vec<(String, Option<String>)> {
+        use std::ops::Bound;
+        let lower = after.map_or(Bound::Unbounded, |a| Bound::Excluded(a));
+        let mut out: Vec<(String, Option<String>)> = Vec::new();
+        for i in 0..self.shards.len() {
+            let mut l = self.lock(vec![i]);
+            out.extend(
+                l.shard(i)
+                    .subjects
+                    .range::<str, _>((lower, Bound::Unbounded))
+                    .take(limit)
+                    .map(|(s, st)| (s.to_string(), st.plan.clone())),
+            );
+        }
+        out.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        out.truncate(limit);
+        out
+    }
+
+    /// Drops what time has made useless: idle counters, expired idempotency keys and
+    /// finished reservations past retention. At most `budget` items per shard per call.
+    pub fn gc(&self, now_ms: Millis, budget: usize) -> Result<usize, EngineError> {
+        let now = self.now(now_ms);
+        self.expire_due(now);
+        let mut dropped = 0;
+        for i in 0..self.shards.len() {
+            let mut l = self.lock(vec![i]);
+            let shard = l.shard(i);
+            // Idle counters are indistinguishable from absent ones: no record needed.
+            let before = shard.shared.len();
+            shard.shared.retain(|_, c| !c.is_idle(now));
+            dropped += before - shard.shared.len();
+            for st in shard.subjects.values_mut() {
+                let before = st.counters.len();
+                st.counters.retain(|_, c| !c.is_idle(now));
+                dropped += before - st.counters.len();
+            }
+            shard.subjects.retain(|_, st| !st.is_empty());
+            let retention = self.policy().settings.idempotency_retention_ms;
+            let mut muts: Vec<Mutation> = shard
+                .idempotency
+                .iter()
+                .filter(|(_, (e, _))| e.expires_ms <= now)
+                .take(budget)
+                .map(|(k, _)| Mutation::DropIdempotency { key: k.clone() })
+                .collect();
+            muts.extend(
+                shard
+                    .reservations
+                    .values()
+                    .filter(|(r, _)| {
+                        r.status != ReservationStatus::Active
+                            && r.finished_ms
+                                .unwrap_or(r.expires_ms)
+                                .max(r.expires_ms)
+                                .saturating_add(retention)
+                                <= now
+                    })
+                    .take(budget)
+                    .map(|(r, _)| Mutation::DropReservation { id: r.id.clone() }),
+            );
+            dropped += muts.len();
+            l.commit(&muts)?;
+        }
+        Ok(dropped)
+    }
+
+    /// Counts of what the engine holds.
+    pub fn stats(&self) -> Stats {
+        let mut s = Stats {
+            open_reservations: self.open_reservations.load(Ordering::Relaxed).max(0) as usize,
+            ..Stats::default()
+        };
+        for i in 0..self.shards.len() {
+            let mut l = self.lock(vec![i]);
+            let shard = l.shard(i);
+            s.subjects += shard.subjects.len();
+            s.counters += shard.shared.len()
+                + shard
+                    .subjects
+                    .values()
+                    .map(|st| st.counters.len())
+                    .sum::<usize>();
+            s.reservations += shard.reservations.len();
+            s.idempotency_keys += shard.idempotency.len();
+        }
+        s
+    }
+
+    /// Applies a journaled record during recovery (nothing else may run).
+    pub fn replay(&mut self, lsn: Lsn, muts: &[Mutation]) {
+        let count = self.shards.len();
+        let mut access = Exclusive {
+            engine_shards: &mut self.shards,
+            count,
+        };
+        let mut delta = 0;
+        for m in muts {
+            delta += apply(&mut access, m, lsn).open_reservations_delta;
+        }
+        self.open_reservations.fetch_add(delta, Ordering::Relaxed);
+    }
+
+    /// Rebuilds the expiry index after replay.
+    pub fn rebuild_expiry_index(&mut self) {
+        let mut idx = BTreeSet::new();
+        for shard in self.shards.iter_mut() {
+            let shard = shard.get_mut().unwrap_or_else(|e| e.into_inner());
+            for (r, _) in shard.reservations.values() {
+                if r.status == ReservationStatus::Active {
+                    idx.insert((r.expires_ms, r.id.clone()));
+                }
+            }
+        }
+        self.next_expiry_ms.store(
+            idx.first().map_or(u64::MAX, |(at, _)| *at),
+            Ordering::Release,
+        );
+        *self.expiry.get_mut().unwrap_or_else(|e| e.into_inner()) = idx;
+    }
+}
+
+fn empty_answer(r: &Reservation) -> FinishAnswer {
+    FinishAnswer {
+        reservation_id: r.id.clone(),
+        subject: r.subject.to_string(),
+        status: r.status.clone(),
+        expired: true,
+        held: r.amounts.clone(),
+        charged: BTreeMap::new(),
+        counters: Vec::new(),
+    }
+}

@@ -1,0 +1,556 @@
+//! The compiled form of the limits and plans of `quotad.toml`, and every check
+//! that rejects a contradictory configuration before the daemon starts.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use jiff::tz::TimeZone;
+
+use crate::config::{
+    Algorithm, Config, ConfigError, EngineSettings, LimitConfig, MaxValue, Mode, Unmatched,
+    MAX_SAFE_INTEGER,
+};
+use crate::period::Period;
+
+/// Sub-windows per sliding window: the guarantee's granularity is `period / 60`.
+pub const SLIDING_BUCKETS: u64 = 60;
+
+/// The counting rule of a limit, with its parameters resolved.
+#[derive(Debug, Clone)]
+pub enum Kind {
+    /// Calendar-aligned windows.
+    Fixed {
+        /// Window length.
+        period: Period,
+        /// Zone of calendar windows.
+        tz: TimeZone,
+    },
+    /// Rolling window made of `SLIDING_BUCKETS` sub-windows.
+    Sliding {
+        /// Window length.
+        period_ms: u64,
+        /// Sub-window width: `period_ms / 60`, rounded down.
+        bucket_ms: u64,
+    },
+    /// Continuous refill.
+    TokenBucket {
+        /// Refill period.
+        period_ms: u64,
+        /// Tokens per period.
+        refill: u64,
+    },
+    /// Never resets.
+    Lifetime,
+}
+
+/// What a limit's counter is keyed by.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Scope {
+    /// Per subject.
+    Subject,
+    /// One for all.
+    Global,
+    /// Per value of the named attribute.
+    Attribute(Arc<str>),
+}
+
+impl Scope {
+    fn parse(s: &str) -> Result<Scope, String> {
+        match s {
+            "subject" => Ok(Scope::Subject),
+            "global" => Ok(Scope::Global),
+            _ => match s.strip_prefix("attribute:") {
+                Some(name) if valid_name(name, 64) => Ok(Scope::Attribute(name.into())),
+                _ => Err(format!(
+                    "{s:?} is not a scope: use \"subject\", \"global\" or \"attribute:<name>\""
+                )),
+            },
+        }
+    }
+}
+
+/// Which events a limit applies to.
+#[derive(Debug, Clone, Default)]
+pub struct Matcher {
+    /// Glob over the event; the event must be present when set.
+    pub event: Option<String>,
+    /// Attribute name to value glob; all must match.
+    pub attributes: Vec<(String, String)>,
+}
+
+impl Matcher {
+    /// Whether an event with these attributes is matched.
+    pub fn matches(
+        &self,
+        event: Option<&str>,
+        attributes: &std::collections::BTreeMap<String, String>,
+    ) -> bool {
+        if let Some(pattern) = &self.event {
+            match event {
+                Some(e) if glob_match(pattern, e) => {}
+                _ => return false,
+            }
+        }
+        self.attributes
+            .iter()
+            .all(|(k, pattern)| attributes.get(k).is_some_and(|v| glob_match(pattern, v)))
+    }
+}
+
+/// `*` matches any run of characters, `?` exactly one; everything else literally.
+pub fn glob_match(pattern: &str, text: &str) -> bool {
+    let p: Vec<char> = pattern.chars().collect();
+    let t: Vec<char> = text.chars().collect();
+    let (mut pi, mut ti) = (0, 0);
+    // Position of the last `*` and the text position it was tried at.
+    let mut star: Option<(usize, usize)> = None;
+    while ti < t.len() {
+        if pi < p.len() && (p[pi] == '?' || (p[pi] != '*' && p[pi] == t[ti])) {
+            pi += 1;
+            ti += 1;
+        } else if pi < p.len() && p[pi] == '*' {
+            star = Some((pi, ti));
+            pi += 1;
+        } else if let Some((sp, st)) = star {
+            pi = sp + 1;
+            ti = st + 1;
+            star = Some((sp, st + 1));
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|&c| c == '*')
+}
+
+/// One compiled limit.
+#[derive(Debug, Clone)]
+pub struct Limit {
+    /// Counter identity together with the scope value.
+    pub name: Arc<str>,
+    /// Metric counted.
+    pub metric: Arc<str>,
+    /// How counters are keyed.
+    pub scope: Scope,
+    /// Counting rule.
+    pub kind: Kind,
+    /// Cap.
+    pub max: MaxValue,
+    /// What happens when exceeded.
+    pub mode: Mode,
+    /// Which events it applies to.
+    pub matcher: Matcher,
+    /// As written, for `GET /v1/plans`.
+    pub source: LimitConfig,
+}
+
+/// One compiled plan.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// Name.
+    pub name: String,
+    /// Whether unassigned subjects get it.
+    pub default: bool,
+    /// Policy for events matching none of its own limits.
+    pub unmatched: Unmatched,
+    /// Its own limits followed by the top-level limits; `is_plan` tells them apart.
+    pub all: Vec<(Arc<Limit>, bool)>,
+}
+
+impl Plan {
+    /// The limit of this plan (or the top level) with that name.
+    pub fn limit(&self, name: &str) -> Option<&Arc<Limit>> {
+        self.all.iter().map(|(l, _)| l).find(|l| &*l.name == name)
+    }
+}
+
+/// Everything every limit with a given name shares.
+#[derive(Debug, Clone)]
+pub struct LimitShape {
+    /// Metric.
+    pub metric: Arc<str>,
+    /// Scope.
+    pub scope: Scope,
+    /// Algorithm.
+    pub algorithm: Algorithm,
+}
+
+/// Limits and plans in force, plus engine settings.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    /// Plans in file order.
+    pub plans: Vec<Plan>,
+    /// Plan name to index.
+    pub plan_index: HashMap<String, usize>,
+    /// Index of the default plan.
+    pub default_plan: Option<usize>,
+    /// Limits for every subject.
+    pub top_limits: Vec<Arc<Limit>>,
+    /// Every limit name in any plan or the top level.
+    pub shapes: HashMap<Arc<str>, LimitShape>,
+    /// Every limit with a non-subject scope, deduplicated by name and match: their
+    /// counters may be touched by a decision whatever the subject's plan.
+    pub shared_limits: Vec<Arc<Limit>>,
+    /// Metrics requests may carry.
+    pub metrics: HashSet<String>,
+    /// Resolved `[engine]` settings.
+    pub settings: EngineSettings,
+}
+
+fn valid_name(s: &str, max_len: usize) -> bool {
+    !s.is_empty() && s.len() <= max_len && !s.chars().any(|c| c.is_control() || c.is_whitespace())
+}
+
+fn compile_limit(key: &str, c: &LimitConfig) -> Result<Limit, ConfigError> {
+    let err = |field: &str, msg: String| ConfigError::new(format!("{key}.{field}"), msg);
+    if !valid_name(&c.name, 128) {
+        return Err(err(
+            "name",
+            "must be 1-128 characters without spaces or control characters".into(),
+        ));
+    }
+    if !valid_name(&c.metric, 64) {
+        return Err(err(
+            "metric",
+            "must be 1-64 characters without spaces or control characters".into(),
+        ));
+    }
+    let scope = Scope::parse(&c.scope).map_err(|m| err("scope", m))?;
+    if c.refill.is_some() && c.algorithm != Algorithm::TokenBucket {
+        return Err(err(
+            "refill",
+            format!(
+                "only token_bucket limits refill; this one is {}",
+                c.algorithm
+            ),
+        ));
+    }
+    if c.timezone.is_some() && c.algorithm != Algorithm::Fixed {
+        return Err(err(
+            "timezone",
+            format!(
+                "only fixed windows follow a time zone; this one is {}",
+                c.algorithm
+            ),
+        ));
+    }
+    let period = match (&c.period, c.algorithm) {
+        (Some(_), Algorithm::Lifetime) => {
+            return Err(err(
+                "period",
+                "lifetime limits never reset, so they take no period".into(),
+            ))
+        }
+        (None, Algorithm::Lifetime) => None,
+        (None, a) => return Err(err("period", format!("is required for {a} limits"))),
+        (Some(p), _) => Some(Period::parse(p).map_err(|e| err("period", e.to_string()))?),
+    };
+    let fixed_ms = |p: Period| {
+        p.fixed_ms().ok_or_else(|| {
+            err(
+                "period",
+                format!(
+                    "{} limits need a fixed length; months vary, use days (\"30d\")",
+                    c.algorithm
+                ),
+            )
+        })
+    };
+    let kind = match c.algorithm {
+        Algorithm::Fixed => {
+            let tz_name = c.timezone.as_deref().unwrap_or("UTC");
+            let tz = TimeZone::get(tz_name).map_err(|_| {
+                err(
+                    "timezone",
+                    format!("{tz_name:?} is not a known IANA time zone"),
+                )
+            })?;
+            Kind::Fixed {
+                period: period.expect("checked above"),
+                tz,
+            }
+        }
+        Algorithm::Sliding => {
+            let period_ms = fixed_ms(period.expect("checked above"))?;
+            Kind::Sliding {
+                period_ms,
+                bucket_ms: (period_ms / SLIDING_BUCKETS).max(1),
+            }
+        }
+        Algorithm::TokenBucket => {
+            let period_ms = fixed_ms(period.expect("checked above"))?;
+            let refill = match (c.refill, c.max) {
+                (Some(r), _) => r,
+                (None, MaxValue::Finite(m)) => m,
+                (None, MaxValue::Unlimited) => 1,
+            };
+            if refill == 0 || refill > MAX_SAFE_INTEGER {
+                return Err(err(
+                    "refill",
+                    format!("must be between 1 and {MAX_SAFE_INTEGER}"),
+                ));
+            }
+            Kind::TokenBucket { period_ms, refill }
+        }
+        Algorithm::Lifetime => Kind::Lifetime,
+    };
+    let mut matcher = Matcher::default();
+    if let Some(m) = &c.match_ {
+        if let Some(e) = &m.event {
+            if e.is_empty() || e.len() > 128 {
+                return Err(err("match.event", "must be a glob of 1-128 bytes".into()));
+            }
+            matcher.event = Some(e.clone());
+        }
+        for (k, v) in &m.attributes {
+            if !valid_name(k, 64) || v.len() > 256 {
+                return Err(err(
+                    &format!("match.attributes.{k}"),
+                    "attribute names are 1-64 bytes, values at most 256".into(),
+                ));
+            }
+            matcher.attributes.push((k.clone(), v.clone()));
+        }
+    }
+    Ok(Limit {
+        name: c.name.as_str().into(),
+        metric: c.metric.as_str().into(),
+        scope,
+        kind,
+        max: c.max,
+        mode: c.mode,
+        matcher,
+        source: c.clone(),
+    })
+}
+
+impl Policy {
+    /// Compiles and checks the limits and plans of `config`. Errors name the key;
+    /// the caller fills in the file.
+    pub fn compile(config: &Config) -> Result<Policy, ConfigError> {
+        let settings = config.engine.settings()?;
+        let mut shapes: HashMap<Arc<str>, (LimitShape, Option<String>, String)> = HashMap::new();
+        let mut check_shape = |key: &str, l: &Limit| -> Result<(), ConfigError> {
+            let period = l.source.period.clone();
+            let tz = l.source.timezone.clone().unwrap_or_else(|| "UTC".into());
+            let shape = LimitShape {
+                metric: l.metric.clone(),
+                scope: l.scope.clone(),
+                algorithm: l.source.algorithm,
+            };
+            match shapes.get(&l.name) {
+                None => {
+                    shapes.insert(l.name.clone(), (shape, period, tz));
+                    Ok(())
+                }
+                Some((s, p, z)) => {
+                    let what = if s.metric != shape.metric {
+                        "metric"
+                    } else if s.scope != shape.scope {
+                        "scope"
+                    } else if s.algorithm != shape.algorithm {
+                        "algorithm"
+                    } else if *p != period {
+                        "period"
+                    } else if *z != tz {
+                        "timezone"
+                    } else {
+                        return Ok(());
+                    };
+                    Err(ConfigError::new(
+                        format!("{key}.{what}"),
+                        format!(
+                            "limit {:?} is defined elsewhere with another {what}; limits sharing a name share \
+                             counters, so they must agree on metric, scope, algorithm, period and timezone",
+                            l.name
+                        ),
+                    ))
+                }
+            }
+        };
+
+        let mut top_limits = Vec::new();
+        let mut top_names = HashSet::new();
+        for (i, lc) in config.limits.iter().enumerate() {
+            let key = format!("limits[{i}]");
+            let l = compile_limit(&key, lc)?;
+            if !top_names.insert(l.name.clone()) {
+                return Err(ConfigError::new(
+                    key + ".name",
+                    format!("{:?} is defined twice", l.name),
+                ));
+            }
+            check_shape(&key, &l)?;
+            top_limits.push(Arc::new(l));
+        }
+
+        let mut plans = Vec::new();
+        let mut plan_index = HashMap::new();
+        let mut default_plan: Option<usize> = None;
+        for (pi, pc) in config.plans.iter().enumerate() {
+            let pkey = format!("plans[{pi}]");
+            if !valid_name(&pc.name, 128) {
+                return Err(ConfigError::new(
+                    pkey + ".name",
+                    "must be 1-128 characters without spaces",
+                ));
+            }
+            if plan_index.insert(pc.name.clone(), pi).is_some() {
+                return Err(ConfigError::new(
+                    pkey + ".name",
+                    format!("plan {:?} is defined twice", pc.name),
+                ));
+            }
+            if pc.default {
+                if let Some(d) = default_plan {
+                    return Err(ConfigError::new(
+                        pkey + ".default",
+                        format!(
+                            "plan {:?} is already the default; only one plan can be",
+                            config.plans[d].name
+                        ),
+                    ));
+                }
+                default_plan = Some(pi);
+            }
+            let mut all = Vec::new();
+            let mut names = HashSet::new();
+            for (li, lc) in pc.limits.iter().enumerate() {
+                let key = format!("{pkey}.limits[{li}]");
+                let l = compile_limit(&key, lc)?;
+                if top_names.contains(&l.name) {
+                    return Err(ConfigError::new(
+                        key + ".name",
+                        format!(
+                            "{:?} is already a top-level limit, which applies to every plan",
+                            l.name
+                        ),
+                    ));
+                }
+                if !names.insert(l.name.clone()) {
+                    return Err(ConfigError::new(
+                        key + ".name",
+                        format!("{:?} is defined twice in plan {:?}", l.name, pc.name),
+                    ));
+                }
+                check_shape(&key, &l)?;
+                all.push((Arc::new(l), true));
+            }
+            all.extend(top_limits.iter().map(|l| (l.clone(), false)));
+            plans.push(Plan {
+                name: pc.name.clone(),
+                default: pc.default,
+                unmatched: pc.unmatched,
+                all,
+            });
+        }
+
+        let mut metrics: HashSet<String> = HashSet::from(["requests".to_string()]);
+        for (i, m) in config.metrics.iter().enumerate() {
+            if !valid_name(m, 64) {
+                return Err(ConfigError::new(
+                    format!("metrics[{i}]"),
+                    "must be 1-64 characters without spaces",
+                ));
+            }
+            metrics.insert(m.clone());
+        }
+        let mut shared_limits: Vec<Arc<Limit>> = Vec::new();
+        let mut seen_shared = HashSet::new();
+        for l in top_limits
+            .iter()
+            .chain(plans.iter().flat_map(|p| p.all.iter().map(|(l, _)| l)))
+        {
+            metrics.insert(l.metric.to_string());
+            let identity = (l.name.clone(), format!("{:?}", l.matcher));
+            if l.scope != Scope::Subject && seen_shared.insert(identity) {
+                shared_limits.push(l.clone());
+            }
+        }
+        Ok(Policy {
+            plans,
+            plan_index,
+            default_plan,
+            top_limits,
+            shapes: shapes.into_iter().map(|(k, (s, _, _))| (k, s)).collect(),
+            shared_limits,
+            metrics,
+            settings,
+        })
+    }
+
+    /// The plan a subject assigned `assigned` is on: that plan if it still exists,
+    /// else the default plan.
+    pub fn plan_for(&self, assigned: Option<&str>) -> Option<&Plan> {
+        assigned
+            .and_then(|name| self.plan_index.get(name))
+            .or(self.default_plan.as_ref())
+            .map(|&i| &self.plans[i])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn compile(toml_text: &str) -> Result<Policy, ConfigError> {
+        Policy::compile(&Config::from_toml(toml_text, "t.toml")?)
+    }
+
+    #[test]
+    fn globs() {
+        assert!(glob_match("llm.*", "llm.chat"));
+        assert!(glob_match("*", ""));
+        assert!(glob_match("a?c", "abc"));
+        assert!(glob_match("*.chat*", "llm.chat.stream"));
+        assert!(!glob_match("llm.*", "image.render"));
+        assert!(!glob_match("a?c", "ac"));
+        assert!(glob_match("gpt-4o*", "gpt-4o-mini"));
+    }
+
+    #[test]
+    fn rejects_contradictions_with_the_key() {
+        let cases = [
+            ("[[plans]]\nname=\"a\"\n[[plans.limits]]\nname=\"x\"\nmax=1\nperiod=\"1x\"\n", "plans[0].limits[0].period"),
+            (
+                "[[plans]]\nname=\"a\"\n[[plans.limits]]\nname=\"x\"\nmax=1\nperiod=\"1d\"\ntimezone=\"Mars/Base\"\n",
+                "plans[0].limits[0].timezone",
+            ),
+            ("[[plans]]\nname=\"a\"\n[[plans.limits]]\nname=\"x\"\nmax=1\nperiod=\"1d\"\nrefill=3\n", "plans[0].limits[0].refill"),
+            (
+                "[[plans]]\nname=\"a\"\n[[plans.limits]]\nname=\"x\"\nmax=1\nperiod=\"1d\"\n\
+                 [[plans]]\nname=\"b\"\n[[plans.limits]]\nname=\"x\"\nmax=1\nperiod=\"1d\"\nmetric=\"tokens\"\n",
+                "plans[1].limits[0].metric",
+            ),
+            (
+                "[[plans]]\nname=\"a\"\n[[plans.limits]]\nname=\"x\"\nmax=1\nperiod=\"1d\"\n\
+                 [[plans]]\nname=\"b\"\n[[plans.limits]]\nname=\"x\"\nmax=1\nperiod=\"1d\"\nscope=\"global\"\n",
+                "plans[1].limits[0].scope",
+            ),
+            ("[[plans]]\nname=\"a\"\ndefault=true\n[[plans]]\nname=\"b\"\ndefault=true\n", "plans[1].default"),
+            ("[[plans]]\nname=\"a\"\n[[plans.limits]]\nname=\"x\"\nmax=1\nalgorithm=\"lifetime\"\nperiod=\"1d\"\n", "plans[0].limits[0].period"),
+            ("[[plans]]\nname=\"a\"\n[[plans.limits]]\nname=\"x\"\nmax=1\nalgorithm=\"sliding\"\nperiod=\"1mo\"\n", "plans[0].limits[0].period"),
+            ("[[plans]]\nname=\"a\"\n[[plans.limits]]\nname=\"x\"\nmax=1\nperiod=\"1d\"\nscope=\"tenant\"\n", "plans[0].limits[0].scope"),
+            ("[[limits]]\nname=\"x\"\nmax=1\nperiod=\"1d\"\n[[plans]]\nname=\"a\"\n[[plans.limits]]\nname=\"x\"\nmax=1\nperiod=\"1d\"\n", "plans[0].limits[0].name"),
+        ];
+        for (text, key) in cases {
+            let e = compile(text).unwrap_err();
+            assert_eq!(e.key, key, "{text}: {e}");
+        }
+        let e = compile("[[plans]]\nname=\"a\"\n[[plans.limits]]\nname=\"x\"\nmax=1\nperiod=\"1d\"\nalgorithm=\"leaky\"\n")
+            .unwrap_err();
+        assert!(e.message.contains("unknown variant `leaky`"), "{e}");
+    }
+
+    #[test]
+    fn shared_names_and_defaults() {
+        let p = compile(
+            "[[plans]]\nname=\"free\"\ndefault=true\n[[plans.limits]]\nname=\"d\"\nmax=1\nperiod=\"1d\"\n\
+             [[plans]]\nname=\"pro\"\n[[plans.limits]]\nname=\"d\"\nmax=10\nperiod=\"1d\"\n",
+        )
+        .unwrap();
+        assert_eq!(p.plan_for(None).unwrap().name, "free");
+        assert_eq!(p.plan_for(Some("pro")).unwrap().name, "pro");
+        assert_eq!(p.plan_for(Some("gone")).unwrap().name, "free");
+        assert!(p.metrics.contains("requests"));
+    }
+}

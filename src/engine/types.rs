@@ -1,0 +1,445 @@
+//! Commands the engine takes, answers it gives, and the [`Mutation`]s it applies.
+//! A mutation is the applied effect of a command: replaying the same mutations
+//! in the same order rebuilds the same state without re-deciding anything.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::clock::Millis;
+use crate::config::{MaxValue, Mode};
+
+/// Log sequence number of a journal record.
+pub type Lsn = u64;
+
+/// A decision request (`check`, `consume`, `reserve`), already validated.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DecisionRequest {
+    /// Who is metered.
+    pub subject: String,
+    /// What happened, if said.
+    pub event: Option<String>,
+    /// Attributes limits can match on.
+    pub attributes: BTreeMap<String, String>,
+    /// Metric to amount; `requests` defaults to 1.
+    pub amounts: BTreeMap<String, u64>,
+    /// Retry key for consume and reserve.
+    pub idempotency_key: Option<String>,
+    /// Reservation lifetime (reserve only); `None` takes the configured default.
+    pub ttl_ms: Option<u64>,
+}
+
+/// Which decision endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DecideOp {
+    /// Evaluate only.
+    Check,
+    /// Evaluate and charge.
+    Consume,
+    /// Evaluate and hold.
+    Reserve,
+}
+
+/// The overall outcome.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// Allowed.
+    Allow,
+    /// Denied by an enforced limit (or an unmatched event).
+    Deny,
+    /// Allowed, but a degrade-mode limit is exhausted.
+    Degrade,
+}
+
+/// Why a limit appears in `reasons`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReasonCode {
+    /// An enforced limit has no room.
+    LimitExceeded,
+    /// The amount is larger than the limit's maximum: it can never succeed.
+    ExceedsCapacity,
+    /// A monitor-mode limit would have denied.
+    WouldDeny,
+    /// A degrade-mode limit is exhausted.
+    Degraded,
+    /// The plan has `unmatched = "deny"` and no plan limit matched the event.
+    Unmatched,
+}
+
+/// One entry of `reasons`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reason {
+    /// The limit (absent for `unmatched`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limit: Option<Arc<str>>,
+    /// Why.
+    pub code: ReasonCode,
+    /// When the call could first succeed as far as this limit goes; absent when never.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry_after_ms: Option<u64>,
+}
+
+/// The state of one counter as shown to clients.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CounterView {
+    /// Limit name.
+    pub limit: Arc<str>,
+    /// Metric counted.
+    pub metric: Arc<str>,
+    /// Scope value: the subject, "global", or "<attribute>=<value>".
+    pub scope: String,
+    /// Effective cap (after overrides and credits).
+    pub max: MaxValue,
+    /// Usage in the current window, holds included.
+    pub used: u64,
+    /// `max - used`, never below 0; absent when unlimited.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub remaining: Option<u64>,
+    /// When usage next returns to zero, RFC 3339; absent for lifetime limits.
+    #[serde(skip_serializing_if = "Option::is_none", with = "opt_rfc3339")]
+    pub resets_at: Option<Millis>,
+    /// The limit's mode.
+    pub mode: Mode,
+}
+
+/// Serializes milliseconds as RFC 3339 text.
+mod opt_rfc3339 {
+    use super::Millis;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &Option<Millis>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(ms) => s.serialize_str(&crate::period::rfc3339(*ms)),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Millis>, D::Error> {
+        let s: Option<String> = Option::deserialize(d)?;
+        s.map(|s| {
+            s.parse::<jiff::Timestamp>()
+                .map(|t| t.as_millisecond().max(0) as Millis)
+                .map_err(serde::de::Error::custom)
+        })
+        .transpose()
+    }
+}
+
+/// The answer to check, consume and reserve.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Decision {
+    /// Whether the caller may proceed.
+    pub allowed: bool,
+    /// allow, deny or degrade.
+    pub decision: Outcome,
+    /// Echo of the subject.
+    pub subject: String,
+    /// Every matched limit, after the charge when allowed.
+    pub counters: Vec<CounterView>,
+    /// Limits that denied, degraded or would have denied.
+    pub reasons: Vec<Reason>,
+    /// When the call could first succeed (denials only; absent when never).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after_ms: Option<u64>,
+    /// True when this answer is a stored one returned for a repeated idempotency key.
+    pub replayed: bool,
+    /// Set by a successful reserve.
+    pub reservation_id: Option<String>,
+    /// When the reservation expires, RFC 3339.
+    #[serde(with = "opt_rfc3339")]
+    pub expires_at: Option<Millis>,
+}
+
+/// Where a reservation stands.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReservationStatus {
+    /// Holding.
+    Active,
+    /// The TTL passed first; the hold was released.
+    Expired,
+    /// Finished with the actual amounts.
+    Committed,
+    /// Finished with nothing charged.
+    Released,
+}
+
+/// The answer to commit and release.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FinishAnswer {
+    /// The reservation.
+    pub reservation_id: String,
+    /// Its subject.
+    pub subject: String,
+    /// committed or released.
+    pub status: ReservationStatus,
+    /// True when the TTL had passed before this call.
+    pub expired: bool,
+    /// What was held.
+    pub held: BTreeMap<String, u64>,
+    /// What was charged in the end (empty for release).
+    pub charged: BTreeMap<String, u64>,
+    /// The held limits' counters after the call.
+    pub counters: Vec<CounterView>,
+}
+
+/// Per-subject override of a limit.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Override {
+    /// Replaces the plan's `max` for this subject.
+    pub max: MaxValue,
+}
+
+/// The answer to subject reads and writes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SubjectView {
+    /// The subject.
+    pub subject: String,
+    /// Its plan (the default plan when unassigned).
+    pub plan: String,
+    /// Whether the plan was assigned explicitly.
+    pub assigned: bool,
+    /// Per-limit overrides.
+    pub overrides: BTreeMap<String, Override>,
+    /// A counter for every limit of the plan and the top-level limits.
+    pub counters: Vec<CounterView>,
+}
+
+/// A stored answer, replayed for a repeated idempotency key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StoredAnswer {
+    /// consume / reserve.
+    Decision(Decision),
+    /// PUT subject, reset, credit.
+    Subject(SubjectView),
+    /// DELETE subject.
+    Deleted {
+        /// The subject forgotten.
+        subject: String,
+    },
+}
+
+/// Identity of a counter: (limit name, scope value).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct CounterKey {
+    /// Limit name.
+    pub limit: Arc<str>,
+    /// Scope value.
+    pub scope: ScopeKey,
+}
+
+/// Scope value of a counter.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum ScopeKey {
+    /// One counter per subject.
+    Subject(Arc<str>),
+    /// One counter for everybody.
+    Global,
+    /// One counter per value of an attribute.
+    Attribute {
+        /// Attribute name.
+        name: Arc<str>,
+        /// Its value.
+        value: Arc<str>,
+    },
+}
+
+impl ScopeKey {
+    /// Text form used in responses.
+    pub fn display(&self) -> String {
+        match self {
+            ScopeKey::Subject(s) => s.to_string(),
+            ScopeKey::Global => "global".to_string(),
+            ScopeKey::Attribute { name, value } => format!("{name}={value}"),
+        }
+    }
+}
+
+/// Where a charge lands; carries what is needed to apply it without the config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Slot {
+    /// A calendar window `[start_ms, end_ms)`.
+    Fixed {
+        /// Window start.
+        start_ms: Millis,
+        /// Window end.
+        end_ms: Millis,
+    },
+    /// A sub-window of a sliding window.
+    Sliding {
+        /// Index of the sub-window: `time / bucket_ms`.
+        bucket: u64,
+        /// Sub-window width.
+        bucket_ms: u64,
+        /// Window length.
+        period_ms: u64,
+    },
+    /// A token bucket.
+    Bucket {
+        /// Refill period.
+        period_ms: u64,
+        /// Tokens refilled per period.
+        refill: u64,
+    },
+    /// A never-resetting counter.
+    Lifetime,
+}
+
+/// One held amount of a reservation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hold {
+    /// The counter held in.
+    pub counter: CounterKey,
+    /// Metric of the limit.
+    pub metric: Arc<str>,
+    /// The window it was held in.
+    pub slot: Slot,
+    /// Amount held.
+    pub amount: u64,
+}
+
+/// A reservation and its lifecycle.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reservation {
+    /// Opaque id given to the client.
+    pub id: String,
+    /// Its subject.
+    pub subject: Arc<str>,
+    /// The amounts requested (with `requests` defaulted).
+    pub amounts: BTreeMap<String, u64>,
+    /// What was held, one per matched limit.
+    pub holds: Vec<Hold>,
+    /// When it was made.
+    pub created_ms: Millis,
+    /// When it expires if not finished.
+    pub expires_ms: Millis,
+    /// Where it stands.
+    pub status: ReservationStatus,
+    /// When it was finished or expired; drives garbage collection.
+    pub finished_ms: Option<Millis>,
+    /// The answer to a finished commit/release, repeated on a repeat call.
+    pub answer: Option<FinishAnswer>,
+}
+
+/// A stored idempotency entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdempotencyEntry {
+    /// Hash of the canonical request: a different body under the same key is a conflict.
+    pub fingerprint: u64,
+    /// The original answer.
+    pub answer: StoredAnswer,
+    /// Kept until then.
+    pub expires_ms: Millis,
+}
+
+/// A change to the state. Applying a list of these is the only way state changes,
+/// live or during replay.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Mutation {
+    /// Add (or with a negative delta, refund) usage in a slot.
+    Charge {
+        /// The counter.
+        counter: CounterKey,
+        /// The window or bucket.
+        slot: Slot,
+        /// Amount; negative refunds, never below zero.
+        delta: i64,
+        /// Engine time of the change.
+        at_ms: Millis,
+    },
+    /// Zero a counter.
+    ResetCounter {
+        /// The counter.
+        counter: CounterKey,
+    },
+    /// Give back usage (windows) or raise the cap (lifetime).
+    Credit {
+        /// The counter.
+        counter: CounterKey,
+        /// The window or bucket, to create the counter if absent.
+        slot: Slot,
+        /// How much.
+        amount: u64,
+        /// Engine time of the change.
+        at_ms: Millis,
+    },
+    /// Assign a plan and overrides.
+    SetSubject {
+        /// The subject.
+        subject: Arc<str>,
+        /// Plan name; `None` keeps the subject on the default plan.
+        plan: Option<String>,
+        /// Overrides in force.
+        overrides: BTreeMap<String, Override>,
+    },
+    /// Forget a subject and its counters.
+    DeleteSubject {
+        /// The subject.
+        subject: Arc<str>,
+    },
+    /// Store a new or changed reservation.
+    PutReservation(Box<Reservation>),
+    /// Forget a reservation.
+    DropReservation {
+        /// Its id.
+        id: String,
+    },
+    /// Store an answer under an idempotency key.
+    PutIdempotency {
+        /// The key.
+        key: String,
+        /// What is stored.
+        entry: Box<IdempotencyEntry>,
+    },
+    /// Forget an idempotency key.
+    DropIdempotency {
+        /// The key.
+        key: String,
+    },
+}
+
+/// Errors the engine answers with (mapped to HTTP by the api layer).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum EngineError {
+    /// The subject has no plan and there is no default plan.
+    #[error("subject {0:?} has no plan and no plan is marked default")]
+    UnknownSubject(String),
+    /// No plan by that name.
+    #[error("no plan named {0:?}")]
+    UnknownPlan(String),
+    /// No limit by that name.
+    #[error("no limit named {0:?}")]
+    UnknownLimit(String),
+    /// No reservation with that id.
+    #[error("no reservation with id {0:?}")]
+    UnknownReservation(String),
+    /// The reservation was already finished differently.
+    #[error("{0}")]
+    ReservationFinished(String),
+    /// Same key, different request.
+    #[error("idempotency key {0:?} was already used with a different request")]
+    IdempotencyConflict(String),
+    /// A metric no limit uses and the config does not declare.
+    #[error("metric {0:?} is not used by any limit nor declared in `metrics`")]
+    UnknownMetric(String),
+    /// A request that is well-formed but not acceptable (names the field).
+    #[error("{0}")]
+    InvalidRequest(String),
+    /// The journal failed or the engine is shutting down: nothing was applied.
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+/// An answer and the journal position that must be durable before it is given.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Applied<T> {
+    /// The answer.
+    pub value: T,
+    /// Wait until this LSN is durable before answering (None: nothing to wait for).
+    pub lsn: Option<Lsn>,
+}

@@ -1,0 +1,16 @@
+//! quotad: a self-hosted quota and rate-limit daemon for AI products.
+//!
+//! Layers, outermost first: [`server`] (listeners, shutdown) → [`api`] (HTTP,
+//! JSON, auth) → [`engine`] (decisions over sharded counters, pure) →
+//! [`journal`] (the seam to durable storage). [`clock`] is the only place that
+//! reads the system clock.
+
+pub mod api;
+pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod engine;
+pub mod journal;
+pub mod metrics;
+pub mod period;
+pub mod server;
