@@ -207,14 +207,26 @@ fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     } else {
         bytes
     };
+    // serde would also take a struct from an array; the API only speaks objects.
+    if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(ApiError::InvalidRequest(
+            "invalid JSON body: expected a JSON object".into(),
+        ));
+    }
     let de = &mut serde_json::Deserializer::from_slice(bytes);
     let value = serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
-        if matches!(path.as_str(), "." | "?" | "") {
-            ApiError::InvalidRequest(format!("invalid JSON body: {inner}"))
-        } else {
-            ApiError::InvalidRequest(format!("{path}: {inner}"))
+        let top_level = matches!(path.as_str(), "." | "?" | "");
+        match inner.classify() {
+            serde_json::error::Category::Data if !top_level => {
+                ApiError::InvalidRequest(format!("{path}: {inner}"))
+            }
+            serde_json::error::Category::Data => {
+                ApiError::InvalidRequest(format!("invalid JSON body: {inner}"))
+            }
+            _ if top_level => ApiError::InvalidRequest(format!("invalid JSON body: {inner}")),
+            _ => ApiError::InvalidRequest(format!("invalid JSON body (at {path}): {inner}")),
         }
     })?;
     Ok(value)

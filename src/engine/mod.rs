@@ -429,6 +429,11 @@ impl Engine {
         if let Some(k) = idem_key {
             shards.push(self.shard_of_idempotency(k));
         }
+        // The id is drawn before locking because the reservation lives in its shard.
+        let reservation_id = ttl_ms.map(|_| self.next_reservation_id());
+        if let Some(id) = &reservation_id {
+            shards.push(self.shard_of_reservation(id));
+        }
         for l in &policy.shared_limits {
             if l.matcher.matches(event, &req.attributes) {
                 if let Some(key) = counter_key(l, &subject, &req.attributes) {
@@ -455,7 +460,12 @@ impl Engine {
             )
         });
         if let (Some(k), Some(fp)) = (idem_key, fp) {
-            if let Some((entry, lsn)) = locked.idempotency_shard(k).idempotency.get(k) {
+            if let Some((entry, lsn)) = locked
+                .idempotency_shard(k)
+                .idempotency
+                .get(k)
+                .filter(|(e, _)| e.expires_ms > now)
+            {
                 return match &entry.answer {
                     StoredAnswer::Decision(d) if entry.fingerprint == fp => Ok(Applied {
                         value: Decision {
@@ -599,7 +609,7 @@ impl Engine {
                     policy.settings.max_open_reservations
                 )));
             }
-            let id = self.next_reservation_id();
+            let id = reservation_id.expect("drawn for reserve");
             let expires_ms = now.saturating_add(ttl);
             let holds = matched
                 .iter()
@@ -860,9 +870,16 @@ impl Engine {
         locked: &mut Locked<'_>,
         key: Option<&str>,
         fp: u64,
+        now: Millis,
     ) -> Result<Option<Applied<bool>>, EngineError> {
         let Some(k) = key else { return Ok(None) };
-        match locked.idempotency_shard(k).idempotency.get(k) {
+        // An entry past its retention is as good as gone, whether or not GC ran yet.
+        match locked
+            .idempotency_shard(k)
+            .idempotency
+            .get(k)
+            .filter(|(e, _)| e.expires_ms > now)
+        {
             Some((e, lsn)) if e.fingerprint == fp => Ok(Some(Applied {
                 value: true,
                 lsn: Some(*lsn),
@@ -930,7 +947,7 @@ impl Engine {
         }
         let fp = fingerprint("put_subject", &(subject, plan, overrides));
         let mut locked = self.lock(self.admin_shards(subject, idem_key));
-        if let Some(replay) = Self::check_admin_idempotency(&mut locked, idem_key, fp)? {
+        if let Some(replay) = Self::check_admin_idempotency(&mut locked, idem_key, fp, now)? {
             return Ok(replay);
         }
         let current = locked
@@ -995,7 +1012,7 @@ impl Engine {
             if now_holds != holds {
                 continue; // A hold came or went meanwhile: take the locks again.
             }
-            if let Some(replay) = Self::check_admin_idempotency(&mut locked, idem_key, fp)? {
+            if let Some(replay) = Self::check_admin_idempotency(&mut locked, idem_key, fp, now)? {
                 return Ok(replay);
             }
             let existed = locked.shard(sshard).subjects.contains_key(subject);
@@ -1069,7 +1086,7 @@ impl Engine {
         }
         let fp = fingerprint("reset", &(subject, limit));
         let mut locked = self.lock(self.admin_shards(subject, idem_key));
-        if let Some(replay) = Self::check_admin_idempotency(&mut locked, idem_key, fp)? {
+        if let Some(replay) = Self::check_admin_idempotency(&mut locked, idem_key, fp, now)? {
             return Ok(replay);
         }
         let st = locked.subject_shard(subject).subjects.get(subject).cloned();
@@ -1118,7 +1135,7 @@ impl Engine {
         let l = self.subject_limit(&policy, limit)?;
         let fp = fingerprint("credit", &(subject, limit, amount));
         let mut locked = self.lock(self.admin_shards(subject, idem_key));
-        if let Some(replay) = Self::check_admin_idempotency(&mut locked, idem_key, fp)? {
+        if let Some(replay) = Self::check_admin_idempotency(&mut locked, idem_key, fp, now)? {
             return Ok(replay);
         }
         let assigned = locked
