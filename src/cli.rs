@@ -123,10 +123,7 @@ fn serve(config_path: Option<&Path>) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("quotad: cannot start the async runtime: {e}");
@@ -167,9 +164,7 @@ fn config_check(file: &Path) -> ExitCode {
                 policy.plans.len(),
                 policy.top_limits.len(),
                 policy.shapes.len(),
-                policy
-                    .default_plan
-                    .map_or("none", |i| policy.plans[i].name.as_str())
+                policy.default_plan.map_or("none", |i| policy.plans[i].name.as_str())
             );
             ExitCode::SUCCESS
         }

@@ -329,9 +329,7 @@ impl TryFrom<MaxRepr> for MaxValue {
     fn try_from(r: MaxRepr) -> Result<Self, String> {
         match r {
             MaxRepr::Number(n) if n <= MAX_SAFE_INTEGER => Ok(MaxValue::Finite(n)),
-            MaxRepr::Number(n) => Err(format!(
-                "{n} is above the largest allowed value {MAX_SAFE_INTEGER}"
-            )),
+            MaxRepr::Number(n) => Err(format!("{n} is above the largest allowed value {MAX_SAFE_INTEGER}")),
             MaxRepr::Word(w) if w == "unlimited" => Ok(MaxValue::Unlimited),
             MaxRepr::Word(w) => Err(format!("{w:?} is neither a whole number nor \"unlimited\"")),
         }
@@ -378,9 +376,7 @@ pub struct EngineSettings {
 
 impl Default for EngineSettings {
     fn default() -> Self {
-        EngineConfig::default()
-            .settings()
-            .expect("defaults are valid")
+        EngineConfig::default().settings().expect("defaults are valid")
     }
 }
 
@@ -415,12 +411,7 @@ impl EngineConfig {
                 1,
                 7 * DAY,
             )?,
-            reservation_ttl_max_ms: duration_ms(
-                "engine.reservation_ttl_max",
-                &self.reservation_ttl_max,
-                1,
-                7 * DAY,
-            )?,
+            reservation_ttl_max_ms: duration_ms("engine.reservation_ttl_max", &self.reservation_ttl_max, 1, 7 * DAY)?,
             shards: self.shards,
             max_open_reservations: self.max_open_reservations,
         };
@@ -431,16 +422,10 @@ impl EngineConfig {
             ));
         }
         if !(1..=4096).contains(&s.shards) {
-            return Err(ConfigError::new(
-                "engine.shards",
-                "must be between 1 and 4096",
-            ));
+            return Err(ConfigError::new("engine.shards", "must be between 1 and 4096"));
         }
         if s.max_open_reservations == 0 {
-            return Err(ConfigError::new(
-                "engine.max_open_reservations",
-                "must be at least 1",
-            ));
+            return Err(ConfigError::new("engine.max_open_reservations", "must be at least 1"));
         }
         Ok(s)
     }
@@ -469,17 +454,12 @@ impl ListenAddr {
     pub fn parse(s: &str) -> Result<ListenAddr, String> {
         if let Some(path) = s.strip_prefix("unix:") {
             if path.is_empty() {
-                return Err(
-                    "a unix socket address needs a path, as in \"unix:/run/quotad/quotad.sock\""
-                        .into(),
-                );
+                return Err("a unix socket address needs a path, as in \"unix:/run/quotad/quotad.sock\"".into());
             }
             return Ok(ListenAddr::Unix(PathBuf::from(path)));
         }
         match s.rsplit_once(':') {
-            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {
-                Ok(ListenAddr::Tcp(s.into()))
-            }
+            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => Ok(ListenAddr::Tcp(s.into())),
             _ => Err(format!("{s:?} is neither host:port nor unix:/path")),
         }
     }
@@ -515,10 +495,7 @@ impl Config {
     /// Rejects out-of-range settings and contradictions (limits are checked by the engine).
     pub fn sanitize(&self) -> Result<(), ConfigError> {
         if self.server.listen.is_empty() {
-            return Err(ConfigError::new(
-                "server.listen",
-                "needs at least one address",
-            ));
+            return Err(ConfigError::new("server.listen", "needs at least one address"));
         }
         for (i, l) in self.server.listen.iter().enumerate() {
             ListenAddr::parse(l).map_err(|m| ConfigError::new(format!("server.listen[{i}]"), m))?;
@@ -548,18 +525,10 @@ impl Config {
         for (i, t) in self.auth.tokens.iter().enumerate() {
             let key = format!("auth.tokens[{i}]");
             match (&t.token, &t.token_file) {
-                (Some(_), Some(_)) => {
-                    return Err(ConfigError::new(
-                        key,
-                        "give either token or token_file, not both",
-                    ))
-                }
+                (Some(_), Some(_)) => return Err(ConfigError::new(key, "give either token or token_file, not both")),
                 (None, None) => return Err(ConfigError::new(key, "needs token or token_file")),
                 (Some(tok), None) if tok.len() < 16 => {
-                    return Err(ConfigError::new(
-                        key + ".token",
-                        "must be at least 16 characters",
-                    ))
+                    return Err(ConfigError::new(key + ".token", "must be at least 16 characters"))
                 }
                 _ => {}
             }
@@ -585,10 +554,7 @@ mod tests {
     fn defaults_are_valid() {
         let c = Config::from_toml("", "t.toml").unwrap();
         assert_eq!(c.server.listen, vec!["127.0.0.1:7878"]);
-        assert_eq!(
-            c.engine.settings().unwrap().idempotency_retention_ms,
-            86_400_000
-        );
+        assert_eq!(c.engine.settings().unwrap().idempotency_retention_ms, 86_400_000);
     }
 
     #[test]
@@ -598,8 +564,7 @@ mod tests {
         assert_eq!(e.key, "server.listen[0]");
         let e = Config::from_toml("[server]\nbogus = 1\n", "q.toml").unwrap_err();
         assert!(e.to_string().contains("unknown field `bogus`"), "{e}");
-        let e =
-            Config::from_toml("[engine]\nidempotency_retention = \"1x\"\n", "q.toml").unwrap_err();
+        let e = Config::from_toml("[engine]\nidempotency_retention = \"1x\"\n", "q.toml").unwrap_err();
         assert_eq!(e.key, "engine.idempotency_retention");
     }
 

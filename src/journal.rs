@@ -93,17 +93,20 @@ impl Journal for NullJournal {
     }
 }
 
+/// Records in LSN order, each the mutations of one operation.
+type Records = Vec<(Lsn, Vec<Mutation>)>;
+
 /// A journal that keeps every record in memory: tests replay it to check that
 /// replay rebuilds the same state.
 #[derive(Debug, Default, Clone)]
 pub struct MemoryJournal {
     /// Records in LSN order.
-    records: Arc<Mutex<Vec<(Lsn, Vec<Mutation>)>>>,
+    records: Arc<Mutex<Records>>,
 }
 
 impl MemoryJournal {
     /// A copy of the records so far.
-    pub fn records(&self) -> Vec<(Lsn, Vec<Mutation>)> {
+    pub fn records(&self) -> Records {
         self.records.lock().expect("journal lock").clone()
     }
 }

@@ -42,14 +42,13 @@ impl Metrics {
     /// Renders everything, with the engine's gauges.
     pub fn render(&self, stats: &Stats) -> String {
         let mut s = String::with_capacity(2048);
-        s.push_str("# HELP quotad_decisions_total Decisions by endpoint and outcome.\n# TYPE quotad_decisions_total counter\n");
+        s.push_str(
+            "# HELP quotad_decisions_total Decisions by endpoint and outcome.\n# TYPE quotad_decisions_total counter\n",
+        );
         for (i, op) in OPS.iter().enumerate() {
             for (j, outcome) in OUTCOMES.iter().enumerate() {
                 let v = self.decisions[i][j].load(Ordering::Relaxed);
-                let _ = writeln!(
-                    s,
-                    "quotad_decisions_total{{op=\"{op}\",outcome=\"{outcome}\"}} {v}"
-                );
+                let _ = writeln!(s, "quotad_decisions_total{{op=\"{op}\",outcome=\"{outcome}\"}} {v}");
             }
         }
         let _ = writeln!(

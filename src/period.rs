@@ -108,9 +108,7 @@ impl Period {
         if digits == 0 {
             return Err(err("it does not start with a count"));
         }
-        let count: u32 = s[..digits]
-            .parse()
-            .map_err(|_| err("the count is too large"))?;
+        let count: u32 = s[..digits].parse().map_err(|_| err("the count is too large"))?;
         if count == 0 {
             return Err(err("the count must be at least 1"));
         }
@@ -175,13 +173,7 @@ impl Period {
                 let today = local_date(tz, now_ms);
                 let months = (i64::from(today.year()) - 1970) * 12 + i64::from(today.month()) - 1;
                 let start_months = months - months.rem_euclid(count);
-                let month_date = |m: i64| {
-                    date(
-                        (1970 + m.div_euclid(12)) as i16,
-                        (m.rem_euclid(12) + 1) as i8,
-                        1,
-                    )
-                };
+                let month_date = |m: i64| date((1970 + m.div_euclid(12)) as i16, (m.rem_euclid(12) + 1) as i8, 1);
                 (
                     local_midnight(tz, month_date(start_months)),
                     local_midnight(tz, month_date(start_months + count)),
@@ -208,8 +200,7 @@ fn days_between(a: Date, b: Date) -> i64 {
 }
 
 fn add_days(d: Date, days: i64) -> Date {
-    d.checked_add(days.days())
-        .expect("window dates within jiff's range")
+    d.checked_add(days.days()).expect("window dates within jiff's range")
 }
 
 fn local_date(tz: &TimeZone, now_ms: Millis) -> Date {
@@ -219,9 +210,7 @@ fn local_date(tz: &TimeZone, now_ms: Millis) -> Date {
 
 /// The first instant of `d` in `tz` (after a DST gap if midnight does not exist).
 fn local_midnight(tz: &TimeZone, d: Date) -> Millis {
-    let z = d
-        .to_zoned(tz.clone())
-        .expect("midnight resolvable in jiff's range");
+    let z = d.to_zoned(tz.clone()).expect("midnight resolvable in jiff's range");
     let start = z.start_of_day().expect("start of day resolvable");
     start.timestamp().as_millisecond().max(0) as Millis
 }
@@ -272,10 +261,7 @@ mod tests {
         ] {
             assert!(Period::parse(bad).is_err(), "{bad} should be rejected");
         }
-        assert_eq!(
-            Period::parse_duration("250ms").unwrap().fixed_ms(),
-            Some(250)
-        );
+        assert_eq!(Period::parse_duration("250ms").unwrap().fixed_ms(), Some(250));
     }
 
     #[test]

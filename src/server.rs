@@ -86,10 +86,7 @@ fn load_tokens(config: &Config) -> Result<Vec<Token>, ConfigError> {
                     if s.len() < 16 {
                         return Err(ConfigError::new(
                             format!("auth.tokens[{i}].token_file"),
-                            format!(
-                                "{} holds a token shorter than 16 characters",
-                                path.display()
-                            ),
+                            format!("{} holds a token shorter than 16 characters", path.display()),
                         ));
                     }
                     s
@@ -151,9 +148,7 @@ impl Server {
                 source,
             };
             let bound = match &addr {
-                ListenAddr::Tcp(a) => {
-                    Bound::Tcp(TcpListener::bind(a.as_str()).await.map_err(bind_err)?)
-                }
+                ListenAddr::Tcp(a) => Bound::Tcp(TcpListener::bind(a.as_str()).await.map_err(bind_err)?),
                 ListenAddr::Unix(path) => {
                     clear_stale_socket(path).await.map_err(bind_err)?;
                     Bound::Unix(UnixListener::bind(path).map_err(bind_err)?, path.clone())
@@ -184,9 +179,7 @@ impl Server {
         self.listeners
             .iter()
             .map(|l| match l {
-                Bound::Tcp(t) => {
-                    ListenAddr::Tcp(t.local_addr().map(|a| a.to_string()).unwrap_or_default())
-                }
+                Bound::Tcp(t) => ListenAddr::Tcp(t.local_addr().map(|a| a.to_string()).unwrap_or_default()),
                 Bound::Unix(_, p) => ListenAddr::Unix(p.clone()),
             })
             .collect()
@@ -276,10 +269,7 @@ impl Server {
         let _ = maintenance.await;
         // Every accept task has ended and dropped its handle, so this one is the last.
         let graceful = Arc::try_unwrap(graceful).expect("accept tasks have finished");
-        if tokio::time::timeout(grace, graceful.shutdown())
-            .await
-            .is_err()
-        {
+        if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
             tracing::warn!(
                 grace_ms = grace.as_millis() as u64,
                 "open connections did not finish within the grace period"

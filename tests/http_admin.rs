@@ -55,10 +55,7 @@ async fn plan_change_keeps_todays_usage_and_applies_the_new_max() {
             (Some("pro"), Some(true))
         );
         let c = r.counter("tokens-per-day");
-        assert_eq!(
-            (c["used"].as_u64(), c["max"].as_u64()),
-            (Some(900), Some(10000))
-        );
+        assert_eq!((c["used"].as_u64(), c["max"].as_u64()), (Some(900), Some(10000)));
         assert!(s
             .consume(json!({"subject": "u", "amounts": {"tokens": 200}}))
             .await
@@ -86,10 +83,7 @@ async fn overrides_replace_max_for_one_subject() {
             )
             .await;
         assert_eq!(r.status, 200, "{}", r.text);
-        assert_eq!(
-            r.body["overrides"],
-            json!({"tokens-per-day": {"max": 5000}})
-        );
+        assert_eq!(r.body["overrides"], json!({"tokens-per-day": {"max": 5000}}));
         assert_eq!(r.body["plan"], "free");
         assert!(s
             .consume(json!({"subject": "vip", "amounts": {"tokens": 4000}}))
@@ -110,17 +104,11 @@ async fn overrides_replace_max_for_one_subject() {
             .await;
         assert_eq!(r.counter("tokens-per-day")["max"], "unlimited");
         let r = s
-            .put(
-                "/v1/subjects/vip",
-                json!({"overrides": {"nope": {"max": 1}}}),
-            )
+            .put("/v1/subjects/vip", json!({"overrides": {"nope": {"max": 1}}}))
             .await;
         assert_eq!((r.status, r.error_code()), (404, "unknown_limit"));
         let r = s
-            .put(
-                "/v1/subjects/vip",
-                json!({"overrides": {"global-calls": {"max": 1}}}),
-            )
+            .put("/v1/subjects/vip", json!({"overrides": {"global-calls": {"max": 1}}}))
             .await;
         assert_eq!((r.status, r.error_code()), (400, "invalid_request"));
         let r = s
@@ -138,31 +126,21 @@ async fn overrides_replace_max_for_one_subject() {
 async fn reset_and_credit() {
     for t in TRANSPORTS {
         let s = TestServer::start(CONFIG, t).await;
-        s.consume(json!({"subject": "u", "amounts": {"tokens": 700}}))
-            .await;
-        s.consume(json!({"subject": "u", "event": "image.render"}))
-            .await;
-        s.consume(json!({"subject": "u", "event": "image.render"}))
-            .await;
+        s.consume(json!({"subject": "u", "amounts": {"tokens": 700}})).await;
+        s.consume(json!({"subject": "u", "event": "image.render"})).await;
+        s.consume(json!({"subject": "u", "event": "image.render"})).await;
         assert!(!s
             .consume(json!({"subject": "u", "event": "image.render"}))
             .await
             .allowed());
         // Top-up: the lifetime cap grows by the credit.
         let r = s
-            .post(
-                "/v1/subjects/u/credit",
-                json!({"limit": "image-credits", "amount": 3}),
-            )
+            .post("/v1/subjects/u/credit", json!({"limit": "image-credits", "amount": 3}))
             .await;
         assert_eq!(r.status, 200, "{}", r.text);
         let c = r.counter("image-credits");
         assert_eq!(
-            (
-                c["max"].as_u64(),
-                c["used"].as_u64(),
-                c["remaining"].as_u64()
-            ),
+            (c["max"].as_u64(), c["used"].as_u64(), c["remaining"].as_u64()),
             (Some(5), Some(2), Some(3))
         );
         assert!(s
@@ -178,9 +156,7 @@ async fn reset_and_credit() {
             .await;
         assert_eq!(r.used("tokens-per-day"), 500);
         // Reset one limit, then all.
-        let r = s
-            .post("/v1/subjects/u/reset", json!({"limit": "tokens-per-day"}))
-            .await;
+        let r = s.post("/v1/subjects/u/reset", json!({"limit": "tokens-per-day"})).await;
         assert_eq!((r.used("tokens-per-day"), r.used("image-credits")), (0, 3));
         let r = s.req("POST", "/v1/subjects/u/reset", None, &[]).await;
         assert_eq!(r.status, 200, "{}", r.text);
@@ -190,19 +166,12 @@ async fn reset_and_credit() {
             4,
             "reset touches only the subject's own counters"
         );
-        let r = s
-            .post("/v1/subjects/u/reset", json!({"limit": "global-calls"}))
-            .await;
+        let r = s.post("/v1/subjects/u/reset", json!({"limit": "global-calls"})).await;
         assert_eq!((r.status, r.error_code()), (400, "invalid_request"));
-        let r = s
-            .post("/v1/subjects/u/reset", json!({"limit": "nope"}))
-            .await;
+        let r = s.post("/v1/subjects/u/reset", json!({"limit": "nope"})).await;
         assert_eq!((r.status, r.error_code()), (404, "unknown_limit"));
         let r = s
-            .post(
-                "/v1/subjects/u/credit",
-                json!({"limit": "image-credits", "amount": 0}),
-            )
+            .post("/v1/subjects/u/credit", json!({"limit": "image-credits", "amount": 0}))
             .await;
         assert_eq!(r.status, 400);
         s.stop().await;
@@ -214,35 +183,22 @@ async fn delete_forgets_counters_and_holds() {
     for t in TRANSPORTS {
         let s = TestServer::start(CONFIG, t).await;
         s.put("/v1/subjects/u", json!({"plan": "pro"})).await;
-        s.consume(json!({"subject": "u", "amounts": {"tokens": 700}}))
-            .await;
+        s.consume(json!({"subject": "u", "amounts": {"tokens": 700}})).await;
         let hold = s
-            .post(
-                "/v1/reserve",
-                json!({"subject": "u", "amounts": {"tokens": 100}}),
-            )
+            .post("/v1/reserve", json!({"subject": "u", "amounts": {"tokens": 100}}))
             .await;
         let id = hold.body["reservation_id"].as_str().unwrap().to_string();
         assert_eq!(s.get("/v1/subjects/u").await.used("global-calls"), 2);
         let r = s.req("DELETE", "/v1/subjects/u", None, &[]).await;
-        assert_eq!(
-            (r.status, &r.body),
-            (200, &json!({"subject": "u", "deleted": true}))
-        );
+        assert_eq!((r.status, &r.body), (200, &json!({"subject": "u", "deleted": true})));
         let g = s.get("/v1/subjects/u").await;
         assert_eq!(
             (g.body["plan"].as_str(), g.body["assigned"].as_bool()),
             (Some("free"), Some(false))
         );
         assert_eq!(g.used("tokens-per-day"), 0);
-        assert_eq!(
-            g.used("global-calls"),
-            1,
-            "the hold on the global counter was refunded"
-        );
-        let c = s
-            .post(&format!("/v1/reservations/{id}/commit"), json!({}))
-            .await;
+        assert_eq!(g.used("global-calls"), 1, "the hold on the global counter was refunded");
+        let c = s.post(&format!("/v1/reservations/{id}/commit"), json!({})).await;
         assert_eq!((c.status, c.error_code()), (404, "unknown_reservation"));
         let r = s.req("DELETE", "/v1/subjects/u", None, &[]).await;
         assert_eq!(r.body["deleted"], false);

@@ -93,10 +93,7 @@ async fn day_windows_follow_new_york_midnight_across_dst() {
         assert!(r.allowed());
         assert_eq!(r.counter("per-day-ny")["resets_at"], "2026-03-08T05:00:00Z");
         let r = hit(&s, "fixed.day").await;
-        assert_eq!(
-            (r.allowed(), r.body["retry_after_ms"].as_u64()),
-            (false, Some(1000))
-        );
+        assert_eq!((r.allowed(), r.body["retry_after_ms"].as_u64()), (false, Some(1000)));
         s.clock.set(ms("2026-03-08T05:00:00Z"));
         let r = hit(&s, "fixed.day").await;
         assert!(r.allowed());
@@ -115,10 +112,7 @@ async fn day_windows_follow_new_york_midnight_across_dst() {
             "a 25-hour day"
         );
         s.clock.set(ms("2026-11-02T04:59:59.999Z"));
-        assert!(
-            !hit(&s, "fixed.day").await.allowed(),
-            "still the same 25-hour day"
-        );
+        assert!(!hit(&s, "fixed.day").await.allowed(), "still the same 25-hour day");
         s.clock.set(ms("2026-11-02T05:00:00Z"));
         assert!(hit(&s, "fixed.day").await.allowed());
         s.stop().await;
@@ -147,10 +141,7 @@ async fn month_windows_end_on_the_last_day_including_leap_years() {
         assert!(r.allowed());
         assert_eq!(r.counter("per-month")["resets_at"], "2028-03-01T00:00:00Z");
         let r = hit(&s, "fixed.month").await;
-        assert_eq!(
-            (r.allowed(), r.body["retry_after_ms"].as_u64()),
-            (false, Some(1))
-        );
+        assert_eq!((r.allowed(), r.body["retry_after_ms"].as_u64()), (false, Some(1)));
         s.clock.set(ms("2028-03-01T00:00:00Z"));
         assert!(hit(&s, "fixed.month").await.allowed());
         // Weeks start on Monday.
@@ -174,10 +165,7 @@ async fn sliding_window_forgets_events_one_period_after_their_sub_window() {
         assert_eq!(r.body["retry_after_ms"], 60_500);
         assert_eq!(r.header("retry-after").as_deref(), Some("61"));
         s.clock.set(ms("2026-11-21T10:01:00.999Z"));
-        assert!(
-            !hit(&s, "sliding").await.allowed(),
-            "still inside the window"
-        );
+        assert!(!hit(&s, "sliding").await.allowed(), "still inside the window");
         s.clock.set(ms("2026-11-21T10:01:01Z"));
         let r = hit(&s, "sliding").await;
         assert!(r.allowed());
@@ -195,10 +183,7 @@ async fn token_bucket_bursts_then_refills_continuously() {
         }
         let r = hit(&s, "bucket").await;
         assert!(!r.allowed());
-        assert_eq!(
-            r.body["retry_after_ms"], 6_000,
-            "10 per minute is one every 6 s"
-        );
+        assert_eq!(r.body["retry_after_ms"], 6_000, "10 per minute is one every 6 s");
         s.clock.set(ms("2026-11-21T10:00:05.999Z"));
         assert!(!hit(&s, "bucket").await.allowed());
         s.clock.set(ms("2026-11-21T10:00:06Z"));

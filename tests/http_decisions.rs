@@ -80,14 +80,9 @@ async fn stacked_limits_the_tighter_one_denies_and_is_named() {
     for t in TRANSPORTS {
         let s = TestServer::start(CONFIG, t).await;
         for _ in 0..3 {
-            assert!(s
-                .consume(json!({"subject": "u", "event": "llm.chat"}))
-                .await
-                .allowed());
+            assert!(s.consume(json!({"subject": "u", "event": "llm.chat"})).await.allowed());
         }
-        let r = s
-            .consume(json!({"subject": "u", "event": "llm.chat"}))
-            .await;
+        let r = s.consume(json!({"subject": "u", "event": "llm.chat"})).await;
         assert!(!r.allowed());
         assert_eq!(r.body["decision"], "deny");
         let reasons = r.body["reasons"].as_array().unwrap();
@@ -98,21 +93,13 @@ async fn stacked_limits_the_tighter_one_denies_and_is_named() {
         assert_eq!(r.header("x-ratelimit-limit").as_deref(), Some("3"));
         assert_eq!(r.header("x-ratelimit-remaining").as_deref(), Some("0"));
         let day_end = common::ms("2026-11-22T00:00:00Z");
-        assert_eq!(
-            r.header("x-ratelimit-reset").unwrap(),
-            (day_end / 1000).to_string()
-        );
-        assert_eq!(
-            r.body["retry_after_ms"].as_u64().unwrap(),
-            day_end - common::T0
-        );
+        assert_eq!(r.header("x-ratelimit-reset").unwrap(), (day_end / 1000).to_string());
+        assert_eq!(r.body["retry_after_ms"].as_u64().unwrap(), day_end - common::T0);
         // A denied call charges nothing, to any limit.
         assert_eq!(r.used("per-minute"), 3);
         assert_eq!(r.used("per-day"), 3);
         // When all pass, headers come from the one with the least remaining.
-        let r = s
-            .consume(json!({"subject": "w", "event": "llm.chat"}))
-            .await;
+        let r = s.consume(json!({"subject": "w", "event": "llm.chat"})).await;
         assert_eq!(r.header("x-ratelimit-limit").as_deref(), Some("3"));
         assert_eq!(r.header("x-ratelimit-remaining").as_deref(), Some("2"));
         s.stop().await;
@@ -126,11 +113,7 @@ async fn attribute_match_and_attribute_scope() {
         let call = |model: &str, tokens: u64| json!({"subject": "u", "event": "llm.chat", "attributes": {"model": model}, "amounts": {"tokens": tokens}});
         let r = s.consume(call("gpt-4o-mini", 80)).await;
         assert!(r.allowed());
-        assert_eq!(
-            r.used("gpt4o-tokens"),
-            80,
-            "glob gpt-4o* matches gpt-4o-mini"
-        );
+        assert_eq!(r.used("gpt4o-tokens"), 80, "glob gpt-4o* matches gpt-4o-mini");
         assert_eq!(r.counter("per-model")["scope"], "model=gpt-4o-mini");
         let r = s.consume(call("claude", 90)).await;
         assert!(r.allowed());
@@ -139,11 +122,7 @@ async fn attribute_match_and_attribute_scope() {
             .unwrap()
             .iter()
             .all(|c| c["limit"] != "gpt4o-tokens"));
-        assert_eq!(
-            r.used("per-model"),
-            90,
-            "each model value has its own counter"
-        );
+        assert_eq!(r.used("per-model"), 90, "each model value has its own counter");
         let r = s.consume(call("gpt-4o", 30)).await;
         assert!(!r.allowed());
         assert_eq!(r.body["reasons"][0]["limit"], "gpt4o-tokens");
@@ -169,12 +148,7 @@ async fn attribute_match_and_attribute_scope() {
 async fn global_limit_is_shared_by_all_subjects_and_plans() {
     for t in TRANSPORTS {
         let s = TestServer::start(CONFIG, t).await;
-        assert_eq!(
-            s.put("/v1/subjects/s2", json!({"plan": "strict"}))
-                .await
-                .status,
-            200
-        );
+        assert_eq!(s.put("/v1/subjects/s2", json!({"plan": "strict"})).await.status, 200);
         let r = s
             .consume(json!({"subject": "s1", "event": "embed", "amounts": {"tokens": 600}}))
             .await;
@@ -202,16 +176,10 @@ async fn monitor_degrade_and_enforce_modes() {
         let s = TestServer::start(CONFIG, t).await;
         let img = json!({"subject": "u", "event": "image.render"});
         let r = s.consume(img.clone()).await;
-        assert_eq!(
-            (r.allowed(), r.body["decision"].as_str()),
-            (true, Some("allow"))
-        );
+        assert_eq!((r.allowed(), r.body["decision"].as_str()), (true, Some("allow")));
         // Second: the monitor limit (max 1) would deny; the call is allowed.
         let r = s.consume(img.clone()).await;
-        assert_eq!(
-            (r.allowed(), r.body["decision"].as_str()),
-            (true, Some("allow"))
-        );
+        assert_eq!((r.allowed(), r.body["decision"].as_str()), (true, Some("allow")));
         assert_eq!(
             r.body["reasons"],
             json!([{"limit": "watch-images", "code": "would_deny", "retry_after_ms": 3_600_000}])
@@ -219,10 +187,7 @@ async fn monitor_degrade_and_enforce_modes() {
         assert_eq!(r.used("watch-images"), 2, "monitor limits still count");
         // Third: the degrade limit (max 2) is exhausted: allowed with decision degrade.
         let r = s.consume(img.clone()).await;
-        assert_eq!(
-            (r.allowed(), r.body["decision"].as_str()),
-            (true, Some("degrade"))
-        );
+        assert_eq!((r.allowed(), r.body["decision"].as_str()), (true, Some("degrade")));
         let codes: Vec<_> = r.body["reasons"]
             .as_array()
             .unwrap()
@@ -230,34 +195,19 @@ async fn monitor_degrade_and_enforce_modes() {
             .map(|x| x["code"].as_str().unwrap())
             .collect();
         assert_eq!(codes, ["would_deny", "degraded"]);
-        assert_eq!(
-            r.used("soft-images"),
-            3,
-            "used may exceed max in degrade mode"
-        );
-        assert_eq!(
-            r.counter("soft-images")["remaining"],
-            0,
-            "remaining never below 0"
-        );
+        assert_eq!(r.used("soft-images"), 3, "used may exceed max in degrade mode");
+        assert_eq!(r.counter("soft-images")["remaining"], 0, "remaining never below 0");
         assert!(r.header("retry-after").is_none());
         // Fourth: the enforced limit (max 3) denies, and wins over degrade.
         let r = s.consume(img.clone()).await;
-        assert_eq!(
-            (r.allowed(), r.body["decision"].as_str()),
-            (false, Some("deny"))
-        );
+        assert_eq!((r.allowed(), r.body["decision"].as_str()), (false, Some("deny")));
         let codes: Vec<_> = r.body["reasons"]
             .as_array()
             .unwrap()
             .iter()
             .map(|x| x["code"].as_str().unwrap())
             .collect();
-        assert_eq!(
-            codes,
-            ["would_deny", "limit_exceeded"],
-            "degraded is moot when denied"
-        );
+        assert_eq!(codes, ["would_deny", "limit_exceeded"], "degraded is moot when denied");
         assert_eq!(
             r.header("x-ratelimit-limit").as_deref(),
             Some("3"),
@@ -272,35 +222,22 @@ async fn unmatched_events_and_unlimited() {
     for t in TRANSPORTS {
         let s = TestServer::start(CONFIG, t).await;
         // free: unmatched = allow; only the global limit applies.
-        let r = s
-            .consume(json!({"subject": "u", "event": "video.make"}))
-            .await;
+        let r = s.consume(json!({"subject": "u", "event": "video.make"})).await;
         assert!(r.allowed());
         assert_eq!(r.body["counters"].as_array().unwrap().len(), 1);
         // strict: unmatched = deny.
         s.put("/v1/subjects/s", json!({"plan": "strict"})).await;
-        let r = s
-            .consume(json!({"subject": "s", "event": "video.make"}))
-            .await;
+        let r = s.consume(json!({"subject": "s", "event": "video.make"})).await;
         assert!(!r.allowed());
         assert_eq!(r.body["reasons"], json!([{"code": "unmatched"}]));
-        assert!(s
-            .consume(json!({"subject": "s", "event": "llm.chat"}))
-            .await
-            .allowed());
+        assert!(s.consume(json!({"subject": "s", "event": "llm.chat"})).await.allowed());
         // unlimited always allows and still counts.
         for _ in 0..5 {
-            assert!(s
-                .consume(json!({"subject": "u", "event": "embed"}))
-                .await
-                .allowed());
+            assert!(s.consume(json!({"subject": "u", "event": "embed"})).await.allowed());
         }
         let r = s.consume(json!({"subject": "u", "event": "embed"})).await;
         let c = r.counter("unlimited-embeds");
-        assert_eq!(
-            (c["max"].as_str(), c["used"].as_u64()),
-            (Some("unlimited"), Some(6))
-        );
+        assert_eq!((c["max"].as_str(), c["used"].as_u64()), (Some("unlimited"), Some(6)));
         assert!(c.get("remaining").is_none());
         s.stop().await;
     }
@@ -311,19 +248,14 @@ async fn check_decides_without_charging() {
     for t in TRANSPORTS {
         let s = TestServer::start(CONFIG, t).await;
         for _ in 0..5 {
-            let r = s
-                .post("/v1/check", json!({"subject": "u", "event": "llm.chat"}))
-                .await;
+            let r = s.post("/v1/check", json!({"subject": "u", "event": "llm.chat"})).await;
             assert!(r.allowed());
             assert_eq!(r.used("per-day"), 0);
         }
         for _ in 0..3 {
-            s.consume(json!({"subject": "u", "event": "llm.chat"}))
-                .await;
+            s.consume(json!({"subject": "u", "event": "llm.chat"})).await;
         }
-        let r = s
-            .post("/v1/check", json!({"subject": "u", "event": "llm.chat"}))
-            .await;
+        let r = s.post("/v1/check", json!({"subject": "u", "event": "llm.chat"})).await;
         assert!(!r.allowed());
         assert_eq!(r.used("per-day"), 3);
         assert!(r.header("retry-after").is_some());

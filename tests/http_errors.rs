@@ -42,10 +42,7 @@ async fn assert_400(s: &TestServer, path: &str, body: &str, field: &str) {
         r.text
     );
     let msg = r.body["error"]["message"].as_str().unwrap();
-    assert!(
-        msg.contains(field),
-        "message {msg:?} should name {field:?} for {body}"
-    );
+    assert!(msg.contains(field), "message {msg:?} should name {field:?} for {body}");
 }
 
 #[tokio::test]
@@ -100,27 +97,18 @@ async fn malformed_and_out_of_range_input_is_400_naming_the_field() {
                 "attributes.model",
             ),
             (
-                format!(
-                    "{{\"subject\":\"u\",\"attributes\":{{\"{}\":\"v\"}}}}",
-                    "k".repeat(65)
-                ),
+                format!("{{\"subject\":\"u\",\"attributes\":{{\"{}\":\"v\"}}}}", "k".repeat(65)),
                 "attributes",
             ),
             (
                 format!(
                     "{{\"subject\":\"u\",\"attributes\":{{{}}}}}",
-                    (0..17)
-                        .map(|i| format!("\"k{i}\":\"v\""))
-                        .collect::<Vec<_>>()
-                        .join(",")
+                    (0..17).map(|i| format!("\"k{i}\":\"v\"")).collect::<Vec<_>>().join(",")
                 ),
                 "attributes",
             ),
             ("{\"subject\":\"u\",\"colour\":\"red\"}".into(), "colour"),
-            (
-                "{\"subject\":\"u\",\"idempotency_key\":\"\"}".into(),
-                "idempotency_key",
-            ),
+            ("{\"subject\":\"u\",\"idempotency_key\":\"\"}".into(), "idempotency_key"),
             ("{\"subject\":\"u\",\"ttl_ms\":-3}".into(), "ttl_ms"),
         ];
         for (body, field) in &cases {
@@ -134,13 +122,7 @@ async fn malformed_and_out_of_range_input_is_400_naming_the_field() {
         )
         .await;
         assert_400(&s, "/v1/reservations/x/commit", "{\"amount\":{}}", "amount").await;
-        assert_400(
-            &s,
-            "/v1/subjects/u/credit",
-            "{\"limit\":\"tokens-per-day\"}",
-            "amount",
-        )
-        .await;
+        assert_400(&s, "/v1/subjects/u/credit", "{\"limit\":\"tokens-per-day\"}", "amount").await;
         assert_400(
             &s,
             "/v1/subjects/u/credit",
@@ -148,16 +130,11 @@ async fn malformed_and_out_of_range_input_is_400_naming_the_field() {
             "amount",
         )
         .await;
-        let r = s
-            .req("PUT", "/v1/subjects/u", Some("{\"plan\":7}"), &[])
-            .await;
+        let r = s.req("PUT", "/v1/subjects/u", Some("{\"plan\":7}"), &[]).await;
         assert_eq!(r.status, 400);
         // None of this changed anything.
         assert_eq!(s.get("/v1/subjects/u").await.used("tokens-per-day"), 0);
-        assert_eq!(
-            s.get("/v1/subjects?limit=10").await.body["subjects"],
-            json!([])
-        );
+        assert_eq!(s.get("/v1/subjects?limit=10").await.body["subjects"], json!([]));
         s.stop().await;
     }
 }
@@ -170,31 +147,17 @@ async fn not_found_codes_and_unknown_metric() {
         assert_eq!((r.status, r.error_code()), (404, "unknown_subject"));
         assert_eq!(s.get("/v1/subjects/nobody").await.status, 404);
         assert_eq!(
-            s.put("/v1/subjects/u", json!({"plan": "nope"}))
-                .await
-                .error_code(),
+            s.put("/v1/subjects/u", json!({"plan": "nope"})).await.error_code(),
             "unknown_plan"
         );
-        assert_eq!(
-            s.put("/v1/subjects/u", json!({"plan": "paid"}))
-                .await
-                .status,
-            200
-        );
-        let r = s
-            .post("/v1/subjects/u/reset", json!({"limit": "nope"}))
-            .await;
+        assert_eq!(s.put("/v1/subjects/u", json!({"plan": "paid"})).await.status, 200);
+        let r = s.post("/v1/subjects/u/reset", json!({"limit": "nope"})).await;
         assert_eq!((r.status, r.error_code()), (404, "unknown_limit"));
         let r = s.post("/v1/reservations/rsv_0/release", json!({})).await;
         assert_eq!((r.status, r.error_code()), (404, "unknown_reservation"));
-        let r = s
-            .consume(json!({"subject": "u", "amounts": {"tokns": 3}}))
-            .await;
+        let r = s.consume(json!({"subject": "u", "amounts": {"tokns": 3}})).await;
         assert_eq!((r.status, r.error_code()), (400, "unknown_metric"));
-        assert!(r.body["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("tokns"));
+        assert!(r.body["error"]["message"].as_str().unwrap().contains("tokns"));
         let r = s.get("/v2/nothing").await;
         assert_eq!((r.status, r.error_code()), (404, "not_found"));
         let r = s.req("DELETE", "/v1/consume", None, &[]).await;
@@ -209,12 +172,7 @@ async fn oversized_bodies_are_413() {
         let s = TestServer::start(CONFIG, t).await;
         let big = format!("{{\"subject\":\"u\",\"event\":\"{}\"}}", "e".repeat(4096));
         let r = s.req("POST", "/v1/consume", Some(&big), &[]).await;
-        assert_eq!(
-            (r.status, r.error_code()),
-            (413, "payload_too_large"),
-            "{}",
-            r.text
-        );
+        assert_eq!((r.status, r.error_code()), (413, "payload_too_large"), "{}", r.text);
         s.stop().await;
     }
 }
@@ -234,40 +192,14 @@ async fn auth_roles_401_and_403() {
         let r = s.req("POST", "/v1/consume", Some(body), &[]).await;
         assert_eq!((r.status, r.error_code()), (401, "unauthorized"));
         assert_eq!(r.header("www-authenticate").as_deref(), Some("Bearer"));
-        assert_eq!(
-            s.req("POST", "/v1/consume", Some(body), &bad).await.status,
-            401
-        );
-        assert_eq!(
-            s.req("POST", "/v1/consume", Some(body), &client)
-                .await
-                .status,
-            200
-        );
-        assert_eq!(
-            s.req("GET", "/v1/subjects/u", None, &client).await.status,
-            200
-        );
+        assert_eq!(s.req("POST", "/v1/consume", Some(body), &bad).await.status, 401);
+        assert_eq!(s.req("POST", "/v1/consume", Some(body), &client).await.status, 200);
+        assert_eq!(s.req("GET", "/v1/subjects/u", None, &client).await.status, 200);
         let r = s.req("PUT", "/v1/subjects/u", Some("{}"), &client).await;
         assert_eq!((r.status, r.error_code()), (403, "forbidden"));
-        assert_eq!(
-            s.req("POST", "/v1/subjects/u/reset", None, &client)
-                .await
-                .status,
-            403
-        );
-        assert_eq!(
-            s.req("PUT", "/v1/subjects/u", Some("{}"), &admin)
-                .await
-                .status,
-            200
-        );
-        assert_eq!(
-            s.req("POST", "/v1/consume", Some(body), &admin)
-                .await
-                .status,
-            200
-        );
+        assert_eq!(s.req("POST", "/v1/subjects/u/reset", None, &client).await.status, 403);
+        assert_eq!(s.req("PUT", "/v1/subjects/u", Some("{}"), &admin).await.status, 200);
+        assert_eq!(s.req("POST", "/v1/consume", Some(body), &admin).await.status, 200);
         // Health checks need no token.
         assert_eq!(s.get("/healthz").await.status, 200);
         assert_eq!(s.get("/readyz").await.status, 200);
@@ -307,34 +239,18 @@ async fn storage_failure_and_shutdown_are_503_with_nothing_applied() {
         let r = s
             .consume(json!({"subject": "u", "amounts": {"tokens": 10}, "idempotency_key": "k"}))
             .await;
-        assert_eq!(
-            (r.status, r.error_code()),
-            (503, "unavailable"),
-            "{}",
-            r.text
-        );
+        assert_eq!((r.status, r.error_code()), (503, "unavailable"), "{}", r.text);
         let r = s
-            .post(
-                "/v1/reserve",
-                json!({"subject": "u", "amounts": {"tokens": 10}}),
-            )
+            .post("/v1/reserve", json!({"subject": "u", "amounts": {"tokens": 10}}))
             .await;
         assert_eq!(r.status, 503);
         assert_eq!(
-            s.post(
-                "/v1/subjects/u/credit",
-                json!({"limit": "tokens-per-day", "amount": 5})
-            )
-            .await
-            .status,
-            503
-        );
-        assert_eq!(
-            s.put("/v1/subjects/u", json!({"plan": "free"}))
+            s.post("/v1/subjects/u/credit", json!({"limit": "tokens-per-day", "amount": 5}))
                 .await
                 .status,
             503
         );
+        assert_eq!(s.put("/v1/subjects/u", json!({"plan": "free"})).await.status, 503);
         journal.broken.store(false, Ordering::SeqCst);
         let g = s.get("/v1/subjects/u").await;
         assert_eq!(
@@ -345,19 +261,13 @@ async fn storage_failure_and_shutdown_are_503_with_nothing_applied() {
         let r = s
             .consume(json!({"subject": "u", "amounts": {"tokens": 10}, "idempotency_key": "k"}))
             .await;
-        assert_eq!(
-            r.body["replayed"], false,
-            "the failed attempt stored no key"
-        );
+        assert_eq!(r.body["replayed"], false, "the failed attempt stored no key");
         // Shutting down: writes are refused, reads still answer.
         s.state.shutting_down.store(true, Ordering::SeqCst);
         let r = s.consume(json!({"subject": "u"})).await;
         assert_eq!((r.status, r.error_code()), (503, "unavailable"));
         assert_eq!(s.get("/readyz").await.status, 503);
-        assert_eq!(
-            s.post("/v1/check", json!({"subject": "u"})).await.status,
-            200
-        );
+        assert_eq!(s.post("/v1/check", json!({"subject": "u"})).await.status, 200);
         s.stop().await;
     }
 }

@@ -35,10 +35,7 @@ async fn replay_answers_the_original_and_charges_nothing() {
         assert_eq!(second.body["replayed"], true);
         let mut expected = first.body.clone();
         expected["replayed"] = json!(true);
-        assert_eq!(
-            second.body, expected,
-            "the original answer, counters included"
-        );
+        assert_eq!(second.body, expected, "the original answer, counters included");
         assert_eq!(s.get("/v1/subjects/u").await.used("per-day"), 1);
         // Same key, other body: 409.
         let r = s
@@ -46,9 +43,7 @@ async fn replay_answers_the_original_and_charges_nothing() {
             .await;
         assert_eq!((r.status, r.error_code()), (409, "idempotency_conflict"));
         // Keys are not per subject: another subject under the same key conflicts too.
-        let r = s
-            .consume(json!({"subject": "v", "idempotency_key": "k1"}))
-            .await;
+        let r = s.consume(json!({"subject": "v", "idempotency_key": "k1"})).await;
         assert_eq!(r.status, 409);
         // `requests` defaults to 1, so spelling it out is the same request.
         let r = s
@@ -93,29 +88,21 @@ async fn denials_are_not_stored_and_keys_expire_after_retention() {
         let s = TestServer::start(CONFIG, t).await;
         s.consume(json!({"subject": "u"})).await;
         s.consume(json!({"subject": "u"})).await;
-        let denied = s
-            .consume(json!({"subject": "u", "idempotency_key": "d"}))
-            .await;
+        let denied = s.consume(json!({"subject": "u", "idempotency_key": "d"})).await;
         assert!(!denied.allowed());
         // The day rolls over; the same key is evaluated afresh because the denial was not stored.
         s.clock.advance(14 * 3_600_000);
-        let r = s
-            .consume(json!({"subject": "u", "idempotency_key": "d"}))
-            .await;
+        let r = s.consume(json!({"subject": "u", "idempotency_key": "d"})).await;
         assert!(r.allowed());
         assert_eq!(r.body["replayed"], false);
         // Within retention it replays; after it, it is a new request.
         s.clock.advance(3_599_000);
         assert_eq!(
-            s.consume(json!({"subject": "u", "idempotency_key": "d"}))
-                .await
-                .body["replayed"],
+            s.consume(json!({"subject": "u", "idempotency_key": "d"})).await.body["replayed"],
             true
         );
         s.clock.advance(1_000);
-        let r = s
-            .consume(json!({"subject": "u", "idempotency_key": "d"}))
-            .await;
+        let r = s.consume(json!({"subject": "u", "idempotency_key": "d"})).await;
         assert_eq!(
             (r.allowed(), &r.body["replayed"]),
             (true, &json!(false)),
@@ -144,13 +131,9 @@ default = true
         .await;
         let body = json!({"limit": "credits", "amount": 5}).to_string();
         let h = [("idempotency-key", "topup-1")];
-        let a = s
-            .req("POST", "/v1/subjects/u/credit", Some(&body), &h)
-            .await;
+        let a = s.req("POST", "/v1/subjects/u/credit", Some(&body), &h).await;
         assert_eq!(a.status, 200, "{}", a.text);
-        let b = s
-            .req("POST", "/v1/subjects/u/credit", Some(&body), &h)
-            .await;
+        let b = s.req("POST", "/v1/subjects/u/credit", Some(&body), &h).await;
         assert_eq!(b.header("idempotent-replayed").as_deref(), Some("true"));
         assert_eq!(b.counter("credits")["max"], 6, "credited once, not twice");
         let c = s

@@ -53,14 +53,9 @@ async fn holds_count_as_used_and_commit_trues_up() {
         let (id, r) = reserve(&s, 800, None).await;
         assert!(id.starts_with("rsv_"));
         assert_eq!(r.used("tokens-per-day"), 800);
-        assert_eq!(
-            r.body["expires_at"], "2026-11-21T10:01:00Z",
-            "default TTL 60 s"
-        );
+        assert_eq!(r.body["expires_at"], "2026-11-21T10:01:00Z", "default TTL 60 s");
         // The hold blocks what would not fit beside it.
-        let denied = s
-            .consume(json!({"subject": "u", "amounts": {"tokens": 300}}))
-            .await;
+        let denied = s.consume(json!({"subject": "u", "amounts": {"tokens": 300}})).await;
         assert!(!denied.allowed());
         // Commit less: the difference is refunded.
         let c = s
@@ -73,10 +68,7 @@ async fn holds_count_as_used_and_commit_trues_up() {
         assert_eq!(c.body["status"], "committed");
         assert_eq!(c.body["expired"], false);
         assert_eq!(c.body["charged"]["tokens"], 500);
-        assert_eq!(
-            c.body["charged"]["requests"], 1,
-            "unnamed metrics keep what was held"
-        );
+        assert_eq!(c.body["charged"]["requests"], 1, "unnamed metrics keep what was held");
         assert_eq!(used(&s, "tokens-per-day").await, 500);
         assert_eq!(used(&s, "global-tokens").await, 500);
         // Repeating the same commit answers the same.
@@ -99,17 +91,9 @@ async fn holds_count_as_used_and_commit_trues_up() {
                 json!({"amounts": {"tokens": 501}}),
             )
             .await;
-        assert_eq!(
-            (other.status, other.error_code()),
-            (409, "reservation_finished")
-        );
-        let rel = s
-            .post(&format!("/v1/reservations/{id}/release"), json!({}))
-            .await;
-        assert_eq!(
-            (rel.status, rel.error_code()),
-            (409, "reservation_finished")
-        );
+        assert_eq!((other.status, other.error_code()), (409, "reservation_finished"));
+        let rel = s.post(&format!("/v1/reservations/{id}/release"), json!({})).await;
+        assert_eq!((rel.status, rel.error_code()), (409, "reservation_finished"));
         s.stop().await;
     }
 }
@@ -145,28 +129,18 @@ async fn release_refunds_and_repeats() {
     for t in TRANSPORTS {
         let s = TestServer::start(CONFIG, t).await;
         let (id, _) = reserve(&s, 700, None).await;
-        let r = s
-            .post(&format!("/v1/reservations/{id}/release"), json!({}))
-            .await;
-        assert_eq!(
-            (r.status, r.body["status"].as_str()),
-            (200, Some("released"))
-        );
+        let r = s.post(&format!("/v1/reservations/{id}/release"), json!({})).await;
+        assert_eq!((r.status, r.body["status"].as_str()), (200, Some("released")));
         assert_eq!(used(&s, "tokens-per-day").await, 0);
         assert_eq!(used(&s, "calls-per-day").await, 0);
         let again = s
             .req("POST", &format!("/v1/reservations/{id}/release"), None, &[])
             .await;
         assert_eq!((again.status, &again.body), (200, &r.body));
-        let c = s
-            .post(&format!("/v1/reservations/{id}/commit"), json!({}))
-            .await;
+        let c = s.post(&format!("/v1/reservations/{id}/commit"), json!({})).await;
         assert_eq!((c.status, c.error_code()), (409, "reservation_finished"));
         let unknown = s.post("/v1/reservations/rsv_nope/commit", json!({})).await;
-        assert_eq!(
-            (unknown.status, unknown.error_code()),
-            (404, "unknown_reservation")
-        );
+        assert_eq!((unknown.status, unknown.error_code()), (404, "unknown_reservation"));
         s.stop().await;
     }
 }
@@ -199,9 +173,7 @@ async fn holds_expire_automatically_and_late_commits_still_record() {
         // A release after expiry is answered as released, expired.
         let (id2, _) = reserve(&s, 100, Some(1_000)).await;
         s.clock.advance(1_000);
-        let rel = s
-            .post(&format!("/v1/reservations/{id2}/release"), json!({}))
-            .await;
+        let rel = s.post(&format!("/v1/reservations/{id2}/release"), json!({})).await;
         assert_eq!(
             (rel.body["status"].as_str(), rel.body["expired"].as_bool()),
             (Some("released"), Some(true))
@@ -239,25 +211,15 @@ async fn expiry_runs_without_any_request() {
 async fn reserve_validates_ttl() {
     for t in TRANSPORTS {
         let s = TestServer::start(CONFIG, t).await;
-        let r = s
-            .post("/v1/reserve", json!({"subject": "u", "ttl_ms": 600_001}))
-            .await;
+        let r = s.post("/v1/reserve", json!({"subject": "u", "ttl_ms": 600_001})).await;
         assert_eq!((r.status, r.error_code()), (400, "invalid_request"));
-        assert!(r.body["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("ttl_ms"));
-        let r = s
-            .post("/v1/reserve", json!({"subject": "u", "ttl_ms": 0}))
-            .await;
+        assert!(r.body["error"]["message"].as_str().unwrap().contains("ttl_ms"));
+        let r = s.post("/v1/reserve", json!({"subject": "u", "ttl_ms": 0})).await;
         assert_eq!(r.status, 400);
         let r = s.consume(json!({"subject": "u", "ttl_ms": 10})).await;
         assert_eq!(r.status, 400, "ttl_ms is for reserve only");
         let r = s
-            .post(
-                "/v1/reservations/x/commit",
-                json!({"amounts": {"bogus": 1}}),
-            )
+            .post("/v1/reservations/x/commit", json!({"amounts": {"bogus": 1}}))
             .await;
         assert_eq!((r.status, r.error_code()), (400, "unknown_metric"));
         s.stop().await;

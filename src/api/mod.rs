@@ -23,9 +23,7 @@ pub use error::ApiError;
 
 use crate::clock::Clock;
 use crate::config::{MaxValue, Role, MAX_SAFE_INTEGER};
-use crate::engine::{
-    Applied, DecideOp, Decision, DecisionRequest, Engine, Finish, Lsn, Override, ReasonCode,
-};
+use crate::engine::{Applied, DecideOp, Decision, DecisionRequest, Engine, Finish, Lsn, Override, ReasonCode};
 use crate::journal::DurableWatch;
 use crate::metrics::Metrics;
 
@@ -106,9 +104,7 @@ impl AppState {
             }
         }
         match role {
-            None => Err(ApiError::Unauthorized(
-                "the bearer token is not valid".into(),
-            )),
+            None => Err(ApiError::Unauthorized("the bearer token is not valid".into())),
             Some(r) if r >= need => Ok(()),
             Some(_) => Err(ApiError::Forbidden(
                 "this token's role is client; this endpoint needs admin".into(),
@@ -164,17 +160,12 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .fallback(|| async {
-            ApiError::NotFound("not_found", "no such endpoint; see API.md".into())
-        })
+        .fallback(|| async { ApiError::NotFound("not_found", "no such endpoint; see API.md".into()) })
         .method_not_allowed_fallback(|| async {
             ApiError::MethodNotAllowed("this endpoint does not take that method".into())
         })
         .layer(DefaultBodyLimit::max(limit))
-        .layer(axum::middleware::map_response_with_state(
-            state.clone(),
-            count_errors,
-        ))
+        .layer(axum::middleware::map_response_with_state(state.clone(), count_errors))
         .with_state(state)
 }
 
@@ -219,12 +210,8 @@ fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
         let inner = e.into_inner();
         let top_level = matches!(path.as_str(), "." | "?" | "");
         match inner.classify() {
-            serde_json::error::Category::Data if !top_level => {
-                ApiError::InvalidRequest(format!("{path}: {inner}"))
-            }
-            serde_json::error::Category::Data => {
-                ApiError::InvalidRequest(format!("invalid JSON body: {inner}"))
-            }
+            serde_json::error::Category::Data if !top_level => ApiError::InvalidRequest(format!("{path}: {inner}")),
+            serde_json::error::Category::Data => ApiError::InvalidRequest(format!("invalid JSON body: {inner}")),
             _ if top_level => ApiError::InvalidRequest(format!("invalid JSON body: {inner}")),
             _ => ApiError::InvalidRequest(format!("invalid JSON body (at {path}): {inner}")),
         }
@@ -240,10 +227,7 @@ fn check_text(field: &str, s: &str, max_bytes: usize) -> Result<(), ApiError> {
         ));
     }
     if s.chars().any(char::is_control) {
-        return Err(ApiError::invalid(
-            field,
-            "must not contain control characters",
-        ));
+        return Err(ApiError::invalid(field, "must not contain control characters"));
     }
     Ok(())
 }
@@ -268,10 +252,7 @@ fn check_amounts(field: &str, amounts: &BTreeMap<String, u64>) -> Result<(), Api
 }
 
 /// The idempotency key from the body and/or the `Idempotency-Key` header.
-fn idempotency_key(
-    headers: &HeaderMap,
-    body_key: Option<String>,
-) -> Result<Option<String>, ApiError> {
+fn idempotency_key(headers: &HeaderMap, body_key: Option<String>) -> Result<Option<String>, ApiError> {
     let header = match headers.get("idempotency-key") {
         Some(v) => Some(
             v.to_str()
@@ -320,11 +301,7 @@ fn decision_request(headers: &HeaderMap, bytes: &[u8]) -> Result<DecisionRequest
     if b.attributes.len() > bounds::ATTRIBUTES {
         return Err(ApiError::invalid(
             "attributes",
-            format!(
-                "at most {} pairs, got {}",
-                bounds::ATTRIBUTES,
-                b.attributes.len()
-            ),
+            format!("at most {} pairs, got {}", bounds::ATTRIBUTES, b.attributes.len()),
         ));
     }
     for (k, v) in &b.attributes {
@@ -368,19 +345,10 @@ fn rate_headers(d: &Decision) -> HeaderMap {
     } else {
         d.reasons
             .iter()
-            .filter(|r| {
-                matches!(
-                    r.code,
-                    ReasonCode::LimitExceeded | ReasonCode::ExceedsCapacity
-                )
-            })
+            .filter(|r| matches!(r.code, ReasonCode::LimitExceeded | ReasonCode::ExceedsCapacity))
             // A denial that never clears outranks any finite wait.
             .max_by_key(|r| r.retry_after_ms.map_or(u128::MAX, u128::from))
-            .and_then(|r| {
-                d.counters
-                    .iter()
-                    .find(|c| Some(&c.limit) == r.limit.as_ref())
-            })
+            .and_then(|r| d.counters.iter().find(|c| Some(&c.limit) == r.limit.as_ref()))
     };
     if let Some(c) = source {
         if let MaxValue::Finite(m) = c.max {
@@ -575,9 +543,7 @@ async fn delete_subject(
     subject_path(&subject)?;
     let key = idempotency_key(&headers, None)?;
     st.writable()?;
-    let applied = st
-        .engine
-        .delete_subject(&subject, key.as_deref(), st.now())?;
+    let applied = st.engine.delete_subject(&subject, key.as_deref(), st.now())?;
     let existed = st.durable(applied).await?;
     Ok(Json(Deleted {
         subject: &subject,
@@ -686,12 +652,7 @@ async fn list_subjects(
                         )
                     })?
             }
-            other => {
-                return Err(ApiError::invalid(
-                    other,
-                    "unknown query parameter; use after and limit",
-                ))
-            }
+            other => return Err(ApiError::invalid(other, "unknown query parameter; use after and limit")),
         }
     }
     let rows = st.engine.list_subjects(after.as_deref(), limit);
@@ -702,11 +663,7 @@ async fn list_subjects(
         .into_iter()
         .map(|(subject, plan)| SubjectEntry { subject, plan })
         .collect();
-    Ok(Json(SubjectPage {
-        subjects,
-        next_after,
-    })
-    .into_response())
+    Ok(Json(SubjectPage { subjects, next_after }).into_response())
 }
 
 /// Decodes `a=b&c=d` with percent-escapes and `+` as space.
@@ -719,9 +676,7 @@ fn form_urlencoded_pairs(q: &str) -> Result<Vec<(String, String)>, ApiError> {
             match bytes[i] {
                 b'+' => out.push(b' '),
                 b'%' => {
-                    let hex = bytes
-                        .get(i + 1..i + 3)
-                        .and_then(|h| std::str::from_utf8(h).ok());
+                    let hex = bytes.get(i + 1..i + 3).and_then(|h| std::str::from_utf8(h).ok());
                     let v = hex
                         .and_then(|h| u8::from_str_radix(h, 16).ok())
                         .ok_or_else(|| ApiError::invalid("query", "bad percent-escape"))?;
@@ -793,23 +748,12 @@ async fn readyz(State(st): State<Arc<AppState>>) -> Response {
     if st.ready.load(Ordering::Acquire) && !st.shutting_down.load(Ordering::Acquire) {
         Json(serde_json::json!({"status": "ready"})).into_response()
     } else {
-        ApiError::Unavailable("not ready: recovery is running or shutdown has begun".into())
-            .into_response()
+        ApiError::Unavailable("not ready: recovery is running or shutdown has begun".into()).into_response()
     }
 }
 
-async fn metrics(
-    State(st): State<Arc<AppState>>,
-    headers: HeaderMap,
-) -> Result<Response, ApiError> {
+async fn metrics(State(st): State<Arc<AppState>>, headers: HeaderMap) -> Result<Response, ApiError> {
     st.authorize(&headers, Role::Client)?;
     let body = st.metrics.render(&st.engine.stats());
-    Ok((
-        [(
-            axum::http::header::CONTENT_TYPE,
-            "text/plain; version=0.0.4",
-        )],
-        body,
-    )
-        .into_response())
+    Ok(([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response())
 }

@@ -82,10 +82,7 @@ pub fn slot_for(kind: &Kind, now_ms: Millis) -> Slot {
             let (start_ms, end_ms) = period.window(tz, now_ms);
             Slot::Fixed { start_ms, end_ms }
         }
-        Kind::Sliding {
-            period_ms,
-            bucket_ms,
-        } => Slot::Sliding {
+        Kind::Sliding { period_ms, bucket_ms } => Slot::Sliding {
             bucket: now_ms / bucket_ms,
             bucket_ms: *bucket_ms,
             period_ms: *period_ms,
@@ -145,9 +142,7 @@ pub fn evaluate(
     match (kind, slot_for(kind, now_ms)) {
         (Kind::Fixed { .. }, Slot::Fixed { start_ms, end_ms }) => {
             let used = match counter {
-                Some(Counter::Fixed {
-                    start_ms: s, used, ..
-                }) if *s == start_ms => *used,
+                Some(Counter::Fixed { start_ms: s, used, .. }) if *s == start_ms => *used,
                 _ => 0,
             };
             let usage = Usage {
@@ -167,13 +162,7 @@ pub fn evaluate(
             };
             (usage, verdict)
         }
-        (
-            Kind::Sliding {
-                period_ms,
-                bucket_ms,
-            },
-            _,
-        ) => {
+        (Kind::Sliding { period_ms, bucket_ms }, _) => {
             let (p, w) = (*period_ms, *bucket_ms);
             let live: Vec<(u64, u64)> = match counter {
                 Some(Counter::Sliding {
@@ -200,11 +189,7 @@ pub fn evaluate(
                 MaxValue::Finite(m) if amount > m || m == 0 => never,
                 MaxValue::Finite(m) => {
                     // Units that must fall out of the window before the amount fits.
-                    let need = if amount == 0 {
-                        used - m + 1
-                    } else {
-                        used + amount - m
-                    };
+                    let need = if amount == 0 { used - m + 1 } else { used + amount - m };
                     let mut freed = 0u64;
                     let mut at = now_ms;
                     for &(i, c) in &live {
@@ -306,9 +291,7 @@ fn add_signed(v: u64, delta: i64) -> u64 {
 pub fn apply_charge(counter: &mut Option<Counter>, slot: &Slot, delta: i64, at_ms: Millis) {
     match *slot {
         Slot::Fixed { start_ms, end_ms } => match counter {
-            Some(Counter::Fixed {
-                start_ms: s, used, ..
-            }) if *s == start_ms => *used = add_signed(*used, delta),
+            Some(Counter::Fixed { start_ms: s, used, .. }) if *s == start_ms => *used = add_signed(*used, delta),
             Some(Counter::Fixed { start_ms: s, .. }) if *s > start_ms => {}
             _ => {
                 *counter = Some(Counter::Fixed {
@@ -399,9 +382,7 @@ pub fn apply_charge(counter: &mut Option<Counter>, slot: &Slot, delta: i64, at_m
 /// token buckets refill by it, lifetime counters raise their cap by it.
 pub fn apply_credit(counter: &mut Option<Counter>, slot: &Slot, amount: u64, at_ms: Millis) {
     match (counter.as_mut(), slot) {
-        (Some(Counter::Lifetime { credited, .. }), _) => {
-            *credited = credited.saturating_add(amount)
-        }
+        (Some(Counter::Lifetime { credited, .. }), _) => *credited = credited.saturating_add(amount),
         (None, Slot::Lifetime) => {
             *counter = Some(Counter::Lifetime {
                 used: 0,
@@ -443,10 +424,7 @@ impl Counter {
                 .iter()
                 .all(|&(i, _)| !bucket_live(i, *bucket_ms, *period_ms, now_ms)),
             Counter::Bucket {
-                refill,
-                deficit,
-                at_ms,
-                ..
+                refill, deficit, at_ms, ..
             } => decayed(*deficit, *at_ms, *refill, now_ms) == 0,
             Counter::Lifetime { used, credited } => *used == 0 && *credited == 0,
         }

@@ -6,8 +6,10 @@
 //! decides, turns the decision into [`Mutation`]s, hands them to the journal and
 //! only then applies them. A journal failure therefore leaves state untouched.
 
+mod admin;
 mod counter;
 mod policy;
+mod reservations;
 mod state;
 mod types;
 
@@ -17,9 +19,7 @@ use std::sync::atomic::{AtomicIsize, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 pub use counter::{evaluate, slot_for, Counter, Usage, Verdict};
-pub use policy::{
-    glob_match, Kind, Limit, LimitShape, Matcher, Plan, Policy, Scope, SLIDING_BUCKETS,
-};
+pub use policy::{glob_match, Kind, Limit, LimitShape, Matcher, Plan, Policy, Scope, SLIDING_BUCKETS};
 pub use state::{apply, Shard, ShardAccess, SubjectState};
 pub use types::*;
 
@@ -188,9 +188,7 @@ struct Exclusive<'a> {
 impl Exclusive<'_> {
     fn get(&mut self, h: u64) -> &mut Shard {
         let i = (h % self.count as u64) as usize;
-        self.engine_shards[i]
-            .get_mut()
-            .unwrap_or_else(|e| e.into_inner())
+        self.engine_shards[i].get_mut().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -228,11 +226,7 @@ fn hash_counter(key: &CounterKey) -> u64 {
 
 /// The counter a limit uses for this subject and attributes; `None` when the limit
 /// is scoped by an attribute the event does not carry.
-fn counter_key(
-    limit: &Limit,
-    subject: &Arc<str>,
-    attributes: &BTreeMap<String, String>,
-) -> Option<CounterKey> {
+fn counter_key(limit: &Limit, subject: &Arc<str>, attributes: &BTreeMap<String, String>) -> Option<CounterKey> {
     let scope = match &limit.scope {
         Scope::Subject => ScopeKey::Subject(subject.clone()),
         Scope::Global => ScopeKey::Global,
@@ -297,9 +291,7 @@ impl Engine {
     /// A new engine with empty state.
     pub fn new(policy: Policy, journal: Arc<dyn Journal>) -> Engine {
         let n = policy.settings.shards;
-        let id_seed = std::collections::hash_map::RandomState::new()
-            .build_hasher()
-            .finish();
+        let id_seed = std::collections::hash_map::RandomState::new().build_hasher().finish();
         Engine {
             policy: RwLock::new(Arc::new(policy)),
             shards: (0..n).map(|_| Mutex::new(Shard::default())).collect(),
@@ -315,10 +307,7 @@ impl Engine {
 
     /// Limits and plans in force.
     pub fn policy(&self) -> Arc<Policy> {
-        self.policy
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.policy.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Replaces the limits and plans (reload). Counters keep their identity.
@@ -332,9 +321,7 @@ impl Engine {
     }
 
     fn now(&self, now_ms: Millis) -> Millis {
-        self.floor_ms
-            .fetch_max(now_ms, Ordering::AcqRel)
-            .max(now_ms)
+        self.floor_ms.fetch_max(now_ms, Ordering::AcqRel).max(now_ms)
     }
 
     fn shard_index(&self, h: u64) -> usize {
@@ -371,9 +358,7 @@ impl Engine {
     fn next_reservation_id(&self) -> String {
         let seq = self.id_seq.fetch_add(1, Ordering::Relaxed);
         // splitmix64 of seed+seq: unpredictable across processes, unique within one.
-        let mut z = self
-            .id_seed
-            .wrapping_add(seq.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        let mut z = self.id_seed.wrapping_add(seq.wrapping_mul(0x9e37_79b9_7f4a_7c15));
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
         z ^= z >> 31;
@@ -450,14 +435,7 @@ impl Engine {
                 ttl_ms,
                 ..req.clone()
             };
-            fingerprint(
-                if op == DecideOp::Reserve {
-                    "reserve"
-                } else {
-                    "consume"
-                },
-                &canonical,
-            )
+            fingerprint(if op == DecideOp::Reserve { "reserve" } else { "consume" }, &canonical)
         });
         if let (Some(k), Some(fp)) = (idem_key, fp) {
             if let Some((entry, lsn)) = locked
@@ -569,10 +547,7 @@ impl Engine {
             expires_at: None,
         };
         if denied || op == DecideOp::Check {
-            decision.counters = matched
-                .iter()
-                .map(|m| view(&m.limit, &m.key, &m.usage))
-                .collect();
+            decision.counters = matched.iter().map(|m| view(&m.limit, &m.key, &m.usage)).collect();
             return Ok(Applied {
                 value: decision,
                 lsn: None,
@@ -601,9 +576,7 @@ impl Engine {
         }
         let mut expiry = None;
         if let Some(ttl) = ttl_ms {
-            if self.open_reservations.load(Ordering::Relaxed)
-                >= policy.settings.max_open_reservations as isize
-            {
+            if self.open_reservations.load(Ordering::Relaxed) >= policy.settings.max_open_reservations as isize {
                 return Err(EngineError::Unavailable(format!(
                     "{} reservations are open, the configured maximum (engine.max_open_reservations)",
                     policy.settings.max_open_reservations
@@ -651,656 +624,7 @@ impl Engine {
         if let Some((at, id)) = expiry {
             self.track_expiry(at, id);
         }
-        Ok(Applied {
-            value: decision,
-            lsn,
-        })
-    }
-
-    fn track_expiry(&self, at: Millis, id: String) {
-        let mut idx = self.expiry.lock().unwrap_or_else(|e| e.into_inner());
-        idx.insert((at, id));
-        self.next_expiry_ms.fetch_min(at, Ordering::AcqRel);
-    }
-
-    /// Releases every active reservation whose TTL has passed. Called before every
-    /// operation, so no decision ever sees an expired hold.
-    pub fn expire_due(&self, now_ms: Millis) {
-        if now_ms < self.next_expiry_ms.load(Ordering::Acquire) {
-            return;
-        }
-        // Held while expiring so a concurrent operation waits for the holds to go.
-        let mut idx = self.expiry.lock().unwrap_or_else(|e| e.into_inner());
-        while let Some((at, _)) = idx.first() {
-            if *at > now_ms {
-                break;
-            }
-            let (_, id) = idx.pop_first().expect("first exists");
-            if let Err(e) = self.finish_locked(&id, Finish::Expire, now_ms) {
-                if !matches!(e, EngineError::UnknownReservation(_)) {
-                    tracing::error!(reservation = %id, error = %e, "could not expire a reservation");
-                }
-            }
-        }
-        self.next_expiry_ms.store(
-            idx.first().map_or(u64::MAX, |(at, _)| *at),
-            Ordering::Release,
-        );
-    }
-
-    /// Commits, releases or expires a reservation.
-    pub fn finish(
-        &self,
-        id: &str,
-        action: Finish,
-        now_ms: Millis,
-    ) -> Result<Applied<FinishAnswer>, EngineError> {
-        let now = self.now(now_ms);
-        self.expire_due(now);
-        if let Finish::Commit(amounts) = &action {
-            let policy = self.policy();
-            for metric in amounts.keys() {
-                if !policy.metrics.contains(metric) {
-                    return Err(EngineError::UnknownMetric(metric.clone()));
-                }
-            }
-        }
-        self.finish_locked(id, action, now)
-    }
-
-    fn finish_locked(
-        &self,
-        id: &str,
-        action: Finish,
-        now: Millis,
-    ) -> Result<Applied<FinishAnswer>, EngineError> {
-        let unknown = || EngineError::UnknownReservation(id.to_string());
-        let rshard = self.shard_of_reservation(id);
-        // Phase 1: which shards the reservation touches (holds never change).
-        let shards = {
-            let mut l = self.lock(vec![rshard]);
-            let (r, _) = l.shard(rshard).reservations.get(id).ok_or_else(unknown)?;
-            let mut s: Vec<usize> = r
-                .holds
-                .iter()
-                .map(|h| self.shard_of_counter(&h.counter))
-                .collect();
-            s.push(self.shard_of_subject(&r.subject));
-            s.push(rshard);
-            s
-        };
-        let mut locked = self.lock(shards);
-        let (r, lsn) = locked
-            .shard(rshard)
-            .reservations
-            .get(id)
-            .cloned()
-            .ok_or_else(unknown)?;
-        let policy = self.policy();
-        let (assigned, overrides) = match locked.subject_shard(&r.subject).subjects.get(&*r.subject)
-        {
-            Some(st) => (st.plan.clone(), st.overrides.clone()),
-            None => (None, BTreeMap::new()),
-        };
-        let plan = policy.plan_for(assigned.as_deref());
-        let finished = |status: &str| {
-            EngineError::ReservationFinished(format!("reservation {id:?} was already {status}"))
-        };
-
-        let (status, charged, deltas): (ReservationStatus, BTreeMap<String, u64>, Vec<i64>) =
-            match (&action, &r.status) {
-                (Finish::Expire, ReservationStatus::Active) => (
-                    ReservationStatus::Expired,
-                    BTreeMap::new(),
-                    r.holds.iter().map(|h| -signed(h.amount)).collect(),
-                ),
-                (Finish::Expire, _) => {
-                    return Ok(Applied {
-                        value: r.answer.clone().unwrap_or_else(|| empty_answer(&r)),
-                        lsn: None,
-                    })
-                }
-                (Finish::Commit(given), ReservationStatus::Active | ReservationStatus::Expired) => {
-                    let mut actual = r.amounts.clone();
-                    actual.extend(given.iter().map(|(k, v)| (k.clone(), *v)));
-                    let was_active = r.status == ReservationStatus::Active;
-                    let deltas = r
-                        .holds
-                        .iter()
-                        .map(|h| {
-                            let a = signed(actual.get(&*h.metric).copied().unwrap_or(0));
-                            if was_active {
-                                a - signed(h.amount)
-                            } else {
-                                a
-                            }
-                        })
-                        .collect();
-                    (ReservationStatus::Committed, actual, deltas)
-                }
-                (Finish::Commit(given), ReservationStatus::Committed) => {
-                    let answer = r
-                        .answer
-                        .clone()
-                        .expect("finished reservations keep their answer");
-                    let mut actual = r.amounts.clone();
-                    actual.extend(given.iter().map(|(k, v)| (k.clone(), *v)));
-                    return if actual == answer.charged {
-                        Ok(Applied {
-                            value: answer,
-                            lsn: Some(lsn),
-                        })
-                    } else {
-                        Err(finished("committed with other amounts"))
-                    };
-                }
-                (Finish::Commit(_), ReservationStatus::Released) => {
-                    return Err(finished("released"))
-                }
-                (Finish::Release, ReservationStatus::Active) => (
-                    ReservationStatus::Released,
-                    BTreeMap::new(),
-                    r.holds.iter().map(|h| -signed(h.amount)).collect(),
-                ),
-                (Finish::Release, ReservationStatus::Expired) => (
-                    ReservationStatus::Released,
-                    BTreeMap::new(),
-                    vec![0; r.holds.len()],
-                ),
-                (Finish::Release, ReservationStatus::Released) => {
-                    let answer = r
-                        .answer
-                        .clone()
-                        .expect("finished reservations keep their answer");
-                    return Ok(Applied {
-                        value: answer,
-                        lsn: Some(lsn),
-                    });
-                }
-                (Finish::Release, ReservationStatus::Committed) => {
-                    return Err(finished("committed"))
-                }
-            };
-
-        let mut muts = Vec::with_capacity(r.holds.len() + 1);
-        let mut counters = Vec::new();
-        for (h, &delta) in r.holds.iter().zip(&deltas) {
-            if let Some(limit) = plan.and_then(|p| p.limit(&h.counter.limit)) {
-                let max = effective_max(limit, &overrides);
-                let current = locked.counter(&h.counter);
-                counters.push(view_after(
-                    limit,
-                    &h.counter,
-                    current,
-                    Some((&h.slot, delta)),
-                    max,
-                    now,
-                ));
-            }
-            if delta != 0 {
-                muts.push(Mutation::Charge {
-                    counter: h.counter.clone(),
-                    slot: h.slot,
-                    delta,
-                    at_ms: now,
-                });
-            }
-        }
-        let answer = FinishAnswer {
-            reservation_id: r.id.clone(),
-            subject: r.subject.to_string(),
-            status: status.clone(),
-            expired: r.status == ReservationStatus::Expired || status == ReservationStatus::Expired,
-            held: r.amounts.clone(),
-            charged,
-            counters,
-        };
-        let finished_r = Reservation {
-            status,
-            finished_ms: Some(r.finished_ms.unwrap_or(now)),
-            answer: (action != Finish::Expire).then(|| answer.clone()),
-            ..r
-        };
-        muts.push(Mutation::PutReservation(Box::new(finished_r)));
-        let lsn = locked.commit(&muts)?;
-        Ok(Applied { value: answer, lsn })
-    }
-
-    fn check_admin_idempotency(
-        locked: &mut Locked<'_>,
-        key: Option<&str>,
-        fp: u64,
-        now: Millis,
-    ) -> Result<Option<Applied<bool>>, EngineError> {
-        let Some(k) = key else { return Ok(None) };
-        // An entry past its retention is as good as gone, whether or not GC ran yet.
-        match locked
-            .idempotency_shard(k)
-            .idempotency
-            .get(k)
-            .filter(|(e, _)| e.expires_ms > now)
-        {
-            Some((e, lsn)) if e.fingerprint == fp => Ok(Some(Applied {
-                value: true,
-                lsn: Some(*lsn),
-            })),
-            Some(_) => Err(EngineError::IdempotencyConflict(k.to_string())),
-            None => Ok(None),
-        }
-    }
-
-    fn admin_entry(
-        policy: &Policy,
-        key: Option<&str>,
-        fp: u64,
-        subject: &str,
-        now: Millis,
-    ) -> Option<Mutation> {
-        key.map(|k| Mutation::PutIdempotency {
-            key: k.to_string(),
-            entry: Box::new(IdempotencyEntry {
-                fingerprint: fp,
-                answer: StoredAnswer::Deleted {
-                    subject: subject.to_string(),
-                },
-                expires_ms: now.saturating_add(policy.settings.idempotency_retention_ms),
-            }),
-        })
-    }
-
-    fn admin_shards(&self, subject: &str, key: Option<&str>) -> Vec<usize> {
-        let mut s = vec![self.shard_of_subject(subject)];
-        if let Some(k) = key {
-            s.push(self.shard_of_idempotency(k));
-        }
-        s
-    }
-
-    /// Assigns a plan and/or overrides (`None` keeps what the subject has). The
-    /// answer is whether this was a replay of an earlier identical request.
-    pub fn put_subject(
-        &self,
-        subject: &str,
-        plan: Option<&str>,
-        overrides: Option<&BTreeMap<String, Override>>,
-        idem_key: Option<&str>,
-        now_ms: Millis,
-    ) -> Result<Applied<bool>, EngineError> {
-        let now = self.now(now_ms);
-        self.expire_due(now);
-        let policy = self.policy();
-        if let Some(p) = plan {
-            if !policy.plan_index.contains_key(p) {
-                return Err(EngineError::UnknownPlan(p.to_string()));
-            }
-        }
-        for name in overrides.into_iter().flat_map(|o| o.keys()) {
-            let shape = policy
-                .shapes
-                .get(name.as_str())
-                .ok_or_else(|| EngineError::UnknownLimit(name.clone()))?;
-            if shape.scope != Scope::Subject {
-                return Err(EngineError::InvalidRequest(format!(
-                    "overrides.{name}: limit {name:?} is not scoped per subject, so it cannot be overridden per subject"
-                )));
-            }
-        }
-        let fp = fingerprint("put_subject", &(subject, plan, overrides));
-        let mut locked = self.lock(self.admin_shards(subject, idem_key));
-        if let Some(replay) = Self::check_admin_idempotency(&mut locked, idem_key, fp, now)? {
-            return Ok(replay);
-        }
-        let current = locked
-            .subject_shard(subject)
-            .subjects
-            .get(subject)
-            .cloned()
-            .unwrap_or_default();
-        let new_plan = plan.map(str::to_string).or(current.plan);
-        if policy.plan_for(new_plan.as_deref()).is_none() {
-            return Err(EngineError::UnknownSubject(subject.to_string()));
-        }
-        let mut muts = vec![Mutation::SetSubject {
-            subject: subject.into(),
-            plan: new_plan,
-            overrides: overrides.cloned().unwrap_or(current.overrides),
-        }];
-        muts.extend(Self::admin_entry(&policy, idem_key, fp, subject, now));
-        let lsn = locked.commit(&muts)?;
-        Ok(Applied { value: false, lsn })
-    }
-
-    /// Forgets a subject: its plan, overrides, counters and active holds (holds on
-    /// shared counters are refunded). The answer is whether it was known.
-    pub fn delete_subject(
-        &self,
-        subject: &str,
-        idem_key: Option<&str>,
-        now_ms: Millis,
-    ) -> Result<Applied<bool>, EngineError> {
-        let now = self.now(now_ms);
-        self.expire_due(now);
-        let policy = self.policy();
-        let fp = fingerprint("delete_subject", &subject);
-        let sshard = self.shard_of_subject(subject);
-        loop {
-            // Phase 1: the shards of the subject's holds.
-            let holds: BTreeSet<String> = {
-                let mut l = self.lock(vec![sshard]);
-                l.shard(sshard)
-                    .subjects
-                    .get(subject)
-                    .map(|s| s.holds.clone())
-                    .unwrap_or_default()
-            };
-            let mut shards = self.admin_shards(subject, idem_key);
-            for id in &holds {
-                let rs = self.shard_of_reservation(id);
-                shards.push(rs);
-                let mut l = self.lock(vec![rs]);
-                if let Some((r, _)) = l.shard(rs).reservations.get(id) {
-                    shards.extend(r.holds.iter().map(|h| self.shard_of_counter(&h.counter)));
-                }
-            }
-            let mut locked = self.lock(shards);
-            let now_holds = locked
-                .shard(sshard)
-                .subjects
-                .get(subject)
-                .map(|s| s.holds.clone())
-                .unwrap_or_default();
-            if now_holds != holds {
-                continue; // A hold came or went meanwhile: take the locks again.
-            }
-            if let Some(replay) = Self::check_admin_idempotency(&mut locked, idem_key, fp, now)? {
-                return Ok(replay);
-            }
-            let existed = locked.shard(sshard).subjects.contains_key(subject);
-            let mut muts = Vec::new();
-            for id in &holds {
-                let rs = self.shard_of_reservation(id);
-                let Some((r, _)) = locked.shard(rs).reservations.get(id).cloned() else {
-                    continue;
-                };
-                for h in r
-                    .holds
-                    .iter()
-                    .filter(|h| h.amount > 0 && !matches!(h.counter.scope, ScopeKey::Subject(_)))
-                {
-                    muts.push(Mutation::Charge {
-                        counter: h.counter.clone(),
-                        slot: h.slot,
-                        delta: -signed(h.amount),
-                        at_ms: now,
-                    });
-                }
-                muts.push(Mutation::DropReservation { id: id.clone() });
-            }
-            if existed {
-                muts.push(Mutation::DeleteSubject {
-                    subject: subject.into(),
-                });
-            }
-            muts.extend(Self::admin_entry(&policy, idem_key, fp, subject, now));
-            let lsn = locked.commit(&muts)?;
-            return Ok(Applied {
-                value: existed,
-                lsn,
-            });
-        }
-    }
-
-    fn subject_limit(&self, policy: &Policy, name: &str) -> Result<Arc<Limit>, EngineError> {
-        let shape = policy
-            .shapes
-            .get(name)
-            .ok_or_else(|| EngineError::UnknownLimit(name.to_string()))?;
-        if shape.scope != Scope::Subject {
-            return Err(EngineError::InvalidRequest(format!(
-                "limit: {name:?} is not scoped per subject; its counter is not the subject's"
-            )));
-        }
-        let found = policy
-            .plans
-            .iter()
-            .flat_map(|p| p.all.iter().map(|(l, _)| l))
-            .chain(&policy.top_limits)
-            .find(|l| &*l.name == name)
-            .expect("every shape comes from a limit");
-        Ok(found.clone())
-    }
-
-    /// Zeroes one or all of a subject's counters.
-    pub fn reset(
-        &self,
-        subject: &str,
-        limit: Option<&str>,
-        idem_key: Option<&str>,
-        now_ms: Millis,
-    ) -> Result<Applied<bool>, EngineError> {
-        let now = self.now(now_ms);
-        self.expire_due(now);
-        let policy = self.policy();
-        if let Some(name) = limit {
-            self.subject_limit(&policy, name)?;
-        }
-        let fp = fingerprint("reset", &(subject, limit));
-        let mut locked = self.lock(self.admin_shards(subject, idem_key));
-        if let Some(replay) = Self::check_admin_idempotency(&mut locked, idem_key, fp, now)? {
-            return Ok(replay);
-        }
-        let st = locked.subject_shard(subject).subjects.get(subject).cloned();
-        if policy
-            .plan_for(st.as_ref().and_then(|s| s.plan.as_deref()))
-            .is_none()
-        {
-            return Err(EngineError::UnknownSubject(subject.to_string()));
-        }
-        let subj: Arc<str> = subject.into();
-        let names: Vec<Arc<str>> = match limit {
-            Some(n) => vec![n.into()],
-            None => {
-                let mut v: Vec<Arc<str>> =
-                    st.iter().flat_map(|s| s.counters.keys().cloned()).collect();
-                v.sort();
-                v
-            }
-        };
-        let mut muts: Vec<Mutation> = names
-            .into_iter()
-            .map(|l| Mutation::ResetCounter {
-                counter: CounterKey {
-                    limit: l,
-                    scope: ScopeKey::Subject(subj.clone()),
-                },
-            })
-            .collect();
-        muts.extend(Self::admin_entry(&policy, idem_key, fp, subject, now));
-        let lsn = locked.commit(&muts)?;
-        Ok(Applied { value: false, lsn })
-    }
-
-    /// Gives back `amount` of a subject's limit (a top-up for lifetime limits).
-    pub fn credit(
-        &self,
-        subject: &str,
-        limit: &str,
-        amount: u64,
-        idem_key: Option<&str>,
-        now_ms: Millis,
-    ) -> Result<Applied<bool>, EngineError> {
-        let now = self.now(now_ms);
-        self.expire_due(now);
-        let policy = self.policy();
-        let l = self.subject_limit(&policy, limit)?;
-        let fp = fingerprint("credit", &(subject, limit, amount));
-        let mut locked = self.lock(self.admin_shards(subject, idem_key));
-        if let Some(replay) = Self::check_admin_idempotency(&mut locked, idem_key, fp, now)? {
-            return Ok(replay);
-        }
-        let assigned = locked
-            .subject_shard(subject)
-            .subjects
-            .get(subject)
-            .and_then(|s| s.plan.clone());
-        let plan = policy
-            .plan_for(assigned.as_deref())
-            .ok_or_else(|| EngineError::UnknownSubject(subject.to_string()))?;
-        // The subject's own plan decides the slot when it has the limit.
-        let kind = plan.limit(limit).map_or(&l.kind, |pl| &pl.kind);
-        let mut muts = vec![Mutation::Credit {
-            counter: CounterKey {
-                limit: l.name.clone(),
-                scope: ScopeKey::Subject(subject.into()),
-            },
-            slot: slot_for(kind, now),
-            amount,
-            at_ms: now,
-        }];
-        muts.extend(Self::admin_entry(&policy, idem_key, fp, subject, now));
-        let lsn = locked.commit(&muts)?;
-        Ok(Applied { value: false, lsn })
-    }
-
-    /// The subject as `GET /v1/subjects/{s}` shows it.
-    pub fn subject(&self, subject: &str, now_ms: Millis) -> Result<SubjectView, EngineError> {
-        let now = self.now(now_ms);
-        self.expire_due(now);
-        let policy = self.policy();
-        let sshard = self.shard_of_subject(subject);
-        let st = self
-            .lock(vec![sshard])
-            .shard(sshard)
-            .subjects
-            .get(subject)
-            .cloned()
-            .unwrap_or_default();
-        let plan = policy
-            .plan_for(st.plan.as_deref())
-            .ok_or_else(|| EngineError::UnknownSubject(subject.to_string()))?;
-        let subj: Arc<str> = subject.into();
-        let mut counters = Vec::new();
-        for (limit, _) in &plan.all {
-            let max = effective_max(limit, &st.overrides);
-            match &limit.scope {
-                Scope::Subject => {
-                    let key = CounterKey {
-                        limit: limit.name.clone(),
-                        scope: ScopeKey::Subject(subj.clone()),
-                    };
-                    let (u, _) = evaluate(&limit.kind, st.counters.get(&limit.name), now, 0, max);
-                    counters.push(view(limit, &key, &u));
-                }
-                Scope::Global => {
-                    let key = CounterKey {
-                        limit: limit.name.clone(),
-                        scope: ScopeKey::Global,
-                    };
-                    let i = self.shard_of_counter(&key);
-                    let c = self.lock(vec![i]).shard(i).shared.get(&key).cloned();
-                    let (u, _) = evaluate(&limit.kind, c.as_ref(), now, 0, max);
-                    counters.push(view(limit, &key, &u));
-                }
-                Scope::Attribute(_) => {
-                    // One counter per attribute value seen; listed in value order, at most 100.
-                    let mut found: Vec<(CounterKey, Counter)> = Vec::new();
-                    for i in 0..self.shards.len() {
-                        let mut l = self.lock(vec![i]);
-                        found.extend(
-                            l.shard(i)
-                                .shared
-                                .iter()
-                                .filter(|(k, _)| k.limit == limit.name)
-                                .map(|(k, c)| (k.clone(), c.clone())),
-                        );
-                    }
-                    found.sort_by(|a, b| a.0.cmp(&b.0));
-                    for (key, c) in found.into_iter().take(100) {
-                        let (u, _) = evaluate(&limit.kind, Some(&c), now, 0, max);
-                        counters.push(view(limit, &key, &u));
-                    }
-                }
-            }
-        }
-        Ok(SubjectView {
-            subject: subject.to_string(),
-            plan: plan.name.clone(),
-            assigned: st.plan.is_some(),
-            overrides: st.overrides,
-            counters,
-        })
-    }
-
-    /// Known subjects after `after`, in byte order, at most `limit`, with their plan.
-    pub fn list_subjects(
-        &self,
-        after: Option<&str>,
-        limit: usize,
-    ) -> Vec<(String, Option<String>)> {
-        use std::ops::Bound;
-        let lower = after.map_or(Bound::Unbounded, |a| Bound::Excluded(a));
-        let mut out: Vec<(String, Option<String>)> = Vec::new();
-        for i in 0..self.shards.len() {
-            let mut l = self.lock(vec![i]);
-            out.extend(
-                l.shard(i)
-                    .subjects
-                    .range::<str, _>((lower, Bound::Unbounded))
-                    .take(limit)
-                    .map(|(s, st)| (s.to_string(), st.plan.clone())),
-            );
-        }
-        out.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-        out.truncate(limit);
-        out
-    }
-
-    /// Drops what time has made useless: idle counters, expired idempotency keys and
-    /// finished reservations past retention. At most `budget` items per shard per call.
-    pub fn gc(&self, now_ms: Millis, budget: usize) -> Result<usize, EngineError> {
-        let now = self.now(now_ms);
-        self.expire_due(now);
-        let mut dropped = 0;
-        for i in 0..self.shards.len() {
-            let mut l = self.lock(vec![i]);
-            let shard = l.shard(i);
-            // Idle counters are indistinguishable from absent ones: no record needed.
-            let before = shard.shared.len();
-            shard.shared.retain(|_, c| !c.is_idle(now));
-            dropped += before - shard.shared.len();
-            for st in shard.subjects.values_mut() {
-                let before = st.counters.len();
-                st.counters.retain(|_, c| !c.is_idle(now));
-                dropped += before - st.counters.len();
-            }
-            shard.subjects.retain(|_, st| !st.is_empty());
-            let retention = self.policy().settings.idempotency_retention_ms;
-            let mut muts: Vec<Mutation> = shard
-                .idempotency
-                .iter()
-                .filter(|(_, (e, _))| e.expires_ms <= now)
-                .take(budget)
-                .map(|(k, _)| Mutation::DropIdempotency { key: k.clone() })
-                .collect();
-            muts.extend(
-                shard
-                    .reservations
-                    .values()
-                    .filter(|(r, _)| {
-                        r.status != ReservationStatus::Active
-                            && r.finished_ms
-                                .unwrap_or(r.expires_ms)
-                                .max(r.expires_ms)
-                                .saturating_add(retention)
-                                <= now
-                    })
-                    .take(budget)
-                    .map(|(r, _)| Mutation::DropReservation { id: r.id.clone() }),
-            );
-            dropped += muts.len();
-            l.commit(&muts)?;
-        }
-        Ok(dropped)
+        Ok(Applied { value: decision, lsn })
     }
 
     /// Counts of what the engine holds.
@@ -1313,12 +637,7 @@ impl Engine {
             let mut l = self.lock(vec![i]);
             let shard = l.shard(i);
             s.subjects += shard.subjects.len();
-            s.counters += shard.shared.len()
-                + shard
-                    .subjects
-                    .values()
-                    .map(|st| st.counters.len())
-                    .sum::<usize>();
+            s.counters += shard.shared.len() + shard.subjects.values().map(|st| st.counters.len()).sum::<usize>();
             s.reservations += shard.reservations.len();
             s.idempotency_keys += shard.idempotency.len();
         }
@@ -1350,22 +669,8 @@ impl Engine {
                 }
             }
         }
-        self.next_expiry_ms.store(
-            idx.first().map_or(u64::MAX, |(at, _)| *at),
-            Ordering::Release,
-        );
+        self.next_expiry_ms
+            .store(idx.first().map_or(u64::MAX, |(at, _)| *at), Ordering::Release);
         *self.expiry.get_mut().unwrap_or_else(|e| e.into_inner()) = idx;
-    }
-}
-
-fn empty_answer(r: &Reservation) -> FinishAnswer {
-    FinishAnswer {
-        reservation_id: r.id.clone(),
-        subject: r.subject.to_string(),
-        status: r.status.clone(),
-        expired: true,
-        held: r.amounts.clone(),
-        charged: BTreeMap::new(),
-        counters: Vec::new(),
     }
 }

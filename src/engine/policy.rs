@@ -7,8 +7,7 @@ use std::sync::Arc;
 use jiff::tz::TimeZone;
 
 use crate::config::{
-    Algorithm, Config, ConfigError, EngineSettings, LimitConfig, MaxValue, Mode, Unmatched,
-    MAX_SAFE_INTEGER,
+    Algorithm, Config, ConfigError, EngineSettings, LimitConfig, MaxValue, Mode, Unmatched, MAX_SAFE_INTEGER,
 };
 use crate::period::Period;
 
@@ -80,11 +79,7 @@ pub struct Matcher {
 
 impl Matcher {
     /// Whether an event with these attributes is matched.
-    pub fn matches(
-        &self,
-        event: Option<&str>,
-        attributes: &std::collections::BTreeMap<String, String>,
-    ) -> bool {
+    pub fn matches(&self, event: Option<&str>, attributes: &std::collections::BTreeMap<String, String>) -> bool {
         if let Some(pattern) = &self.event {
             match event {
                 Some(e) if glob_match(pattern, e) => {}
@@ -218,19 +213,13 @@ fn compile_limit(key: &str, c: &LimitConfig) -> Result<Limit, ConfigError> {
     if c.refill.is_some() && c.algorithm != Algorithm::TokenBucket {
         return Err(err(
             "refill",
-            format!(
-                "only token_bucket limits refill; this one is {}",
-                c.algorithm
-            ),
+            format!("only token_bucket limits refill; this one is {}", c.algorithm),
         ));
     }
     if c.timezone.is_some() && c.algorithm != Algorithm::Fixed {
         return Err(err(
             "timezone",
-            format!(
-                "only fixed windows follow a time zone; this one is {}",
-                c.algorithm
-            ),
+            format!("only fixed windows follow a time zone; this one is {}", c.algorithm),
         ));
     }
     let period = match (&c.period, c.algorithm) {
@@ -258,12 +247,8 @@ fn compile_limit(key: &str, c: &LimitConfig) -> Result<Limit, ConfigError> {
     let kind = match c.algorithm {
         Algorithm::Fixed => {
             let tz_name = c.timezone.as_deref().unwrap_or("UTC");
-            let tz = TimeZone::get(tz_name).map_err(|_| {
-                err(
-                    "timezone",
-                    format!("{tz_name:?} is not a known IANA time zone"),
-                )
-            })?;
+            let tz = TimeZone::get(tz_name)
+                .map_err(|_| err("timezone", format!("{tz_name:?} is not a known IANA time zone")))?;
             Kind::Fixed {
                 period: period.expect("checked above"),
                 tz,
@@ -284,10 +269,7 @@ fn compile_limit(key: &str, c: &LimitConfig) -> Result<Limit, ConfigError> {
                 (None, MaxValue::Unlimited) => 1,
             };
             if refill == 0 || refill > MAX_SAFE_INTEGER {
-                return Err(err(
-                    "refill",
-                    format!("must be between 1 and {MAX_SAFE_INTEGER}"),
-                ));
+                return Err(err("refill", format!("must be between 1 and {MAX_SAFE_INTEGER}")));
             }
             Kind::TokenBucket { period_ms, refill }
         }
@@ -420,10 +402,7 @@ impl Policy {
                 if top_names.contains(&l.name) {
                     return Err(ConfigError::new(
                         key + ".name",
-                        format!(
-                            "{:?} is already a top-level limit, which applies to every plan",
-                            l.name
-                        ),
+                        format!("{:?} is already a top-level limit, which applies to every plan", l.name),
                     ));
                 }
                 if !names.insert(l.name.clone()) {
@@ -536,8 +515,9 @@ mod tests {
             let e = compile(text).unwrap_err();
             assert_eq!(e.key, key, "{text}: {e}");
         }
-        let e = compile("[[plans]]\nname=\"a\"\n[[plans.limits]]\nname=\"x\"\nmax=1\nperiod=\"1d\"\nalgorithm=\"leaky\"\n")
-            .unwrap_err();
+        let e =
+            compile("[[plans]]\nname=\"a\"\n[[plans.limits]]\nname=\"x\"\nmax=1\nperiod=\"1d\"\nalgorithm=\"leaky\"\n")
+                .unwrap_err();
         assert!(e.message.contains("unknown variant `leaky`"), "{e}");
     }
 

@@ -5,9 +5,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use super::counter::{apply_charge, apply_credit, Counter};
-use super::types::{
-    CounterKey, IdempotencyEntry, Lsn, Mutation, Override, Reservation, ReservationStatus, ScopeKey,
-};
+use super::types::{CounterKey, IdempotencyEntry, Lsn, Mutation, Override, Reservation, ReservationStatus, ScopeKey};
 
 /// What is known about one subject.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -25,10 +23,7 @@ pub struct SubjectState {
 impl SubjectState {
     /// Nothing worth keeping: the subject can be forgotten.
     pub fn is_empty(&self) -> bool {
-        self.plan.is_none()
-            && self.overrides.is_empty()
-            && self.counters.is_empty()
-            && self.holds.is_empty()
+        self.plan.is_none() && self.overrides.is_empty() && self.counters.is_empty() && self.holds.is_empty()
     }
 }
 
@@ -106,11 +101,7 @@ impl CounterSlot<'_> {
 
 fn tidy_subject<A: ShardAccess>(access: &mut A, subject: &str) {
     let shard = access.subject_shard(subject);
-    if shard
-        .subjects
-        .get(subject)
-        .is_some_and(SubjectState::is_empty)
-    {
+    if shard.subjects.get(subject).is_some_and(SubjectState::is_empty) {
         shard.subjects.remove(subject);
     }
 }
@@ -190,11 +181,7 @@ pub fn apply<A: ShardAccess>(access: &mut A, m: &Mutation, lsn: Lsn) -> Applied 
             if let Some((r, _)) = access.reservation_shard(id).reservations.remove(id) {
                 if r.status == ReservationStatus::Active {
                     out.open_reservations_delta = -1;
-                    if let Some(st) = access
-                        .subject_shard(&r.subject)
-                        .subjects
-                        .get_mut(&r.subject)
-                    {
+                    if let Some(st) = access.subject_shard(&r.subject).subjects.get_mut(&r.subject) {
                         st.holds.remove(id);
                     }
                     tidy_subject(access, &r.subject);

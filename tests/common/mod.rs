@@ -54,9 +54,7 @@ pub struct Resp {
 
 impl Resp {
     pub fn header(&self, name: &str) -> Option<String> {
-        self.headers
-            .get(name)
-            .map(|v| v.to_str().unwrap().to_string())
+        self.headers.get(name).map(|v| v.to_str().unwrap().to_string())
     }
     pub fn error_code(&self) -> &str {
         self.body["error"]["code"].as_str().unwrap_or("")
@@ -83,13 +81,7 @@ impl TestServer {
     }
 
     pub async fn start_at(toml_text: &str, transport: Transport, now_ms: u64) -> TestServer {
-        Self::start_with(
-            toml_text,
-            transport,
-            now_ms,
-            Arc::new(NullJournal::default()),
-        )
-        .await
+        Self::start_with(toml_text, transport, now_ms, Arc::new(NullJournal::default())).await
     }
 
     pub async fn start_with(
@@ -153,13 +145,7 @@ impl TestServer {
         Client { sender }
     }
 
-    pub async fn req(
-        &self,
-        method: &str,
-        path: &str,
-        body: Option<&str>,
-        headers: &[(&str, &str)],
-    ) -> Resp {
+    pub async fn req(&self, method: &str, path: &str, body: Option<&str>, headers: &[(&str, &str)]) -> Resp {
         self.connect().await.req(method, path, body, headers).await
     }
 
@@ -201,13 +187,7 @@ pub struct Client {
 }
 
 impl Client {
-    pub async fn req(
-        &mut self,
-        method: &str,
-        path: &str,
-        body: Option<&str>,
-        headers: &[(&str, &str)],
-    ) -> Resp {
+    pub async fn req(&mut self, method: &str, path: &str, body: Option<&str>, headers: &[(&str, &str)]) -> Resp {
         let mut b = Request::builder()
             .method(Method::from_bytes(method.as_bytes()).unwrap())
             .uri(path)
@@ -215,9 +195,7 @@ impl Client {
         for (k, v) in headers {
             b = b.header(*k, *v);
         }
-        let req = b
-            .body(Full::new(Bytes::from(body.unwrap_or("").to_string())))
-            .unwrap();
+        let req = b.body(Full::new(Bytes::from(body.unwrap_or("").to_string()))).unwrap();
         self.sender.ready().await.unwrap();
         let resp = self.sender.send_request(req).await.unwrap();
         let status = resp.status().as_u16();

@@ -1,0 +1,429 @@
+//! Subject administration (plan, overrides, reset, credit, delete), the
+//! read-side views (subject, listing), and garbage collection.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use super::*;
+
+impl Engine {
+    fn check_admin_idempotency(
+        locked: &mut Locked<'_>,
+        key: Option<&str>,
+        fp: u64,
+        now: Millis,
+    ) -> Result<Option<Applied<bool>>, EngineError> {
+        let Some(k) = key else { return Ok(None) };
+        // An entry past its retention is as good as gone, whether or not GC ran yet.
+        match locked
+            .idempotency_shard(k)
+            .idempotency
+            .get(k)
+            .filter(|(e, _)| e.expires_ms > now)
+        {
+            Some((e, lsn)) if e.fingerprint == fp => Ok(Some(Applied {
+                value: true,
+                lsn: Some(*lsn),
+            })),
+            Some(_) => Err(EngineError::IdempotencyConflict(k.to_string())),
+            None => Ok(None),
+        }
+    }
+
+    fn admin_entry(policy: &Policy, key: Option<&str>, fp: u64, subject: &str, now: Millis) -> Option<Mutation> {
+        key.map(|k| Mutation::PutIdempotency {
+            key: k.to_string(),
+            entry: Box::new(IdempotencyEntry {
+                fingerprint: fp,
+                answer: StoredAnswer::Deleted {
+                    subject: subject.to_string(),
+                },
+                expires_ms: now.saturating_add(policy.settings.idempotency_retention_ms),
+            }),
+        })
+    }
+
+    fn admin_shards(&self, subject: &str, key: Option<&str>) -> Vec<usize> {
+        let mut s = vec![self.shard_of_subject(subject)];
+        if let Some(k) = key {
+            s.push(self.shard_of_idempotency(k));
+        }
+        s
+    }
+
+    /// Assigns a plan and/or overrides (`None` keeps what the subject has). The
+    /// answer is whether this was a replay of an earlier identical request.
+    pub fn put_subject(
+        &self,
+        subject: &str,
+        plan: Option<&str>,
+        overrides: Option<&BTreeMap<String, Override>>,
+        idem_key: Option<&str>,
+        now_ms: Millis,
+    ) -> Result<Applied<bool>, EngineError> {
+        let now = self.now(now_ms);
+        self.expire_due(now);
+        let policy = self.policy();
+        if let Some(p) = plan {
+            if !policy.plan_index.contains_key(p) {
+                return Err(EngineError::UnknownPlan(p.to_string()));
+            }
+        }
+        for name in overrides.into_iter().flat_map(|o| o.keys()) {
+            let shape = policy
+                .shapes
+                .get(name.as_str())
+                .ok_or_else(|| EngineError::UnknownLimit(name.clone()))?;
+            if shape.scope != Scope::Subject {
+                return Err(EngineError::InvalidRequest(format!(
+                    "overrides.{name}: limit {name:?} is not scoped per subject, so it cannot be overridden per subject"
+                )));
+            }
+        }
+        let fp = fingerprint("put_subject", &(subject, plan, overrides));
+        let mut locked = self.lock(self.admin_shards(subject, idem_key));
+        if let Some(replay) = Self::check_admin_idempotency(&mut locked, idem_key, fp, now)? {
+            return Ok(replay);
+        }
+        let current = locked
+            .subject_shard(subject)
+            .subjects
+            .get(subject)
+            .cloned()
+            .unwrap_or_default();
+        let new_plan = plan.map(str::to_string).or(current.plan);
+        if policy.plan_for(new_plan.as_deref()).is_none() {
+            return Err(EngineError::UnknownSubject(subject.to_string()));
+        }
+        let mut muts = vec![Mutation::SetSubject {
+            subject: subject.into(),
+            plan: new_plan,
+            overrides: overrides.cloned().unwrap_or(current.overrides),
+        }];
+        muts.extend(Self::admin_entry(&policy, idem_key, fp, subject, now));
+        let lsn = locked.commit(&muts)?;
+        Ok(Applied { value: false, lsn })
+    }
+
+    /// Forgets a subject: its plan, overrides, counters and active holds (holds on
+    /// shared counters are refunded). The answer is whether it was known.
+    pub fn delete_subject(
+        &self,
+        subject: &str,
+        idem_key: Option<&str>,
+        now_ms: Millis,
+    ) -> Result<Applied<bool>, EngineError> {
+        let now = self.now(now_ms);
+        self.expire_due(now);
+        let policy = self.policy();
+        let fp = fingerprint("delete_subject", &subject);
+        let sshard = self.shard_of_subject(subject);
+        loop {
+            // Phase 1: the shards of the subject's holds.
+            let holds: BTreeSet<String> = {
+                let mut l = self.lock(vec![sshard]);
+                l.shard(sshard)
+                    .subjects
+                    .get(subject)
+                    .map(|s| s.holds.clone())
+                    .unwrap_or_default()
+            };
+            let mut shards = self.admin_shards(subject, idem_key);
+            for id in &holds {
+                let rs = self.shard_of_reservation(id);
+                shards.push(rs);
+                let mut l = self.lock(vec![rs]);
+                if let Some((r, _)) = l.shard(rs).reservations.get(id) {
+                    shards.extend(r.holds.iter().map(|h| self.shard_of_counter(&h.counter)));
+                }
+            }
+            let mut locked = self.lock(shards);
+            let now_holds = locked
+                .shard(sshard)
+                .subjects
+                .get(subject)
+                .map(|s| s.holds.clone())
+                .unwrap_or_default();
+            if now_holds != holds {
+                continue; // A hold came or went meanwhile: take the locks again.
+            }
+            if let Some(replay) = Self::check_admin_idempotency(&mut locked, idem_key, fp, now)? {
+                return Ok(replay);
+            }
+            let existed = locked.shard(sshard).subjects.contains_key(subject);
+            let mut muts = Vec::new();
+            for id in &holds {
+                let rs = self.shard_of_reservation(id);
+                let Some((r, _)) = locked.shard(rs).reservations.get(id).cloned() else {
+                    continue;
+                };
+                for h in r
+                    .holds
+                    .iter()
+                    .filter(|h| h.amount > 0 && !matches!(h.counter.scope, ScopeKey::Subject(_)))
+                {
+                    muts.push(Mutation::Charge {
+                        counter: h.counter.clone(),
+                        slot: h.slot,
+                        delta: -signed(h.amount),
+                        at_ms: now,
+                    });
+                }
+                muts.push(Mutation::DropReservation { id: id.clone() });
+            }
+            if existed {
+                muts.push(Mutation::DeleteSubject {
+                    subject: subject.into(),
+                });
+            }
+            muts.extend(Self::admin_entry(&policy, idem_key, fp, subject, now));
+            let lsn = locked.commit(&muts)?;
+            return Ok(Applied { value: existed, lsn });
+        }
+    }
+
+    fn subject_limit(&self, policy: &Policy, name: &str) -> Result<Arc<Limit>, EngineError> {
+        let shape = policy
+            .shapes
+            .get(name)
+            .ok_or_else(|| EngineError::UnknownLimit(name.to_string()))?;
+        if shape.scope != Scope::Subject {
+            return Err(EngineError::InvalidRequest(format!(
+                "limit: {name:?} is not scoped per subject; its counter is not the subject's"
+            )));
+        }
+        let found = policy
+            .plans
+            .iter()
+            .flat_map(|p| p.all.iter().map(|(l, _)| l))
+            .chain(&policy.top_limits)
+            .find(|l| &*l.name == name)
+            .expect("every shape comes from a limit");
+        Ok(found.clone())
+    }
+
+    /// Zeroes one or all of a subject's counters.
+    pub fn reset(
+        &self,
+        subject: &str,
+        limit: Option<&str>,
+        idem_key: Option<&str>,
+        now_ms: Millis,
+    ) -> Result<Applied<bool>, EngineError> {
+        let now = self.now(now_ms);
+        self.expire_due(now);
+        let policy = self.policy();
+        if let Some(name) = limit {
+            self.subject_limit(&policy, name)?;
+        }
+        let fp = fingerprint("reset", &(subject, limit));
+        let mut locked = self.lock(self.admin_shards(subject, idem_key));
+        if let Some(replay) = Self::check_admin_idempotency(&mut locked, idem_key, fp, now)? {
+            return Ok(replay);
+        }
+        let st = locked.subject_shard(subject).subjects.get(subject).cloned();
+        if policy.plan_for(st.as_ref().and_then(|s| s.plan.as_deref())).is_none() {
+            return Err(EngineError::UnknownSubject(subject.to_string()));
+        }
+        let subj: Arc<str> = subject.into();
+        let names: Vec<Arc<str>> = match limit {
+            Some(n) => vec![n.into()],
+            None => {
+                let mut v: Vec<Arc<str>> = st.iter().flat_map(|s| s.counters.keys().cloned()).collect();
+                v.sort();
+                v
+            }
+        };
+        let mut muts: Vec<Mutation> = names
+            .into_iter()
+            .map(|l| Mutation::ResetCounter {
+                counter: CounterKey {
+                    limit: l,
+                    scope: ScopeKey::Subject(subj.clone()),
+                },
+            })
+            .collect();
+        muts.extend(Self::admin_entry(&policy, idem_key, fp, subject, now));
+        let lsn = locked.commit(&muts)?;
+        Ok(Applied { value: false, lsn })
+    }
+
+    /// Gives back `amount` of a subject's limit (a top-up for lifetime limits).
+    pub fn credit(
+        &self,
+        subject: &str,
+        limit: &str,
+        amount: u64,
+        idem_key: Option<&str>,
+        now_ms: Millis,
+    ) -> Result<Applied<bool>, EngineError> {
+        let now = self.now(now_ms);
+        self.expire_due(now);
+        let policy = self.policy();
+        let l = self.subject_limit(&policy, limit)?;
+        let fp = fingerprint("credit", &(subject, limit, amount));
+        let mut locked = self.lock(self.admin_shards(subject, idem_key));
+        if let Some(replay) = Self::check_admin_idempotency(&mut locked, idem_key, fp, now)? {
+            return Ok(replay);
+        }
+        let assigned = locked
+            .subject_shard(subject)
+            .subjects
+            .get(subject)
+            .and_then(|s| s.plan.clone());
+        let plan = policy
+            .plan_for(assigned.as_deref())
+            .ok_or_else(|| EngineError::UnknownSubject(subject.to_string()))?;
+        // The subject's own plan decides the slot when it has the limit.
+        let kind = plan.limit(limit).map_or(&l.kind, |pl| &pl.kind);
+        let mut muts = vec![Mutation::Credit {
+            counter: CounterKey {
+                limit: l.name.clone(),
+                scope: ScopeKey::Subject(subject.into()),
+            },
+            slot: slot_for(kind, now),
+            amount,
+            at_ms: now,
+        }];
+        muts.extend(Self::admin_entry(&policy, idem_key, fp, subject, now));
+        let lsn = locked.commit(&muts)?;
+        Ok(Applied { value: false, lsn })
+    }
+
+    /// The subject as `GET /v1/subjects/{s}` shows it.
+    pub fn subject(&self, subject: &str, now_ms: Millis) -> Result<SubjectView, EngineError> {
+        let now = self.now(now_ms);
+        self.expire_due(now);
+        let policy = self.policy();
+        let sshard = self.shard_of_subject(subject);
+        let st = self
+            .lock(vec![sshard])
+            .shard(sshard)
+            .subjects
+            .get(subject)
+            .cloned()
+            .unwrap_or_default();
+        let plan = policy
+            .plan_for(st.plan.as_deref())
+            .ok_or_else(|| EngineError::UnknownSubject(subject.to_string()))?;
+        let subj: Arc<str> = subject.into();
+        let mut counters = Vec::new();
+        for (limit, _) in &plan.all {
+            let max = effective_max(limit, &st.overrides);
+            match &limit.scope {
+                Scope::Subject => {
+                    let key = CounterKey {
+                        limit: limit.name.clone(),
+                        scope: ScopeKey::Subject(subj.clone()),
+                    };
+                    let (u, _) = evaluate(&limit.kind, st.counters.get(&limit.name), now, 0, max);
+                    counters.push(view(limit, &key, &u));
+                }
+                Scope::Global => {
+                    let key = CounterKey {
+                        limit: limit.name.clone(),
+                        scope: ScopeKey::Global,
+                    };
+                    let i = self.shard_of_counter(&key);
+                    let c = self.lock(vec![i]).shard(i).shared.get(&key).cloned();
+                    let (u, _) = evaluate(&limit.kind, c.as_ref(), now, 0, max);
+                    counters.push(view(limit, &key, &u));
+                }
+                Scope::Attribute(_) => {
+                    // One counter per attribute value seen; listed in value order, at most 100.
+                    let mut found: Vec<(CounterKey, Counter)> = Vec::new();
+                    for i in 0..self.shards.len() {
+                        let mut l = self.lock(vec![i]);
+                        found.extend(
+                            l.shard(i)
+                                .shared
+                                .iter()
+                                .filter(|(k, _)| k.limit == limit.name)
+                                .map(|(k, c)| (k.clone(), c.clone())),
+                        );
+                    }
+                    found.sort_by(|a, b| a.0.cmp(&b.0));
+                    for (key, c) in found.into_iter().take(100) {
+                        let (u, _) = evaluate(&limit.kind, Some(&c), now, 0, max);
+                        counters.push(view(limit, &key, &u));
+                    }
+                }
+            }
+        }
+        Ok(SubjectView {
+            subject: subject.to_string(),
+            plan: plan.name.clone(),
+            assigned: st.plan.is_some(),
+            overrides: st.overrides,
+            counters,
+        })
+    }
+
+    /// Known subjects after `after`, in byte order, at most `limit`, with their plan.
+    pub fn list_subjects(&self, after: Option<&str>, limit: usize) -> Vec<(String, Option<String>)> {
+        use std::ops::Bound;
+        let lower = after.map_or(Bound::Unbounded, Bound::Excluded);
+        let mut out: Vec<(String, Option<String>)> = Vec::new();
+        for i in 0..self.shards.len() {
+            let mut l = self.lock(vec![i]);
+            out.extend(
+                l.shard(i)
+                    .subjects
+                    .range::<str, _>((lower, Bound::Unbounded))
+                    .take(limit)
+                    .map(|(s, st)| (s.to_string(), st.plan.clone())),
+            );
+        }
+        out.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        out.truncate(limit);
+        out
+    }
+
+    /// Drops what time has made useless: idle counters, expired idempotency keys and
+    /// finished reservations past retention. At most `budget` items per shard per call.
+    pub fn gc(&self, now_ms: Millis, budget: usize) -> Result<usize, EngineError> {
+        let now = self.now(now_ms);
+        self.expire_due(now);
+        let mut dropped = 0;
+        for i in 0..self.shards.len() {
+            let mut l = self.lock(vec![i]);
+            let shard = l.shard(i);
+            // Idle counters are indistinguishable from absent ones: no record needed.
+            let before = shard.shared.len();
+            shard.shared.retain(|_, c| !c.is_idle(now));
+            dropped += before - shard.shared.len();
+            for st in shard.subjects.values_mut() {
+                let before = st.counters.len();
+                st.counters.retain(|_, c| !c.is_idle(now));
+                dropped += before - st.counters.len();
+            }
+            shard.subjects.retain(|_, st| !st.is_empty());
+            let retention = self.policy().settings.idempotency_retention_ms;
+            let mut muts: Vec<Mutation> = shard
+                .idempotency
+                .iter()
+                .filter(|(_, (e, _))| e.expires_ms <= now)
+                .take(budget)
+                .map(|(k, _)| Mutation::DropIdempotency { key: k.clone() })
+                .collect();
+            muts.extend(
+                shard
+                    .reservations
+                    .values()
+                    .filter(|(r, _)| {
+                        r.status != ReservationStatus::Active
+                            && r.finished_ms
+                                .unwrap_or(r.expires_ms)
+                                .max(r.expires_ms)
+                                .saturating_add(retention)
+                                <= now
+                    })
+                    .take(budget)
+                    .map(|(r, _)| Mutation::DropReservation { id: r.id.clone() }),
+            );
+            dropped += muts.len();
+            l.commit(&muts)?;
+        }
+        Ok(dropped)
+    }
+}

@@ -1,0 +1,188 @@
+//! Reservation lifecycle: expiry of due holds and commit/release, with the
+//! state machine of API.md (active → committed | released | expired → …).
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+
+use super::*;
+
+impl Engine {
+    pub(super) fn track_expiry(&self, at: Millis, id: String) {
+        let mut idx = self.expiry.lock().unwrap_or_else(|e| e.into_inner());
+        idx.insert((at, id));
+        self.next_expiry_ms.fetch_min(at, Ordering::AcqRel);
+    }
+
+    /// Releases every active reservation whose TTL has passed. Called before every
+    /// operation, so no decision ever sees an expired hold.
+    pub fn expire_due(&self, now_ms: Millis) {
+        if now_ms < self.next_expiry_ms.load(Ordering::Acquire) {
+            return;
+        }
+        // Held while expiring so a concurrent operation waits for the holds to go.
+        let mut idx = self.expiry.lock().unwrap_or_else(|e| e.into_inner());
+        while let Some((at, _)) = idx.first() {
+            if *at > now_ms {
+                break;
+            }
+            let (_, id) = idx.pop_first().expect("first exists");
+            if let Err(e) = self.finish_locked(&id, Finish::Expire, now_ms) {
+                if !matches!(e, EngineError::UnknownReservation(_)) {
+                    tracing::error!(reservation = %id, error = %e, "could not expire a reservation");
+                }
+            }
+        }
+        self.next_expiry_ms
+            .store(idx.first().map_or(u64::MAX, |(at, _)| *at), Ordering::Release);
+    }
+
+    /// Commits, releases or expires a reservation.
+    pub fn finish(&self, id: &str, action: Finish, now_ms: Millis) -> Result<Applied<FinishAnswer>, EngineError> {
+        let now = self.now(now_ms);
+        self.expire_due(now);
+        if let Finish::Commit(amounts) = &action {
+            let policy = self.policy();
+            for metric in amounts.keys() {
+                if !policy.metrics.contains(metric) {
+                    return Err(EngineError::UnknownMetric(metric.clone()));
+                }
+            }
+        }
+        self.finish_locked(id, action, now)
+    }
+
+    fn finish_locked(&self, id: &str, action: Finish, now: Millis) -> Result<Applied<FinishAnswer>, EngineError> {
+        let unknown = || EngineError::UnknownReservation(id.to_string());
+        let rshard = self.shard_of_reservation(id);
+        // Phase 1: which shards the reservation touches (holds never change).
+        let shards = {
+            let mut l = self.lock(vec![rshard]);
+            let (r, _) = l.shard(rshard).reservations.get(id).ok_or_else(unknown)?;
+            let mut s: Vec<usize> = r.holds.iter().map(|h| self.shard_of_counter(&h.counter)).collect();
+            s.push(self.shard_of_subject(&r.subject));
+            s.push(rshard);
+            s
+        };
+        let mut locked = self.lock(shards);
+        let (r, lsn) = locked.shard(rshard).reservations.get(id).cloned().ok_or_else(unknown)?;
+        let policy = self.policy();
+        let (assigned, overrides) = match locked.subject_shard(&r.subject).subjects.get(&*r.subject) {
+            Some(st) => (st.plan.clone(), st.overrides.clone()),
+            None => (None, BTreeMap::new()),
+        };
+        let plan = policy.plan_for(assigned.as_deref());
+        let finished =
+            |status: &str| EngineError::ReservationFinished(format!("reservation {id:?} was already {status}"));
+
+        let (status, charged, deltas): (ReservationStatus, BTreeMap<String, u64>, Vec<i64>) = match (&action, &r.status)
+        {
+            (Finish::Expire, ReservationStatus::Active) => (
+                ReservationStatus::Expired,
+                BTreeMap::new(),
+                r.holds.iter().map(|h| -signed(h.amount)).collect(),
+            ),
+            (Finish::Expire, _) => {
+                return Ok(Applied {
+                    value: r.answer.clone().unwrap_or_else(|| empty_answer(&r)),
+                    lsn: None,
+                })
+            }
+            (Finish::Commit(given), ReservationStatus::Active | ReservationStatus::Expired) => {
+                let mut actual = r.amounts.clone();
+                actual.extend(given.iter().map(|(k, v)| (k.clone(), *v)));
+                let was_active = r.status == ReservationStatus::Active;
+                let deltas = r
+                    .holds
+                    .iter()
+                    .map(|h| {
+                        let a = signed(actual.get(&*h.metric).copied().unwrap_or(0));
+                        if was_active {
+                            a - signed(h.amount)
+                        } else {
+                            a
+                        }
+                    })
+                    .collect();
+                (ReservationStatus::Committed, actual, deltas)
+            }
+            (Finish::Commit(given), ReservationStatus::Committed) => {
+                let answer = r.answer.clone().expect("finished reservations keep their answer");
+                let mut actual = r.amounts.clone();
+                actual.extend(given.iter().map(|(k, v)| (k.clone(), *v)));
+                return if actual == answer.charged {
+                    Ok(Applied {
+                        value: answer,
+                        lsn: Some(lsn),
+                    })
+                } else {
+                    Err(finished("committed with other amounts"))
+                };
+            }
+            (Finish::Commit(_), ReservationStatus::Released) => return Err(finished("released")),
+            (Finish::Release, ReservationStatus::Active) => (
+                ReservationStatus::Released,
+                BTreeMap::new(),
+                r.holds.iter().map(|h| -signed(h.amount)).collect(),
+            ),
+            (Finish::Release, ReservationStatus::Expired) => {
+                (ReservationStatus::Released, BTreeMap::new(), vec![0; r.holds.len()])
+            }
+            (Finish::Release, ReservationStatus::Released) => {
+                let answer = r.answer.clone().expect("finished reservations keep their answer");
+                return Ok(Applied {
+                    value: answer,
+                    lsn: Some(lsn),
+                });
+            }
+            (Finish::Release, ReservationStatus::Committed) => return Err(finished("committed")),
+        };
+
+        let mut muts = Vec::with_capacity(r.holds.len() + 1);
+        let mut counters = Vec::new();
+        for (h, &delta) in r.holds.iter().zip(&deltas) {
+            if let Some(limit) = plan.and_then(|p| p.limit(&h.counter.limit)) {
+                let max = effective_max(limit, &overrides);
+                let current = locked.counter(&h.counter);
+                counters.push(view_after(limit, &h.counter, current, Some((&h.slot, delta)), max, now));
+            }
+            if delta != 0 {
+                muts.push(Mutation::Charge {
+                    counter: h.counter.clone(),
+                    slot: h.slot,
+                    delta,
+                    at_ms: now,
+                });
+            }
+        }
+        let answer = FinishAnswer {
+            reservation_id: r.id.clone(),
+            subject: r.subject.to_string(),
+            status: status.clone(),
+            expired: r.status == ReservationStatus::Expired || status == ReservationStatus::Expired,
+            held: r.amounts.clone(),
+            charged,
+            counters,
+        };
+        let finished_r = Reservation {
+            status,
+            finished_ms: Some(r.finished_ms.unwrap_or(now)),
+            answer: (action != Finish::Expire).then(|| answer.clone()),
+            ..r
+        };
+        muts.push(Mutation::PutReservation(Box::new(finished_r)));
+        let lsn = locked.commit(&muts)?;
+        Ok(Applied { value: answer, lsn })
+    }
+}
+
+fn empty_answer(r: &Reservation) -> FinishAnswer {
+    FinishAnswer {
+        reservation_id: r.id.clone(),
+        subject: r.subject.to_string(),
+        status: r.status.clone(),
+        expired: true,
+        held: r.amounts.clone(),
+        charged: BTreeMap::new(),
+        counters: Vec::new(),
+    }
+}
