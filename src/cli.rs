@@ -11,6 +11,7 @@ use crate::clock::SystemClock;
 use crate::config::Config;
 use crate::engine::Policy;
 use crate::server::{Server, ServerError};
+use crate::storage::StorageError;
 
 /// Exit code for an invalid configuration.
 pub const EXIT_CONFIG: u8 = 2;
@@ -18,6 +19,21 @@ pub const EXIT_CONFIG: u8 = 2;
 pub const EXIT_BIND: u8 = 3;
 /// Exit code for any other runtime failure.
 pub const EXIT_RUNTIME: u8 = 1;
+/// Exit code when the WAL or snapshot is damaged: quotad refuses to start.
+pub const EXIT_CORRUPT: u8 = 4;
+/// Exit code when a WAL write or fsync failed while running.
+pub const EXIT_STORAGE: u8 = 5;
+
+/// The exit code for a server error.
+pub fn exit_code(e: &ServerError) -> u8 {
+    match e {
+        ServerError::Config(_) => EXIT_CONFIG,
+        ServerError::Bind { .. } => EXIT_BIND,
+        ServerError::Recovery(StorageError::Corrupt(_)) => EXIT_CORRUPT,
+        ServerError::Recovery(_) => EXIT_RUNTIME,
+        ServerError::Storage(_) => EXIT_STORAGE,
+    }
+}
 
 /// quotad: quota and rate-limit daemon for AI products.
 #[derive(Debug, Parser)]
@@ -53,6 +69,32 @@ pub enum Command {
         /// What to do with the configuration.
         #[command(subcommand)]
         action: ConfigAction,
+    },
+    /// Write-ahead log tools, for a stopped daemon's data directory.
+    Wal {
+        /// What to do with the log.
+        #[command(subcommand)]
+        action: WalAction,
+    },
+}
+
+/// `quotad wal ...`.
+#[derive(Debug, Subcommand)]
+pub enum WalAction {
+    /// Check the snapshot and every WAL record; report records, LSN range, torn
+    /// tail or corruption, and the digest of the recovered state. Changes nothing.
+    Verify {
+        /// The data directory (or its `wal` subdirectory).
+        dir: PathBuf,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print every WAL record as one JSON line: the audit log of every change
+    /// with its idempotency key.
+    Dump {
+        /// The data directory (or its `wal` subdirectory).
+        dir: PathBuf,
     },
 }
 
@@ -136,10 +178,7 @@ fn serve(config_path: Option<&Path>) -> ExitCode {
             Err(e) => {
                 tracing::error!(error = %e, "cannot start");
                 eprintln!("quotad: {e}");
-                return ExitCode::from(match e {
-                    ServerError::Config(_) => EXIT_CONFIG,
-                    ServerError::Bind { .. } => EXIT_BIND,
-                });
+                return ExitCode::from(exit_code(&e));
             }
         };
         for addr in server.local_addrs() {
@@ -149,7 +188,8 @@ fn serve(config_path: Option<&Path>) -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 tracing::error!(error = %e, "stopped with an error");
-                ExitCode::from(EXIT_RUNTIME)
+                eprintln!("quotad: {e}");
+                ExitCode::from(exit_code(&e))
             }
         }
     })
@@ -175,6 +215,116 @@ fn config_check(file: &Path) -> ExitCode {
     }
 }
 
+/// Splits `dir` into (data dir, wal dir): either may be given.
+fn wal_paths(dir: &Path) -> (PathBuf, PathBuf) {
+    if dir.join("wal").is_dir() {
+        (dir.to_path_buf(), crate::storage::wal_dir(dir))
+    } else {
+        (dir.parent().unwrap_or(dir).to_path_buf(), dir.to_path_buf())
+    }
+}
+
+fn wal_verify(dir: &Path, json: bool) -> ExitCode {
+    use crate::storage::{self, io::FsDir, snapshot::SnapshotStore};
+    let (data, wal) = wal_paths(dir);
+    if !wal.is_dir() {
+        eprintln!("{}: no WAL directory here", wal.display());
+        return ExitCode::from(EXIT_RUNTIME);
+    }
+    let result = (|| {
+        let snap = SnapshotStore::open_existing(&storage::snapshot_path(&data))
+            .map_err(|e| StorageError::Corrupt(e.to_string()))?;
+        let fs = FsDir::new(&wal).map_err(|e| StorageError::Io(e.to_string()))?;
+        let policy = Policy::compile(&Config::default()).expect("defaults compile");
+        let (engine, _, report) = storage::recover(snap.as_ref(), std::sync::Arc::new(fs), policy, u64::MAX, true)?;
+        Ok::<_, StorageError>((
+            engine.digest(crate::clock::Clock::now_ms(&crate::clock::SystemClock)),
+            report,
+        ))
+    })();
+    match result {
+        Ok((digest, r)) => {
+            if json {
+                let v = serde_json::json!({
+                    "ok": true, "snapshot": r.snapshot_loaded, "records": r.scan.records,
+                    "replayed": r.replayed_records, "first_lsn": r.scan.first_lsn, "last_lsn": r.scan.last_lsn,
+                    "segments": r.scan.segments, "torn_tail_bytes": r.scan.torn_tail_bytes, "digest": digest,
+                });
+                println!("{v}");
+            } else {
+                println!(
+                    "OK: {} segment(s), {} record(s), LSN {}..{}, snapshot: {}, replayed after it: {}",
+                    r.scan.segments,
+                    r.scan.records,
+                    r.scan.first_lsn.map_or("-".into(), |l| l.to_string()),
+                    r.scan.last_lsn.map_or("-".into(), |l| l.to_string()),
+                    if r.snapshot_loaded { "yes" } else { "none" },
+                    r.replayed_records
+                );
+                if r.scan.torn_tail_bytes > 0 {
+                    println!(
+                        "torn tail: {} byte(s) at the end of {} (an unacknowledged write; start-up truncates it)",
+                        r.scan.torn_tail_bytes,
+                        r.scan.torn_tail_file.unwrap_or_default()
+                    );
+                }
+                println!(
+                    "state digest: {:016x} ({} subjects, {} counters, {} reservations, {} idempotency keys)",
+                    digest.sum, digest.subjects, digest.counters, digest.reservations, digest.idempotency_keys
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            if json {
+                println!("{}", serde_json::json!({"ok": false, "error": e.to_string()}));
+            } else {
+                eprintln!("{e}");
+            }
+            ExitCode::from(if matches!(e, StorageError::Corrupt(_)) {
+                EXIT_CORRUPT
+            } else {
+                EXIT_RUNTIME
+            })
+        }
+    }
+}
+
+fn wal_dump(dir: &Path) -> ExitCode {
+    use crate::storage::{codec, io::FsDir, io::WalDir, wal};
+    use std::io::Write;
+    let (_, wal_path) = wal_paths(dir);
+    let fs = match FsDir::new(&wal_path) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("{}: {e}", wal_path.display());
+            return ExitCode::from(EXIT_RUNTIME);
+        }
+    };
+    let first = fs
+        .list()
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|n| n.strip_prefix("wal-")?.strip_suffix(".log")?.parse::<u64>().ok())
+        .min()
+        .unwrap_or(1);
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let r = wal::verify(&fs, first.saturating_sub(1), &mut |lsn, version, payload| {
+        let muts = codec::decode_mutations(version, payload).map_err(|e| e.to_string())?;
+        let line = serde_json::json!({"lsn": lsn, "mutations": muts});
+        writeln!(out, "{line}").map_err(|e| e.to_string())
+    });
+    let _ = out.flush();
+    match r {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::from(EXIT_CORRUPT)
+        }
+    }
+}
+
 /// Entry point of the `quotad` binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -186,5 +336,11 @@ pub fn main() -> ExitCode {
         Command::Config {
             action: ConfigAction::Check { file },
         } => config_check(&file),
+        Command::Wal {
+            action: WalAction::Verify { dir, json },
+        } => wal_verify(&dir, json),
+        Command::Wal {
+            action: WalAction::Dump { dir },
+        } => wal_dump(&dir),
     }
 }

@@ -70,6 +70,15 @@ pub struct StorageConfig {
     pub durability: Durability,
     /// Sync interval for `durability = "batch"`, in ms. Default 10, 1..=10000.
     pub flush_interval_ms: u64,
+    /// A new WAL segment is started beyond this size. Default 64 MiB, 1 MiB..=1 GiB.
+    pub segment_bytes_max: u64,
+    /// Take a snapshot after this many WAL records. Default 1_000_000, at least 1000.
+    pub snapshot_every_records: u64,
+    /// Take a snapshot after this many WAL bytes. Default 256 MiB, at least 1 MiB.
+    pub snapshot_every_bytes: u64,
+    /// Writes wait (backpressure) while this many bytes wait for the WAL writer.
+    /// Default 16 MiB, 64 KiB..=1 GiB.
+    pub queue_bytes_max: usize,
 }
 
 impl Default for StorageConfig {
@@ -78,6 +87,10 @@ impl Default for StorageConfig {
             data_dir: PathBuf::from("./data"),
             durability: Durability::Fsync,
             flush_interval_ms: 10,
+            segment_bytes_max: 64 << 20,
+            snapshot_every_records: 1_000_000,
+            snapshot_every_bytes: 256 << 20,
+            queue_bytes_max: 16 << 20,
         }
     }
 }
@@ -271,9 +284,9 @@ pub enum Unmatched {
     Deny,
 }
 
-/// A cap: a whole number up to 2^53-1, or "unlimited".
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(into = "MaxRepr", try_from = "MaxRepr")]
+/// A cap: a whole number up to 2^53-1, or "unlimited". Text formats (TOML, JSON)
+/// write a number or "unlimited"; binary formats an optional number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum MaxValue {
     /// At most this much.
     Finite(u64),
@@ -312,6 +325,30 @@ impl<'de> Deserialize<'de> for MaxRepr {
             }
         }
         d.deserialize_any(V)
+    }
+}
+
+impl Serialize for MaxValue {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if s.is_human_readable() {
+            MaxRepr::from(*self).serialize(s)
+        } else {
+            match self {
+                MaxValue::Finite(n) => Some(*n),
+                MaxValue::Unlimited => None,
+            }
+            .serialize(s)
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for MaxValue {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        if d.is_human_readable() {
+            MaxValue::try_from(MaxRepr::deserialize(d)?).map_err(de::Error::custom)
+        } else {
+            Ok(Option::<u64>::deserialize(d)?.map_or(MaxValue::Unlimited, MaxValue::Finite))
+        }
     }
 }
 
@@ -516,6 +553,30 @@ impl Config {
             return Err(ConfigError::new(
                 "storage.flush_interval_ms",
                 "must be between 1 and 10000",
+            ));
+        }
+        if !((1 << 20)..=(1 << 30)).contains(&self.storage.segment_bytes_max) {
+            return Err(ConfigError::new(
+                "storage.segment_bytes_max",
+                "must be between 1 MiB and 1 GiB",
+            ));
+        }
+        if self.storage.snapshot_every_records < 1000 {
+            return Err(ConfigError::new(
+                "storage.snapshot_every_records",
+                "must be at least 1000",
+            ));
+        }
+        if self.storage.snapshot_every_bytes < (1 << 20) {
+            return Err(ConfigError::new(
+                "storage.snapshot_every_bytes",
+                "must be at least 1 MiB",
+            ));
+        }
+        if !((64 << 10)..=(1 << 30)).contains(&self.storage.queue_bytes_max) {
+            return Err(ConfigError::new(
+                "storage.queue_bytes_max",
+                "must be between 64 KiB and 1 GiB",
             ));
         }
         if self.storage.data_dir.as_os_str().is_empty() {

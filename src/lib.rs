@@ -14,3 +14,4 @@ pub mod journal;
 pub mod metrics;
 pub mod period;
 pub mod server;
+pub mod storage;

@@ -1,7 +1,11 @@
-//! Listeners and lifecycle: binds TCP and Unix sockets, serves the API router on
-//! each accepted connection (at most `server.max_connections` at once), runs the
-//! maintenance task (reservation expiry, garbage collection), and shuts down
-//! gracefully when the `shutdown` future resolves.
+//! Listeners and lifecycle. `bind` checks the config and binds every TCP and
+//! Unix socket; `run` serves right away (health checks answer, everything else
+//! is 503 until ready), recovers the state from disk, then serves requests
+//! with at most `server.max_connections` connections, expires holds, collects
+//! garbage and snapshots in the background, and on shutdown stops accepting,
+//! refuses new writes, drains open requests, takes a final snapshot and closes
+//! the WAL. If the WAL fails, it stops taking writes and returns an error
+//! (the process exits non-zero; restart replays the log).
 
 use std::future::Future;
 use std::io;
@@ -16,17 +20,20 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{watch, Semaphore};
 
-use crate::api::{self, AppState, Token};
+use crate::api::{self, AppState, Core, Token};
 use crate::clock::Clock;
-use crate::config::{Config, ConfigError, ListenAddr};
+use crate::config::{Config, ConfigError, ListenAddr, StorageConfig};
 use crate::engine::{Engine, Policy};
-use crate::journal::{Journal, NullJournal};
+use crate::journal::Journal;
 use crate::metrics::Metrics;
+use crate::storage::{Storage, StorageError};
 
 /// How often due reservations are expired even when no request arrives.
 const EXPIRY_TICK: Duration = Duration::from_millis(250);
 /// How often garbage collection runs.
 const GC_TICK: Duration = Duration::from_secs(10);
+/// How often the snapshot thresholds are checked.
+const SNAPSHOT_CHECK_TICK: Duration = Duration::from_secs(1);
 /// Items dropped per shard per GC pass, so one pass never stalls requests long.
 const GC_BUDGET: usize = 10_000;
 /// A client must finish sending request headers within this time.
@@ -47,11 +54,25 @@ pub enum ServerError {
         /// Why.
         source: io::Error,
     },
+    /// Recovery failed: the data is damaged or cannot be read.
+    #[error("cannot recover the state: {0}")]
+    Recovery(StorageError),
+    /// The WAL failed while running; unacknowledged writes were refused.
+    #[error("storage failed: {0}")]
+    Storage(String),
 }
 
 enum Bound {
     Tcp(TcpListener),
     Unix(UnixListener, PathBuf),
+}
+
+/// Where state is kept.
+enum Backing {
+    /// WAL and snapshots in `storage.data_dir`.
+    Durable(StorageConfig),
+    /// In memory, journaling to the given journal (tests, embedding).
+    Memory(Arc<dyn Journal>),
 }
 
 /// A bound, not yet running server.
@@ -64,6 +85,10 @@ pub struct Server {
     grace: Duration,
     /// Open connections at most.
     max_connections: usize,
+    /// The compiled limits and plans.
+    policy: Policy,
+    /// Where state is kept.
+    backing: Backing,
 }
 
 fn load_tokens(config: &Config) -> Result<Vec<Token>, ConfigError> {
@@ -126,21 +151,25 @@ async fn clear_stale_socket(path: &Path) -> io::Result<()> {
 }
 
 impl Server {
-    /// Compiles the config, builds the engine and binds every listen address.
+    /// Checks the config and binds every listen address; state is recovered from
+    /// `storage.data_dir` when `run` starts.
     pub async fn bind(config: &Config, clock: Arc<dyn Clock>) -> Result<Server, ServerError> {
-        Self::bind_with_journal(config, clock, Arc::new(NullJournal::default())).await
+        Self::bind_inner(config, clock, Backing::Durable(config.storage.clone())).await
     }
 
-    /// As [`Server::bind`], with the journal the engine writes to.
+    /// As [`Server::bind`], keeping state in memory and journaling to `journal`.
     pub async fn bind_with_journal(
         config: &Config,
         clock: Arc<dyn Clock>,
         journal: Arc<dyn Journal>,
     ) -> Result<Server, ServerError> {
+        Self::bind_inner(config, clock, Backing::Memory(journal)).await
+    }
+
+    async fn bind_inner(config: &Config, clock: Arc<dyn Clock>, backing: Backing) -> Result<Server, ServerError> {
         config.sanitize()?;
         let policy = Policy::compile(config)?;
         let tokens = load_tokens(config)?;
-        let engine = Arc::new(Engine::new(policy, journal));
         let mut listeners = Vec::new();
         for addr in config.listen_addrs() {
             let bind_err = |source| ServerError::Bind {
@@ -157,8 +186,7 @@ impl Server {
             listeners.push(bound);
         }
         let state = Arc::new(AppState {
-            durable: engine.durable_watch(),
-            engine,
+            core: std::sync::OnceLock::new(),
             clock,
             tokens,
             metrics: Metrics::default(),
@@ -171,6 +199,8 @@ impl Server {
             listeners,
             grace: Duration::from_millis(config.server.shutdown_grace_ms),
             max_connections: config.server.max_connections,
+            policy,
+            backing,
         })
     }
 
@@ -190,77 +220,88 @@ impl Server {
         self.state.clone()
     }
 
-    /// Serves until `shutdown` resolves, then stops accepting, refuses new writes,
-    /// waits up to the grace period for open requests and removes socket files.
+    /// Serves until `shutdown` resolves (or the WAL fails), then shuts down.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), ServerError> {
         let Server {
             state,
             listeners,
             grace,
             max_connections,
+            policy,
+            backing,
         } = self;
-        let router = api::router(state.clone());
-        let graceful = Arc::new(GracefulShutdown::new());
-        let permits = Arc::new(Semaphore::new(max_connections));
         let (stop_tx, stop_rx) = watch::channel(false);
-        let mut sockets = Vec::new();
-        let mut accept_tasks = Vec::new();
-        for l in listeners {
-            if let Bound::Unix(_, p) = &l {
-                sockets.push(p.clone());
-            }
-            let router = router.clone();
-            let permits = permits.clone();
-            let mut stop = stop_rx.clone();
-            let graceful = graceful.clone();
-            accept_tasks.push(tokio::spawn(async move {
-                loop {
-                    let permit = tokio::select! {
-                        p = permits.clone().acquire_owned() => p.expect("semaphore never closed"),
-                        _ = stop.changed() => break,
-                    };
-                    let svc = TowerToHyperService::new(router.clone());
-                    let builder = {
-                        let mut b = hyper::server::conn::http1::Builder::new();
-                        b.timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
-                        b
-                    };
-                    let conn_fut: std::pin::Pin<Box<dyn Future<Output = ()> + Send>> = tokio::select! {
-                        r = accept(&l) => match r {
-                            Ok(Accepted::Tcp(s)) => {
-                                let _ = s.set_nodelay(true);
-                                let c = builder.serve_connection(TokioIo::new(s), svc);
-                                let c = graceful.watch(c);
-                                Box::pin(async move { let _ = c.await; })
-                            }
-                            Ok(Accepted::Unix(s)) => {
-                                let c = builder.serve_connection(TokioIo::new(s), svc);
-                                let c = graceful.watch(c);
-                                Box::pin(async move { let _ = c.await; })
-                            }
-                            Err(e) => {
-                                // EMFILE and friends: back off rather than spin.
-                                tracing::warn!(error = %e, "accept failed");
-                                tokio::time::sleep(Duration::from_millis(50)).await;
-                                continue;
-                            }
-                        },
-                        _ = stop.changed() => break,
-                    };
-                    tokio::spawn(async move {
-                        conn_fut.await;
-                        drop(permit);
-                    });
-                }
-            }));
-        }
+        let graceful = Arc::new(GracefulShutdown::new());
+        let sockets: Vec<PathBuf> = listeners
+            .iter()
+            .filter_map(|l| match l {
+                Bound::Unix(_, p) => Some(p.clone()),
+                Bound::Tcp(_) => None,
+            })
+            .collect();
+        let accept_tasks = spawn_accept_loops(&state, listeners, max_connections, &graceful, &stop_rx);
 
-        let maintenance = tokio::spawn(maintain(state.clone(), stop_rx.clone()));
+        let (engine, storage) = match backing {
+            Backing::Memory(journal) => (Engine::new(policy, journal), None),
+            Backing::Durable(config) => {
+                let opened = tokio::task::spawn_blocking(move || Storage::open(&config, policy))
+                    .await
+                    .expect("recovery does not panic");
+                match opened {
+                    Ok((engine, storage, report)) => {
+                        tracing::info!(
+                            snapshot = report.snapshot_loaded,
+                            replayed_records = report.replayed_records,
+                            wal_records = report.scan.records,
+                            first_lsn = report.scan.first_lsn,
+                            last_lsn = report.scan.last_lsn,
+                            torn_tail_bytes = report.scan.torn_tail_bytes,
+                            duration_ms = report.duration.as_millis() as u64,
+                            "recovered"
+                        );
+                        if report.scan.torn_tail_bytes > 0 {
+                            tracing::warn!(
+                                file = report.scan.torn_tail_file.as_deref().unwrap_or(""),
+                                bytes = report.scan.torn_tail_bytes,
+                                "truncated a torn WAL tail (an unacknowledged write cut short by a crash)"
+                            );
+                        }
+                        (engine, Some(Arc::new(storage)))
+                    }
+                    Err(e) => {
+                        let _ = stop_tx.send(true);
+                        for t in accept_tasks {
+                            let _ = t.await;
+                        }
+                        remove_sockets(&sockets);
+                        return Err(ServerError::Recovery(e));
+                    }
+                }
+            }
+        };
+        let engine = Arc::new(engine);
+        let _ = state.core.set(Core {
+            durable: engine.durable_watch(),
+            engine: engine.clone(),
+        });
         state.ready.store(true, Ordering::Release);
         tracing::info!("ready");
 
-        shutdown.await;
-        tracing::info!("shutting down");
+        let maintenance = tokio::spawn(maintain(state.clone(), storage.clone(), stop_rx.clone()));
+        let storage_failed = async {
+            match &storage {
+                Some(s) => s.journal().failed().await,
+                None => std::future::pending().await,
+            }
+        };
+        let failure = tokio::select! {
+            _ = shutdown => None,
+            _ = storage_failed => storage.as_ref().and_then(|s| s.journal().failure()),
+        };
+        match &failure {
+            None => tracing::info!("shutting down"),
+            Some(f) => tracing::error!(error = %f, "stopping: the WAL failed"),
+        }
         state.shutting_down.store(true, Ordering::Release);
         let _ = stop_tx.send(true);
         for t in accept_tasks {
@@ -275,13 +316,94 @@ impl Server {
                 "open connections did not finish within the grace period"
             );
         }
-        for p in sockets {
-            if let Err(e) = std::fs::remove_file(&p) {
-                tracing::warn!(path = %p.display(), error = %e, "could not remove socket file");
+        let mut result = failure.map_or(Ok(()), |f| Err(ServerError::Storage(f)));
+        if let Some(storage) = storage {
+            let now = state.clock.now_ms();
+            let closed = tokio::task::spawn_blocking(move || {
+                // No snapshot after a WAL failure: memory may hold changes that
+                // were refused (503) and must not become durable now.
+                if storage.journal().failure().is_none() {
+                    match storage.snapshot(&engine, now) {
+                        Ok(r) => tracing::info!(min_lsn = r.min_lsn, bytes = r.bytes, "final snapshot written"),
+                        Err(e) => tracing::error!(error = %e, "final snapshot failed; the WAL still has everything"),
+                    }
+                }
+                storage.close()
+            })
+            .await
+            .expect("closing storage does not panic");
+            if let (Err(e), Ok(())) = (closed, &result) {
+                result = Err(ServerError::Storage(e.to_string()));
             }
         }
-        Ok(())
+        remove_sockets(&sockets);
+        result
     }
+}
+
+fn remove_sockets(sockets: &[PathBuf]) {
+    for p in sockets {
+        if let Err(e) = std::fs::remove_file(p) {
+            tracing::warn!(path = %p.display(), error = %e, "could not remove socket file");
+        }
+    }
+}
+
+fn spawn_accept_loops(
+    state: &Arc<AppState>,
+    listeners: Vec<Bound>,
+    max_connections: usize,
+    graceful: &Arc<GracefulShutdown>,
+    stop_rx: &watch::Receiver<bool>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let router = api::router(state.clone());
+    let permits = Arc::new(Semaphore::new(max_connections));
+    listeners
+        .into_iter()
+        .map(|l| {
+            let router = router.clone();
+            let permits = permits.clone();
+            let mut stop = stop_rx.clone();
+            let graceful = graceful.clone();
+            tokio::spawn(async move {
+                loop {
+                    let permit = tokio::select! {
+                        p = permits.clone().acquire_owned() => p.expect("semaphore never closed"),
+                        _ = stop.changed() => break,
+                    };
+                    let svc = TowerToHyperService::new(router.clone());
+                    let mut builder = hyper::server::conn::http1::Builder::new();
+                    builder
+                        .timer(TokioTimer::new())
+                        .header_read_timeout(HEADER_READ_TIMEOUT);
+                    let conn: std::pin::Pin<Box<dyn Future<Output = ()> + Send>> = tokio::select! {
+                        r = accept(&l) => match r {
+                            Ok(Accepted::Tcp(s)) => {
+                                let _ = s.set_nodelay(true);
+                                let c = graceful.watch(builder.serve_connection(TokioIo::new(s), svc));
+                                Box::pin(async move { let _ = c.await; })
+                            }
+                            Ok(Accepted::Unix(s)) => {
+                                let c = graceful.watch(builder.serve_connection(TokioIo::new(s), svc));
+                                Box::pin(async move { let _ = c.await; })
+                            }
+                            Err(e) => {
+                                // EMFILE and friends: back off rather than spin.
+                                tracing::warn!(error = %e, "accept failed");
+                                tokio::time::sleep(Duration::from_millis(50)).await;
+                                continue;
+                            }
+                        },
+                        _ = stop.changed() => break,
+                    };
+                    tokio::spawn(async move {
+                        conn.await;
+                        drop(permit);
+                    });
+                }
+            })
+        })
+        .collect()
 }
 
 enum Accepted {
@@ -296,23 +418,36 @@ async fn accept(l: &Bound) -> io::Result<Accepted> {
     }
 }
 
-/// Expires due reservations without waiting for a request, and collects garbage.
-async fn maintain(state: Arc<AppState>, mut stop: watch::Receiver<bool>) {
-    let mut tick = tokio::time::interval(EXPIRY_TICK);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let ticks_per_gc = (GC_TICK.as_millis() / EXPIRY_TICK.as_millis()) as u64;
-    let mut n: u64 = 0;
+/// Expires due reservations without waiting for a request, collects garbage,
+/// and takes a snapshot when enough has been logged since the last one.
+async fn maintain(state: Arc<AppState>, storage: Option<Arc<Storage>>, mut stop: watch::Receiver<bool>) {
+    let Ok(engine) = state.engine().cloned() else { return };
+    let mut expiry = tokio::time::interval(EXPIRY_TICK);
+    let mut gc = tokio::time::interval(GC_TICK);
+    let mut snap = tokio::time::interval(SNAPSHOT_CHECK_TICK);
+    for t in [&mut expiry, &mut gc, &mut snap] {
+        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    }
     loop {
         tokio::select! {
-            _ = tick.tick() => {}
             _ = stop.changed() => return,
-        }
-        let now = state.clock.now_ms();
-        state.engine.expire_due(now);
-        n += 1;
-        if n % ticks_per_gc == 0 {
-            if let Err(e) = state.engine.gc(now, GC_BUDGET) {
-                tracing::error!(error = %e, "garbage collection failed");
+            _ = expiry.tick() => engine.expire_due(state.clock.now_ms()),
+            _ = gc.tick() => {
+                if let Err(e) = engine.gc(state.clock.now_ms(), GC_BUDGET) {
+                    tracing::error!(error = %e, "garbage collection failed");
+                }
+            }
+            _ = snap.tick() => {
+                let Some(storage) = storage.clone().filter(|s| s.snapshot_due()) else { continue };
+                let (engine, now) = (engine.clone(), state.clock.now_ms());
+                // Blocking work off the async workers; requests keep being served.
+                let r = tokio::task::spawn_blocking(move || storage.snapshot(&engine, now)).await;
+                match r {
+                    Ok(Ok(r)) => tracing::info!(min_lsn = r.min_lsn, bytes = r.bytes, segments_removed = r.segments_removed,
+                        duration_ms = r.duration.as_millis() as u64, "snapshot written"),
+                    Ok(Err(e)) => tracing::error!(error = %e, "snapshot failed; the WAL still has everything"),
+                    Err(e) => tracing::error!(error = %e, "snapshot task panicked"),
+                }
             }
         }
     }

@@ -710,7 +710,7 @@ fn run(cmds: &[Cmd]) -> Result<(), TestCaseError> {
     for (lsn, muts) in journal.records() {
         fresh.replay(lsn, &muts);
     }
-    fresh.rebuild_expiry_index();
+    fresh.finish_recovery();
     prop_assert_eq!(views(&fresh, m.now), views(&e, m.now));
     prop_assert_eq!(fresh.stats().open_reservations, e.stats().open_reservations);
     Ok(())

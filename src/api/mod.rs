@@ -6,7 +6,7 @@ mod error;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -66,14 +66,20 @@ impl std::fmt::Debug for Token {
     }
 }
 
-/// Shared state of all handlers.
-pub struct AppState {
+/// What exists once recovery has finished.
+pub struct Core {
     /// The engine.
     pub engine: Arc<Engine>,
-    /// Time source.
-    pub clock: Arc<dyn Clock>,
     /// Where to wait for durability.
     pub durable: DurableWatch,
+}
+
+/// Shared state of all handlers.
+pub struct AppState {
+    /// Set when recovery has finished; until then requests get 503.
+    pub core: OnceLock<Core>,
+    /// Time source.
+    pub clock: Arc<dyn Clock>,
     /// Accepted tokens; empty disables auth.
     pub tokens: Vec<Token>,
     /// Request counters.
@@ -112,6 +118,14 @@ impl AppState {
         }
     }
 
+    /// The engine, once recovery has finished.
+    pub fn engine(&self) -> Result<&Arc<Engine>, ApiError> {
+        self.core
+            .get()
+            .map(|c| &c.engine)
+            .ok_or_else(|| ApiError::Unavailable("quotad is recovering its state; retry shortly".into()))
+    }
+
     fn writable(&self) -> Result<(), ApiError> {
         if self.shutting_down.load(Ordering::Acquire) {
             return Err(ApiError::Unavailable(
@@ -129,7 +143,10 @@ impl AppState {
     }
 
     async fn wait(&self, lsn: Lsn) -> Result<(), ApiError> {
-        self.durable
+        self.core
+            .get()
+            .expect("a write had an engine")
+            .durable
             .wait(lsn)
             .await
             .map_err(|e| ApiError::Unavailable(format!("{e}; the change was not acknowledged")))
@@ -157,6 +174,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/subjects/{subject}/reset", post(reset))
         .route("/v1/subjects/{subject}/credit", post(credit))
         .route("/v1/plans", get(plans))
+        .route("/v1/admin/digest", get(digest))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -388,7 +406,7 @@ async fn decide(
     if op != DecideOp::Check {
         st.writable()?;
     }
-    let applied = st.engine.decide(op, &req, st.now())?;
+    let applied = st.engine()?.decide(op, &req, st.now())?;
     let d = st.durable(applied).await?;
     let op_index = match op {
         DecideOp::Check => 0,
@@ -452,7 +470,7 @@ async fn commit(
     let b: CommitBody = parse(&body_bytes(body, st.max_body_bytes)?)?;
     check_amounts("amounts", &b.amounts)?;
     st.writable()?;
-    let applied = st.engine.finish(&id, Finish::Commit(b.amounts), st.now())?;
+    let applied = st.engine()?.finish(&id, Finish::Commit(b.amounts), st.now())?;
     Ok(Json(st.durable(applied).await?).into_response())
 }
 
@@ -466,7 +484,7 @@ async fn release(
     reservation_path(&id)?;
     let _: ReleaseBody = parse(&body_bytes(body, st.max_body_bytes)?)?;
     st.writable()?;
-    let applied = st.engine.finish(&id, Finish::Release, st.now())?;
+    let applied = st.engine()?.finish(&id, Finish::Release, st.now())?;
     Ok(Json(st.durable(applied).await?).into_response())
 }
 
@@ -477,12 +495,12 @@ async fn get_subject(
 ) -> Result<Response, ApiError> {
     st.authorize(&headers, Role::Client)?;
     subject_path(&subject)?;
-    Ok(Json(st.engine.subject(&subject, st.now())?).into_response())
+    Ok(Json(st.engine()?.subject(&subject, st.now())?).into_response())
 }
 
 /// Answers an admin write with the subject as it is now; marks replays.
 fn subject_answer(st: &AppState, subject: &str, replayed: bool) -> Result<Response, ApiError> {
-    let view = st.engine.subject(subject, st.now())?;
+    let view = st.engine()?.subject(subject, st.now())?;
     let mut resp = Json(view).into_response();
     if replayed {
         resp.headers_mut()
@@ -517,7 +535,7 @@ async fn put_subject(
     }
     let key = idempotency_key(&headers, None)?;
     st.writable()?;
-    let applied = st.engine.put_subject(
+    let applied = st.engine()?.put_subject(
         &subject,
         b.plan.as_deref(),
         b.overrides.as_ref(),
@@ -543,7 +561,7 @@ async fn delete_subject(
     subject_path(&subject)?;
     let key = idempotency_key(&headers, None)?;
     st.writable()?;
-    let applied = st.engine.delete_subject(&subject, key.as_deref(), st.now())?;
+    let applied = st.engine()?.delete_subject(&subject, key.as_deref(), st.now())?;
     let existed = st.durable(applied).await?;
     Ok(Json(Deleted {
         subject: &subject,
@@ -576,7 +594,7 @@ async fn reset(
     let key = idempotency_key(&headers, b.idempotency_key)?;
     st.writable()?;
     let applied = st
-        .engine
+        .engine()?
         .reset(&subject, b.limit.as_deref(), key.as_deref(), st.now())?;
     let replayed = st.durable(applied).await?;
     subject_answer(&st, &subject, replayed)
@@ -610,7 +628,7 @@ async fn credit(
     let key = idempotency_key(&headers, b.idempotency_key)?;
     st.writable()?;
     let applied = st
-        .engine
+        .engine()?
         .credit(&subject, &b.limit, b.amount, key.as_deref(), st.now())?;
     let replayed = st.durable(applied).await?;
     subject_answer(&st, &subject, replayed)
@@ -655,7 +673,7 @@ async fn list_subjects(
             other => return Err(ApiError::invalid(other, "unknown query parameter; use after and limit")),
         }
     }
-    let rows = st.engine.list_subjects(after.as_deref(), limit);
+    let rows = st.engine()?.list_subjects(after.as_deref(), limit);
     let next_after = (rows.len() == limit)
         .then(|| rows.last().map(|r| r.0.clone()))
         .flatten();
@@ -715,7 +733,7 @@ struct PlansView {
 
 async fn plans(State(st): State<Arc<AppState>>, headers: HeaderMap) -> Result<Response, ApiError> {
     st.authorize(&headers, Role::Client)?;
-    let p = st.engine.policy();
+    let p = st.engine()?.policy();
     let mut metrics: Vec<String> = p.metrics.iter().cloned().collect();
     metrics.sort();
     let view = PlansView {
@@ -754,6 +772,12 @@ async fn readyz(State(st): State<Arc<AppState>>) -> Response {
 
 async fn metrics(State(st): State<Arc<AppState>>, headers: HeaderMap) -> Result<Response, ApiError> {
     st.authorize(&headers, Role::Client)?;
-    let body = st.metrics.render(&st.engine.stats());
+    let stats = st.engine().map(|e| e.stats()).unwrap_or_default();
+    let body = st.metrics.render(&stats);
     Ok(([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response())
+}
+
+async fn digest(State(st): State<Arc<AppState>>, headers: HeaderMap) -> Result<Response, ApiError> {
+    st.authorize(&headers, Role::Admin)?;
+    Ok(Json(st.engine()?.digest(st.now())).into_response())
 }

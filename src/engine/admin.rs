@@ -151,6 +151,7 @@ impl Engine {
                 return Ok(replay);
             }
             let existed = locked.shard(sshard).subjects.contains_key(subject);
+            let subj: Arc<str> = subject.into();
             let mut muts = Vec::new();
             for id in &holds {
                 let rs = self.shard_of_reservation(id);
@@ -169,7 +170,10 @@ impl Engine {
                         at_ms: now,
                     });
                 }
-                muts.push(Mutation::DropReservation { id: id.clone() });
+                muts.push(Mutation::DropReservation {
+                    id: id.clone(),
+                    active_subject: Some(subj.clone()),
+                });
             }
             if existed {
                 muts.push(Mutation::DeleteSubject {
@@ -419,11 +423,108 @@ impl Engine {
                                 <= now
                     })
                     .take(budget)
-                    .map(|(r, _)| Mutation::DropReservation { id: r.id.clone() }),
+                    .map(|(r, _)| Mutation::DropReservation {
+                        id: r.id.clone(),
+                        active_subject: None,
+                    }),
             );
             dropped += muts.len();
             l.commit(&muts)?;
         }
         Ok(dropped)
+    }
+
+    /// A hash of the logical state at `now_ms`: subjects, live counters,
+    /// reservations and idempotency keys. Independent of shard layout, map order
+    /// and of idle counters that garbage collection may or may not have dropped,
+    /// so state before a restart and after recovery hash the same.
+    pub fn digest(&self, now_ms: Millis) -> StateDigest {
+        fn item(parts: &[&[u8]]) -> u64 {
+            let mut b = Vec::new();
+            for p in parts {
+                b.extend_from_slice(&(p.len() as u64).to_le_bytes());
+                b.extend_from_slice(p);
+            }
+            // Finalize so that summing item hashes mixes well.
+            let mut z = fnv1a(9, &b);
+            z = (z ^ (z >> 33)).wrapping_mul(0xff51_afd7_ed55_8ccd);
+            z ^ (z >> 33)
+        }
+        let json = |v: &dyn erased::Json| v.to_json();
+        let mut d = StateDigest::default();
+        let _ = self.for_each_shard(|_, shard| -> Result<(), ()> {
+            for (name, st) in &shard.subjects {
+                if st.plan.is_some() || !st.overrides.is_empty() || !st.holds.is_empty() {
+                    d.subjects += 1;
+                    let holds: Vec<&String> = st.holds.iter().collect();
+                    d.sum = d.sum.wrapping_add(item(&[
+                        b"subject",
+                        name.as_bytes(),
+                        json(&st.plan).as_bytes(),
+                        json(&st.overrides).as_bytes(),
+                        json(&holds).as_bytes(),
+                    ]));
+                }
+                for (limit, c) in st.counters.iter().filter(|(_, c)| !c.is_idle(now_ms)) {
+                    d.counters += 1;
+                    d.sum = d.sum.wrapping_add(item(&[
+                        b"counter",
+                        name.as_bytes(),
+                        limit.as_bytes(),
+                        json(c).as_bytes(),
+                    ]));
+                }
+            }
+            for (key, c) in shard.shared.iter().filter(|(_, c)| !c.is_idle(now_ms)) {
+                d.counters += 1;
+                d.sum = d
+                    .sum
+                    .wrapping_add(item(&[b"shared", json(key).as_bytes(), json(c).as_bytes()]));
+            }
+            for (id, (r, _)) in &shard.reservations {
+                d.reservations += 1;
+                d.sum = d
+                    .sum
+                    .wrapping_add(item(&[b"reservation", id.as_bytes(), json(r).as_bytes()]));
+            }
+            for (key, (e, _)) in &shard.idempotency {
+                d.idempotency_keys += 1;
+                d.sum = d.sum.wrapping_add(item(&[b"key", key.as_bytes(), json(e).as_bytes()]));
+            }
+            Ok(())
+        });
+        d
+    }
+}
+
+/// See [`Engine::digest`].
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct StateDigest {
+    /// Order-independent sum of item hashes.
+    #[serde(serialize_with = "hex")]
+    pub sum: u64,
+    /// Subjects with a plan, overrides or holds.
+    pub subjects: u64,
+    /// Live counters.
+    pub counters: u64,
+    /// Reservations kept.
+    pub reservations: u64,
+    /// Idempotency keys kept.
+    pub idempotency_keys: u64,
+}
+
+fn hex<S: serde::Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&format!("{v:016x}"))
+}
+
+/// JSON text of anything serializable, through one object-safe method.
+mod erased {
+    pub trait Json {
+        fn to_json(&self) -> String;
+    }
+    impl<T: serde::Serialize> Json for T {
+        fn to_json(&self) -> String {
+            serde_json::to_string(self).expect("state serializes")
+        }
     }
 }

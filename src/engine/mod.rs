@@ -18,6 +18,7 @@ use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicIsize, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
+pub use admin::StateDigest;
 pub use counter::{evaluate, slot_for, Counter, Usage, Verdict};
 pub use policy::{glob_match, Kind, Limit, LimitShape, Matcher, Plan, Policy, Scope, SLIDING_BUCKETS};
 pub use state::{apply, Shard, ShardAccess, SubjectState};
@@ -105,6 +106,10 @@ pub struct Engine {
     id_seq: AtomicU64,
     /// Where applied mutations go.
     journal: Arc<dyn Journal>,
+    /// During recovery: per shard, the LSN its snapshot is as of.
+    replay_base: Vec<Lsn>,
+    /// During recovery: the last LSN replayed.
+    replayed_lsn: Lsn,
 }
 
 /// The shards an operation holds, sorted by index.
@@ -156,6 +161,12 @@ impl Locked<'_> {
                 .open_reservations
                 .fetch_add(a.open_reservations_delta, Ordering::Relaxed);
         }
+        // Every record touching these shards up to `lsn` is now in them (a locked
+        // shard the record did not touch trivially qualifies).
+        for g in &mut self.guards {
+            debug_assert!(g.applied_lsn < lsn, "records reach a shard in LSN order");
+            g.applied_lsn = lsn;
+        }
         Ok(Some(lsn))
     }
 }
@@ -179,15 +190,26 @@ impl ShardAccess for Locked<'_> {
     }
 }
 
-/// Unlocked access for replay at start, when nothing else runs.
+/// Unlocked access for replay at start, when nothing else runs. A shard whose
+/// snapshot already covers the record being replayed gets a scratch shard
+/// instead, so the record's effect on it is not applied twice.
 struct Exclusive<'a> {
     engine_shards: &'a mut [Mutex<Shard>],
-    count: usize,
+    /// Per shard, the LSN its snapshot is as of.
+    base: &'a [Lsn],
+    /// The record being replayed.
+    lsn: Lsn,
+    /// Takes writes meant for shards that already have them.
+    scratch: Shard,
 }
 
 impl Exclusive<'_> {
     fn get(&mut self, h: u64) -> &mut Shard {
-        let i = (h % self.count as u64) as usize;
+        let i = (h % self.engine_shards.len() as u64) as usize;
+        if self.base[i] >= self.lsn {
+            self.scratch = Shard::default();
+            return &mut self.scratch;
+        }
         self.engine_shards[i].get_mut().unwrap_or_else(|e| e.into_inner())
     }
 }
@@ -302,6 +324,8 @@ impl Engine {
             id_seed,
             id_seq: AtomicU64::new(0),
             journal,
+            replay_base: Vec::new(),
+            replayed_lsn: 0,
         }
     }
 
@@ -313,6 +337,12 @@ impl Engine {
     /// Replaces the limits and plans (reload). Counters keep their identity.
     pub fn set_policy(&self, policy: Policy) {
         *self.policy.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(policy);
+    }
+
+    /// Replaces the journal: recovery replays into an engine before the WAL
+    /// writer exists, then hands it the writer.
+    pub fn set_journal(&mut self, journal: Arc<dyn Journal>) {
+        self.journal = journal;
     }
 
     /// Where to wait for an answer's LSN to be durable.
@@ -644,33 +674,112 @@ impl Engine {
         s
     }
 
-    /// Applies a journaled record during recovery (nothing else may run).
-    pub fn replay(&mut self, lsn: Lsn, muts: &[Mutation]) {
-        let count = self.shards.len();
-        let mut access = Exclusive {
-            engine_shards: &mut self.shards,
-            count,
-        };
-        let mut delta = 0;
-        for m in muts {
-            delta += apply(&mut access, m, lsn).open_reservations_delta;
+    /// An engine holding the shards of a snapshot. If the configured shard count
+    /// differs, a snapshot whose shards are all as of one LSN (as at a graceful
+    /// shutdown) is re-sharded; otherwise the snapshot's count is kept, because
+    /// replay must know per shard what it already holds.
+    pub fn from_snapshot(policy: Policy, journal: Arc<dyn Journal>, shards: Vec<Shard>) -> Engine {
+        let mut engine = Engine::new(policy, journal);
+        if shards.is_empty() {
+            return engine;
         }
-        self.open_reservations.fetch_add(delta, Ordering::Relaxed);
+        let uniform = shards.iter().all(|s| s.applied_lsn == shards[0].applied_lsn);
+        if shards.len() == engine.shards.len() || !uniform {
+            if shards.len() != engine.shards.len() {
+                tracing::warn!(
+                    snapshot = shards.len(),
+                    configured = engine.shards.len(),
+                    "keeping the snapshot's shard count; engine.shards applies after a graceful restart"
+                );
+            }
+            engine.replay_base = shards.iter().map(|s| s.applied_lsn).collect();
+            engine.shards = shards.into_iter().map(Mutex::new).collect();
+        } else {
+            let lsn = shards[0].applied_lsn;
+            for old in shards {
+                engine.absorb(old);
+            }
+            for s in engine.shards.iter_mut() {
+                s.get_mut().unwrap_or_else(|e| e.into_inner()).applied_lsn = lsn;
+            }
+            engine.replay_base = vec![lsn; engine.shards.len()];
+        }
+        engine
     }
 
-    /// Rebuilds the expiry index after replay.
-    pub fn rebuild_expiry_index(&mut self) {
+    /// Moves every item of `old` into the shard it hashes to here.
+    fn absorb(&mut self, old: Shard) {
+        fn at(shards: &mut [Mutex<Shard>], h: u64) -> &mut Shard {
+            let i = (h % shards.len() as u64) as usize;
+            shards[i].get_mut().unwrap_or_else(|e| e.into_inner())
+        }
+        for (k, v) in old.subjects {
+            at(&mut self.shards, hash_subject(&k)).subjects.insert(k, v);
+        }
+        for (k, v) in old.shared {
+            at(&mut self.shards, hash_counter(&k)).shared.insert(k, v);
+        }
+        for (k, v) in old.reservations {
+            at(&mut self.shards, fnv1a(4, k.as_bytes())).reservations.insert(k, v);
+        }
+        for (k, v) in old.idempotency {
+            at(&mut self.shards, fnv1a(5, k.as_bytes())).idempotency.insert(k, v);
+        }
+    }
+
+    /// The LSN every shard's state is at least as of: replay starts after it.
+    pub fn replay_from(&self) -> Lsn {
+        self.replay_base.iter().copied().min().unwrap_or(0)
+    }
+
+    /// Applies a journaled record during recovery (nothing else may run). Shards
+    /// whose snapshot already covers `lsn` are left alone.
+    pub fn replay(&mut self, lsn: Lsn, muts: &[Mutation]) {
+        if self.replay_base.len() != self.shards.len() {
+            self.replay_base = vec![0; self.shards.len()];
+        }
+        let mut access = Exclusive {
+            engine_shards: &mut self.shards,
+            base: &self.replay_base,
+            lsn,
+            scratch: Shard::default(),
+        };
+        for m in muts {
+            apply(&mut access, m, lsn);
+        }
+        self.replayed_lsn = self.replayed_lsn.max(lsn);
+    }
+
+    /// Ends recovery: stamps every shard with the last LSN replayed, and rebuilds
+    /// the expiry index and the open-reservation count from the state.
+    pub fn finish_recovery(&mut self) {
         let mut idx = BTreeSet::new();
-        for shard in self.shards.iter_mut() {
+        let mut open = 0;
+        for (i, shard) in self.shards.iter_mut().enumerate() {
             let shard = shard.get_mut().unwrap_or_else(|e| e.into_inner());
+            let base = self.replay_base.get(i).copied().unwrap_or(0);
+            shard.applied_lsn = shard.applied_lsn.max(base).max(self.replayed_lsn);
             for (r, _) in shard.reservations.values() {
                 if r.status == ReservationStatus::Active {
                     idx.insert((r.expires_ms, r.id.clone()));
+                    open += 1;
                 }
             }
         }
+        self.open_reservations.store(open, Ordering::Relaxed);
         self.next_expiry_ms
             .store(idx.first().map_or(u64::MAX, |(at, _)| *at), Ordering::Release);
         *self.expiry.get_mut().unwrap_or_else(|e| e.into_inner()) = idx;
+        self.replay_base.clear();
+    }
+
+    /// Calls `f` with each shard in turn, holding only that shard's lock: for
+    /// snapshots, which must not stall the other shards.
+    pub fn for_each_shard<E>(&self, mut f: impl FnMut(usize, &Shard) -> Result<(), E>) -> Result<(), E> {
+        for (i, s) in self.shards.iter().enumerate() {
+            let guard = s.lock().unwrap_or_else(|e| e.into_inner());
+            f(i, &guard)?;
+        }
+        Ok(())
     }
 }

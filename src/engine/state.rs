@@ -4,11 +4,13 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
+
 use super::counter::{apply_charge, apply_credit, Counter};
 use super::types::{CounterKey, IdempotencyEntry, Lsn, Mutation, Override, Reservation, ReservationStatus, ScopeKey};
 
 /// What is known about one subject.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SubjectState {
     /// Assigned plan; `None` means the default plan.
     pub plan: Option<String>,
@@ -29,8 +31,11 @@ impl SubjectState {
 
 /// One shard of the state. Which shard an item lives in is a hash of its key
 /// (see `Engine::shard_of_*`); a mutation is applied to the shard of its key.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
 pub struct Shard {
+    /// Every record at or below this LSN that touched this shard is applied here;
+    /// a snapshot of the shard is as of this LSN, and replay skips what it covers.
+    pub applied_lsn: Lsn,
     /// Subjects by name, ordered for listing.
     pub subjects: BTreeMap<Arc<str>, SubjectState>,
     /// Counters of global and attribute scope.
@@ -175,17 +180,19 @@ pub fn apply<A: ShardAccess>(access: &mut A, m: &Mutation, lsn: Lsn) -> Applied 
             }
             tidy_subject(access, &r.subject);
         }
-        Mutation::DropReservation { id } => {
-            // Only an active reservation is listed in its subject, so dropping a
-            // finished one (garbage collection) touches the reservation's shard alone.
+        Mutation::DropReservation { id, active_subject } => {
             if let Some((r, _)) = access.reservation_shard(id).reservations.remove(id) {
                 if r.status == ReservationStatus::Active {
                     out.open_reservations_delta = -1;
-                    if let Some(st) = access.subject_shard(&r.subject).subjects.get_mut(&r.subject) {
-                        st.holds.remove(id);
-                    }
-                    tidy_subject(access, &r.subject);
                 }
+            }
+            // Only an active reservation is listed in its subject, so dropping a
+            // finished one (garbage collection) touches the reservation's shard alone.
+            if let Some(subject) = active_subject {
+                if let Some(st) = access.subject_shard(subject).subjects.get_mut(&**subject) {
+                    st.holds.remove(id);
+                }
+                tidy_subject(access, subject);
             }
         }
         Mutation::PutIdempotency { key, entry } => {

@@ -128,6 +128,32 @@ mod opt_rfc3339 {
     }
 }
 
+/// Serializes a value as itself in text formats and as its JSON text in binary
+/// ones: API answers use serde attributes (skipped fields, RFC 3339 times) that
+/// a non-self-describing format like bincode cannot read back.
+mod json_text {
+    use serde::de::{DeserializeOwned, Error as _};
+    use serde::ser::Error as _;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<T: Serialize, S: Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+        if s.is_human_readable() {
+            v.serialize(s)
+        } else {
+            s.serialize_str(&serde_json::to_string(v).map_err(S::Error::custom)?)
+        }
+    }
+
+    pub fn deserialize<'de, T: DeserializeOwned, D: Deserializer<'de>>(d: D) -> Result<T, D::Error> {
+        if d.is_human_readable() {
+            T::deserialize(d)
+        } else {
+            let text = String::deserialize(d)?;
+            serde_json::from_str(&text).map_err(D::Error::custom)
+        }
+    }
+}
+
 /// The answer to check, consume and reserve.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Decision {
@@ -322,6 +348,7 @@ pub struct Reservation {
     /// When it was finished or expired; drives garbage collection.
     pub finished_ms: Option<Millis>,
     /// The answer to a finished commit/release, repeated on a repeat call.
+    #[serde(with = "json_text")]
     pub answer: Option<FinishAnswer>,
 }
 
@@ -331,6 +358,7 @@ pub struct IdempotencyEntry {
     /// Hash of the canonical request: a different body under the same key is a conflict.
     pub fingerprint: u64,
     /// The original answer.
+    #[serde(with = "json_text")]
     pub answer: StoredAnswer,
     /// Kept until then.
     pub expires_ms: Millis,
@@ -387,6 +415,9 @@ pub enum Mutation {
     DropReservation {
         /// Its id.
         id: String,
+        /// Its subject when it was active (its id leaves the subject's holds), so
+        /// each shard's part of the mutation stands on its own during replay.
+        active_subject: Option<Arc<str>>,
     },
     /// Store an answer under an idempotency key.
     PutIdempotency {

@@ -1,0 +1,315 @@
+//! The narrow I/O seam of the WAL: a directory of append-only files. `FsDir` is
+//! the real filesystem; `SimDir` keeps, per file, the durable image apart from
+//! unsynced writes, so tests can fail a write or sync at a chosen call and take
+//! the image a crash would leave (synced bytes plus a prefix of the rest).
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+/// An append-only file of the WAL.
+pub trait WalFile: Send {
+    /// The whole content.
+    fn read_all(&mut self) -> io::Result<Vec<u8>>;
+    /// Appends at the end.
+    fn append(&mut self, buf: &[u8]) -> io::Result<()>;
+    /// Makes everything appended so far durable (fdatasync).
+    fn sync_data(&mut self) -> io::Result<()>;
+    /// Cuts the file to `len` bytes and makes that durable.
+    fn truncate(&mut self, len: u64) -> io::Result<()>;
+}
+
+/// The directory holding WAL segments.
+pub trait WalDir: Send + Sync {
+    /// File names in the directory.
+    fn list(&self) -> io::Result<Vec<String>>;
+    /// Creates a new, empty file (fails if it exists) and makes its entry durable.
+    fn create(&self, name: &str) -> io::Result<Box<dyn WalFile>>;
+    /// Opens an existing file for reading and appending.
+    fn open(&self, name: &str) -> io::Result<Box<dyn WalFile>>;
+    /// Deletes a file and makes that durable.
+    fn remove(&self, name: &str) -> io::Result<()>;
+}
+
+/// The real filesystem.
+#[derive(Debug, Clone)]
+pub struct FsDir {
+    /// The directory.
+    path: PathBuf,
+}
+
+impl FsDir {
+    /// Uses `path`, creating it if needed.
+    pub fn new(path: &Path) -> io::Result<FsDir> {
+        std::fs::create_dir_all(path)?;
+        Ok(FsDir {
+            path: path.to_path_buf(),
+        })
+    }
+
+    fn sync_dir(&self) -> io::Result<()> {
+        File::open(&self.path)?.sync_all()
+    }
+}
+
+struct FsFile {
+    file: File,
+}
+
+impl WalFile for FsFile {
+    fn read_all(&mut self) -> io::Result<Vec<u8>> {
+        use std::io::Seek;
+        let mut buf = Vec::new();
+        self.file.seek(io::SeekFrom::Start(0))?;
+        self.file.read_to_end(&mut buf)?;
+        Ok(buf)
+    }
+    fn append(&mut self, buf: &[u8]) -> io::Result<()> {
+        // Opened with O_APPEND: every write lands at the end.
+        self.file.write_all(buf)
+    }
+    fn sync_data(&mut self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+    fn truncate(&mut self, len: u64) -> io::Result<()> {
+        self.file.set_len(len)?;
+        self.file.sync_all()
+    }
+}
+
+impl WalDir for FsDir {
+    fn list(&self) -> io::Result<Vec<String>> {
+        let mut names = Vec::new();
+        for entry in std::fs::read_dir(&self.path)? {
+            if let Some(n) = entry?.file_name().to_str() {
+                names.push(n.to_string());
+            }
+        }
+        names.sort();
+        Ok(names)
+    }
+    fn create(&self, name: &str) -> io::Result<Box<dyn WalFile>> {
+        let file = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create_new(true)
+            .open(self.path.join(name))?;
+        self.sync_dir()?;
+        Ok(Box::new(FsFile { file }))
+    }
+    fn open(&self, name: &str) -> io::Result<Box<dyn WalFile>> {
+        let file = OpenOptions::new().read(true).append(true).open(self.path.join(name))?;
+        Ok(Box::new(FsFile { file }))
+    }
+    fn remove(&self, name: &str) -> io::Result<()> {
+        std::fs::remove_file(self.path.join(name))?;
+        self.sync_dir()
+    }
+}
+
+/// One simulated file.
+#[derive(Debug, Clone, Default)]
+struct SimFile {
+    /// What survives a crash.
+    durable: Vec<u8>,
+    /// Appended since the last sync; a crash keeps some prefix of it.
+    pending: Vec<u8>,
+}
+
+/// Which I/O call fails, counted from 1 over the life of the `SimDir`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Faults {
+    /// The n-th `append` fails (and writes nothing).
+    pub fail_append_at: Option<u64>,
+    /// The n-th `sync_data` fails (the pending bytes stay unsynced).
+    pub fail_sync_at: Option<u64>,
+}
+
+#[derive(Debug, Default)]
+struct SimState {
+    files: BTreeMap<String, SimFile>,
+    faults: Faults,
+    appends: u64,
+    syncs: u64,
+}
+
+/// An in-memory directory with a crash model, for tests.
+#[derive(Debug, Clone, Default)]
+pub struct SimDir {
+    /// Shared by every handle, like a real directory.
+    state: Arc<Mutex<SimState>>,
+}
+
+struct SimHandle {
+    dir: SimDir,
+    name: String,
+}
+
+impl SimDir {
+    /// An empty directory.
+    pub fn new() -> SimDir {
+        SimDir::default()
+    }
+
+    /// Injects failures.
+    pub fn set_faults(&self, faults: Faults) {
+        self.lock().faults = faults;
+    }
+
+    /// `(appends, syncs)` so far.
+    pub fn io_counts(&self) -> (u64, u64) {
+        let s = self.lock();
+        (s.appends, s.syncs)
+    }
+
+    /// The directory a crash would leave: each file's synced bytes plus the first
+    /// `keep(name, pending_len)` of its unsynced bytes.
+    pub fn crash_image(&self, mut keep: impl FnMut(&str, usize) -> usize) -> SimDir {
+        let s = self.lock();
+        let files = s
+            .files
+            .iter()
+            .map(|(name, f)| {
+                let n = keep(name, f.pending.len()).min(f.pending.len());
+                let mut durable = f.durable.clone();
+                durable.extend_from_slice(&f.pending[..n]);
+                (
+                    name.clone(),
+                    SimFile {
+                        durable,
+                        pending: Vec::new(),
+                    },
+                )
+            })
+            .collect();
+        SimDir {
+            state: Arc::new(Mutex::new(SimState {
+                files,
+                ..SimState::default()
+            })),
+        }
+    }
+
+    /// Copies of the files as a crash would leave them with nothing unsynced kept.
+    pub fn durable_files(&self) -> BTreeMap<String, Vec<u8>> {
+        self.lock()
+            .files
+            .iter()
+            .map(|(n, f)| (n.clone(), f.durable.clone()))
+            .collect()
+    }
+
+    /// A directory holding exactly these (durable) files.
+    pub fn from_files(files: BTreeMap<String, Vec<u8>>) -> SimDir {
+        let files = files
+            .into_iter()
+            .map(|(n, d)| {
+                (
+                    n,
+                    SimFile {
+                        durable: d,
+                        pending: Vec::new(),
+                    },
+                )
+            })
+            .collect();
+        SimDir {
+            state: Arc::new(Mutex::new(SimState {
+                files,
+                ..SimState::default()
+            })),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, SimState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl WalFile for SimHandle {
+    fn read_all(&mut self) -> io::Result<Vec<u8>> {
+        let s = self.dir.lock();
+        let f = s
+            .files
+            .get(&self.name)
+            .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
+        let mut all = f.durable.clone();
+        all.extend_from_slice(&f.pending);
+        Ok(all)
+    }
+    fn append(&mut self, buf: &[u8]) -> io::Result<()> {
+        let mut s = self.dir.lock();
+        s.appends += 1;
+        if s.faults.fail_append_at == Some(s.appends) {
+            return Err(io::Error::other("injected write failure"));
+        }
+        let f = s
+            .files
+            .get_mut(&self.name)
+            .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
+        f.pending.extend_from_slice(buf);
+        Ok(())
+    }
+    fn sync_data(&mut self) -> io::Result<()> {
+        let mut s = self.dir.lock();
+        s.syncs += 1;
+        if s.faults.fail_sync_at == Some(s.syncs) {
+            return Err(io::Error::other("injected fsync failure"));
+        }
+        let f = s
+            .files
+            .get_mut(&self.name)
+            .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
+        let pending = std::mem::take(&mut f.pending);
+        f.durable.extend_from_slice(&pending);
+        Ok(())
+    }
+    fn truncate(&mut self, len: u64) -> io::Result<()> {
+        let mut s = self.dir.lock();
+        let f = s
+            .files
+            .get_mut(&self.name)
+            .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
+        let mut all = std::mem::take(&mut f.durable);
+        all.append(&mut f.pending);
+        all.truncate(len as usize);
+        f.durable = all;
+        Ok(())
+    }
+}
+
+impl WalDir for SimDir {
+    fn list(&self) -> io::Result<Vec<String>> {
+        Ok(self.lock().files.keys().cloned().collect())
+    }
+    fn create(&self, name: &str) -> io::Result<Box<dyn WalFile>> {
+        let mut s = self.lock();
+        if s.files.contains_key(name) {
+            return Err(io::Error::from(io::ErrorKind::AlreadyExists));
+        }
+        s.files.insert(name.to_string(), SimFile::default());
+        drop(s);
+        Ok(Box::new(SimHandle {
+            dir: self.clone(),
+            name: name.to_string(),
+        }))
+    }
+    fn open(&self, name: &str) -> io::Result<Box<dyn WalFile>> {
+        if !self.lock().files.contains_key(name) {
+            return Err(io::Error::from(io::ErrorKind::NotFound));
+        }
+        Ok(Box::new(SimHandle {
+            dir: self.clone(),
+            name: name.to_string(),
+        }))
+    }
+    fn remove(&self, name: &str) -> io::Result<()> {
+        self.lock()
+            .files
+            .remove(name)
+            .map(|_| ())
+            .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))
+    }
+}

@@ -1,0 +1,276 @@
+//! `WalJournal`: the engine's [`Journal`] backed by the WAL, with one
+//! group-commit writer thread. Appends frame a record into a bounded in-memory
+//! queue (LSNs handed out in queue order); the writer takes everything queued,
+//! writes it with one write and one fdatasync, then publishes the durable LSN
+//! that waiting requests watch. There is no artificial delay when idle.
+//!
+//! In `batch` durability answers do not wait; the writer syncs every
+//! `flush_interval_ms` instead (or as soon as a full batch is queued).
+
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use super::codec;
+use super::wal::{self, Wal};
+use crate::config::Durability;
+use crate::engine::{Lsn, Mutation};
+use crate::journal::{DurableState, DurableWatch, Journal, JournalError};
+
+/// Queue and writer settings.
+#[derive(Debug, Clone, Copy)]
+pub struct WriterConfig {
+    /// When answers are given relative to the sync.
+    pub durability: Durability,
+    /// Sync interval in batch mode.
+    pub flush_interval: Duration,
+    /// Appends wait (backpressure) while this many bytes are queued.
+    pub queue_bytes_max: usize,
+}
+
+struct Queue {
+    /// Framed records not yet handed to the writer.
+    buf: Vec<u8>,
+    /// LSN of the first record in `buf`.
+    first_lsn: Lsn,
+    /// LSN the next append gets.
+    next_lsn: Lsn,
+    /// No more appends: shutting down or failed.
+    closed: bool,
+    /// Why the log failed, once it has.
+    failed: Option<String>,
+    /// Records written since the last snapshot, and their bytes.
+    since_snapshot: (u64, u64),
+}
+
+struct Shared {
+    queue: Mutex<Queue>,
+    /// Wakes the writer when records arrive or on close.
+    work: Condvar,
+    /// Wakes appenders waiting for queue space.
+    space: Condvar,
+    durable: watch::Sender<DurableState>,
+    config: WriterConfig,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The WAL-backed journal.
+pub struct WalJournal {
+    shared: Arc<Shared>,
+    /// The log, shared with the snapshotter (which deletes old segments).
+    wal: Arc<Mutex<Wal>>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl WalJournal {
+    /// Starts the writer thread over an opened log.
+    pub fn start(wal: Wal, config: WriterConfig) -> WalJournal {
+        let next_lsn = wal.next_lsn();
+        let (durable, _) = watch::channel(DurableState {
+            durable_lsn: next_lsn - 1,
+            failed: false,
+        });
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(Queue {
+                buf: Vec::new(),
+                first_lsn: next_lsn,
+                next_lsn,
+                closed: false,
+                failed: None,
+                since_snapshot: (0, 0),
+            }),
+            work: Condvar::new(),
+            space: Condvar::new(),
+            durable,
+            config,
+        });
+        let wal = Arc::new(Mutex::new(wal));
+        let writer = {
+            let (shared, wal) = (shared.clone(), wal.clone());
+            std::thread::Builder::new()
+                .name("quotad-wal".into())
+                .spawn(move || write_loop(&shared, &wal))
+                .expect("can spawn the WAL writer thread")
+        };
+        WalJournal {
+            shared,
+            wal,
+            writer: Mutex::new(Some(writer)),
+        }
+    }
+
+    /// The log, for the snapshotter.
+    pub fn wal(&self) -> &Arc<Mutex<Wal>> {
+        &self.wal
+    }
+
+    /// Highest LSN handed out so far.
+    pub fn last_lsn(&self) -> Lsn {
+        self.shared.lock().next_lsn - 1
+    }
+
+    /// Records and bytes written since `mark_snapshot` was last called.
+    pub fn since_snapshot(&self) -> (u64, u64) {
+        self.shared.lock().since_snapshot
+    }
+
+    /// Resets the since-snapshot counters.
+    pub fn mark_snapshot(&self) {
+        self.shared.lock().since_snapshot = (0, 0);
+    }
+
+    /// Why the log failed, if it has.
+    pub fn failure(&self) -> Option<String> {
+        self.shared.lock().failed.clone()
+    }
+
+    /// Resolves when the log fails.
+    pub async fn failed(&self) {
+        let mut rx = self.shared.durable.subscribe();
+        let _ = rx.wait_for(|s| s.failed).await;
+    }
+
+    /// Blocks until `lsn` is durable; errors if the log failed first.
+    pub fn wait_durable_blocking(&self, lsn: Lsn) -> Result<(), JournalError> {
+        let mut q = self.shared.lock();
+        loop {
+            if let Some(f) = &q.failed {
+                return Err(JournalError(f.clone()));
+            }
+            if self.shared.durable.borrow().durable_lsn >= lsn {
+                return Ok(());
+            }
+            q = self
+                .shared
+                .space
+                .wait_timeout(q, Duration::from_millis(5))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// Stops taking records, writes what is queued and stops the writer.
+    pub fn close(&self) -> Result<(), JournalError> {
+        self.shared.lock().closed = true;
+        self.shared.work.notify_all();
+        if let Some(w) = self.writer.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            let _ = w.join();
+        }
+        match self.failure() {
+            Some(f) => Err(JournalError(f)),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for WalJournal {
+    fn drop(&mut self) {
+        let _ = self.close();
+    }
+}
+
+impl Journal for WalJournal {
+    fn append(&self, mutations: &[Mutation]) -> Result<Lsn, JournalError> {
+        // Encoding happens on the caller's thread, so it spreads over cores.
+        let mut payload = Vec::with_capacity(256);
+        codec::encode_mutations(mutations, &mut payload).map_err(|e| JournalError(format!("cannot encode: {e}")))?;
+        if payload.len() > wal::MAX_PAYLOAD_BYTES {
+            return Err(JournalError(format!(
+                "a record of {} bytes is over the limit",
+                payload.len()
+            )));
+        }
+        let mut q = self.shared.lock();
+        loop {
+            if let Some(f) = &q.failed {
+                return Err(JournalError(f.clone()));
+            }
+            if q.closed {
+                return Err(JournalError("the log is closed (shutting down)".into()));
+            }
+            if q.buf.len() < self.shared.config.queue_bytes_max {
+                break;
+            }
+            q = self.shared.space.wait(q).unwrap_or_else(|e| e.into_inner());
+        }
+        let lsn = q.next_lsn;
+        if q.buf.is_empty() {
+            q.first_lsn = lsn;
+        }
+        wal::frame(lsn, &payload, &mut q.buf);
+        q.next_lsn += 1;
+        drop(q);
+        self.shared.work.notify_one();
+        Ok(lsn)
+    }
+
+    fn watch(&self) -> DurableWatch {
+        match self.shared.config.durability {
+            Durability::Fsync => DurableWatch::new(self.shared.durable.subscribe()),
+            Durability::Batch => DurableWatch::always(),
+        }
+    }
+}
+
+fn write_loop(shared: &Shared, wal: &Mutex<Wal>) {
+    let mut spare = Vec::new();
+    loop {
+        let mut q = shared.lock();
+        while q.buf.is_empty() && !q.closed {
+            q = shared.work.wait(q).unwrap_or_else(|e| e.into_inner());
+        }
+        if q.buf.is_empty() && q.closed {
+            return;
+        }
+        if shared.config.durability == Durability::Batch && !q.closed {
+            // Wait out the flush interval unless the batch is already large.
+            let half_full = shared.config.queue_bytes_max / 2;
+            if q.buf.len() < half_full {
+                q = shared
+                    .work
+                    .wait_timeout(q, shared.config.flush_interval)
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
+            }
+        }
+        let batch = std::mem::replace(&mut q.buf, std::mem::take(&mut spare));
+        let (first, last) = (q.first_lsn, q.next_lsn - 1);
+        q.first_lsn = q.next_lsn;
+        drop(q);
+        shared.space.notify_all();
+
+        let result = wal.lock().unwrap_or_else(|e| e.into_inner()).write(&batch, first, last);
+        match result {
+            Ok(()) => {
+                {
+                    let mut q = shared.lock();
+                    q.since_snapshot.0 += last - first + 1;
+                    q.since_snapshot.1 += batch.len() as u64;
+                }
+                shared.durable.send_modify(|s| s.durable_lsn = last);
+                shared.space.notify_all();
+            }
+            Err(e) => {
+                // Never retried: the bytes may or may not be on disk, so nothing in
+                // this batch or after it is acknowledged. Restart replays the log.
+                tracing::error!(error = %e, first_lsn = first, last_lsn = last, "WAL write failed; no further writes are taken");
+                let mut q = shared.lock();
+                q.failed = Some(format!("WAL write failed: {e}"));
+                q.closed = true;
+                drop(q);
+                shared.durable.send_modify(|s| s.failed = true);
+                shared.space.notify_all();
+                return;
+            }
+        }
+        spare = batch;
+        spare.clear();
+    }
+}

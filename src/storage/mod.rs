@@ -1,0 +1,250 @@
+//! Durable storage: the WAL, snapshots and recovery. [`Storage::open`] locks
+//! the data directory, loads the snapshot, replays the WAL after it into an
+//! engine and starts the group-commit writer; [`Storage::snapshot`] writes a
+//! new snapshot without stopping requests and deletes the segments it covers.
+//!
+//! Layout of `storage.data_dir`: `LOCK` (held while running), `snapshot.redb`,
+//! `wal/wal-<first LSN>.log`.
+
+pub mod codec;
+pub mod io;
+pub mod journal;
+pub mod snapshot;
+pub mod wal;
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::clock::Millis;
+use crate::config::StorageConfig;
+use crate::engine::{Engine, Policy};
+use crate::journal::{Journal, NullJournal};
+use io::{FsDir, WalDir};
+use journal::{WalJournal, WriterConfig};
+use snapshot::SnapshotStore;
+use wal::{ScanReport, Wal, WalError};
+
+/// Why storage could not be opened or written.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StorageError {
+    /// The log or snapshot is damaged: the daemon must not start.
+    #[error("{0}")]
+    Corrupt(String),
+    /// Another process holds the data directory.
+    #[error("data directory {0} is in use by another quotad (its LOCK file is held)")]
+    Locked(String),
+    /// The filesystem failed.
+    #[error("{0}")]
+    Io(String),
+}
+
+impl From<WalError> for StorageError {
+    fn from(e: WalError) -> Self {
+        match e {
+            WalError::Corrupt(_) => StorageError::Corrupt(e.to_string()),
+            _ => StorageError::Io(e.to_string()),
+        }
+    }
+}
+
+/// What recovery found and did.
+#[derive(Debug, Clone, Default)]
+pub struct RecoveryReport {
+    /// A snapshot was loaded.
+    pub snapshot_loaded: bool,
+    /// The snapshot's shard count.
+    pub snapshot_shards: usize,
+    /// Records replayed from the WAL (those after the snapshot).
+    pub replayed_records: u64,
+    /// The WAL scan.
+    pub scan: ScanReport,
+    /// Time from open to ready.
+    pub duration: Duration,
+}
+
+/// What a snapshot did.
+#[derive(Debug, Clone, Default)]
+pub struct SnapshotReport {
+    /// Every shard is at least as of this LSN.
+    pub min_lsn: u64,
+    /// Encoded size.
+    pub bytes: usize,
+    /// WAL segments deleted.
+    pub segments_removed: usize,
+    /// Wall time.
+    pub duration: Duration,
+}
+
+/// Open storage.
+pub struct Storage {
+    /// The WAL writer, which is also the engine's journal.
+    journal: Arc<WalJournal>,
+    /// The snapshot file.
+    snapshots: SnapshotStore,
+    /// Snapshot thresholds.
+    config: StorageConfig,
+    /// Held for the life of the process: two daemons on one directory would
+    /// interleave their logs.
+    _lock: File,
+}
+
+fn lock_dir(dir: &Path) -> Result<File, StorageError> {
+    std::fs::create_dir_all(dir).map_err(|e| StorageError::Io(format!("cannot create {}: {e}", dir.display())))?;
+    let path = dir.join("LOCK");
+    let f = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| StorageError::Io(format!("cannot open {}: {e}", path.display())))?;
+    match f.try_lock() {
+        Ok(()) => Ok(f),
+        Err(std::fs::TryLockError::WouldBlock) => Err(StorageError::Locked(dir.display().to_string())),
+        Err(std::fs::TryLockError::Error(e)) => Err(StorageError::Io(format!("cannot lock {}: {e}", path.display()))),
+    }
+}
+
+/// Paths inside a data directory.
+pub fn wal_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("wal")
+}
+
+/// The snapshot file of a data directory.
+pub fn snapshot_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("snapshot.redb")
+}
+
+/// Loads the snapshot (if any) and replays `wal` after it into a new engine.
+/// Used by `open` and by the read-only `quotad wal verify`.
+pub fn recover(
+    snapshots: Option<&SnapshotStore>,
+    wal_dir: Arc<dyn WalDir>,
+    policy: Policy,
+    segment_bytes_max: u64,
+    read_only: bool,
+) -> Result<(Engine, Option<Wal>, RecoveryReport), StorageError> {
+    let started = Instant::now();
+    let mut report = RecoveryReport::default();
+    let loaded = match snapshots {
+        Some(s) => s.load().map_err(|e| StorageError::Corrupt(e.to_string()))?,
+        None => None,
+    };
+    let shards = loaded.map(|l| l.shards).unwrap_or_default();
+    report.snapshot_loaded = !shards.is_empty();
+    report.snapshot_shards = shards.len();
+    let mut engine = Engine::from_snapshot(policy, Arc::new(NullJournal::default()), shards);
+    let after = engine.replay_from();
+    let mut replayed = 0u64;
+    let mut on_record = |lsn, version, payload: &[u8]| {
+        let muts = codec::decode_mutations(version, payload).map_err(|e| e.to_string())?;
+        engine.replay(lsn, &muts);
+        replayed += 1;
+        Ok(())
+    };
+    let wal = if read_only {
+        report.scan = wal::verify(wal_dir.as_ref(), after, &mut on_record)?;
+        None
+    } else {
+        let (wal, scan) = Wal::open(wal_dir, after, segment_bytes_max, codec::FORMAT_VERSION, &mut on_record)?;
+        report.scan = scan;
+        Some(wal)
+    };
+    report.replayed_records = replayed;
+    engine.finish_recovery();
+    report.duration = started.elapsed();
+    Ok((engine, wal, report))
+}
+
+impl Storage {
+    /// Opens `config.data_dir` on the real filesystem and recovers the state.
+    pub fn open(config: &StorageConfig, policy: Policy) -> Result<(Engine, Storage, RecoveryReport), StorageError> {
+        let lock = lock_dir(&config.data_dir)?;
+        let dir = FsDir::new(&wal_dir(&config.data_dir)).map_err(|e| StorageError::Io(e.to_string()))?;
+        let snapshots =
+            SnapshotStore::open(&snapshot_path(&config.data_dir)).map_err(|e| StorageError::Corrupt(e.to_string()))?;
+        Self::open_with(config, policy, Arc::new(dir), snapshots, lock)
+    }
+
+    /// As `open`, with the WAL in `dir` (tests use a simulated one).
+    pub fn open_with(
+        config: &StorageConfig,
+        policy: Policy,
+        dir: Arc<dyn WalDir>,
+        snapshots: SnapshotStore,
+        lock: File,
+    ) -> Result<(Engine, Storage, RecoveryReport), StorageError> {
+        let (mut engine, wal, report) = recover(Some(&snapshots), dir, policy, config.segment_bytes_max, false)?;
+        let writer = WriterConfig {
+            durability: config.durability,
+            flush_interval: Duration::from_millis(config.flush_interval_ms),
+            queue_bytes_max: config.queue_bytes_max,
+        };
+        let journal = Arc::new(WalJournal::start(wal.expect("opened for writing"), writer));
+        engine.set_journal(journal.clone() as Arc<dyn Journal>);
+        Ok((
+            engine,
+            Storage {
+                journal,
+                snapshots,
+                config: config.clone(),
+                _lock: lock,
+            },
+            report,
+        ))
+    }
+
+    /// The WAL writer (journal of the engine).
+    pub fn journal(&self) -> &Arc<WalJournal> {
+        &self.journal
+    }
+
+    /// Whether enough has been logged since the last snapshot to take another.
+    pub fn snapshot_due(&self) -> bool {
+        let (records, bytes) = self.journal.since_snapshot();
+        records >= self.config.snapshot_every_records || bytes >= self.config.snapshot_every_bytes
+    }
+
+    /// Writes a snapshot of `engine` and deletes the WAL segments it covers.
+    /// Shards are encoded one at a time under their own lock, so requests to
+    /// other shards go on; the snapshot is committed only once the WAL is durable
+    /// up to the newest record it contains, so it never holds an unacknowledged
+    /// change the log might lose.
+    pub fn snapshot(&self, engine: &Engine, now_ms: Millis) -> Result<SnapshotReport, StorageError> {
+        let started = Instant::now();
+        self.journal.mark_snapshot();
+        let mut encoded = Vec::new();
+        let (mut min_lsn, mut max_lsn) = (u64::MAX, 0);
+        engine.for_each_shard(|_, shard| {
+            encoded.push(codec::encode_shard(shard).map_err(|e| StorageError::Io(e.to_string()))?);
+            min_lsn = min_lsn.min(shard.applied_lsn);
+            max_lsn = max_lsn.max(shard.applied_lsn);
+            Ok::<(), StorageError>(())
+        })?;
+        self.journal
+            .wait_durable_blocking(max_lsn)
+            .map_err(|e| StorageError::Io(e.to_string()))?;
+        self.snapshots
+            .write(&encoded, now_ms)
+            .map_err(|e| StorageError::Io(e.to_string()))?;
+        let segments_removed = self
+            .journal
+            .wal()
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove_through(min_lsn)?;
+        Ok(SnapshotReport {
+            min_lsn,
+            bytes: encoded.iter().map(Vec::len).sum(),
+            segments_removed,
+            duration: started.elapsed(),
+        })
+    }
+
+    /// Writes out what is queued and stops the writer.
+    pub fn close(&self) -> Result<(), StorageError> {
+        self.journal.close().map_err(|e| StorageError::Io(e.to_string()))
+    }
+}
