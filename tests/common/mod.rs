@@ -80,15 +80,32 @@ impl TestServer {
         Self::start_at(toml_text, transport, T0).await
     }
 
+    /// A server with durable storage (WAL and snapshots) in a temp dir.
     pub async fn start_at(toml_text: &str, transport: Transport, now_ms: u64) -> TestServer {
+        Self::start_inner(toml_text, transport, now_ms, None, None).await
+    }
+
+    /// A server keeping its state in `data_dir`, so a test can stop and restart it.
+    pub async fn start_durable(toml_text: &str, transport: Transport, now_ms: u64, data_dir: &std::path::Path) -> TestServer {
+        Self::start_inner(toml_text, transport, now_ms, None, Some(data_dir)).await
+    }
+
+    /// A server keeping state in memory only.
+    pub async fn start_in_memory(toml_text: &str, transport: Transport, now_ms: u64) -> TestServer {
         Self::start_with(toml_text, transport, now_ms, Arc::new(NullJournal::default())).await
     }
 
-    pub async fn start_with(
+    /// A server keeping state in memory, journaling to `journal`.
+    pub async fn start_with(toml_text: &str, transport: Transport, now_ms: u64, journal: Arc<dyn Journal>) -> TestServer {
+        Self::start_inner(toml_text, transport, now_ms, Some(journal), None).await
+    }
+
+    async fn start_inner(
         toml_text: &str,
         transport: Transport,
         now_ms: u64,
-        journal: Arc<dyn Journal>,
+        journal: Option<Arc<dyn Journal>>,
+        data_dir: Option<&std::path::Path>,
     ) -> TestServer {
         let dir = tempfile::tempdir().unwrap();
         let mut config = Config::from_toml(toml_text, "test.toml").expect("test config is valid");
@@ -96,11 +113,13 @@ impl TestServer {
             Transport::Tcp => "127.0.0.1:0".to_string(),
             Transport::Unix => format!("unix:{}", dir.path().join("q.sock").display()),
         }];
-        config.storage.data_dir = dir.path().join("data");
+        config.storage.data_dir = data_dir.map_or_else(|| dir.path().join("data"), |d| d.to_path_buf());
         let clock = ManualClock::new(now_ms);
-        let server = Server::bind_with_journal(&config, Arc::new(clock.clone()), journal)
-            .await
-            .expect("server binds");
+        let server = match journal {
+            Some(j) => Server::bind_with_journal(&config, Arc::new(clock.clone()), j).await,
+            None => Server::bind(&config, Arc::new(clock.clone())).await,
+        }
+        .expect("server binds");
         let addr = server.local_addrs().remove(0);
         let state = server.state();
         let (stop, stopped) = oneshot::channel::<()>();
@@ -112,15 +131,9 @@ impl TestServer {
                 .await
                 .unwrap();
         });
-        TestServer {
-            clock,
-            state,
-            transport,
-            addr,
-            stop: Some(stop),
-            handle: Some(handle),
-            _dir: dir,
-        }
+        let s = TestServer { clock, state, transport, addr, stop: Some(stop), handle: Some(handle), _dir: dir };
+        s.ready().await;
+        s
     }
 
     pub fn socket_path(&self) -> Option<std::path::PathBuf> {
@@ -165,9 +178,27 @@ impl TestServer {
         self.post("/v1/consume", body).await
     }
 
+    /// Waits until recovery has finished (bounded).
+    pub async fn ready(&self) {
+        for _ in 0..1000 {
+            if self.get("/readyz").await.status == 200 {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        panic!("server did not become ready");
+    }
+
     pub async fn stop(mut self) {
         self.stop.take().unwrap().send(()).unwrap();
         self.handle.take().unwrap().await.unwrap();
+    }
+
+    /// The state digest (admin endpoint).
+    pub async fn digest(&self) -> serde_json::Value {
+        let r = self.get("/v1/admin/digest").await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        r.body
     }
 }
 
