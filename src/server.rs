@@ -26,7 +26,7 @@ use crate::config::{Config, ConfigError, ListenAddr, StorageConfig};
 use crate::engine::{Engine, Policy};
 use crate::journal::Journal;
 use crate::metrics::Metrics;
-use crate::storage::{Storage, StorageError};
+use crate::storage::{RecoveryReport, Storage, StorageError};
 
 /// How often due reservations are expired even when no request arrives.
 const EXPIRY_TICK: Duration = Duration::from_millis(250);
@@ -67,10 +67,15 @@ enum Bound {
     Unix(UnixListener, PathBuf),
 }
 
+/// Opens storage and recovers the engine, given the compiled policy: the real
+/// data directory, or (in tests) a simulated WAL directory.
+pub type StorageOpener =
+    Box<dyn FnOnce(Policy) -> Result<(Engine, Storage, RecoveryReport), StorageError> + Send + 'static>;
+
 /// Where state is kept.
 enum Backing {
-    /// WAL and snapshots in `storage.data_dir`.
-    Durable(StorageConfig),
+    /// WAL and snapshots, opened when `run` starts.
+    Durable(StorageOpener),
     /// In memory, journaling to the given journal (tests, embedding).
     Memory(Arc<dyn Journal>),
 }
@@ -154,7 +159,18 @@ impl Server {
     /// Checks the config and binds every listen address; state is recovered from
     /// `storage.data_dir` when `run` starts.
     pub async fn bind(config: &Config, clock: Arc<dyn Clock>) -> Result<Server, ServerError> {
-        Self::bind_inner(config, clock, Backing::Durable(config.storage.clone())).await
+        let storage: StorageConfig = config.storage.clone();
+        let opener: StorageOpener = Box::new(move |policy| Storage::open(&storage, policy));
+        Self::bind_inner(config, clock, Backing::Durable(opener)).await
+    }
+
+    /// As [`Server::bind`], opening storage with `opener` (tests inject faults here).
+    pub async fn bind_with_storage(
+        config: &Config,
+        clock: Arc<dyn Clock>,
+        opener: StorageOpener,
+    ) -> Result<Server, ServerError> {
+        Self::bind_inner(config, clock, Backing::Durable(opener)).await
     }
 
     /// As [`Server::bind`], keeping state in memory and journaling to `journal`.
@@ -243,8 +259,8 @@ impl Server {
 
         let (engine, storage) = match backing {
             Backing::Memory(journal) => (Engine::new(policy, journal), None),
-            Backing::Durable(config) => {
-                let opened = tokio::task::spawn_blocking(move || Storage::open(&config, policy))
+            Backing::Durable(opener) => {
+                let opened = tokio::task::spawn_blocking(move || opener(policy))
                     .await
                     .expect("recovery does not panic");
                 match opened {

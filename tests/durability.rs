@@ -66,14 +66,32 @@ async fn populate(s: &TestServer) -> String {
             .await;
         assert!(r.allowed());
     }
-    s.put("/v1/subjects/user:1", json!({"plan": "pro", "overrides": {"burst": {"max": 500}}})).await;
+    s.put(
+        "/v1/subjects/user:1",
+        json!({"plan": "pro", "overrides": {"burst": {"max": 500}}}),
+    )
+    .await;
     s.consume(json!({"subject": "user:2", "event": "image"})).await;
-    s.post("/v1/subjects/user:2/credit", json!({"limit": "credits", "amount": 3})).await;
-    s.post("/v1/subjects/user:3/reset", json!({"limit": "tokens-per-day"})).await;
-    let open = s.post("/v1/reserve", json!({"subject": "user:4", "amounts": {"tokens": 700}, "ttl_ms": 600000})).await;
-    let done = s.post("/v1/reserve", json!({"subject": "user:5", "amounts": {"tokens": 900}})).await;
+    s.post("/v1/subjects/user:2/credit", json!({"limit": "credits", "amount": 3}))
+        .await;
+    s.post("/v1/subjects/user:3/reset", json!({"limit": "tokens-per-day"}))
+        .await;
+    let open = s
+        .post(
+            "/v1/reserve",
+            json!({"subject": "user:4", "amounts": {"tokens": 700}, "ttl_ms": 600000}),
+        )
+        .await;
+    let done = s
+        .post("/v1/reserve", json!({"subject": "user:5", "amounts": {"tokens": 900}}))
+        .await;
     let done_id = done.body["reservation_id"].as_str().unwrap();
-    let c = s.post(&format!("/v1/reservations/{done_id}/commit"), json!({"amounts": {"tokens": 400}})).await;
+    let c = s
+        .post(
+            &format!("/v1/reservations/{done_id}/commit"),
+            json!({"amounts": {"tokens": 400}}),
+        )
+        .await;
     assert_eq!(c.status, 200);
     s.req("DELETE", "/v1/subjects/user:6", None, &[]).await;
     open.body["reservation_id"].as_str().unwrap().to_string()
@@ -89,18 +107,35 @@ async fn graceful_restart_keeps_the_digest() {
         assert!(before["counters"].as_u64().unwrap() > 40, "{before}");
         s.stop().await; // final snapshot
         let s = TestServer::start_durable(CONFIG, t, common::T0, dir.path()).await;
-        assert_eq!(s.digest().await, before, "{t:?}: state after restart equals state before");
+        assert_eq!(
+            s.digest().await,
+            before,
+            "{t:?}: state after restart equals state before"
+        );
         // More writes after the snapshot, then a second restart replays them from the WAL.
-        s.consume(json!({"subject": "user:7", "amounts": {"tokens": 5}, "idempotency_key": "late"})).await;
-        let c = s.post(&format!("/v1/reservations/{hold}/commit"), json!({"amounts": {"tokens": 650}})).await;
+        s.consume(json!({"subject": "user:7", "amounts": {"tokens": 5}, "idempotency_key": "late"}))
+            .await;
+        let c = s
+            .post(
+                &format!("/v1/reservations/{hold}/commit"),
+                json!({"amounts": {"tokens": 650}}),
+            )
+            .await;
         assert_eq!(c.status, 200, "{}", c.text);
         let before = s.digest().await;
         s.stop().await;
         let s = TestServer::start_durable(CONFIG, t, common::T0, dir.path()).await;
         assert_eq!(s.digest().await, before);
-        let again = s.consume(json!({"subject": "user:7", "amounts": {"tokens": 5}, "idempotency_key": "late"})).await;
+        let again = s
+            .consume(json!({"subject": "user:7", "amounts": {"tokens": 5}, "idempotency_key": "late"}))
+            .await;
         assert_eq!(again.body["replayed"], true, "keys survive restarts");
-        let c2 = s.post(&format!("/v1/reservations/{hold}/commit"), json!({"amounts": {"tokens": 650}})).await;
+        let c2 = s
+            .post(
+                &format!("/v1/reservations/{hold}/commit"),
+                json!({"amounts": {"tokens": 650}}),
+            )
+            .await;
         assert_eq!(c2.body, c.body, "a repeated commit after restart answers the same");
         s.stop().await;
     }
@@ -124,14 +159,27 @@ async fn without_a_final_snapshot_the_wal_alone_rebuilds_the_state() {
 async fn holds_expire_after_a_restart_and_usage_is_kept() {
     let dir = tempfile::tempdir().unwrap();
     let s = TestServer::start_durable(CONFIG, Transport::Tcp, common::T0, dir.path()).await;
-    let r = s.post("/v1/reserve", json!({"subject": "u", "amounts": {"tokens": 700}, "ttl_ms": 60000})).await;
+    let r = s
+        .post(
+            "/v1/reserve",
+            json!({"subject": "u", "amounts": {"tokens": 700}, "ttl_ms": 60000}),
+        )
+        .await;
     assert!(r.allowed());
     s.consume(json!({"subject": "u", "amounts": {"tokens": 50}})).await;
     s.stop().await;
     let s = TestServer::start_durable(CONFIG, Transport::Tcp, common::T0 + 30_000, dir.path()).await;
-    assert_eq!(s.get("/v1/subjects/u").await.used("tokens-per-day"), 750, "the hold is still held");
+    assert_eq!(
+        s.get("/v1/subjects/u").await.used("tokens-per-day"),
+        750,
+        "the hold is still held"
+    );
     s.clock.advance(30_000);
-    assert_eq!(s.get("/v1/subjects/u").await.used("tokens-per-day"), 50, "released at its expiry");
+    assert_eq!(
+        s.get("/v1/subjects/u").await.used("tokens-per-day"),
+        50,
+        "released at its expiry"
+    );
     s.stop().await;
 }
 
@@ -142,7 +190,9 @@ async fn a_second_daemon_cannot_open_the_same_data_dir() {
     let mut config = quotad::config::Config::from_toml(CONFIG, "t.toml").unwrap();
     config.server.listen = vec!["127.0.0.1:0".into()];
     config.storage.data_dir = dir.path().to_path_buf();
-    let server = quotad::server::Server::bind(&config, std::sync::Arc::new(quotad::clock::SystemClock)).await.unwrap();
+    let server = quotad::server::Server::bind(&config, std::sync::Arc::new(quotad::clock::SystemClock))
+        .await
+        .unwrap();
     let err = server.run(std::future::pending()).await.unwrap_err();
     assert!(err.to_string().contains("in use by another quotad"), "{err}");
     s.stop().await;

@@ -96,10 +96,10 @@ pub struct CounterView {
     /// Usage in the current window, holds included.
     pub used: u64,
     /// `max - used`, never below 0; absent when unlimited.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub remaining: Option<u64>,
     /// When usage next returns to zero, RFC 3339; absent for lifetime limits.
-    #[serde(skip_serializing_if = "Option::is_none", with = "opt_rfc3339")]
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "opt_rfc3339")]
     pub resets_at: Option<Millis>,
     /// The limit's mode.
     pub mode: Mode,
@@ -175,7 +175,7 @@ pub struct Decision {
     /// Set by a successful reserve.
     pub reservation_id: Option<String>,
     /// When the reservation expires, RFC 3339.
-    #[serde(with = "opt_rfc3339")]
+    #[serde(default, with = "opt_rfc3339")]
     pub expires_at: Option<Millis>,
 }
 

@@ -87,8 +87,8 @@ pub struct Storage {
     /// Snapshot thresholds.
     config: StorageConfig,
     /// Held for the life of the process: two daemons on one directory would
-    /// interleave their logs.
-    _lock: File,
+    /// interleave their logs (none for simulated directories).
+    _lock: Option<File>,
 }
 
 fn lock_dir(dir: &Path) -> Result<File, StorageError> {
@@ -165,7 +165,7 @@ impl Storage {
         let dir = FsDir::new(&wal_dir(&config.data_dir)).map_err(|e| StorageError::Io(e.to_string()))?;
         let snapshots =
             SnapshotStore::open(&snapshot_path(&config.data_dir)).map_err(|e| StorageError::Corrupt(e.to_string()))?;
-        Self::open_with(config, policy, Arc::new(dir), snapshots, lock)
+        Self::open_with(config, policy, Arc::new(dir), snapshots, Some(lock))
     }
 
     /// As `open`, with the WAL in `dir` (tests use a simulated one).
@@ -174,7 +174,7 @@ impl Storage {
         policy: Policy,
         dir: Arc<dyn WalDir>,
         snapshots: SnapshotStore,
-        lock: File,
+        lock: Option<File>,
     ) -> Result<(Engine, Storage, RecoveryReport), StorageError> {
         let (mut engine, wal, report) = recover(Some(&snapshots), dir, policy, config.segment_bytes_max, false)?;
         let writer = WriterConfig {

@@ -34,9 +34,10 @@ pub struct Loaded {
     pub created_ms: u64,
 }
 
-/// The snapshot file.
+/// The snapshot file. Clones share it.
+#[derive(Clone)]
 pub struct SnapshotStore {
-    db: Database,
+    db: std::sync::Arc<Database>,
     path: String,
 }
 
@@ -48,7 +49,7 @@ impl SnapshotStore {
             path: p.clone(),
             message: e.to_string(),
         })?;
-        Ok(SnapshotStore { db, path: p })
+        Ok(SnapshotStore { db: db.into(), path: p })
     }
 
     /// Opens an existing file without creating one; `None` if there is none.
@@ -61,7 +62,19 @@ impl SnapshotStore {
             path: p.clone(),
             message: e.to_string(),
         })?;
-        Ok(Some(SnapshotStore { db, path: p }))
+        Ok(Some(SnapshotStore { db: db.into(), path: p }))
+    }
+
+    /// A store kept in memory, for tests: it outlives a simulated crash as long
+    /// as a clone is kept, like a committed file would.
+    pub fn in_memory() -> SnapshotStore {
+        let db = Database::builder()
+            .create_with_backend(redb::backends::InMemoryBackend::new())
+            .expect("an in-memory database opens");
+        SnapshotStore {
+            db: db.into(),
+            path: "<memory>".into(),
+        }
     }
 
     fn err(&self, e: impl std::fmt::Display) -> SnapshotError {

@@ -86,7 +86,12 @@ impl TestServer {
     }
 
     /// A server keeping its state in `data_dir`, so a test can stop and restart it.
-    pub async fn start_durable(toml_text: &str, transport: Transport, now_ms: u64, data_dir: &std::path::Path) -> TestServer {
+    pub async fn start_durable(
+        toml_text: &str,
+        transport: Transport,
+        now_ms: u64,
+        data_dir: &std::path::Path,
+    ) -> TestServer {
         Self::start_inner(toml_text, transport, now_ms, None, Some(data_dir)).await
     }
 
@@ -96,7 +101,12 @@ impl TestServer {
     }
 
     /// A server keeping state in memory, journaling to `journal`.
-    pub async fn start_with(toml_text: &str, transport: Transport, now_ms: u64, journal: Arc<dyn Journal>) -> TestServer {
+    pub async fn start_with(
+        toml_text: &str,
+        transport: Transport,
+        now_ms: u64,
+        journal: Arc<dyn Journal>,
+    ) -> TestServer {
         Self::start_inner(toml_text, transport, now_ms, Some(journal), None).await
     }
 
@@ -131,7 +141,15 @@ impl TestServer {
                 .await
                 .unwrap();
         });
-        let s = TestServer { clock, state, transport, addr, stop: Some(stop), handle: Some(handle), _dir: dir };
+        let s = TestServer {
+            clock,
+            state,
+            transport,
+            addr,
+            stop: Some(stop),
+            handle: Some(handle),
+            _dir: dir,
+        };
         s.ready().await;
         s
     }
