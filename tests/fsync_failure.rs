@@ -1,0 +1,156 @@
+//! A failed fsync, injected through the simulated WAL directory under the real
+//! HTTP server: the request whose batch failed and every later write get 503
+//! (nothing acknowledged), the server stops with a storage error (the binary
+//! exits non-zero), and recovery afterwards is clean and keeps every
+//! acknowledged write.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::Transport;
+use quotad::clock::ManualClock;
+use quotad::config::Config;
+use quotad::server::{Server, ServerError, StorageOpener};
+use quotad::storage::io::{Faults, SimDir};
+use quotad::storage::snapshot::SnapshotStore;
+use quotad::storage::Storage;
+use serde_json::json;
+
+const CONFIG: &str = r#"
+[[plans]]
+name = "p"
+default = true
+  [[plans.limits]]
+  name = "total"
+  metric = "tokens"
+  algorithm = "lifetime"
+  max = "unlimited"
+"#;
+
+fn opener(config: &Config, dir: &SimDir, snaps: &SnapshotStore) -> StorageOpener {
+    let (storage, dir, snaps) = (config.storage.clone(), dir.clone(), snaps.clone());
+    Box::new(move |policy| Storage::open_with(&storage, policy, Arc::new(dir), snaps, None))
+}
+
+#[tokio::test]
+async fn failed_fsync_is_never_acknowledged_stops_the_daemon_and_recovers_cleanly() {
+    for (fail_sync_at, keep_unsynced) in [(4u64, false), (4, true), (1, false), (9, true)] {
+        let sock_dir = tempfile::tempdir().unwrap();
+        let mut config = Config::from_toml(CONFIG, "t.toml").unwrap();
+        config.server.listen = vec![format!("unix:{}", sock_dir.path().join("q.sock").display())];
+        let dir = SimDir::new();
+        let snaps = SnapshotStore::in_memory();
+        dir.set_faults(Faults {
+            fail_sync_at: Some(fail_sync_at),
+            ..Faults::default()
+        });
+        let clock = ManualClock::new(common::T0);
+        let server = Server::bind_with_storage(&config, Arc::new(clock.clone()), opener(&config, &dir, &snaps))
+            .await
+            .unwrap();
+        let sock = sock_dir.path().join("q.sock");
+        let run = tokio::spawn(server.run(std::future::pending()));
+        wait_ready(&sock).await;
+
+        // Sequential writes: each is its own batch and its own fsync.
+        let mut acked = Vec::new();
+        let mut refused = 0;
+        for i in 0..15u64 {
+            let body =
+                json!({"subject": "u", "amounts": {"tokens": i + 1}, "idempotency_key": format!("k{i}")}).to_string();
+            let r = raw(&sock, &body).await;
+            match r {
+                Some((200, _)) => acked.push(i),
+                Some((503, text)) => {
+                    assert!(text.contains("\"unavailable\""), "{text}");
+                    refused += 1;
+                }
+                Some((503..=504, _)) | None => refused += 1, // the daemon went away
+                Some((s, text)) => panic!("unexpected {s}: {text}"),
+            }
+        }
+        assert_eq!(
+            acked,
+            (0..fail_sync_at - 1).collect::<Vec<_>>(),
+            "exactly the writes before the failed sync"
+        );
+        assert!(refused > 0);
+        let err = tokio::time::timeout(std::time::Duration::from_secs(10), run)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap_err();
+        assert!(matches!(err, ServerError::Storage(_)), "{err}");
+        assert_eq!(quotad::cli::exit_code(&err), quotad::cli::EXIT_STORAGE);
+        assert_ne!(quotad::cli::EXIT_STORAGE, 0);
+
+        // Restart on what the disk holds (with or without the bytes whose sync failed).
+        let image = dir.crash_image(|_, pending| if keep_unsynced { pending } else { 0 });
+        let sock2 = sock_dir.path().join("q2.sock");
+        config.server.listen = vec![format!("unix:{}", sock2.display())];
+        let server = Server::bind_with_storage(&config, Arc::new(clock.clone()), opener(&config, &image, &snaps))
+            .await
+            .unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let run = tokio::spawn(server.run(async {
+            let _ = stopped.await;
+        }));
+        let mut applied = 0;
+        for i in 0..15u64 {
+            let body =
+                json!({"subject": "u", "amounts": {"tokens": i + 1}, "idempotency_key": format!("k{i}")}).to_string();
+            let (status, text) = loop {
+                if let Some(r) = raw(&sock2, &body).await.filter(|r| r.0 != 503) {
+                    break r;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            };
+            assert_eq!(status, 200, "{text}");
+            let replayed = text.contains("\"replayed\":true");
+            if acked.contains(&i) {
+                assert!(replayed, "acknowledged k{i} survived");
+            }
+            applied += u64::from(replayed);
+        }
+        assert!(applied >= acked.len() as u64);
+        assert!(
+            applied <= acked.len() as u64 + 1,
+            "at most the one failed batch, if its bytes landed"
+        );
+        let _ = stop.send(());
+        run.await.unwrap().unwrap();
+    }
+}
+
+async fn wait_ready(sock: &std::path::Path) {
+    for _ in 0..500 {
+        if let Some((200, _)) = request(sock, "GET", "/readyz", "").await {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("not ready");
+}
+
+/// A consume over a fresh connection: (status, body), or None if the daemon is gone.
+async fn raw(sock: &std::path::Path, body: &str) -> Option<(u16, String)> {
+    request(sock, "POST", "/v1/consume", body).await
+}
+
+async fn request(sock: &std::path::Path, method: &str, path: &str, body: &str) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::UnixStream::connect(sock).await.ok()?;
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: q\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.ok()?;
+    let mut out = String::new();
+    tokio::time::timeout(std::time::Duration::from_secs(5), s.read_to_string(&mut out))
+        .await
+        .ok()?
+        .ok()?;
+    let status = out.get(9..12)?.parse().ok()?;
+    Some((status, out))
+}
