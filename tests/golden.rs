@@ -1,0 +1,173 @@
+//! Golden files: a format-version-1 snapshot and WAL checked into
+//! `tests/golden/v1`, with the state they must recover to. Any future change of
+//! the encoding must keep reading them (the version in each segment header and
+//! snapshot decides how). `regenerate_golden_files` wrote them once:
+//! `cargo test --test golden -- --ignored regenerate` (only when adding a version).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use quotad::config::Config;
+use quotad::engine::{DecideOp, DecisionRequest, Engine, Finish, Policy};
+use quotad::storage::Storage;
+use serde_json::{json, Value};
+
+const CONFIG: &str = r#"
+[engine]
+shards = 8
+[[limits]]
+name = "global-tokens"
+metric = "tokens"
+scope = "global"
+algorithm = "sliding"
+period = "1h"
+max = 1000000
+[[plans]]
+name = "free"
+default = true
+  [[plans.limits]]
+  name = "tokens-per-day"
+  metric = "tokens"
+  period = "1d"
+  timezone = "America/New_York"
+  max = 100000
+  [[plans.limits]]
+  name = "burst"
+  algorithm = "token_bucket"
+  max = 20
+  refill = 10
+  period = "1m"
+  [[plans.limits]]
+  name = "credits"
+  algorithm = "lifetime"
+  match = { event = "image" }
+  max = 5
+  [[plans.limits]]
+  name = "per-model"
+  metric = "tokens"
+  scope = "attribute:model"
+  match = { event = "llm" }
+  period = "1h"
+  max = 50000
+[[plans]]
+name = "pro"
+  [[plans.limits]]
+  name = "tokens-per-day"
+  metric = "tokens"
+  period = "1d"
+  timezone = "America/New_York"
+  max = 1000000
+"#;
+
+/// 2026-11-21T10:00:00Z.
+const T0: u64 = 1_795_255_200_000;
+/// When the recovered state is read: inside every window used above.
+const T_CHECK: u64 = T0 + 120_000;
+const SUBJECTS: [&str; 4] = ["user:1", "user:2", "user:3", "user:4"];
+
+fn golden_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/v1")
+}
+
+fn config(data_dir: &Path) -> Config {
+    let mut c = Config::from_toml(CONFIG, "golden.toml").unwrap();
+    c.storage.data_dir = data_dir.to_path_buf();
+    c
+}
+
+fn open(data_dir: &Path) -> (Engine, Storage) {
+    let c = config(data_dir);
+    let (engine, storage, _) = Storage::open(&c.storage, Policy::compile(&c).unwrap()).unwrap();
+    (engine, storage)
+}
+
+fn req(subject: &str, event: &str, tokens: u64, key: Option<&str>) -> DecisionRequest {
+    DecisionRequest {
+        subject: subject.into(),
+        event: Some(event.into()),
+        attributes: BTreeMap::from([("model".to_string(), "gpt-4o".to_string())]),
+        amounts: BTreeMap::from([("tokens".to_string(), tokens)]),
+        idempotency_key: key.map(str::to_string),
+        ttl_ms: None,
+    }
+}
+
+fn state(engine: &Engine) -> Value {
+    let views: Vec<Value> =
+        SUBJECTS.iter().map(|s| serde_json::to_value(engine.subject(s, T_CHECK).unwrap()).unwrap()).collect();
+    let d = engine.digest(T_CHECK);
+    json!({"subjects": views, "counts": [d.subjects, d.counters, d.reservations, d.idempotency_keys]})
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &to.join(e.file_name()));
+        } else {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+}
+
+#[test]
+#[ignore = "writes tests/golden/v1; run only to add a new format version"]
+fn regenerate_golden_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (engine, storage) = open(tmp.path());
+    let wait = |lsn: Option<u64>| storage.journal().wait_durable_blocking(lsn.unwrap()).unwrap();
+    // Before the snapshot.
+    for (i, s) in SUBJECTS.iter().enumerate() {
+        wait(engine.decide(DecideOp::Consume, &req(s, "llm", 100 * (i as u64 + 1), Some(&format!("a{i}"))), T0).unwrap().lsn);
+    }
+    wait(engine.put_subject("user:2", Some("pro"), None, None, T0).unwrap().lsn);
+    wait(engine.decide(DecideOp::Consume, &req("user:3", "image", 0, None), T0).unwrap().lsn);
+    wait(engine.credit("user:3", "credits", 2, Some("topup"), T0).unwrap().lsn);
+    storage.snapshot(&engine, T0 + 1).unwrap();
+    // After it: only in the WAL.
+    let mut r = req("user:4", "llm", 700, Some("hold-1"));
+    r.ttl_ms = Some(3_600_000);
+    let hold = engine.decide(DecideOp::Reserve, &r, T0 + 60_000).unwrap();
+    wait(hold.lsn);
+    let mut r = req("user:1", "llm", 900, Some("hold-2"));
+    r.ttl_ms = Some(600_000);
+    let done = engine.decide(DecideOp::Reserve, &r, T0 + 60_000).unwrap().value.reservation_id.unwrap();
+    let c = engine.finish(&done, Finish::Commit(BTreeMap::from([("tokens".into(), 250)])), T0 + 61_000).unwrap();
+    wait(c.lsn);
+    wait(engine.reset("user:2", Some("burst"), None, T0 + 62_000).unwrap().lsn);
+    wait(engine.decide(DecideOp::Consume, &req("user:2", "llm", 5000, Some("b1")), T0 + 63_000).unwrap().lsn);
+    let expected = json!({
+        "state": state(&engine),
+        "replay_key": "hold-1",
+        "replay_reservation_id": hold.value.reservation_id,
+        "committed_reservation_id": done,
+    });
+    drop(storage); // no final snapshot: the WAL holds what came after the first one
+    drop(engine);
+    let out = golden_dir();
+    let _ = std::fs::remove_dir_all(&out);
+    std::fs::create_dir_all(out.join("wal")).unwrap();
+    std::fs::copy(tmp.path().join("snapshot.redb"), out.join("snapshot.redb")).unwrap();
+    copy_dir(&tmp.path().join("wal"), &out.join("wal"));
+    std::fs::write(out.join("expected.json"), serde_json::to_string_pretty(&expected).unwrap() + "\n").unwrap();
+}
+
+#[test]
+fn golden_v1_files_still_read() {
+    let expected: Value = serde_json::from_str(&std::fs::read_to_string(golden_dir().join("expected.json")).unwrap()).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    copy_dir(&golden_dir(), tmp.path());
+    let (engine, storage) = open(tmp.path());
+    assert_eq!(state(&engine), expected["state"], "the v1 files recover to the recorded state");
+    // The idempotency key stored in the WAL replays the original reservation.
+    let mut r = req("user:4", "llm", 700, Some("hold-1"));
+    r.ttl_ms = Some(3_600_000);
+    let again = engine.decide(DecideOp::Reserve, &r, T_CHECK).unwrap().value;
+    assert!(again.replayed);
+    assert_eq!(json!(again.reservation_id), expected["replay_reservation_id"]);
+    let committed = expected["committed_reservation_id"].as_str().unwrap();
+    let repeat = engine.finish(committed, Finish::Commit(BTreeMap::from([("tokens".into(), 250)])), T_CHECK).unwrap();
+    assert_eq!(repeat.value.charged["tokens"], 250, "the finished reservation kept its answer");
+    drop(storage);
+}
