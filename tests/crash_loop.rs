@@ -31,7 +31,10 @@ struct Ledger {
 fn http(sock: &Path, method: &str, path: &str, body: &str) -> Option<(u16, String)> {
     let mut s = UnixStream::connect(sock).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-    let req = format!("{method} {path} HTTP/1.1\r\nHost: q\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: q\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
     s.write_all(req.as_bytes()).ok()?;
     let mut out = String::new();
     s.read_to_string(&mut out).ok()?;
@@ -56,11 +59,17 @@ fn wait_ready(sock: &Path, child: &mut Child, log: &Path) {
             return;
         }
         if let Some(status) = child.try_wait().unwrap() {
-            panic!("daemon exited with {status} during start:\n{}", std::fs::read_to_string(log).unwrap_or_default());
+            panic!(
+                "daemon exited with {status} during start:\n{}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
         }
         std::thread::sleep(Duration::from_millis(5));
     }
-    panic!("daemon not ready:\n{}", std::fs::read_to_string(log).unwrap_or_default());
+    panic!(
+        "daemon not ready:\n{}",
+        std::fs::read_to_string(log).unwrap_or_default()
+    );
 }
 
 fn used(sock: &Path, client: usize) -> u64 {
@@ -68,7 +77,14 @@ fn used(sock: &Path, client: usize) -> u64 {
     assert_eq!(status, 200, "{text}");
     let body = &text[text.find("\r\n\r\n").unwrap() + 4..];
     let v: serde_json::Value = serde_json::from_str(body).unwrap();
-    v["counters"].as_array().unwrap().iter().find(|c| c["limit"] == "total").unwrap()["used"].as_u64().unwrap()
+    v["counters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["limit"] == "total")
+        .unwrap()["used"]
+        .as_u64()
+        .unwrap()
 }
 
 fn consume(sock: &Path, client: usize, key: &str, amount: u64) -> Option<bool> {
@@ -86,19 +102,29 @@ fn settle(sock: &Path, ledger: &Mutex<Ledger>, round: usize) {
         let acked: u64 = reqs.iter().filter(|r| r.2 == Outcome::Acked).map(|r| r.1).sum();
         let attempted: u64 = reqs.iter().map(|r| r.1).sum();
         let value = used(sock, c);
-        assert!(acked <= value && value <= attempted, "round {round}, c{c}: {acked} <= {value} <= {attempted}");
+        assert!(
+            acked <= value && value <= attempted,
+            "round {round}, c{c}: {acked} <= {value} <= {attempted}"
+        );
         for r in reqs.iter_mut().filter(|r| r.2 == Outcome::Unknown) {
             consume(sock, c, &r.0, r.1).unwrap_or_else(|| panic!("retry of {} failed", r.0));
             r.2 = Outcome::Acked;
         }
         let total: u64 = reqs.iter().map(|r| r.1).sum();
-        assert_eq!(used(sock, c), total, "round {round}, c{c}: after retries every key applied exactly once");
+        assert_eq!(
+            used(sock, c),
+            total,
+            "round {round}, c{c}: after retries every key applied exactly once"
+        );
     }
 }
 
 #[test]
 fn sigkill_loop_never_loses_or_repeats_an_acknowledged_consume() {
-    let restarts: usize = std::env::var("QUOTAD_CRASH_RESTARTS").ok().and_then(|s| s.parse().ok()).unwrap_or(5);
+    let restarts: usize = std::env::var("QUOTAD_CRASH_RESTARTS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(5);
     let dir = tempfile::tempdir().unwrap();
     let sock: PathBuf = dir.path().join("q.sock");
     let config = dir.path().join("q.toml");
@@ -114,7 +140,9 @@ fn sigkill_loop_never_loses_or_repeats_an_acknowledged_consume() {
         ),
     )
     .unwrap();
-    let ledger = Arc::new(Mutex::new(Ledger { requests: vec![Vec::new(); CLIENTS] }));
+    let ledger = Arc::new(Mutex::new(Ledger {
+        requests: vec![Vec::new(); CLIENTS],
+    }));
     let mut seed: u64 = 0x5eed ^ std::process::id() as u64;
     let mut rand = move |n: u64| {
         seed ^= seed << 13;
@@ -163,7 +191,10 @@ fn sigkill_loop_never_loses_or_repeats_an_acknowledged_consume() {
     let mut child = start(&config, &log);
     wait_ready(&sock, &mut child, &log);
     settle(&sock, &ledger, restarts);
-    Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
     assert!(child.wait().unwrap().success());
     let total: usize = ledger.lock().unwrap().requests.iter().map(Vec::len).sum();
     println!(

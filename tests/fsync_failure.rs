@@ -8,7 +8,6 @@ mod common;
 
 use std::sync::Arc;
 
-use common::Transport;
 use quotad::clock::ManualClock;
 use quotad::config::Config;
 use quotad::server::{Server, ServerError, StorageOpener};

@@ -93,8 +93,10 @@ fn req(subject: &str, event: &str, tokens: u64, key: Option<&str>) -> DecisionRe
 }
 
 fn state(engine: &Engine) -> Value {
-    let views: Vec<Value> =
-        SUBJECTS.iter().map(|s| serde_json::to_value(engine.subject(s, T_CHECK).unwrap()).unwrap()).collect();
+    let views: Vec<Value> = SUBJECTS
+        .iter()
+        .map(|s| serde_json::to_value(engine.subject(s, T_CHECK).unwrap()).unwrap())
+        .collect();
     let d = engine.digest(T_CHECK);
     json!({"subjects": views, "counts": [d.subjects, d.counters, d.reservations, d.idempotency_keys]})
 }
@@ -119,10 +121,24 @@ fn regenerate_golden_files() {
     let wait = |lsn: Option<u64>| storage.journal().wait_durable_blocking(lsn.unwrap()).unwrap();
     // Before the snapshot.
     for (i, s) in SUBJECTS.iter().enumerate() {
-        wait(engine.decide(DecideOp::Consume, &req(s, "llm", 100 * (i as u64 + 1), Some(&format!("a{i}"))), T0).unwrap().lsn);
+        wait(
+            engine
+                .decide(
+                    DecideOp::Consume,
+                    &req(s, "llm", 100 * (i as u64 + 1), Some(&format!("a{i}"))),
+                    T0,
+                )
+                .unwrap()
+                .lsn,
+        );
     }
     wait(engine.put_subject("user:2", Some("pro"), None, None, T0).unwrap().lsn);
-    wait(engine.decide(DecideOp::Consume, &req("user:3", "image", 0, None), T0).unwrap().lsn);
+    wait(
+        engine
+            .decide(DecideOp::Consume, &req("user:3", "image", 0, None), T0)
+            .unwrap()
+            .lsn,
+    );
     wait(engine.credit("user:3", "credits", 2, Some("topup"), T0).unwrap().lsn);
     storage.snapshot(&engine, T0 + 1).unwrap();
     // After it: only in the WAL.
@@ -132,11 +148,27 @@ fn regenerate_golden_files() {
     wait(hold.lsn);
     let mut r = req("user:1", "llm", 900, Some("hold-2"));
     r.ttl_ms = Some(600_000);
-    let done = engine.decide(DecideOp::Reserve, &r, T0 + 60_000).unwrap().value.reservation_id.unwrap();
-    let c = engine.finish(&done, Finish::Commit(BTreeMap::from([("tokens".into(), 250)])), T0 + 61_000).unwrap();
+    let done = engine
+        .decide(DecideOp::Reserve, &r, T0 + 60_000)
+        .unwrap()
+        .value
+        .reservation_id
+        .unwrap();
+    let c = engine
+        .finish(
+            &done,
+            Finish::Commit(BTreeMap::from([("tokens".into(), 250)])),
+            T0 + 61_000,
+        )
+        .unwrap();
     wait(c.lsn);
     wait(engine.reset("user:2", Some("burst"), None, T0 + 62_000).unwrap().lsn);
-    wait(engine.decide(DecideOp::Consume, &req("user:2", "llm", 5000, Some("b1")), T0 + 63_000).unwrap().lsn);
+    wait(
+        engine
+            .decide(DecideOp::Consume, &req("user:2", "llm", 5000, Some("b1")), T0 + 63_000)
+            .unwrap()
+            .lsn,
+    );
     let expected = json!({
         "state": state(&engine),
         "replay_key": "hold-1",
@@ -150,16 +182,25 @@ fn regenerate_golden_files() {
     std::fs::create_dir_all(out.join("wal")).unwrap();
     std::fs::copy(tmp.path().join("snapshot.redb"), out.join("snapshot.redb")).unwrap();
     copy_dir(&tmp.path().join("wal"), &out.join("wal"));
-    std::fs::write(out.join("expected.json"), serde_json::to_string_pretty(&expected).unwrap() + "\n").unwrap();
+    std::fs::write(
+        out.join("expected.json"),
+        serde_json::to_string_pretty(&expected).unwrap() + "\n",
+    )
+    .unwrap();
 }
 
 #[test]
 fn golden_v1_files_still_read() {
-    let expected: Value = serde_json::from_str(&std::fs::read_to_string(golden_dir().join("expected.json")).unwrap()).unwrap();
+    let expected: Value =
+        serde_json::from_str(&std::fs::read_to_string(golden_dir().join("expected.json")).unwrap()).unwrap();
     let tmp = tempfile::tempdir().unwrap();
     copy_dir(&golden_dir(), tmp.path());
     let (engine, storage) = open(tmp.path());
-    assert_eq!(state(&engine), expected["state"], "the v1 files recover to the recorded state");
+    assert_eq!(
+        state(&engine),
+        expected["state"],
+        "the v1 files recover to the recorded state"
+    );
     // The idempotency key stored in the WAL replays the original reservation.
     let mut r = req("user:4", "llm", 700, Some("hold-1"));
     r.ttl_ms = Some(3_600_000);
@@ -167,7 +208,16 @@ fn golden_v1_files_still_read() {
     assert!(again.replayed);
     assert_eq!(json!(again.reservation_id), expected["replay_reservation_id"]);
     let committed = expected["committed_reservation_id"].as_str().unwrap();
-    let repeat = engine.finish(committed, Finish::Commit(BTreeMap::from([("tokens".into(), 250)])), T_CHECK).unwrap();
-    assert_eq!(repeat.value.charged["tokens"], 250, "the finished reservation kept its answer");
+    let repeat = engine
+        .finish(
+            committed,
+            Finish::Commit(BTreeMap::from([("tokens".into(), 250)])),
+            T_CHECK,
+        )
+        .unwrap();
+    assert_eq!(
+        repeat.value.charged["tokens"], 250,
+        "the finished reservation kept its answer"
+    );
     drop(storage);
 }

@@ -31,6 +31,10 @@ pub const RECORD_HEADER_BYTES: usize = 16;
 /// Largest record payload: one operation's mutations are far smaller.
 pub const MAX_PAYLOAD_BYTES: usize = 4 << 20;
 
+/// Receives each record during a scan: (LSN, format version, payload). An error
+/// (the payload does not decode) makes the scan report corruption at that record.
+pub type RecordSink<'a> = dyn FnMut(Lsn, u16, &[u8]) -> Result<(), String> + 'a;
+
 /// A damaged log: where and what.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("WAL corrupt: {file} at byte {offset}: {message}")]
@@ -267,7 +271,7 @@ fn scan(
     dir: &dyn WalDir,
     after_lsn: Lsn,
     truncate: bool,
-    on_record: &mut dyn FnMut(Lsn, u16, &[u8]) -> Result<(), String>,
+    on_record: &mut RecordSink<'_>,
 ) -> Result<(ScanReport, Vec<Segment>, Lsn), WalError> {
     let mut names: Vec<(Lsn, String)> = dir
         .list()
@@ -357,11 +361,7 @@ fn scan(
 
 /// Reads the whole log without changing it: for `quotad wal verify` and `dump`.
 /// `on_record` sees every record after `after_lsn`.
-pub fn verify(
-    dir: &dyn WalDir,
-    after_lsn: Lsn,
-    on_record: &mut dyn FnMut(Lsn, u16, &[u8]) -> Result<(), String>,
-) -> Result<ScanReport, WalError> {
+pub fn verify(dir: &dyn WalDir, after_lsn: Lsn, on_record: &mut RecordSink<'_>) -> Result<ScanReport, WalError> {
     scan(dir, after_lsn, false, on_record).map(|(r, _, _)| r)
 }
 
@@ -373,7 +373,7 @@ impl Wal {
         after_lsn: Lsn,
         segment_bytes_max: u64,
         version: u16,
-        on_record: &mut dyn FnMut(Lsn, u16, &[u8]) -> Result<(), String>,
+        on_record: &mut RecordSink<'_>,
     ) -> Result<(Wal, ScanReport), WalError> {
         let (report, segments, next_lsn) = scan(dir.as_ref(), after_lsn, true, on_record)?;
         let (active, active_bytes, active_version) = match segments.last() {
@@ -484,7 +484,9 @@ mod tests {
         dir
     }
 
-    fn read(dir: &SimDir) -> Result<(Vec<(Lsn, Vec<u8>)>, ScanReport), WalError> {
+    type Read = (Vec<(Lsn, Vec<u8>)>, ScanReport);
+
+    fn read(dir: &SimDir) -> Result<Read, WalError> {
         let mut got = Vec::new();
         let (_, report) = Wal::open(Arc::new(dir.clone()), 0, 1 << 20, 1, &mut |lsn, _, p| {
             got.push((lsn, p.to_vec()));

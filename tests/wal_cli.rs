@@ -1,0 +1,176 @@
+//! The real binary's storage behaviour: `quotad wal verify` and `wal dump` on a
+//! stopped daemon's data; a corrupt log refuses to start with exit code 4 naming
+//! the file and offset; a torn tail is truncated and logged with its size.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_quotad");
+
+fn write_config(dir: &Path) -> std::path::PathBuf {
+    let config = dir.join("q.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = [\"unix:{}\"]\n[storage]\ndata_dir = \"{}\"\n\
+             [[plans]]\nname = \"p\"\ndefault = true\n[[plans.limits]]\nname = \"d\"\nmetric = \"tokens\"\nperiod = \"1d\"\nmax = 100000\n",
+            dir.join("q.sock").display(),
+            dir.join("data").display()
+        ),
+    )
+    .unwrap();
+    config
+}
+
+fn spawn(config: &Path, stderr: &Path) -> Child {
+    Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(std::fs::File::create(stderr).unwrap()))
+        .spawn()
+        .unwrap()
+}
+
+fn post(sock: &Path, path: &str, body: &str) -> String {
+    let mut s = UnixStream::connect(sock).unwrap();
+    let req = format!(
+        "POST {path} HTTP/1.1\r\nHost: q\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+fn run_and_stop(dir: &Path, requests: usize, tag: &str) {
+    let config = write_config(dir);
+    let mut child = spawn(&config, &dir.join("run.log"));
+    let sock = dir.join("q.sock");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !UnixStream::connect(&sock).is_ok_and(|mut s| {
+        let _ = s.write_all(b"GET /readyz HTTP/1.1\r\nHost: q\r\nConnection: close\r\n\r\n");
+        let mut o = String::new();
+        let _ = s.read_to_string(&mut o);
+        o.starts_with("HTTP/1.1 200")
+    }) {
+        assert!(Instant::now() < deadline, "daemon did not start");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    for i in 0..requests {
+        let r = post(
+            &sock,
+            "/v1/consume",
+            &format!(
+                r#"{{"subject":"u{}","amounts":{{"tokens":5}},"idempotency_key":"{tag}key-{i}"}}"#,
+                i % 3
+            ),
+        );
+        assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    }
+    // SIGKILL: no final snapshot, everything is in the WAL.
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+fn quotad(args: &[&str], dir: &Path) -> Output {
+    Command::new(BIN).args(args).arg(dir).output().unwrap()
+}
+
+fn segment(dir: &Path) -> std::path::PathBuf {
+    std::fs::read_dir(dir.join("data/wal"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path()
+}
+
+#[test]
+fn verify_and_dump_a_stopped_daemons_data() {
+    let dir = tempfile::tempdir().unwrap();
+    run_and_stop(dir.path(), 12, "");
+    let data = dir.path().join("data");
+    let out = quotad(&["wal", "verify"], &data);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("12 record(s), LSN 1..12"), "{text}");
+    assert!(text.contains("state digest:"), "{text}");
+    let out = quotad(&["wal", "verify", "--json"], &data);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (v["ok"].as_bool(), v["records"].as_u64(), v["last_lsn"].as_u64()),
+        (Some(true), Some(12), Some(12))
+    );
+    // dump: one JSON line per record, each carrying its idempotency key.
+    let out = quotad(&["wal", "dump"], &data);
+    assert!(out.status.success());
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 12);
+    for (i, l) in lines.iter().enumerate() {
+        assert_eq!(l["lsn"], i as u64 + 1);
+        assert!(l.to_string().contains(&format!("\"key\":\"key-{i}\"")), "{l}");
+    }
+    // verify changed nothing: the daemon still starts on it and sees the state.
+    assert_eq!(quotad(&["wal", "verify"], &data).status.code(), Some(0));
+}
+
+#[test]
+fn a_corrupt_log_refuses_to_start_with_exit_code_4() {
+    let dir = tempfile::tempdir().unwrap();
+    run_and_stop(dir.path(), 6, "");
+    let seg = segment(dir.path());
+    let mut bytes = std::fs::read(&seg).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x10;
+    std::fs::write(&seg, &bytes).unwrap();
+    let out = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(write_config(dir.path()))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "{stderr}");
+    let name = seg.file_name().unwrap().to_str().unwrap();
+    assert!(
+        stderr.contains(name) && stderr.contains("at byte"),
+        "names file and offset: {stderr}"
+    );
+    let v = quotad(&["wal", "verify"], &dir.path().join("data"));
+    assert_eq!(v.status.code(), Some(4));
+    assert_eq!(std::fs::read(&seg).unwrap(), bytes, "nothing was changed");
+}
+
+#[test]
+fn a_torn_tail_is_truncated_and_logged() {
+    let dir = tempfile::tempdir().unwrap();
+    run_and_stop(dir.path(), 4, "");
+    let seg = segment(dir.path());
+    let len = std::fs::metadata(&seg).unwrap().len();
+    // Half a record header: a write cut short by the crash.
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&seg)
+        .unwrap()
+        .write_all(&[7, 0, 0])
+        .unwrap();
+    let v = quotad(&["wal", "verify"], &dir.path().join("data"));
+    assert!(String::from_utf8_lossy(&v.stdout).contains("torn tail: 3 byte(s)"));
+    run_and_stop(dir.path(), 1, "second-");
+    let log = std::fs::read_to_string(dir.path().join("run.log")).unwrap();
+    assert!(log.contains("torn") && log.contains("\"bytes\":3"), "{log}");
+    let v = quotad(&["wal", "verify", "--json"], &dir.path().join("data"));
+    let j: serde_json::Value = serde_json::from_slice(&v.stdout).unwrap();
+    assert_eq!(
+        (j["records"].as_u64(), j["torn_tail_bytes"].as_u64()),
+        (Some(5), Some(0))
+    );
+    assert!(std::fs::metadata(&seg).unwrap().len() > len);
+}
