@@ -153,3 +153,42 @@ async fn request(sock: &std::path::Path, method: &str, path: &str, body: &str) -
     let status = out.get(9..12)?.parse().ok()?;
     Some((status, out))
 }
+
+#[tokio::test]
+async fn only_health_answers_until_recovery_has_finished() {
+    let sock_dir = tempfile::tempdir().unwrap();
+    let mut config = Config::from_toml(CONFIG, "t.toml").unwrap();
+    let sock = sock_dir.path().join("q.sock");
+    config.server.listen = vec![format!("unix:{}", sock.display())];
+    let (dir, snaps) = (SimDir::new(), SnapshotStore::in_memory());
+    // Recovery that waits for the test's go-ahead.
+    let (go, gate) = std::sync::mpsc::channel::<()>();
+    let inner = opener(&config, &dir, &snaps);
+    let slow: StorageOpener = Box::new(move |policy| {
+        gate.recv().unwrap();
+        inner(policy)
+    });
+    let server = Server::bind_with_storage(&config, Arc::new(ManualClock::new(common::T0)), slow)
+        .await
+        .unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(server.run(async {
+        let _ = stopped.await;
+    }));
+    let health = loop {
+        if let Some(r) = request(&sock, "GET", "/healthz", "").await {
+            break r;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    };
+    assert_eq!(health.0, 200);
+    assert_eq!(request(&sock, "GET", "/readyz", "").await.unwrap().0, 503);
+    let r = raw(&sock, r#"{"subject":"u"}"#).await.unwrap();
+    assert_eq!(r.0, 503, "{}", r.1);
+    assert!(r.1.contains("recovering"), "{}", r.1);
+    go.send(()).unwrap();
+    wait_ready(&sock).await;
+    assert_eq!(raw(&sock, r#"{"subject":"u"}"#).await.unwrap().0, 200);
+    let _ = stop.send(());
+    run.await.unwrap().unwrap();
+}

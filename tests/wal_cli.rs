@@ -174,3 +174,56 @@ fn a_torn_tail_is_truncated_and_logged() {
     );
     assert!(std::fs::metadata(&seg).unwrap().len() > len);
 }
+
+fn get(sock: &Path, path: &str) -> String {
+    let mut s = UnixStream::connect(sock).unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: q\r\nConnection: close\r\n\r\n").as_bytes())
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out[out.find("\r\n\r\n").unwrap() + 4..].to_string()
+}
+
+fn wait_ready(sock: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if UnixStream::connect(sock).is_ok() && get(sock, "/readyz").contains("ready") {
+            return;
+        }
+        assert!(Instant::now() < deadline, "daemon did not start");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn digest_before_sigterm_equals_digest_after_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path());
+    let sock = dir.path().join("q.sock");
+    let mut child = spawn(&config, &dir.path().join("a.log"));
+    wait_ready(&sock);
+    for i in 0..50 {
+        let body = format!(
+            r#"{{"subject":"u{}","amounts":{{"tokens":{}}},"idempotency_key":"d{i}"}}"#,
+            i % 7,
+            i + 1
+        );
+        assert!(post(&sock, "/v1/consume", &body).starts_with("HTTP/1.1 200"));
+    }
+    let before = get(&sock, "/v1/admin/digest");
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(child.wait().unwrap().success());
+    let mut child = spawn(&config, &dir.path().join("b.log"));
+    wait_ready(&sock);
+    assert_eq!(get(&sock, "/v1/admin/digest"), before);
+    let log = std::fs::read_to_string(dir.path().join("b.log")).unwrap();
+    assert!(
+        log.contains("\"snapshot\":true"),
+        "the graceful stop left a snapshot: {log}"
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
