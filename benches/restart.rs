@@ -60,7 +60,8 @@ fn recover(dir: &Path) {
     let (rss0, _) = memory();
     let c = config(dir);
     let t = Instant::now();
-    let (engine, storage, report) = Storage::open(&c.storage, Policy::compile(&c).unwrap()).unwrap();
+    let (engine, storage, report) =
+        Storage::open(&c.storage, Policy::compile(&c).unwrap(), Default::default()).unwrap();
     let secs = t.elapsed().as_secs_f64();
     let (rss, hwm) = memory();
     let stats = engine.stats();
@@ -97,7 +98,7 @@ fn main() {
         .unwrap_or(1_000_000);
     let tmp = tempfile::tempdir_in(std::env::var("QUOTAD_BENCH_DIR").unwrap_or_else(|_| ".".into())).unwrap();
     let c = config(tmp.path());
-    let (engine, storage, _) = Storage::open(&c.storage, Policy::compile(&c).unwrap()).unwrap();
+    let (engine, storage, _) = Storage::open(&c.storage, Policy::compile(&c).unwrap(), Default::default()).unwrap();
     let t = Instant::now();
     let mut last = 0;
     for i in 0..n {

@@ -27,6 +27,8 @@ pub struct Config {
     pub engine: EngineConfig,
     /// Bearer tokens; empty means no authentication.
     pub auth: AuthConfig,
+    /// Log format and level.
+    pub log: LogConfig,
     /// Metrics that no limit uses but requests may carry (others are `unknown_metric`).
     pub metrics: Vec<String>,
     /// Limits that apply to every subject, whatever its plan.
@@ -47,6 +49,11 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// How long graceful shutdown waits for open requests, in ms. Default 10000.
     pub shutdown_grace_ms: u64,
+    /// Permissions of Unix socket files, octal. Default "0660": owner and group.
+    pub socket_mode: String,
+    /// Group (name or numeric id) given to Unix socket files, so that only the
+    /// app's user (a member) can connect. Default: the daemon's own group.
+    pub socket_group: Option<String>,
 }
 
 impl Default for ServerConfig {
@@ -56,6 +63,8 @@ impl Default for ServerConfig {
             max_body_bytes: 64 * 1024,
             max_connections: 10_000,
             shutdown_grace_ms: 10_000,
+            socket_mode: "0660".into(),
+            socket_group: None,
         }
     }
 }
@@ -131,6 +140,38 @@ impl Default for EngineConfig {
             max_open_reservations: 1_000_000,
         }
     }
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `auto` (default: human on a terminal, JSON lines otherwise), `human` or `json`.
+    pub format: LogFormat,
+    /// Level filter, as `QUOTAD_LOG` would take it ("info", "quotad=debug", …). Default "info".
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Auto,
+            level: "info".into(),
+        }
+    }
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// Human on a terminal, JSON otherwise.
+    #[default]
+    Auto,
+    /// Human-readable lines.
+    Human,
+    /// One JSON object per line.
+    Json,
 }
 
 /// `[auth]`.
@@ -487,6 +528,18 @@ impl fmt::Display for ListenAddr {
 }
 
 impl ListenAddr {
+    /// Whether only this host can reach it: a Unix socket or a loopback address.
+    pub fn is_local(&self) -> bool {
+        match self {
+            ListenAddr::Unix(_) => true,
+            ListenAddr::Tcp(a) => {
+                let host = a.rsplit_once(':').map_or(a.as_str(), |(h, _)| h);
+                let host = host.trim_start_matches('[').trim_end_matches(']');
+                host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+            }
+        }
+    }
+
     /// Parses one entry of `server.listen`.
     pub fn parse(s: &str) -> Result<ListenAddr, String> {
         if let Some(path) = s.strip_prefix("unix:") {
@@ -535,7 +588,22 @@ impl Config {
             return Err(ConfigError::new("server.listen", "needs at least one address"));
         }
         for (i, l) in self.server.listen.iter().enumerate() {
-            ListenAddr::parse(l).map_err(|m| ConfigError::new(format!("server.listen[{i}]"), m))?;
+            let addr = ListenAddr::parse(l).map_err(|m| ConfigError::new(format!("server.listen[{i}]"), m))?;
+            if !addr.is_local() && self.auth.tokens.is_empty() {
+                return Err(ConfigError::new(
+                    format!("server.listen[{i}]"),
+                    format!(
+                        "{l:?} is reachable from other hosts; configure auth.tokens before listening on it \
+                         (or listen on 127.0.0.1 or a unix: socket)"
+                    ),
+                ));
+            }
+        }
+        if u32::from_str_radix(&self.server.socket_mode, 8).map_or(true, |m| m > 0o777) {
+            return Err(ConfigError::new(
+                "server.socket_mode",
+                "must be an octal mode such as \"0660\"",
+            ));
         }
         if !(1024..=16 * 1024 * 1024).contains(&self.server.max_body_bytes) {
             return Err(ConfigError::new(
@@ -627,6 +695,25 @@ mod tests {
         assert!(e.to_string().contains("unknown field `bogus`"), "{e}");
         let e = Config::from_toml("[engine]\nidempotency_retention = \"1x\"\n", "q.toml").unwrap_err();
         assert_eq!(e.key, "engine.idempotency_retention");
+    }
+
+    #[test]
+    fn non_loopback_listeners_need_tokens() {
+        let e = Config::from_toml("[server]\nlisten = [\"0.0.0.0:7878\"]\n", "q.toml").unwrap_err();
+        assert_eq!(e.key, "server.listen[0]");
+        assert!(e.message.contains("auth.tokens"), "{e}");
+        Config::from_toml(
+            "[server]\nlisten = [\"[::1]:7878\", \"localhost:1\", \"unix:/x\"]\n",
+            "q.toml",
+        )
+        .unwrap();
+        Config::from_toml(
+            "[server]\nlisten = [\"0.0.0.0:7878\"]\n[auth]\ntokens = [{ role = \"admin\", token = \"0123456789abcdef\" }]\n",
+            "q.toml",
+        )
+        .unwrap();
+        let e = Config::from_toml("[server]\nsocket_mode = \"0999\"\n", "q.toml").unwrap_err();
+        assert_eq!(e.key, "server.socket_mode");
     }
 
     #[test]

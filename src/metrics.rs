@@ -1,91 +1,300 @@
-//! Process-wide counters exported at `GET /metrics` in the Prometheus text format.
+//! Process metrics in the Prometheus/OpenMetrics text format (`GET /metrics`):
+//! decisions by endpoint, outcome, plan and limit; HTTP latency by route; WAL
+//! fsync latency, batch sizes and bytes; snapshot duration, size and time;
+//! recovery duration and torn-tail bytes; live counters, subjects, holds and
+//! idempotency keys (read from the engine at scrape time).
 
-use std::fmt::Write;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use crate::engine::{Outcome, Stats};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
 
-const OPS: [&str; 3] = ["check", "consume", "reserve"];
-const OUTCOMES: [&str; 3] = ["allow", "deny", "degrade"];
+use crate::engine::{Decision, Outcome, ReasonCode, Stats};
 
-/// Counters updated by the API layer.
+/// Labels of `quotad_decisions_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DecisionLabels {
+    op: &'static str,
+    outcome: &'static str,
+    plan: String,
+}
+
+/// Labels of `quotad_limit_decisions_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LimitLabels {
+    limit: String,
+    plan: String,
+    outcome: &'static str,
+}
+
+/// Labels of the HTTP metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabels {
+    method: String,
+    route: String,
+}
+
+/// Labels of `quotad_http_responses_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StatusLabels {
+    code: u16,
+}
+
+fn latency_buckets() -> Histogram {
+    // 10 µs to ~40 s.
+    Histogram::new(exponential_buckets(0.000_01, 2.0, 22))
+}
+
+/// Metrics written by the storage layer (WAL writer thread, snapshotter, recovery).
+#[derive(Debug)]
+pub struct StorageMetrics {
+    /// Seconds per WAL write+fdatasync.
+    pub fsync_seconds: Histogram,
+    /// Records per group-commit batch.
+    pub batch_records: Histogram,
+    /// Bytes written to the WAL.
+    pub wal_bytes: Counter,
+    /// Records written to the WAL.
+    pub wal_records: Counter,
+    /// Seconds the last snapshot took.
+    pub snapshot_seconds: Gauge<f64, AtomicU64>,
+    /// Encoded size of the last snapshot.
+    pub snapshot_bytes: Gauge,
+    /// Unix time of the last successful snapshot (age = now - this).
+    pub snapshot_timestamp_seconds: Gauge<f64, AtomicU64>,
+    /// Snapshots written.
+    pub snapshots: Counter,
+    /// Seconds the last recovery took.
+    pub recovery_seconds: Gauge<f64, AtomicU64>,
+    /// Bytes of torn WAL tail truncated at the last start.
+    pub recovery_torn_tail_bytes: Gauge,
+    /// Records replayed at the last start.
+    pub recovery_replayed_records: Gauge,
+}
+
+impl Default for StorageMetrics {
+    fn default() -> Self {
+        Self {
+            fsync_seconds: latency_buckets(),
+            batch_records: Histogram::new(exponential_buckets(1.0, 2.0, 16)),
+            wal_bytes: Counter::default(),
+            wal_records: Counter::default(),
+            snapshot_seconds: Gauge::default(),
+            snapshot_bytes: Gauge::default(),
+            snapshot_timestamp_seconds: Gauge::default(),
+            snapshots: Counter::default(),
+            recovery_seconds: Gauge::default(),
+            recovery_torn_tail_bytes: Gauge::default(),
+            recovery_replayed_records: Gauge::default(),
+        }
+    }
+}
+
+/// Engine gauges, set from `Engine::stats` at each scrape.
 #[derive(Debug, Default)]
+struct EngineGauges {
+    subjects: Gauge,
+    counters: Gauge,
+    open_reservations: Gauge,
+    reservations: Gauge,
+    idempotency_keys: Gauge,
+}
+
+/// Everything `GET /metrics` shows.
 pub struct Metrics {
-    /// Decisions by [op][outcome].
-    decisions: [[AtomicU64; 3]; 3],
-    /// Replayed idempotent answers.
-    replays: AtomicU64,
-    /// Error answers by status class: 4xx, 5xx.
-    errors: [AtomicU64; 2],
+    /// Owns the descriptions; encoding needs exclusive access to nothing but this.
+    registry: Mutex<Registry>,
+    decisions: Family<DecisionLabels, Counter>,
+    limit_decisions: Family<LimitLabels, Counter>,
+    replays: Counter,
+    http_seconds: Family<RouteLabels, Histogram, fn() -> Histogram>,
+    http_responses: Family<StatusLabels, Counter>,
+    engine: EngineGauges,
+    /// Shared with the storage layer.
+    pub storage: Arc<StorageMetrics>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl Metrics {
-    /// Counts one decision.
-    pub fn decision(&self, op: usize, outcome: Outcome, replayed: bool) {
-        let o = match outcome {
-            Outcome::Allow => 0,
-            Outcome::Deny => 1,
-            Outcome::Degrade => 2,
+    /// Registers every metric.
+    pub fn new() -> Metrics {
+        let mut r = Registry::with_prefix("quotad");
+        let m = Metrics {
+            registry: Mutex::new(Registry::default()),
+            decisions: Family::default(),
+            limit_decisions: Family::default(),
+            replays: Counter::default(),
+            http_seconds: Family::new_with_constructor(latency_buckets),
+            http_responses: Family::default(),
+            engine: EngineGauges::default(),
+            storage: Arc::new(StorageMetrics::default()),
         };
-        self.decisions[op.min(2)][o].fetch_add(1, Ordering::Relaxed);
-        if replayed {
-            self.replays.fetch_add(1, Ordering::Relaxed);
+        r.register(
+            "decisions",
+            "Decisions by endpoint, outcome and plan",
+            m.decisions.clone(),
+        );
+        r.register(
+            "limit_decisions",
+            "Per matched limit: allow, deny, degrade or would_deny, by plan",
+            m.limit_decisions.clone(),
+        );
+        r.register(
+            "idempotent_replays",
+            "Answers replayed for a repeated idempotency key",
+            m.replays.clone(),
+        );
+        r.register(
+            "http_request_duration_seconds",
+            "Request latency by route",
+            m.http_seconds.clone(),
+        );
+        r.register("http_responses", "Responses by status code", m.http_responses.clone());
+        let g = &m.engine;
+        r.register(
+            "subjects",
+            "Subjects with a plan, overrides, counters or holds",
+            g.subjects.clone(),
+        );
+        r.register("counters", "Live counters", g.counters.clone());
+        r.register(
+            "reservations_open",
+            "Active reservations (holds)",
+            g.open_reservations.clone(),
+        );
+        r.register(
+            "reservations_kept",
+            "Reservations kept, active or finished",
+            g.reservations.clone(),
+        );
+        r.register("idempotency_keys", "Idempotency keys kept", g.idempotency_keys.clone());
+        let s = &m.storage;
+        r.register(
+            "wal_fsync_duration_seconds",
+            "WAL write + fdatasync per batch",
+            s.fsync_seconds.clone(),
+        );
+        r.register(
+            "wal_batch_records",
+            "Records per group-commit batch",
+            s.batch_records.clone(),
+        );
+        r.register("wal_bytes", "Bytes written to the WAL", s.wal_bytes.clone());
+        r.register("wal_records", "Records written to the WAL", s.wal_records.clone());
+        r.register(
+            "snapshot_duration_seconds",
+            "Duration of the last snapshot",
+            s.snapshot_seconds.clone(),
+        );
+        r.register(
+            "snapshot_bytes",
+            "Encoded size of the last snapshot",
+            s.snapshot_bytes.clone(),
+        );
+        r.register(
+            "snapshot_timestamp_seconds",
+            "Unix time of the last successful snapshot",
+            s.snapshot_timestamp_seconds.clone(),
+        );
+        r.register("snapshots", "Snapshots written", s.snapshots.clone());
+        r.register(
+            "recovery_duration_seconds",
+            "Duration of the last recovery",
+            s.recovery_seconds.clone(),
+        );
+        r.register(
+            "recovery_torn_tail_bytes",
+            "Bytes of torn WAL tail truncated at the last start",
+            s.recovery_torn_tail_bytes.clone(),
+        );
+        r.register(
+            "recovery_replayed_records",
+            "WAL records replayed at the last start",
+            s.recovery_replayed_records.clone(),
+        );
+        *m.registry.lock().unwrap_or_else(|e| e.into_inner()) = r;
+        m
+    }
+
+    /// Counts one decision answer.
+    pub fn decision(&self, op: &'static str, d: &Decision) {
+        let outcome = match d.decision {
+            Outcome::Allow => "allow",
+            Outcome::Deny => "deny",
+            Outcome::Degrade => "degrade",
+        };
+        if d.replayed {
+            self.replays.inc();
+            return;
+        }
+        self.decisions
+            .get_or_create(&DecisionLabels {
+                op,
+                outcome,
+                plan: d.plan.clone(),
+            })
+            .inc();
+        for c in &d.counters {
+            let reason = d
+                .reasons
+                .iter()
+                .find(|r| r.limit.as_ref() == Some(&c.limit))
+                .map(|r| r.code);
+            let outcome = match reason {
+                Some(ReasonCode::LimitExceeded | ReasonCode::ExceedsCapacity) => "deny",
+                Some(ReasonCode::Degraded) => "degrade",
+                Some(ReasonCode::WouldDeny) => "would_deny",
+                _ => "allow",
+            };
+            self.limit_decisions
+                .get_or_create(&LimitLabels {
+                    limit: c.limit.to_string(),
+                    plan: d.plan.clone(),
+                    outcome,
+                })
+                .inc();
         }
     }
 
-    /// Counts one error answer.
-    pub fn error(&self, status: u16) {
-        let i = usize::from(status >= 500);
-        self.errors[i].fetch_add(1, Ordering::Relaxed);
+    /// Records one answered request.
+    pub fn http(&self, method: &str, route: &str, status: u16, elapsed: Duration) {
+        self.http_seconds
+            .get_or_create(&RouteLabels {
+                method: method.to_string(),
+                route: route.to_string(),
+            })
+            .observe(elapsed.as_secs_f64());
+        self.http_responses.get_or_create(&StatusLabels { code: status }).inc();
     }
 
-    /// Renders everything, with the engine's gauges.
+    /// Renders everything, with the engine's gauges as of now.
     pub fn render(&self, stats: &Stats) -> String {
-        let mut s = String::with_capacity(2048);
-        s.push_str(
-            "# HELP quotad_decisions_total Decisions by endpoint and outcome.\n# TYPE quotad_decisions_total counter\n",
-        );
-        for (i, op) in OPS.iter().enumerate() {
-            for (j, outcome) in OUTCOMES.iter().enumerate() {
-                let v = self.decisions[i][j].load(Ordering::Relaxed);
-                let _ = writeln!(s, "quotad_decisions_total{{op=\"{op}\",outcome=\"{outcome}\"}} {v}");
-            }
-        }
-        let _ = writeln!(
-            s,
-            "# HELP quotad_idempotent_replays_total Answers replayed for a repeated idempotency key.\n\
-             # TYPE quotad_idempotent_replays_total counter\nquotad_idempotent_replays_total {}",
-            self.replays.load(Ordering::Relaxed)
-        );
-        s.push_str("# HELP quotad_errors_total Error answers by status class.\n# TYPE quotad_errors_total counter\n");
-        for (i, class) in ["4xx", "5xx"].iter().enumerate() {
-            let _ = writeln!(
-                s,
-                "quotad_errors_total{{class=\"{class}\"}} {}",
-                self.errors[i].load(Ordering::Relaxed)
-            );
-        }
-        for (name, help, v) in [
-            ("quotad_subjects", "Known subjects.", stats.subjects),
-            ("quotad_counters", "Live counters.", stats.counters),
-            (
-                "quotad_reservations_open",
-                "Active reservations.",
-                stats.open_reservations,
-            ),
-            (
-                "quotad_reservations_kept",
-                "Reservations kept, active or finished.",
-                stats.reservations,
-            ),
-            (
-                "quotad_idempotency_keys",
-                "Idempotency keys kept.",
-                stats.idempotency_keys,
-            ),
-        ] {
-            let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
-        }
-        s
+        let g = &self.engine;
+        g.subjects.set(stats.subjects as i64);
+        g.counters.set(stats.counters as i64);
+        g.open_reservations.set(stats.open_reservations as i64);
+        g.reservations.set(stats.reservations as i64);
+        g.idempotency_keys.set(stats.idempotency_keys as i64);
+        let mut out = String::with_capacity(8192);
+        let registry = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+        prometheus_client::encoding::text::encode(&mut out, &registry).expect("writing to a String cannot fail");
+        out
     }
 }

@@ -20,12 +20,12 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{watch, Semaphore};
 
-use crate::api::{self, AppState, Core, Token};
+use crate::api::{self, load_tokens, AppState, Core};
 use crate::clock::Clock;
 use crate::config::{Config, ConfigError, ListenAddr, StorageConfig};
 use crate::engine::{Engine, Policy};
 use crate::journal::Journal;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, StorageMetrics};
 use crate::storage::{RecoveryReport, Storage, StorageError};
 
 /// How often due reservations are expired even when no request arrives.
@@ -69,8 +69,9 @@ enum Bound {
 
 /// Opens storage and recovers the engine, given the compiled policy: the real
 /// data directory, or (in tests) a simulated WAL directory.
-pub type StorageOpener =
-    Box<dyn FnOnce(Policy) -> Result<(Engine, Storage, RecoveryReport), StorageError> + Send + 'static>;
+pub type StorageOpener = Box<
+    dyn FnOnce(Policy, Arc<StorageMetrics>) -> Result<(Engine, Storage, RecoveryReport), StorageError> + Send + 'static,
+>;
 
 /// Where state is kept.
 enum Backing {
@@ -94,41 +95,6 @@ pub struct Server {
     policy: Policy,
     /// Where state is kept.
     backing: Backing,
-}
-
-fn load_tokens(config: &Config) -> Result<Vec<Token>, ConfigError> {
-    config
-        .auth
-        .tokens
-        .iter()
-        .enumerate()
-        .map(|(i, t)| {
-            let secret = match (&t.token, &t.token_file) {
-                (Some(s), _) => s.clone(),
-                (None, Some(path)) => {
-                    let s = std::fs::read_to_string(path).map_err(|e| {
-                        ConfigError::new(
-                            format!("auth.tokens[{i}].token_file"),
-                            format!("cannot read {}: {e}", path.display()),
-                        )
-                    })?;
-                    let s = s.trim().to_string();
-                    if s.len() < 16 {
-                        return Err(ConfigError::new(
-                            format!("auth.tokens[{i}].token_file"),
-                            format!("{} holds a token shorter than 16 characters", path.display()),
-                        ));
-                    }
-                    s
-                }
-                (None, None) => unreachable!("sanitize requires one"),
-            };
-            Ok(Token {
-                secret: secret.into_bytes(),
-                role: t.role,
-            })
-        })
-        .collect()
 }
 
 /// Removes a socket file left by a daemon that died, refusing if one still answers
@@ -160,7 +126,7 @@ impl Server {
     /// `storage.data_dir` when `run` starts.
     pub async fn bind(config: &Config, clock: Arc<dyn Clock>) -> Result<Server, ServerError> {
         let storage: StorageConfig = config.storage.clone();
-        let opener: StorageOpener = Box::new(move |policy| Storage::open(&storage, policy));
+        let opener: StorageOpener = Box::new(move |policy, metrics| Storage::open(&storage, policy, metrics));
         Self::bind_inner(config, clock, Backing::Durable(opener)).await
     }
 
@@ -204,7 +170,8 @@ impl Server {
         let state = Arc::new(AppState {
             core: std::sync::OnceLock::new(),
             clock,
-            tokens,
+            tokens: std::sync::RwLock::new(Arc::new(tokens)),
+            config: std::sync::RwLock::new((config.clone(), None)),
             metrics: Metrics::default(),
             ready: AtomicBool::new(false),
             shutting_down: AtomicBool::new(false),
@@ -218,6 +185,13 @@ impl Server {
             policy,
             backing,
         })
+    }
+
+    /// Names the file the config came from, so SIGHUP and `POST /v1/admin/reload`
+    /// can re-read it.
+    pub fn with_config_path(self, path: PathBuf) -> Server {
+        self.state.config.write().unwrap_or_else(|e| e.into_inner()).1 = Some(path);
+        self
     }
 
     /// The addresses actually bound (TCP port 0 resolved).
@@ -260,7 +234,8 @@ impl Server {
         let (engine, storage) = match backing {
             Backing::Memory(journal) => (Engine::new(policy, journal), None),
             Backing::Durable(opener) => {
-                let opened = tokio::task::spawn_blocking(move || opener(policy))
+                let metrics = state.metrics.storage.clone();
+                let opened = tokio::task::spawn_blocking(move || opener(policy, metrics))
                     .await
                     .expect("recovery does not panic");
                 match opened {

@@ -50,7 +50,7 @@ fn open(files: BTreeMap<String, Vec<u8>>, segment_bytes_max: u64) -> Result<(Eng
     // a database per variant would dominate the run time.
     static SNAPSHOTS: std::sync::OnceLock<SnapshotStore> = std::sync::OnceLock::new();
     let snaps = SNAPSHOTS.get_or_init(SnapshotStore::in_memory).clone();
-    Storage::open_with(&config, policy(), Arc::new(dir), snaps, None).map(|(e, s, _)| (e, s))
+    Storage::open_with(&config, policy(), Arc::new(dir), snaps, None, Default::default()).map(|(e, s, _)| (e, s))
 }
 
 /// A small log of varied records: consumes with keys, a reservation, a commit.
@@ -66,6 +66,7 @@ fn build_log(ops: u64, segment_bytes_max: u64) -> BTreeMap<String, Vec<u8>> {
         Arc::new(dir.clone()),
         SnapshotStore::in_memory(),
         None,
+        Default::default(),
     )
     .unwrap();
     let req = |i: u64, key: bool| DecisionRequest {

@@ -29,7 +29,7 @@ default = true
 
 fn opener(config: &Config, dir: &SimDir, snaps: &SnapshotStore) -> StorageOpener {
     let (storage, dir, snaps) = (config.storage.clone(), dir.clone(), snaps.clone());
-    Box::new(move |policy| Storage::open_with(&storage, policy, Arc::new(dir), snaps, None))
+    Box::new(move |policy, metrics| Storage::open_with(&storage, policy, Arc::new(dir), snaps, None, metrics))
 }
 
 #[tokio::test]
@@ -164,9 +164,9 @@ async fn only_health_answers_until_recovery_has_finished() {
     // Recovery that waits for the test's go-ahead.
     let (go, gate) = std::sync::mpsc::channel::<()>();
     let inner = opener(&config, &dir, &snaps);
-    let slow: StorageOpener = Box::new(move |policy| {
+    let slow: StorageOpener = Box::new(move |policy, metrics| {
         gate.recv().unwrap();
-        inner(policy)
+        inner(policy, metrics)
     });
     let server = Server::bind_with_storage(&config, Arc::new(ManualClock::new(common::T0)), slow)
         .await

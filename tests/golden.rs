@@ -77,7 +77,7 @@ fn config(data_dir: &Path) -> Config {
 
 fn open(data_dir: &Path) -> (Engine, Storage) {
     let c = config(data_dir);
-    let (engine, storage, _) = Storage::open(&c.storage, Policy::compile(&c).unwrap()).unwrap();
+    let (engine, storage, _) = Storage::open(&c.storage, Policy::compile(&c).unwrap(), Default::default()).unwrap();
     (engine, storage)
 }
 

@@ -65,8 +65,15 @@ fn open(dir: &SimDir, snaps: &SnapshotStore) -> (Engine, Storage) {
         segment_bytes_max: 1 << 20,
         ..StorageConfig::default()
     };
-    let (engine, storage, _) = Storage::open_with(&config, policy(), Arc::new(dir.clone()), snaps.clone(), None)
-        .expect("a crashed log always recovers");
+    let (engine, storage, _) = Storage::open_with(
+        &config,
+        policy(),
+        Arc::new(dir.clone()),
+        snaps.clone(),
+        None,
+        Default::default(),
+    )
+    .expect("a crashed log always recovers");
     (engine, storage)
 }
 

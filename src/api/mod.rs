@@ -5,8 +5,10 @@
 mod error;
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, OnceLock, RwLock};
+use std::time::Instant;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -22,8 +24,8 @@ use subtle::ConstantTimeEq;
 pub use error::ApiError;
 
 use crate::clock::Clock;
-use crate::config::{MaxValue, Role, MAX_SAFE_INTEGER};
-use crate::engine::{Applied, DecideOp, Decision, DecisionRequest, Engine, Finish, Lsn, Override, ReasonCode};
+use crate::config::{Config, ConfigError, MaxValue, Role, MAX_SAFE_INTEGER};
+use crate::engine::{Applied, DecideOp, Decision, DecisionRequest, Engine, Finish, Lsn, Override, Policy, ReasonCode};
 use crate::journal::DurableWatch;
 use crate::metrics::Metrics;
 
@@ -80,8 +82,10 @@ pub struct AppState {
     pub core: OnceLock<Core>,
     /// Time source.
     pub clock: Arc<dyn Clock>,
-    /// Accepted tokens; empty disables auth.
-    pub tokens: Vec<Token>,
+    /// Accepted tokens; empty disables auth. Swapped whole on reload.
+    pub tokens: RwLock<Arc<Vec<Token>>>,
+    /// The configuration in force, and the file it came from (reload re-reads it).
+    pub config: RwLock<(Config, Option<PathBuf>)>,
     /// Request counters.
     pub metrics: Metrics,
     /// Set once recovery has finished.
@@ -94,7 +98,8 @@ pub struct AppState {
 
 impl AppState {
     fn authorize(&self, headers: &HeaderMap, need: Role) -> Result<(), ApiError> {
-        if self.tokens.is_empty() {
+        let tokens = self.tokens.read().unwrap_or_else(|e| e.into_inner()).clone();
+        if tokens.is_empty() {
             return Ok(());
         }
         let presented = headers
@@ -104,7 +109,7 @@ impl AppState {
             .ok_or_else(|| ApiError::Unauthorized("send `Authorization: Bearer <token>`".into()))?;
         // Compare against every token so timing does not tell which one was close.
         let mut role = None;
-        for t in &self.tokens {
+        for t in tokens.iter() {
             if bool::from(t.secret.as_slice().ct_eq(presented.trim().as_bytes())) {
                 role = role.max(Some(t.role));
             }
@@ -116,6 +121,51 @@ impl AppState {
                 "this token's role is client; this endpoint needs admin".into(),
             )),
         }
+    }
+
+    /// Re-reads the configuration file and puts its limits, plans, engine settings
+    /// and tokens in force. An invalid file changes nothing. Settings that need a
+    /// restart (listeners, storage, shard count) are reported, not applied.
+    pub fn reload(&self) -> Result<ReloadReport, ConfigError> {
+        let path = self.config.read().unwrap_or_else(|e| e.into_inner()).1.clone();
+        let Some(path) = path else {
+            return Err(ConfigError {
+                file: "<built-in defaults>".into(),
+                key: "file".into(),
+                message: "quotad was started without a configuration file; there is nothing to re-read".into(),
+            });
+        };
+        let new = Config::load(&path)?;
+        let file = path.display().to_string();
+        let with_file = |mut e: ConfigError| {
+            e.file = file.clone();
+            e
+        };
+        let policy = Policy::compile(&new).map_err(with_file)?;
+        let tokens = load_tokens(&new).map_err(with_file)?;
+        let engine = self.engine().map_err(|e| ConfigError::new("reload", e.to_string()))?;
+        let mut guard = self.config.write().unwrap_or_else(|e| e.into_inner());
+        let old = &guard.0;
+        let mut restart_required = Vec::new();
+        if old.server.listen != new.server.listen {
+            restart_required.push("server.listen");
+        }
+        if format!("{:?}", old.storage) != format!("{:?}", new.storage) {
+            restart_required.push("storage");
+        }
+        if old.engine.shards != new.engine.shards {
+            restart_required.push("engine.shards");
+        }
+        let report = ReloadReport {
+            plans: policy.plans.len(),
+            limits: policy.shapes.len(),
+            tokens: tokens.len(),
+            restart_required: restart_required.iter().map(|s| s.to_string()).collect(),
+        };
+        engine.set_policy(policy);
+        *self.tokens.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(tokens);
+        guard.0 = new;
+        Ok(report)
     }
 
     /// The engine, once recovery has finished.
@@ -157,6 +207,57 @@ impl AppState {
     }
 }
 
+/// What a reload did.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReloadReport {
+    /// Plans now in force.
+    pub plans: usize,
+    /// Distinct limit names now in force.
+    pub limits: usize,
+    /// Tokens now accepted.
+    pub tokens: usize,
+    /// Changed settings that only take effect after a restart.
+    pub restart_required: Vec<String>,
+}
+
+/// Reads the configured tokens (inline or from files).
+pub fn load_tokens(config: &Config) -> Result<Vec<Token>, ConfigError> {
+    config
+        .auth
+        .tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let secret = match (&t.token, &t.token_file) {
+                (Some(s), _) => s.clone(),
+                (None, Some(path)) => {
+                    let key = format!("auth.tokens[{i}].token_file");
+                    let s = std::fs::read_to_string(path)
+                        .map_err(|e| ConfigError::new(&key, format!("cannot read {}: {e}", path.display())))?;
+                    let s = s.trim().to_string();
+                    if s.len() < 16 {
+                        return Err(ConfigError::new(
+                            key,
+                            format!("{} holds a token shorter than 16 characters", path.display()),
+                        ));
+                    }
+                    s
+                }
+                (None, None) => {
+                    return Err(ConfigError::new(
+                        format!("auth.tokens[{i}]"),
+                        "needs token or token_file",
+                    ))
+                }
+            };
+            Ok(Token {
+                secret: secret.into_bytes(),
+                role: t.role,
+            })
+        })
+        .collect()
+}
+
 /// Builds the router.
 pub fn router(state: Arc<AppState>) -> Router {
     let limit = state.max_body_bytes;
@@ -175,6 +276,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/subjects/{subject}/credit", post(credit))
         .route("/v1/plans", get(plans))
         .route("/v1/admin/digest", get(digest))
+        .route("/v1/admin/reload", post(reload))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -182,16 +284,28 @@ pub fn router(state: Arc<AppState>) -> Router {
         .method_not_allowed_fallback(|| async {
             ApiError::MethodNotAllowed("this endpoint does not take that method".into())
         })
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), observe))
         .layer(DefaultBodyLimit::max(limit))
-        .layer(axum::middleware::map_response_with_state(state.clone(), count_errors))
         .with_state(state)
 }
 
-async fn count_errors(State(st): State<Arc<AppState>>, resp: Response) -> Response {
-    let s = resp.status().as_u16();
-    if s >= 400 {
-        st.metrics.error(s);
-    }
+/// Times every routed request, labelled by its route pattern (not the raw path,
+/// which would make one series per subject).
+async fn observe(
+    State(st): State<Arc<AppState>>,
+    route: axum::extract::MatchedPath,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let started = Instant::now();
+    let method = req.method().clone();
+    let resp = next.run(req).await;
+    st.metrics.http(
+        method.as_str(),
+        route.as_str(),
+        resp.status().as_u16(),
+        started.elapsed(),
+    );
     resp
 }
 
@@ -408,12 +522,12 @@ async fn decide(
     }
     let applied = st.engine()?.decide(op, &req, st.now())?;
     let d = st.durable(applied).await?;
-    let op_index = match op {
-        DecideOp::Check => 0,
-        DecideOp::Consume => 1,
-        DecideOp::Reserve => 2,
+    let op_name = match op {
+        DecideOp::Check => "check",
+        DecideOp::Consume => "consume",
+        DecideOp::Reserve => "reserve",
     };
-    st.metrics.decision(op_index, d.decision, d.replayed);
+    st.metrics.decision(op_name, &d);
     if !d.allowed {
         tracing::debug!(subject = %d.subject, ?op, reasons = ?d.reasons, "denied");
     }
@@ -774,10 +888,27 @@ async fn metrics(State(st): State<Arc<AppState>>, headers: HeaderMap) -> Result<
     st.authorize(&headers, Role::Client)?;
     let stats = st.engine().map(|e| e.stats()).unwrap_or_default();
     let body = st.metrics.render(&stats);
-    Ok(([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response())
+    let content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+    Ok(([(axum::http::header::CONTENT_TYPE, content_type)], body).into_response())
 }
 
 async fn digest(State(st): State<Arc<AppState>>, headers: HeaderMap) -> Result<Response, ApiError> {
     st.authorize(&headers, Role::Admin)?;
     Ok(Json(st.engine()?.digest(st.now())).into_response())
+}
+
+async fn reload(State(st): State<Arc<AppState>>, headers: HeaderMap) -> Result<Response, ApiError> {
+    st.authorize(&headers, Role::Admin)?;
+    match st.reload() {
+        Ok(report) => {
+            tracing::info!(?report, "configuration reloaded");
+            Ok(Json(report).into_response())
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "reload rejected; the previous configuration stays in force");
+            Err(ApiError::InvalidRequest(format!(
+                "reload rejected, the previous configuration stays in force: {e}"
+            )))
+        }
+    }
 }

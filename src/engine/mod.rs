@@ -569,6 +569,7 @@ impl Engine {
             allowed: !denied,
             decision: outcome,
             subject: req.subject.clone(),
+            plan: plan.name.clone(),
             counters: Vec::with_capacity(matched.len()),
             reasons,
             retry_after_ms: if denied { retry } else { None },

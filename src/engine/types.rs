@@ -163,6 +163,9 @@ pub struct Decision {
     pub decision: Outcome,
     /// Echo of the subject.
     pub subject: String,
+    /// The plan the decision was made under.
+    #[serde(default)]
+    pub plan: String,
     /// Every matched limit, after the charge when allowed.
     pub counters: Vec<CounterView>,
     /// Limits that denied, degraded or would have denied.

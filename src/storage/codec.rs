@@ -85,6 +85,7 @@ mod tests {
             allowed: true,
             decision: Outcome::Degrade,
             subject: "u".into(),
+            plan: "free".into(),
             counters: vec![
                 CounterView {
                     limit: "l".into(),

@@ -18,9 +18,10 @@ use super::wal::{self, Wal};
 use crate::config::Durability;
 use crate::engine::{Lsn, Mutation};
 use crate::journal::{DurableState, DurableWatch, Journal, JournalError};
+use crate::metrics::StorageMetrics;
 
 /// Queue and writer settings.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct WriterConfig {
     /// When answers are given relative to the sync.
     pub durability: Durability,
@@ -28,6 +29,8 @@ pub struct WriterConfig {
     pub flush_interval: Duration,
     /// Appends wait (backpressure) while this many bytes are queued.
     pub queue_bytes_max: usize,
+    /// Where fsync latency and batch sizes go.
+    pub metrics: Arc<StorageMetrics>,
 }
 
 struct Queue {
@@ -246,9 +249,15 @@ fn write_loop(shared: &Shared, wal: &Mutex<Wal>) {
         drop(q);
         shared.space.notify_all();
 
+        let started = std::time::Instant::now();
         let result = wal.lock().unwrap_or_else(|e| e.into_inner()).write(&batch, first, last);
+        let m = &shared.config.metrics;
+        m.fsync_seconds.observe(started.elapsed().as_secs_f64());
         match result {
             Ok(()) => {
+                m.batch_records.observe((last - first + 1) as f64);
+                m.wal_records.inc_by(last - first + 1);
+                m.wal_bytes.inc_by(batch.len() as u64);
                 {
                     let mut q = shared.lock();
                     q.since_snapshot.0 += last - first + 1;

@@ -21,6 +21,7 @@ use crate::clock::Millis;
 use crate::config::StorageConfig;
 use crate::engine::{Engine, Policy};
 use crate::journal::{Journal, NullJournal};
+use crate::metrics::StorageMetrics;
 use io::{FsDir, WalDir};
 use journal::{WalJournal, WriterConfig};
 use snapshot::SnapshotStore;
@@ -86,6 +87,8 @@ pub struct Storage {
     snapshots: SnapshotStore,
     /// Snapshot thresholds.
     config: StorageConfig,
+    /// Snapshot and WAL figures.
+    metrics: Arc<StorageMetrics>,
     /// Held for the life of the process: two daemons on one directory would
     /// interleave their logs (none for simulated directories).
     _lock: Option<File>,
@@ -160,12 +163,16 @@ pub fn recover(
 
 impl Storage {
     /// Opens `config.data_dir` on the real filesystem and recovers the state.
-    pub fn open(config: &StorageConfig, policy: Policy) -> Result<(Engine, Storage, RecoveryReport), StorageError> {
+    pub fn open(
+        config: &StorageConfig,
+        policy: Policy,
+        metrics: Arc<StorageMetrics>,
+    ) -> Result<(Engine, Storage, RecoveryReport), StorageError> {
         let lock = lock_dir(&config.data_dir)?;
         let dir = FsDir::new(&wal_dir(&config.data_dir)).map_err(|e| StorageError::Io(e.to_string()))?;
         let snapshots =
             SnapshotStore::open(&snapshot_path(&config.data_dir)).map_err(|e| StorageError::Corrupt(e.to_string()))?;
-        Self::open_with(config, policy, Arc::new(dir), snapshots, Some(lock))
+        Self::open_with(config, policy, Arc::new(dir), snapshots, Some(lock), metrics)
     }
 
     /// As `open`, with the WAL in `dir` (tests use a simulated one).
@@ -175,13 +182,18 @@ impl Storage {
         dir: Arc<dyn WalDir>,
         snapshots: SnapshotStore,
         lock: Option<File>,
+        metrics: Arc<StorageMetrics>,
     ) -> Result<(Engine, Storage, RecoveryReport), StorageError> {
         let (mut engine, wal, report) = recover(Some(&snapshots), dir, policy, config.segment_bytes_max, false)?;
         let writer = WriterConfig {
             durability: config.durability,
             flush_interval: Duration::from_millis(config.flush_interval_ms),
             queue_bytes_max: config.queue_bytes_max,
+            metrics: metrics.clone(),
         };
+        metrics.recovery_seconds.set(report.duration.as_secs_f64());
+        metrics.recovery_torn_tail_bytes.set(report.scan.torn_tail_bytes as i64);
+        metrics.recovery_replayed_records.set(report.replayed_records as i64);
         let journal = Arc::new(WalJournal::start(wal.expect("opened for writing"), writer));
         engine.set_journal(journal.clone() as Arc<dyn Journal>);
         Ok((
@@ -190,6 +202,7 @@ impl Storage {
                 journal,
                 snapshots,
                 config: config.clone(),
+                metrics,
                 _lock: lock,
             },
             report,
@@ -235,12 +248,18 @@ impl Storage {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove_through(min_lsn)?;
-        Ok(SnapshotReport {
+        let report = SnapshotReport {
             min_lsn,
             bytes: encoded.iter().map(Vec::len).sum(),
             segments_removed,
             duration: started.elapsed(),
-        })
+        };
+        let m = &self.metrics;
+        m.snapshots.inc();
+        m.snapshot_seconds.set(report.duration.as_secs_f64());
+        m.snapshot_bytes.set(report.bytes as i64);
+        m.snapshot_timestamp_seconds.set(now_ms as f64 / 1000.0);
+        Ok(report)
     }
 
     /// Writes out what is queued and stops the writer.
