@@ -1,28 +1,48 @@
-//! Command line: `quotad [serve] [--config FILE]` and `quotad config check FILE`.
-//! Parses arguments, sets up logging and signals, and maps failures to exit codes.
+//! Command line: the daemon (`quotad [serve]`), tools for its files
+//! (`config check`, `wal verify`, `wal dump`), and client subcommands that talk
+//! to a running daemon over TCP or its Unix socket (`consume`, `check`,
+//! `usage`, `set-plan`, `reset`, `credit`, `reload`, `health`). Parses
+//! arguments, sets up logging and signals, and maps failures to exit codes.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use hyper::Method;
+use serde_json::{json, Value};
 
+use crate::client::{Client, Target};
 use crate::clock::SystemClock;
-use crate::config::Config;
+use crate::config::{Config, ListenAddr, LogFormat};
 use crate::engine::Policy;
 use crate::server::{Server, ServerError};
 use crate::storage::StorageError;
 
+/// Prints a line to stdout, ignoring a closed pipe (`quotad usage u | head`).
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
+/// Exit code for any other runtime failure.
+pub const EXIT_RUNTIME: u8 = 1;
 /// Exit code for an invalid configuration.
 pub const EXIT_CONFIG: u8 = 2;
 /// Exit code when a listen address cannot be bound.
 pub const EXIT_BIND: u8 = 3;
-/// Exit code for any other runtime failure.
-pub const EXIT_RUNTIME: u8 = 1;
 /// Exit code when the WAL or snapshot is damaged: quotad refuses to start.
 pub const EXIT_CORRUPT: u8 = 4;
 /// Exit code when a WAL write or fsync failed while running.
 pub const EXIT_STORAGE: u8 = 5;
+
+/// Client exit code: the call was denied (`consume`, `check`) or not healthy.
+pub const EXIT_DENIED: u8 = 1;
+/// Client exit code: the request failed (unreachable, or an error answer).
+pub const EXIT_REQUEST: u8 = 3;
 
 /// The exit code for a server error.
 pub fn exit_code(e: &ServerError) -> u8 {
@@ -42,21 +62,73 @@ pub struct Cli {
     /// What to do (default: serve).
     #[command(subcommand)]
     pub command: Option<Command>,
-    /// Configuration file (default: ./quotad.toml when present, else built-in defaults).
+    /// Configuration file (default: ./quotad.toml when present, else built-in
+    /// defaults). Client subcommands take the daemon's address from it.
     #[arg(long, short, global = true)]
     pub config: Option<PathBuf>,
-    /// Log format: human on a terminal, JSON lines otherwise, unless set.
+    /// Log format (overrides `log.format`).
     #[arg(long, global = true, value_enum)]
-    pub log_format: Option<LogFormat>,
+    pub log_format: Option<LogFormatArg>,
 }
 
-/// Log line format.
+/// `--log-format`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
+pub enum LogFormatArg {
     /// Human-readable lines.
     Human,
     /// One JSON object per line.
     Json,
+}
+
+/// How client subcommands reach the daemon.
+#[derive(Debug, Clone, Args)]
+pub struct Connect {
+    /// TCP address of the daemon, e.g. 127.0.0.1:7878.
+    #[arg(long, conflicts_with = "socket")]
+    pub addr: Option<String>,
+    /// Unix socket of the daemon.
+    #[arg(long)]
+    pub socket: Option<PathBuf>,
+    /// File holding the bearer token (default: the QUOTAD_TOKEN environment variable).
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
+    /// Print the daemon's JSON answer instead of a summary.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// What `consume` and `check` send.
+#[derive(Debug, Clone, Args)]
+pub struct DecisionArgs {
+    /// Who is metered.
+    pub subject: String,
+    /// The event, e.g. llm.chat.
+    #[arg(long)]
+    pub event: Option<String>,
+    /// An attribute, `key=value` (repeatable).
+    #[arg(long = "attr", value_parser = key_value)]
+    pub attributes: Vec<(String, String)>,
+    /// An amount, `metric=number` (repeatable; requests defaults to 1).
+    #[arg(long = "amount", value_parser = key_number)]
+    pub amounts: Vec<(String, u64)>,
+    /// Idempotency key (consume only).
+    #[arg(long)]
+    pub key: Option<String>,
+    /// Connection.
+    #[command(flatten)]
+    pub connect: Connect,
+}
+
+fn key_value(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("{s:?} is not key=value"))
+}
+
+fn key_number(s: &str) -> Result<(String, u64), String> {
+    let (k, v) = key_value(s)?;
+    let n = v.parse().map_err(|_| format!("{v:?} in {s:?} is not a whole number"))?;
+    Ok((k, n))
 }
 
 /// Subcommands.
@@ -75,6 +147,73 @@ pub enum Command {
         /// What to do with the log.
         #[command(subcommand)]
         action: WalAction,
+    },
+    /// Charge a call (POST /v1/consume). Exit 0 if allowed, 1 if denied.
+    Consume(DecisionArgs),
+    /// Ask without charging (POST /v1/check). Exit 0 if allowed, 1 if denied.
+    Check(DecisionArgs),
+    /// Show a subject's plan and counters.
+    Usage {
+        /// The subject.
+        subject: String,
+        /// Connection.
+        #[command(flatten)]
+        connect: Connect,
+    },
+    /// Assign a plan to a subject (keeps its usage).
+    SetPlan {
+        /// The subject.
+        subject: String,
+        /// The plan.
+        plan: String,
+        /// Connection.
+        #[command(flatten)]
+        connect: Connect,
+    },
+    /// Zero a subject's counters (one limit, or all).
+    Reset {
+        /// The subject.
+        subject: String,
+        /// Only this limit.
+        #[arg(long)]
+        limit: Option<String>,
+        /// Connection.
+        #[command(flatten)]
+        connect: Connect,
+    },
+    /// Give back usage, or top up a lifetime limit.
+    Credit {
+        /// The subject.
+        subject: String,
+        /// The limit.
+        limit: String,
+        /// How much.
+        amount: u64,
+        /// Connection.
+        #[command(flatten)]
+        connect: Connect,
+    },
+    /// Make the daemon re-read its configuration file.
+    Reload {
+        /// Connection.
+        #[command(flatten)]
+        connect: Connect,
+    },
+    /// Exit 0 if the daemon is ready, 1 if not (for health checks).
+    Health {
+        /// Connection.
+        #[command(flatten)]
+        connect: Connect,
+    },
+}
+
+/// `quotad config ...`.
+#[derive(Debug, Subcommand)]
+pub enum ConfigAction {
+    /// Check a configuration file and print a summary.
+    Check {
+        /// The file.
+        file: PathBuf,
     },
 }
 
@@ -98,23 +237,16 @@ pub enum WalAction {
     },
 }
 
-/// `quotad config ...`.
-#[derive(Debug, Subcommand)]
-pub enum ConfigAction {
-    /// Check a configuration file and print a summary.
-    Check {
-        /// The file.
-        file: PathBuf,
-    },
-}
-
-fn init_logging(format: Option<LogFormat>) {
+fn init_logging(config: &Config, flag: Option<LogFormatArg>) {
     use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_env("QUOTAD_LOG")
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&config.log.level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let json = match format {
-        Some(f) => f == LogFormat::Json,
-        None => !std::io::stderr().is_terminal(),
+    let json = match (flag, config.log.format) {
+        (Some(f), _) => f == LogFormatArg::Json,
+        (None, LogFormat::Json) => true,
+        (None, LogFormat::Human) => false,
+        (None, LogFormat::Auto) => !std::io::stderr().is_terminal(),
     };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -126,26 +258,26 @@ fn init_logging(format: Option<LogFormat>) {
     }
 }
 
-/// Loads `path`, or `./quotad.toml` when present, or the built-in defaults.
-pub fn load_config(path: Option<&Path>) -> Result<(Config, String), crate::config::ConfigError> {
+/// Loads `path`, or `./quotad.toml` when present, or the built-in defaults;
+/// returns the config and the file it came from.
+pub fn load_config(path: Option<&Path>) -> Result<(Config, Option<PathBuf>), crate::config::ConfigError> {
     let default = Path::new("quotad.toml");
     let path = match path {
-        Some(p) => Some(p),
-        None if default.exists() => Some(default),
+        Some(p) => Some(p.to_path_buf()),
+        None if default.exists() => Some(default.to_path_buf()),
         None => None,
     };
-    let (config, name) = match path {
-        Some(p) => (Config::load(p)?, p.display().to_string()),
-        None => (
-            Config::from_toml("", "<built-in defaults>")?,
-            "<built-in defaults>".to_string(),
-        ),
+    let config = match &path {
+        Some(p) => Config::load(p)?,
+        None => Config::from_toml("", "<built-in defaults>")?,
     };
     Policy::compile(&config).map_err(|mut e| {
-        e.file = name.clone();
+        e.file = path
+            .as_ref()
+            .map_or("<built-in defaults>".into(), |p| p.display().to_string());
         e
     })?;
-    Ok((config, name))
+    Ok((config, path))
 }
 
 async fn shutdown_signal() {
@@ -157,14 +289,15 @@ async fn shutdown_signal() {
     }
 }
 
-fn serve(config_path: Option<&Path>) -> ExitCode {
-    let (config, name) = match load_config(config_path) {
+fn serve(config_path: Option<&Path>, log_format: Option<LogFormatArg>) -> ExitCode {
+    let (config, path) = match load_config(config_path) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("quotad: invalid configuration: {e}");
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    init_logging(&config, log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
@@ -173,7 +306,7 @@ fn serve(config_path: Option<&Path>) -> ExitCode {
         }
     };
     runtime.block_on(async {
-        let server = match Server::bind(&config, Arc::new(SystemClock)).await {
+        let mut server = match Server::bind(&config, Arc::new(SystemClock)).await {
             Ok(s) => s,
             Err(e) => {
                 tracing::error!(error = %e, "cannot start");
@@ -181,9 +314,31 @@ fn serve(config_path: Option<&Path>) -> ExitCode {
                 return ExitCode::from(exit_code(&e));
             }
         };
+        if let Some(p) = &path {
+            server = server.with_config_path(p.clone());
+        }
+        let name = path
+            .as_ref()
+            .map_or("<built-in defaults>".into(), |p| p.display().to_string());
         for addr in server.local_addrs() {
             tracing::info!(config = %name, %addr, "listening");
         }
+        // SIGHUP re-reads the configuration; an invalid file leaves the old one in force.
+        let state = server.state();
+        tokio::spawn(async move {
+            use tokio::signal::unix::{signal, SignalKind};
+            let Ok(mut hup) = signal(SignalKind::hangup()) else {
+                return;
+            };
+            while hup.recv().await.is_some() {
+                match state.reload() {
+                    Ok(report) => tracing::info!(?report, "SIGHUP: configuration reloaded"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "SIGHUP: reload rejected; the previous configuration stays in force")
+                    }
+                }
+            }
+        });
         match server.run(shutdown_signal()).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -197,10 +352,11 @@ fn serve(config_path: Option<&Path>) -> ExitCode {
 
 fn config_check(file: &Path) -> ExitCode {
     match load_config(Some(file)) {
-        Ok((config, name)) => {
+        Ok((config, _)) => {
             let policy = Policy::compile(&config).expect("checked by load_config");
-            println!(
-                "{name}: OK: {} plan(s), {} top-level limit(s), {} limit name(s), default plan: {}",
+            say!(
+                "{}: OK: {} plan(s), {} top-level limit(s), {} limit name(s), default plan: {}",
+                file.display(),
                 policy.plans.len(),
                 policy.top_limits.len(),
                 policy.shapes.len(),
@@ -236,23 +392,20 @@ fn wal_verify(dir: &Path, json: bool) -> ExitCode {
             .map_err(|e| StorageError::Corrupt(e.to_string()))?;
         let fs = FsDir::new(&wal).map_err(|e| StorageError::Io(e.to_string()))?;
         let policy = Policy::compile(&Config::default()).expect("defaults compile");
-        let (engine, _, report) = storage::recover(snap.as_ref(), std::sync::Arc::new(fs), policy, u64::MAX, true)?;
-        Ok::<_, StorageError>((
-            engine.digest(crate::clock::Clock::now_ms(&crate::clock::SystemClock)),
-            report,
-        ))
+        let (engine, _, report) = storage::recover(snap.as_ref(), Arc::new(fs), policy, u64::MAX, true)?;
+        Ok::<_, StorageError>((engine.digest(crate::clock::Clock::now_ms(&SystemClock)), report))
     })();
     match result {
         Ok((digest, r)) => {
             if json {
-                let v = serde_json::json!({
+                let v = json!({
                     "ok": true, "snapshot": r.snapshot_loaded, "records": r.scan.records,
                     "replayed": r.replayed_records, "first_lsn": r.scan.first_lsn, "last_lsn": r.scan.last_lsn,
                     "segments": r.scan.segments, "torn_tail_bytes": r.scan.torn_tail_bytes, "digest": digest,
                 });
-                println!("{v}");
+                say!("{v}");
             } else {
-                println!(
+                say!(
                     "OK: {} segment(s), {} record(s), LSN {}..{}, snapshot: {}, replayed after it: {}",
                     r.scan.segments,
                     r.scan.records,
@@ -262,22 +415,26 @@ fn wal_verify(dir: &Path, json: bool) -> ExitCode {
                     r.replayed_records
                 );
                 if r.scan.torn_tail_bytes > 0 {
-                    println!(
+                    say!(
                         "torn tail: {} byte(s) at the end of {} (an unacknowledged write; start-up truncates it)",
                         r.scan.torn_tail_bytes,
                         r.scan.torn_tail_file.unwrap_or_default()
                     );
                 }
-                println!(
+                say!(
                     "state digest: {:016x} ({} subjects, {} counters, {} reservations, {} idempotency keys)",
-                    digest.sum, digest.subjects, digest.counters, digest.reservations, digest.idempotency_keys
+                    digest.sum,
+                    digest.subjects,
+                    digest.counters,
+                    digest.reservations,
+                    digest.idempotency_keys
                 );
             }
             ExitCode::SUCCESS
         }
         Err(e) => {
             if json {
-                println!("{}", serde_json::json!({"ok": false, "error": e.to_string()}));
+                say!("{}", json!({"ok": false, "error": e.to_string()}));
             } else {
                 eprintln!("{e}");
             }
@@ -312,8 +469,7 @@ fn wal_dump(dir: &Path) -> ExitCode {
     let mut out = std::io::BufWriter::new(stdout.lock());
     let r = wal::verify(&fs, first.saturating_sub(1), &mut |lsn, version, payload| {
         let muts = codec::decode_mutations(version, payload).map_err(|e| e.to_string())?;
-        let line = serde_json::json!({"lsn": lsn, "mutations": muts});
-        writeln!(out, "{line}").map_err(|e| e.to_string())
+        writeln!(out, "{}", json!({"lsn": lsn, "mutations": muts})).map_err(|e| e.to_string())
     });
     let _ = out.flush();
     match r {
@@ -325,14 +481,225 @@ fn wal_dump(dir: &Path) -> ExitCode {
     }
 }
 
+/// The daemon's address: `--socket`, `--addr`, or the config file's first Unix
+/// socket, else its first TCP address.
+fn client_for(connect: &Connect, config_path: Option<&Path>) -> Result<Client, String> {
+    let target = match (&connect.socket, &connect.addr) {
+        (Some(s), _) => Target::Unix(s.clone()),
+        (None, Some(a)) => Target::Tcp(a.clone()),
+        (None, None) => {
+            let (config, _) = load_config(config_path).map_err(|e| e.to_string())?;
+            let addrs = config.listen_addrs();
+            let unix = addrs.iter().find_map(|a| match a {
+                ListenAddr::Unix(p) => Some(Target::Unix(p.clone())),
+                ListenAddr::Tcp(_) => None,
+            });
+            let tcp = addrs.iter().find_map(|a| match a {
+                ListenAddr::Tcp(t) => Some(Target::Tcp(t.replace("0.0.0.0", "127.0.0.1"))),
+                ListenAddr::Unix(_) => None,
+            });
+            unix.or(tcp).ok_or("no listen address configured")?
+        }
+    };
+    let token = match &connect.token_file {
+        Some(f) => Some(
+            std::fs::read_to_string(f)
+                .map_err(|e| format!("cannot read {}: {e}", f.display()))?
+                .trim()
+                .to_string(),
+        ),
+        None => std::env::var("QUOTAD_TOKEN").ok().filter(|t| !t.is_empty()),
+    };
+    Ok(Client {
+        target,
+        token,
+        timeout: Duration::from_secs(10),
+    })
+}
+
+/// Runs one client request; prints the answer; returns the exit code.
+fn client_call(
+    connect: &Connect,
+    config_path: Option<&Path>,
+    method: Method,
+    path: &str,
+    body: Option<Value>,
+    print: fn(&Value) -> u8,
+) -> ExitCode {
+    let client = match client_for(connect, config_path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("quotad: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    match runtime.block_on(client.request(method, path, body.as_ref())) {
+        Err(e) => {
+            eprintln!("quotad: {e}");
+            ExitCode::from(EXIT_REQUEST)
+        }
+        Ok(a) if a.status >= 400 => {
+            if connect.json {
+                say!("{}", a.body);
+            }
+            let code = a.body["error"]["code"].as_str().unwrap_or("error");
+            let msg = a.body["error"]["message"].as_str().unwrap_or("");
+            eprintln!("quotad: {} {code}: {msg}", a.status);
+            ExitCode::from(EXIT_REQUEST)
+        }
+        Ok(a) if connect.json => {
+            say!("{}", a.body);
+            ExitCode::from(print_code(&a.body))
+        }
+        Ok(a) => ExitCode::from(print(&a.body)),
+    }
+}
+
+/// Exit code of a JSON answer: denied decisions are 1.
+fn print_code(body: &Value) -> u8 {
+    if body.get("allowed") == Some(&Value::Bool(false)) {
+        EXIT_DENIED
+    } else {
+        0
+    }
+}
+
+/// The counters table shared by decisions and subject views.
+fn print_counters(body: &Value) {
+    let Some(counters) = body["counters"].as_array().filter(|c| !c.is_empty()) else {
+        return;
+    };
+    say!(
+        "  {:<28} {:<20} {:>22} {:>12}  resets at",
+        "limit",
+        "scope",
+        "used / max",
+        "remaining"
+    );
+    for c in counters {
+        let max = match &c["max"] {
+            Value::Number(n) => n.to_string(),
+            other => other.as_str().unwrap_or("-").to_string(),
+        };
+        let remaining = c["remaining"].as_u64().map_or("-".to_string(), |r| r.to_string());
+        say!(
+            "  {:<28} {:<20} {:>22} {:>12}  {}",
+            c["limit"].as_str().unwrap_or(""),
+            c["scope"].as_str().unwrap_or(""),
+            format!("{} / {max}", c["used"]),
+            remaining,
+            c["resets_at"].as_str().unwrap_or("never")
+        );
+    }
+}
+
+fn print_decision(body: &Value) -> u8 {
+    let decision = body["decision"].as_str().unwrap_or("?");
+    let head = match decision {
+        "allow" => "allowed".to_string(),
+        "degrade" => "allowed, degrade".to_string(),
+        _ => match body["retry_after_ms"].as_u64() {
+            Some(ms) => format!("denied, retry in {:.1} s", ms as f64 / 1000.0),
+            None => "denied".to_string(),
+        },
+    };
+    let replayed = if body["replayed"] == true { " (replayed)" } else { "" };
+    say!(
+        "{head}{replayed}: {} on plan {}",
+        body["subject"].as_str().unwrap_or(""),
+        body["plan"].as_str().unwrap_or("")
+    );
+    for r in body["reasons"].as_array().into_iter().flatten() {
+        say!(
+            "  reason: {} {}",
+            r["limit"].as_str().unwrap_or("(plan)"),
+            r["code"].as_str().unwrap_or("")
+        );
+    }
+    print_counters(body);
+    print_code(body)
+}
+
+fn print_subject(body: &Value) -> u8 {
+    let how = if body["assigned"] == true {
+        "assigned"
+    } else {
+        "default"
+    };
+    say!(
+        "{}: plan {} ({how})",
+        body["subject"].as_str().unwrap_or(""),
+        body["plan"].as_str().unwrap_or("")
+    );
+    if let Some(o) = body["overrides"].as_object().filter(|o| !o.is_empty()) {
+        for (limit, v) in o {
+            say!("  override: {limit} max {}", v["max"]);
+        }
+    }
+    print_counters(body);
+    0
+}
+
+fn print_reload(body: &Value) -> u8 {
+    say!(
+        "reloaded: {} plan(s), {} limit(s), {} token(s)",
+        body["plans"],
+        body["limits"],
+        body["tokens"]
+    );
+    if let Some(r) = body["restart_required"].as_array().filter(|r| !r.is_empty()) {
+        say!(
+            "  changed, takes effect after a restart: {}",
+            r.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(", ")
+        );
+    }
+    0
+}
+
+fn print_health(body: &Value) -> u8 {
+    say!("{}", body["status"].as_str().unwrap_or("ok"));
+    0
+}
+
+fn decision_body(a: &DecisionArgs, with_key: bool) -> Value {
+    let mut body = json!({"subject": a.subject});
+    if let Some(e) = &a.event {
+        body["event"] = json!(e);
+    }
+    if !a.attributes.is_empty() {
+        body["attributes"] = a.attributes.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
+    }
+    if !a.amounts.is_empty() {
+        body["amounts"] = a.amounts.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
+    }
+    if let (true, Some(k)) = (with_key, &a.key) {
+        body["idempotency_key"] = json!(k);
+    }
+    body
+}
+
+/// Percent-encodes a subject for a URL path.
+fn path_segment(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b':' | b'@' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
 /// Entry point of the `quotad` binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    let cfg = cli.config.as_deref();
     match cli.command.unwrap_or(Command::Serve) {
-        Command::Serve => {
-            init_logging(cli.log_format);
-            serve(cli.config.as_deref())
-        }
+        Command::Serve => serve(cfg, cli.log_format),
         Command::Config {
             action: ConfigAction::Check { file },
         } => config_check(&file),
@@ -342,5 +709,64 @@ pub fn main() -> ExitCode {
         Command::Wal {
             action: WalAction::Dump { dir },
         } => wal_dump(&dir),
+        Command::Consume(a) => client_call(
+            &a.connect,
+            cfg,
+            Method::POST,
+            "/v1/consume",
+            Some(decision_body(&a, true)),
+            print_decision,
+        ),
+        Command::Check(a) => client_call(
+            &a.connect,
+            cfg,
+            Method::POST,
+            "/v1/check",
+            Some(decision_body(&a, false)),
+            print_decision,
+        ),
+        Command::Usage { subject, connect } => client_call(
+            &connect,
+            cfg,
+            Method::GET,
+            &format!("/v1/subjects/{}", path_segment(&subject)),
+            None,
+            print_subject,
+        ),
+        Command::SetPlan { subject, plan, connect } => client_call(
+            &connect,
+            cfg,
+            Method::PUT,
+            &format!("/v1/subjects/{}", path_segment(&subject)),
+            Some(json!({"plan": plan})),
+            print_subject,
+        ),
+        Command::Reset {
+            subject,
+            limit,
+            connect,
+        } => client_call(
+            &connect,
+            cfg,
+            Method::POST,
+            &format!("/v1/subjects/{}/reset", path_segment(&subject)),
+            Some(limit.map_or_else(|| json!({}), |l| json!({"limit": l}))),
+            print_subject,
+        ),
+        Command::Credit {
+            subject,
+            limit,
+            amount,
+            connect,
+        } => client_call(
+            &connect,
+            cfg,
+            Method::POST,
+            &format!("/v1/subjects/{}/credit", path_segment(&subject)),
+            Some(json!({"limit": limit, "amount": amount})),
+            print_subject,
+        ),
+        Command::Reload { connect } => client_call(&connect, cfg, Method::POST, "/v1/admin/reload", None, print_reload),
+        Command::Health { connect } => client_call(&connect, cfg, Method::GET, "/readyz", None, print_health),
     }
 }

@@ -7,11 +7,13 @@
 
 pub mod api;
 pub mod cli;
+pub mod client;
 pub mod clock;
 pub mod config;
 pub mod engine;
 pub mod journal;
 pub mod metrics;
+pub mod notify;
 pub mod period;
 pub mod server;
 pub mod storage;

@@ -97,6 +97,39 @@ pub struct Server {
     backing: Backing,
 }
 
+/// Gives a socket file its configured mode and group, so that only members of
+/// the group (the app's user) can connect.
+fn restrict_socket(path: &Path, mode: &str, group: Option<&str>) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = u32::from_str_radix(mode, 8).map_err(|_| io::Error::other("bad socket_mode"))?;
+    if let Some(group) = group {
+        let gid = resolve_group(group)?;
+        std::os::unix::fs::chown(path, None, Some(gid))?;
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+}
+
+/// A group name or numeric id to a gid. Names are looked up in /etc/group
+/// (local groups; give the number for groups from a directory service).
+fn resolve_group(group: &str) -> io::Result<u32> {
+    if let Ok(gid) = group.parse() {
+        return Ok(gid);
+    }
+    let groups = std::fs::read_to_string("/etc/group")?;
+    groups
+        .lines()
+        .find_map(|l| {
+            let mut f = l.split(':');
+            (f.next() == Some(group)).then(|| f.nth(1)?.parse().ok()).flatten()
+        })
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("server.socket_group: no group {group:?} in /etc/group"),
+            )
+        })
+}
+
 /// Removes a socket file left by a daemon that died, refusing if one still answers
 /// there or the path is not a socket.
 async fn clear_stale_socket(path: &Path) -> io::Result<()> {
@@ -162,7 +195,10 @@ impl Server {
                 ListenAddr::Tcp(a) => Bound::Tcp(TcpListener::bind(a.as_str()).await.map_err(bind_err)?),
                 ListenAddr::Unix(path) => {
                     clear_stale_socket(path).await.map_err(bind_err)?;
-                    Bound::Unix(UnixListener::bind(path).map_err(bind_err)?, path.clone())
+                    let l = UnixListener::bind(path).map_err(bind_err)?;
+                    restrict_socket(path, &config.server.socket_mode, config.server.socket_group.as_deref())
+                        .map_err(bind_err)?;
+                    Bound::Unix(l, path.clone())
                 }
             };
             listeners.push(bound);
@@ -277,6 +313,7 @@ impl Server {
         });
         state.ready.store(true, Ordering::Release);
         tracing::info!("ready");
+        crate::notify::notify("READY=1\nSTATUS=serving");
 
         let maintenance = tokio::spawn(maintain(state.clone(), storage.clone(), stop_rx.clone()));
         let storage_failed = async {
@@ -294,6 +331,7 @@ impl Server {
             Some(f) => tracing::error!(error = %f, "stopping: the WAL failed"),
         }
         state.shutting_down.store(true, Ordering::Release);
+        crate::notify::notify("STOPPING=1\nSTATUS=shutting down");
         let _ = stop_tx.send(true);
         for t in accept_tasks {
             let _ = t.await;

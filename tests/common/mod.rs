@@ -95,6 +95,13 @@ impl TestServer {
         Self::start_inner(toml_text, transport, now_ms, None, Some(data_dir)).await
     }
 
+    /// A server started from a config file (its listen addresses are replaced),
+    /// so that reload re-reads that file.
+    pub async fn start_file(path: &std::path::Path, transport: Transport) -> TestServer {
+        let text = std::fs::read_to_string(path).unwrap();
+        Self::start_full(&text, transport, T0, None, None, Some(path.to_path_buf())).await
+    }
+
     /// A server keeping state in memory only.
     pub async fn start_in_memory(toml_text: &str, transport: Transport, now_ms: u64) -> TestServer {
         Self::start_with(toml_text, transport, now_ms, Arc::new(NullJournal::default())).await
@@ -117,6 +124,17 @@ impl TestServer {
         journal: Option<Arc<dyn Journal>>,
         data_dir: Option<&std::path::Path>,
     ) -> TestServer {
+        Self::start_full(toml_text, transport, now_ms, journal, data_dir, None).await
+    }
+
+    async fn start_full(
+        toml_text: &str,
+        transport: Transport,
+        now_ms: u64,
+        journal: Option<Arc<dyn Journal>>,
+        data_dir: Option<&std::path::Path>,
+        config_path: Option<std::path::PathBuf>,
+    ) -> TestServer {
         let dir = tempfile::tempdir().unwrap();
         let mut config = Config::from_toml(toml_text, "test.toml").expect("test config is valid");
         config.server.listen = vec![match transport {
@@ -130,6 +148,10 @@ impl TestServer {
             None => Server::bind(&config, Arc::new(clock.clone())).await,
         }
         .expect("server binds");
+        let server = match config_path {
+            Some(p) => server.with_config_path(p),
+            None => server,
+        };
         let addr = server.local_addrs().remove(0);
         let state = server.state();
         let (stop, stopped) = oneshot::channel::<()>();

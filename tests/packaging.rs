@@ -1,0 +1,222 @@
+//! The packaging as an operator uses it: the daemon run from
+//! `packaging/quotad.prod.toml` (paths redirected to a temp dir) and reached
+//! through its Unix socket with the CLI; `systemd-analyze verify` on the unit;
+//! readiness over `NOTIFY_SOCKET`; SIGHUP reload; the Docker config's rule that
+//! a non-loopback listener needs tokens.
+
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_quotad");
+
+fn repo(p: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(p)
+}
+
+fn my_gid() -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    tempfile::NamedTempFile::new()
+        .unwrap()
+        .as_file()
+        .metadata()
+        .unwrap()
+        .gid()
+}
+
+/// The production config with its paths moved under `dir` and the socket group
+/// set to one this test process is in.
+fn prod_config(dir: &Path) -> PathBuf {
+    let text = std::fs::read_to_string(repo("packaging/quotad.prod.toml"))
+        .unwrap()
+        .replace("/run/quotad", &dir.join("run").display().to_string())
+        .replace("/var/lib/quotad", &dir.join("lib").display().to_string())
+        .replace("\"quotad-clients\"", &format!("\"{}\"", my_gid()));
+    std::fs::create_dir_all(dir.join("run")).unwrap();
+    let path = dir.join("quotad.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn cli(config: &Path, args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .output()
+        .unwrap()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).to_string()
+}
+
+fn start(config: &Path, env: &[(&str, &Path)]) -> Child {
+    let mut c = Command::new(BIN);
+    c.args(["serve", "--config"])
+        .arg(config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.spawn().unwrap()
+}
+
+fn wait_healthy(config: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !cli(config, &["health"]).status.success() {
+        assert!(Instant::now() < deadline, "daemon did not become ready");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn stop(mut child: Child) {
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(child.wait().unwrap().success());
+}
+
+#[test]
+fn the_production_config_runs_and_the_cli_reaches_it_over_the_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = prod_config(dir.path());
+    let notify_path = dir.path().join("notify.sock");
+    let notify = UnixDatagram::bind(&notify_path).unwrap();
+    notify.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let child = start(&config, &[("NOTIFY_SOCKET", &notify_path)]);
+    // systemd readiness: READY=1 only once recovery has finished.
+    let mut buf = [0u8; 256];
+    let n = notify.recv(&mut buf).unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).contains("READY=1"));
+    wait_healthy(&config);
+    {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let meta = std::fs::metadata(dir.path().join("run/quotad.sock")).unwrap();
+        assert_eq!(
+            (meta.permissions().mode() & 0o777, meta.gid()),
+            (0o660, my_gid()),
+            "socket mode and group"
+        );
+    }
+    // The CLI finds the socket through the same config file.
+    let o = cli(
+        &config,
+        &["consume", "user:42", "--amount", "tokens=1200", "--key", "k1"],
+    );
+    assert!(
+        o.status.success(),
+        "{}{}",
+        stdout(&o),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        stdout(&o).starts_with("allowed: user:42 on plan free"),
+        "{}",
+        stdout(&o)
+    );
+    assert!(stdout(&o).contains("tokens-per-day"));
+    let o = cli(
+        &config,
+        &["consume", "user:42", "--amount", "tokens=1200", "--key", "k1", "--json"],
+    );
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["replayed"], true);
+    let o = cli(&config, &["check", "user:42", "--amount", "tokens=99000"]);
+    assert_eq!(o.status.code(), Some(1), "denied is exit 1: {}", stdout(&o));
+    assert!(stdout(&o).contains("denied, retry in"), "{}", stdout(&o));
+    let o = cli(&config, &["set-plan", "user:42", "pro"]);
+    assert!(stdout(&o).contains("plan pro (assigned)"), "{}", stdout(&o));
+    let o = cli(&config, &["credit", "user:42", "tokens-per-day", "200"]);
+    assert!(stdout(&o).contains("1000 / 1000000"), "{}", stdout(&o));
+    let o = cli(&config, &["reset", "user:42", "--limit", "tokens-per-day"]);
+    assert!(stdout(&o).contains("0 / 1000000"), "{}", stdout(&o));
+    let o = cli(&config, &["usage", "user:42", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["plan"], "pro");
+    let o = cli(&config, &["reset", "user:42", "--limit", "nope"]);
+    assert_eq!(o.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("404 unknown_limit"));
+    // SIGHUP re-reads the file.
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("max = 100000", "max = 150000");
+    std::fs::write(&config, text).unwrap();
+    let pid = child.id().to_string();
+    Command::new("kill").args(["-HUP", &pid]).status().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let o = cli(&config, &["usage", "someone-new"]);
+        if stdout(&o).contains("0 / 150000") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "SIGHUP reload did not apply: {}", stdout(&o));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let o = cli(&config, &["reload"]);
+    assert!(stdout(&o).starts_with("reloaded: 2 plan(s)"), "{}", stdout(&o));
+    stop(child);
+    let n = notify.recv(&mut buf).unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1"));
+    assert!(
+        !dir.path().join("run/quotad.sock").exists(),
+        "socket removed at shutdown"
+    );
+}
+
+#[test]
+fn the_systemd_unit_verifies() {
+    if Command::new("systemd-analyze").arg("--version").output().is_err() {
+        eprintln!("systemd-analyze is not installed; .ci/run installs it");
+        return;
+    }
+    // Point ExecStart at the binary under test (it is not installed in /usr/local/bin here).
+    let dir = tempfile::tempdir().unwrap();
+    let unit = std::fs::read_to_string(repo("packaging/quotad.service"))
+        .unwrap()
+        .replace("/usr/local/bin/quotad", BIN);
+    let path = dir.path().join("quotad.service");
+    std::fs::write(&path, unit).unwrap();
+    let o = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        o.status.success() && err.trim().is_empty(),
+        "systemd-analyze verify: {err}"
+    );
+}
+
+#[test]
+fn the_docker_config_checks_and_refuses_0_0_0_0_without_tokens() {
+    let o = Command::new(BIN)
+        .args(["config", "check"])
+        .arg(repo("packaging/quotad.docker.toml"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = Command::new(BIN)
+        .args(["config", "check"])
+        .arg(repo("packaging/quotad.prod.toml"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let dir = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(repo("packaging/quotad.docker.toml")).unwrap();
+    let no_auth = &text[..text.find("[auth]").unwrap()];
+    let path = dir.path().join("q.toml");
+    std::fs::write(&path, no_auth).unwrap();
+    let o = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("server.listen[0]") && err.contains("auth.tokens"), "{err}");
+}
