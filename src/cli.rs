@@ -199,6 +199,39 @@ pub enum Command {
         #[command(flatten)]
         connect: Connect,
     },
+    /// Load generator: many connections of decisions against a running daemon.
+    Bench {
+        /// Concurrent keep-alive connections.
+        #[arg(long, short = 'c', default_value_t = 50)]
+        connections: usize,
+        /// Measure for this many seconds (after the warm-up).
+        #[arg(long, default_value_t = 10.0, conflicts_with = "requests")]
+        seconds: f64,
+        /// Or stop after this many operations.
+        #[arg(long, short = 'n')]
+        requests: Option<u64>,
+        /// Warm-up seconds, not measured.
+        #[arg(long, default_value_t = 1.0)]
+        warmup: f64,
+        /// Distinct subjects, picked at random.
+        #[arg(long, default_value_t = 100_000)]
+        subjects: u64,
+        /// The operation.
+        #[arg(long, value_enum, default_value = "consume")]
+        op: crate::loadgen::BenchOp,
+        /// Consumes per request with `--op batch`.
+        #[arg(long, default_value_t = 100)]
+        batch_size: usize,
+        /// Tokens per decision (0: none).
+        #[arg(long, default_value_t = 0)]
+        tokens: u64,
+        /// Client threads.
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+        /// Connection (`--json` prints the report as JSON).
+        #[command(flatten)]
+        connect: Connect,
+    },
     /// Exit 0 if the daemon is ready, 1 if not (for health checks).
     Health {
         /// Connection.
@@ -768,5 +801,50 @@ pub fn main() -> ExitCode {
         ),
         Command::Reload { connect } => client_call(&connect, cfg, Method::POST, "/v1/admin/reload", None, print_reload),
         Command::Health { connect } => client_call(&connect, cfg, Method::GET, "/readyz", None, print_health),
+        Command::Bench {
+            connections,
+            seconds,
+            requests,
+            warmup,
+            subjects,
+            op,
+            batch_size,
+            tokens,
+            threads,
+            connect,
+        } => {
+            use std::io::IsTerminal;
+            let client = match client_for(&connect, cfg) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("quotad: {e}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            if connections == 0 || subjects == 0 || !(1..=1000).contains(&batch_size) {
+                eprintln!("quotad: --connections and --subjects must be at least 1, --batch-size 1 to 1000");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+            let report = crate::loadgen::run(crate::loadgen::BenchConfig {
+                target: client.target,
+                connections,
+                duration: requests.is_none().then(|| Duration::from_secs_f64(seconds.max(0.1))),
+                requests,
+                warmup: Duration::from_secs_f64(if requests.is_some() { 0.0 } else { warmup.max(0.0) }),
+                subjects,
+                op,
+                batch_size,
+                tokens,
+                token: client.token,
+                threads,
+                progress: std::io::stderr().is_terminal() && !connect.json,
+            });
+            if connect.json {
+                say!("{}", serde_json::to_string(&report).expect("report serializes"));
+            } else {
+                say!("{report}");
+            }
+            ExitCode::from(if report.operations == 0 { EXIT_REQUEST } else { 0 })
+        }
     }
 }

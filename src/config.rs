@@ -45,6 +45,8 @@ pub struct ServerConfig {
     pub listen: Vec<String>,
     /// Largest request body accepted, in bytes; larger is 413. Default 65536, 1024..=16 MiB.
     pub max_body_bytes: usize,
+    /// Largest `/v1/batch` body, in bytes. Default 1 MiB, 1024..=64 MiB.
+    pub max_batch_bytes: usize,
     /// Open connections at most; further ones wait in the accept queue. Default 10000, 1..=1_000_000.
     pub max_connections: usize,
     /// How long graceful shutdown waits for open requests, in ms. Default 10000.
@@ -61,6 +63,7 @@ impl Default for ServerConfig {
         Self {
             listen: vec!["127.0.0.1:7878".to_string()],
             max_body_bytes: 64 * 1024,
+            max_batch_bytes: 1024 * 1024,
             max_connections: 10_000,
             shutdown_grace_ms: 10_000,
             socket_mode: "0660".into(),
@@ -609,6 +612,12 @@ impl Config {
             return Err(ConfigError::new(
                 "server.max_body_bytes",
                 "must be between 1024 and 16777216",
+            ));
+        }
+        if !(1024..=64 * 1024 * 1024).contains(&self.server.max_batch_bytes) {
+            return Err(ConfigError::new(
+                "server.max_batch_bytes",
+                "must be between 1024 and 67108864",
             ));
         }
         if !(1..=1_000_000).contains(&self.server.max_connections) {

@@ -12,6 +12,7 @@ pub mod clock;
 pub mod config;
 pub mod engine;
 pub mod journal;
+pub mod loadgen;
 pub mod metrics;
 pub mod notify;
 pub mod period;

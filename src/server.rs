@@ -212,6 +212,7 @@ impl Server {
             ready: AtomicBool::new(false),
             shutting_down: AtomicBool::new(false),
             max_body_bytes: config.server.max_body_bytes,
+            max_batch_bytes: config.server.max_batch_bytes,
         });
         Ok(Server {
             state,

@@ -2,6 +2,7 @@
 //! the engine, waiting for durability, and encoding answers with the
 //! `X-RateLimit-*` headers. The only layer that knows HTTP.
 
+mod batch;
 mod error;
 
 use std::collections::BTreeMap;
@@ -94,6 +95,8 @@ pub struct AppState {
     pub shutting_down: AtomicBool,
     /// Body size limit.
     pub max_body_bytes: usize,
+    /// Body size limit of `/v1/batch`.
+    pub max_batch_bytes: usize,
 }
 
 impl AppState {
@@ -261,7 +264,12 @@ pub fn load_tokens(config: &Config) -> Result<Vec<Token>, ConfigError> {
 /// Builds the router.
 pub fn router(state: Arc<AppState>) -> Router {
     let limit = state.max_body_bytes;
+    let batch_limit = state.max_batch_bytes;
     Router::new()
+        .route(
+            "/v1/batch",
+            post(batch::batch).layer(DefaultBodyLimit::max(batch_limit)),
+        )
         .route("/v1/check", post(check))
         .route("/v1/consume", post(consume))
         .route("/v1/reserve", post(reserve))
@@ -312,11 +320,13 @@ async fn observe(
 // ---------- decoding ----------
 
 fn body_bytes(body: Result<Bytes, BytesRejection>, max: usize) -> Result<Bytes, ApiError> {
+    body_bytes_named(body, max, "server.max_body_bytes")
+}
+
+fn body_bytes_named(body: Result<Bytes, BytesRejection>, max: usize, setting: &str) -> Result<Bytes, ApiError> {
     body.map_err(|e| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::PayloadTooLarge(format!(
-                "the request body is larger than {max} bytes (server.max_body_bytes)"
-            ))
+            ApiError::PayloadTooLarge(format!("the request body is larger than {max} bytes ({setting})"))
         } else {
             ApiError::InvalidRequest(format!("could not read the request body: {e}"))
         }
@@ -411,6 +421,9 @@ fn idempotency_key(headers: &HeaderMap, body_key: Option<String>) -> Result<Opti
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct DecisionBody {
+    /// Only inside `/v1/batch`, where it names the operation.
+    #[serde(default)]
+    op: Option<String>,
     subject: String,
     #[serde(default)]
     event: Option<String>,
@@ -424,8 +437,12 @@ struct DecisionBody {
     ttl_ms: Option<u64>,
 }
 
-fn decision_request(headers: &HeaderMap, bytes: &[u8]) -> Result<DecisionRequest, ApiError> {
+/// Parses a decision body; `in_batch` allows the `op` field.
+fn decision_request(headers: &HeaderMap, bytes: &[u8], in_batch: bool) -> Result<DecisionRequest, ApiError> {
     let b: DecisionBody = parse(bytes)?;
+    if b.op.is_some() && !in_batch {
+        return Err(ApiError::invalid("op", "names an operation only inside POST /v1/batch"));
+    }
     check_text("subject", &b.subject, bounds::SUBJECT_BYTES)?;
     if let Some(e) = &b.event {
         check_text("event", e, bounds::EVENT_BYTES)?;
@@ -508,6 +525,36 @@ fn decision_response(d: Decision) -> Response {
 
 // ---------- handlers ----------
 
+/// Validates and decides one check/consume/reserve; the answer may still wait
+/// for durability. Shared by the single endpoints and `/v1/batch` (`in_batch`
+/// allows the body's `op` field).
+fn decide_now(
+    st: &AppState,
+    headers: &HeaderMap,
+    bytes: &[u8],
+    op: DecideOp,
+    in_batch: bool,
+) -> Result<Applied<Decision>, ApiError> {
+    let req = decision_request(headers, bytes, in_batch)?;
+    if op != DecideOp::Check {
+        st.writable()?;
+    }
+    Ok(st.engine()?.decide(op, &req, st.now())?)
+}
+
+/// Counts a decision that is about to be answered.
+fn note_decision(st: &AppState, op: DecideOp, d: &Decision) {
+    let op_name = match op {
+        DecideOp::Check => "check",
+        DecideOp::Consume => "consume",
+        DecideOp::Reserve => "reserve",
+    };
+    st.metrics.decision(op_name, d);
+    if !d.allowed {
+        tracing::debug!(subject = %d.subject, ?op, reasons = ?d.reasons, "denied");
+    }
+}
+
 async fn decide(
     st: Arc<AppState>,
     headers: HeaderMap,
@@ -516,21 +563,9 @@ async fn decide(
 ) -> Result<Response, ApiError> {
     st.authorize(&headers, Role::Client)?;
     let bytes = body_bytes(body, st.max_body_bytes)?;
-    let req = decision_request(&headers, &bytes)?;
-    if op != DecideOp::Check {
-        st.writable()?;
-    }
-    let applied = st.engine()?.decide(op, &req, st.now())?;
+    let applied = decide_now(&st, &headers, &bytes, op, false)?;
     let d = st.durable(applied).await?;
-    let op_name = match op {
-        DecideOp::Check => "check",
-        DecideOp::Consume => "consume",
-        DecideOp::Reserve => "reserve",
-    };
-    st.metrics.decision(op_name, &d);
-    if !d.allowed {
-        tracing::debug!(subject = %d.subject, ?op, reasons = ?d.reasons, "denied");
-    }
+    note_decision(&st, op, &d);
     Ok(decision_response(d))
 }
 

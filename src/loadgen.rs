@@ -1,0 +1,396 @@
+//! `quotad bench`: a load generator shipped in the binary, as redis-benchmark
+//! ships with Redis. Keep-alive HTTP/1.1 connections over TCP or a Unix socket
+//! send decisions for random subjects; it reports throughput, latency
+//! percentiles (hdrhistogram), denials and errors, as text or JSON.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use hdrhistogram::Histogram;
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1::SendRequest;
+use hyper::{Method, Request};
+use hyper_util::rt::TokioIo;
+use serde::Serialize;
+
+use crate::client::Target;
+
+/// What each request does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BenchOp {
+    /// `POST /v1/consume`.
+    Consume,
+    /// `POST /v1/check`.
+    Check,
+    /// `POST /v1/reserve` then `POST /v1/reservations/{id}/commit` (one operation).
+    ReserveCommit,
+    /// `POST /v1/batch` of `--batch-size` consumes.
+    Batch,
+    /// `GET /healthz`: the HTTP ceiling of the same server.
+    Noop,
+}
+
+/// Load settings.
+#[derive(Debug, Clone)]
+pub struct BenchConfig {
+    /// The daemon.
+    pub target: Target,
+    /// Concurrent keep-alive connections.
+    pub connections: usize,
+    /// Stop after this long (after the warm-up)…
+    pub duration: Option<Duration>,
+    /// …or after this many operations.
+    pub requests: Option<u64>,
+    /// Not measured, at the start.
+    pub warmup: Duration,
+    /// Subjects are `user:0` .. `user:{subjects-1}`, picked at random.
+    pub subjects: u64,
+    /// The operation.
+    pub op: BenchOp,
+    /// Consumes per batch request.
+    pub batch_size: usize,
+    /// Tokens per decision (0: only `requests` is sent).
+    pub tokens: u64,
+    /// Bearer token.
+    pub token: Option<String>,
+    /// Client threads.
+    pub threads: usize,
+    /// Show progress on stderr.
+    pub progress: bool,
+}
+
+/// What a run measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    /// The operation.
+    pub op: BenchOp,
+    /// Where.
+    pub target: String,
+    /// Connections.
+    pub connections: usize,
+    /// Operations completed in the measured interval.
+    pub operations: u64,
+    /// Decisions in them (batch: operations × batch size).
+    pub decisions: u64,
+    /// Measured interval.
+    pub seconds: f64,
+    /// Operations per second.
+    pub ops_per_sec: f64,
+    /// Decisions per second.
+    pub decisions_per_sec: f64,
+    /// Latency percentiles of one operation, in microseconds.
+    pub p50_us: u64,
+    /// 90th percentile.
+    pub p90_us: u64,
+    /// 99th percentile.
+    pub p99_us: u64,
+    /// 99.9th percentile.
+    pub p999_us: u64,
+    /// Slowest.
+    pub max_us: u64,
+    /// Denied decisions.
+    pub denied: u64,
+    /// Failed operations (non-200 answers, connection errors).
+    pub errors: u64,
+}
+
+struct Shared {
+    stop: AtomicBool,
+    /// Operations started, for `--requests`.
+    started: AtomicU64,
+    /// Operations completed (progress).
+    done: AtomicU64,
+    measure_from: Instant,
+}
+
+struct ConnStats {
+    hist: Histogram<u64>,
+    ops: u64,
+    denied: u64,
+    errors: u64,
+}
+
+async fn connect(target: &Target) -> Result<SendRequest<Full<Bytes>>, String> {
+    async fn hs<T>(io: T) -> Result<SendRequest<Full<Bytes>>, String>
+    where
+        T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    {
+        let (s, conn) = hyper::client::conn::http1::handshake(io)
+            .await
+            .map_err(|e| e.to_string())?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(s)
+    }
+    match target {
+        Target::Tcp(a) => {
+            let s = tokio::net::TcpStream::connect(a.as_str())
+                .await
+                .map_err(|e| e.to_string())?;
+            let _ = s.set_nodelay(true);
+            hs(TokioIo::new(s)).await
+        }
+        Target::Unix(p) => {
+            hs(TokioIo::new(
+                tokio::net::UnixStream::connect(p).await.map_err(|e| e.to_string())?,
+            ))
+            .await
+        }
+    }
+}
+
+struct Rng(u64);
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        // xorshift64*: cheap, and good enough to spread subjects.
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) % n.max(1)
+    }
+}
+
+async fn send(
+    s: &mut SendRequest<Full<Bytes>>,
+    token: &Option<String>,
+    method: Method,
+    path: &str,
+    body: String,
+) -> Result<(u16, Bytes), String> {
+    let mut b = Request::builder().method(method).uri(path).header("host", "quotad");
+    if let Some(t) = token {
+        b = b.header("authorization", format!("Bearer {t}"));
+    }
+    let req = b.body(Full::new(Bytes::from(body))).map_err(|e| e.to_string())?;
+    s.ready().await.map_err(|e| e.to_string())?;
+    let resp = s.send_request(req).await.map_err(|e| e.to_string())?;
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+    Ok((status, body))
+}
+
+fn count(haystack: &[u8], needle: &[u8]) -> u64 {
+    haystack.windows(needle.len()).filter(|w| *w == needle).count() as u64
+}
+
+fn decision_body(cfg: &BenchConfig, rng: &mut Rng, op: Option<&str>) -> String {
+    let subject = rng.below(cfg.subjects);
+    let op = op.map_or(String::new(), |o| format!("\"op\":\"{o}\","));
+    if cfg.tokens > 0 {
+        format!(
+            "{{{op}\"subject\":\"user:{subject}\",\"amounts\":{{\"tokens\":{}}}}}",
+            cfg.tokens
+        )
+    } else {
+        format!("{{{op}\"subject\":\"user:{subject}\"}}")
+    }
+}
+
+/// One operation: (ok, denied decisions).
+async fn one(cfg: &BenchConfig, s: &mut SendRequest<Full<Bytes>>, rng: &mut Rng) -> Result<(bool, u64), String> {
+    let denied = |b: &Bytes| count(b, b"\"allowed\":false");
+    match cfg.op {
+        BenchOp::Noop => {
+            let (st, _) = send(s, &cfg.token, Method::GET, "/healthz", String::new()).await?;
+            Ok((st == 200, 0))
+        }
+        BenchOp::Consume | BenchOp::Check => {
+            let path = if cfg.op == BenchOp::Consume {
+                "/v1/consume"
+            } else {
+                "/v1/check"
+            };
+            let (st, b) = send(s, &cfg.token, Method::POST, path, decision_body(cfg, rng, None)).await?;
+            Ok((st == 200, denied(&b)))
+        }
+        BenchOp::Batch => {
+            let ops: Vec<String> = (0..cfg.batch_size)
+                .map(|_| decision_body(cfg, rng, Some("consume")))
+                .collect();
+            let body = format!("{{\"operations\":[{}]}}", ops.join(","));
+            let (st, b) = send(s, &cfg.token, Method::POST, "/v1/batch", body).await?;
+            Ok((
+                st == 200 && count(&b, b"\"status\":200") == cfg.batch_size as u64,
+                denied(&b),
+            ))
+        }
+        BenchOp::ReserveCommit => {
+            let (st, b) = send(
+                s,
+                &cfg.token,
+                Method::POST,
+                "/v1/reserve",
+                decision_body(cfg, rng, None),
+            )
+            .await?;
+            if st != 200 {
+                return Ok((false, 0));
+            }
+            let text = String::from_utf8_lossy(&b);
+            let Some(id) = text
+                .split("\"reservation_id\":\"")
+                .nth(1)
+                .and_then(|r| r.split('"').next())
+            else {
+                return Ok((true, denied(&b))); // denied: nothing to commit
+            };
+            let path = format!("/v1/reservations/{id}/commit");
+            let (st, _) = send(s, &cfg.token, Method::POST, &path, "{}".into()).await?;
+            Ok((st == 200, 0))
+        }
+    }
+}
+
+async fn connection(cfg: Arc<BenchConfig>, shared: Arc<Shared>, seed: u64) -> ConnStats {
+    let mut stats = ConnStats {
+        hist: Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid bounds"),
+        ops: 0,
+        denied: 0,
+        errors: 0,
+    };
+    let mut rng = Rng(seed | 1);
+    let mut conn = None;
+    while !shared.stop.load(Ordering::Relaxed) {
+        if let Some(n) = cfg.requests {
+            if shared.started.fetch_add(1, Ordering::Relaxed) >= n {
+                break;
+            }
+        }
+        let s = match &mut conn {
+            Some(s) => s,
+            None => match connect(&cfg.target).await {
+                Ok(s) => conn.insert(s),
+                Err(_) => {
+                    stats.errors += 1;
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            },
+        };
+        let t0 = Instant::now();
+        let r = one(&cfg, s, &mut rng).await;
+        let measured = t0 >= shared.measure_from;
+        match r {
+            Ok((ok, denied)) if measured => {
+                stats.ops += 1;
+                stats.denied += denied;
+                stats.errors += u64::from(!ok);
+                let _ = stats.hist.record((t0.elapsed().as_micros() as u64).max(1));
+            }
+            Ok(_) => {}
+            Err(_) => {
+                stats.errors += u64::from(measured);
+                conn = None;
+            }
+        }
+        shared.done.fetch_add(1, Ordering::Relaxed);
+    }
+    stats
+}
+
+/// Runs the load and reports.
+pub fn run(cfg: BenchConfig) -> BenchReport {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cfg.threads.max(1))
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    runtime.block_on(async move {
+        let cfg = Arc::new(cfg);
+        let start = Instant::now();
+        let shared = Arc::new(Shared {
+            stop: AtomicBool::new(false),
+            started: AtomicU64::new(0),
+            done: AtomicU64::new(0),
+            measure_from: start + cfg.warmup,
+        });
+        let tasks: Vec<_> = (0..cfg.connections)
+            .map(|i| tokio::spawn(connection(cfg.clone(), shared.clone(), 0x9e37_79b9 ^ (i as u64) << 20)))
+            .collect();
+        let progress = {
+            let (cfg, shared) = (cfg.clone(), shared.clone());
+            tokio::spawn(async move {
+                let mut last = 0;
+                loop {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    let done = shared.done.load(Ordering::Relaxed);
+                    if cfg.progress {
+                        eprint!("\r  {done} operations, {} /s      ", done - last);
+                    }
+                    last = done;
+                    if let Some(d) = cfg.duration {
+                        if start.elapsed() >= cfg.warmup + d {
+                            shared.stop.store(true, Ordering::Relaxed);
+                        }
+                    }
+                }
+            })
+        };
+        let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
+        let (mut ops, mut denied, mut errors) = (0, 0, 0);
+        for t in tasks {
+            let s = t.await.expect("connection task");
+            hist.add(&s.hist).expect("same bounds");
+            ops += s.ops;
+            denied += s.denied;
+            errors += s.errors;
+        }
+        progress.abort();
+        if cfg.progress {
+            eprintln!();
+        }
+        let seconds = shared.measure_from.elapsed().as_secs_f64().max(1e-9);
+        let per_op = if cfg.op == BenchOp::Batch {
+            cfg.batch_size as u64
+        } else {
+            1
+        };
+        BenchReport {
+            op: cfg.op,
+            target: cfg.target.to_string(),
+            connections: cfg.connections,
+            operations: ops,
+            decisions: ops * per_op,
+            seconds,
+            ops_per_sec: ops as f64 / seconds,
+            decisions_per_sec: (ops * per_op) as f64 / seconds,
+            p50_us: hist.value_at_quantile(0.50),
+            p90_us: hist.value_at_quantile(0.90),
+            p99_us: hist.value_at_quantile(0.99),
+            p999_us: hist.value_at_quantile(0.999),
+            max_us: hist.max(),
+            denied,
+            errors,
+        }
+    })
+}
+
+impl std::fmt::Display for BenchReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ms = |us: u64| us as f64 / 1000.0;
+        writeln!(
+            f,
+            "quotad bench: {:?}, {} connections, {}",
+            self.op, self.connections, self.target
+        )?;
+        writeln!(
+            f,
+            "  {} operations in {:.2} s: {:.0} ops/s, {:.0} decisions/s",
+            self.operations, self.seconds, self.ops_per_sec, self.decisions_per_sec
+        )?;
+        writeln!(
+            f,
+            "  latency: p50 {:.3} ms, p90 {:.3} ms, p99 {:.3} ms, p99.9 {:.3} ms, max {:.3} ms",
+            ms(self.p50_us),
+            ms(self.p90_us),
+            ms(self.p99_us),
+            ms(self.p999_us),
+            ms(self.max_us)
+        )?;
+        write!(f, "  denied {}, errors {}", self.denied, self.errors)
+    }
+}
