@@ -393,7 +393,7 @@ fn config_check(file: &Path) -> ExitCode {
                 policy.plans.len(),
                 policy.top_limits.len(),
                 policy.shapes.len(),
-                policy.default_plan.map_or("none", |i| policy.plans[i].name.as_str())
+                policy.default_plan.map_or("none", |i| &*policy.plans[i].name)
             );
             ExitCode::SUCCESS
         }

@@ -6,7 +6,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::watch;
+use tokio::sync::oneshot;
 
 use crate::engine::{Lsn, Mutation};
 
@@ -24,44 +24,103 @@ pub struct DurableState {
     pub failed: bool,
 }
 
+/// Requests waiting for their LSN to become durable, woken exactly when a sync
+/// covers them (a shared watch would wake every waiter on every sync, which
+/// costs O(waiters) per batch).
+#[derive(Debug, Default)]
+pub struct Waiters {
+    inner: Mutex<WaitersInner>,
+}
+
+#[derive(Debug, Default)]
+struct WaitersInner {
+    /// Every LSN at or below this is durable.
+    durable: Lsn,
+    /// Set once the journal failed: every waiter above `durable` gets it.
+    failed: Option<String>,
+    /// (lsn, ticket) → who waits for it.
+    waiting: std::collections::BTreeMap<(Lsn, u64), oneshot::Sender<Result<(), JournalError>>>,
+    /// Makes keys unique.
+    ticket: u64,
+}
+
+impl Waiters {
+    /// Waiters with everything up to `durable` already durable.
+    pub fn new(durable: Lsn) -> Waiters {
+        let w = Waiters::default();
+        w.lock().durable = durable;
+        w
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, WaitersInner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Everything up to `lsn` is durable: wakes those waiting for it.
+    pub fn advance(&self, lsn: Lsn) {
+        let done = {
+            let mut w = self.lock();
+            w.durable = w.durable.max(lsn);
+            let rest = w.waiting.split_off(&(lsn + 1, 0));
+            std::mem::replace(&mut w.waiting, rest)
+        };
+        for tx in done.into_values() {
+            let _ = tx.send(Ok(()));
+        }
+    }
+
+    /// The journal failed: every waiter above the durable LSN gets `message`.
+    pub fn fail(&self, message: &str) {
+        let all = {
+            let mut w = self.lock();
+            w.failed = Some(message.to_string());
+            std::mem::take(&mut w.waiting)
+        };
+        for tx in all.into_values() {
+            let _ = tx.send(Err(JournalError(message.to_string())));
+        }
+    }
+
+    async fn wait(&self, lsn: Lsn) -> Result<(), JournalError> {
+        let rx = {
+            let mut w = self.lock();
+            if w.durable >= lsn {
+                return Ok(());
+            }
+            if let Some(f) = &w.failed {
+                return Err(JournalError(f.clone()));
+            }
+            let (tx, rx) = oneshot::channel();
+            w.ticket += 1;
+            let t = w.ticket;
+            w.waiting.insert((lsn, t), tx);
+            rx
+        };
+        rx.await
+            .unwrap_or_else(|_| Err(JournalError("the journal writer stopped".into())))
+    }
+}
+
 /// Waits for records to become durable.
 #[derive(Debug, Clone)]
-pub struct DurableWatch {
-    /// Updated by the journal after every sync.
-    rx: watch::Receiver<DurableState>,
+pub enum DurableWatch {
+    /// Everything is durable at once (journals that keep nothing, `batch` mode).
+    Always,
+    /// Woken by the journal's writer.
+    Waiters(Arc<Waiters>),
 }
 
 impl DurableWatch {
-    /// Wraps a receiver the journal publishes to.
-    pub fn new(rx: watch::Receiver<DurableState>) -> Self {
-        Self { rx }
-    }
-
     /// A watch that reports everything durable: for journals that keep nothing.
     pub fn always() -> Self {
-        let (tx, rx) = watch::channel(DurableState {
-            durable_lsn: Lsn::MAX,
-            failed: false,
-        });
-        // The value never changes, so the sender can go.
-        drop(tx);
-        Self { rx }
+        DurableWatch::Always
     }
 
     /// Resolves once `lsn` is durable, or with an error if the journal failed first.
     pub async fn wait(&self, lsn: Lsn) -> Result<(), JournalError> {
-        if self.rx.borrow().durable_lsn >= lsn {
-            return Ok(());
-        }
-        let mut rx = self.rx.clone();
-        let state = *rx
-            .wait_for(|s| s.failed || s.durable_lsn >= lsn)
-            .await
-            .map_err(|_| JournalError("the journal writer stopped".into()))?;
-        if state.durable_lsn >= lsn {
-            Ok(())
-        } else {
-            Err(JournalError("the write could not be made durable".into()))
+        match self {
+            DurableWatch::Always => Ok(()),
+            DurableWatch::Waiters(w) => w.wait(lsn).await,
         }
     }
 }

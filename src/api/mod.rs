@@ -297,6 +297,36 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
+/// Every route pattern of the router: metric labels borrow these.
+const ROUTES: &[&str] = &[
+    "/v1/batch",
+    "/v1/check",
+    "/v1/consume",
+    "/v1/reserve",
+    "/v1/reservations/{id}/commit",
+    "/v1/reservations/{id}/release",
+    "/v1/subjects",
+    "/v1/subjects/{subject}",
+    "/v1/subjects/{subject}/reset",
+    "/v1/subjects/{subject}/credit",
+    "/v1/plans",
+    "/v1/admin/digest",
+    "/v1/admin/reload",
+    "/healthz",
+    "/readyz",
+    "/metrics",
+];
+
+fn static_method(m: &axum::http::Method) -> &'static str {
+    match *m {
+        axum::http::Method::GET => "GET",
+        axum::http::Method::POST => "POST",
+        axum::http::Method::PUT => "PUT",
+        axum::http::Method::DELETE => "DELETE",
+        _ => "other",
+    }
+}
+
 /// Times every routed request, labelled by its route pattern (not the raw path,
 /// which would make one series per subject).
 async fn observe(
@@ -306,14 +336,11 @@ async fn observe(
     next: axum::middleware::Next,
 ) -> Response {
     let started = Instant::now();
-    let method = req.method().clone();
+    let method = static_method(req.method());
+    let route = ROUTES.iter().copied().find(|r| *r == route.as_str()).unwrap_or("other");
     let resp = next.run(req).await;
-    st.metrics.http(
-        method.as_str(),
-        route.as_str(),
-        resp.status().as_u16(),
-        started.elapsed(),
-    );
+    st.metrics
+        .http(method, route, resp.status().as_u16(), started.elapsed());
     resp
 }
 
@@ -890,7 +917,7 @@ async fn plans(State(st): State<Arc<AppState>>, headers: HeaderMap) -> Result<Re
             .plans
             .iter()
             .map(|pl| PlanView {
-                name: pl.name.clone(),
+                name: pl.name.to_string(),
                 default: pl.default,
                 unmatched: pl.unmatched,
                 limits: pl

@@ -356,7 +356,7 @@ impl Engine {
         }
         Ok(SubjectView {
             subject: subject.to_string(),
-            plan: plan.name.clone(),
+            plan: plan.name.to_string(),
             assigned: st.plan.is_some(),
             overrides: st.overrides,
             counters,

@@ -141,8 +141,8 @@ pub struct Limit {
 /// One compiled plan.
 #[derive(Debug, Clone)]
 pub struct Plan {
-    /// Name.
-    pub name: String,
+    /// Name (shared with every decision made under it).
+    pub name: Arc<str>,
     /// Whether unassigned subjects get it.
     pub default: bool,
     /// Policy for events matching none of its own limits.
@@ -416,7 +416,7 @@ impl Policy {
             }
             all.extend(top_limits.iter().map(|l| (l.clone(), false)));
             plans.push(Plan {
-                name: pc.name.clone(),
+                name: pc.name.as_str().into(),
                 default: pc.default,
                 unmatched: pc.unmatched,
                 all,

@@ -154,6 +154,10 @@ mod json_text {
     }
 }
 
+fn no_plan() -> Arc<str> {
+    "".into()
+}
+
 /// The answer to check, consume and reserve.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Decision {
@@ -164,8 +168,8 @@ pub struct Decision {
     /// Echo of the subject.
     pub subject: String,
     /// The plan the decision was made under.
-    #[serde(default)]
-    pub plan: String,
+    #[serde(default = "no_plan")]
+    pub plan: Arc<str>,
     /// Every matched limit, after the charge when allowed.
     pub counters: Vec<CounterView>,
     /// Limits that denied, degraded or would have denied.

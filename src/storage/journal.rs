@@ -17,7 +17,7 @@ use super::codec;
 use super::wal::{self, Wal};
 use crate::config::Durability;
 use crate::engine::{Lsn, Mutation};
-use crate::journal::{DurableState, DurableWatch, Journal, JournalError};
+use crate::journal::{DurableState, DurableWatch, Journal, JournalError, Waiters};
 use crate::metrics::StorageMetrics;
 
 /// Queue and writer settings.
@@ -55,6 +55,8 @@ struct Shared {
     /// Wakes appenders waiting for queue space.
     space: Condvar,
     durable: watch::Sender<DurableState>,
+    /// Requests waiting for their record's sync.
+    waiters: Arc<Waiters>,
     config: WriterConfig,
 }
 
@@ -92,6 +94,7 @@ impl WalJournal {
             work: Condvar::new(),
             space: Condvar::new(),
             durable,
+            waiters: Arc::new(Waiters::new(next_lsn - 1)),
             config,
         });
         let wal = Arc::new(Mutex::new(wal));
@@ -216,7 +219,7 @@ impl Journal for WalJournal {
 
     fn watch(&self) -> DurableWatch {
         match self.shared.config.durability {
-            Durability::Fsync => DurableWatch::new(self.shared.durable.subscribe()),
+            Durability::Fsync => DurableWatch::Waiters(self.shared.waiters.clone()),
             Durability::Batch => DurableWatch::always(),
         }
     }
@@ -263,6 +266,7 @@ fn write_loop(shared: &Shared, wal: &Mutex<Wal>) {
                     q.since_snapshot.0 += last - first + 1;
                     q.since_snapshot.1 += batch.len() as u64;
                 }
+                shared.waiters.advance(last);
                 shared.durable.send_modify(|s| s.durable_lsn = last);
                 shared.space.notify_all();
             }
@@ -274,6 +278,7 @@ fn write_loop(shared: &Shared, wal: &Mutex<Wal>) {
                 q.failed = Some(format!("WAL write failed: {e}"));
                 q.closed = true;
                 drop(q);
+                shared.waiters.fail(&format!("WAL write failed: {e}"));
                 shared.durable.send_modify(|s| s.failed = true);
                 shared.space.notify_all();
                 return;
