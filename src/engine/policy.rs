@@ -528,9 +528,9 @@ mod tests {
              [[plans]]\nname=\"pro\"\n[[plans.limits]]\nname=\"d\"\nmax=10\nperiod=\"1d\"\n",
         )
         .unwrap();
-        assert_eq!(p.plan_for(None).unwrap().name, "free");
-        assert_eq!(p.plan_for(Some("pro")).unwrap().name, "pro");
-        assert_eq!(p.plan_for(Some("gone")).unwrap().name, "free");
+        assert_eq!(p.plan_for(None).unwrap().name.as_ref(), "free");
+        assert_eq!(p.plan_for(Some("pro")).unwrap().name.as_ref(), "pro");
+        assert_eq!(p.plan_for(Some("gone")).unwrap().name.as_ref(), "free");
         assert!(p.metrics.contains("requests"));
     }
 }
