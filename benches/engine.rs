@@ -10,7 +10,7 @@ use quotad::engine::{DecideOp, DecisionRequest, Engine, Policy};
 use quotad::journal::NullJournal;
 
 const ONE: &str =
-    "[[plans]]\nname = \"p\"\ndefault = true\n[[plans.limits]]\nname = \"day\"\nperiod = \"1d\"\nmax = 1000000000\n";
+    "metrics = [\"tokens\"]\n[[plans]]\nname = \"p\"\ndefault = true\n[[plans.limits]]\nname = \"day\"\nperiod = \"1d\"\nmax = 1000000000\n";
 const THREE: &str = r#"
 [[plans]]
 name = "p"
@@ -66,8 +66,8 @@ fn decisions(c: &mut Criterion) {
         for subjects in [10_000u64, 1_000_000] {
             let e = engine(toml);
             // Warm the state: every subject has its counters.
+            let mut r = requests(1).remove(0);
             for i in 0..subjects {
-                let mut r = requests(1).remove(0);
                 r.subject = format!("user:{i}");
                 e.decide(DecideOp::Consume, &r, NOW).unwrap();
             }

@@ -365,15 +365,13 @@ impl Engine {
 
     /// Known subjects after `after`, in byte order, at most `limit`, with their plan.
     pub fn list_subjects(&self, after: Option<&str>, limit: usize) -> Vec<(String, Option<String>)> {
-        use std::ops::Bound;
-        let lower = after.map_or(Bound::Unbounded, Bound::Excluded);
         let mut out: Vec<(String, Option<String>)> = Vec::new();
         for i in 0..self.shards.len() {
             let mut l = self.lock(vec![i]);
             out.extend(
                 l.shard(i)
                     .subjects
-                    .range::<str, _>((lower, Bound::Unbounded))
+                    .range_after(after)
                     .take(limit)
                     .map(|(s, st)| (s.to_string(), st.plan.clone())),
             );
@@ -453,7 +451,7 @@ impl Engine {
         let json = |v: &dyn erased::Json| v.to_json();
         let mut d = StateDigest::default();
         let _ = self.for_each_shard(|_, shard| -> Result<(), ()> {
-            for (name, st) in &shard.subjects {
+            for (name, st) in shard.subjects.iter() {
                 if st.plan.is_some() || !st.overrides.is_empty() || !st.holds.is_empty() {
                     d.subjects += 1;
                     let holds: Vec<&String> = st.holds.iter().collect();

@@ -78,8 +78,8 @@ pub struct Verdict {
 /// The slot a charge at `now_ms` lands in.
 pub fn slot_for(kind: &Kind, now_ms: Millis) -> Slot {
     match kind {
-        Kind::Fixed { period, tz } => {
-            let (start_ms, end_ms) = period.window(tz, now_ms);
+        Kind::Fixed { period, tz, last } => {
+            let (start_ms, end_ms) = last.window(period, tz, now_ms);
             Slot::Fixed { start_ms, end_ms }
         }
         Kind::Sliding { period_ms, bucket_ms } => Slot::Sliding {
@@ -448,6 +448,7 @@ mod tests {
         let kind = Kind::Fixed {
             period: Period::parse("1m").unwrap(),
             tz: TimeZone::UTC,
+            last: Default::default(),
         };
         let mut c = None;
         charge(&kind, &mut c, 10 * MIN + 5, 3);

@@ -84,6 +84,8 @@ struct Matched {
     slot: Slot,
     verdict: Verdict,
     usage: Usage,
+    /// The counter as looked up, kept for the after-charge view.
+    current: Option<Counter>,
 }
 
 /// The quota engine.
@@ -283,12 +285,12 @@ fn view(limit: &Limit, key: &CounterKey, u: &Usage) -> CounterView {
 fn view_after(
     limit: &Limit,
     key: &CounterKey,
-    current: Option<&Counter>,
+    current: Option<Counter>,
     charge: Option<(&Slot, i64)>,
     max: MaxValue,
     now: Millis,
 ) -> CounterView {
-    let mut c = current.cloned();
+    let mut c = current;
     if let Some((slot, delta)) = charge {
         if delta != 0 {
             counter::apply_charge(&mut c, slot, delta, now);
@@ -505,7 +507,8 @@ impl Engine {
             };
             let amount = amounts.get(&*limit.metric).copied().unwrap_or(0);
             let max = effective_max(limit, &overrides);
-            let (usage, verdict) = evaluate(&limit.kind, locked.counter(&key), now, amount, max);
+            let current = locked.counter(&key).cloned();
+            let (usage, verdict) = evaluate(&limit.kind, current.as_ref(), now, amount, max);
             matched.push(Matched {
                 limit: limit.clone(),
                 is_plan: *is_plan,
@@ -515,6 +518,7 @@ impl Engine {
                 slot: slot_for(&limit.kind, now),
                 verdict,
                 usage,
+                current,
             });
         }
 
@@ -586,12 +590,11 @@ impl Engine {
         }
 
         let mut muts = Vec::with_capacity(matched.len() + 2);
-        for m in &matched {
-            let current = locked.counter(&m.key);
+        for m in &mut matched {
             decision.counters.push(view_after(
                 &m.limit,
                 &m.key,
-                current,
+                m.current.take(),
                 Some((&m.slot, signed(m.amount))),
                 m.max,
                 now,

@@ -23,6 +23,9 @@ pub enum Kind {
         period: Period,
         /// Zone of calendar windows.
         tz: TimeZone,
+        /// The last window computed: calendar windows go through time-zone
+        /// rules, and every decision needs the current one several times.
+        last: Arc<WindowCache>,
     },
     /// Rolling window made of `SLIDING_BUCKETS` sub-windows.
     Sliding {
@@ -40,6 +43,26 @@ pub enum Kind {
     },
     /// Never resets.
     Lifetime,
+}
+
+/// The most recent `[start, end)` of a fixed limit. A window only changes when
+/// `now` leaves it, so the cached one is exact whenever it contains `now`.
+#[derive(Debug, Default)]
+pub struct WindowCache {
+    window: std::sync::RwLock<(u64, u64)>,
+}
+
+impl WindowCache {
+    /// The window of `period` in `tz` containing `now_ms`.
+    pub fn window(&self, period: &Period, tz: &TimeZone, now_ms: u64) -> (u64, u64) {
+        let (start, end) = *self.window.read().unwrap_or_else(|e| e.into_inner());
+        if start <= now_ms && now_ms < end {
+            return (start, end);
+        }
+        let w = period.window(tz, now_ms);
+        *self.window.write().unwrap_or_else(|e| e.into_inner()) = w;
+        w
+    }
 }
 
 /// What a limit's counter is keyed by.
@@ -252,6 +275,7 @@ fn compile_limit(key: &str, c: &LimitConfig) -> Result<Limit, ConfigError> {
             Kind::Fixed {
                 period: period.expect("checked above"),
                 tz,
+                last: Arc::default(),
             }
         }
         Algorithm::Sliding => {

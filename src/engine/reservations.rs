@@ -143,7 +143,14 @@ impl Engine {
             if let Some(limit) = plan.and_then(|p| p.limit(&h.counter.limit)) {
                 let max = effective_max(limit, &overrides);
                 let current = locked.counter(&h.counter);
-                counters.push(view_after(limit, &h.counter, current, Some((&h.slot, delta)), max, now));
+                counters.push(view_after(
+                    limit,
+                    &h.counter,
+                    current.cloned(),
+                    Some((&h.slot, delta)),
+                    max,
+                    now,
+                ));
             }
             if delta != 0 {
                 muts.push(Mutation::Charge {

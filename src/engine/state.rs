@@ -29,6 +29,111 @@ impl SubjectState {
     }
 }
 
+/// A shard's subjects: a hash map for the lookups every decision makes, and
+/// an ordered index of the names, touched only when a subject appears or goes,
+/// for listing in order. Serialized as the map alone; the index is rebuilt.
+#[derive(Debug, Default, Clone)]
+pub struct Subjects {
+    map: HashMap<Arc<str>, SubjectState>,
+    order: BTreeSet<Arc<str>>,
+}
+
+impl Subjects {
+    /// The subject's state.
+    pub fn get(&self, s: &str) -> Option<&SubjectState> {
+        self.map.get(s)
+    }
+    /// The subject's state, mutable.
+    pub fn get_mut(&mut self, s: &str) -> Option<&mut SubjectState> {
+        self.map.get_mut(s)
+    }
+    /// Whether the subject is known.
+    pub fn contains_key(&self, s: &str) -> bool {
+        self.map.contains_key(s)
+    }
+    /// The subject's state, created empty if absent.
+    pub fn get_or_default(&mut self, s: &Arc<str>) -> &mut SubjectState {
+        if !self.map.contains_key(&**s) {
+            self.order.insert(s.clone());
+        }
+        self.map.entry(s.clone()).or_default()
+    }
+    /// Inserts or replaces a subject.
+    pub fn insert(&mut self, s: Arc<str>, st: SubjectState) {
+        self.order.insert(s.clone());
+        self.map.insert(s, st);
+    }
+    /// Forgets a subject.
+    pub fn remove(&mut self, s: &str) -> Option<SubjectState> {
+        self.order.remove(s);
+        self.map.remove(s)
+    }
+    /// Keeps the subjects `keep` says yes to.
+    pub fn retain(&mut self, mut keep: impl FnMut(&Arc<str>, &mut SubjectState) -> bool) {
+        let order = &mut self.order;
+        self.map.retain(|k, v| {
+            let kept = keep(k, v);
+            if !kept {
+                order.remove(k);
+            }
+            kept
+        });
+    }
+    /// All subjects, in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = (&Arc<str>, &SubjectState)> {
+        self.map.iter()
+    }
+    /// All states.
+    pub fn values(&self) -> impl Iterator<Item = &SubjectState> {
+        self.map.values()
+    }
+    /// All states, mutable.
+    pub fn values_mut(&mut self) -> impl Iterator<Item = &mut SubjectState> {
+        self.map.values_mut()
+    }
+    /// How many.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+    /// Subjects after `after` in byte order, with their state.
+    pub fn range_after<'a>(
+        &'a self,
+        after: Option<&str>,
+    ) -> impl Iterator<Item = (&'a Arc<str>, &'a SubjectState)> + 'a {
+        use std::ops::Bound;
+        let lower = after.map_or(Bound::Unbounded, Bound::Excluded);
+        self.order
+            .range::<str, _>((lower, Bound::Unbounded))
+            .filter_map(move |k| Some((k, self.map.get(k)?)))
+    }
+}
+
+impl IntoIterator for Subjects {
+    type Item = (Arc<str>, SubjectState);
+    type IntoIter = std::collections::hash_map::IntoIter<Arc<str>, SubjectState>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.map.into_iter()
+    }
+}
+
+impl Serialize for Subjects {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.map.serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Subjects {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let map: HashMap<Arc<str>, SubjectState> = HashMap::deserialize(d)?;
+        let order = map.keys().cloned().collect();
+        Ok(Subjects { map, order })
+    }
+}
+
 /// One shard of the state. Which shard an item lives in is a hash of its key
 /// (see `Engine::shard_of_*`); a mutation is applied to the shard of its key.
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
@@ -37,7 +142,7 @@ pub struct Shard {
     /// a snapshot of the shard is as of this LSN, and replay skips what it covers.
     pub applied_lsn: Lsn,
     /// Subjects by name, ordered for listing.
-    pub subjects: BTreeMap<Arc<str>, SubjectState>,
+    pub subjects: Subjects,
     /// Counters of global and attribute scope.
     pub shared: HashMap<CounterKey, Counter>,
     /// Reservations by id, active and recently finished, with the LSN of the
@@ -71,7 +176,7 @@ fn counter_slot<'a, A: ShardAccess>(access: &'a mut A, key: &CounterKey) -> Coun
     match &key.scope {
         ScopeKey::Subject(s) => {
             let shard = access.subject_shard(s);
-            let st = shard.subjects.entry(s.clone()).or_default();
+            let st = shard.subjects.get_or_default(s);
             CounterSlot::Subject(st, key.limit.clone())
         }
         _ => CounterSlot::Shared(access.shared_shard(key), key.clone()),
@@ -148,11 +253,7 @@ pub fn apply<A: ShardAccess>(access: &mut A, m: &Mutation, lsn: Lsn) -> Applied 
             plan,
             overrides,
         } => {
-            let st = access
-                .subject_shard(subject)
-                .subjects
-                .entry(subject.clone())
-                .or_default();
+            let st = access.subject_shard(subject).subjects.get_or_default(subject);
             st.plan = plan.clone();
             st.overrides = overrides.clone();
             tidy_subject(access, subject);
@@ -168,11 +269,7 @@ pub fn apply<A: ShardAccess>(access: &mut A, m: &Mutation, lsn: Lsn) -> Applied 
                 .is_some_and(|(old, _)| old.status == ReservationStatus::Active);
             let is_active = r.status == ReservationStatus::Active;
             out.open_reservations_delta = isize::from(is_active) - isize::from(was_active);
-            let st = access
-                .subject_shard(&r.subject)
-                .subjects
-                .entry(r.subject.clone())
-                .or_default();
+            let st = access.subject_shard(&r.subject).subjects.get_or_default(&r.subject);
             if is_active {
                 st.holds.insert(r.id.clone());
             } else {
