@@ -134,10 +134,7 @@ impl Locked<'_> {
         match &key.scope {
             ScopeKey::Subject(s) => {
                 let i = self.engine.shard_of_subject(s);
-                self.shard(i)
-                    .subjects
-                    .get(&**s)
-                    .and_then(|st| st.counters.get(&key.limit))
+                self.shard(i).subjects.get(s).and_then(|st| st.counters.get(&key.limit))
             }
             _ => {
                 let i = self.engine.shard_of_counter(key);
@@ -489,7 +486,7 @@ impl Engine {
             }
         }
 
-        let (assigned, overrides) = match locked.subject_shard(&subject).subjects.get(&*subject) {
+        let (assigned, overrides) = match locked.subject_shard(&subject).subjects.get(&subject) {
             Some(st) => (st.plan.clone(), st.overrides.clone()),
             None => (None, BTreeMap::new()),
         };

@@ -66,7 +66,7 @@ impl Engine {
         let mut locked = self.lock(shards);
         let (r, lsn) = locked.shard(rshard).reservations.get(id).cloned().ok_or_else(unknown)?;
         let policy = self.policy();
-        let (assigned, overrides) = match locked.subject_shard(&r.subject).subjects.get(&*r.subject) {
+        let (assigned, overrides) = match locked.subject_shard(&r.subject).subjects.get(&r.subject) {
             Some(st) => (st.plan.clone(), st.overrides.clone()),
             None => (None, BTreeMap::new()),
         };

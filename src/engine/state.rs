@@ -259,7 +259,7 @@ pub fn apply<A: ShardAccess>(access: &mut A, m: &Mutation, lsn: Lsn) -> Applied 
             tidy_subject(access, subject);
         }
         Mutation::DeleteSubject { subject } => {
-            access.subject_shard(subject).subjects.remove(&**subject);
+            access.subject_shard(subject).subjects.remove(subject);
         }
         Mutation::PutReservation(r) => {
             let was_active = access
@@ -286,7 +286,7 @@ pub fn apply<A: ShardAccess>(access: &mut A, m: &Mutation, lsn: Lsn) -> Applied 
             // Only an active reservation is listed in its subject, so dropping a
             // finished one (garbage collection) touches the reservation's shard alone.
             if let Some(subject) = active_subject {
-                if let Some(st) = access.subject_shard(subject).subjects.get_mut(&**subject) {
+                if let Some(st) = access.subject_shard(subject).subjects.get_mut(subject) {
                     st.holds.remove(id);
                 }
                 tidy_subject(access, subject);
