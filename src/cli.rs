@@ -64,7 +64,7 @@ pub struct Cli {
     pub command: Option<Command>,
     /// Configuration file (default: ./quotad.toml when present, else built-in
     /// defaults). Client subcommands take the daemon's address from it.
-    #[arg(long, short, global = true)]
+    #[arg(long, global = true)]
     pub config: Option<PathBuf>,
     /// Log format (overrides `log.format`).
     #[arg(long, global = true, value_enum)]

@@ -176,6 +176,14 @@ impl TestServer {
         s
     }
 
+    /// CLI arguments that reach this server: `--addr A` or `--socket P`.
+    pub fn cli_target(&self) -> Vec<String> {
+        match &self.addr {
+            ListenAddr::Tcp(a) => vec!["--addr".into(), a.clone()],
+            ListenAddr::Unix(p) => vec!["--socket".into(), p.display().to_string()],
+        }
+    }
+
     pub fn socket_path(&self) -> Option<std::path::PathBuf> {
         match &self.addr {
             ListenAddr::Unix(p) => Some(p.clone()),
