@@ -7,6 +7,29 @@ use std::sync::Arc;
 use super::*;
 
 impl Engine {
+    /// The shape shared by subject writes: lock the subject's shard (and the
+    /// key's), answer a repeated key, else build the mutations from the
+    /// subject's current state, add the key's entry and commit. The answer is
+    /// whether this was a replay.
+    fn subject_write(
+        &self,
+        policy: &Policy,
+        subject: &str,
+        idem_key: Option<&str>,
+        fp: u64,
+        now: Millis,
+        build: impl FnOnce(Option<&SubjectState>) -> Result<Vec<Mutation>, EngineError>,
+    ) -> Result<Applied<bool>, EngineError> {
+        let mut locked = self.lock(self.admin_shards(subject, idem_key));
+        if let Some(replay) = Self::check_admin_idempotency(&mut locked, idem_key, fp, now)? {
+            return Ok(replay);
+        }
+        let mut muts = build(locked.subject_shard(subject).subjects.get(subject))?;
+        muts.extend(Self::admin_entry(policy, idem_key, fp, subject, now));
+        let lsn = locked.commit(&muts)?;
+        Ok(Applied { value: false, lsn })
+    }
+
     fn check_admin_idempotency(
         locked: &mut Locked<'_>,
         key: Option<&str>,
@@ -81,28 +104,18 @@ impl Engine {
             }
         }
         let fp = fingerprint("put_subject", &(subject, plan, overrides));
-        let mut locked = self.lock(self.admin_shards(subject, idem_key));
-        if let Some(replay) = Self::check_admin_idempotency(&mut locked, idem_key, fp, now)? {
-            return Ok(replay);
-        }
-        let current = locked
-            .subject_shard(subject)
-            .subjects
-            .get(subject)
-            .cloned()
-            .unwrap_or_default();
-        let new_plan = plan.map(str::to_string).or(current.plan);
-        if policy.plan_for(new_plan.as_deref()).is_none() {
-            return Err(EngineError::UnknownSubject(subject.to_string()));
-        }
-        let mut muts = vec![Mutation::SetSubject {
-            subject: subject.into(),
-            plan: new_plan,
-            overrides: overrides.cloned().unwrap_or(current.overrides),
-        }];
-        muts.extend(Self::admin_entry(&policy, idem_key, fp, subject, now));
-        let lsn = locked.commit(&muts)?;
-        Ok(Applied { value: false, lsn })
+        self.subject_write(&policy, subject, idem_key, fp, now, |current| {
+            let current = current.cloned().unwrap_or_default();
+            let new_plan = plan.map(str::to_string).or(current.plan);
+            if policy.plan_for(new_plan.as_deref()).is_none() {
+                return Err(EngineError::UnknownSubject(subject.to_string()));
+            }
+            Ok(vec![Mutation::SetSubject {
+                subject: subject.into(),
+                plan: new_plan,
+                overrides: overrides.cloned().unwrap_or(current.overrides),
+            }])
+        })
     }
 
     /// Forgets a subject: its plan, overrides, counters and active holds (holds on
@@ -221,35 +234,29 @@ impl Engine {
             self.subject_limit(&policy, name)?;
         }
         let fp = fingerprint("reset", &(subject, limit));
-        let mut locked = self.lock(self.admin_shards(subject, idem_key));
-        if let Some(replay) = Self::check_admin_idempotency(&mut locked, idem_key, fp, now)? {
-            return Ok(replay);
-        }
-        let st = locked.subject_shard(subject).subjects.get(subject).cloned();
-        if policy.plan_for(st.as_ref().and_then(|s| s.plan.as_deref())).is_none() {
-            return Err(EngineError::UnknownSubject(subject.to_string()));
-        }
-        let subj: Arc<str> = subject.into();
-        let names: Vec<Arc<str>> = match limit {
-            Some(n) => vec![n.into()],
-            None => {
-                let mut v: Vec<Arc<str>> = st.iter().flat_map(|s| s.counters.keys().cloned()).collect();
-                v.sort();
-                v
+        self.subject_write(&policy, subject, idem_key, fp, now, |st| {
+            if policy.plan_for(st.and_then(|s| s.plan.as_deref())).is_none() {
+                return Err(EngineError::UnknownSubject(subject.to_string()));
             }
-        };
-        let mut muts: Vec<Mutation> = names
-            .into_iter()
-            .map(|l| Mutation::ResetCounter {
-                counter: CounterKey {
-                    limit: l,
-                    scope: ScopeKey::Subject(subj.clone()),
-                },
-            })
-            .collect();
-        muts.extend(Self::admin_entry(&policy, idem_key, fp, subject, now));
-        let lsn = locked.commit(&muts)?;
-        Ok(Applied { value: false, lsn })
+            let subj: Arc<str> = subject.into();
+            let names: Vec<Arc<str>> = match limit {
+                Some(n) => vec![n.into()],
+                None => {
+                    let mut v: Vec<Arc<str>> = st.iter().flat_map(|s| s.counters.keys().cloned()).collect();
+                    v.sort();
+                    v
+                }
+            };
+            Ok(names
+                .into_iter()
+                .map(|l| Mutation::ResetCounter {
+                    counter: CounterKey {
+                        limit: l,
+                        scope: ScopeKey::Subject(subj.clone()),
+                    },
+                })
+                .collect())
+        })
     }
 
     /// Gives back `amount` of a subject's limit (a top-up for lifetime limits).
@@ -266,32 +273,23 @@ impl Engine {
         let policy = self.policy();
         let l = self.subject_limit(&policy, limit)?;
         let fp = fingerprint("credit", &(subject, limit, amount));
-        let mut locked = self.lock(self.admin_shards(subject, idem_key));
-        if let Some(replay) = Self::check_admin_idempotency(&mut locked, idem_key, fp, now)? {
-            return Ok(replay);
-        }
-        let assigned = locked
-            .subject_shard(subject)
-            .subjects
-            .get(subject)
-            .and_then(|s| s.plan.clone());
-        let plan = policy
-            .plan_for(assigned.as_deref())
-            .ok_or_else(|| EngineError::UnknownSubject(subject.to_string()))?;
-        // The subject's own plan decides the slot when it has the limit.
-        let kind = plan.limit(limit).map_or(&l.kind, |pl| &pl.kind);
-        let mut muts = vec![Mutation::Credit {
-            counter: CounterKey {
-                limit: l.name.clone(),
-                scope: ScopeKey::Subject(subject.into()),
-            },
-            slot: slot_for(kind, now),
-            amount,
-            at_ms: now,
-        }];
-        muts.extend(Self::admin_entry(&policy, idem_key, fp, subject, now));
-        let lsn = locked.commit(&muts)?;
-        Ok(Applied { value: false, lsn })
+        self.subject_write(&policy, subject, idem_key, fp, now, |st| {
+            let assigned = st.and_then(|s| s.plan.as_deref());
+            let plan = policy
+                .plan_for(assigned)
+                .ok_or_else(|| EngineError::UnknownSubject(subject.to_string()))?;
+            // The subject's own plan decides the slot when it has the limit.
+            let kind = plan.limit(limit).map_or(&l.kind, |pl| &pl.kind);
+            Ok(vec![Mutation::Credit {
+                counter: CounterKey {
+                    limit: l.name.clone(),
+                    scope: ScopeKey::Subject(subject.into()),
+                },
+                slot: slot_for(kind, now),
+                amount,
+                at_ms: now,
+            }])
+        })
     }
 
     /// The subject as `GET /v1/subjects/{s}` shows it.
