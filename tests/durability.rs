@@ -197,3 +197,26 @@ async fn a_second_daemon_cannot_open_the_same_data_dir() {
     assert!(err.to_string().contains("in use by another quotad"), "{err}");
     s.stop().await;
 }
+
+#[tokio::test]
+async fn batch_durability_answers_before_the_sync_and_keeps_state_across_a_restart() {
+    let config = format!("[storage]\ndurability = \"batch\"\nflush_interval_ms = 50\n{CONFIG}");
+    let dir = tempfile::tempdir().unwrap();
+    let s = TestServer::start_durable(&config, Transport::Tcp, common::T0, dir.path()).await;
+    for i in 0..20 {
+        let r = s
+            .consume(json!({"subject": "u", "amounts": {"tokens": 10}, "idempotency_key": format!("b{i}")}))
+            .await;
+        assert!(r.allowed());
+    }
+    let before = s.digest().await;
+    s.stop().await; // closing the log writes what is queued
+    let s = TestServer::start_durable(&config, Transport::Tcp, common::T0, dir.path()).await;
+    assert_eq!(s.digest().await, before);
+    assert_eq!(s.get("/v1/subjects/u").await.used("tokens-per-day"), 200);
+    let again = s
+        .consume(json!({"subject": "u", "amounts": {"tokens": 10}, "idempotency_key": "b3"}))
+        .await;
+    assert_eq!(again.body["replayed"], true);
+    s.stop().await;
+}
