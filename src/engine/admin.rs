@@ -84,9 +84,7 @@ impl Engine {
         idem_key: Option<&str>,
         now_ms: Millis,
     ) -> Result<Applied<bool>, EngineError> {
-        let now = self.now(now_ms);
-        self.expire_due(now);
-        let policy = self.policy();
+        let (now, policy) = self.begin(now_ms);
         if let Some(p) = plan {
             if !policy.plan_index.contains_key(p) {
                 return Err(EngineError::UnknownPlan(p.to_string()));
@@ -126,9 +124,7 @@ impl Engine {
         idem_key: Option<&str>,
         now_ms: Millis,
     ) -> Result<Applied<bool>, EngineError> {
-        let now = self.now(now_ms);
-        self.expire_due(now);
-        let policy = self.policy();
+        let (now, policy) = self.begin(now_ms);
         let fp = fingerprint("delete_subject", &subject);
         let sshard = self.shard_of_subject(subject);
         loop {
@@ -227,9 +223,7 @@ impl Engine {
         idem_key: Option<&str>,
         now_ms: Millis,
     ) -> Result<Applied<bool>, EngineError> {
-        let now = self.now(now_ms);
-        self.expire_due(now);
-        let policy = self.policy();
+        let (now, policy) = self.begin(now_ms);
         if let Some(name) = limit {
             self.subject_limit(&policy, name)?;
         }
@@ -268,9 +262,7 @@ impl Engine {
         idem_key: Option<&str>,
         now_ms: Millis,
     ) -> Result<Applied<bool>, EngineError> {
-        let now = self.now(now_ms);
-        self.expire_due(now);
-        let policy = self.policy();
+        let (now, policy) = self.begin(now_ms);
         let l = self.subject_limit(&policy, limit)?;
         let fp = fingerprint("credit", &(subject, limit, amount));
         self.subject_write(&policy, subject, idem_key, fp, now, |st| {
@@ -294,9 +286,7 @@ impl Engine {
 
     /// The subject as `GET /v1/subjects/{s}` shows it.
     pub fn subject(&self, subject: &str, now_ms: Millis) -> Result<SubjectView, EngineError> {
-        let now = self.now(now_ms);
-        self.expire_due(now);
-        let policy = self.policy();
+        let (now, policy) = self.begin(now_ms);
         let sshard = self.shard_of_subject(subject);
         let st = self
             .lock(vec![sshard])
@@ -382,8 +372,8 @@ impl Engine {
     /// Drops what time has made useless: idle counters, expired idempotency keys and
     /// finished reservations past retention. At most `budget` items per shard per call.
     pub fn gc(&self, now_ms: Millis, budget: usize) -> Result<usize, EngineError> {
-        let now = self.now(now_ms);
-        self.expire_due(now);
+        let (now, policy) = self.begin(now_ms);
+        let retention = policy.settings.idempotency_retention_ms;
         let mut dropped = 0;
         for i in 0..self.shards.len() {
             let mut l = self.lock(vec![i]);
@@ -398,7 +388,6 @@ impl Engine {
                 dropped += before - st.counters.len();
             }
             shard.subjects.retain(|_, st| !st.is_empty());
-            let retention = self.policy().settings.idempotency_retention_ms;
             let mut muts: Vec<Mutation> = shard
                 .idempotency
                 .iter()

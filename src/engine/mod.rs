@@ -349,6 +349,14 @@ impl Engine {
         self.journal.watch()
     }
 
+    /// What every operation does first: take engine time (never backwards),
+    /// release holds that expired by then, and take the policy in force.
+    fn begin(&self, now_ms: Millis) -> (Millis, Arc<Policy>) {
+        let now = self.now(now_ms);
+        self.expire_due(now);
+        (now, self.policy())
+    }
+
     fn now(&self, now_ms: Millis) -> Millis {
         self.floor_ms.fetch_max(now_ms, Ordering::AcqRel).max(now_ms)
     }
@@ -415,9 +423,7 @@ impl Engine {
         req: &DecisionRequest,
         now_ms: Millis,
     ) -> Result<Applied<Decision>, EngineError> {
-        let now = self.now(now_ms);
-        self.expire_due(now);
-        let policy = self.policy();
+        let (now, policy) = self.begin(now_ms);
         let amounts = Self::normalize_amounts(&policy, &req.amounts)?;
         let ttl_ms = match (op, req.ttl_ms) {
             (DecideOp::Reserve, None) => Some(policy.settings.reservation_ttl_default_ms),
