@@ -46,6 +46,11 @@ struct Queue {
     failed: Option<String>,
     /// Records written since the last snapshot, and their bytes.
     since_snapshot: (u64, u64),
+    /// The writer sleeps on `work`: only then does an append signal it (a
+    /// condvar signal is a futex syscall even when nobody waits).
+    writer_idle: bool,
+    /// Threads waiting on `space`.
+    space_waiters: usize,
 }
 
 struct Shared {
@@ -90,6 +95,8 @@ impl WalJournal {
                 closed: false,
                 failed: None,
                 since_snapshot: (0, 0),
+                writer_idle: false,
+                space_waiters: 0,
             }),
             work: Condvar::new(),
             space: Condvar::new(),
@@ -153,12 +160,14 @@ impl WalJournal {
             if self.shared.durable.borrow().durable_lsn >= lsn {
                 return Ok(());
             }
+            q.space_waiters += 1;
             q = self
                 .shared
                 .space
                 .wait_timeout(q, Duration::from_millis(5))
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
+            q.space_waiters -= 1;
         }
     }
 
@@ -204,7 +213,9 @@ impl Journal for WalJournal {
             if q.buf.len() < self.shared.config.queue_bytes_max {
                 break;
             }
+            q.space_waiters += 1;
             q = self.shared.space.wait(q).unwrap_or_else(|e| e.into_inner());
+            q.space_waiters -= 1;
         }
         let lsn = q.next_lsn;
         if q.buf.is_empty() {
@@ -212,8 +223,12 @@ impl Journal for WalJournal {
         }
         wal::frame(lsn, &payload, &mut q.buf);
         q.next_lsn += 1;
+        // Batch mode's timed wait ends early once half the queue is full.
+        let wake = q.writer_idle || q.buf.len() >= self.shared.config.queue_bytes_max / 2;
         drop(q);
-        self.shared.work.notify_one();
+        if wake {
+            self.shared.work.notify_one();
+        }
         Ok(lsn)
     }
 
@@ -230,7 +245,9 @@ fn write_loop(shared: &Shared, wal: &Mutex<Wal>) {
     loop {
         let mut q = shared.lock();
         while q.buf.is_empty() && !q.closed {
+            q.writer_idle = true;
             q = shared.work.wait(q).unwrap_or_else(|e| e.into_inner());
+            q.writer_idle = false;
         }
         if q.buf.is_empty() && q.closed {
             return;
@@ -239,6 +256,7 @@ fn write_loop(shared: &Shared, wal: &Mutex<Wal>) {
             // Wait out the flush interval unless the batch is already large.
             let half_full = shared.config.queue_bytes_max / 2;
             if q.buf.len() < half_full {
+                // Not idle: appends need not wake it early.
                 q = shared
                     .work
                     .wait_timeout(q, shared.config.flush_interval)
@@ -249,8 +267,11 @@ fn write_loop(shared: &Shared, wal: &Mutex<Wal>) {
         let batch = std::mem::replace(&mut q.buf, std::mem::take(&mut spare));
         let (first, last) = (q.first_lsn, q.next_lsn - 1);
         q.first_lsn = q.next_lsn;
+        let space_waiters = q.space_waiters > 0;
         drop(q);
-        shared.space.notify_all();
+        if space_waiters {
+            shared.space.notify_all();
+        }
 
         let started = std::time::Instant::now();
         let result = wal.lock().unwrap_or_else(|e| e.into_inner()).write(&batch, first, last);
@@ -261,14 +282,17 @@ fn write_loop(shared: &Shared, wal: &Mutex<Wal>) {
                 m.batch_records.observe((last - first + 1) as f64);
                 m.wal_records.inc_by(last - first + 1);
                 m.wal_bytes.inc_by(batch.len() as u64);
-                {
+                let space_waiters = {
                     let mut q = shared.lock();
                     q.since_snapshot.0 += last - first + 1;
                     q.since_snapshot.1 += batch.len() as u64;
-                }
+                    q.space_waiters > 0
+                };
                 shared.waiters.advance(last);
                 shared.durable.send_modify(|s| s.durable_lsn = last);
-                shared.space.notify_all();
+                if space_waiters {
+                    shared.space.notify_all();
+                }
             }
             Err(e) => {
                 // Never retried: the bytes may or may not be on disk, so nothing in
