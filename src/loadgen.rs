@@ -7,13 +7,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use std::io::Write as _;
+
 use hdrhistogram::Histogram;
-use http_body_util::{BodyExt, Full};
-use hyper::client::conn::http1::SendRequest;
-use hyper::{Method, Request};
-use hyper_util::rt::TokioIo;
 use serde::Serialize;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::client::Target;
 
@@ -113,33 +111,108 @@ struct ConnStats {
     errors: u64,
 }
 
-async fn connect(target: &Target) -> Result<SendRequest<Full<Bytes>>, String> {
-    async fn hs<T>(io: T) -> Result<SendRequest<Full<Bytes>>, String>
-    where
-        T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-    {
-        let (s, conn) = hyper::client::conn::http1::handshake(io)
-            .await
-            .map_err(|e| e.to_string())?;
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
-        Ok(s)
+/// One keep-alive connection speaking just enough HTTP/1.1 for the benchmark:
+/// a prebuilt request is written with one syscall and the answer is read into a
+/// reused buffer (as wrk and redis-benchmark do), so the load generator's own CPU
+/// per request stays small on a machine it shares with the daemon.
+struct Conn {
+    io: Box<dyn Io>,
+    /// Request being written.
+    out: Vec<u8>,
+    /// Bytes read and not yet consumed.
+    inp: Vec<u8>,
+    /// The last answer's body.
+    body: Vec<u8>,
+}
+
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+impl Conn {
+    async fn open(target: &Target) -> Result<Conn, String> {
+        let io: Box<dyn Io> = match target {
+            Target::Tcp(a) => {
+                let s = tokio::net::TcpStream::connect(a.as_str())
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let _ = s.set_nodelay(true);
+                Box::new(s)
+            }
+            Target::Unix(p) => Box::new(tokio::net::UnixStream::connect(p).await.map_err(|e| e.to_string())?),
+        };
+        Ok(Conn {
+            io,
+            out: Vec::with_capacity(512),
+            inp: Vec::with_capacity(4096),
+            body: Vec::with_capacity(4096),
+        })
     }
-    match target {
-        Target::Tcp(a) => {
-            let s = tokio::net::TcpStream::connect(a.as_str())
-                .await
-                .map_err(|e| e.to_string())?;
-            let _ = s.set_nodelay(true);
-            hs(TokioIo::new(s)).await
+
+    /// Sends one request and reads its answer into `self.body`; returns the status.
+    /// An error means the connection is no longer usable.
+    async fn exchange(&mut self, token: Option<&str>, method: &str, path: &str, body: &[u8]) -> Result<u16, String> {
+        self.out.clear();
+        let _ = write!(self.out, "{method} {path} HTTP/1.1\r\nhost: quotad\r\n");
+        if let Some(t) = token {
+            let _ = write!(self.out, "authorization: Bearer {t}\r\n");
         }
-        Target::Unix(p) => {
-            hs(TokioIo::new(
-                tokio::net::UnixStream::connect(p).await.map_err(|e| e.to_string())?,
-            ))
-            .await
+        if !body.is_empty() {
+            let _ = write!(
+                self.out,
+                "content-type: application/json\r\ncontent-length: {}\r\n",
+                body.len()
+            );
         }
+        self.out.extend_from_slice(b"\r\n");
+        self.out.extend_from_slice(body);
+        self.io.write_all(&self.out).await.map_err(|e| e.to_string())?;
+
+        // Head: read until it parses.
+        let (status, head_len, content_length, close) = loop {
+            let mut headers = [httparse::EMPTY_HEADER; 32];
+            let mut resp = httparse::Response::new(&mut headers);
+            match resp.parse(&self.inp).map_err(|e| format!("bad answer: {e}"))? {
+                httparse::Status::Complete(n) => {
+                    let mut length = None;
+                    let mut close = false;
+                    for h in resp.headers.iter() {
+                        if h.name.eq_ignore_ascii_case("content-length") {
+                            length = std::str::from_utf8(h.value)
+                                .ok()
+                                .and_then(|v| v.trim().parse::<usize>().ok());
+                        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+                            return Err("chunked answers are not supported by the benchmark client".into());
+                        } else if h.name.eq_ignore_ascii_case("connection") {
+                            close = h.value.eq_ignore_ascii_case(b"close");
+                        }
+                    }
+                    break (resp.code.unwrap_or(0), n, length.unwrap_or(0), close);
+                }
+                httparse::Status::Partial => self.fill().await?,
+            }
+        };
+        while self.inp.len() < head_len + content_length {
+            self.fill().await?;
+        }
+        self.body.clear();
+        self.body
+            .extend_from_slice(&self.inp[head_len..head_len + content_length]);
+        self.inp.drain(..head_len + content_length);
+        if close {
+            return Err("the server closed the connection".into());
+        }
+        Ok(status)
+    }
+
+    async fn fill(&mut self) -> Result<(), String> {
+        if self.inp.len() > 16 << 20 {
+            return Err("answer over 16 MiB".into());
+        }
+        let n = self.io.read_buf(&mut self.inp).await.map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Err("the server closed the connection".into());
+        }
+        Ok(())
     }
 }
 
@@ -152,25 +225,6 @@ impl Rng {
         self.0 ^= self.0 >> 27;
         self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) % n.max(1)
     }
-}
-
-async fn send(
-    s: &mut SendRequest<Full<Bytes>>,
-    token: &Option<String>,
-    method: Method,
-    path: &str,
-    body: String,
-) -> Result<(u16, Bytes), String> {
-    let mut b = Request::builder().method(method).uri(path).header("host", "quotad");
-    if let Some(t) = token {
-        b = b.header("authorization", format!("Bearer {t}"));
-    }
-    let req = b.body(Full::new(Bytes::from(body))).map_err(|e| e.to_string())?;
-    s.ready().await.map_err(|e| e.to_string())?;
-    let resp = s.send_request(req).await.map_err(|e| e.to_string())?;
-    let status = resp.status().as_u16();
-    let body = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
-    Ok((status, body))
 }
 
 fn count(haystack: &[u8], needle: &[u8]) -> u64 {
@@ -191,11 +245,12 @@ fn decision_body(cfg: &BenchConfig, rng: &mut Rng, op: Option<&str>) -> String {
 }
 
 /// One operation: (ok, denied decisions).
-async fn one(cfg: &BenchConfig, s: &mut SendRequest<Full<Bytes>>, rng: &mut Rng) -> Result<(bool, u64), String> {
-    let denied = |b: &Bytes| count(b, b"\"allowed\":false");
+async fn one(cfg: &BenchConfig, c: &mut Conn, rng: &mut Rng) -> Result<(bool, u64), String> {
+    let token = cfg.token.as_deref();
+    let denied = |b: &[u8]| count(b, b"\"allowed\":false");
     match cfg.op {
         BenchOp::Noop => {
-            let (st, _) = send(s, &cfg.token, Method::GET, "/healthz", String::new()).await?;
+            let st = c.exchange(token, "GET", "/healthz", b"").await?;
             Ok((st == 200, 0))
         }
         BenchOp::Consume | BenchOp::Check => {
@@ -204,42 +259,39 @@ async fn one(cfg: &BenchConfig, s: &mut SendRequest<Full<Bytes>>, rng: &mut Rng)
             } else {
                 "/v1/check"
             };
-            let (st, b) = send(s, &cfg.token, Method::POST, path, decision_body(cfg, rng, None)).await?;
-            Ok((st == 200, denied(&b)))
+            let st = c
+                .exchange(token, "POST", path, decision_body(cfg, rng, None).as_bytes())
+                .await?;
+            Ok((st == 200, denied(&c.body)))
         }
         BenchOp::Batch => {
             let ops: Vec<String> = (0..cfg.batch_size)
                 .map(|_| decision_body(cfg, rng, Some("consume")))
                 .collect();
             let body = format!("{{\"operations\":[{}]}}", ops.join(","));
-            let (st, b) = send(s, &cfg.token, Method::POST, "/v1/batch", body).await?;
+            let st = c.exchange(token, "POST", "/v1/batch", body.as_bytes()).await?;
             Ok((
-                st == 200 && count(&b, b"\"status\":200") == cfg.batch_size as u64,
-                denied(&b),
+                st == 200 && count(&c.body, b"\"status\":200") == cfg.batch_size as u64,
+                denied(&c.body),
             ))
         }
         BenchOp::ReserveCommit => {
-            let (st, b) = send(
-                s,
-                &cfg.token,
-                Method::POST,
-                "/v1/reserve",
-                decision_body(cfg, rng, None),
-            )
-            .await?;
+            let st = c
+                .exchange(token, "POST", "/v1/reserve", decision_body(cfg, rng, None).as_bytes())
+                .await?;
             if st != 200 {
                 return Ok((false, 0));
             }
-            let text = String::from_utf8_lossy(&b);
+            let text = String::from_utf8_lossy(&c.body);
             let Some(id) = text
                 .split("\"reservation_id\":\"")
                 .nth(1)
                 .and_then(|r| r.split('"').next())
             else {
-                return Ok((true, denied(&b))); // denied: nothing to commit
+                return Ok((true, denied(&c.body))); // denied: nothing to commit
             };
             let path = format!("/v1/reservations/{id}/commit");
-            let (st, _) = send(s, &cfg.token, Method::POST, &path, "{}".into()).await?;
+            let st = c.exchange(token, "POST", &path, b"{}").await?;
             Ok((st == 200, 0))
         }
     }
@@ -262,7 +314,7 @@ async fn connection(cfg: Arc<BenchConfig>, shared: Arc<Shared>, seed: u64) -> Co
         }
         let s = match &mut conn {
             Some(s) => s,
-            None => match connect(&cfg.target).await {
+            None => match Conn::open(&cfg.target).await {
                 Ok(s) => conn.insert(s),
                 Err(_) => {
                     stats.errors += 1;
@@ -294,11 +346,17 @@ async fn connection(cfg: Arc<BenchConfig>, shared: Arc<Shared>, seed: u64) -> Co
 
 /// Runs the load and reports.
 pub fn run(cfg: BenchConfig) -> BenchReport {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(cfg.threads.max(1))
-        .enable_all()
-        .build()
-        .expect("a runtime");
+    // One thread (the default) is a current-thread runtime: no cross-thread
+    // wake-ups, like single-threaded redis-benchmark.
+    let runtime = if cfg.threads <= 1 {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(cfg.threads)
+            .enable_all()
+            .build()
+    }
+    .expect("a runtime");
     runtime.block_on(async move {
         let cfg = Arc::new(cfg);
         let start = Instant::now();
