@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 pub use admin::StateDigest;
 pub use counter::{evaluate, slot_for, Counter, Usage, Verdict};
 pub use policy::{glob_match, Kind, Limit, LimitShape, Matcher, Plan, Policy, Scope, SLIDING_BUCKETS};
-pub use state::{apply, Shard, ShardAccess, SubjectState};
+pub use state::{apply, intern, CounterMap, Shard, ShardAccess, SubjectState};
 pub use types::*;
 
 use crate::clock::Millis;

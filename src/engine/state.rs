@@ -17,7 +17,7 @@ pub struct SubjectState {
     /// Per-limit overrides.
     pub overrides: BTreeMap<String, Override>,
     /// Subject-scoped counters by limit name.
-    pub counters: HashMap<Arc<str>, Counter>,
+    pub counters: CounterMap,
     /// Ids of its active reservations.
     pub holds: BTreeSet<String>,
 }
@@ -27,6 +27,146 @@ impl SubjectState {
     pub fn is_empty(&self) -> bool {
         self.plan.is_none() && self.overrides.is_empty() && self.counters.is_empty() && self.holds.is_empty()
     }
+}
+
+/// A subject's counters by limit name: a vector sized to fit, searched
+/// linearly. A subject has a handful of counters, so this beats a hash map in
+/// both time and memory (a 3-entry `HashMap` allocates 4 buckets plus control
+/// bytes and a hasher per subject). Names are interned when decoded (see
+/// [`intern`]), so most comparisons are a pointer check. Serialized exactly as
+/// a map, the format the snapshot codec has always written.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CounterMap(Vec<(Arc<str>, Counter)>);
+
+impl CounterMap {
+    fn position(&self, limit: &str) -> Option<usize> {
+        self.0
+            .iter()
+            .position(|(k, _)| std::ptr::eq(k.as_ptr(), limit.as_ptr()) && k.len() == limit.len() || **k == *limit)
+    }
+    /// The counter of `limit`.
+    pub fn get(&self, limit: &str) -> Option<&Counter> {
+        self.position(limit).map(|i| &self.0[i].1)
+    }
+    /// Inserts or replaces.
+    pub fn insert(&mut self, limit: Arc<str>, c: Counter) {
+        match self.position(&limit) {
+            Some(i) => self.0[i].1 = c,
+            None => {
+                // Grow by one: counters are added rarely, memory is per subject.
+                self.0.reserve_exact(1);
+                self.0.push((limit, c));
+            }
+        }
+    }
+    /// Runs `f` on the counter of `limit` (`None` if absent); a `None` left by
+    /// `f` removes it.
+    pub fn update(&mut self, limit: Arc<str>, f: impl FnOnce(&mut Option<Counter>)) {
+        match self.position(&limit) {
+            Some(i) => {
+                let placeholder = Counter::Lifetime { used: 0, credited: 0 };
+                let mut c = Some(std::mem::replace(&mut self.0[i].1, placeholder));
+                f(&mut c);
+                match c {
+                    Some(c) => self.0[i].1 = c,
+                    None => {
+                        self.0.remove(i);
+                    }
+                }
+            }
+            None => {
+                let mut c = None;
+                f(&mut c);
+                if let Some(c) = c {
+                    self.insert(limit, c);
+                }
+            }
+        }
+    }
+    /// Keeps the counters `keep` says yes to.
+    pub fn retain(&mut self, mut keep: impl FnMut(&Arc<str>, &Counter) -> bool) {
+        self.0.retain(|(k, c)| keep(k, c));
+        if self.0.capacity() > self.0.len() + 4 {
+            self.0.shrink_to_fit();
+        }
+    }
+    /// (limit, counter) pairs, in insertion order.
+    pub fn iter(&self) -> impl Iterator<Item = (&Arc<str>, &Counter)> {
+        self.0.iter().map(|(k, c)| (k, c))
+    }
+    /// Limit names.
+    pub fn keys(&self) -> impl Iterator<Item = &Arc<str>> {
+        self.0.iter().map(|(k, _)| k)
+    }
+    /// How many.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl Serialize for CounterMap {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(self.0.iter().map(|(k, c)| (&**k, c)))
+    }
+}
+
+impl<'de> Deserialize<'de> for CounterMap {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = CounterMap;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a map of limit names to counters")
+            }
+            fn visit_map<M: serde::de::MapAccess<'de>>(self, mut m: M) -> Result<CounterMap, M::Error> {
+                let mut v = Vec::with_capacity(m.size_hint().unwrap_or(0).min(64));
+                while let Some((k, c)) = m.next_entry::<std::borrow::Cow<'de, str>, Counter>()? {
+                    let k = intern(&k);
+                    if v.iter().any(|(x, _): &(Arc<str>, Counter)| *x == k) {
+                        return Err(serde::de::Error::custom(format!("counter {k:?} appears twice")));
+                    }
+                    v.push((k, c));
+                }
+                v.shrink_to_fit();
+                Ok(CounterMap(v))
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+/// Interned limit names: millions of decoded counters share a few names, and
+/// a separate allocation per counter was a third of a counter's memory.
+/// Per thread (decoding is single-threaded per snapshot or replay); capped so
+/// that arbitrary names cannot grow it without bound.
+pub fn intern(name: &str) -> Arc<str> {
+    use std::cell::RefCell;
+    use std::collections::HashSet;
+    const CAP: usize = 4096;
+    thread_local! {
+        static NAMES: RefCell<HashSet<Arc<str>>> = RefCell::new(HashSet::new());
+    }
+    NAMES.with(|n| {
+        let mut n = n.borrow_mut();
+        if let Some(a) = n.get(name) {
+            return a.clone();
+        }
+        let a: Arc<str> = Arc::from(name);
+        if n.len() < CAP {
+            n.insert(a.clone());
+        }
+        a
+    })
+}
+
+/// Deserializes a limit name through [`intern`].
+pub fn deserialize_interned<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Arc<str>, D::Error> {
+    let s = std::borrow::Cow::<'de, str>::deserialize(d)?;
+    Ok(intern(&s))
 }
 
 /// A shard's subjects: a hash map for the lookups every decision makes, and
@@ -191,13 +331,7 @@ enum CounterSlot<'a> {
 impl CounterSlot<'_> {
     fn update(self, f: impl FnOnce(&mut Option<Counter>)) {
         match self {
-            CounterSlot::Subject(st, limit) => {
-                let mut c = st.counters.remove(&limit);
-                f(&mut c);
-                if let Some(c) = c {
-                    st.counters.insert(limit, c);
-                }
-            }
+            CounterSlot::Subject(st, limit) => st.counters.update(limit, f),
             CounterSlot::Shared(shard, key) => {
                 let mut c = shard.shared.remove(&key);
                 f(&mut c);

@@ -260,6 +260,7 @@ pub enum StoredAnswer {
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct CounterKey {
     /// Limit name.
+    #[serde(deserialize_with = "super::state::deserialize_interned")]
     pub limit: Arc<str>,
     /// Scope value.
     pub scope: ScopeKey,
