@@ -1,6 +1,10 @@
 //! Engine decisions (consume) on one core, no I/O: 1 and 3 stacked limits, over
 //! 10k and 1M subjects. `cargo bench --bench engine`.
 
+// The daemon's allocator, so figures match what it does.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 

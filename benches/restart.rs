@@ -4,6 +4,10 @@
 //! 1_000_000 subjects × 3 counters). Recovery is measured in a fresh child
 //! process so memory is not polluted by building the store.
 
+// The daemon's allocator, so figures match what it does.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Instant;

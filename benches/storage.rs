@@ -1,6 +1,10 @@
 //! Storage: WAL append with group commit on a real file, snapshot write and
 //! load of 1M counters, and replay speed. `cargo bench --bench storage`.
 
+// The daemon's allocator, so figures match what it does.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -524,7 +524,7 @@ fn views(e: &Engine, now: u64) -> Views {
                 v.plan.clone(),
                 v.counters
                     .iter()
-                    .map(|c| (c.limit.to_string(), c.scope.clone(), c.used))
+                    .map(|c| (c.limit.to_string(), c.scope.to_string(), c.used))
                     .collect(),
             )
         })

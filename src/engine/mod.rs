@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 pub use admin::StateDigest;
 pub use counter::{evaluate, slot_for, Counter, Usage, Verdict};
 pub use policy::{glob_match, Kind, Limit, LimitShape, Matcher, Plan, Policy, Scope, SLIDING_BUCKETS};
-pub use state::{apply, intern, CounterMap, Shard, ShardAccess, SubjectState};
+pub use state::{apply, intern, CounterMap, FastMap, Shard, ShardAccess, SubjectState};
 pub use types::*;
 
 use crate::clock::Millis;
@@ -247,6 +247,15 @@ fn hash_counter(key: &CounterKey) -> u64 {
 
 /// The counter a limit uses for this subject and attributes; `None` when the limit
 /// is scoped by an attribute the event does not carry.
+/// How much of `metric` a request asks for: `requests` is 1 unless given.
+fn amount_of(amounts: &BTreeMap<String, u64>, metric: &str) -> u64 {
+    match amounts.get(metric) {
+        Some(&a) => a,
+        None if metric == "requests" => 1,
+        None => 0,
+    }
+}
+
 fn counter_key(limit: &Limit, subject: &Arc<str>, attributes: &BTreeMap<String, String>) -> Option<CounterKey> {
     let scope = match &limit.scope {
         Scope::Subject => ScopeKey::Subject(subject.clone()),
@@ -402,18 +411,20 @@ impl Engine {
         format!("rsv_{z:016x}{seq:08x}")
     }
 
-    fn normalize_amounts(
-        policy: &Policy,
-        amounts: &BTreeMap<String, u64>,
-    ) -> Result<BTreeMap<String, u64>, EngineError> {
-        for metric in amounts.keys() {
-            if !policy.metrics.contains(metric) {
-                return Err(EngineError::UnknownMetric(metric.clone()));
-            }
+    fn check_metrics(policy: &Policy, amounts: &BTreeMap<String, u64>) -> Result<(), EngineError> {
+        match amounts.keys().find(|m| !policy.metrics.contains(*m)) {
+            Some(m) => Err(EngineError::UnknownMetric(m.clone())),
+            None => Ok(()),
         }
+    }
+
+    /// The request's amounts with `requests` defaulting to 1: what reservations
+    /// and idempotency fingerprints record. Decisions read [`amount_of`] instead
+    /// of building this map.
+    fn normalize_amounts(amounts: &BTreeMap<String, u64>) -> BTreeMap<String, u64> {
         let mut out = amounts.clone();
         out.entry("requests".to_string()).or_insert(1);
-        Ok(out)
+        out
     }
 
     /// check, consume or reserve.
@@ -424,7 +435,7 @@ impl Engine {
         now_ms: Millis,
     ) -> Result<Applied<Decision>, EngineError> {
         let (now, policy) = self.begin(now_ms);
-        let amounts = Self::normalize_amounts(&policy, &req.amounts)?;
+        Self::check_metrics(&policy, &req.amounts)?;
         let ttl_ms = match (op, req.ttl_ms) {
             (DecideOp::Reserve, None) => Some(policy.settings.reservation_ttl_default_ms),
             (DecideOp::Reserve, Some(t)) if t == 0 || t > policy.settings.reservation_ttl_max_ms => {
@@ -465,7 +476,7 @@ impl Engine {
 
         let fp = idem_key.map(|_| {
             let canonical = DecisionRequest {
-                amounts: amounts.clone(),
+                amounts: Self::normalize_amounts(&req.amounts),
                 idempotency_key: None,
                 ttl_ms,
                 ..req.clone()
@@ -508,7 +519,7 @@ impl Engine {
             let Some(key) = counter_key(limit, &subject, &req.attributes) else {
                 continue;
             };
-            let amount = amounts.get(&*limit.metric).copied().unwrap_or(0);
+            let amount = amount_of(&req.amounts, &limit.metric);
             let max = effective_max(limit, &overrides);
             let current = locked.counter(&key).cloned();
             let (usage, verdict) = evaluate(&limit.kind, current.as_ref(), now, amount, max);
@@ -633,7 +644,7 @@ impl Engine {
             muts.push(Mutation::PutReservation(Box::new(Reservation {
                 id: id.clone(),
                 subject: subject.clone(),
-                amounts: amounts.clone(),
+                amounts: Self::normalize_amounts(&req.amounts),
                 holds,
                 created_ms: now,
                 expires_ms,

@@ -90,7 +90,7 @@ pub struct CounterView {
     /// Metric counted.
     pub metric: Arc<str>,
     /// Scope value: the subject, "global", or "<attribute>=<value>".
-    pub scope: String,
+    pub scope: Arc<str>,
     /// Effective cap (after overrides and credits).
     pub max: MaxValue,
     /// Usage in the current window, holds included.
@@ -284,11 +284,13 @@ pub enum ScopeKey {
 
 impl ScopeKey {
     /// Text form used in responses.
-    pub fn display(&self) -> String {
+    pub fn display(&self) -> Arc<str> {
+        // Shared, not copied: a decision shows the scope of every counter it touched.
+        static GLOBAL: std::sync::OnceLock<Arc<str>> = std::sync::OnceLock::new();
         match self {
-            ScopeKey::Subject(s) => s.to_string(),
-            ScopeKey::Global => "global".to_string(),
-            ScopeKey::Attribute { name, value } => format!("{name}={value}"),
+            ScopeKey::Subject(s) => s.clone(),
+            ScopeKey::Global => GLOBAL.get_or_init(|| Arc::from("global")).clone(),
+            ScopeKey::Attribute { name, value } => format!("{name}={value}").into(),
         }
     }
 }
