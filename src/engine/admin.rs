@@ -104,14 +104,14 @@ impl Engine {
         let fp = fingerprint("put_subject", &(subject, plan, overrides));
         self.subject_write(&policy, subject, idem_key, fp, now, |current| {
             let current = current.cloned().unwrap_or_default();
-            let new_plan = plan.map(str::to_string).or(current.plan);
+            let new_plan = plan.map(str::to_string).or(current.plan().map(str::to_string));
             if policy.plan_for(new_plan.as_deref()).is_none() {
                 return Err(EngineError::UnknownSubject(subject.to_string()));
             }
             Ok(vec![Mutation::SetSubject {
                 subject: subject.into(),
                 plan: new_plan,
-                overrides: overrides.cloned().unwrap_or(current.overrides),
+                overrides: overrides.cloned().unwrap_or_else(|| current.overrides().clone()),
             }])
         })
     }
@@ -134,7 +134,7 @@ impl Engine {
                 l.shard(sshard)
                     .subjects
                     .get(subject)
-                    .map(|s| s.holds.clone())
+                    .map(|s| s.holds().clone())
                     .unwrap_or_default()
             };
             let mut shards = self.admin_shards(subject, idem_key);
@@ -151,7 +151,7 @@ impl Engine {
                 .shard(sshard)
                 .subjects
                 .get(subject)
-                .map(|s| s.holds.clone())
+                .map(|s| s.holds().clone())
                 .unwrap_or_default();
             if now_holds != holds {
                 continue; // A hold came or went meanwhile: take the locks again.
@@ -229,7 +229,7 @@ impl Engine {
         }
         let fp = fingerprint("reset", &(subject, limit));
         self.subject_write(&policy, subject, idem_key, fp, now, |st| {
-            if policy.plan_for(st.and_then(|s| s.plan.as_deref())).is_none() {
+            if policy.plan_for(st.and_then(|s| s.plan())).is_none() {
                 return Err(EngineError::UnknownSubject(subject.to_string()));
             }
             let subj: Arc<str> = subject.into();
@@ -266,7 +266,7 @@ impl Engine {
         let l = self.subject_limit(&policy, limit)?;
         let fp = fingerprint("credit", &(subject, limit, amount));
         self.subject_write(&policy, subject, idem_key, fp, now, |st| {
-            let assigned = st.and_then(|s| s.plan.as_deref());
+            let assigned = st.and_then(|s| s.plan());
             let plan = policy
                 .plan_for(assigned)
                 .ok_or_else(|| EngineError::UnknownSubject(subject.to_string()))?;
@@ -296,12 +296,12 @@ impl Engine {
             .cloned()
             .unwrap_or_default();
         let plan = policy
-            .plan_for(st.plan.as_deref())
+            .plan_for(st.plan())
             .ok_or_else(|| EngineError::UnknownSubject(subject.to_string()))?;
         let subj: Arc<str> = subject.into();
         let mut counters = Vec::new();
         for (limit, _) in &plan.all {
-            let max = effective_max(limit, &st.overrides);
+            let max = effective_max(limit, st.overrides());
             match &limit.scope {
                 Scope::Subject => {
                     let key = CounterKey {
@@ -345,8 +345,8 @@ impl Engine {
         Ok(SubjectView {
             subject: subject.to_string(),
             plan: plan.name.to_string(),
-            assigned: st.plan.is_some(),
-            overrides: st.overrides,
+            assigned: st.plan().is_some(),
+            overrides: st.overrides().clone(),
             counters,
         })
     }
@@ -361,7 +361,7 @@ impl Engine {
                     .subjects
                     .range_after(after)
                     .take(limit)
-                    .map(|(s, st)| (s.to_string(), st.plan.clone())),
+                    .map(|(s, st)| (s.to_string(), st.plan().map(str::to_string))),
             );
         }
         out.sort_unstable_by(|a, b| a.0.cmp(&b.0));
@@ -439,14 +439,14 @@ impl Engine {
         let mut d = StateDigest::default();
         let _ = self.for_each_shard(|_, shard| -> Result<(), ()> {
             for (name, st) in shard.subjects.iter() {
-                if st.plan.is_some() || !st.overrides.is_empty() || !st.holds.is_empty() {
+                if st.plan().is_some() || !st.overrides().is_empty() || !st.holds().is_empty() {
                     d.subjects += 1;
-                    let holds: Vec<&String> = st.holds.iter().collect();
+                    let holds: Vec<&String> = st.holds().iter().collect();
                     d.sum = d.sum.wrapping_add(item(&[
                         b"subject",
                         name.as_bytes(),
-                        json(&st.plan).as_bytes(),
-                        json(&st.overrides).as_bytes(),
+                        json(&st.plan()).as_bytes(),
+                        json(st.overrides()).as_bytes(),
                         json(&holds).as_bytes(),
                     ]));
                 }

@@ -504,7 +504,7 @@ impl Engine {
         }
 
         let (assigned, overrides) = match locked.subject_shard(&subject).subjects.get(&subject) {
-            Some(st) => (st.plan.clone(), st.overrides.clone()),
+            Some(st) => (st.plan().map(str::to_string), st.overrides().clone()),
             None => (None, BTreeMap::new()),
         };
         let plan = policy

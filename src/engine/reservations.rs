@@ -67,7 +67,7 @@ impl Engine {
         let (r, lsn) = locked.shard(rshard).reservations.get(id).cloned().ok_or_else(unknown)?;
         let policy = self.policy();
         let (assigned, overrides) = match locked.subject_shard(&r.subject).subjects.get(&r.subject) {
-            Some(st) => (st.plan.clone(), st.overrides.clone()),
+            Some(st) => (st.plan().map(str::to_string), st.overrides().clone()),
             None => (None, BTreeMap::new()),
         };
         let plan = policy.plan_for(assigned.as_deref());

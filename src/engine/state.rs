@@ -9,23 +9,109 @@ use serde::{Deserialize, Serialize};
 use super::counter::{apply_charge, apply_credit, Counter};
 use super::types::{CounterKey, IdempotencyEntry, Lsn, Mutation, Override, Reservation, ReservationStatus, ScopeKey};
 
-/// What is known about one subject.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// What is known about one subject. Most subjects have only counters, so the
+/// plan, overrides and holds live in a box that exists only when one of them
+/// is set: 32 bytes per hash-map slot instead of 120, for millions of subjects.
+/// Serialized as the four fields it always had (format version 1).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SubjectState {
-    /// Assigned plan; `None` means the default plan.
-    pub plan: Option<String>,
-    /// Per-limit overrides.
-    pub overrides: BTreeMap<String, Override>,
     /// Subject-scoped counters by limit name.
     pub counters: CounterMap,
-    /// Ids of its active reservations.
-    pub holds: BTreeSet<String>,
+    /// Plan, overrides and holds; `None` when all are empty.
+    extra: Option<Box<SubjectExtra>>,
 }
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct SubjectExtra {
+    plan: Option<String>,
+    overrides: BTreeMap<String, Override>,
+    holds: BTreeSet<String>,
+}
+
+impl SubjectExtra {
+    fn is_empty(&self) -> bool {
+        self.plan.is_none() && self.overrides.is_empty() && self.holds.is_empty()
+    }
+}
+
+static NO_OVERRIDES: BTreeMap<String, Override> = BTreeMap::new();
+static NO_HOLDS: BTreeSet<String> = BTreeSet::new();
 
 impl SubjectState {
     /// Nothing worth keeping: the subject can be forgotten.
     pub fn is_empty(&self) -> bool {
-        self.plan.is_none() && self.overrides.is_empty() && self.counters.is_empty() && self.holds.is_empty()
+        self.extra.is_none() && self.counters.is_empty()
+    }
+    /// Assigned plan; `None` means the default plan.
+    pub fn plan(&self) -> Option<&str> {
+        self.extra.as_ref().and_then(|e| e.plan.as_deref())
+    }
+    /// Per-limit overrides.
+    pub fn overrides(&self) -> &BTreeMap<String, Override> {
+        self.extra.as_ref().map_or(&NO_OVERRIDES, |e| &e.overrides)
+    }
+    /// Ids of its active reservations.
+    pub fn holds(&self) -> &BTreeSet<String> {
+        self.extra.as_ref().map_or(&NO_HOLDS, |e| &e.holds)
+    }
+    /// Changes plan, overrides or holds, dropping the box if all end up empty.
+    fn edit_extra(&mut self, f: impl FnOnce(&mut SubjectExtra)) {
+        let mut e = self.extra.take().unwrap_or_default();
+        f(&mut e);
+        if !e.is_empty() {
+            self.extra = Some(e);
+        }
+    }
+    /// Sets plan and overrides.
+    pub fn set_plan(&mut self, plan: Option<String>, overrides: BTreeMap<String, Override>) {
+        self.edit_extra(|e| {
+            e.plan = plan;
+            e.overrides = overrides;
+        });
+    }
+}
+
+/// The serialized form: the four fields in their original order.
+#[derive(Serialize)]
+struct SubjectStateRef<'a> {
+    plan: Option<&'a str>,
+    overrides: &'a BTreeMap<String, Override>,
+    counters: &'a CounterMap,
+    holds: &'a BTreeSet<String>,
+}
+
+#[derive(Deserialize)]
+struct SubjectStateOwned {
+    plan: Option<String>,
+    overrides: BTreeMap<String, Override>,
+    counters: CounterMap,
+    holds: BTreeSet<String>,
+}
+
+impl Serialize for SubjectState {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        SubjectStateRef {
+            plan: self.plan(),
+            overrides: self.overrides(),
+            counters: &self.counters,
+            holds: self.holds(),
+        }
+        .serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for SubjectState {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let o = SubjectStateOwned::deserialize(d)?;
+        let extra = SubjectExtra {
+            plan: o.plan,
+            overrides: o.overrides,
+            holds: o.holds,
+        };
+        Ok(SubjectState {
+            counters: o.counters,
+            extra: (!extra.is_empty()).then(|| Box::new(extra)),
+        })
     }
 }
 
@@ -394,8 +480,7 @@ pub fn apply<A: ShardAccess>(access: &mut A, m: &Mutation, lsn: Lsn) -> Applied 
             overrides,
         } => {
             let st = access.subject_shard(subject).subjects.get_or_default(subject);
-            st.plan = plan.clone();
-            st.overrides = overrides.clone();
+            st.set_plan(plan.clone(), overrides.clone());
             tidy_subject(access, subject);
         }
         Mutation::DeleteSubject { subject } => {
@@ -410,11 +495,13 @@ pub fn apply<A: ShardAccess>(access: &mut A, m: &Mutation, lsn: Lsn) -> Applied 
             let is_active = r.status == ReservationStatus::Active;
             out.open_reservations_delta = isize::from(is_active) - isize::from(was_active);
             let st = access.subject_shard(&r.subject).subjects.get_or_default(&r.subject);
-            if is_active {
-                st.holds.insert(r.id.clone());
-            } else {
-                st.holds.remove(&r.id);
-            }
+            st.edit_extra(|e| {
+                if is_active {
+                    e.holds.insert(r.id.clone());
+                } else {
+                    e.holds.remove(&r.id);
+                }
+            });
             tidy_subject(access, &r.subject);
         }
         Mutation::DropReservation { id, active_subject } => {
@@ -427,7 +514,9 @@ pub fn apply<A: ShardAccess>(access: &mut A, m: &Mutation, lsn: Lsn) -> Applied 
             // finished one (garbage collection) touches the reservation's shard alone.
             if let Some(subject) = active_subject {
                 if let Some(st) = access.subject_shard(subject).subjects.get_mut(subject) {
-                    st.holds.remove(id);
+                    st.edit_extra(|e| {
+                        e.holds.remove(id);
+                    });
                 }
                 tidy_subject(access, subject);
             }
