@@ -4,11 +4,11 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::{Method, Request};
-use hyper_util::rt::TokioIo;
+use std::io::Write as _;
+
+use hyper::Method;
 use serde_json::Value;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Where the daemon listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -72,46 +72,139 @@ impl Client {
     }
 
     async fn send(&self, method: Method, path: &str, body: Option<&Value>) -> Result<Answer, String> {
-        let mut b = Request::builder().method(method).uri(path).header("host", "quotad");
-        if let Some(t) = &self.token {
-            b = b.header("authorization", format!("Bearer {t}"));
-        }
         let payload = body.map(|v| v.to_string()).unwrap_or_default();
-        if body.is_some() {
-            b = b.header("content-type", "application/json");
-        }
-        let req = b.body(Full::new(Bytes::from(payload))).map_err(|e| e.to_string())?;
-        let resp = match &self.target {
+        let mut conn = Conn::open(&self.target).await?;
+        let status = conn
+            .exchange(self.token.as_deref(), method.as_str(), path, payload.as_bytes())
+            .await?;
+        Ok(Answer {
+            status,
+            body: serde_json::from_slice(conn.body()).unwrap_or(Value::Null),
+        })
+    }
+}
+
+/// One keep-alive connection speaking just enough HTTP/1.1 for quotad's own
+/// answers (always with a content length): a request is written with one
+/// syscall and the answer is read into a reused buffer. The CLI sends one
+/// request on it; `quotad bench` sends many, as wrk and redis-benchmark do, so
+/// the load generator's CPU per request stays small on a machine it shares
+/// with the daemon.
+pub struct Conn {
+    io: Box<dyn Io>,
+    /// Request being written.
+    out: Vec<u8>,
+    /// Bytes read and not yet consumed.
+    inp: Vec<u8>,
+    /// The last answer's body.
+    body: Vec<u8>,
+    /// The server said it closes the connection after the last answer.
+    closed: bool,
+}
+
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+impl Conn {
+    pub async fn open(target: &Target) -> Result<Conn, String> {
+        let io: Box<dyn Io> = match target {
             Target::Tcp(a) => {
                 let s = tokio::net::TcpStream::connect(a.as_str())
                     .await
                     .map_err(|e| e.to_string())?;
-                exchange(TokioIo::new(s), req).await?
+                let _ = s.set_nodelay(true);
+                Box::new(s)
             }
-            Target::Unix(p) => {
-                let s = tokio::net::UnixStream::connect(p).await.map_err(|e| e.to_string())?;
-                exchange(TokioIo::new(s), req).await?
+            Target::Unix(p) => Box::new(tokio::net::UnixStream::connect(p).await.map_err(|e| e.to_string())?),
+        };
+        Ok(Conn {
+            io,
+            out: Vec::with_capacity(512),
+            inp: Vec::with_capacity(4096),
+            body: Vec::with_capacity(4096),
+            closed: false,
+        })
+    }
+
+    /// Sends one request and reads its answer into `self.body`; returns the status.
+    /// An error means the connection is no longer usable; so does an answer
+    /// after which [`Conn::closed`] is true.
+    pub async fn exchange(
+        &mut self,
+        token: Option<&str>,
+        method: &str,
+        path: &str,
+        body: &[u8],
+    ) -> Result<u16, String> {
+        self.out.clear();
+        let _ = write!(self.out, "{method} {path} HTTP/1.1\r\nhost: quotad\r\n");
+        if let Some(t) = token {
+            let _ = write!(self.out, "authorization: Bearer {t}\r\n");
+        }
+        if !body.is_empty() {
+            let _ = write!(
+                self.out,
+                "content-type: application/json\r\ncontent-length: {}\r\n",
+                body.len()
+            );
+        }
+        self.out.extend_from_slice(b"\r\n");
+        self.out.extend_from_slice(body);
+        self.io.write_all(&self.out).await.map_err(|e| e.to_string())?;
+
+        // Head: read until it parses.
+        let (status, head_len, content_length, close) = loop {
+            let mut headers = [httparse::EMPTY_HEADER; 32];
+            let mut resp = httparse::Response::new(&mut headers);
+            match resp.parse(&self.inp).map_err(|e| format!("bad answer: {e}"))? {
+                httparse::Status::Complete(n) => {
+                    let mut length = None;
+                    let mut close = false;
+                    for h in resp.headers.iter() {
+                        if h.name.eq_ignore_ascii_case("content-length") {
+                            length = std::str::from_utf8(h.value)
+                                .ok()
+                                .and_then(|v| v.trim().parse::<usize>().ok());
+                        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+                            return Err("chunked answers are not supported by the benchmark client".into());
+                        } else if h.name.eq_ignore_ascii_case("connection") {
+                            close = h.value.eq_ignore_ascii_case(b"close");
+                        }
+                    }
+                    break (resp.code.unwrap_or(0), n, length.unwrap_or(0), close);
+                }
+                httparse::Status::Partial => self.fill().await?,
             }
         };
-        Ok(resp)
+        while self.inp.len() < head_len + content_length {
+            self.fill().await?;
+        }
+        self.body.clear();
+        self.body
+            .extend_from_slice(&self.inp[head_len..head_len + content_length]);
+        self.inp.drain(..head_len + content_length);
+        self.closed = close;
+        Ok(status)
     }
-}
 
-async fn exchange<T>(io: T, req: Request<Full<Bytes>>) -> Result<Answer, String>
-where
-    T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-{
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
-        .await
-        .map_err(|e| e.to_string())?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
-    let status = resp.status().as_u16();
-    let bytes = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
-    Ok(Answer {
-        status,
-        body: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-    })
+    /// Whether the server closed the connection after the last answer.
+    pub fn closed(&self) -> bool {
+        self.closed
+    }
+
+    /// The last answer's body.
+    pub fn body(&self) -> &[u8] {
+        &self.body
+    }
+
+    async fn fill(&mut self) -> Result<(), String> {
+        if self.inp.len() > 16 << 20 {
+            return Err("answer over 16 MiB".into());
+        }
+        let n = self.io.read_buf(&mut self.inp).await.map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Err("the server closed the connection".into());
+        }
+        Ok(())
+    }
 }

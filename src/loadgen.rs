@@ -7,13 +7,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use std::io::Write as _;
-
 use hdrhistogram::Histogram;
 use serde::Serialize;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::client::Target;
+use crate::client::{Conn, Target};
 
 /// What each request does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -111,111 +108,6 @@ struct ConnStats {
     errors: u64,
 }
 
-/// One keep-alive connection speaking just enough HTTP/1.1 for the benchmark:
-/// a prebuilt request is written with one syscall and the answer is read into a
-/// reused buffer (as wrk and redis-benchmark do), so the load generator's own CPU
-/// per request stays small on a machine it shares with the daemon.
-struct Conn {
-    io: Box<dyn Io>,
-    /// Request being written.
-    out: Vec<u8>,
-    /// Bytes read and not yet consumed.
-    inp: Vec<u8>,
-    /// The last answer's body.
-    body: Vec<u8>,
-}
-
-trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
-
-impl Conn {
-    async fn open(target: &Target) -> Result<Conn, String> {
-        let io: Box<dyn Io> = match target {
-            Target::Tcp(a) => {
-                let s = tokio::net::TcpStream::connect(a.as_str())
-                    .await
-                    .map_err(|e| e.to_string())?;
-                let _ = s.set_nodelay(true);
-                Box::new(s)
-            }
-            Target::Unix(p) => Box::new(tokio::net::UnixStream::connect(p).await.map_err(|e| e.to_string())?),
-        };
-        Ok(Conn {
-            io,
-            out: Vec::with_capacity(512),
-            inp: Vec::with_capacity(4096),
-            body: Vec::with_capacity(4096),
-        })
-    }
-
-    /// Sends one request and reads its answer into `self.body`; returns the status.
-    /// An error means the connection is no longer usable.
-    async fn exchange(&mut self, token: Option<&str>, method: &str, path: &str, body: &[u8]) -> Result<u16, String> {
-        self.out.clear();
-        let _ = write!(self.out, "{method} {path} HTTP/1.1\r\nhost: quotad\r\n");
-        if let Some(t) = token {
-            let _ = write!(self.out, "authorization: Bearer {t}\r\n");
-        }
-        if !body.is_empty() {
-            let _ = write!(
-                self.out,
-                "content-type: application/json\r\ncontent-length: {}\r\n",
-                body.len()
-            );
-        }
-        self.out.extend_from_slice(b"\r\n");
-        self.out.extend_from_slice(body);
-        self.io.write_all(&self.out).await.map_err(|e| e.to_string())?;
-
-        // Head: read until it parses.
-        let (status, head_len, content_length, close) = loop {
-            let mut headers = [httparse::EMPTY_HEADER; 32];
-            let mut resp = httparse::Response::new(&mut headers);
-            match resp.parse(&self.inp).map_err(|e| format!("bad answer: {e}"))? {
-                httparse::Status::Complete(n) => {
-                    let mut length = None;
-                    let mut close = false;
-                    for h in resp.headers.iter() {
-                        if h.name.eq_ignore_ascii_case("content-length") {
-                            length = std::str::from_utf8(h.value)
-                                .ok()
-                                .and_then(|v| v.trim().parse::<usize>().ok());
-                        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
-                            return Err("chunked answers are not supported by the benchmark client".into());
-                        } else if h.name.eq_ignore_ascii_case("connection") {
-                            close = h.value.eq_ignore_ascii_case(b"close");
-                        }
-                    }
-                    break (resp.code.unwrap_or(0), n, length.unwrap_or(0), close);
-                }
-                httparse::Status::Partial => self.fill().await?,
-            }
-        };
-        while self.inp.len() < head_len + content_length {
-            self.fill().await?;
-        }
-        self.body.clear();
-        self.body
-            .extend_from_slice(&self.inp[head_len..head_len + content_length]);
-        self.inp.drain(..head_len + content_length);
-        if close {
-            return Err("the server closed the connection".into());
-        }
-        Ok(status)
-    }
-
-    async fn fill(&mut self) -> Result<(), String> {
-        if self.inp.len() > 16 << 20 {
-            return Err("answer over 16 MiB".into());
-        }
-        let n = self.io.read_buf(&mut self.inp).await.map_err(|e| e.to_string())?;
-        if n == 0 {
-            return Err("the server closed the connection".into());
-        }
-        Ok(())
-    }
-}
-
 struct Rng(u64);
 impl Rng {
     fn below(&mut self, n: u64) -> u64 {
@@ -262,7 +154,7 @@ async fn one(cfg: &BenchConfig, c: &mut Conn, rng: &mut Rng) -> Result<(bool, u6
             let st = c
                 .exchange(token, "POST", path, decision_body(cfg, rng, None).as_bytes())
                 .await?;
-            Ok((st == 200, denied(&c.body)))
+            Ok((st == 200, denied(c.body())))
         }
         BenchOp::Batch => {
             let ops: Vec<String> = (0..cfg.batch_size)
@@ -271,8 +163,8 @@ async fn one(cfg: &BenchConfig, c: &mut Conn, rng: &mut Rng) -> Result<(bool, u6
             let body = format!("{{\"operations\":[{}]}}", ops.join(","));
             let st = c.exchange(token, "POST", "/v1/batch", body.as_bytes()).await?;
             Ok((
-                st == 200 && count(&c.body, b"\"status\":200") == cfg.batch_size as u64,
-                denied(&c.body),
+                st == 200 && count(c.body(), b"\"status\":200") == cfg.batch_size as u64,
+                denied(c.body()),
             ))
         }
         BenchOp::ReserveCommit => {
@@ -282,13 +174,13 @@ async fn one(cfg: &BenchConfig, c: &mut Conn, rng: &mut Rng) -> Result<(bool, u6
             if st != 200 {
                 return Ok((false, 0));
             }
-            let text = String::from_utf8_lossy(&c.body);
+            let text = String::from_utf8_lossy(c.body());
             let Some(id) = text
                 .split("\"reservation_id\":\"")
                 .nth(1)
                 .and_then(|r| r.split('"').next())
             else {
-                return Ok((true, denied(&c.body))); // denied: nothing to commit
+                return Ok((true, denied(c.body()))); // denied: nothing to commit
             };
             let path = format!("/v1/reservations/{id}/commit");
             let st = c.exchange(token, "POST", &path, b"{}").await?;
@@ -325,6 +217,9 @@ async fn connection(cfg: Arc<BenchConfig>, shared: Arc<Shared>, seed: u64) -> Co
         };
         let t0 = Instant::now();
         let r = one(&cfg, s, &mut rng).await;
+        if s.closed() {
+            conn = None;
+        }
         let measured = t0 >= shared.measure_from;
         match r {
             Ok((ok, denied)) if measured => {
