@@ -474,9 +474,12 @@ impl Engine {
         }
         let mut locked = self.lock(shards);
 
+        // What reservations and idempotency fingerprints record; decisions
+        // themselves read amount_of() and need no map.
+        let mut normalized = (idem_key.is_some() || ttl_ms.is_some()).then(|| Self::normalize_amounts(&req.amounts));
         let fp = idem_key.map(|_| {
             let canonical = DecisionRequest {
-                amounts: Self::normalize_amounts(&req.amounts),
+                amounts: normalized.clone().expect("normalized when there is a key"),
                 idempotency_key: None,
                 ttl_ms,
                 ..req.clone()
@@ -644,7 +647,7 @@ impl Engine {
             muts.push(Mutation::PutReservation(Box::new(Reservation {
                 id: id.clone(),
                 subject: subject.clone(),
-                amounts: Self::normalize_amounts(&req.amounts),
+                amounts: normalized.take().expect("normalized for a reservation"),
                 holds,
                 created_ms: now,
                 expires_ms,
