@@ -4,7 +4,7 @@
 //! layer waits on [`DurableWatch`] before it answers.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 
 use tokio::sync::oneshot;
 
@@ -15,21 +15,14 @@ use crate::engine::{Lsn, Mutation};
 #[error("journal unavailable: {0}")]
 pub struct JournalError(pub String);
 
-/// How far the journal is durable.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct DurableState {
-    /// Every record at or below this LSN is durable.
-    pub durable_lsn: Lsn,
-    /// The journal failed; nothing above `durable_lsn` will ever be.
-    pub failed: bool,
-}
-
-/// Requests waiting for their LSN to become durable, woken exactly when a sync
-/// covers them (a shared watch would wake every waiter on every sync, which
-/// costs O(waiters) per batch).
+/// How far the journal is durable, and who waits for it: requests are woken
+/// exactly when a sync covers them (a shared watch would wake every waiter on
+/// every sync, which costs O(waiters) per batch); threads block on a condvar.
 #[derive(Debug, Default)]
 pub struct Waiters {
     inner: Mutex<WaitersInner>,
+    /// Wakes threads in [`Waiters::wait_blocking`].
+    changed: Condvar,
 }
 
 #[derive(Debug, Default)]
@@ -42,6 +35,8 @@ struct WaitersInner {
     waiting: std::collections::BTreeMap<(Lsn, u64), oneshot::Sender<Result<(), JournalError>>>,
     /// Makes keys unique.
     ticket: u64,
+    /// Threads in `wait_blocking`: only then is `changed` signalled.
+    blocking: usize,
 }
 
 impl Waiters {
@@ -61,6 +56,9 @@ impl Waiters {
         let done = {
             let mut w = self.lock();
             w.durable = w.durable.max(lsn);
+            if w.blocking > 0 {
+                self.changed.notify_all();
+            }
             let rest = w.waiting.split_off(&(lsn + 1, 0));
             std::mem::replace(&mut w.waiting, rest)
         };
@@ -74,10 +72,41 @@ impl Waiters {
         let all = {
             let mut w = self.lock();
             w.failed = Some(message.to_string());
+            self.changed.notify_all();
             std::mem::take(&mut w.waiting)
         };
         for tx in all.into_values() {
             let _ = tx.send(Err(JournalError(message.to_string())));
+        }
+    }
+
+    /// Blocks the thread until `lsn` is durable; errors once the journal failed.
+    pub fn wait_blocking(&self, lsn: Lsn) -> Result<(), JournalError> {
+        let mut w = self.lock();
+        loop {
+            if let Some(f) = &w.failed {
+                return Err(JournalError(f.clone()));
+            }
+            if w.durable >= lsn {
+                return Ok(());
+            }
+            w.blocking += 1;
+            w = self.changed.wait(w).unwrap_or_else(|e| e.into_inner());
+            w.blocking -= 1;
+        }
+    }
+
+    /// Why the journal failed, if it has.
+    pub fn failure(&self) -> Option<String> {
+        self.lock().failed.clone()
+    }
+
+    /// Resolves when the journal fails (never, if it does not).
+    pub async fn failed(&self) {
+        // No LSN reaches the maximum, so this wait ends only in failure.
+        let _ = self.wait(Lsn::MAX).await;
+        if self.failure().is_none() {
+            std::future::pending::<()>().await; // the writer stopped cleanly
         }
     }
 

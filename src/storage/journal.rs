@@ -11,13 +11,11 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use tokio::sync::watch;
-
 use super::codec;
 use super::wal::{self, Wal};
 use crate::config::Durability;
 use crate::engine::{Lsn, Mutation};
-use crate::journal::{DurableState, DurableWatch, Journal, JournalError, Waiters};
+use crate::journal::{DurableWatch, Journal, JournalError, Waiters};
 use crate::metrics::StorageMetrics;
 
 /// Queue and writer settings.
@@ -49,7 +47,8 @@ struct Queue {
     /// The writer sleeps on `work`: only then does an append signal it (a
     /// condvar signal is a futex syscall even when nobody waits).
     writer_idle: bool,
-    /// Threads waiting on `space`.
+    /// Appenders waiting on `space` (queue room is freed when the writer takes
+    /// a batch, before it writes).
     space_waiters: usize,
 }
 
@@ -59,8 +58,7 @@ struct Shared {
     work: Condvar,
     /// Wakes appenders waiting for queue space.
     space: Condvar,
-    durable: watch::Sender<DurableState>,
-    /// Requests waiting for their record's sync.
+    /// How far the log is durable; requests and threads wait on it.
     waiters: Arc<Waiters>,
     config: WriterConfig,
 }
@@ -83,10 +81,6 @@ impl WalJournal {
     /// Starts the writer thread over an opened log.
     pub fn start(wal: Wal, config: WriterConfig) -> WalJournal {
         let next_lsn = wal.next_lsn();
-        let (durable, _) = watch::channel(DurableState {
-            durable_lsn: next_lsn - 1,
-            failed: false,
-        });
         let shared = Arc::new(Shared {
             queue: Mutex::new(Queue {
                 buf: Vec::new(),
@@ -100,7 +94,6 @@ impl WalJournal {
             }),
             work: Condvar::new(),
             space: Condvar::new(),
-            durable,
             waiters: Arc::new(Waiters::new(next_lsn - 1)),
             config,
         });
@@ -146,29 +139,12 @@ impl WalJournal {
 
     /// Resolves when the log fails.
     pub async fn failed(&self) {
-        let mut rx = self.shared.durable.subscribe();
-        let _ = rx.wait_for(|s| s.failed).await;
+        self.shared.waiters.failed().await
     }
 
     /// Blocks until `lsn` is durable; errors if the log failed first.
     pub fn wait_durable_blocking(&self, lsn: Lsn) -> Result<(), JournalError> {
-        let mut q = self.shared.lock();
-        loop {
-            if let Some(f) = &q.failed {
-                return Err(JournalError(f.clone()));
-            }
-            if self.shared.durable.borrow().durable_lsn >= lsn {
-                return Ok(());
-            }
-            q.space_waiters += 1;
-            q = self
-                .shared
-                .space
-                .wait_timeout(q, Duration::from_millis(5))
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-            q.space_waiters -= 1;
-        }
+        self.shared.waiters.wait_blocking(lsn)
     }
 
     /// Stops taking records, writes what is queued and stops the writer.
@@ -282,17 +258,12 @@ fn write_loop(shared: &Shared, wal: &Mutex<Wal>) {
                 m.batch_records.observe((last - first + 1) as f64);
                 m.wal_records.inc_by(last - first + 1);
                 m.wal_bytes.inc_by(batch.len() as u64);
-                let space_waiters = {
+                {
                     let mut q = shared.lock();
                     q.since_snapshot.0 += last - first + 1;
                     q.since_snapshot.1 += batch.len() as u64;
-                    q.space_waiters > 0
-                };
-                shared.waiters.advance(last);
-                shared.durable.send_modify(|s| s.durable_lsn = last);
-                if space_waiters {
-                    shared.space.notify_all();
                 }
+                shared.waiters.advance(last);
             }
             Err(e) => {
                 // Never retried: the bytes may or may not be on disk, so nothing in
@@ -303,7 +274,6 @@ fn write_loop(shared: &Shared, wal: &Mutex<Wal>) {
                 q.closed = true;
                 drop(q);
                 shared.waiters.fail(&format!("WAL write failed: {e}"));
-                shared.durable.send_modify(|s| s.failed = true);
                 shared.space.notify_all();
                 return;
             }
