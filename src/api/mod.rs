@@ -270,9 +270,15 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/v1/batch",
             post(batch::batch).layer(DefaultBodyLimit::max(batch_limit)),
         )
-        .route("/v1/check", post(check))
-        .route("/v1/consume", post(consume))
-        .route("/v1/reserve", post(reserve))
+        .route("/v1/check", post(|State(st), h, b| decide(st, h, b, DecideOp::Check)))
+        .route(
+            "/v1/consume",
+            post(|State(st), h, b| decide(st, h, b, DecideOp::Consume)),
+        )
+        .route(
+            "/v1/reserve",
+            post(|State(st), h, b| decide(st, h, b, DecideOp::Reserve)),
+        )
         .route("/v1/reservations/{id}/commit", post(commit))
         .route("/v1/reservations/{id}/release", post(release))
         .route("/v1/subjects", get(list_subjects))
@@ -594,30 +600,6 @@ async fn decide(
     let d = st.durable(applied).await?;
     note_decision(&st, op, &d);
     Ok(decision_response(d))
-}
-
-async fn check(
-    State(st): State<Arc<AppState>>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Response, ApiError> {
-    decide(st, headers, body, DecideOp::Check).await
-}
-
-async fn consume(
-    State(st): State<Arc<AppState>>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Response, ApiError> {
-    decide(st, headers, body, DecideOp::Consume).await
-}
-
-async fn reserve(
-    State(st): State<Arc<AppState>>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Response, ApiError> {
-    decide(st, headers, body, DecideOp::Reserve).await
 }
 
 #[derive(Deserialize)]
