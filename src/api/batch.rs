@@ -16,8 +16,7 @@ use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
 use axum::http::HeaderMap;
-use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::response::Response;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
@@ -158,5 +157,6 @@ pub(super) async fn batch(
             note_decision(&st, op, d);
         }
     }
-    Ok(Json(BatchAnswer { results }).into_response())
+    let capacity = 512 * results.len();
+    Ok(super::json_response(&BatchAnswer { results }, capacity))
 }
