@@ -130,16 +130,24 @@ impl Locked<'_> {
         &mut self.guards[pos]
     }
 
-    fn counter(&mut self, key: &CounterKey) -> Option<&Counter> {
+    fn shard_ref(&self, i: usize) -> &Shard {
+        let pos = self
+            .idx
+            .binary_search(&i)
+            .expect("invariant: an operation only touches shards it locked");
+        &self.guards[pos]
+    }
+
+    fn subject(&self, subject: &str) -> Option<&SubjectState> {
+        self.shard_ref(self.engine.shard_of_subject(subject))
+            .subjects
+            .get(subject)
+    }
+
+    fn counter(&self, key: &CounterKey) -> Option<&Counter> {
         match &key.scope {
-            ScopeKey::Subject(s) => {
-                let i = self.engine.shard_of_subject(s);
-                self.shard(i).subjects.get(s).and_then(|st| st.counters.get(&key.limit))
-            }
-            _ => {
-                let i = self.engine.shard_of_counter(key);
-                self.shard(i).shared.get(key)
-            }
+            ScopeKey::Subject(s) => self.subject(s).and_then(|st| st.counters.get(&key.limit)),
+            _ => self.shard_ref(self.engine.shard_of_counter(key)).shared.get(key),
         }
     }
 
@@ -506,12 +514,12 @@ impl Engine {
             }
         }
 
-        let (assigned, overrides) = match locked.subject_shard(&subject).subjects.get(&subject) {
-            Some(st) => (st.plan().map(str::to_string), st.overrides().clone()),
-            None => (None, BTreeMap::new()),
-        };
+        // The subject is looked up once for its plan, overrides and counters.
+        let st = locked.subject(&subject);
+        let no_overrides = BTreeMap::new();
+        let overrides = st.map_or(&no_overrides, |s| s.overrides());
         let plan = policy
-            .plan_for(assigned.as_deref())
+            .plan_for(st.and_then(|s| s.plan()))
             .ok_or_else(|| EngineError::UnknownSubject(req.subject.clone()))?;
 
         let mut matched = Vec::with_capacity(plan.all.len());
@@ -523,8 +531,12 @@ impl Engine {
                 continue;
             };
             let amount = amount_of(&req.amounts, &limit.metric);
-            let max = effective_max(limit, &overrides);
-            let current = locked.counter(&key).cloned();
+            let max = effective_max(limit, overrides);
+            let current = match &key.scope {
+                ScopeKey::Subject(_) => st.and_then(|s| s.counters.get(&key.limit)),
+                _ => locked.counter(&key),
+            }
+            .cloned();
             let (usage, verdict) = evaluate(&limit.kind, current.as_ref(), now, amount, max);
             matched.push(Matched {
                 limit: limit.clone(),

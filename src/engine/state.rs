@@ -153,8 +153,8 @@ impl CounterMap {
     }
     /// Runs `f` on the counter of `limit` (`None` if absent); a `None` left by
     /// `f` removes it.
-    pub fn update(&mut self, limit: Arc<str>, f: impl FnOnce(&mut Option<Counter>)) {
-        match self.position(&limit) {
+    pub fn update(&mut self, limit: &Arc<str>, f: impl FnOnce(&mut Option<Counter>)) {
+        match self.position(limit) {
             Some(i) => {
                 let placeholder = Counter::Lifetime { used: 0, credited: 0 };
                 let mut c = Some(std::mem::replace(&mut self.0[i].1, placeholder));
@@ -170,7 +170,7 @@ impl CounterMap {
                 let mut c = None;
                 f(&mut c);
                 if let Some(c) = c {
-                    self.insert(limit, c);
+                    self.insert(limit.clone(), c);
                 }
             }
         }
@@ -285,10 +285,13 @@ impl Subjects {
     }
     /// The subject's state, created empty if absent.
     pub fn get_or_default(&mut self, s: &Arc<str>) -> &mut SubjectState {
-        if !self.map.contains_key(&**s) {
-            self.order.insert(s.clone());
+        match self.map.entry(s.clone()) {
+            std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+            std::collections::hash_map::Entry::Vacant(v) => {
+                self.order.insert(s.clone());
+                v.insert(SubjectState::default())
+            }
         }
-        self.map.entry(s.clone()).or_default()
     }
     /// Inserts or replaces a subject.
     pub fn insert(&mut self, s: Arc<str>, st: SubjectState) {
@@ -404,32 +407,24 @@ pub struct Applied {
     pub open_reservations_delta: isize,
 }
 
-fn counter_slot<'a, A: ShardAccess>(access: &'a mut A, key: &CounterKey) -> CounterSlot<'a> {
+/// Runs `f` on a counter (`None` if absent; a `None` left by `f` removes it),
+/// and forgets a subject that is left with nothing.
+fn update_counter<A: ShardAccess>(access: &mut A, key: &CounterKey, f: impl FnOnce(&mut Option<Counter>)) {
     match &key.scope {
         ScopeKey::Subject(s) => {
-            let shard = access.subject_shard(s);
-            let st = shard.subjects.get_or_default(s);
-            CounterSlot::Subject(st, key.limit.clone())
+            let subjects = &mut access.subject_shard(s).subjects;
+            let st = subjects.get_or_default(s);
+            st.counters.update(&key.limit, f);
+            if st.is_empty() {
+                subjects.remove(s);
+            }
         }
-        _ => CounterSlot::Shared(access.shared_shard(key), key.clone()),
-    }
-}
-
-enum CounterSlot<'a> {
-    Subject(&'a mut SubjectState, Arc<str>),
-    Shared(&'a mut Shard, CounterKey),
-}
-
-impl CounterSlot<'_> {
-    fn update(self, f: impl FnOnce(&mut Option<Counter>)) {
-        match self {
-            CounterSlot::Subject(st, limit) => st.counters.update(limit, f),
-            CounterSlot::Shared(shard, key) => {
-                let mut c = shard.shared.remove(&key);
-                f(&mut c);
-                if let Some(c) = c {
-                    shard.shared.insert(key, c);
-                }
+        _ => {
+            let shared = &mut access.shared_shard(key).shared;
+            let mut c = shared.remove(key);
+            f(&mut c);
+            if let Some(c) = c {
+                shared.insert(key.clone(), c);
             }
         }
     }
@@ -452,10 +447,7 @@ pub fn apply<A: ShardAccess>(access: &mut A, m: &Mutation, lsn: Lsn) -> Applied 
             delta,
             at_ms,
         } => {
-            counter_slot(access, counter).update(|c| apply_charge(c, slot, *delta, *at_ms));
-            if let ScopeKey::Subject(s) = &counter.scope {
-                tidy_subject(access, s);
-            }
+            update_counter(access, counter, |c| apply_charge(c, slot, *delta, *at_ms));
         }
         Mutation::Credit {
             counter,
@@ -463,16 +455,10 @@ pub fn apply<A: ShardAccess>(access: &mut A, m: &Mutation, lsn: Lsn) -> Applied 
             amount,
             at_ms,
         } => {
-            counter_slot(access, counter).update(|c| apply_credit(c, slot, *amount, *at_ms));
-            if let ScopeKey::Subject(s) = &counter.scope {
-                tidy_subject(access, s);
-            }
+            update_counter(access, counter, |c| apply_credit(c, slot, *amount, *at_ms));
         }
         Mutation::ResetCounter { counter } => {
-            counter_slot(access, counter).update(|c| *c = None);
-            if let ScopeKey::Subject(s) = &counter.scope {
-                tidy_subject(access, s);
-            }
+            update_counter(access, counter, |c| *c = None);
         }
         Mutation::SetSubject {
             subject,
