@@ -92,6 +92,6 @@ print(f"{c:<6} {via:<5} {r:12.0f} {q:12.0f} {q/r:7.2f} {n:12.0f} {q/n:12.2f} {p9
 PY
   done
 done
-echo "batch of 100 consumes per request (50 connections, tcp):"
-quotad_json 50 tcp batch $((REQUESTS / 100)) | field decisions_per_sec | xargs printf '  %.0f durable decisions/s\n'
+echo "batch of 100 consumes per request (50 connections, tcp, REQUESTS/20 requests):"
+quotad_json 50 tcp batch $((REQUESTS / 20)) | field decisions_per_sec | xargs printf '  %.0f durable decisions/s\n'
 echo "versions: $(redis-server --version | cut -d' ' -f3), quotad $("$QUOTAD" --version | cut -d' ' -f2), $(nproc) cores"
