@@ -1,5 +1,5 @@
 //! A small HTTP/1.1 client over TCP or a Unix socket, for the `quotad` CLI
-//! subcommands and the Docker health check.
+//! subcommands, the Docker health check and `quotad bench`.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -106,6 +106,7 @@ trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
 impl Conn {
+    /// Connects (TCP with Nagle off, or a Unix socket).
     pub async fn open(target: &Target) -> Result<Conn, String> {
         let io: Box<dyn Io> = match target {
             Target::Tcp(a) => {

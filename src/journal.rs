@@ -96,8 +96,7 @@ impl Waiters {
         }
     }
 
-    /// Why the journal failed, if it has.
-    pub fn failure(&self) -> Option<String> {
+    fn failure(&self) -> Option<String> {
         self.lock().failed.clone()
     }
 

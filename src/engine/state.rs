@@ -21,7 +21,7 @@ pub struct SubjectState {
     extra: Option<Box<SubjectExtra>>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 struct SubjectExtra {
     plan: Option<String>,
     overrides: BTreeMap<String, Override>,
