@@ -62,7 +62,7 @@ fn wal_group_commit(c: &mut Criterion) {
                 let mut last = 0;
                 for _ in 0..batch {
                     i += 1;
-                    last = journal.append(&charge(i)).unwrap();
+                    last = journal.append(NOW, &charge(i)).unwrap();
                 }
                 journal.wait_durable_blocking(last).unwrap();
             })
@@ -124,7 +124,7 @@ fn snapshot_and_replay(c: &mut Criterion) {
         b.iter(|| {
             let mut e = Engine::new(policy(), Arc::new(quotad::journal::NullJournal::default()));
             for (i, r) in records.iter().enumerate() {
-                e.replay(i as u64 + 1, r);
+                e.replay(i as u64 + 1, NOW, r);
             }
             e.finish_recovery();
             e

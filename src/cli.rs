@@ -501,8 +501,9 @@ fn wal_dump(dir: &Path) -> ExitCode {
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     let r = wal::verify(&fs, first.saturating_sub(1), &mut |lsn, version, payload| {
-        let muts = codec::decode_mutations(version, payload).map_err(|e| e.to_string())?;
-        writeln!(out, "{}", json!({"lsn": lsn, "mutations": muts})).map_err(|e| e.to_string())
+        let (at_ms, muts) = codec::decode_record(version, payload).map_err(|e| e.to_string())?;
+        let at = crate::period::rfc3339(at_ms);
+        writeln!(out, "{}", json!({"lsn": lsn, "at": at, "mutations": muts})).map_err(|e| e.to_string())
     });
     let _ = out.flush();
     match r {

@@ -35,6 +35,55 @@ pub struct Config {
     pub limits: Vec<LimitConfig>,
     /// Plans that subjects are assigned to.
     pub plans: Vec<PlanConfig>,
+    /// The price table that turns metered amounts into a cost; none by default.
+    pub pricing: Option<PricingConfig>,
+}
+
+/// `[pricing]`: how metered amounts become money.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PricingConfig {
+    /// ISO 4217 code shown in answers ("USD"); three capital letters.
+    pub currency: String,
+    /// The derived metric the cost is counted in, in millionths of the currency. Default "cost_micros".
+    #[serde(default = "default_cost_metric")]
+    pub metric: String,
+    /// What a call that no price matches gets. Default `reject`.
+    #[serde(default)]
+    pub unpriced: Unpriced,
+    /// Prices in file order; the first that matches a call is used.
+    #[serde(default)]
+    pub prices: Vec<PriceConfig>,
+}
+
+fn default_cost_metric() -> String {
+    "cost_micros".into()
+}
+
+/// What happens to a call that carries priced metrics but matches no price.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Unpriced {
+    /// 400 `unpriced`: a call the price table forgot must not pass for free.
+    #[default]
+    Reject,
+    /// Costs nothing.
+    Zero,
+}
+
+/// One `[[pricing.prices]]` entry: a name, a matcher, and a price per metric
+/// (`input_tokens = "2.50/1M"`). Not `deny_unknown_fields`: every other key is a
+/// metric, checked when the policy is compiled.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct PriceConfig {
+    /// Shown in answers as `cost.price`.
+    pub name: String,
+    /// Which calls it prices; every call when absent.
+    #[serde(default, rename = "match", skip_serializing_if = "Option::is_none")]
+    pub match_: Option<MatchConfig>,
+    /// Metric to price text, as written.
+    #[serde(flatten)]
+    pub rates: BTreeMap<String, toml::Value>,
 }
 
 /// `[server]`.

@@ -8,6 +8,7 @@ use std::sync::{Arc, Condvar, Mutex};
 
 use tokio::sync::oneshot;
 
+use crate::clock::Millis;
 use crate::engine::{Lsn, Mutation};
 
 /// Why the journal cannot take or confirm a record.
@@ -155,9 +156,10 @@ impl DurableWatch {
 
 /// Takes records of applied mutations.
 pub trait Journal: Send + Sync + 'static {
-    /// Queues one record and returns its LSN. Called with engine locks held: it must
-    /// not do I/O, and must hand out LSNs in call order.
-    fn append(&self, mutations: &[Mutation]) -> Result<Lsn, JournalError>;
+    /// Queues one record, made at engine time `at_ms`, and returns its LSN.
+    /// Called with engine locks held: it must not do I/O, and must hand out
+    /// LSNs in call order.
+    fn append(&self, at_ms: Millis, mutations: &[Mutation]) -> Result<Lsn, JournalError>;
 
     /// Where callers wait for durability.
     fn watch(&self) -> DurableWatch;
@@ -171,7 +173,7 @@ pub struct NullJournal {
 }
 
 impl Journal for NullJournal {
-    fn append(&self, _mutations: &[Mutation]) -> Result<Lsn, JournalError> {
+    fn append(&self, _at_ms: Millis, _mutations: &[Mutation]) -> Result<Lsn, JournalError> {
         Ok(self.lsn.fetch_add(1, Ordering::Relaxed) + 1)
     }
 
@@ -180,8 +182,8 @@ impl Journal for NullJournal {
     }
 }
 
-/// Records in LSN order, each the mutations of one operation.
-type Records = Vec<(Lsn, Vec<Mutation>)>;
+/// Records in LSN order, each the engine time and mutations of one operation.
+type Records = Vec<(Lsn, Millis, Vec<Mutation>)>;
 
 /// A journal that keeps every record in memory: tests replay it to check that
 /// replay rebuilds the same state.
@@ -199,10 +201,10 @@ impl MemoryJournal {
 }
 
 impl Journal for MemoryJournal {
-    fn append(&self, mutations: &[Mutation]) -> Result<Lsn, JournalError> {
+    fn append(&self, at_ms: Millis, mutations: &[Mutation]) -> Result<Lsn, JournalError> {
         let mut records = self.records.lock().expect("journal lock");
-        let lsn = records.last().map_or(1, |(l, _)| l + 1);
-        records.push((lsn, mutations.to_vec()));
+        let lsn = records.last().map_or(1, |(l, _, _)| l + 1);
+        records.push((lsn, at_ms, mutations.to_vec()));
         Ok(lsn)
     }
 

@@ -216,7 +216,8 @@ fn damage_in_an_earlier_segment_is_refused_even_at_its_end() {
     let recs = records(&log);
     let split = recs[20].0;
     let second_first_lsn = 21u64;
-    let mut second = quotad::storage::wal::encode_header(1, second_first_lsn).to_vec();
+    let mut second =
+        quotad::storage::wal::encode_header(quotad::storage::codec::FORMAT_VERSION, second_first_lsn).to_vec();
     second.extend_from_slice(&log[split..]);
     multi.insert(name.clone(), log[..split].to_vec());
     multi.insert(quotad::storage::wal::segment_name(second_first_lsn), second);

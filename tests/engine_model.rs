@@ -12,6 +12,18 @@ use quotad::engine::{DecideOp, DecisionRequest, Engine, EngineError, Finish, Out
 use quotad::journal::MemoryJournal;
 
 const CONFIG: &str = r#"
+[pricing]
+currency = "USD"
+unpriced = "reject"
+  [[pricing.prices]]
+  name = "llm"
+  match = { event = "llm.*" }
+  tokens = "2.5/1M"
+  [[pricing.prices]]
+  name = "img"
+  match = { event = "img" }
+  requests = "0.001"
+
 [engine]
 reservation_ttl_default = "30s"
 reservation_ttl_max = "5m"
@@ -70,6 +82,12 @@ unmatched = "deny"
   period = "10s"
   max = 1
   mode = "monitor"
+  [[plans.limits]]
+  name = "spend"
+  metric = "cost_micros"
+  match = { event = "*" }
+  period = "1d"
+  max = 9000
 
 [[plans]]
 name = "pro"
@@ -108,6 +126,8 @@ enum M {
 struct L {
     name: &'static str,
     tokens: bool,
+    /// Counts cost_micros (then `tokens` is false).
+    cost: bool,
     global: bool,
     kind: K,
     max: u64,
@@ -120,6 +140,7 @@ const fn l(name: &'static str, tokens: bool, kind: K, max: u64, mode: M, events:
     L {
         name,
         tokens,
+        cost: false,
         global: false,
         kind,
         max,
@@ -133,6 +154,7 @@ const LLM: &[&str] = &["llm.chat", "llm.embed"];
 const GLOBAL: L = L {
     name: "global-tokens",
     tokens: true,
+    cost: false,
     global: true,
     kind: K::Fixed(60_000),
     max: 3000,
@@ -140,7 +162,18 @@ const GLOBAL: L = L {
     events: &["llm.chat", "llm.embed", "img", "other"],
     plan_limit: false,
 };
-const FREE: [L; 8] = [
+const SPEND: L = L {
+    cost: true,
+    ..l(
+        "spend",
+        false,
+        K::Fixed(86_400_000),
+        9000,
+        M::Enforce,
+        &["llm.chat", "llm.embed", "img"],
+    )
+};
+const FREE: [L; 9] = [
     l("per-min", false, K::Fixed(60_000), 5, M::Enforce, LLM),
     l("tokens-day", true, K::Fixed(86_400_000), 2000, M::Enforce, LLM),
     l("slide", false, K::Sliding(10_000), 4, M::Enforce, &["llm.chat"]),
@@ -158,6 +191,7 @@ const FREE: [L; 8] = [
     ),
     l("credits", false, K::Lifetime, 2, M::Enforce, &["img"]),
     l("watch", false, K::Sliding(10_000), 1, M::Monitor, &["img"]),
+    SPEND,
     GLOBAL,
 ];
 const PRO: [L; 3] = [
@@ -191,6 +225,7 @@ struct Model {
 #[derive(Clone, Debug)]
 struct MRes {
     id: String,
+    event: &'static str,
     held: Vec<(L, String, Where, u64)>,
     requested_tokens: u64,
     expires: u64,
@@ -205,6 +240,17 @@ struct Snapshot {
     outcome: &'static str,
     used: Vec<(String, u64)>,
     retry_after_ms: Option<u64>,
+}
+
+/// The price table of CONFIG: 2.5 µ$ a token on llm.*, 1000 µ$ a call on img,
+/// nothing else priced (`None`: an unpriced call carrying tokens is refused).
+fn price(ev: &str, tokens: u64) -> Option<u64> {
+    match ev {
+        "llm.chat" | "llm.embed" => Some((tokens * 5).div_ceil(2)),
+        "img" => Some(1000),
+        _ if tokens > 0 => None,
+        _ => Some(0),
+    }
 }
 
 fn sub_ms(period: u64) -> u64 {
@@ -382,11 +428,20 @@ impl Model {
         }
     }
 
-    fn decide(&mut self, op: DecideOp, s: &str, ev: &str, tokens: u64, ttl: u64) -> (Snapshot, Option<MRes>) {
+    fn decide(&mut self, op: DecideOp, s: &str, ev: &'static str, tokens: u64, ttl: u64) -> (Snapshot, Option<MRes>) {
         self.expire();
         let plan = self.plan(s);
         let matched: Vec<L> = plan.iter().filter(|l| l.events.contains(&ev)).copied().collect();
-        let amount = |lim: &L| if lim.tokens { tokens } else { 1 };
+        let cost = price(ev, tokens).expect("priced");
+        let amount = |lim: &L| {
+            if lim.cost {
+                cost
+            } else if lim.tokens {
+                tokens
+            } else {
+                1
+            }
+        };
         let mut denied = false;
         let mut degraded = false;
         let mut retry = Some(0u64);
@@ -423,6 +478,7 @@ impl Model {
             if op == DecideOp::Reserve {
                 res = Some(MRes {
                     id: String::new(),
+                    event: ev,
                     held,
                     requested_tokens: tokens,
                     expires: self.now + ttl,
@@ -565,6 +621,10 @@ fn run(cmds: &[Cmd]) -> Result<(), TestCaseError> {
                     ttl_ms: (op == DecideOp::Reserve).then_some(ttl),
                 };
                 let got = e.decide(op, &req, m.now);
+                if price(event, tokens).is_none() {
+                    prop_assert!(matches!(got, Err(EngineError::Unpriced(_))), "step {}: {:?}", step, got);
+                    continue;
+                }
                 let fingerprint = format!("{op:?}|{subject}|{event}|{tokens}|{ttl}");
                 if let Some(k) = &key {
                     if let Some((fp, stored)) = m.keys.get(k).cloned() {
@@ -611,8 +671,16 @@ fn run(cmds: &[Cmd]) -> Result<(), TestCaseError> {
                 let res = m.holds[i].clone();
                 match res.status {
                     "active" | "expired" => {
+                        // Priced again from the actual tokens; an unpriced hold keeps its cost.
+                        let actual_cost = price(res.event, actual_tokens).unwrap_or(0);
                         for (lim, scope, at, held) in &res.held {
-                            let actual = if lim.tokens { actual_tokens } else { 1 };
+                            let actual = if lim.cost {
+                                actual_cost
+                            } else if lim.tokens {
+                                actual_tokens
+                            } else {
+                                1
+                            };
                             let delta = if res.status == "active" {
                                 actual as i64 - *held as i64
                             } else {
@@ -707,8 +775,8 @@ fn run(cmds: &[Cmd]) -> Result<(), TestCaseError> {
     }
     // Replaying the journal into a fresh engine rebuilds the same state.
     let mut fresh = engine(Arc::new(MemoryJournal::default()));
-    for (lsn, muts) in journal.records() {
-        fresh.replay(lsn, &muts);
+    for (lsn, at_ms, muts) in journal.records() {
+        fresh.replay(lsn, at_ms, &muts);
     }
     fresh.finish_recovery();
     prop_assert_eq!(views(&fresh, m.now), views(&e, m.now));

@@ -215,11 +215,11 @@ struct BreakableJournal {
 }
 
 impl Journal for BreakableJournal {
-    fn append(&self, m: &[Mutation]) -> Result<Lsn, JournalError> {
+    fn append(&self, at_ms: u64, m: &[Mutation]) -> Result<Lsn, JournalError> {
         if self.broken.load(Ordering::SeqCst) {
             return Err(JournalError("injected write failure".into()));
         }
-        self.inner.append(m)
+        self.inner.append(at_ms, m)
     }
     fn watch(&self) -> DurableWatch {
         self.inner.watch()

@@ -16,6 +16,9 @@ pub enum ApiError {
     /// 400: a metric nobody declared.
     #[error("{0}")]
     UnknownMetric(String),
+    /// 400: the call carries priced metrics but no price matches it.
+    #[error("{0}")]
+    Unpriced(String),
     /// 401: no or unknown token.
     #[error("{0}")]
     Unauthorized(String),
@@ -45,6 +48,7 @@ impl ApiError {
         match self {
             ApiError::InvalidRequest(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
             ApiError::UnknownMetric(_) => (StatusCode::BAD_REQUEST, "unknown_metric"),
+            ApiError::Unpriced(_) => (StatusCode::BAD_REQUEST, "unpriced"),
             ApiError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
             ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             ApiError::NotFound(code, _) => (StatusCode::NOT_FOUND, code),
@@ -72,6 +76,7 @@ impl From<EngineError> for ApiError {
             EngineError::ReservationFinished(_) => ApiError::Conflict("reservation_finished", msg),
             EngineError::IdempotencyConflict(_) => ApiError::Conflict("idempotency_conflict", msg),
             EngineError::UnknownMetric(_) => ApiError::UnknownMetric(msg),
+            EngineError::Unpriced(_) => ApiError::Unpriced(msg),
             EngineError::InvalidRequest(_) => ApiError::InvalidRequest(msg),
             EngineError::Unavailable(_) => ApiError::Unavailable(msg),
         }

@@ -26,7 +26,7 @@ impl Engine {
         }
         let mut muts = build(locked.subject_shard(subject).subjects.get(subject))?;
         muts.extend(Self::admin_entry(policy, idem_key, fp, subject, now));
-        let lsn = locked.commit(&muts)?;
+        let lsn = locked.commit(&muts, now)?;
         Ok(Applied { value: false, lsn })
     }
 
@@ -190,7 +190,7 @@ impl Engine {
                 });
             }
             muts.extend(Self::admin_entry(&policy, idem_key, fp, subject, now));
-            let lsn = locked.commit(&muts)?;
+            let lsn = locked.commit(&muts, now)?;
             return Ok(Applied { value: existed, lsn });
         }
     }
@@ -414,7 +414,7 @@ impl Engine {
                     }),
             );
             dropped += muts.len();
-            l.commit(&muts)?;
+            l.commit(&muts, now)?;
         }
         Ok(dropped)
     }

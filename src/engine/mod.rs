@@ -9,6 +9,7 @@
 mod admin;
 mod counter;
 mod policy;
+mod pricing;
 mod reservations;
 mod state;
 mod types;
@@ -21,7 +22,8 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 pub use admin::StateDigest;
 pub use counter::{evaluate, slot_for, Counter, Usage, Verdict};
 pub use policy::{glob_match, Kind, Limit, LimitShape, Matcher, Plan, Policy, Scope, SLIDING_BUCKETS};
-pub use state::{apply, intern, CounterMap, FastMap, Shard, ShardAccess, SubjectState};
+pub use pricing::{parse_price, PriceRates, PricedCall, Pricing};
+pub use state::{apply, intern, CounterMap, FastMap, Shard, ShardAccess, SubjectState, Subjects};
 pub use types::*;
 
 use crate::clock::Millis;
@@ -151,16 +153,16 @@ impl Locked<'_> {
         }
     }
 
-    /// Journals `muts` as one record, then applies them. Nothing is applied if the
-    /// journal refuses.
-    fn commit(&mut self, muts: &[Mutation]) -> Result<Option<Lsn>, EngineError> {
+    /// Journals `muts` as one record made at engine time `now`, then applies
+    /// them. Nothing is applied if the journal refuses.
+    fn commit(&mut self, muts: &[Mutation], now: Millis) -> Result<Option<Lsn>, EngineError> {
         if muts.is_empty() {
             return Ok(None);
         }
         let lsn = self
             .engine
             .journal
-            .append(muts)
+            .append(now, muts)
             .map_err(|e| EngineError::Unavailable(e.to_string()))?;
         for m in muts {
             let a = apply(self, m, lsn);
@@ -374,6 +376,12 @@ impl Engine {
         (now, self.policy())
     }
 
+    /// Engine time given a clock reading: never earlier than any time the
+    /// engine has seen, recovered records and snapshots included.
+    pub fn time(&self, now_ms: Millis) -> Millis {
+        self.now(now_ms)
+    }
+
     fn now(&self, now_ms: Millis) -> Millis {
         self.floor_ms.fetch_max(now_ms, Ordering::AcqRel).max(now_ms)
     }
@@ -463,6 +471,16 @@ impl Engine {
         };
         let subject: Arc<str> = req.subject.as_str().into();
         let event = req.event.as_deref();
+        // Pricing is pure arithmetic on the request: done before any lock.
+        let priced = match &policy.pricing {
+            Some(p) => Some(p.price_call(event, &req.attributes, &req.amounts, |m| amount_of(&req.amounts, m))?),
+            None => None,
+        };
+        let cost_metric = policy.pricing.as_ref().map(|p| &*p.metric);
+        let charge_of = |metric: &str| match &priced {
+            Some(pc) if Some(metric) == cost_metric => pc.cost,
+            _ => amount_of(&req.amounts, metric),
+        };
 
         let mut shards = vec![self.shard_of_subject(&subject)];
         if let Some(k) = idem_key {
@@ -530,7 +548,7 @@ impl Engine {
             let Some(key) = counter_key(limit, &subject, &req.attributes) else {
                 continue;
             };
-            let amount = amount_of(&req.amounts, &limit.metric);
+            let amount = charge_of(&limit.metric);
             let max = effective_max(limit, overrides);
             let current = match &key.scope {
                 ScopeKey::Subject(_) => st.and_then(|s| s.counters.get(&key.limit)),
@@ -609,6 +627,17 @@ impl Engine {
             replayed: false,
             reservation_id: None,
             expires_at: None,
+            cost: priced.as_ref().map(|pc| Cost {
+                amount_micros: pc.cost,
+                currency: policy
+                    .pricing
+                    .as_ref()
+                    .expect("priced calls have pricing")
+                    .currency
+                    .clone(),
+                price: pc.price.as_ref().map(|r| r.name.clone()),
+                explicit: pc.explicit,
+            }),
         };
         if denied || op == DecideOp::Check {
             decision.counters = matched.iter().map(|m| view(&m.limit, &m.key, &m.usage)).collect();
@@ -656,10 +685,16 @@ impl Engine {
                     amount: m.amount,
                 })
                 .collect();
+            let mut amounts = normalized.take().expect("normalized for a reservation");
+            if let (Some(pc), Some(m)) = (&priced, cost_metric) {
+                // Held like any amount, so that commit trues it up.
+                amounts.insert(m.to_string(), pc.cost);
+            }
             muts.push(Mutation::PutReservation(Box::new(Reservation {
                 id: id.clone(),
                 subject: subject.clone(),
-                amounts: normalized.take().expect("normalized for a reservation"),
+                amounts,
+                price: priced.as_ref().and_then(|pc| pc.price.clone()),
                 holds,
                 created_ms: now,
                 expires_ms,
@@ -682,7 +717,7 @@ impl Engine {
                 entry: Box::new(entry),
             });
         }
-        let lsn = locked.commit(&muts)?;
+        let lsn = locked.commit(&muts, now)?;
         drop(locked);
         if let Some((at, id)) = expiry {
             self.track_expiry(at, id);
@@ -765,9 +800,11 @@ impl Engine {
         self.replay_base.iter().copied().min().unwrap_or(0)
     }
 
-    /// Applies a journaled record during recovery (nothing else may run). Shards
-    /// whose snapshot already covers `lsn` are left alone.
-    pub fn replay(&mut self, lsn: Lsn, muts: &[Mutation]) {
+    /// Applies a journaled record made at engine time `at_ms` during recovery
+    /// (nothing else may run). Shards whose snapshot already covers `lsn` are
+    /// left alone. Engine time resumes no earlier than the latest record.
+    pub fn replay(&mut self, lsn: Lsn, at_ms: Millis, muts: &[Mutation]) {
+        self.floor_ms.fetch_max(at_ms, Ordering::AcqRel);
         if self.replay_base.len() != self.shards.len() {
             self.replay_base = vec![0; self.shards.len()];
         }

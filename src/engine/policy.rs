@@ -6,8 +6,10 @@ use std::sync::Arc;
 
 use jiff::tz::TimeZone;
 
+use super::pricing::Pricing;
 use crate::config::{
-    Algorithm, Config, ConfigError, EngineSettings, LimitConfig, MaxValue, Mode, Unmatched, MAX_SAFE_INTEGER,
+    Algorithm, Config, ConfigError, EngineSettings, LimitConfig, MatchConfig, MaxValue, Mode, Unmatched,
+    MAX_SAFE_INTEGER,
 };
 use crate::period::Period;
 
@@ -212,9 +214,35 @@ pub struct Policy {
     pub metrics: HashSet<String>,
     /// Resolved `[engine]` settings.
     pub settings: EngineSettings,
+    /// The price table, when `[pricing]` is configured.
+    pub pricing: Option<Pricing>,
 }
 
-fn valid_name(s: &str, max_len: usize) -> bool {
+/// Compiles a `match = {…}` table of the entry at `key`.
+pub(crate) fn compile_matcher(key: &str, m: &MatchConfig) -> Result<Matcher, ConfigError> {
+    let mut matcher = Matcher::default();
+    if let Some(e) = &m.event {
+        if e.is_empty() || e.len() > 128 {
+            return Err(ConfigError::new(
+                format!("{key}.match.event"),
+                "must be a glob of 1-128 bytes",
+            ));
+        }
+        matcher.event = Some(e.clone());
+    }
+    for (k, v) in &m.attributes {
+        if !valid_name(k, 64) || v.is_empty() || v.len() > 256 {
+            return Err(ConfigError::new(
+                format!("{key}.match.attributes.{k}"),
+                "attribute names are 1-64 bytes without spaces, value globs 1-256 bytes",
+            ));
+        }
+        matcher.attributes.push((k.clone(), v.clone()));
+    }
+    Ok(matcher)
+}
+
+pub(crate) fn valid_name(s: &str, max_len: usize) -> bool {
     !s.is_empty() && s.len() <= max_len && !s.chars().any(|c| c.is_control() || c.is_whitespace())
 }
 
@@ -299,24 +327,10 @@ fn compile_limit(key: &str, c: &LimitConfig) -> Result<Limit, ConfigError> {
         }
         Algorithm::Lifetime => Kind::Lifetime,
     };
-    let mut matcher = Matcher::default();
-    if let Some(m) = &c.match_ {
-        if let Some(e) = &m.event {
-            if e.is_empty() || e.len() > 128 {
-                return Err(err("match.event", "must be a glob of 1-128 bytes".into()));
-            }
-            matcher.event = Some(e.clone());
-        }
-        for (k, v) in &m.attributes {
-            if !valid_name(k, 64) || v.len() > 256 {
-                return Err(err(
-                    &format!("match.attributes.{k}"),
-                    "attribute names are 1-64 bytes, values at most 256".into(),
-                ));
-            }
-            matcher.attributes.push((k.clone(), v.clone()));
-        }
-    }
+    let matcher = match &c.match_ {
+        Some(m) => compile_matcher(key, m)?,
+        None => Matcher::default(),
+    };
     Ok(Limit {
         name: c.name.as_str().into(),
         metric: c.metric.as_str().into(),
@@ -469,7 +483,17 @@ impl Policy {
                 shared_limits.push(l.clone());
             }
         }
+        let pricing = match &config.pricing {
+            Some(pc) => {
+                let p = Pricing::compile(pc, &metrics)?;
+                // Requests may carry the cost themselves (the app may know discounts).
+                metrics.insert(p.metric.to_string());
+                Some(p)
+            }
+            None => None,
+        };
         Ok(Policy {
+            pricing,
             plans,
             plan_index,
             default_plan,

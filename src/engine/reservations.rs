@@ -88,8 +88,7 @@ impl Engine {
                 })
             }
             (Finish::Commit(given), ReservationStatus::Active | ReservationStatus::Expired) => {
-                let mut actual = r.amounts.clone();
-                actual.extend(given.iter().map(|(k, v)| (k.clone(), *v)));
+                let actual = actual_amounts(&r, given)?;
                 let was_active = r.status == ReservationStatus::Active;
                 let deltas = r
                     .holds
@@ -107,9 +106,7 @@ impl Engine {
             }
             (Finish::Commit(given), ReservationStatus::Committed) => {
                 let answer = r.answer.clone().expect("finished reservations keep their answer");
-                let mut actual = r.amounts.clone();
-                actual.extend(given.iter().map(|(k, v)| (k.clone(), *v)));
-                return if actual == answer.charged {
+                return if actual_amounts(&r, given)? == answer.charged {
                     Ok(Applied {
                         value: answer,
                         lsn: Some(lsn),
@@ -161,6 +158,7 @@ impl Engine {
                 });
             }
         }
+        let cost = cost_of(&r, policy.pricing.as_ref(), &action, &charged);
         let answer = FinishAnswer {
             reservation_id: r.id.clone(),
             subject: r.subject.to_string(),
@@ -169,6 +167,7 @@ impl Engine {
             held: r.amounts.clone(),
             charged,
             counters,
+            cost,
         };
         let finished_r = Reservation {
             status,
@@ -177,9 +176,43 @@ impl Engine {
             ..r
         };
         muts.push(Mutation::PutReservation(Box::new(finished_r)));
-        let lsn = locked.commit(&muts)?;
+        let lsn = locked.commit(&muts, now)?;
         Ok(Applied { value: answer, lsn })
     }
+}
+
+/// What a commit charges: the held amounts, replaced per metric by the given
+/// ones. A priced reservation's cost is priced again from those amounts with
+/// the price it was made under, unless the commit names the cost itself.
+fn actual_amounts(r: &Reservation, given: &BTreeMap<String, u64>) -> Result<BTreeMap<String, u64>, EngineError> {
+    let mut actual = r.amounts.clone();
+    actual.extend(given.iter().map(|(k, v)| (k.clone(), *v)));
+    if let Some(p) = r.price.as_deref().filter(|p| !given.contains_key(&*p.metric)) {
+        let cost = p.cost(|m| actual.get(m).copied().unwrap_or(0))?;
+        actual.insert(p.metric.to_string(), cost);
+    }
+    Ok(actual)
+}
+
+/// The money a finished reservation charged, when it was priced or holds the
+/// configured cost metric.
+fn cost_of(
+    r: &Reservation,
+    pricing: Option<&Pricing>,
+    action: &Finish,
+    charged: &BTreeMap<String, u64>,
+) -> Option<Cost> {
+    let (metric, currency) = match (&r.price, pricing) {
+        (Some(p), _) => (p.metric.clone(), p.currency.clone()),
+        (None, Some(p)) if r.amounts.contains_key(&*p.metric) => (p.metric.clone(), p.currency.clone()),
+        _ => return None,
+    };
+    Some(Cost {
+        amount_micros: charged.get(&*metric).copied().unwrap_or(0),
+        currency,
+        price: r.price.as_ref().map(|p| p.name.clone()),
+        explicit: matches!(action, Finish::Commit(given) if given.contains_key(&*metric)),
+    })
 }
 
 fn empty_answer(r: &Reservation) -> FinishAnswer {
@@ -191,5 +224,6 @@ fn empty_answer(r: &Reservation) -> FinishAnswer {
         held: r.amounts.clone(),
         charged: BTreeMap::new(),
         counters: Vec::new(),
+        cost: None,
     }
 }

@@ -131,7 +131,7 @@ mod opt_rfc3339 {
 /// Serializes a value as itself in text formats and as its JSON text in binary
 /// ones: API answers use serde attributes (skipped fields, RFC 3339 times) that
 /// a non-self-describing format like bincode cannot read back.
-mod json_text {
+pub mod json_text {
     use serde::de::{DeserializeOwned, Error as _};
     use serde::ser::Error as _;
     use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -184,6 +184,24 @@ pub struct Decision {
     /// When the reservation expires, RFC 3339.
     #[serde(default, with = "opt_rfc3339")]
     pub expires_at: Option<Millis>,
+    /// What the call costs, when `[pricing]` is configured (for check: the estimate).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost: Option<Cost>,
+}
+
+/// The cost of a call in money.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cost {
+    /// Millionths of the currency, rounded up per call.
+    pub amount_micros: u64,
+    /// ISO 4217 code.
+    pub currency: Arc<str>,
+    /// The price used; absent when the app sent the cost or no price matched.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub price: Option<Arc<str>>,
+    /// True when the app sent the cost itself in `amounts`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub explicit: bool,
 }
 
 /// Where a reservation stands.
@@ -217,6 +235,9 @@ pub struct FinishAnswer {
     pub charged: BTreeMap<String, u64>,
     /// The held limits' counters after the call.
     pub counters: Vec<CounterView>,
+    /// What was charged in money, when the reservation was priced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost: Option<Cost>,
 }
 
 /// Per-subject override of a limit.
@@ -360,6 +381,9 @@ pub struct Reservation {
     /// The answer to a finished commit/release, repeated on a repeat call.
     #[serde(with = "json_text")]
     pub answer: Option<FinishAnswer>,
+    /// The price in force when it was made: its commit is priced with it,
+    /// whatever a reload did since. `None` when unpriced or the app sent the cost.
+    pub price: Option<Arc<super::pricing::PriceRates>>,
 }
 
 /// A stored idempotency entry.
@@ -468,6 +492,9 @@ pub enum EngineError {
     /// A metric no limit uses and the config does not declare.
     #[error("metric {0:?} is not used by any limit nor declared in `metrics`")]
     UnknownMetric(String),
+    /// No price matches a call that carries priced metrics (`unpriced = "reject"`).
+    #[error("{0}")]
+    Unpriced(String),
     /// A request that is well-formed but not acceptable (names the field).
     #[error("{0}")]
     InvalidRequest(String),

@@ -1,13 +1,19 @@
 //! The byte encoding of WAL record payloads and snapshot shards: bincode 2.0.1
 //! (serde, standard config) behind `FORMAT_VERSION`. Every WAL segment header
 //! and snapshot carries the version it was written with; decoding dispatches on
-//! it, so a future codec adds a version here and keeps reading version 1 (the
-//! golden files in `tests/golden` hold it to that).
+//! it, and older versions decode through their frozen types ([`v1`]) into
+//! today's (the golden files in `tests/golden` hold it to that).
+//!
+//! Version 2: a record is `(engine time in ms, mutations)`; reservations keep
+//! the price they were made under.
 
+pub mod v1;
+
+use crate::clock::Millis;
 use crate::engine::{Mutation, Shard};
 
 /// The format written by this build.
-pub const FORMAT_VERSION: u16 = 1;
+pub const FORMAT_VERSION: u16 = 2;
 
 /// Largest payload decoded: a corrupt length inside a payload cannot make the
 /// decoder allocate more than this.
@@ -22,35 +28,46 @@ fn config() -> impl bincode::config::Config {
     bincode::config::standard().with_limit::<DECODE_LIMIT_BYTES>()
 }
 
-fn check_version(version: u16) -> Result<(), CodecError> {
-    if version == 1 {
-        Ok(())
-    } else {
-        Err(CodecError(format!(
-            "format version {version} is not known to this build (it reads version 1); use the quotad that wrote it"
-        )))
-    }
+fn unknown_version(version: u16) -> CodecError {
+    CodecError(format!(
+        "format version {version} is not known to this build (it reads versions 1 to {FORMAT_VERSION}); \
+         use the quotad that wrote it"
+    ))
 }
 
-/// Appends the payload of one record (the mutations of one operation) to `out`.
-pub fn encode_mutations(muts: &[Mutation], out: &mut Vec<u8>) -> Result<(), CodecError> {
-    bincode::serde::encode_into_std_write(muts, out, config())
+/// Decodes a whole slice as `T`: trailing bytes are damage, not padding.
+fn decode_exact<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T, CodecError> {
+    let (value, used): (T, usize) =
+        bincode::serde::decode_from_slice(bytes, config()).map_err(|e| CodecError(e.to_string()))?;
+    if used != bytes.len() {
+        return Err(CodecError(format!(
+            "{} trailing bytes after the {what}",
+            bytes.len() - used
+        )));
+    }
+    Ok(value)
+}
+
+/// Appends the payload of one record (the engine time and the mutations of
+/// one operation) to `out`.
+pub fn encode_record(at_ms: Millis, muts: &[Mutation], out: &mut Vec<u8>) -> Result<(), CodecError> {
+    bincode::serde::encode_into_std_write((at_ms, muts), out, config())
         .map(|_| ())
         .map_err(|e| CodecError(e.to_string()))
 }
 
-/// Decodes one record payload written with `version`; the whole slice must be used.
-pub fn decode_mutations(version: u16, bytes: &[u8]) -> Result<Vec<Mutation>, CodecError> {
-    check_version(version)?;
-    let (muts, used): (Vec<Mutation>, usize) =
-        bincode::serde::decode_from_slice(bytes, config()).map_err(|e| CodecError(e.to_string()))?;
-    if used != bytes.len() {
-        return Err(CodecError(format!(
-            "{} trailing bytes after the record",
-            bytes.len() - used
-        )));
+/// Decodes one record payload written with `version`: its engine time and
+/// mutations. The whole slice must be used.
+pub fn decode_record(version: u16, bytes: &[u8]) -> Result<(Millis, Vec<Mutation>), CodecError> {
+    match version {
+        1 => {
+            let muts: Vec<v1::MutationV1> = decode_exact(bytes, "record")?;
+            let muts: Vec<Mutation> = muts.into_iter().map(Mutation::from).collect();
+            Ok((v1::record_time(&muts), muts))
+        }
+        2 => decode_exact(bytes, "record"),
+        v => Err(unknown_version(v)),
     }
-    Ok(muts)
 }
 
 /// Encodes one shard for a snapshot.
@@ -60,16 +77,11 @@ pub fn encode_shard(shard: &Shard) -> Result<Vec<u8>, CodecError> {
 
 /// Decodes one snapshot shard written with `version`.
 pub fn decode_shard(version: u16, bytes: &[u8]) -> Result<Shard, CodecError> {
-    check_version(version)?;
-    let (shard, used): (Shard, usize) =
-        bincode::serde::decode_from_slice(bytes, config()).map_err(|e| CodecError(e.to_string()))?;
-    if used != bytes.len() {
-        return Err(CodecError(format!(
-            "{} trailing bytes after the shard",
-            bytes.len() - used
-        )));
+    match version {
+        1 => decode_exact::<v1::ShardV1>(bytes, "shard").map(Shard::from),
+        2 => decode_exact(bytes, "shard"),
+        v => Err(unknown_version(v)),
     }
-    Ok(shard)
 }
 
 #[cfg(test)]
@@ -118,6 +130,12 @@ mod tests {
             replayed: false,
             reservation_id: Some("rsv_1".into()),
             expires_at: Some(1),
+            cost: Some(Cost {
+                amount_micros: 7,
+                currency: "USD".into(),
+                price: Some("gpt-4o".into()),
+                explicit: false,
+            }),
         }
     }
 
@@ -197,7 +215,15 @@ mod tests {
                     held: BTreeMap::new(),
                     charged: BTreeMap::new(),
                     counters: decision().counters,
+                    cost: None,
                 }),
+                price: Some(std::sync::Arc::new(PriceRates {
+                    name: "gpt-4o".into(),
+                    metric: "cost_micros".into(),
+                    currency: "USD".into(),
+                    rates: vec![("input_tokens".into(), 5), ("output_tokens".into(), 20)],
+                    den: 2,
+                })),
             })),
             Mutation::DropReservation {
                 id: "rsv_1".into(),
@@ -214,10 +240,16 @@ mod tests {
             Mutation::DropIdempotency { key: "k".into() },
         ];
         let mut bytes = Vec::new();
-        encode_mutations(&muts, &mut bytes).unwrap();
-        assert_eq!(decode_mutations(1, &bytes).unwrap(), muts);
-        assert!(decode_mutations(2, &bytes).is_err(), "unknown versions are refused");
+        encode_record(42, &muts, &mut bytes).unwrap();
+        assert_eq!(decode_record(FORMAT_VERSION, &bytes).unwrap(), (42, muts));
+        assert!(
+            decode_record(FORMAT_VERSION + 1, &bytes).is_err(),
+            "unknown versions are refused"
+        );
         bytes.push(0);
-        assert!(decode_mutations(1, &bytes).is_err(), "trailing bytes are refused");
+        assert!(
+            decode_record(FORMAT_VERSION, &bytes).is_err(),
+            "trailing bytes are refused"
+        );
     }
 }

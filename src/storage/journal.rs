@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use super::codec;
 use super::wal::{self, Wal};
+use crate::clock::Millis;
 use crate::config::Durability;
 use crate::engine::{Lsn, Mutation};
 use crate::journal::{DurableWatch, Journal, JournalError, Waiters};
@@ -168,10 +169,11 @@ impl Drop for WalJournal {
 }
 
 impl Journal for WalJournal {
-    fn append(&self, mutations: &[Mutation]) -> Result<Lsn, JournalError> {
+    fn append(&self, at_ms: Millis, mutations: &[Mutation]) -> Result<Lsn, JournalError> {
         // Encoding happens on the caller's thread, so it spreads over cores.
         let mut payload = Vec::with_capacity(256);
-        codec::encode_mutations(mutations, &mut payload).map_err(|e| JournalError(format!("cannot encode: {e}")))?;
+        codec::encode_record(at_ms, mutations, &mut payload)
+            .map_err(|e| JournalError(format!("cannot encode: {e}")))?;
         if payload.len() > wal::MAX_PAYLOAD_BYTES {
             return Err(JournalError(format!(
                 "a record of {} bytes is over the limit",

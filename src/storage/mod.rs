@@ -135,15 +135,17 @@ pub fn recover(
         Some(s) => s.load().map_err(|e| StorageError::Corrupt(e.to_string()))?,
         None => None,
     };
-    let shards = loaded.map(|l| l.shards).unwrap_or_default();
+    let (shards, snapshot_ms) = loaded.map(|l| (l.shards, l.created_ms)).unwrap_or_default();
     report.snapshot_loaded = !shards.is_empty();
     report.snapshot_shards = shards.len();
     let mut engine = Engine::from_snapshot(policy, Arc::new(NullJournal::default()), shards);
+    // Engine time resumes where the snapshot left it, whatever the wall clock says.
+    engine.time(snapshot_ms);
     let after = engine.replay_from();
     let mut replayed = 0u64;
     let mut on_record = |lsn, version, payload: &[u8]| {
-        let muts = codec::decode_mutations(version, payload).map_err(|e| e.to_string())?;
-        engine.replay(lsn, &muts);
+        let (at_ms, muts) = codec::decode_record(version, payload).map_err(|e| e.to_string())?;
+        engine.replay(lsn, at_ms, &muts);
         replayed += 1;
         Ok(())
     };
@@ -240,7 +242,7 @@ impl Storage {
             .wait_durable_blocking(max_lsn)
             .map_err(|e| StorageError::Io(e.to_string()))?;
         self.snapshots
-            .write(&encoded, now_ms)
+            .write(&encoded, engine.time(now_ms))
             .map_err(|e| StorageError::Io(e.to_string()))?;
         let segments_removed = self
             .journal

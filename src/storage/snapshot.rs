@@ -2,7 +2,8 @@
 //! and finished reservations, idempotency keys, each with the LSN it is as of),
 //! written in one transaction. Layout:
 //!
-//! - table `meta` (`&str` → `u64`): `format_version`, `shard_count`, `created_ms`;
+//! - table `meta` (`&str` → `u64`): `format_version`, `shard_count`, `created_ms` (the
+//!   engine time it was written at: time resumes from it at start);
 //! - table `shards` (`u32` → bytes): shard index → codec-encoded shard.
 
 use std::path::Path;
