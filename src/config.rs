@@ -40,7 +40,7 @@ pub struct Config {
 }
 
 /// `[pricing]`: how metered amounts become money.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PricingConfig {
     /// ISO 4217 code shown in answers ("USD"); three capital letters.

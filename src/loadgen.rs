@@ -49,6 +49,10 @@ pub struct BenchConfig {
     pub batch_size: usize,
     /// Tokens per decision (0: only `requests` is sent).
     pub tokens: u64,
+    /// Event of every decision.
+    pub event: Option<String>,
+    /// Attributes of every decision.
+    pub attributes: std::collections::BTreeMap<String, String>,
     /// Bearer token.
     pub token: Option<String>,
     /// Client threads.
@@ -126,14 +130,20 @@ fn count(haystack: &[u8], needle: &[u8]) -> u64 {
 fn decision_body(cfg: &BenchConfig, rng: &mut Rng, op: Option<&str>) -> String {
     let subject = rng.below(cfg.subjects);
     let op = op.map_or(String::new(), |o| format!("\"op\":\"{o}\","));
-    if cfg.tokens > 0 {
-        format!(
-            "{{{op}\"subject\":\"user:{subject}\",\"amounts\":{{\"tokens\":{}}}}}",
-            cfg.tokens
-        )
-    } else {
-        format!("{{{op}\"subject\":\"user:{subject}\"}}")
+    let mut extra = String::new();
+    if let Some(e) = &cfg.event {
+        extra.push_str(&format!(",\"event\":{}", serde_json::Value::from(e.as_str())));
     }
+    if !cfg.attributes.is_empty() {
+        extra.push_str(&format!(
+            ",\"attributes\":{}",
+            serde_json::to_string(&cfg.attributes).expect("strings serialize")
+        ));
+    }
+    if cfg.tokens > 0 {
+        extra.push_str(&format!(",\"amounts\":{{\"tokens\":{}}}", cfg.tokens));
+    }
+    format!("{{{op}\"subject\":\"user:{subject}\"{extra}}}")
 }
 
 /// One operation: (ok, denied decisions).

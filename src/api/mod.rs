@@ -908,6 +908,9 @@ struct PlansView {
     plans: Vec<PlanView>,
     limits: Vec<crate::config::LimitConfig>,
     metrics: Vec<String>,
+    /// The price table as written, when configured.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pricing: Option<crate::config::PricingConfig>,
 }
 
 async fn plans(State(st): State<Arc<AppState>>, headers: HeaderMap) -> Result<Response, ApiError> {
@@ -933,6 +936,7 @@ async fn plans(State(st): State<Arc<AppState>>, headers: HeaderMap) -> Result<Re
             .collect(),
         limits: p.top_limits.iter().map(|l| l.source.clone()).collect(),
         metrics,
+        pricing: st.config.read().unwrap_or_else(|e| e.into_inner()).0.pricing.clone(),
     };
     Ok(Json(view).into_response())
 }

@@ -1,0 +1,157 @@
+#!/usr/bin/env bash
+# What a configured feature costs on the hot path, side by side in one run:
+# consume throughput of the release daemon under `quotad bench` (50 keep-alive
+# connections over TCP, 100k random subjects), for several configurations,
+# interleaved round by round (A B C … A B C …) so that machine noise hits every
+# one alike; the median of the rounds is printed. Each configuration is run
+# with durability "fsync" (what users run; the fdatasync dominates) and
+# "batch" (CPU-bound: shows the decision path itself).
+#
+#   bash benches/feature_cost.sh                    # this tree only
+#   BASE_REV=b1ab9aa bash benches/feature_cost.sh   # also the plain config on an older commit
+#   ROUNDS=5 REQUESTS=200000 bash benches/feature_cost.sh
+#
+# Configurations (same requests: event llm.chat, model gpt-4o, 1000 tokens):
+#   plain    one fixed daily request limit (the redis_compare.sh config)
+#   limits   plain + a monthly per-subject limit on tokens + a global daily one
+#   pricing  plain + [pricing] with three prices + the same two limits counting
+#            cost_micros instead of tokens: the money version of "limits"
+set -euo pipefail
+cd "$(dirname "$0")/.."
+REQUESTS=${REQUESTS:-150000}
+ROUNDS=${ROUNDS:-3}
+SUBJECTS=100000
+
+cargo build --release --locked -q
+NEW=$PWD/target/release/quotad
+BASE=""
+if [ -n "${BASE_REV:-}" ]; then
+  tree=$PWD/target/base-src
+  [ -d "$tree" ] || git worktree add -q --detach "$tree" "$BASE_REV"
+  git -C "$tree" checkout -q --detach "$BASE_REV"
+  (cd "$tree" && CARGO_TARGET_DIR="$PWD/../base-target" cargo build --release --locked -q)
+  BASE=$PWD/target/base-target/release/quotad
+fi
+WORK=$(mktemp -d)
+cleanup() {
+  [ -n "${PID:-}" ] && kill "$PID" 2>/dev/null || true
+  wait 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+header() { # $1 = durability
+  cat <<TOML
+metrics = ["tokens"]
+[server]
+listen = ["127.0.0.1:7979"]
+max_connections = 1000
+[storage]
+data_dir = "$WORK/data"
+durability = "$1"
+[log]
+level = "warn"
+TOML
+}
+
+config() { # $1 = name, $2 = durability
+  header "$2"
+  case "$1" in
+    plain) ;;
+    limits)
+      cat <<'TOML'
+[[limits]]
+name = "tokens-per-day-global"
+metric = "tokens"
+scope = "global"
+period = "1d"
+max = 9000000000000000
+TOML
+      ;;
+    pricing)
+      cat <<'TOML'
+[pricing]
+currency = "USD"
+[[pricing.prices]]
+name = "gpt-4o"
+match = { event = "llm.*", attributes = { model = "gpt-4o" } }
+tokens = "5.00/1M"
+[[pricing.prices]]
+name = "gpt-4o-mini"
+match = { event = "llm.*", attributes = { model = "gpt-4o-mini" } }
+tokens = "0.30/1M"
+[[pricing.prices]]
+name = "other-llm"
+match = { event = "llm.*" }
+tokens = "1.00/1M"
+[[limits]]
+name = "spend-per-day-global"
+metric = "cost_micros"
+scope = "global"
+period = "1d"
+max = 9000000000000000
+TOML
+      ;;
+  esac
+  local metric=tokens
+  [ "$1" = pricing ] && metric=cost_micros
+  cat <<TOML
+[[plans]]
+name = "bench"
+default = true
+  [[plans.limits]]
+  name = "requests-per-day"
+  period = "1d"
+  max = 1000000000
+TOML
+  if [ "$1" != plain ]; then
+    cat <<TOML
+  [[plans.limits]]
+  name = "per-month"
+  metric = "$metric"
+  period = "1mo"
+  max = 9000000000000000
+TOML
+  fi
+}
+
+run() { # $1 = binary, $2 = config name, $3 = durability → ops/s
+  rm -rf "$WORK/data"
+  config "$2" "$3" >"$WORK/q.toml"
+  "$1" serve --config "$WORK/q.toml" 2>"$WORK/q.log" &
+  PID=$!
+  local up=0
+  for _ in $(seq 200); do "$NEW" health --addr 127.0.0.1:7979 >/dev/null 2>&1 && up=1 && break; sleep 0.05; done
+  [ "$up" = 1 ] || { echo "the $2 daemon did not start:" >&2; cat "$WORK/q.log" >&2; exit 1; }
+  "$NEW" bench --addr 127.0.0.1:7979 -c 50 -n "$REQUESTS" --subjects "$SUBJECTS" --op consume \
+    --event llm.chat --attr model=gpt-4o --tokens 1000 --json |
+    python3 -c "import json,sys; r=json.load(sys.stdin); assert r['errors']==0, r; print(round(r['ops_per_sec']))"
+  kill "$PID"
+  wait "$PID" 2>/dev/null || true
+  PID=""
+}
+
+variants=()
+[ -n "$BASE" ] && variants+=("base:$BASE:plain")
+variants+=("new:$NEW:plain" "new:$NEW:limits" "new:$NEW:pricing")
+
+for durability in fsync batch; do
+  declare -A results=()
+  for round in $(seq "$ROUNDS"); do
+    for v in "${variants[@]}"; do
+      IFS=: read -r label bin name <<<"$v"
+      results["$label/$name"]+="$(run "$bin" "$name" "$durability") "
+    done
+  done
+  echo "durability=$durability, $ROUNDS rounds of $REQUESTS consumes, 50 connections, TCP (ops/s: median [rounds])"
+  for v in "${variants[@]}"; do
+    IFS=: read -r label bin name <<<"$v"
+    python3 - "$label/$name" ${results["$label/$name"]} <<'PY'
+import statistics, sys
+name, vals = sys.argv[1], [float(v) for v in sys.argv[2:]]
+print(f"  {name:<14} {statistics.median(vals):>10.0f}   {' '.join(f'{v:.0f}' for v in vals)}")
+PY
+  done
+  unset results
+done
+echo "versions: quotad $("$NEW" --version | cut -d' ' -f2)${BASE_REV:+, base $BASE_REV}, $(nproc) cores"
