@@ -38,6 +38,8 @@ pub const EXIT_BIND: u8 = 3;
 pub const EXIT_CORRUPT: u8 = 4;
 /// Exit code when a WAL write or fsync failed while running.
 pub const EXIT_STORAGE: u8 = 5;
+/// `quotad wal verify|dump`: a running daemon holds the data directory.
+pub const EXIT_IN_USE: u8 = 6;
 
 /// Client exit code: the call was denied (`consume`, `check`) or not healthy.
 pub const EXIT_DENIED: u8 = 1;
@@ -225,6 +227,12 @@ pub enum Command {
         /// Tokens per decision (0: none).
         #[arg(long, default_value_t = 0)]
         tokens: u64,
+        /// Event of every decision, e.g. llm.chat (none by default).
+        #[arg(long)]
+        event: Option<String>,
+        /// An attribute of every decision, `key=value` (repeatable).
+        #[arg(long = "attr", value_parser = key_value)]
+        attributes: Vec<(String, String)>,
         /// Client threads.
         #[arg(long, default_value_t = 1)]
         threads: usize,
@@ -413,15 +421,45 @@ fn wal_paths(dir: &Path) -> (PathBuf, PathBuf) {
     }
 }
 
-fn wal_verify(dir: &Path, json: bool) -> ExitCode {
-    use crate::storage::{self, io::FsDir, snapshot::SnapshotStore};
+/// Whether a running daemon holds `data`'s LOCK. Only looks: opens the file
+/// read-only if it exists, and never creates it.
+fn held_by_daemon(data: &Path) -> bool {
+    match std::fs::File::open(data.join("LOCK")) {
+        Ok(f) => match f.try_lock_shared() {
+            Ok(()) => false,
+            Err(std::fs::TryLockError::WouldBlock) => true,
+            Err(std::fs::TryLockError::Error(_)) => false,
+        },
+        Err(_) => false,
+    }
+}
+
+/// The checks both file tools make before reading a data directory.
+fn wal_tool_dirs(dir: &Path) -> Result<(PathBuf, PathBuf), ExitCode> {
     let (data, wal) = wal_paths(dir);
     if !wal.is_dir() {
         eprintln!("{}: no WAL directory here", wal.display());
-        return ExitCode::from(EXIT_RUNTIME);
+        return Err(ExitCode::from(EXIT_RUNTIME));
     }
+    if held_by_daemon(&data) {
+        eprintln!(
+            "{}: in use by a running quotad (its LOCK file is held); stop it first, or read a copy of the \
+             directory (the files of a running daemon change while they are read)",
+            data.display()
+        );
+        return Err(ExitCode::from(EXIT_IN_USE));
+    }
+    Ok((data, wal))
+}
+
+fn wal_verify(dir: &Path, json: bool) -> ExitCode {
+    use crate::storage::{self, io::FsDir, snapshot::SnapshotStore};
+    let (data, wal) = match wal_tool_dirs(dir) {
+        Ok(d) => d,
+        Err(code) => return code,
+    };
     let result = (|| {
-        let snap = SnapshotStore::open_existing(&storage::snapshot_path(&data))
+        let snap = SnapshotStore::open_read_only(&storage::snapshot_path(&data))
             .map_err(|e| StorageError::Corrupt(e.to_string()))?;
         let fs = FsDir::new(&wal).map_err(|e| StorageError::Io(e.to_string()))?;
         let policy = Policy::compile(&Config::default()).expect("defaults compile");
@@ -449,7 +487,8 @@ fn wal_verify(dir: &Path, json: bool) -> ExitCode {
                 );
                 if r.scan.torn_tail_bytes > 0 {
                     say!(
-                        "torn tail: {} byte(s) at the end of {} (an unacknowledged write; start-up truncates it)",
+                        "torn tail: {} byte(s) at the end of {} (a write cut short by a crash; with durability = \"fsync\" \
+                         it was never acknowledged; start-up truncates it)",
                         r.scan.torn_tail_bytes,
                         r.scan.torn_tail_file.unwrap_or_default()
                     );
@@ -483,7 +522,10 @@ fn wal_verify(dir: &Path, json: bool) -> ExitCode {
 fn wal_dump(dir: &Path) -> ExitCode {
     use crate::storage::{codec, io::FsDir, io::WalDir, wal};
     use std::io::Write;
-    let (_, wal_path) = wal_paths(dir);
+    let wal_path = match wal_tool_dirs(dir) {
+        Ok((_, w)) => w,
+        Err(code) => return code,
+    };
     let fs = match FsDir::new(&wal_path) {
         Ok(f) => f,
         Err(e) => {
@@ -500,12 +542,24 @@ fn wal_dump(dir: &Path) -> ExitCode {
         .unwrap_or(1);
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
+    // `quotad wal dump | head`: a reader that stops early is not damage.
+    let mut reader_gone = false;
     let r = wal::verify(&fs, first.saturating_sub(1), &mut |lsn, version, payload| {
         let (at_ms, muts) = codec::decode_record(version, payload).map_err(|e| e.to_string())?;
         let at = crate::period::rfc3339(at_ms);
-        writeln!(out, "{}", json!({"lsn": lsn, "at": at, "mutations": muts})).map_err(|e| e.to_string())
+        writeln!(out, "{}", json!({"lsn": lsn, "at": at, "mutations": muts})).map_err(|e| {
+            reader_gone = e.kind() == std::io::ErrorKind::BrokenPipe;
+            e.to_string()
+        })
     });
-    let _ = out.flush();
+    if reader_gone {
+        return ExitCode::SUCCESS;
+    }
+    if let Err(e) = out.flush() {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            return ExitCode::SUCCESS;
+        }
+    }
     match r {
         Ok(_) => ExitCode::SUCCESS,
         Err(e) => {
@@ -631,6 +685,18 @@ fn print_counters(body: &Value) {
     }
 }
 
+/// Micro-units as a decimal amount of the currency: 1200 → "0.0012".
+fn money(micros: u64) -> String {
+    let frac = format!("{:06}", micros % 1_000_000);
+    let frac = frac.trim_end_matches('0');
+    let frac = if frac.len() < 2 {
+        format!("{frac:0<2}")
+    } else {
+        frac.to_string()
+    };
+    format!("{}.{frac}", micros / 1_000_000)
+}
+
 fn print_decision(body: &Value) -> u8 {
     let decision = body["decision"].as_str().unwrap_or("?");
     let head = match decision {
@@ -647,6 +713,18 @@ fn print_decision(body: &Value) -> u8 {
         body["subject"].as_str().unwrap_or(""),
         body["plan"].as_str().unwrap_or("")
     );
+    if let Some(micros) = body["cost"]["amount_micros"].as_u64() {
+        let by = match (body["cost"]["price"].as_str(), body["cost"]["explicit"] == true) {
+            (Some(p), _) => format!(" (price {p})"),
+            (None, true) => " (given by the caller)".to_string(),
+            (None, false) => String::new(),
+        };
+        say!(
+            "  cost: {} {}{by}",
+            money(micros),
+            body["cost"]["currency"].as_str().unwrap_or("")
+        );
+    }
     for r in body["reasons"].as_array().into_iter().flatten() {
         say!(
             "  reason: {} {}",
@@ -811,6 +889,8 @@ pub fn main() -> ExitCode {
             op,
             batch_size,
             tokens,
+            event,
+            attributes,
             threads,
             connect,
         } => {
@@ -836,6 +916,8 @@ pub fn main() -> ExitCode {
                 op,
                 batch_size,
                 tokens,
+                event,
+                attributes: attributes.into_iter().collect(),
                 token: client.token,
                 threads,
                 progress: std::io::stderr().is_terminal() && !connect.json,
@@ -847,5 +929,19 @@ pub fn main() -> ExitCode {
             }
             ExitCode::from(if report.operations == 0 { EXIT_REQUEST } else { 0 })
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::money;
+
+    #[test]
+    fn money_prints_micro_units_as_a_decimal() {
+        assert_eq!(money(0), "0.00");
+        assert_eq!(money(1_200), "0.0012");
+        assert_eq!(money(500_000), "0.50");
+        assert_eq!(money(1_000_000), "1.00");
+        assert_eq!(money(12_345_678), "12.345678");
     }
 }

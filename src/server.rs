@@ -291,7 +291,7 @@ impl Server {
                             tracing::warn!(
                                 file = report.scan.torn_tail_file.as_deref().unwrap_or(""),
                                 bytes = report.scan.torn_tail_bytes,
-                                "truncated a torn WAL tail (an unacknowledged write cut short by a crash)"
+                                "truncated a torn WAL tail: a write cut short by a crash (never acknowledged with durability = \"fsync\"; with \"batch\", the loss window of that mode)"
                             );
                         }
                         (engine, Some(Arc::new(storage)))

@@ -1,8 +1,9 @@
-//! Golden files: a format-version-1 snapshot and WAL checked into
-//! `tests/golden/v1`, with the state they must recover to. Any future change of
-//! the encoding must keep reading them (the version in each segment header and
-//! snapshot decides how). `regenerate_golden_files` wrote them once:
-//! `cargo test --test golden -- --ignored regenerate` (only when adding a version).
+//! Golden files: a snapshot and WAL of every format version, checked into
+//! `tests/golden/v<N>`, with the state they must recover to. Any later change
+//! of the encoding must keep reading them (the version in each segment header
+//! and snapshot decides how). `regenerate_golden_files` writes the files of
+//! the version this build writes: `cargo test --test golden -- --ignored
+//! regenerate`, only when adding a version (never over an older one).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -65,18 +66,46 @@ const T0: u64 = 1_795_255_200_000;
 const T_CHECK: u64 = T0 + 120_000;
 const SUBJECTS: [&str; 4] = ["user:1", "user:2", "user:3", "user:4"];
 
-fn golden_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/v1")
+/// Version 2 added prices: its files hold priced reservations and spend.
+const PRICING: &str = r#"
+metrics = ["images"]
+[pricing]
+currency = "EUR"
+[[pricing.prices]]
+name = "gpt-4o"
+match = { event = "llm", attributes = { model = "gpt-4o" } }
+tokens = "2.50/1M"
+[[pricing.prices]]
+name = "images"
+match = { event = "image" }
+requests = "0.04"
+[[limits]]
+name = "spend-per-month"
+metric = "cost_micros"
+scope = "global"
+period = "1mo"
+max = 1000000
+"#;
+
+fn golden_dir(version: u16) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/golden/v{version}"))
 }
 
-fn config(data_dir: &Path) -> Config {
-    let mut c = Config::from_toml(CONFIG, "golden.toml").unwrap();
+fn config_text(version: u16) -> String {
+    match version {
+        1 => CONFIG.to_string(),
+        _ => format!("{PRICING}{CONFIG}"),
+    }
+}
+
+fn config(data_dir: &Path, version: u16) -> Config {
+    let mut c = Config::from_toml(&config_text(version), "golden.toml").unwrap();
     c.storage.data_dir = data_dir.to_path_buf();
     c
 }
 
-fn open(data_dir: &Path) -> (Engine, Storage) {
-    let c = config(data_dir);
+fn open(data_dir: &Path, version: u16) -> (Engine, Storage) {
+    let c = config(data_dir, version);
     let (engine, storage, _) = Storage::open(&c.storage, Policy::compile(&c).unwrap(), Default::default()).unwrap();
     (engine, storage)
 }
@@ -114,10 +143,11 @@ fn copy_dir(from: &Path, to: &Path) {
 }
 
 #[test]
-#[ignore = "writes tests/golden/v1; run only to add a new format version"]
+#[ignore = "writes tests/golden/v<FORMAT_VERSION>; run only to add a new format version"]
 fn regenerate_golden_files() {
+    let version = quotad::storage::codec::FORMAT_VERSION;
     let tmp = tempfile::tempdir().unwrap();
-    let (engine, storage) = open(tmp.path());
+    let (engine, storage) = open(tmp.path(), version);
     let wait = |lsn: Option<u64>| storage.journal().wait_durable_blocking(lsn.unwrap()).unwrap();
     // Before the snapshot.
     for (i, s) in SUBJECTS.iter().enumerate() {
@@ -177,7 +207,7 @@ fn regenerate_golden_files() {
     });
     drop(storage); // no final snapshot: the WAL holds what came after the first one
     drop(engine);
-    let out = golden_dir();
+    let out = golden_dir(version);
     let _ = std::fs::remove_dir_all(&out);
     std::fs::create_dir_all(out.join("wal")).unwrap();
     std::fs::copy(tmp.path().join("snapshot.redb"), out.join("snapshot.redb")).unwrap();
@@ -189,17 +219,16 @@ fn regenerate_golden_files() {
     .unwrap();
 }
 
-#[test]
-fn golden_v1_files_still_read() {
-    let expected: Value =
-        serde_json::from_str(&std::fs::read_to_string(golden_dir().join("expected.json")).unwrap()).unwrap();
+fn check_golden(version: u16) {
+    let dir = golden_dir(version);
+    let expected: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
     let tmp = tempfile::tempdir().unwrap();
-    copy_dir(&golden_dir(), tmp.path());
-    let (engine, storage) = open(tmp.path());
+    copy_dir(&dir, tmp.path());
+    let (engine, storage) = open(tmp.path(), version);
     assert_eq!(
         state(&engine),
         expected["state"],
-        "the v1 files recover to the recorded state"
+        "the v{version} files recover to the recorded state"
     );
     // The idempotency key stored in the WAL replays the original reservation.
     let mut r = req("user:4", "llm", 700, Some("hold-1"));
@@ -219,5 +248,26 @@ fn golden_v1_files_still_read() {
         repeat.value.charged["tokens"], 250,
         "the finished reservation kept its answer"
     );
+    if version >= 2 {
+        // 250 tokens at 2.50 EUR per million, rounded up: 625 µEUR.
+        assert_eq!(repeat.value.charged["cost_micros"], 625);
+        // The open hold kept its price: committing 400 of its 700 tokens costs 1000 µEUR.
+        let hold = expected["replay_reservation_id"].as_str().unwrap();
+        let c = engine
+            .finish(hold, Finish::Commit(BTreeMap::from([("tokens".into(), 400)])), T_CHECK)
+            .unwrap();
+        assert_eq!(c.value.charged["cost_micros"], 1_000);
+        assert_eq!(c.value.cost.unwrap().price.as_deref(), Some("gpt-4o"));
+    }
     drop(storage);
+}
+
+#[test]
+fn golden_v1_files_still_read() {
+    check_golden(1);
+}
+
+#[test]
+fn golden_v2_files_still_read() {
+    check_golden(2);
 }

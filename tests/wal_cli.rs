@@ -230,3 +230,64 @@ fn digest_before_sigterm_equals_digest_after_restart() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+fn file_bytes(dir: &Path) -> std::collections::BTreeMap<std::path::PathBuf, Vec<u8>> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.insert(p.clone(), std::fs::read(&p).unwrap());
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn verify_changes_no_byte_and_tells_a_running_daemon_from_damage() {
+    let dir = tempfile::tempdir().unwrap();
+    // Killed: the snapshot file was never closed cleanly and the log has a tail.
+    run_and_stop(dir.path(), 300, "");
+    let data = dir.path().join("data");
+    let before = file_bytes(&data);
+    let out = quotad(&["wal", "verify"], &data);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("300 record(s)"));
+    assert_eq!(file_bytes(&data), before, "wal verify changed the data directory");
+
+    // `wal dump | head`: the reader stops early, which is not damage.
+    let piped = Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "set -o pipefail; '{BIN}' wal dump '{}' | head -n 2",
+            data.display()
+        ))
+        .output()
+        .unwrap();
+    assert!(piped.status.success(), "{}", String::from_utf8_lossy(&piped.stderr));
+    assert_eq!(String::from_utf8_lossy(&piped.stdout).lines().count(), 2);
+    assert!(piped.stderr.is_empty(), "{}", String::from_utf8_lossy(&piped.stderr));
+    assert_eq!(file_bytes(&data), before, "wal dump changed the data directory");
+
+    // While a daemon runs on the directory: its own exit code, not "damaged".
+    let config = write_config(dir.path());
+    let mut child = spawn(&config, &dir.path().join("run2.log"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !data.join("LOCK").exists()
+        || std::fs::read_to_string(dir.path().join("run2.log")).is_ok_and(|l| !l.contains("ready"))
+    {
+        assert!(Instant::now() < deadline, "daemon did not start");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    for args in [["wal", "verify"], ["wal", "dump"]] {
+        let out = quotad(&args, &data);
+        assert_eq!(out.status.code(), Some(6), "{args:?}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("in use by a running quotad"));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+}

@@ -135,7 +135,7 @@ pub fn recover(
         Some(s) => s.load().map_err(|e| StorageError::Corrupt(e.to_string()))?,
         None => None,
     };
-    let (shards, snapshot_ms) = loaded.map(|l| (l.shards, l.created_ms)).unwrap_or_default();
+    let (shards, snapshot_ms, snapshot_lsn) = loaded.map(|l| (l.shards, l.created_ms, l.last_lsn)).unwrap_or_default();
     report.snapshot_loaded = !shards.is_empty();
     report.snapshot_shards = shards.len();
     let mut engine = Engine::from_snapshot(policy, Arc::new(NullJournal::default()), shards);
@@ -157,6 +157,17 @@ pub fn recover(
         report.scan = scan;
         Some(wal)
     };
+    // The snapshot was committed only once the log was durable up to its
+    // newest record, so a log that ends before it has lost segments: starting
+    // would hand out LSNs that replay later skips.
+    let log_end = report.scan.last_lsn.unwrap_or(0).max(after);
+    if snapshot_lsn > log_end {
+        return Err(StorageError::Corrupt(format!(
+            "the WAL ends at LSN {log_end} but the snapshot holds changes up to LSN {snapshot_lsn}: segments \
+             of the log are missing (deleted or restored from an older backup); restore the wal directory \
+             that belongs with this snapshot"
+        )));
+    }
     report.replayed_records = replayed;
     engine.finish_recovery();
     report.duration = started.elapsed();
@@ -242,7 +253,7 @@ impl Storage {
             .wait_durable_blocking(max_lsn)
             .map_err(|e| StorageError::Io(e.to_string()))?;
         self.snapshots
-            .write(&encoded, engine.time(now_ms))
+            .write(&encoded, engine.time(now_ms), max_lsn)
             .map_err(|e| StorageError::Io(e.to_string()))?;
         let segments_removed = self
             .journal

@@ -3,15 +3,24 @@
 //! written in one transaction. Layout:
 //!
 //! - table `meta` (`&str` → `u64`): `format_version`, `shard_count`, `created_ms` (the
-//!   engine time it was written at: time resumes from it at start);
-//! - table `shards` (`u32` → bytes): shard index → codec-encoded shard.
+//!   engine time it was written at: time resumes from it at start), and from
+//!   version 2 `last_lsn` (the newest record any shard holds: the log must reach
+//!   it, and new records are numbered after it) and `meta_crc` (CRC-32 of the
+//!   four values, little-endian, in that order);
+//! - table `shards` (`u32` → bytes): shard index → from version 2, CRC-32 of
+//!   the encoded shard (4 bytes, little-endian) followed by it; version 1 has
+//!   the encoded shard alone.
+//!
+//! redb keeps the file consistent across crashes but does not checksum the
+//! values it stores: the CRCs are what turns a flipped bit in a stored shard
+//! into a refusal to start instead of a silently different state.
 
 use std::path::Path;
 
-use redb::{Database, ReadableDatabase, TableDefinition};
+use redb::{Database, ReadOnlyDatabase, ReadableDatabase, TableDefinition};
 
 use super::codec;
-use crate::engine::Shard;
+use crate::engine::{Lsn, Shard};
 
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const SHARDS: TableDefinition<u32, &[u8]> = TableDefinition::new("shards");
@@ -31,15 +40,66 @@ pub struct SnapshotError {
 pub struct Loaded {
     /// The shards, in index order.
     pub shards: Vec<Shard>,
-    /// When it was written.
+    /// Engine time when it was written.
     pub created_ms: u64,
+    /// The newest LSN any shard holds.
+    pub last_lsn: Lsn,
+}
+
+/// Opened for writing (the daemon) or only for reading (`quotad wal verify`,
+/// which must not change a byte of a directory it inspects).
+enum Db {
+    ReadWrite(Database),
+    ReadOnly(ReadOnlyDatabase),
+    /// A repaired private copy of a file that was not closed cleanly; the
+    /// copy is deleted with it.
+    Copy {
+        db: Database,
+        _file: PrivateCopy,
+    },
+}
+
+impl Db {
+    fn begin_read(&self) -> Result<redb::ReadTransaction, redb::TransactionError> {
+        match self {
+            Db::ReadWrite(d) | Db::Copy { db: d, .. } => d.begin_read(),
+            Db::ReadOnly(d) => d.begin_read(),
+        }
+    }
+}
+
+/// A copy of a snapshot file in the temp directory, deleted when dropped.
+struct PrivateCopy(std::path::PathBuf);
+
+impl PrivateCopy {
+    fn of(path: &Path) -> std::io::Result<PrivateCopy> {
+        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let to = std::env::temp_dir().join(format!("quotad-verify-{}-{n}.redb", std::process::id()));
+        std::fs::copy(path, &to)?;
+        Ok(PrivateCopy(to))
+    }
+}
+
+impl Drop for PrivateCopy {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 /// The snapshot file. Clones share it.
 #[derive(Clone)]
 pub struct SnapshotStore {
-    db: std::sync::Arc<Database>,
+    db: std::sync::Arc<Db>,
     path: String,
+}
+
+fn meta_crc(version: u64, count: u64, created_ms: u64, last_lsn: u64) -> u64 {
+    let mut h = crc32fast::Hasher::new();
+    for v in [version, count, created_ms, last_lsn] {
+        h.update(&v.to_le_bytes());
+    }
+    u64::from(h.finalize())
 }
 
 impl SnapshotStore {
@@ -50,20 +110,40 @@ impl SnapshotStore {
             path: p.clone(),
             message: e.to_string(),
         })?;
-        Ok(SnapshotStore { db: db.into(), path: p })
+        Ok(SnapshotStore {
+            db: Db::ReadWrite(db).into(),
+            path: p,
+        })
     }
 
-    /// Opens an existing file without creating one; `None` if there is none.
-    pub fn open_existing(path: &Path) -> Result<Option<SnapshotStore>, SnapshotError> {
+    /// Opens an existing file without changing a byte of it; `None` if there
+    /// is none. A file that was not closed cleanly (the daemon was killed)
+    /// needs redb's repair before it can be read: that repair is done on a
+    /// private copy in the temp directory, never on the file itself.
+    pub fn open_read_only(path: &Path) -> Result<Option<SnapshotStore>, SnapshotError> {
         if !path.exists() {
             return Ok(None);
         }
         let p = path.display().to_string();
-        let db = Database::open(path).map_err(|e| SnapshotError {
+        let err = |e: &dyn std::fmt::Display| SnapshotError {
             path: p.clone(),
             message: e.to_string(),
-        })?;
-        Ok(Some(SnapshotStore { db: db.into(), path: p }))
+        };
+        match ReadOnlyDatabase::open(path) {
+            Ok(db) => Ok(Some(SnapshotStore {
+                db: Db::ReadOnly(db).into(),
+                path: p,
+            })),
+            Err(redb::DatabaseError::RepairAborted) => {
+                let copy = PrivateCopy::of(path).map_err(|e| err(&e))?;
+                let db = Database::open(&copy.0).map_err(|e| err(&e))?;
+                Ok(Some(SnapshotStore {
+                    db: Db::Copy { db, _file: copy }.into(),
+                    path: p,
+                }))
+            }
+            Err(e) => Err(err(&e)),
+        }
     }
 
     /// A store kept in memory, for tests: it outlives a simulated crash as long
@@ -73,7 +153,7 @@ impl SnapshotStore {
             .create_with_backend(redb::backends::InMemoryBackend::new())
             .expect("an in-memory database opens");
         SnapshotStore {
-            db: db.into(),
+            db: Db::ReadWrite(db).into(),
             path: "<memory>".into(),
         }
     }
@@ -99,37 +179,101 @@ impl SnapshotStore {
                 .map(|v| v.value())
                 .ok_or_else(|| self.err(format!("metadata key {k:?} is missing")))
         };
-        let version = u16::try_from(get("format_version")?).map_err(|e| self.err(e))?;
-        let count = get("shard_count")? as usize;
+        let version = get("format_version")?;
+        let count = get("shard_count")?;
         let created_ms = get("created_ms")?;
+        let stored_last = if version >= 2 {
+            let last = get("last_lsn")?;
+            if get("meta_crc")? != meta_crc(version, count, created_ms, last) {
+                return Err(self.err(
+                    "metadata checksum mismatch (table meta): the file is damaged; restore it from a backup, \
+                     or move it away to recover from the WAL alone if the WAL still starts at LSN 1",
+                ));
+            }
+            Some(last)
+        } else {
+            None
+        };
+        let version = u16::try_from(version).map_err(|_| self.err(format!("format version {version} is unknown")))?;
+        let count = usize::try_from(count)
+            .ok()
+            .filter(|&c| c <= 1 << 16)
+            .ok_or_else(|| self.err(format!("shard count {count} is out of range")))?;
         let table = txn.open_table(SHARDS).map_err(|e| self.err(e))?;
         let mut shards = Vec::with_capacity(count);
         for i in 0..count {
-            let bytes = table
+            let value = table
                 .get(i as u32)
                 .map_err(|e| self.err(e))?
-                .ok_or_else(|| self.err(format!("shard {i} is missing")))?;
-            let shard = codec::decode_shard(version, bytes.value()).map_err(|e| self.err(format!("shard {i}: {e}")))?;
+                .ok_or_else(|| self.err(format!("shard {i} is missing (table shards)")))?;
+            let bytes = value.value();
+            let encoded = if version >= 2 {
+                let (crc, rest) = bytes.split_first_chunk::<4>().ok_or_else(|| {
+                    self.err(format!(
+                        "shard {i} (table shards) is {} bytes, too short for its checksum",
+                        bytes.len()
+                    ))
+                })?;
+                if u32::from_le_bytes(*crc) != crc32fast::hash(rest) {
+                    return Err(self.err(format!(
+                        "shard {i} (table shards, {} bytes) fails its checksum: the file is damaged",
+                        bytes.len()
+                    )));
+                }
+                rest
+            } else {
+                bytes
+            };
+            let shard = codec::decode_shard(version, encoded).map_err(|e| {
+                self.err(format!(
+                    "shard {i} (table shards, {} bytes) does not decode: {e}",
+                    bytes.len()
+                ))
+            })?;
             shards.push(shard);
         }
-        Ok(Some(Loaded { shards, created_ms }))
+        let last_lsn = shards.iter().map(|s| s.applied_lsn).max().unwrap_or(0);
+        if let Some(stored) = stored_last.filter(|&l| l != last_lsn) {
+            return Err(self.err(format!(
+                "metadata says the newest record is LSN {stored}, the shards say {last_lsn}: the file is damaged"
+            )));
+        }
+        Ok(Some(Loaded {
+            shards,
+            created_ms,
+            last_lsn,
+        }))
     }
 
-    /// Replaces the snapshot with `shards` (already encoded) in one durable transaction.
-    pub fn write(&self, shards: &[Vec<u8>], created_ms: u64) -> Result<(), SnapshotError> {
-        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
+    /// Replaces the snapshot with `shards` (already encoded) in one durable
+    /// transaction. `last_lsn` is the newest LSN any of them holds.
+    pub fn write(&self, shards: &[Vec<u8>], created_ms: u64, last_lsn: Lsn) -> Result<(), SnapshotError> {
+        let Db::ReadWrite(db) = &*self.db else {
+            return Err(self.err("opened read-only"));
+        };
+        let txn = db.begin_write().map_err(|e| self.err(e))?;
         {
             let mut table = txn.open_table(SHARDS).map_err(|e| self.err(e))?;
             table.retain(|_, _| false).map_err(|e| self.err(e))?;
+            let mut value = Vec::new();
             for (i, bytes) in shards.iter().enumerate() {
-                table.insert(i as u32, bytes.as_slice()).map_err(|e| self.err(e))?;
+                value.clear();
+                value.extend_from_slice(&crc32fast::hash(bytes).to_le_bytes());
+                value.extend_from_slice(bytes);
+                table.insert(i as u32, value.as_slice()).map_err(|e| self.err(e))?;
             }
+            let version = u64::from(codec::FORMAT_VERSION);
+            let count = shards.len() as u64;
             let mut meta = txn.open_table(META).map_err(|e| self.err(e))?;
-            meta.insert("format_version", u64::from(codec::FORMAT_VERSION))
-                .map_err(|e| self.err(e))?;
-            meta.insert("shard_count", shards.len() as u64)
-                .map_err(|e| self.err(e))?;
-            meta.insert("created_ms", created_ms).map_err(|e| self.err(e))?;
+            for (k, v) in [
+                ("format_version", version),
+                ("shard_count", count),
+                ("created_ms", created_ms),
+                ("last_lsn", last_lsn),
+                ("meta_crc", meta_crc(version, count, created_ms, last_lsn)),
+            ] {
+                meta.insert(k, v).map_err(|e| self.err(e))?;
+            }
         }
         txn.commit().map_err(|e| self.err(e))
     }
