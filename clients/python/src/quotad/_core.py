@@ -1,0 +1,566 @@
+"""What the sync and async clients share: settings, request building,
+answer parsing, retry policy and the Server-Sent Events parser. No I/O here."""
+
+from __future__ import annotations
+
+import json
+import random
+import uuid
+from dataclasses import dataclass, field
+from datetime import date, datetime, timezone
+from typing import Any, Callable, Dict, Generic, Iterable, List, Mapping, Optional, Sequence, TypeVar, Union
+from urllib.parse import quote, urlsplit
+
+import httpx
+
+from ._version import __version__
+from .errors import QuotadError, Unavailable, error_from_response
+from .models import (
+    BatchResult,
+    Breaker,
+    Decision,
+    Deleted,
+    Event,
+    EventPage,
+    Finish,
+    Flag,
+    Plans,
+    ReloadReport,
+    Subject,
+    SubjectPage,
+    Usage,
+    UsagePage,
+    Webhook,
+)
+
+DEFAULT_URL = "http://127.0.0.1:7878"
+ON_UNAVAILABLE = ("raise", "allow", "deny")
+PRIORITIES = ("critical", "high", "normal", "low")
+RETRY_STATUSES = frozenset({502, 503, 504})
+TimeArg = Union[str, date, datetime, None]
+TimeoutArg = Union[float, int, httpx.Timeout, None]
+
+
+def new_idempotency_key() -> str:
+    """A fresh key for one logical operation (reused on its retries)."""
+    return "qpy-" + uuid.uuid4().hex
+
+
+def seg(value: str) -> str:
+    """One URL path segment, percent-encoded (``user:42`` -> ``user%3A42``)."""
+    if not isinstance(value, str) or value == "":
+        raise ValueError(f"expected a non-empty string, got {value!r}")
+    return quote(value, safe="")
+
+
+def fmt_time(value: TimeArg) -> Optional[str]:
+    """``from``/``to`` query values: RFC 3339 for datetimes (naive = UTC),
+    ``YYYY-MM-DD`` for dates, strings as given."""
+    if value is None:
+        return None
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=timezone.utc)
+        text = value.isoformat()
+        return text[:-6] + "Z" if text.endswith("+00:00") else text
+    if isinstance(value, date):
+        return value.isoformat()
+    return str(value)
+
+
+def _clean(d: Mapping[str, Any]) -> Dict[str, Any]:
+    return {k: v for k, v in d.items() if v is not None}
+
+
+_NO_BODY = object()
+T = TypeVar("T")
+
+
+@dataclass
+class Call(Generic[T]):
+    """One API request and how to read its answer."""
+
+    method: str
+    path: str
+    parse: Callable[[httpx.Response], T]
+    body: Any = _NO_BODY
+    params: Optional[Dict[str, str]] = None
+    headers: Dict[str, str] = field(default_factory=dict)
+    retry: bool = True
+    extra_timeout: float = 0.0
+    subject: Optional[str] = None  # for a decision's fallback
+
+    def content(self) -> Optional[bytes]:
+        if self.body is _NO_BODY:
+            return None
+        return json.dumps(self.body, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+    def request_headers(self) -> Dict[str, str]:
+        h = dict(self.headers)
+        if self.body is not _NO_BODY:
+            h.setdefault("Content-Type", "application/json")
+        return h
+
+
+# ---------- settings ----------
+
+
+class Settings:
+    """Validated constructor arguments shared by Client and AsyncClient."""
+
+    def __init__(
+        self,
+        url: Optional[str],
+        socket: Optional[str],
+        token: Optional[str],
+        timeout: TimeoutArg,
+        retries: int,
+        backoff: float,
+        max_backoff: float,
+        on_unavailable: str,
+        headers: Optional[Mapping[str, str]],
+    ) -> None:
+        if url is not None and socket is not None:
+            raise ValueError("pass url= or socket=, not both")
+        if on_unavailable not in ON_UNAVAILABLE:
+            raise ValueError(f"on_unavailable must be one of {ON_UNAVAILABLE}, got {on_unavailable!r}")
+        if not isinstance(retries, int) or retries < 0:
+            raise ValueError(f"retries must be a whole number >= 0, got {retries!r}")
+        if backoff < 0 or max_backoff < 0:
+            raise ValueError("backoff and max_backoff must be >= 0")
+        self.socket = socket
+        if socket is not None:
+            self.base_url = "http://quotad"
+            self.where = f"unix:{socket}"
+        else:
+            url = (url or DEFAULT_URL).rstrip("/")
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.netloc:
+                raise ValueError(f"url must look like http://host:port, got {url!r}")
+            self.base_url = url
+            self.where = url
+        if timeout is None:
+            self.timeout = httpx.Timeout(None)
+        elif isinstance(timeout, httpx.Timeout):
+            self.timeout = timeout
+        else:
+            self.timeout = httpx.Timeout(float(timeout))
+        self.retries = retries
+        self.backoff = float(backoff)
+        self.max_backoff = float(max_backoff)
+        self.on_unavailable = on_unavailable
+        self.headers = {"User-Agent": f"quotad-python/{__version__}", "Accept": "application/json"}
+        if token:
+            self.headers["Authorization"] = f"Bearer {token}"
+        if headers:
+            self.headers.update(headers)
+
+    def timeout_for(self, call: "Call[Any]") -> httpx.Timeout:
+        t = self.timeout
+        if not call.extra_timeout or t.read is None:
+            return t
+        return httpx.Timeout(connect=t.connect, read=t.read + call.extra_timeout, write=t.write, pool=t.pool)
+
+    def delay(self, attempt: int, retry_after: Optional[str] = None) -> float:
+        """Seconds to wait before retry number ``attempt + 1``: exponential with
+        jitter, or the server's ``Retry-After``, capped by ``max_backoff``."""
+        if retry_after is not None:
+            try:
+                return min(max(float(retry_after), 0.0), self.max_backoff)
+            except ValueError:
+                pass
+        d = min(self.max_backoff, self.backoff * (2**attempt))
+        return random.uniform(d / 2, d)
+
+    def transport_error(self, e: Exception, call: "Call[Any]", attempts: int) -> Unavailable:
+        code = "timeout" if isinstance(e, httpx.TimeoutException) else "unreachable"
+        what = "timed out" if code == "timeout" else "cannot reach quotad"
+        detail = str(e) or type(e).__name__
+        tries = f" after {attempts} attempt{'s' if attempts != 1 else ''}"
+        return Unavailable(
+            f"{what} at {self.where}: {detail}{tries}",
+            status=None,
+            code=code,
+            method=call.method,
+            path=call.path,
+        )
+
+    def error_for(self, resp: httpx.Response, call: "Call[Any]") -> QuotadError:
+        return error_from_response(resp.status_code, resp.content, resp.headers, method=call.method, path=call.path)
+
+    def finish(self, resp: httpx.Response, call: "Call[T]") -> T:
+        if resp.status_code >= 400:
+            raise self.error_for(resp, call)
+        return call.parse(resp)
+
+    def fallback(self, call: "Call[Decision]", error: Unavailable) -> Decision:
+        if self.on_unavailable == "raise" or call.subject is None:
+            raise error
+        return Decision.fallback_for(call.subject, self.on_unavailable == "allow", error)
+
+
+def retryable_transport_error(e: Exception) -> bool:
+    return isinstance(e, (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError))
+
+
+# ---------- parsing ----------
+
+
+def _json(resp: httpx.Response) -> Any:
+    try:
+        return resp.json()
+    except ValueError as e:
+        raise QuotadError(
+            f"quotad answered {resp.status_code} with a body that is not JSON: {resp.text[:200]!r}",
+            status=resp.status_code,
+            code="bad_answer",
+        ) from e
+
+
+def _obj(resp: httpx.Response) -> Dict[str, Any]:
+    body = _json(resp)
+    if not isinstance(body, dict):
+        raise QuotadError(
+            f"quotad answered {resp.status_code} with JSON that is not an object",
+            status=resp.status_code,
+            code="bad_answer",
+        )
+    return body
+
+
+def _items(body: Any, *keys: str) -> List[Dict[str, Any]]:
+    if isinstance(body, list):
+        return [x for x in body if isinstance(x, dict)]
+    if isinstance(body, dict):
+        for k in keys:
+            if isinstance(body.get(k), list):
+                return [x for x in body[k] if isinstance(x, dict)]
+    return []
+
+
+def parse_decision(resp: httpx.Response) -> Decision:
+    return Decision.from_json(_obj(resp), resp.headers)
+
+
+def parse_finish(resp: httpx.Response) -> Finish:
+    return Finish.from_json(_obj(resp))
+
+
+def parse_subject(resp: httpx.Response) -> Subject:
+    return Subject.from_json(_obj(resp), resp.headers)
+
+
+# ---------- calls ----------
+
+
+def decision_call(
+    op: str,
+    subject: str,
+    event: Optional[str],
+    attributes: Optional[Mapping[str, str]],
+    amounts: Optional[Mapping[str, int]],
+    idempotency_key: Optional[str],
+    ttl_ms: Optional[int],
+    priority: Optional[str],
+    wait_ms: Optional[int],
+) -> Call[Decision]:
+    if not isinstance(subject, str) or not subject:
+        raise ValueError(f"subject must be a non-empty string, got {subject!r}")
+    body: Dict[str, Any] = {"subject": subject}
+    if event is not None:
+        body["event"] = event
+    if attributes is not None:
+        body["attributes"] = dict(attributes)
+    if amounts is not None:
+        body["amounts"] = dict(amounts)
+    if op in ("consume", "reserve"):
+        # Generated once per logical call: every retry sends the same key, so a
+        # retried charge is applied at most once.
+        body["idempotency_key"] = idempotency_key or new_idempotency_key()
+    elif idempotency_key is not None:
+        body["idempotency_key"] = idempotency_key
+    if ttl_ms is not None:
+        body["ttl_ms"] = ttl_ms
+    if priority is not None:
+        body["priority"] = priority
+    if wait_ms is not None:
+        body["wait_ms"] = wait_ms
+    return Call(
+        "POST",
+        f"/v1/{op}",
+        parse_decision,
+        body=body,
+        extra_timeout=(wait_ms or 0) / 1000.0,
+        subject=subject,
+    )
+
+
+def commit_call(reservation_id: str, amounts: Optional[Mapping[str, int]]) -> Call[Finish]:
+    body: Dict[str, Any] = {}
+    if amounts is not None:
+        body["amounts"] = dict(amounts)
+    return Call("POST", f"/v1/reservations/{seg(reservation_id)}/commit", parse_finish, body=body)
+
+
+def release_call(reservation_id: str) -> Call[Finish]:
+    return Call("POST", f"/v1/reservations/{seg(reservation_id)}/release", parse_finish, body={})
+
+
+def batch_call(operations: Iterable[Mapping[str, Any]]) -> Call[BatchResult]:
+    ops: List[Dict[str, Any]] = []
+    for i, o in enumerate(operations):
+        if not isinstance(o, Mapping) or not o.get("op"):
+            raise ValueError(f"operations[{i}] must be a dict with an 'op' key, got {o!r}")
+        op = _clean(o)
+        if op["op"] in ("consume", "reserve") and not op.get("idempotency_key"):
+            op["idempotency_key"] = new_idempotency_key()
+        ops.append(op)
+    if not ops:
+        raise ValueError("a batch needs at least one operation")
+    return Call(
+        "POST",
+        "/v1/batch",
+        lambda r: BatchResult.from_json(_obj(r), list(ops)),
+        body={"operations": ops},
+    )
+
+
+def _key_header(key: Optional[str]) -> Dict[str, str]:
+    return {"Idempotency-Key": key or new_idempotency_key()}
+
+
+def subject_call(subject: str) -> Call[Subject]:
+    return Call("GET", f"/v1/subjects/{seg(subject)}", parse_subject)
+
+
+def set_plan_call(
+    subject: str,
+    plan: Optional[str],
+    overrides: Optional[Mapping[str, Any]],
+    idempotency_key: Optional[str],
+) -> Call[Subject]:
+    body: Dict[str, Any] = {}
+    if plan is not None:
+        body["plan"] = plan
+    if overrides is not None:
+        # {"tokens-per-day": 500000} is shorthand for {"tokens-per-day": {"max": 500000}}.
+        body["overrides"] = {k: (v if isinstance(v, Mapping) else {"max": v}) for k, v in overrides.items()}
+    return Call("PUT", f"/v1/subjects/{seg(subject)}", parse_subject, body=body, headers=_key_header(idempotency_key))
+
+
+def delete_subject_call(subject: str, idempotency_key: Optional[str]) -> Call[Deleted]:
+    return Call(
+        "DELETE",
+        f"/v1/subjects/{seg(subject)}",
+        lambda r: Deleted.from_json(_obj(r), r.headers),
+        headers=_key_header(idempotency_key),
+    )
+
+
+def reset_call(subject: str, limit: Optional[str], idempotency_key: Optional[str]) -> Call[Subject]:
+    body: Dict[str, Any] = {}
+    if limit is not None:
+        body["limit"] = limit
+    return Call(
+        "POST", f"/v1/subjects/{seg(subject)}/reset", parse_subject, body=body, headers=_key_header(idempotency_key)
+    )
+
+
+def credit_call(subject: str, limit: str, amount: int, idempotency_key: Optional[str]) -> Call[Subject]:
+    return Call(
+        "POST",
+        f"/v1/subjects/{seg(subject)}/credit",
+        parse_subject,
+        body={"limit": limit, "amount": amount},
+        headers=_key_header(idempotency_key),
+    )
+
+
+def subjects_call(after: Optional[str], limit: Optional[int]) -> Call[SubjectPage]:
+    params = {}
+    if after is not None:
+        params["after"] = after
+    if limit is not None:
+        params["limit"] = str(limit)
+    return Call("GET", "/v1/subjects", lambda r: SubjectPage.from_json(_obj(r)), params=params)
+
+
+def plans_call() -> Call[Plans]:
+    return Call("GET", "/v1/plans", lambda r: Plans.from_json(_obj(r)))
+
+
+def reload_call() -> Call[ReloadReport]:
+    return Call("POST", "/v1/admin/reload", lambda r: ReloadReport.from_json(_obj(r)))
+
+
+def digest_call() -> Call[Dict[str, Any]]:
+    return Call("GET", "/v1/admin/digest", _obj)
+
+
+def health_call(path: str) -> Call[bool]:
+    # A probe: one attempt, and a 503 is an answer (not ready), not an error.
+    return Call("GET", path, lambda r: r.status_code == 200, retry=False)
+
+
+def metrics_call() -> Call[str]:
+    return Call("GET", "/metrics", lambda r: r.text, headers={"Accept": "text/plain, application/openmetrics-text"})
+
+
+def events_call(after: Optional[int], limit: Optional[int], type: Optional[str]) -> Call[EventPage]:
+    params = _clean({"after": after, "limit": limit, "type": type})
+    return Call(
+        "GET", "/v1/events", lambda r: EventPage.from_json(_obj(r)), params={k: str(v) for k, v in params.items()}
+    )
+
+
+def webhooks_call() -> Call[List[Webhook]]:
+    return Call("GET", "/v1/webhooks", lambda r: [Webhook.from_json(x) for x in _items(_json(r), "webhooks")])
+
+
+def breakers_call() -> Call[List[Breaker]]:
+    return Call("GET", "/v1/breakers", lambda r: [Breaker.from_json(x) for x in _items(_json(r), "breakers")])
+
+
+def _breaker_answer(name: str) -> Callable[[httpx.Response], Breaker]:
+    def parse(r: httpx.Response) -> Breaker:
+        body = _json(r)
+        if isinstance(body, dict) and isinstance(body.get("breaker"), dict):
+            body = body["breaker"]
+        if isinstance(body, dict) and isinstance(body.get("breakers"), list) and body["breakers"]:
+            body = body["breakers"][0]
+        b = Breaker.from_json(body if isinstance(body, dict) else {})
+        if not b.name:
+            b.name = name
+        return b
+
+    return parse
+
+
+def breaker_call(name: str, action: str, scope: Optional[str], idempotency_key: Optional[str]) -> Call[Breaker]:
+    body: Dict[str, Any] = {}
+    if scope is not None:
+        body["scope"] = scope
+    return Call(
+        "POST",
+        f"/v1/breakers/{seg(name)}/{action}",
+        _breaker_answer(name),
+        body=body,
+        headers=_key_header(idempotency_key),
+    )
+
+
+def anomalies_call() -> Call[List[Flag]]:
+    return Call("GET", "/v1/anomalies", lambda r: [Flag.from_json(x) for x in _items(_json(r), "flags", "anomalies")])
+
+
+def clear_flag_call(subject: str, anomaly: str, idempotency_key: Optional[str]) -> Call[Subject]:
+    return Call(
+        "DELETE",
+        f"/v1/subjects/{seg(subject)}/flags/{seg(anomaly)}",
+        lambda r: Subject.from_json(_obj(r) if r.content.strip() else {"subject": subject}, r.headers),
+        headers=_key_header(idempotency_key),
+    )
+
+
+def usage_call(
+    subject: str, from_: TimeArg, to: TimeArg, granularity: Optional[str], timezone_: Optional[str]
+) -> Call[Usage]:
+    params = _clean({"from": fmt_time(from_), "to": fmt_time(to), "granularity": granularity, "timezone": timezone_})
+    return Call("GET", f"/v1/subjects/{seg(subject)}/usage", lambda r: Usage.from_json(_obj(r)), params=params)
+
+
+def usage_export_call(
+    from_: TimeArg, to: TimeArg, granularity: Optional[str], format: str, after: Optional[str]
+) -> Call[Union[UsagePage, str]]:
+    if format not in ("json", "csv"):
+        raise ValueError(f"format must be 'json' or 'csv', got {format!r}")
+    params = _clean(
+        {"from": fmt_time(from_), "to": fmt_time(to), "granularity": granularity, "format": format, "after": after}
+    )
+
+    def parse(r: httpx.Response) -> Union[UsagePage, str]:
+        return r.text if format == "csv" else UsagePage.from_json(_obj(r))
+
+    headers = {"Accept": "text/csv"} if format == "csv" else {}
+    return Call("GET", "/v1/usage", parse, params=params, headers=headers)
+
+
+def openapi_call() -> Call[Dict[str, Any]]:
+    return Call("GET", "/v1/openapi.json", _obj)
+
+
+# ---------- Server-Sent Events ----------
+
+
+@dataclass
+class SSEMessage:
+    id: Optional[str]
+    event: str
+    data: str
+
+
+class SSEParser:
+    """Incremental parser of the ``text/event-stream`` format (WHATWG): feed it
+    lines without their terminators; it returns a message at each blank line."""
+
+    def __init__(self, last_id: Optional[str] = None) -> None:
+        self.last_id = last_id
+        self.retry_ms: Optional[int] = None
+        self._data: List[str] = []
+        self._event = ""
+
+    def feed(self, line: str) -> Optional[SSEMessage]:
+        if line == "":
+            if not self._data:
+                self._event = ""
+                return None
+            msg = SSEMessage(self.last_id, self._event or "message", "\n".join(self._data))
+            self._data = []
+            self._event = ""
+            return msg
+        if line.startswith(":"):
+            return None  # a comment / keep-alive
+        name, sep, value = line.partition(":")
+        if sep and value.startswith(" "):
+            value = value[1:]
+        if name == "data":
+            self._data.append(value)
+        elif name == "event":
+            self._event = value
+        elif name == "id":
+            if "\0" not in value:
+                self.last_id = value
+        elif name == "retry":
+            if value.isdigit():
+                self.retry_ms = int(value)
+        return None
+
+
+def event_from_sse(msg: SSEMessage) -> Event:
+    try:
+        data = json.loads(msg.data)
+    except ValueError:
+        data = None
+    if not isinstance(data, dict):
+        data = {"data": msg.data}
+    return Event.from_json(data, sse_id=msg.id, sse_type=msg.event if msg.event != "message" else None)
+
+
+def stream_headers(last_id: Optional[str]) -> Dict[str, str]:
+    h = {"Accept": "text/event-stream", "Cache-Control": "no-cache"}
+    if last_id is not None:
+        h["Last-Event-ID"] = str(last_id)
+    return h
+
+
+def stream_timeout(settings: Settings, read_timeout: Optional[float]) -> httpx.Timeout:
+    t = settings.timeout
+    return httpx.Timeout(connect=t.connect, read=read_timeout, write=t.write, pool=t.pool)
+
+
+def split_pages_guard(prev: Any, nxt: Any, count: int) -> bool:
+    """True when paging should go on: a next cursor that moved and a page with rows."""
+    return nxt is not None and count > 0 and nxt != prev
+
+
+__all__: Sequence[str] = []

@@ -1,0 +1,118 @@
+"""Parsing and helpers, without a daemon."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import httpx
+import pytest
+
+import quotad
+from quotad import _core
+from quotad.errors import error_from_response
+from quotad.models import parse_time
+
+
+def test_parse_time_variants():
+    assert parse_time("2026-11-22T00:00:00Z") == dt.datetime(2026, 11, 22, tzinfo=dt.timezone.utc)
+    assert parse_time("2026-11-22T02:00:28.14Z").microsecond == 140000
+    assert parse_time("2026-11-22T02:00:28.123456789Z").microsecond == 123456
+    t = parse_time("2026-11-22T02:00:00+01:00")
+    assert t.utcoffset() == dt.timedelta(hours=1)
+    assert parse_time(None) is None and parse_time("soon") is None and parse_time(5) is None
+
+
+def test_decision_keeps_new_fields():
+    raw = {
+        "allowed": True,
+        "decision": "allow",
+        "subject": "u",
+        "plan": "pro",
+        "counters": [
+            {"limit": "x", "metric": "tokens", "scope": "u", "max": "unlimited", "used": 5, "mode": "monitor"}
+        ],
+        "reasons": [{"code": "would_deny", "limit": "y"}],
+        "replayed": False,
+        "reservation_id": None,
+        "expires_at": None,
+        "cost": {"amount_micros": 12500, "currency": "USD", "price": "gpt-4o"},
+        "waited_ms": 120,
+        "something_new": {"a": 1},
+    }
+    headers = httpx.Headers({"X-RateLimit-Limit": "10", "X-RateLimit-Remaining": "3", "X-RateLimit-Reset": "99"})
+    d = quotad.Decision.from_json(raw, headers)
+    assert d.cost == quotad.Cost(12500, "USD", "gpt-4o", raw=raw["cost"])
+    assert d.waited_ms == 120 and d.plan == "pro"
+    assert d.raw["something_new"] == {"a": 1}
+    assert (d.limit, d.remaining, d.reset, d.retry_after) == (10, 3, 99, None)
+    c = d.counters[0]
+    assert c.unlimited and c.remaining is None and c.resets_at is None
+    assert d.reasons[0].retry_after_ms is None
+
+
+def test_fallback_decision():
+    err = quotad.Unavailable("down", code="unreachable")
+    d = quotad.Decision.fallback_for("u", True, err)
+    assert d.allowed and d.fallback and d.error is err and d.raw["fallback"] is True
+    d = quotad.Decision.fallback_for("u", False, err)
+    assert not d.allowed and d.decision == "deny"
+
+
+def test_error_mapping():
+    e = error_from_response(409, b'{"error":{"code":"reservation_finished","message":"already committed"}}')
+    assert isinstance(e, quotad.Conflict) and e.code == "reservation_finished" and e.status == 409
+    assert str(e) == "already committed (409 reservation_finished)"
+    e = error_from_response(502, b"<html>bad gateway</html>")
+    assert isinstance(e, quotad.Unavailable) and e.code == "http_502" and "bad gateway" in e.message
+    e = error_from_response(418, b"")
+    assert type(e) is quotad.QuotadError and "418" in e.message
+    for status, cls in [(400, quotad.InvalidRequest), (401, quotad.Unauthorized), (403, quotad.Forbidden),
+                        (404, quotad.NotFound), (413, quotad.PayloadTooLarge), (503, quotad.Unavailable)]:
+        assert isinstance(error_from_response(status, b"{}"), cls)
+
+
+def test_sse_parser():
+    p = _core.SSEParser()
+    lines = [": comment", "id: 5", "event: breaker.opened", "data: {\"a\":", "data: 1}", "", "retry: 3000", "",
+             "data:no-space", "", "id: 6", ""]
+    msgs = [m for m in (p.feed(line) for line in lines) if m]
+    assert msgs[0] == _core.SSEMessage("5", "breaker.opened", '{"a":\n1}')
+    assert msgs[1] == _core.SSEMessage("5", "message", "no-space")
+    assert p.retry_ms == 3000 and p.last_id == "6" and len(msgs) == 2
+    ev = _core.event_from_sse(_core.SSEMessage("9", "threshold.crossed", '{"used": 3}'))
+    assert ev.seq == 9 and ev.type == "threshold.crossed" and ev.get("used") == 3
+
+
+def test_request_building():
+    call = _core.decision_call("check", "u", None, None, None, None, None, None, None)
+    assert call.body == {"subject": "u"}  # optional fields only when given
+    call = _core.decision_call("consume", "u", "e", {"m": "x"}, {"tokens": 1}, None, None, "high", 50)
+    assert call.body["idempotency_key"].startswith("qpy-")
+    assert call.body["priority"] == "high" and call.body["wait_ms"] == 50 and "ttl_ms" not in call.body
+    call = _core.set_plan_call("a/b", None, {"x": 5, "y": {"max": "unlimited"}}, "k")
+    assert call.path == "/v1/subjects/a%2Fb" and call.headers == {"Idempotency-Key": "k"}
+    assert call.body == {"overrides": {"x": {"max": 5}, "y": {"max": "unlimited"}}}
+    assert _core.fmt_time(dt.date(2026, 1, 2)) == "2026-01-02"
+    assert _core.fmt_time(dt.datetime(2026, 1, 2, 3, 4, 5)) == "2026-01-02T03:04:05Z"
+    with pytest.raises(ValueError):
+        _core.usage_export_call(None, None, None, "xml", None)
+
+
+def test_mock_transport_end_to_end():
+    seen = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(
+            200,
+            json={"allowed": False, "decision": "deny", "subject": "u", "counters": [], "reasons": [],
+                  "replayed": False, "reservation_id": None, "expires_at": None},
+            headers={"Retry-After": "7"},
+        )
+
+    with quotad.Client("http://quotad.test/prefix", token="t0k", transport=httpx.MockTransport(handler)) as c:
+        d = c.consume("u")
+    assert d.retry_after == 7
+    assert str(seen[0].url) == "http://quotad.test/prefix/v1/consume"
+    assert seen[0].headers["authorization"] == "Bearer t0k"
+    assert seen[0].headers["user-agent"].startswith("quotad-python/")

@@ -1,0 +1,62 @@
+/**
+ * Node.js client for quotad, the quota / rate-limit / spend-control daemon.
+ *
+ * ```ts
+ * import { QuotadClient } from "quotad";
+ * const q = new QuotadClient({ url: "http://127.0.0.1:7878" });
+ * const d = await q.consume({ subject: "user:42", event: "llm.chat", amounts: { tokens: 1200 } });
+ * ```
+ */
+
+export { QuotadClient, Reservation, newIdempotencyKey, VERSION, TransportError } from "./client.js";
+export type { ClientOptions, OnUnavailable, StreamOptions, TimeArg, UsageOptions, UsageExportOptions } from "./client.js";
+export {
+  QuotadError,
+  InvalidRequest,
+  Unauthorized,
+  Forbidden,
+  NotFound,
+  Conflict,
+  PayloadTooLarge,
+  Unavailable,
+  Denied,
+  errorFromResponse,
+} from "./errors.js";
+export type { QuotadErrorOptions } from "./errors.js";
+export { SSEParser } from "./sse.js";
+export type { SSEMessage } from "./sse.js";
+export { parseTime, parseDecision } from "./types.js";
+export type {
+  Amounts,
+  Attributes,
+  BatchItem,
+  BatchOperation,
+  Breaker,
+  CheckRequest,
+  ConsumeRequest,
+  Cost,
+  Counter,
+  Decision,
+  Deleted,
+  EventPage,
+  Finish,
+  Flag,
+  JsonObject,
+  Max,
+  Outcome,
+  Plan,
+  Plans,
+  Priority,
+  QuotadEvent,
+  Reason,
+  ReloadReport,
+  ReserveRequest,
+  Subject,
+  SubjectEntry,
+  SubjectPage,
+  Usage,
+  UsageBucket,
+  UsagePage,
+  UsageRow,
+  Webhook,
+} from "./types.js";
