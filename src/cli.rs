@@ -347,7 +347,7 @@ fn serve(config_path: Option<&Path>, log_format: Option<LogFormatArg>) -> ExitCo
         }
     };
     runtime.block_on(async {
-        let mut server = match Server::bind(&config, Arc::new(SystemClock)).await {
+        let mut server = match Server::bind(&config, Arc::new(crate::clock::SteadyClock::system())).await {
             Ok(s) => s,
             Err(e) => {
                 tracing::error!(error = %e, "cannot start");
@@ -373,7 +373,10 @@ fn serve(config_path: Option<&Path>, log_format: Option<LogFormatArg>) -> ExitCo
             };
             while hup.recv().await.is_some() {
                 match state.reload() {
-                    Ok(report) => tracing::info!(?report, "SIGHUP: configuration reloaded"),
+                    Ok(report) if report.usage_reset.is_empty() => {
+                        tracing::info!("SIGHUP: configuration reloaded: {report}")
+                    }
+                    Ok(report) => tracing::warn!("SIGHUP: configuration reloaded: {report}"),
                     Err(e) => {
                         tracing::warn!(error = %e, "SIGHUP: reload rejected; the previous configuration stays in force")
                     }

@@ -100,6 +100,9 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// How long graceful shutdown waits for open requests, in ms. Default 10000.
     pub shutdown_grace_ms: u64,
+    /// A request body must arrive whole within this many ms of its headers,
+    /// else 408 and the connection is closed. Default 10000, 100..=600000.
+    pub body_timeout_ms: u64,
     /// Permissions of Unix socket files, octal. Default "0660": owner and group.
     pub socket_mode: String,
     /// Group (name or numeric id) given to Unix socket files, so that only the
@@ -115,6 +118,7 @@ impl Default for ServerConfig {
             max_batch_bytes: 1024 * 1024,
             max_connections: 10_000,
             shutdown_grace_ms: 10_000,
+            body_timeout_ms: 10_000,
             socket_mode: "0660".into(),
             socket_group: None,
         }
@@ -673,6 +677,12 @@ impl Config {
             return Err(ConfigError::new(
                 "server.max_connections",
                 "must be between 1 and 1000000",
+            ));
+        }
+        if !(100..=600_000).contains(&self.server.body_timeout_ms) {
+            return Err(ConfigError::new(
+                "server.body_timeout_ms",
+                "must be between 100 and 600000",
             ));
         }
         if !(1..=10_000).contains(&self.storage.flush_interval_ms) {

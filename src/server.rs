@@ -208,11 +208,13 @@ impl Server {
             clock,
             tokens: std::sync::RwLock::new(Arc::new(tokens)),
             config: std::sync::RwLock::new((config.clone(), None)),
+            started_config: config.clone(),
             metrics: Metrics::default(),
             ready: AtomicBool::new(false),
             shutting_down: AtomicBool::new(false),
             max_body_bytes: config.server.max_body_bytes,
             max_batch_bytes: config.server.max_batch_bytes,
+            body_timeout: Duration::from_millis(config.server.body_timeout_ms),
         });
         Ok(Server {
             state,
@@ -307,6 +309,8 @@ impl Server {
                 }
             }
         };
+        // Time goes on from the latest time the log recorded, if the clock is behind it.
+        state.clock.resume_from(engine.time(0));
         let engine = Arc::new(engine);
         let _ = state.core.set(Core {
             durable: engine.durable_watch(),

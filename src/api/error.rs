@@ -37,6 +37,9 @@ pub enum ApiError {
     /// 413.
     #[error("{0}")]
     PayloadTooLarge(String),
+    /// 408: the body did not arrive in time.
+    #[error("{0}")]
+    RequestTimeout(String),
     /// 503: storage failed or shutting down; nothing was applied.
     #[error("{0}")]
     Unavailable(String),
@@ -55,6 +58,7 @@ impl ApiError {
             ApiError::MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             ApiError::Conflict(code, _) => (StatusCode::CONFLICT, code),
             ApiError::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+            ApiError::RequestTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
         }
     }

@@ -87,6 +87,9 @@ pub struct AppState {
     pub tokens: RwLock<Arc<Vec<Token>>>,
     /// The configuration in force, and the file it came from (reload re-reads it).
     pub config: RwLock<(Config, Option<PathBuf>)>,
+    /// The configuration the process started with: settings that only a
+    /// restart applies are compared against it, on every reload.
+    pub started_config: Config,
     /// Request counters.
     pub metrics: Metrics,
     /// Set once recovery has finished.
@@ -97,13 +100,16 @@ pub struct AppState {
     pub max_body_bytes: usize,
     /// Body size limit of `/v1/batch`.
     pub max_batch_bytes: usize,
+    /// A body must arrive whole within this long.
+    pub body_timeout: std::time::Duration,
 }
 
 impl AppState {
-    fn authorize(&self, headers: &HeaderMap, need: Role) -> Result<(), ApiError> {
+    /// The role of the request's bearer token; `Admin` when auth is off.
+    fn authenticate(&self, headers: &HeaderMap) -> Result<Role, ApiError> {
         let tokens = self.tokens.read().unwrap_or_else(|e| e.into_inner()).clone();
         if tokens.is_empty() {
-            return Ok(());
+            return Ok(Role::Admin);
         }
         let presented = headers
             .get(axum::http::header::AUTHORIZATION)
@@ -117,10 +123,13 @@ impl AppState {
                 role = role.max(Some(t.role));
             }
         }
-        match role {
-            None => Err(ApiError::Unauthorized("the bearer token is not valid".into())),
-            Some(r) if r >= need => Ok(()),
-            Some(_) => Err(ApiError::Forbidden(
+        role.ok_or_else(|| ApiError::Unauthorized("the bearer token is not valid".into()))
+    }
+
+    fn authorize(&self, headers: &HeaderMap, need: Role) -> Result<(), ApiError> {
+        match self.authenticate(headers)? {
+            r if r >= need => Ok(()),
+            _ => Err(ApiError::Forbidden(
                 "this token's role is client; this endpoint needs admin".into(),
             )),
         }
@@ -148,22 +157,38 @@ impl AppState {
         let tokens = load_tokens(&new).map_err(with_file)?;
         let engine = self.engine().map_err(|e| ConfigError::new("reload", e.to_string()))?;
         let mut guard = self.config.write().unwrap_or_else(|e| e.into_inner());
-        let old = &guard.0;
+        // Against what runs, not the last reload: a change that still waits
+        // for a restart is reported on every reload until then.
+        let running = &self.started_config;
         let mut restart_required = Vec::new();
-        if old.server.listen != new.server.listen {
+        if running.server.listen != new.server.listen {
             restart_required.push("server.listen");
         }
-        if format!("{:?}", old.storage) != format!("{:?}", new.storage) {
+        if running.server.max_connections != new.server.max_connections {
+            restart_required.push("server.max_connections");
+        }
+        if format!("{:?}", running.storage) != format!("{:?}", new.storage) {
             restart_required.push("storage");
         }
-        if old.engine.shards != new.engine.shards {
+        if running.engine.shards != new.engine.shards {
             restart_required.push("engine.shards");
         }
+        let old_policy = engine.policy();
+        let mut usage_reset: Vec<String> = old_policy
+            .shapes
+            .iter()
+            .filter_map(|(name, old)| {
+                let why = old.resets_under(policy.shapes.get(name)?)?;
+                Some(format!("{name}: {why}"))
+            })
+            .collect();
+        usage_reset.sort();
         let report = ReloadReport {
             plans: policy.plans.len(),
             limits: policy.shapes.len(),
             tokens: tokens.len(),
             restart_required: restart_required.iter().map(|s| s.to_string()).collect(),
+            usage_reset,
         };
         engine.set_policy(policy);
         *self.tokens.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(tokens);
@@ -221,6 +246,26 @@ pub struct ReloadReport {
     pub tokens: usize,
     /// Changed settings that only take effect after a restart.
     pub restart_required: Vec<String>,
+    /// Limits whose counters start again from zero because what they count
+    /// changed (algorithm, period, time zone, scope or metric).
+    pub usage_reset: Vec<String>,
+}
+
+impl std::fmt::Display for ReloadReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} plan(s), {} limit(s), {} token(s) in force",
+            self.plans, self.limits, self.tokens
+        )?;
+        if !self.restart_required.is_empty() {
+            write!(f, "; needs a restart to apply: {}", self.restart_required.join(", "))?;
+        }
+        if !self.usage_reset.is_empty() {
+            write!(f, "; usage starts from zero for: {}", self.usage_reset.join("; "))?;
+        }
+        Ok(())
+    }
 }
 
 /// Reads the configured tokens (inline or from files).
@@ -294,13 +339,74 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .fallback(|| async { ApiError::NotFound("not_found", "no such endpoint; see API.md".into()) })
+        .fallback(|| async {
+            ApiError::NotFound(
+                "not_found",
+                "no such endpoint; the endpoints are listed in docs/api.md".into(),
+            )
+        })
         .method_not_allowed_fallback(|| async {
             ApiError::MethodNotAllowed("this endpoint does not take that method".into())
         })
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), observe))
         .layer(DefaultBodyLimit::max(limit))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), gate))
         .with_state(state)
+}
+
+/// What every request passes before any handler: the token is checked before
+/// a byte of the body is read, a `Content-Length` over the limit is 413 at
+/// once, and the body must arrive whole within `server.body_timeout_ms`
+/// (else 408), so that neither strangers nor stalled uploads can hold the
+/// connection slots. Both refusals close the connection.
+async fn gate(State(st): State<Arc<AppState>>, req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let path = req.uri().path();
+    if path != "/healthz" && path != "/readyz" {
+        if let Err(e) = st.authenticate(req.headers()) {
+            return closing(e.into_response());
+        }
+    }
+    let (limit, setting) = if path == "/v1/batch" {
+        (st.max_batch_bytes, "server.max_batch_bytes")
+    } else {
+        (st.max_body_bytes, "server.max_body_bytes")
+    };
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        let e = ApiError::PayloadTooLarge(format!("the request body is larger than {limit} bytes ({setting})"));
+        return closing(e.into_response());
+    }
+    if declared == Some(0) || (declared.is_none() && !req.headers().contains_key(header::TRANSFER_ENCODING)) {
+        return next.run(req).await;
+    }
+    let (parts, body) = req.into_parts();
+    let bytes = match tokio::time::timeout(st.body_timeout, axum::body::to_bytes(body, limit)).await {
+        Ok(Ok(b)) => b,
+        Ok(Err(_)) => {
+            let e = ApiError::PayloadTooLarge(format!("the request body is larger than {limit} bytes ({setting})"));
+            return closing(e.into_response());
+        }
+        Err(_) => {
+            let e = ApiError::RequestTimeout(format!(
+                "the request body did not arrive within {} ms (server.body_timeout_ms)",
+                st.body_timeout.as_millis()
+            ));
+            return closing(e.into_response());
+        }
+    };
+    next.run(axum::extract::Request::from_parts(parts, axum::body::Body::from(bytes)))
+        .await
+}
+
+/// Marks an answer as the last on its connection.
+fn closing(mut resp: Response) -> Response {
+    resp.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    resp
 }
 
 /// Every route pattern of the router: metric labels borrow these.
@@ -385,18 +491,79 @@ fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
         return Ok(value);
     }
     let de = &mut serde_json::Deserializer::from_slice(bytes);
-    let value = serde_path_to_error::deserialize(de).map_err(|e| {
+    let value = serde_path_to_error::deserialize(&mut *de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
         let top_level = matches!(path.as_str(), "." | "?" | "");
+        let what = plain_words(&inner);
         match inner.classify() {
-            serde_json::error::Category::Data if !top_level => ApiError::InvalidRequest(format!("{path}: {inner}")),
-            serde_json::error::Category::Data => ApiError::InvalidRequest(format!("invalid JSON body: {inner}")),
-            _ if top_level => ApiError::InvalidRequest(format!("invalid JSON body: {inner}")),
-            _ => ApiError::InvalidRequest(format!("invalid JSON body (at {path}): {inner}")),
+            serde_json::error::Category::Data if inner.to_string().starts_with("missing field") => {
+                ApiError::InvalidRequest(what)
+            }
+            serde_json::error::Category::Data if !top_level => ApiError::InvalidRequest(format!("{path}: {what}")),
+            serde_json::error::Category::Data => ApiError::InvalidRequest(what),
+            _ if top_level => ApiError::InvalidRequest(format!("invalid JSON body: {what}")),
+            _ => ApiError::InvalidRequest(format!("invalid JSON body (at {path}): {what}")),
         }
     })?;
+    // The fast path above checks this too (from_slice); a body that only
+    // parsed here must still be one JSON value and nothing after it.
+    de.end().map_err(|e| {
+        ApiError::InvalidRequest(format!(
+            "invalid JSON body: the body must be exactly one JSON object, but more follows it at line {} column {}",
+            e.line(),
+            e.column()
+        ))
+    })?;
     Ok(value)
+}
+
+/// serde's message in words a client author can act on: no Rust type names,
+/// and the position only where it helps (syntax errors).
+fn plain_words(e: &serde_json::Error) -> String {
+    let raw = e.to_string();
+    // serde appends " at line L column C"; for data errors the path says where.
+    let msg = match e.classify() {
+        serde_json::error::Category::Data => raw
+            .rsplit_once(" at line ")
+            .map_or(raw.as_str(), |(m, _)| m)
+            .to_string(),
+        _ => raw.clone(),
+    };
+    if let Some(field) = msg.strip_prefix("missing field `").and_then(|f| f.strip_suffix('`')) {
+        return format!("{field}: is required");
+    }
+    if let Some(rest) = msg.strip_prefix("unknown field `") {
+        let (field, expected) = rest.split_once('`').unwrap_or((rest, ""));
+        let expected = expected
+            .trim_start_matches(", expected ")
+            .trim_start_matches("one of ")
+            .replace('`', "");
+        return if expected.contains("there are no fields") {
+            format!("unknown field {field:?}: this body takes no fields")
+        } else {
+            format!("unknown field {field:?}: the fields are {expected}")
+        };
+    }
+    let mut m = msg;
+    for (rust, words) in [
+        ("u64", "a whole number from 0"),
+        ("u32", "a whole number from 0"),
+        ("usize", "a whole number from 0"),
+        ("i64", "a whole number"),
+        ("a string", "a string"),
+        ("a boolean", "true or false"),
+        ("a map", "an object"),
+        ("a sequence", "an array"),
+    ] {
+        m = m.replace(&format!("expected {rust}"), &format!("expected {words}"));
+    }
+    if let Some(i) = m.find("expected struct ") {
+        m.truncate(i);
+        m.push_str("expected an object");
+    }
+    m.replace("invalid type: ", "wrong type: ")
+        .replace("invalid value: integer `-", "negative number `-")
 }
 
 fn check_text(field: &str, s: &str, max_bytes: usize) -> Result<(), ApiError> {
@@ -816,7 +983,10 @@ async fn credit(
 #[derive(Serialize)]
 struct SubjectEntry {
     subject: String,
+    /// The plan in force, as `GET /v1/subjects/{s}` shows it.
     plan: Option<String>,
+    /// Whether that plan was assigned (else it is the default plan).
+    assigned: bool,
 }
 
 #[derive(Serialize)]
@@ -858,7 +1028,11 @@ async fn list_subjects(
         .flatten();
     let subjects = rows
         .into_iter()
-        .map(|(subject, plan)| SubjectEntry { subject, plan })
+        .map(|(subject, plan, assigned)| SubjectEntry {
+            subject,
+            plan,
+            assigned,
+        })
         .collect();
     Ok(Json(SubjectPage { subjects, next_after }).into_response())
 }
@@ -970,7 +1144,11 @@ async fn reload(State(st): State<Arc<AppState>>, headers: HeaderMap) -> Result<R
     st.authorize(&headers, Role::Admin)?;
     match st.reload() {
         Ok(report) => {
-            tracing::info!(?report, "configuration reloaded");
+            if report.usage_reset.is_empty() {
+                tracing::info!("configuration reloaded: {report}");
+            } else {
+                tracing::warn!("configuration reloaded: {report}");
+            }
             Ok(Json(report).into_response())
         }
         Err(e) => {

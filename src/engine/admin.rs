@@ -345,24 +345,23 @@ impl Engine {
         Ok(SubjectView {
             subject: subject.to_string(),
             plan: plan.name.to_string(),
-            assigned: st.plan().is_some(),
+            assigned: assigned(&policy, &st),
             overrides: st.overrides().clone(),
             counters,
         })
     }
 
-    /// Known subjects after `after`, in byte order, at most `limit`, with their plan.
-    pub fn list_subjects(&self, after: Option<&str>, limit: usize) -> Vec<(String, Option<String>)> {
-        let mut out: Vec<(String, Option<String>)> = Vec::new();
+    /// Known subjects after `after`, in byte order, at most `limit`, with the
+    /// plan in force (as `subject` shows it) and whether it was assigned.
+    pub fn list_subjects(&self, after: Option<&str>, limit: usize) -> Vec<(String, Option<String>, bool)> {
+        let policy = self.policy();
+        let mut out: Vec<(String, Option<String>, bool)> = Vec::new();
         for i in 0..self.shards.len() {
             let mut l = self.lock(vec![i]);
-            out.extend(
-                l.shard(i)
-                    .subjects
-                    .range_after(after)
-                    .take(limit)
-                    .map(|(s, st)| (s.to_string(), st.plan().map(str::to_string))),
-            );
+            out.extend(l.shard(i).subjects.range_after(after).take(limit).map(|(s, st)| {
+                let plan = policy.plan_for(st.plan()).map(|p| p.name.to_string());
+                (s.to_string(), plan, assigned(&policy, st))
+            }));
         }
         out.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         out.truncate(limit);
@@ -480,6 +479,12 @@ impl Engine {
         });
         d
     }
+}
+
+/// Whether the subject's own assigned plan is the one in force (a plan that a
+/// reload removed leaves it on the default plan).
+fn assigned(policy: &Policy, st: &SubjectState) -> bool {
+    st.plan().is_some_and(|p| policy.plan_index.contains_key(p))
 }
 
 /// See [`Engine::digest`].

@@ -27,7 +27,7 @@ pub use state::{apply, intern, CounterMap, FastMap, Shard, ShardAccess, SubjectS
 pub use types::*;
 
 use crate::clock::Millis;
-use crate::config::{MaxValue, Mode, Unmatched};
+use crate::config::{MaxValue, Mode, Unmatched, MAX_SAFE_INTEGER};
 use crate::journal::{DurableWatch, Journal};
 
 /// FNV-1a over `bytes`, with a domain tag: used to pick shards and to fingerprint
@@ -647,6 +647,19 @@ impl Engine {
             });
         }
 
+        if let Some(m) = matched
+            .iter()
+            .find(|m| m.usage.used.saturating_add(m.amount) > MAX_SAFE_INTEGER)
+        {
+            return Err(EngineError::InvalidRequest(format!(
+                "amounts.{}: charging {} would take counter {:?} (scope {}) past {MAX_SAFE_INTEGER} (2^53-1), \
+                 the largest count JSON clients read exactly",
+                m.limit.metric,
+                m.amount,
+                m.limit.name,
+                m.key.scope.display()
+            )));
+        }
         let mut muts = Vec::with_capacity(matched.len() + 2);
         for m in &mut matched {
             decision.counters.push(view_after(

@@ -192,6 +192,33 @@ pub struct LimitShape {
     pub scope: Scope,
     /// Algorithm.
     pub algorithm: Algorithm,
+    /// Period as written (none for lifetime limits).
+    pub period: Option<String>,
+    /// Time zone of calendar windows.
+    pub timezone: String,
+}
+
+impl LimitShape {
+    /// Why counters kept under this shape do not carry over to `new` (their
+    /// usage starts again from zero), if they do not.
+    pub fn resets_under(&self, new: &LimitShape) -> Option<String> {
+        let change =
+            |what: &str, a: &dyn std::fmt::Display, b: &dyn std::fmt::Display| Some(format!("{what} {a} -> {b}"));
+        let period = |p: &Option<String>| p.clone().unwrap_or_else(|| "none".into());
+        if self.algorithm != new.algorithm {
+            change("algorithm", &self.algorithm, &new.algorithm)
+        } else if self.period != new.period {
+            change("period", &period(&self.period), &period(&new.period))
+        } else if self.timezone != new.timezone {
+            change("timezone", &self.timezone, &new.timezone)
+        } else if self.scope != new.scope {
+            change("scope", &format!("{:?}", self.scope), &format!("{:?}", new.scope))
+        } else if self.metric != new.metric {
+            change("metric", &self.metric, &new.metric)
+        } else {
+            None
+        }
+    }
 }
 
 /// Limits and plans in force, plus engine settings.
@@ -348,7 +375,7 @@ impl Policy {
     /// the caller fills in the file.
     pub fn compile(config: &Config) -> Result<Policy, ConfigError> {
         let settings = config.engine.settings()?;
-        let mut shapes: HashMap<Arc<str>, (LimitShape, Option<String>, String)> = HashMap::new();
+        let mut shapes: HashMap<Arc<str>, LimitShape> = HashMap::new();
         let mut check_shape = |key: &str, l: &Limit| -> Result<(), ConfigError> {
             let period = l.source.period.clone();
             let tz = l.source.timezone.clone().unwrap_or_else(|| "UTC".into());
@@ -356,22 +383,24 @@ impl Policy {
                 metric: l.metric.clone(),
                 scope: l.scope.clone(),
                 algorithm: l.source.algorithm,
+                period,
+                timezone: tz,
             };
             match shapes.get(&l.name) {
                 None => {
-                    shapes.insert(l.name.clone(), (shape, period, tz));
+                    shapes.insert(l.name.clone(), shape);
                     Ok(())
                 }
-                Some((s, p, z)) => {
+                Some(s) => {
                     let what = if s.metric != shape.metric {
                         "metric"
                     } else if s.scope != shape.scope {
                         "scope"
                     } else if s.algorithm != shape.algorithm {
                         "algorithm"
-                    } else if *p != period {
+                    } else if s.period != shape.period {
                         "period"
-                    } else if *z != tz {
+                    } else if s.timezone != shape.timezone {
                         "timezone"
                     } else {
                         return Ok(());
@@ -498,7 +527,7 @@ impl Policy {
             plan_index,
             default_plan,
             top_limits,
-            shapes: shapes.into_iter().map(|(k, (s, _, _))| (k, s)).collect(),
+            shapes,
             shared_limits,
             metrics,
             settings,

@@ -127,6 +127,16 @@ impl TestServer {
         Self::start_full(toml_text, transport, now_ms, journal, data_dir, None).await
     }
 
+    /// A durable server on `clock` (then `self.clock` is not the server's).
+    pub async fn start_on_clock(
+        toml_text: &str,
+        transport: Transport,
+        clock: Arc<dyn quotad::clock::Clock>,
+        data_dir: &std::path::Path,
+    ) -> TestServer {
+        Self::start_any(toml_text, transport, T0, None, Some(data_dir), None, Some(clock)).await
+    }
+
     async fn start_full(
         toml_text: &str,
         transport: Transport,
@@ -134,6 +144,19 @@ impl TestServer {
         journal: Option<Arc<dyn Journal>>,
         data_dir: Option<&std::path::Path>,
         config_path: Option<std::path::PathBuf>,
+    ) -> TestServer {
+        Self::start_any(toml_text, transport, now_ms, journal, data_dir, config_path, None).await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn start_any(
+        toml_text: &str,
+        transport: Transport,
+        now_ms: u64,
+        journal: Option<Arc<dyn Journal>>,
+        data_dir: Option<&std::path::Path>,
+        config_path: Option<std::path::PathBuf>,
+        server_clock: Option<Arc<dyn quotad::clock::Clock>>,
     ) -> TestServer {
         let dir = tempfile::tempdir().unwrap();
         let mut config = Config::from_toml(toml_text, "test.toml").expect("test config is valid");
@@ -143,9 +166,10 @@ impl TestServer {
         }];
         config.storage.data_dir = data_dir.map_or_else(|| dir.path().join("data"), |d| d.to_path_buf());
         let clock = ManualClock::new(now_ms);
+        let server_clock = server_clock.unwrap_or_else(|| Arc::new(clock.clone()));
         let server = match journal {
-            Some(j) => Server::bind_with_journal(&config, Arc::new(clock.clone()), j).await,
-            None => Server::bind(&config, Arc::new(clock.clone())).await,
+            Some(j) => Server::bind_with_journal(&config, server_clock, j).await,
+            None => Server::bind(&config, server_clock).await,
         }
         .expect("server binds");
         let server = match config_path {
