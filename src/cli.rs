@@ -312,13 +312,19 @@ pub fn load_config(path: Option<&Path>) -> Result<(Config, Option<PathBuf>), cra
         Some(p) => Config::load(p)?,
         None => Config::from_toml("", "<built-in defaults>")?,
     };
-    Policy::compile(&config).map_err(|mut e| {
-        e.file = path
-            .as_ref()
-            .map_or("<built-in defaults>".into(), |p| p.display().to_string());
+    let with_file = |mut e: crate::config::ConfigError| {
+        e.file = config_name(path.as_deref());
         e
-    })?;
+    };
+    Policy::compile(&config).map_err(with_file)?;
+    // Token files are part of the configuration: an unreadable one is named now.
+    crate::api::load_tokens(&config).map_err(with_file)?;
     Ok((config, path))
+}
+
+/// How errors name the configuration: its path, or the built-in defaults.
+fn config_name(path: Option<&Path>) -> String {
+    path.map_or("<built-in defaults>".into(), |p| p.display().to_string())
 }
 
 async fn shutdown_signal() {
@@ -349,18 +355,21 @@ fn serve(config_path: Option<&Path>, log_format: Option<LogFormatArg>) -> ExitCo
     runtime.block_on(async {
         let mut server = match Server::bind(&config, Arc::new(crate::clock::SteadyClock::system())).await {
             Ok(s) => s,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot start");
-                eprintln!("quotad: {e}");
+            Err(mut e) => {
+                if let crate::server::ServerError::Config(c) = &mut e {
+                    if c.file.is_empty() {
+                        c.file = config_name(path.as_deref());
+                    }
+                }
+                // Logging is set up and goes to stderr: one line, not two.
+                tracing::error!("cannot start: {e}");
                 return ExitCode::from(exit_code(&e));
             }
         };
         if let Some(p) = &path {
             server = server.with_config_path(p.clone());
         }
-        let name = path
-            .as_ref()
-            .map_or("<built-in defaults>".into(), |p| p.display().to_string());
+        let name = config_name(path.as_deref());
         for addr in server.local_addrs() {
             tracing::info!(config = %name, %addr, "listening");
         }
@@ -386,8 +395,7 @@ fn serve(config_path: Option<&Path>, log_format: Option<LogFormatArg>) -> ExitCo
         match server.run(shutdown_signal()).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                tracing::error!(error = %e, "stopped with an error");
-                eprintln!("quotad: {e}");
+                tracing::error!("stopped with an error: {e}");
                 ExitCode::from(exit_code(&e))
             }
         }

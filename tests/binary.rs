@@ -45,11 +45,16 @@ fn invalid_configs_fail_at_start_naming_file_key_and_problem() {
         ("[[plans]]\nname = \"a\"\ndefault = true\n[[plans]]\nname = \"b\"\ndefault = true\n", "plans[1].default"),
         ("[storage]\ndurability = \"sometimes\"\n", "durability"),
         (&format!("{LIMIT}period = \"1d\"\nmax = 2\n"), "max"),
+        (
+            "[auth]\ntokens = [{ role = \"admin\", token_file = \"/nonexistent/quotad-token\" }]\n",
+            ": auth.tokens[0].token_file: cannot read /nonexistent/quotad-token",
+        ),
     ];
     for (text, key) in cases {
         let (code, stderr) = check_config(text);
         assert_eq!(code, 2, "{text}\n{stderr}");
         assert!(stderr.contains(key), "should name {key}: {stderr}");
+        assert_eq!(stderr.matches("bad.toml").count(), 1, "said once: {stderr}");
     }
 }
 
