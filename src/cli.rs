@@ -316,9 +316,9 @@ pub fn load_config(path: Option<&Path>) -> Result<(Config, Option<PathBuf>), cra
         e.file = config_name(path.as_deref());
         e
     };
+    // Token files are read by serve (an unreadable one is named then), not
+    // here: `config check` may run where the secrets are not.
     Policy::compile(&config).map_err(with_file)?;
-    // Token files are part of the configuration: an unreadable one is named now.
-    crate::api::load_tokens(&config).map_err(with_file)?;
     Ok((config, path))
 }
 

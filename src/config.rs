@@ -184,6 +184,9 @@ pub struct EngineConfig {
     pub shards: usize,
     /// Open reservations at most, across all subjects; beyond it reserve is 503. Default 1_000_000.
     pub max_open_reservations: usize,
+    /// Idempotency keys kept at most; when full, a write with a new key is 503
+    /// (keys past retention are dropped first). Default 10_000_000, 1..=1_000_000_000.
+    pub max_idempotency_keys: usize,
 }
 
 impl Default for EngineConfig {
@@ -194,6 +197,7 @@ impl Default for EngineConfig {
             reservation_ttl_max: "1h".into(),
             shards: 64,
             max_open_reservations: 1_000_000,
+            max_idempotency_keys: 10_000_000,
         }
     }
 }
@@ -506,6 +510,8 @@ pub struct EngineSettings {
     pub shards: usize,
     /// Cap on open reservations.
     pub max_open_reservations: usize,
+    /// Cap on retained idempotency keys.
+    pub max_idempotency_keys: usize,
 }
 
 impl Default for EngineSettings {
@@ -548,6 +554,7 @@ impl EngineConfig {
             reservation_ttl_max_ms: duration_ms("engine.reservation_ttl_max", &self.reservation_ttl_max, 1, 7 * DAY)?,
             shards: self.shards,
             max_open_reservations: self.max_open_reservations,
+            max_idempotency_keys: self.max_idempotency_keys,
         };
         if s.reservation_ttl_default_ms > s.reservation_ttl_max_ms {
             return Err(ConfigError::new(
@@ -560,6 +567,12 @@ impl EngineConfig {
         }
         if s.max_open_reservations == 0 {
             return Err(ConfigError::new("engine.max_open_reservations", "must be at least 1"));
+        }
+        if !(1..=1_000_000_000).contains(&s.max_idempotency_keys) {
+            return Err(ConfigError::new(
+                "engine.max_idempotency_keys",
+                "must be between 1 and 1000000000",
+            ));
         }
         Ok(s)
     }

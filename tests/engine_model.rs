@@ -242,14 +242,14 @@ struct Snapshot {
     retry_after_ms: Option<u64>,
 }
 
-/// The price table of CONFIG: 2.5 µ$ a token on llm.*, 1000 µ$ a call on img,
-/// nothing else priced (`None`: an unpriced call carrying tokens is refused).
+/// The price table of CONFIG: 2.5 µ$ a token on llm.*, 1000 µ$ a call on img.
+/// Any other event is refused as unpriced (`None`): `requests` is priced, and
+/// every call carries one.
 fn price(ev: &str, tokens: u64) -> Option<u64> {
     match ev {
         "llm.chat" | "llm.embed" => Some((tokens * 5).div_ceil(2)),
         "img" => Some(1000),
-        _ if tokens > 0 => None,
-        _ => Some(0),
+        _ => None,
     }
 }
 

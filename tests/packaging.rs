@@ -220,3 +220,56 @@ fn the_docker_config_checks_and_refuses_0_0_0_0_without_tokens() {
     assert_eq!(o.status.code(), Some(2), "{err}");
     assert!(err.contains("server.listen[0]") && err.contains("auth.tokens"), "{err}");
 }
+
+/// Docker cannot run here, so the dependency stage's RUN is run as the
+/// Dockerfile has it, in a directory holding only what that stage copies, with
+/// `cargo` standing for a check that the manifest's every target file exists
+/// (what `cargo build` reads first, and failed on when a bench had no stub).
+#[test]
+fn the_docker_dependency_stage_stubs_every_target_cargo_reads() {
+    let dockerfile = std::fs::read_to_string(repo("packaging/Dockerfile")).unwrap();
+    let start = dockerfile
+        .find("COPY Cargo.toml Cargo.lock ./")
+        .expect("the dependency stage");
+    let run = dockerfile[start..]
+        .lines()
+        .skip(1)
+        .take_while(|l| !l.trim().is_empty() && !l.starts_with("COPY"))
+        // Docker joins continued lines, dropping the backslash and newline.
+        .map(|l| l.strip_suffix('\\').unwrap_or(l))
+        .collect::<Vec<_>>()
+        .join("");
+    let run = run.strip_prefix("RUN ").expect("a RUN line");
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["Cargo.toml", "Cargo.lock"] {
+        std::fs::copy(repo(f), dir.path().join(f)).unwrap();
+    }
+    let bin = dir.path().join("fakebin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let real = String::from_utf8(Command::new("which").arg("cargo").output().unwrap().stdout).unwrap();
+    let fake = format!(
+        "#!/usr/bin/env bash\nset -e\n'{}' metadata --no-deps --format-version 1 --offline | python3 -c '\n\
+         import json, os, sys\n\
+         missing = [t[\"src_path\"] for p in json.load(sys.stdin)[\"packages\"] for t in p[\"targets\"] if not os.path.exists(t[\"src_path\"])]\n\
+         print(\"missing:\", missing) if missing else None\n\
+         sys.exit(1 if missing else 0)'\n",
+        real.trim()
+    );
+    std::fs::write(bin.join("cargo"), fake).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(bin.join("cargo"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap());
+    let o = Command::new("sh")
+        .arg("-c")
+        .arg(run)
+        .current_dir(dir.path())
+        .env("PATH", path)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}

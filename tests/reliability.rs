@@ -286,3 +286,45 @@ async fn reload_reports_what_it_resets_and_a_removed_plan_reads_the_same_everywh
     assert_eq!(entry, json!({"subject": "p", "plan": "free", "assigned": false}));
     s.stop().await;
 }
+
+#[tokio::test]
+async fn retained_keys_are_bounded_and_expired_ones_go_first() {
+    let cfg = "[engine]\nmax_idempotency_keys = 3\nidempotency_retention = \"10s\"\n\
+               [[plans]]\nname = \"free\"\ndefault = true\n";
+    for t in TRANSPORTS {
+        let s = TestServer::start(cfg, t).await;
+        let keyed = |k: &str| json!({"subject": "u", "idempotency_key": k});
+        for k in ["k1", "k2", "k3"] {
+            assert!(s.consume(keyed(k)).await.allowed());
+        }
+        // Full: a new key is refused, naming the setting, and nothing is applied.
+        let r = s.consume(keyed("k4")).await;
+        assert_eq!((r.status, r.error_code()), (503, "unavailable"), "{}", r.text);
+        assert!(r.text.contains("engine.max_idempotency_keys"), "{}", r.text);
+        let r = s
+            .req("DELETE", "/v1/subjects/u", None, &[("idempotency-key", "k5")])
+            .await;
+        assert_eq!(r.status, 503, "{}", r.text);
+        // Retries of kept keys and calls without a key still work.
+        assert_eq!(s.consume(keyed("k1")).await.body["replayed"], true);
+        assert!(s.consume(json!({"subject": "u"})).await.allowed());
+        // Once the kept keys pass their retention they make room.
+        s.clock.advance(11_000);
+        let r = s.consume(keyed("k4")).await;
+        assert!(r.allowed(), "{}", r.text);
+        assert_eq!(r.body["replayed"], false);
+        s.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn a_repeated_delete_answers_what_the_first_did() {
+    let s = TestServer::start(CONFIG, Transport::Tcp).await;
+    let h = [("idempotency-key", "d-1")];
+    let first = s.req("DELETE", "/v1/subjects/never-seen", None, &h).await;
+    let again = s.req("DELETE", "/v1/subjects/never-seen", None, &h).await;
+    assert_eq!(first.body, json!({"subject": "never-seen", "deleted": false}));
+    assert_eq!(again.body, first.body);
+    assert_eq!(again.header("idempotent-replayed").as_deref(), Some("true"));
+    s.stop().await;
+}

@@ -908,12 +908,17 @@ async fn delete_subject(
     let key = idempotency_key(&headers, None)?;
     st.writable()?;
     let applied = st.engine()?.delete_subject(&subject, key.as_deref(), st.now())?;
-    let existed = st.durable(applied).await?;
-    Ok(Json(Deleted {
+    let (existed, replayed) = st.durable(applied).await?;
+    let mut resp = Json(Deleted {
         subject: &subject,
         deleted: existed,
     })
-    .into_response())
+    .into_response();
+    if replayed {
+        resp.headers_mut()
+            .insert("idempotent-replayed", HeaderValue::from_static("true"));
+    }
+    Ok(resp)
 }
 
 #[derive(Deserialize)]

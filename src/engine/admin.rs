@@ -20,22 +20,32 @@ impl Engine {
         now: Millis,
         build: impl FnOnce(Option<&SubjectState>) -> Result<Vec<Mutation>, EngineError>,
     ) -> Result<Applied<bool>, EngineError> {
+        if idem_key.is_some() {
+            self.make_room_for_keys(policy, now)?;
+        }
         let mut locked = self.lock(self.admin_shards(subject, idem_key));
-        if let Some(replay) = Self::check_admin_idempotency(&mut locked, idem_key, fp, now)? {
-            return Ok(replay);
+        if let Some((lsn, _)) = Self::check_admin_idempotency(&mut locked, idem_key, fp, now)? {
+            return Ok(Applied {
+                value: true,
+                lsn: Some(lsn),
+            });
+        }
+        if idem_key.is_some() {
+            self.check_key_room(policy)?;
         }
         let mut muts = build(locked.subject_shard(subject).subjects.get(subject))?;
-        muts.extend(Self::admin_entry(policy, idem_key, fp, subject, now));
+        muts.extend(Self::admin_entry(policy, idem_key, fp, subject, true, now));
         let lsn = locked.commit(&muts, now)?;
         Ok(Applied { value: false, lsn })
     }
 
+    /// A repeated key's LSN and stored answer, or `None` for a new key.
     fn check_admin_idempotency(
         locked: &mut Locked<'_>,
         key: Option<&str>,
         fp: u64,
         now: Millis,
-    ) -> Result<Option<Applied<bool>>, EngineError> {
+    ) -> Result<Option<(Lsn, StoredAnswer)>, EngineError> {
         let Some(k) = key else { return Ok(None) };
         // An entry past its retention is as good as gone, whether or not GC ran yet.
         match locked
@@ -44,23 +54,30 @@ impl Engine {
             .get(k)
             .filter(|(e, _)| e.expires_ms > now)
         {
-            Some((e, lsn)) if e.fingerprint == fp => Ok(Some(Applied {
-                value: true,
-                lsn: Some(*lsn),
-            })),
+            Some((e, lsn)) if e.fingerprint == fp => Ok(Some((*lsn, e.answer.unpack()))),
             Some(_) => Err(EngineError::IdempotencyConflict(k.to_string())),
             None => Ok(None),
         }
     }
 
-    fn admin_entry(policy: &Policy, key: Option<&str>, fp: u64, subject: &str, now: Millis) -> Option<Mutation> {
+    /// The entry an admin write keeps under its key; `existed` is what a
+    /// DELETE answers on a retry.
+    fn admin_entry(
+        policy: &Policy,
+        key: Option<&str>,
+        fp: u64,
+        subject: &str,
+        existed: bool,
+        now: Millis,
+    ) -> Option<Mutation> {
         key.map(|k| Mutation::PutIdempotency {
             key: k.to_string(),
             entry: Box::new(IdempotencyEntry {
                 fingerprint: fp,
-                answer: StoredAnswer::Deleted {
+                answer: PackedAnswer::pack(&StoredAnswer::Deleted {
                     subject: subject.to_string(),
-                },
+                    existed,
+                }),
                 expires_ms: now.saturating_add(policy.settings.idempotency_retention_ms),
             }),
         })
@@ -117,15 +134,19 @@ impl Engine {
     }
 
     /// Forgets a subject: its plan, overrides, counters and active holds (holds on
-    /// shared counters are refunded). The answer is whether it was known.
+    /// shared counters are refunded). The answer is (whether it was known,
+    /// whether this is a replay of an earlier identical request).
     pub fn delete_subject(
         &self,
         subject: &str,
         idem_key: Option<&str>,
         now_ms: Millis,
-    ) -> Result<Applied<bool>, EngineError> {
+    ) -> Result<Applied<(bool, bool)>, EngineError> {
         let (now, policy) = self.begin(now_ms);
         let fp = fingerprint("delete_subject", &subject);
+        if idem_key.is_some() {
+            self.make_room_for_keys(&policy, now)?;
+        }
         let sshard = self.shard_of_subject(subject);
         loop {
             // Phase 1: the shards of the subject's holds.
@@ -156,8 +177,15 @@ impl Engine {
             if now_holds != holds {
                 continue; // A hold came or went meanwhile: take the locks again.
             }
-            if let Some(replay) = Self::check_admin_idempotency(&mut locked, idem_key, fp, now)? {
-                return Ok(replay);
+            if let Some((lsn, answer)) = Self::check_admin_idempotency(&mut locked, idem_key, fp, now)? {
+                let existed = matches!(answer, StoredAnswer::Deleted { existed: true, .. });
+                return Ok(Applied {
+                    value: (existed, true),
+                    lsn: Some(lsn),
+                });
+            }
+            if idem_key.is_some() {
+                self.check_key_room(&policy)?;
             }
             let existed = locked.shard(sshard).subjects.contains_key(subject);
             let subj: Arc<str> = subject.into();
@@ -189,9 +217,12 @@ impl Engine {
                     subject: subject.into(),
                 });
             }
-            muts.extend(Self::admin_entry(&policy, idem_key, fp, subject, now));
+            muts.extend(Self::admin_entry(&policy, idem_key, fp, subject, existed, now));
             let lsn = locked.commit(&muts, now)?;
-            return Ok(Applied { value: existed, lsn });
+            return Ok(Applied {
+                value: (existed, false),
+                lsn,
+            });
         }
     }
 

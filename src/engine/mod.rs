@@ -8,6 +8,7 @@
 
 mod admin;
 mod counter;
+mod packed;
 mod policy;
 mod pricing;
 mod reservations;
@@ -21,6 +22,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 pub use admin::StateDigest;
 pub use counter::{evaluate, slot_for, Counter, Usage, Verdict};
+pub use packed::PackedAnswer;
 pub use policy::{glob_match, Kind, Limit, LimitShape, Matcher, Plan, Policy, Scope, SLIDING_BUCKETS};
 pub use pricing::{parse_price, PriceRates, PricedCall, Pricing};
 pub use state::{apply, intern, CounterMap, FastMap, Shard, ShardAccess, SubjectState, Subjects};
@@ -104,6 +106,11 @@ pub struct Engine {
     next_expiry_ms: AtomicU64,
     /// Active reservations, for the `max_open_reservations` cap.
     open_reservations: AtomicIsize,
+    /// Idempotency keys kept, for the `max_idempotency_keys` cap.
+    idempotency_keys: AtomicIsize,
+    /// Set while a full key store is being cleared of expired keys, so that
+    /// one request does it, not every one that finds it full.
+    collecting_keys: std::sync::atomic::AtomicBool,
     /// Random per process, so reservation ids differ across restarts.
     id_seed: u64,
     /// Reservation ids handed out by this process.
@@ -169,6 +176,11 @@ impl Locked<'_> {
             self.engine
                 .open_reservations
                 .fetch_add(a.open_reservations_delta, Ordering::Relaxed);
+            if a.idempotency_keys_delta != 0 {
+                self.engine
+                    .idempotency_keys
+                    .fetch_add(a.idempotency_keys_delta, Ordering::Relaxed);
+            }
         }
         // Every record touching these shards up to `lsn` is now in them (a locked
         // shard the record did not touch trivially qualifies).
@@ -339,6 +351,8 @@ impl Engine {
             expiry: Mutex::new(BTreeSet::new()),
             next_expiry_ms: AtomicU64::new(u64::MAX),
             open_reservations: AtomicIsize::new(0),
+            idempotency_keys: AtomicIsize::new(0),
+            collecting_keys: std::sync::atomic::AtomicBool::new(false),
             id_seed,
             id_seq: AtomicU64::new(0),
             journal,
@@ -482,6 +496,9 @@ impl Engine {
             _ => amount_of(&req.amounts, metric),
         };
 
+        if idem_key.is_some() {
+            self.make_room_for_keys(&policy, now)?;
+        }
         let mut shards = vec![self.shard_of_subject(&subject)];
         if let Some(k) = idem_key {
             shards.push(self.shard_of_idempotency(k));
@@ -519,15 +536,15 @@ impl Engine {
                 .get(k)
                 .filter(|(e, _)| e.expires_ms > now)
             {
-                return match &entry.answer {
-                    StoredAnswer::Decision(d) if entry.fingerprint == fp => Ok(Applied {
-                        value: Decision {
-                            replayed: true,
-                            ..d.clone()
-                        },
+                if entry.fingerprint != fp {
+                    return Err(EngineError::IdempotencyConflict(k.to_string()));
+                }
+                return match entry.answer.unpack() {
+                    StoredAnswer::Decision(d) => Ok(Applied {
+                        value: Decision { replayed: true, ..d },
                         lsn: Some(*lsn),
                     }),
-                    _ => Err(EngineError::IdempotencyConflict(k.to_string())),
+                    StoredAnswer::Deleted { .. } => Err(EngineError::IdempotencyConflict(k.to_string())),
                 };
             }
         }
@@ -720,9 +737,10 @@ impl Engine {
             expiry = Some((expires_ms, id));
         }
         if let (Some(k), Some(fp)) = (idem_key, fp) {
+            self.check_key_room(&policy)?;
             let entry = IdempotencyEntry {
                 fingerprint: fp,
-                answer: StoredAnswer::Decision(decision.clone()),
+                answer: PackedAnswer::decision(&decision),
                 expires_ms: now.saturating_add(policy.settings.idempotency_retention_ms),
             };
             muts.push(Mutation::PutIdempotency {
@@ -736,6 +754,32 @@ impl Engine {
             self.track_expiry(at, id);
         }
         Ok(Applied { value: decision, lsn })
+    }
+
+    /// Before a write with a new key: when the key store is full, drops the
+    /// keys past their retention (garbage collection, done by one request at
+    /// a time). Takes no lock the caller holds.
+    fn make_room_for_keys(&self, policy: &Policy, now: Millis) -> Result<(), EngineError> {
+        let full = self.idempotency_keys.load(Ordering::Relaxed) >= policy.settings.max_idempotency_keys as isize;
+        if full && !self.collecting_keys.swap(true, Ordering::AcqRel) {
+            let r = self.gc(now, usize::MAX);
+            self.collecting_keys.store(false, Ordering::Release);
+            r?;
+        }
+        Ok(())
+    }
+
+    /// Refuses to keep one more key when `engine.max_idempotency_keys` are kept.
+    fn check_key_room(&self, policy: &Policy) -> Result<(), EngineError> {
+        let max = policy.settings.max_idempotency_keys;
+        if self.idempotency_keys.load(Ordering::Relaxed) >= max as isize {
+            return Err(EngineError::Unavailable(format!(
+                "{max} idempotency keys are kept, the configured maximum (engine.max_idempotency_keys), and none \
+                 has passed its retention (engine.idempotency_retention); nothing was applied: retry later, \
+                 send the call without a key, or raise the setting"
+            )));
+        }
+        Ok(())
     }
 
     /// Counts of what the engine holds.
@@ -838,8 +882,10 @@ impl Engine {
     pub fn finish_recovery(&mut self) {
         let mut idx = BTreeSet::new();
         let mut open = 0;
+        let mut keys = 0;
         for (i, shard) in self.shards.iter_mut().enumerate() {
             let shard = shard.get_mut().unwrap_or_else(|e| e.into_inner());
+            keys += shard.idempotency.len() as isize;
             let base = self.replay_base.get(i).copied().unwrap_or(0);
             shard.applied_lsn = shard.applied_lsn.max(base).max(self.replayed_lsn);
             for (r, _) in shard.reservations.values() {
@@ -850,6 +896,7 @@ impl Engine {
             }
         }
         self.open_reservations.store(open, Ordering::Relaxed);
+        self.idempotency_keys.store(keys, Ordering::Relaxed);
         self.next_expiry_ms
             .store(idx.first().map_or(u64::MAX, |(at, _)| *at), Ordering::Release);
         *self.expiry.get_mut().unwrap_or_else(|e| e.into_inner()) = idx;

@@ -405,6 +405,8 @@ pub trait ShardAccess {
 pub struct Applied {
     /// Change in the number of active reservations.
     pub open_reservations_delta: isize,
+    /// Change in the number of idempotency keys kept.
+    pub idempotency_keys_delta: isize,
 }
 
 /// Runs `f` on a counter (`None` if absent; a `None` left by `f` removes it),
@@ -508,13 +510,15 @@ pub fn apply<A: ShardAccess>(access: &mut A, m: &Mutation, lsn: Lsn) -> Applied 
             }
         }
         Mutation::PutIdempotency { key, entry } => {
-            access
+            let old = access
                 .idempotency_shard(key)
                 .idempotency
                 .insert(key.clone(), ((**entry).clone(), lsn));
+            out.idempotency_keys_delta = isize::from(old.is_none());
         }
         Mutation::DropIdempotency { key } => {
-            access.idempotency_shard(key).idempotency.remove(key);
+            let old = access.idempotency_shard(key).idempotency.remove(key);
+            out.idempotency_keys_delta = -isize::from(old.is_some());
         }
     }
     out

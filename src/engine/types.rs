@@ -263,17 +263,20 @@ pub struct SubjectView {
     pub counters: Vec<CounterView>,
 }
 
-/// A stored answer, replayed for a repeated idempotency key.
+/// A stored answer, replayed for a repeated idempotency key (kept packed:
+/// see [`super::packed`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum StoredAnswer {
     /// consume / reserve.
     Decision(Decision),
-    /// PUT subject, reset, credit.
-    Subject(SubjectView),
-    /// DELETE subject.
+    /// An admin write (PUT, reset, credit, DELETE of a subject). Their replays
+    /// answer the subject as it is now; a DELETE's answers whether it existed.
     Deleted {
-        /// The subject forgotten.
+        /// The subject written.
         subject: String,
+        /// DELETE: whether the subject was known.
+        #[serde(default)]
+        existed: bool,
     },
 }
 
@@ -392,8 +395,7 @@ pub struct IdempotencyEntry {
     /// Hash of the canonical request: a different body under the same key is a conflict.
     pub fingerprint: u64,
     /// The original answer.
-    #[serde(with = "json_text")]
-    pub answer: StoredAnswer,
+    pub answer: super::packed::PackedAnswer,
     /// Kept until then.
     pub expires_ms: Millis,
 }

@@ -5,7 +5,8 @@
 //! today's (the golden files in `tests/golden` hold it to that).
 //!
 //! Version 2: a record is `(engine time in ms, mutations)`; reservations keep
-//! the price they were made under.
+//! the price they were made under; stored answers are packed bytes
+//! ([`crate::engine::PackedAnswer`]) instead of JSON text.
 
 pub mod v1;
 
@@ -233,7 +234,7 @@ mod tests {
                 key: "k".into(),
                 entry: Box::new(IdempotencyEntry {
                     fingerprint: 1,
-                    answer: StoredAnswer::Decision(decision()),
+                    answer: PackedAnswer::decision(&decision()),
                     expires_ms: 3,
                 }),
             },

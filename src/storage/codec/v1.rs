@@ -3,7 +3,7 @@
 //! the golden files in `tests/golden/v1` are read through it.
 //!
 //! Version 2 added the price a reservation was made under and the engine time
-//! of every WAL record.
+//! of every WAL record, and keeps stored answers packed instead of as JSON.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -13,8 +13,27 @@ use serde::Deserialize;
 use crate::clock::Millis;
 use crate::engine::{
     json_text, Counter, CounterKey, FastMap, FinishAnswer, Hold, IdempotencyEntry, Lsn, Mutation, Override,
-    Reservation, ReservationStatus, Shard, Slot, Subjects,
+    PackedAnswer, Reservation, ReservationStatus, Shard, Slot, StoredAnswer, Subjects,
 };
+
+/// An idempotency entry of version 1: the answer as JSON text.
+#[derive(Deserialize)]
+pub struct IdempotencyEntryV1 {
+    fingerprint: u64,
+    #[serde(with = "json_text")]
+    answer: StoredAnswer,
+    expires_ms: Millis,
+}
+
+impl From<IdempotencyEntryV1> for IdempotencyEntry {
+    fn from(e: IdempotencyEntryV1) -> IdempotencyEntry {
+        IdempotencyEntry {
+            fingerprint: e.fingerprint,
+            answer: PackedAnswer::pack(&e.answer),
+            expires_ms: e.expires_ms,
+        }
+    }
+}
 
 /// A reservation of version 1: no price.
 #[derive(Deserialize)]
@@ -81,7 +100,7 @@ pub enum MutationV1 {
     },
     PutIdempotency {
         key: String,
-        entry: Box<IdempotencyEntry>,
+        entry: Box<IdempotencyEntryV1>,
     },
     DropIdempotency {
         key: String,
@@ -126,7 +145,10 @@ impl From<MutationV1> for Mutation {
             MutationV1::DeleteSubject { subject } => Mutation::DeleteSubject { subject },
             MutationV1::PutReservation(r) => Mutation::PutReservation(Box::new((*r).into())),
             MutationV1::DropReservation { id, active_subject } => Mutation::DropReservation { id, active_subject },
-            MutationV1::PutIdempotency { key, entry } => Mutation::PutIdempotency { key, entry },
+            MutationV1::PutIdempotency { key, entry } => Mutation::PutIdempotency {
+                key,
+                entry: Box::new((*entry).into()),
+            },
             MutationV1::DropIdempotency { key } => Mutation::DropIdempotency { key },
         }
     }
@@ -152,7 +174,7 @@ pub struct ShardV1 {
     subjects: Subjects,
     shared: FastMap<CounterKey, Counter>,
     reservations: FastMap<String, (ReservationV1, Lsn)>,
-    idempotency: FastMap<String, (IdempotencyEntry, Lsn)>,
+    idempotency: FastMap<String, (IdempotencyEntryV1, Lsn)>,
 }
 
 impl From<ShardV1> for Shard {
@@ -166,7 +188,11 @@ impl From<ShardV1> for Shard {
                 .into_iter()
                 .map(|(k, (r, lsn))| (k, (r.into(), lsn)))
                 .collect(),
-            idempotency: s.idempotency,
+            idempotency: s
+                .idempotency
+                .into_iter()
+                .map(|(k, (e, lsn))| (k, (e.into(), lsn)))
+                .collect(),
         }
     }
 }
