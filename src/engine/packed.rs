@@ -57,8 +57,12 @@ struct PackedCounter {
     mode: Mode,
 }
 
+/// A claimed length inside damaged bytes must not make the decoder allocate
+/// it: no answer comes near this size.
+const ANSWER_BYTES_MAX: usize = 1 << 20;
+
 fn codec() -> impl bincode::config::Config {
-    bincode::config::standard()
+    bincode::config::standard().with_limit::<ANSWER_BYTES_MAX>()
 }
 
 impl PackedAnswer {

@@ -16,9 +16,11 @@ use crate::engine::{Mutation, Shard};
 /// The format written by this build.
 pub const FORMAT_VERSION: u16 = 2;
 
-/// Largest payload decoded: a corrupt length inside a payload cannot make the
+/// Largest shard decoded: a corrupt length inside a shard cannot make the
 /// decoder allocate more than this.
-const DECODE_LIMIT_BYTES: usize = 1 << 30;
+const SHARD_LIMIT_BYTES: usize = 1 << 30;
+/// Largest record decoded, as the WAL frames them (`wal::MAX_PAYLOAD_BYTES`).
+const RECORD_LIMIT_BYTES: usize = 4 << 20;
 
 /// Why bytes could not be encoded or decoded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -26,7 +28,11 @@ const DECODE_LIMIT_BYTES: usize = 1 << 30;
 pub struct CodecError(pub String);
 
 fn config() -> impl bincode::config::Config {
-    bincode::config::standard().with_limit::<DECODE_LIMIT_BYTES>()
+    bincode::config::standard().with_limit::<SHARD_LIMIT_BYTES>()
+}
+
+fn record_config() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<RECORD_LIMIT_BYTES>()
 }
 
 fn unknown_version(version: u16) -> CodecError {
@@ -37,9 +43,13 @@ fn unknown_version(version: u16) -> CodecError {
 }
 
 /// Decodes a whole slice as `T`: trailing bytes are damage, not padding.
-fn decode_exact<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T, CodecError> {
+fn decode_exact<T: serde::de::DeserializeOwned>(
+    bytes: &[u8],
+    what: &str,
+    config: impl bincode::config::Config,
+) -> Result<T, CodecError> {
     let (value, used): (T, usize) =
-        bincode::serde::decode_from_slice(bytes, config()).map_err(|e| CodecError(e.to_string()))?;
+        bincode::serde::decode_from_slice(bytes, config).map_err(|e| CodecError(e.to_string()))?;
     if used != bytes.len() {
         return Err(CodecError(format!(
             "{} trailing bytes after the {what}",
@@ -52,7 +62,7 @@ fn decode_exact<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &str) -> Res
 /// Appends the payload of one record (the engine time and the mutations of
 /// one operation) to `out`.
 pub fn encode_record(at_ms: Millis, muts: &[Mutation], out: &mut Vec<u8>) -> Result<(), CodecError> {
-    bincode::serde::encode_into_std_write((at_ms, muts), out, config())
+    bincode::serde::encode_into_std_write((at_ms, muts), out, record_config())
         .map(|_| ())
         .map_err(|e| CodecError(e.to_string()))
 }
@@ -62,11 +72,11 @@ pub fn encode_record(at_ms: Millis, muts: &[Mutation], out: &mut Vec<u8>) -> Res
 pub fn decode_record(version: u16, bytes: &[u8]) -> Result<(Millis, Vec<Mutation>), CodecError> {
     match version {
         1 => {
-            let muts: Vec<v1::MutationV1> = decode_exact(bytes, "record")?;
+            let muts: Vec<v1::MutationV1> = decode_exact(bytes, "record", record_config())?;
             let muts: Vec<Mutation> = muts.into_iter().map(Mutation::from).collect();
             Ok((v1::record_time(&muts), muts))
         }
-        2 => decode_exact(bytes, "record"),
+        2 => decode_exact(bytes, "record", record_config()),
         v => Err(unknown_version(v)),
     }
 }
@@ -79,8 +89,8 @@ pub fn encode_shard(shard: &Shard) -> Result<Vec<u8>, CodecError> {
 /// Decodes one snapshot shard written with `version`.
 pub fn decode_shard(version: u16, bytes: &[u8]) -> Result<Shard, CodecError> {
     match version {
-        1 => decode_exact::<v1::ShardV1>(bytes, "shard").map(Shard::from),
-        2 => decode_exact(bytes, "shard"),
+        1 => decode_exact::<v1::ShardV1>(bytes, "shard", config()).map(Shard::from),
+        2 => decode_exact(bytes, "shard", config()),
         v => Err(unknown_version(v)),
     }
 }
