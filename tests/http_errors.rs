@@ -1,4 +1,4 @@
-//! Every error code of API.md, and bad input of every kind: 400 naming the field,
+//! Every error code of the API (docs/api.md), and bad input of every kind: 400 naming the field,
 //! never a 500, and nothing stored is changed. Over TCP and the Unix socket.
 
 mod common;

@@ -1,5 +1,5 @@
 //! `ApiError`: the one place that maps failures to HTTP status codes and the
-//! `{"error":{"code","message"}}` body of API.md.
+//! `{"error":{"code","message"}}` body that docs/api.md describes.
 
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};

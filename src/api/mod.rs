@@ -1,4 +1,4 @@
-//! The HTTP/JSON API of API.md: decoding and validating requests, auth, calling
+//! The HTTP/JSON API (docs/api.md): decoding and validating requests, auth, calling
 //! the engine, waiting for durability, and encoding answers with the
 //! `X-RateLimit-*` headers. The only layer that knows HTTP.
 
@@ -30,7 +30,7 @@ use crate::engine::{Applied, DecideOp, Decision, DecisionRequest, Engine, Finish
 use crate::journal::DurableWatch;
 use crate::metrics::Metrics;
 
-/// Bounds on request fields, from API.md.
+/// Bounds on request fields, as docs/api.md states them.
 pub mod bounds {
     /// Subject length in bytes.
     pub const SUBJECT_BYTES: usize = 256;

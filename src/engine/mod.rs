@@ -1,6 +1,6 @@
 //! The quota engine: decides and applies usage against sharded in-memory state.
 //!
-//! It is pure in the sense of DESIGN.md: no I/O and no clock reads. Every
+//! It is pure: no I/O and no clock reads. Every
 //! operation takes `now_ms`, locks the shards it needs in ascending index order
 //! (so operations touching a subject and a global counter cannot deadlock),
 //! decides, turns the decision into [`Mutation`]s, hands them to the journal and

@@ -1,5 +1,5 @@
 //! Reservation lifecycle: expiry of due holds and commit/release, with the
-//! state machine of API.md (active → committed | released | expired → …).
+//! state machine of docs/api.md (active → committed | released | expired → …).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
