@@ -1,8 +1,10 @@
 //! Command line: the daemon (`quotad [serve]`), tools for its files
 //! (`config check`, `wal verify`, `wal dump`), and client subcommands that talk
 //! to a running daemon over TCP or its Unix socket (`consume`, `check`,
-//! `usage`, `set-plan`, `reset`, `credit`, `reload`, `health`). Parses
-//! arguments, sets up logging and signals, and maps failures to exit codes.
+//! `usage`, `set-plan`, `reset`, `credit`, `reload`, `health`), and the
+//! shell completions and manual page generated from these definitions
+//! (`completions`, `man`). Parses arguments, sets up logging and signals, and
+//! maps failures to exit codes.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -57,9 +59,25 @@ pub fn exit_code(e: &ServerError) -> u8 {
     }
 }
 
+/// What `quotad --help` says after the options (the manual page has its own,
+/// longer sections: [`MAN_SECTIONS`]).
+const EXIT_STATUS: &str = "\
+Exit status of the daemon (serve): 0 clean stop, 1 runtime failure, 2 invalid \
+configuration, 3 a listen address cannot be bound, 4 the WAL or snapshot is \
+damaged (it refuses to start), 5 a WAL write or fsync failed while running. \
+wal verify and wal dump: 4 damaged, 6 a running daemon holds the directory.
+
+Exit status of the client subcommands: 0 allowed or done, 1 denied (consume, \
+check) or not ready (health), 2 bad arguments or configuration, 3 the request \
+failed (unreachable, or an error answer, printed to stderr).
+
+The daemon's address comes from --socket or --addr, else from the first \
+address in --config (default ./quotad.toml); the token from --token-file or \
+the QUOTAD_TOKEN environment variable.";
+
 /// quotad: quota and rate-limit daemon for AI products.
 #[derive(Debug, Parser)]
-#[command(name = "quotad", version, about)]
+#[command(name = "quotad", version, about, after_long_help = EXIT_STATUS)]
 pub struct Cli {
     /// What to do (default: serve).
     #[command(subcommand)]
@@ -82,11 +100,12 @@ pub enum LogFormatArg {
     Json,
 }
 
-/// How client subcommands reach the daemon.
+/// Where the daemon is and how to authenticate (client subcommands and `bench`).
 #[derive(Debug, Clone, Args)]
-pub struct Connect {
-    /// TCP address of the daemon, e.g. 127.0.0.1:7878.
-    #[arg(long, conflicts_with = "socket")]
+pub struct Reach {
+    /// TCP address of the daemon, `host:port` (an `http://host:port` URL is
+    /// accepted too), e.g. 127.0.0.1:7878.
+    #[arg(long, conflicts_with = "socket", value_parser = tcp_addr)]
     pub addr: Option<String>,
     /// Unix socket of the daemon.
     #[arg(long)]
@@ -94,9 +113,41 @@ pub struct Connect {
     /// File holding the bearer token (default: the QUOTAD_TOKEN environment variable).
     #[arg(long)]
     pub token_file: Option<PathBuf>,
+}
+
+/// How client subcommands reach the daemon, and what they print.
+#[derive(Debug, Clone, Args)]
+pub struct Connect {
+    /// Where the daemon is.
+    #[command(flatten)]
+    pub reach: Reach,
     /// Print the daemon's JSON answer instead of a summary.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `--addr`: `host:port`, or the same as an `http://` URL (what curl takes),
+/// so that pasting the daemon's URL works. quotad serves plain HTTP only.
+fn tcp_addr(s: &str) -> Result<String, String> {
+    let rest = if let Some(r) = s.strip_prefix("http://") {
+        r
+    } else if s.starts_with("https://") {
+        return Err("quotad speaks plain HTTP, not HTTPS: give host:port, e.g. 127.0.0.1:7878".into());
+    } else if s.contains("://") {
+        return Err(format!("{s:?} is not host:port, e.g. 127.0.0.1:7878"));
+    } else {
+        s
+    };
+    let hostport = rest.strip_suffix('/').unwrap_or(rest);
+    if hostport.contains('/') {
+        return Err(format!(
+            "{s:?}: give only host:port, without a path (the subcommand picks the endpoint)"
+        ));
+    }
+    match hostport.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => Ok(hostport.to_string()),
+        _ => Err(format!("{s:?} is not host:port, e.g. 127.0.0.1:7878")),
+    }
 }
 
 /// What `consume` and `check` send.
@@ -236,15 +287,41 @@ pub enum Command {
         /// Client threads.
         #[arg(long, default_value_t = 1)]
         threads: usize,
-        /// Connection (`--json` prints the report as JSON).
+        /// Where the daemon is.
         #[command(flatten)]
-        connect: Connect,
+        reach: Reach,
+        /// Print the report as one JSON object instead of a table (no progress line).
+        #[arg(long)]
+        json: bool,
     },
-    /// Exit 0 if the daemon is ready, 1 if not (for health checks).
+    /// Ask GET /readyz, for health checks: exit 0 if the daemon is ready, 1 if
+    /// it answers but is not ready (recovering its state or shutting down), 3
+    /// if it cannot be reached or refuses the request.
     Health {
         /// Connection.
         #[command(flatten)]
         connect: Connect,
+    },
+    /// Print a shell completion script to stdout.
+    ///
+    /// bash: `quotad completions bash > /etc/bash_completion.d/quotad` (or
+    /// `~/.local/share/bash-completion/completions/quotad`); zsh: into a
+    /// directory of `$fpath` as `_quotad`; fish:
+    /// `~/.config/fish/completions/quotad.fish`.
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page quotad(1) (roff) to stdout, or with `--dir` write
+    /// it and one page per subcommand (quotad-consume.1, …) into a directory.
+    ///
+    /// `quotad man | man -l -` reads it; `quotad man --dir /usr/local/share/man/man1`
+    /// installs the pages.
+    Man {
+        /// Write quotad.1 and quotad-<subcommand>.1 here instead of printing quotad.1.
+        #[arg(long)]
+        dir: Option<PathBuf>,
     },
 }
 
@@ -289,8 +366,12 @@ fn init_logging(config: &Config, flag: Option<LogFormatArg>) {
         (None, LogFormat::Human) => false,
         (None, LogFormat::Auto) => !std::io::stderr().is_terminal(),
     };
+    // Colour codes only on a terminal: `--log-format human 2>file` stays plain
+    // text. NO_COLOR (no-color.org) turns them off there too.
+    let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour)
         .with_writer(std::io::stderr);
     if json {
         builder.json().init();
@@ -345,6 +426,19 @@ fn serve(config_path: Option<&Path>, log_format: Option<LogFormatArg>) -> ExitCo
         }
     };
     init_logging(&config, log_format);
+    if path.is_none() {
+        tracing::warn!(
+            "no configuration file: --config was not given and there is no quotad.toml in {}; running on \
+             the built-in defaults (listen on 127.0.0.1:7878, data in ./data, no plans)",
+            std::env::current_dir().map_or(".".into(), |d| d.display().to_string())
+        );
+    }
+    if config.plans.is_empty() {
+        tracing::warn!(
+            "the configuration defines no plans: every decision answers 404 unknown_subject; add a \
+             [[plans]] with default = true (see quotad.toml in the repository)"
+        );
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
@@ -582,8 +676,8 @@ fn wal_dump(dir: &Path) -> ExitCode {
 
 /// The daemon's address: `--socket`, `--addr`, or the config file's first Unix
 /// socket, else its first TCP address.
-fn client_for(connect: &Connect, config_path: Option<&Path>) -> Result<Client, String> {
-    let target = match (&connect.socket, &connect.addr) {
+fn client_for(reach: &Reach, config_path: Option<&Path>) -> Result<Client, String> {
+    let target = match (&reach.socket, &reach.addr) {
         (Some(s), _) => Target::Unix(s.clone()),
         (None, Some(a)) => Target::Tcp(a.clone()),
         (None, None) => {
@@ -600,10 +694,10 @@ fn client_for(connect: &Connect, config_path: Option<&Path>) -> Result<Client, S
             unix.or(tcp).ok_or("no listen address configured")?
         }
     };
-    let token = match &connect.token_file {
+    let token = match &reach.token_file {
         Some(f) => Some(
             std::fs::read_to_string(f)
-                .map_err(|e| format!("cannot read {}: {e}", f.display()))?
+                .map_err(|e| format!("cannot read the token file {}: {e}", f.display()))?
                 .trim()
                 .to_string(),
         ),
@@ -616,6 +710,28 @@ fn client_for(connect: &Connect, config_path: Option<&Path>) -> Result<Client, S
     })
 }
 
+/// What to do about a 401 or 403, in the CLI's own terms (the daemon's
+/// message speaks of HTTP headers).
+fn auth_hint(status: u16, reach: &Reach) -> Option<String> {
+    let source = match &reach.token_file {
+        Some(f) => Some(format!("the token in {}", f.display())),
+        None => std::env::var("QUOTAD_TOKEN")
+            .ok()
+            .filter(|t| !t.is_empty())
+            .map(|_| "the token in QUOTAD_TOKEN".to_string()),
+    };
+    match (status, source) {
+        (401, None) => Some(
+            "this daemon requires a token: pass --token-file FILE or set the QUOTAD_TOKEN environment variable".into(),
+        ),
+        (401, Some(s)) => Some(format!(
+            "{s} is not one the daemon accepts (auth.tokens in its configuration)"
+        )),
+        (403, Some(s)) => Some(format!("{s} has the client role; this needs an admin token")),
+        _ => None,
+    }
+}
+
 /// Runs one client request; prints the answer; returns the exit code.
 fn client_call(
     connect: &Connect,
@@ -625,7 +741,7 @@ fn client_call(
     body: Option<Value>,
     print: fn(&Value) -> u8,
 ) -> ExitCode {
-    let client = match client_for(connect, config_path) {
+    let client = match client_for(&connect.reach, config_path) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("quotad: {e}");
@@ -648,6 +764,14 @@ fn client_call(
             let code = a.body["error"]["code"].as_str().unwrap_or("error");
             let msg = a.body["error"]["message"].as_str().unwrap_or("");
             eprintln!("quotad: {} {code}: {msg}", a.status);
+            if let Some(hint) = auth_hint(a.status, &connect.reach) {
+                eprintln!("quotad: {hint}");
+            }
+            // `health`: a daemon that answers "not ready" is up but not
+            // serving yet (or any more); unreachable stays 3.
+            if path == "/readyz" && a.status == 503 {
+                return ExitCode::from(EXIT_DENIED);
+            }
             ExitCode::from(EXIT_REQUEST)
         }
         Ok(a) if connect.json => {
@@ -817,6 +941,127 @@ fn path_segment(s: &str) -> String {
         .collect()
 }
 
+/// Writes `bytes` to stdout; a reader that stops early (`| head`) is not an error.
+fn write_stdout(bytes: &[u8]) -> ExitCode {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(bytes).and_then(|()| out.flush()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("quotad: cannot write to stdout: {e}");
+            ExitCode::from(EXIT_RUNTIME)
+        }
+    }
+}
+
+/// What the manual page adds to `--help`: (section title, paragraphs).
+const MAN_SECTIONS: &[(&str, &[&str])] = &[
+    (
+        "EXIT STATUS",
+        &[
+            "The daemon (serve): 0 clean stop, 1 runtime failure, 2 invalid configuration (the message \
+             names the file, the key and the problem), 3 a listen address cannot be bound, 4 the WAL or \
+             snapshot is damaged (it refuses to start and names the file and byte offset), 5 a WAL \
+             write or fsync failed while running.",
+            "wal verify and wal dump: 0 fine, 4 damaged, 6 a running daemon holds the directory.",
+            "Client subcommands: 0 allowed or done, 1 denied (consume, check) or not ready (health), \
+             2 bad arguments or configuration, 3 the request failed (unreachable, or an error answer, \
+             printed to stderr).",
+        ],
+    ),
+    (
+        "FILES",
+        &[
+            "./quotad.toml, or the file given with --config: the configuration (every key is in the \
+             README's configuration reference). Client subcommands take the daemon's address from it \
+             unless --socket or --addr is given.",
+            "storage.data_dir (default ./data): the write-ahead log in wal/, the snapshot \
+             snapshot.redb, and LOCK, held while a daemon runs on it.",
+        ],
+    ),
+    (
+        "ENVIRONMENT",
+        &[
+            "QUOTAD_LOG: log level filter, e.g. debug (overrides log.level).",
+            "QUOTAD_TOKEN: bearer token of the client subcommands when --token-file is not given.",
+            "NO_COLOR: no colour codes in human-readable logs, even on a terminal.",
+            "NOTIFY_SOCKET: set by systemd; quotad reports READY=1 on it once its state is recovered.",
+        ],
+    ),
+    (
+        "SIGNALS",
+        &[
+            "SIGHUP re-reads the configuration file. SIGINT and SIGTERM stop gracefully: stop \
+           accepting, drain open requests, write a final snapshot.",
+        ],
+    ),
+];
+
+/// Text as roff: backslashes and hyphens escaped, no line starting with a
+/// control character.
+fn roff_text(s: &str) -> String {
+    let t = s.replace('\\', "\\e").replace('-', "\\-");
+    if t.starts_with('.') || t.starts_with('\'') {
+        format!("\\&{t}")
+    } else {
+        t
+    }
+}
+
+/// quotad(1), from the same definitions as `--help` (so the two cannot drift
+/// apart) plus the sections above.
+fn render_man(out: &mut Vec<u8>) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let cmd = <Cli as clap::CommandFactory>::command().disable_help_subcommand(true);
+    let page = clap_mangen::Man::new(cmd);
+    page.render_title(out)?;
+    page.render_name_section(out)?;
+    page.render_synopsis_section(out)?;
+    page.render_description_section(out)?;
+    page.render_options_section(out)?;
+    page.render_subcommands_section(out)?;
+    for (title, paragraphs) in MAN_SECTIONS {
+        writeln!(out, ".SH \"{title}\"")?;
+        for p in *paragraphs {
+            writeln!(out, ".PP\n{}", roff_text(p))?;
+        }
+    }
+    page.render_version_section(out)
+}
+
+/// `quotad man [--dir DIR]`.
+fn man(dir: Option<&Path>) -> ExitCode {
+    let Some(dir) = dir else {
+        let mut out = Vec::new();
+        if let Err(e) = render_man(&mut out) {
+            eprintln!("quotad: cannot render the manual page: {e}");
+            return ExitCode::from(EXIT_RUNTIME);
+        }
+        return write_stdout(&out);
+    };
+    // One page per subcommand (quotad-consume.1, …), then quotad.1 over the
+    // generated one, with the sections it adds.
+    let cmd = <Cli as clap::CommandFactory>::command();
+    let written = std::fs::create_dir_all(dir)
+        .and_then(|()| clap_mangen::generate_to(cmd, dir))
+        .and_then(|()| {
+            let mut out = Vec::new();
+            render_man(&mut out)?;
+            std::fs::write(dir.join("quotad.1"), out)
+        });
+    match written {
+        Ok(()) => {
+            say!("wrote the manual pages to {}", dir.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("quotad: cannot write the manual pages to {}: {e}", dir.display());
+            ExitCode::from(EXIT_RUNTIME)
+        }
+    }
+}
+
 /// Entry point of the `quotad` binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -891,6 +1136,13 @@ pub fn main() -> ExitCode {
         ),
         Command::Reload { connect } => client_call(&connect, cfg, Method::POST, "/v1/admin/reload", None, print_reload),
         Command::Health { connect } => client_call(&connect, cfg, Method::GET, "/readyz", None, print_health),
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            let mut out = Vec::new();
+            clap_complete::generate(shell, &mut cmd, "quotad", &mut out);
+            write_stdout(&out)
+        }
+        Command::Man { dir } => man(dir.as_deref()),
         Command::Bench {
             connections,
             seconds,
@@ -903,10 +1155,11 @@ pub fn main() -> ExitCode {
             event,
             attributes,
             threads,
-            connect,
+            reach,
+            json,
         } => {
             use std::io::IsTerminal;
-            let client = match client_for(&connect, cfg) {
+            let client = match client_for(&reach, cfg) {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("quotad: {e}");
@@ -931,9 +1184,9 @@ pub fn main() -> ExitCode {
                 attributes: attributes.into_iter().collect(),
                 token: client.token,
                 threads,
-                progress: std::io::stderr().is_terminal() && !connect.json,
+                progress: std::io::stderr().is_terminal() && !json,
             });
-            if connect.json {
+            if json {
                 say!("{}", serde_json::to_string(&report).expect("report serializes"));
             } else {
                 say!("{report}");
