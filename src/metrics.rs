@@ -1,7 +1,7 @@
 //! Process metrics in the Prometheus/OpenMetrics text format (`GET /metrics`):
 //! decisions by endpoint, outcome, plan and limit; HTTP latency by route; WAL
 //! fsync latency, batch sizes and bytes; snapshot duration, size and time;
-//! recovery duration and torn-tail bytes; live counters, subjects, holds and
+//! recovery duration and torn-tail bytes; readiness; live counters, subjects, holds and
 //! idempotency keys (read from the engine at scrape time).
 
 use std::sync::atomic::AtomicU64;
@@ -66,10 +66,14 @@ pub struct StorageMetrics {
     pub snapshot_seconds: Gauge<f64, AtomicU64>,
     /// Encoded size of the last snapshot.
     pub snapshot_bytes: Gauge,
-    /// Unix time of the last successful snapshot (age = now - this).
+    /// Unix time of the last successful snapshot (age = now - this): the one
+    /// loaded at start, else the start itself until the first is written, so
+    /// that a fresh daemon does not look a lifetime overdue.
     pub snapshot_timestamp_seconds: Gauge<f64, AtomicU64>,
     /// Snapshots written.
     pub snapshots: Counter,
+    /// Snapshots that failed (the WAL still holds everything; the log grows).
+    pub snapshot_failures: Counter,
     /// Seconds the last recovery took.
     pub recovery_seconds: Gauge<f64, AtomicU64>,
     /// Bytes of torn WAL tail truncated at the last start.
@@ -89,6 +93,7 @@ impl Default for StorageMetrics {
             snapshot_bytes: Gauge::default(),
             snapshot_timestamp_seconds: Gauge::default(),
             snapshots: Counter::default(),
+            snapshot_failures: Counter::default(),
             recovery_seconds: Gauge::default(),
             recovery_torn_tail_bytes: Gauge::default(),
             recovery_replayed_records: Gauge::default(),
@@ -116,6 +121,10 @@ pub struct Metrics {
     http_seconds: Family<RouteLabels, Histogram, fn() -> Histogram>,
     http_responses: Family<StatusLabels, Counter>,
     engine: EngineGauges,
+    /// 1 while the daemon serves (recovered, not shutting down). Set by the
+    /// server; `/metrics` answers during recovery too, so a scrape can tell
+    /// "recovering" from "down".
+    pub ready: Gauge,
     /// Shared with the storage layer.
     pub storage: Arc<StorageMetrics>,
 }
@@ -144,6 +153,7 @@ impl Metrics {
             http_seconds: Family::new_with_constructor(latency_buckets),
             http_responses: Family::default(),
             engine: EngineGauges::default(),
+            ready: Gauge::default(),
             storage: Arc::new(StorageMetrics::default()),
         };
         r.register(
@@ -167,6 +177,11 @@ impl Metrics {
             m.http_seconds.clone(),
         );
         r.register("http_responses", "Responses by status code", m.http_responses.clone());
+        r.register(
+            "ready",
+            "1 once recovery has finished and until shutdown begins (GET /readyz is 200)",
+            m.ready.clone(),
+        );
         let g = &m.engine;
         r.register(
             "subjects",
@@ -210,10 +225,15 @@ impl Metrics {
         );
         r.register(
             "snapshot_timestamp_seconds",
-            "Unix time of the last successful snapshot",
+            "Unix time of the last successful snapshot (before the first one: the start)",
             s.snapshot_timestamp_seconds.clone(),
         );
         r.register("snapshots", "Snapshots written", s.snapshots.clone());
+        r.register(
+            "snapshot_failures",
+            "Snapshots that failed (the WAL keeps everything and grows)",
+            s.snapshot_failures.clone(),
+        );
         r.register(
             "recovery_duration_seconds",
             "Duration of the last recovery",

@@ -296,6 +296,11 @@ impl Server {
                                 "truncated a torn WAL tail: a write cut short by a crash (never acknowledged with durability = \"fsync\"; with \"batch\", the loss window of that mode)"
                             );
                         }
+                        if report.snapshot_created_ms.is_none() {
+                            // No snapshot yet: everything since this start is in the log.
+                            let m = &state.metrics.storage;
+                            m.snapshot_timestamp_seconds.set(state.clock.now_ms() as f64 / 1000.0);
+                        }
                         (engine, Some(Arc::new(storage)))
                     }
                     Err(e) => {
@@ -317,6 +322,7 @@ impl Server {
             engine: engine.clone(),
         });
         state.ready.store(true, Ordering::Release);
+        state.metrics.ready.set(1);
         tracing::info!("ready");
         crate::notify::notify("READY=1\nSTATUS=serving");
 
@@ -336,6 +342,7 @@ impl Server {
             Some(f) => tracing::error!(error = %f, "stopping: the WAL failed"),
         }
         state.shutting_down.store(true, Ordering::Release);
+        state.metrics.ready.set(0);
         crate::notify::notify("STOPPING=1\nSTATUS=shutting down");
         let _ = stop_tx.send(true);
         for t in accept_tasks {

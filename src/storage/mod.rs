@@ -56,6 +56,8 @@ impl From<WalError> for StorageError {
 pub struct RecoveryReport {
     /// A snapshot was loaded.
     pub snapshot_loaded: bool,
+    /// When the loaded snapshot was written (engine time, ms since the epoch).
+    pub snapshot_created_ms: Option<u64>,
     /// The snapshot's shard count.
     pub snapshot_shards: usize,
     /// Records replayed from the WAL (those after the snapshot).
@@ -137,6 +139,7 @@ pub fn recover(
     };
     let (shards, snapshot_ms, snapshot_lsn) = loaded.map(|l| (l.shards, l.created_ms, l.last_lsn)).unwrap_or_default();
     report.snapshot_loaded = !shards.is_empty();
+    report.snapshot_created_ms = report.snapshot_loaded.then_some(snapshot_ms);
     report.snapshot_shards = shards.len();
     let mut engine = Engine::from_snapshot(policy, Arc::new(NullJournal::default()), shards);
     // Engine time resumes where the snapshot left it, whatever the wall clock says.
@@ -207,6 +210,9 @@ impl Storage {
         metrics.recovery_seconds.set(report.duration.as_secs_f64());
         metrics.recovery_torn_tail_bytes.set(report.scan.torn_tail_bytes as i64);
         metrics.recovery_replayed_records.set(report.replayed_records as i64);
+        if let Some(ms) = report.snapshot_created_ms {
+            metrics.snapshot_timestamp_seconds.set(ms as f64 / 1000.0);
+        }
         let journal = Arc::new(WalJournal::start(wal.expect("opened for writing"), writer));
         engine.set_journal(journal.clone() as Arc<dyn Journal>);
         Ok((
@@ -239,6 +245,14 @@ impl Storage {
     /// up to the newest record it contains, so it never holds an unacknowledged
     /// change the log might lose.
     pub fn snapshot(&self, engine: &Engine, now_ms: Millis) -> Result<SnapshotReport, StorageError> {
+        let r = self.write_snapshot(engine, now_ms);
+        if r.is_err() {
+            self.metrics.snapshot_failures.inc();
+        }
+        r
+    }
+
+    fn write_snapshot(&self, engine: &Engine, now_ms: Millis) -> Result<SnapshotReport, StorageError> {
         let started = Instant::now();
         self.journal.mark_snapshot();
         let mut encoded = Vec::new();
