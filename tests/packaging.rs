@@ -1,6 +1,8 @@
 //! The packaging as an operator uses it: the daemon run from
 //! `packaging/quotad.prod.toml` (paths redirected to a temp dir) and reached
-//! through its Unix socket with the CLI; `systemd-analyze verify` on the unit;
+//! through its Unix socket with the CLI; `systemd-analyze verify` on the unit
+//! (and its man page); the sysusers/tmpfiles files and the install steps of
+//! the unit's comment and the README, which must agree;
 //! readiness over `NOTIFY_SOCKET`; SIGHUP reload; the Docker config's rule that
 //! a non-loopback listener needs tokens.
 
@@ -180,11 +182,21 @@ fn the_systemd_unit_verifies() {
         .replace("/usr/local/bin/quotad", BIN);
     let path = dir.path().join("quotad.service");
     std::fs::write(&path, unit).unwrap();
-    let o = Command::new("systemd-analyze")
-        .arg("verify")
-        .arg(&path)
+    // Documentation=man:quotad(1): verify runs `man quotad`, which finds the
+    // pages `quotad man --dir` writes, as the README installs them.
+    let o = Command::new(BIN)
+        .args(["man", "--dir"])
+        .arg(dir.path().join("man/man1"))
         .output()
         .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let mut verify = Command::new("systemd-analyze");
+    verify.arg("verify").env("MANPATH", dir.path().join("man"));
+    if Command::new("man").arg("--version").output().is_err() {
+        eprintln!("man is not installed: the Documentation= page is not checked");
+        verify.arg("--man=no");
+    }
+    let o = verify.arg(&path).output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
         o.status.success() && err.trim().is_empty(),
@@ -272,4 +284,113 @@ fn the_docker_dependency_stage_stubs_every_target_cargo_reads() {
         String::from_utf8_lossy(&o.stdout),
         String::from_utf8_lossy(&o.stderr)
     );
+}
+
+/// sysusers and tmpfiles, applied to an empty root as `systemd-sysusers` and
+/// `systemd-tmpfiles --create` apply them on a host: the daemon's user and
+/// groups, and /etc/quotad as root:quotad 0750 for the config.
+#[test]
+fn sysusers_and_tmpfiles_make_the_user_groups_and_config_directory() {
+    if Command::new("systemd-sysusers").arg("--version").output().is_err() {
+        eprintln!("systemd-sysusers is not installed; .ci/run installs systemd");
+        return;
+    }
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let root = tempfile::tempdir().unwrap();
+    let etc = root.path().join("etc");
+    for (src, dst) in [
+        ("packaging/quotad.sysusers.conf", "sysusers.d/quotad.conf"),
+        ("packaging/quotad.tmpfiles.conf", "tmpfiles.d/quotad.conf"),
+    ] {
+        std::fs::create_dir_all(etc.join(dst).parent().unwrap()).unwrap();
+        std::fs::copy(repo(src), etc.join(dst)).unwrap();
+    }
+    for tool in [&["systemd-sysusers"][..], &["systemd-tmpfiles", "--create"]] {
+        let o = Command::new(tool[0])
+            .args(&tool[1..])
+            .arg(format!("--root={}", root.path().display()))
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{tool:?}: {}", String::from_utf8_lossy(&o.stderr));
+    }
+    let group = std::fs::read_to_string(etc.join("group")).unwrap();
+    let gid = |name: &str| -> u32 {
+        group
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}:x:")))
+            .unwrap_or_else(|| panic!("no group {name}: {group}"))
+            .split(':')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    gid("quotad-clients");
+    let passwd = std::fs::read_to_string(etc.join("passwd")).unwrap();
+    assert!(
+        passwd
+            .lines()
+            .any(|l| l.starts_with("quotad:") && l.contains(":/var/lib/quotad:")),
+        "{passwd}"
+    );
+    let meta = std::fs::metadata(etc.join("quotad")).unwrap();
+    assert_eq!(
+        (meta.permissions().mode() & 0o7777, meta.uid(), meta.gid()),
+        (0o750, 0, gid("quotad")),
+        "/etc/quotad is root:quotad 0750, so the config must be installed with -g quotad"
+    );
+}
+
+/// The install steps are printed twice, in the unit's header comment and in the
+/// README; both must be the same steps in the same order (the config after
+/// sysusers/tmpfiles and with `-g quotad`, the man page that
+/// `Documentation=` names), and every file they install must exist.
+#[test]
+fn the_install_steps_in_the_unit_and_the_readme_agree() {
+    let unit = std::fs::read_to_string(repo("packaging/quotad.service")).unwrap();
+    let from_unit: Vec<String> = unit
+        .lines()
+        .take_while(|l| l.starts_with('#'))
+        .filter_map(|l| l.strip_prefix("#   "))
+        .flat_map(|l| l.split(" && "))
+        .map(|c| c.trim().to_string())
+        .collect();
+    let readme = std::fs::read_to_string(repo("README.md")).unwrap();
+    let section = &readme[readme.find("## Install as a systemd service").unwrap()..];
+    let block = &section[section.find("```sh\n").unwrap() + 6..];
+    let block = &block[..block.find("```").unwrap()];
+    let from_readme: Vec<String> = block
+        .lines()
+        .flat_map(|l| l.split(" && "))
+        .map(|c| c.split("  #").next().unwrap().trim())
+        .map(|c| c.strip_prefix("sudo ").unwrap_or(c).to_string())
+        .collect();
+    let installs = |cmds: &[String]| -> Vec<String> {
+        cmds.iter()
+            .filter(|c| {
+                c.starts_with("install ")
+                    || c.starts_with("systemd-")
+                    || c.starts_with("quotad man")
+                    || c.starts_with("systemctl enable")
+            })
+            .cloned()
+            .collect()
+    };
+    assert_eq!(installs(&from_unit), installs(&from_readme), "unit comment vs README");
+    let steps = installs(&from_readme);
+    let pos = |prefix: &str| {
+        steps
+            .iter()
+            .position(|c| c.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no step {prefix}: {steps:#?}"))
+    };
+    assert!(pos("systemd-sysusers") < pos("install -m 0640 -g quotad packaging/quotad.prod.toml"));
+    assert!(pos("systemd-tmpfiles") < pos("install -m 0640 -g quotad packaging/quotad.prod.toml"));
+    assert!(unit.contains("Documentation=man:quotad(1)") && steps.iter().any(|c| c.starts_with("quotad man --dir")));
+    for c in steps.iter().filter(|c| c.starts_with("install ")) {
+        let src = c.split_whitespace().rev().nth(1).unwrap();
+        if src.starts_with("packaging/") {
+            assert!(repo(src).exists(), "{c}: {src} is not in the repository");
+        }
+    }
 }
