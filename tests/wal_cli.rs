@@ -166,6 +166,12 @@ fn a_torn_tail_is_truncated_and_logged() {
     run_and_stop(dir.path(), 1, "second-");
     let log = std::fs::read_to_string(dir.path().join("run.log")).unwrap();
     assert!(log.contains("torn") && log.contains("\"bytes\":3"), "{log}");
+    // A torn write was never acknowledged with fsync durability; with batch
+    // it may have been, so the warning must not call it "unacknowledged".
+    assert!(
+        !log.contains("unacknowledged") && log.contains("never acknowledged with durability = \\\"fsync\\\""),
+        "{log}"
+    );
     let v = quotad(&["wal", "verify", "--json"], &dir.path().join("data"));
     let j: serde_json::Value = serde_json::from_slice(&v.stdout).unwrap();
     assert_eq!(
