@@ -1,7 +1,8 @@
 //! The `quotad` binary as a newcomer meets it: shell completions and the man
 //! page, `--addr` written as a URL, what a 401/403 tells the user to do,
 //! `health`'s exit codes as its help states them, `bench --help`, plain-text
-//! logs when stderr is a file, and a word when it starts with no plans.
+//! logs when stderr is a file, a word when it starts with no plans, and a
+//! reload logged in words.
 //! Answers come from a canned HTTP server where the daemon's own would be hard
 //! to provoke (a 503 "not ready", a 403).
 
@@ -326,5 +327,59 @@ fn plain_quotad_outside_the_repository_says_it_has_no_configuration() {
     assert!(
         logged.contains(&cwd.display().to_string()),
         "names where it looked: {logged}"
+    );
+}
+
+/// A reload is logged as a sentence (what is in force, what needs a restart),
+/// not as the Rust value `ReloadReport { … }`.
+#[test]
+fn a_sighup_reload_is_logged_in_words() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("quotad.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = [\"unix:{}\"]\n[storage]\ndata_dir = \"{}\"\n[[plans]]\nname = \"free\"\ndefault = true\n",
+            dir.path().join("q.sock").display(),
+            dir.path().join("data").display()
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("stderr.log");
+    let mut child = Command::new(BIN)
+        .args(["serve", "--log-format", "json", "--config", config.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let wait_for = |what: &str| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let logged = std::fs::read_to_string(&log).unwrap_or_default();
+            if logged.contains(what) {
+                return logged;
+            }
+            assert!(Instant::now() < deadline, "never logged {what:?}: {logged}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    wait_for("\"ready\"");
+    Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let logged = wait_for("configuration reloaded");
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(child.wait().unwrap().success());
+    assert!(
+        logged.contains("SIGHUP: configuration reloaded: 1 plan(s), 0 limit(s), 0 token(s) in force"),
+        "{logged}"
+    );
+    assert!(
+        !logged.contains("ReloadReport") && !logged.contains("restart_required:"),
+        "{logged}"
     );
 }
