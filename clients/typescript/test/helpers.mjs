@@ -251,7 +251,7 @@ export async function accepted(t, fn, field) {
   try {
     return await fn();
   } catch (e) {
-    if (e instanceof InvalidRequest && e.detail.includes(`unknown field \`${field}\``)) {
+    if (e instanceof InvalidRequest && (e.detail.includes(`unknown field "${field}"`) || e.detail.includes(`unknown field \`${field}\``))) {
       t.skip(`request field \`${field}\`: not accepted by this quotad yet (400 unknown field)`);
       return SKIPPED;
     }
