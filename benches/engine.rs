@@ -58,6 +58,7 @@ fn requests(subjects: u64) -> Vec<DecisionRequest> {
                 amounts: BTreeMap::from([("tokens".to_string(), 10)]),
                 idempotency_key: None,
                 ttl_ms: None,
+                priority: None,
             }
         })
         .collect()

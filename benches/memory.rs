@@ -43,6 +43,7 @@ fn run(n: u64, keys: bool) {
             amounts: BTreeMap::from([("tokens".to_string(), 5)]),
             idempotency_key: keys.then(|| format!("9f1c2e7a-4b3d-4e8f-a1b2-{i:012}")),
             ttl_ms: None,
+            priority: None,
         };
         let d = engine.decide(DecideOp::Consume, &req, NOW).unwrap().value;
         assert!(d.allowed, "{d:?}");

@@ -113,6 +113,7 @@ fn main() {
             amounts: BTreeMap::from([("tokens".to_string(), 1 + i % 1000)]),
             idempotency_key: None,
             ttl_ms: None,
+            priority: None,
         };
         last = engine.decide(DecideOp::Consume, &req, NOW).unwrap().lsn.unwrap();
     }

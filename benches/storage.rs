@@ -84,6 +84,7 @@ fn store(n: u64) -> (tempfile::TempDir, Engine, Storage) {
             amounts: BTreeMap::new(),
             idempotency_key: None,
             ttl_ms: None,
+            priority: None,
         };
         last = engine.decide(DecideOp::Consume, &req, NOW).unwrap().lsn.unwrap();
     }

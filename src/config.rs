@@ -187,6 +187,13 @@ pub struct EngineConfig {
     /// Idempotency keys kept at most; when full, a write with a new key is 503
     /// (keys past retention are dropped first). Default 10_000_000, 1..=1_000_000_000.
     pub max_idempotency_keys: usize,
+    /// Longest `wait_ms` a consume or reserve may ask for. Default 30000, at most 600000.
+    pub max_wait_ms: u64,
+    /// Calls waiting for capacity at most, across all subjects; beyond it a
+    /// call that would wait is denied with `queue_full`. Default 10000, 1..=1_000_000.
+    pub max_waiters: usize,
+    /// Calls one subject may have waiting at once. Default 100, at least 1.
+    pub max_waiters_per_subject: usize,
 }
 
 impl Default for EngineConfig {
@@ -198,6 +205,9 @@ impl Default for EngineConfig {
             shards: 64,
             max_open_reservations: 1_000_000,
             max_idempotency_keys: 10_000_000,
+            max_wait_ms: 30_000,
+            max_waiters: 10_000,
+            max_waiters_per_subject: 100,
         }
     }
 }
@@ -369,9 +379,41 @@ pub struct PlanConfig {
     /// What to do with events that match none of the plan's limits. Default `allow`.
     #[serde(default)]
     pub unmatched: Unmatched,
+    /// Priority of its subjects' calls when a call names none. Default `normal`.
+    #[serde(default)]
+    pub priority: Priority,
     /// The plan's limits.
     #[serde(default)]
     pub limits: Vec<LimitConfig>,
+}
+
+/// Who goes first: among calls waiting for the same counters, and (with
+/// circuit breakers) who passes an open breaker. Ordered lowest first, so
+/// `a > b` means a goes before b.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Priority {
+    /// Background work that can always wait.
+    Low,
+    /// Ordinary calls.
+    #[default]
+    Normal,
+    /// Paid or interactive traffic.
+    High,
+    /// Calls that must go through.
+    Critical,
+}
+
+impl Priority {
+    /// The name used in the API and the config.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Priority::Low => "low",
+            Priority::Normal => "normal",
+            Priority::High => "high",
+            Priority::Critical => "critical",
+        }
+    }
 }
 
 /// Policy for events that match no limit of the plan.
@@ -512,6 +554,12 @@ pub struct EngineSettings {
     pub max_open_reservations: usize,
     /// Cap on retained idempotency keys.
     pub max_idempotency_keys: usize,
+    /// Longest wait a call may ask for.
+    pub max_wait_ms: u64,
+    /// Cap on waiting calls.
+    pub max_waiters: usize,
+    /// Cap on waiting calls per subject.
+    pub max_waiters_per_subject: usize,
 }
 
 impl Default for EngineSettings {
@@ -555,6 +603,9 @@ impl EngineConfig {
             shards: self.shards,
             max_open_reservations: self.max_open_reservations,
             max_idempotency_keys: self.max_idempotency_keys,
+            max_wait_ms: self.max_wait_ms,
+            max_waiters: self.max_waiters,
+            max_waiters_per_subject: self.max_waiters_per_subject,
         };
         if s.reservation_ttl_default_ms > s.reservation_ttl_max_ms {
             return Err(ConfigError::new(
@@ -573,6 +624,18 @@ impl EngineConfig {
                 "engine.max_idempotency_keys",
                 "must be between 1 and 1000000000",
             ));
+        }
+        if s.max_wait_ms > 600_000 {
+            return Err(ConfigError::new(
+                "engine.max_wait_ms",
+                format!("{} is out of range: must be at most 600000 (10 minutes)", s.max_wait_ms),
+            ));
+        }
+        if !(1..=1_000_000).contains(&s.max_waiters) {
+            return Err(ConfigError::new("engine.max_waiters", "must be between 1 and 1000000"));
+        }
+        if s.max_waiters_per_subject == 0 {
+            return Err(ConfigError::new("engine.max_waiters_per_subject", "must be at least 1"));
         }
         Ok(s)
     }

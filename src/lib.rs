@@ -18,3 +18,4 @@ pub mod notify;
 pub mod period;
 pub mod server;
 pub mod storage;
+pub mod waiting;

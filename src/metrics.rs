@@ -111,6 +111,61 @@ struct EngineGauges {
     idempotency_keys: Gauge,
 }
 
+/// Labels of the waiting metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PriorityLabels {
+    priority: &'static str,
+}
+
+/// Labels of `quotad_wait_outcomes_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WaitOutcomeLabels {
+    outcome: &'static str,
+}
+
+/// Calls that wait for capacity (`wait_ms`).
+#[derive(Debug)]
+pub struct WaitMetrics {
+    /// Waiting calls by priority.
+    depth: Family<PriorityLabels, Gauge>,
+    /// How long calls waited, admitted or not.
+    wait_seconds: Histogram,
+    /// admitted, expired (the wait ran out), queue_full, cancelled (the
+    /// client left), failed.
+    outcomes: Family<WaitOutcomeLabels, Counter>,
+}
+
+impl Default for WaitMetrics {
+    fn default() -> Self {
+        WaitMetrics {
+            depth: Family::default(),
+            wait_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 20)),
+            outcomes: Family::default(),
+        }
+    }
+}
+
+impl WaitMetrics {
+    /// Waiters per priority, lowest first.
+    pub fn set_depth(&self, depth: [usize; 4]) {
+        for (p, n) in ["low", "normal", "high", "critical"].into_iter().zip(depth) {
+            self.depth
+                .get_or_create(&PriorityLabels { priority: p })
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+    }
+
+    /// One wait ended this way.
+    pub fn outcome(&self, outcome: &'static str) {
+        self.outcomes.get_or_create(&WaitOutcomeLabels { outcome }).inc();
+    }
+
+    /// One wait lasted this long.
+    pub fn waited(&self, d: Duration) {
+        self.wait_seconds.observe(d.as_secs_f64());
+    }
+}
+
 /// Everything `GET /metrics` shows.
 pub struct Metrics {
     /// Owns the descriptions; encoding needs exclusive access to nothing but this.
@@ -127,6 +182,8 @@ pub struct Metrics {
     pub ready: Gauge,
     /// Shared with the storage layer.
     pub storage: Arc<StorageMetrics>,
+    /// Shared with the keeper of waiting calls.
+    pub waiting: Arc<WaitMetrics>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -155,6 +212,7 @@ impl Metrics {
             engine: EngineGauges::default(),
             ready: Gauge::default(),
             storage: Arc::new(StorageMetrics::default()),
+            waiting: Arc::new(WaitMetrics::default()),
         };
         r.register(
             "decisions",
@@ -248,6 +306,19 @@ impl Metrics {
             "recovery_replayed_records",
             "WAL records replayed at the last start",
             s.recovery_replayed_records.clone(),
+        );
+        let w = &m.waiting;
+        w.set_depth([0; 4]);
+        r.register("waiters", "Calls waiting for capacity, by priority", w.depth.clone());
+        r.register(
+            "wait_duration_seconds",
+            "How long calls waited for capacity, admitted or not",
+            w.wait_seconds.clone(),
+        );
+        r.register(
+            "wait_outcomes",
+            "How waits ended: admitted, expired, queue_full, cancelled, failed",
+            w.outcomes.clone(),
         );
         *m.registry.lock().unwrap_or_else(|e| e.into_inner()) = r;
         m

@@ -27,6 +27,7 @@ use crate::engine::{Engine, Policy};
 use crate::journal::Journal;
 use crate::metrics::{Metrics, StorageMetrics};
 use crate::storage::{RecoveryReport, Storage, StorageError};
+use crate::waiting::Waiting;
 
 /// How often due reservations are expired even when no request arrives.
 const EXPIRY_TICK: Duration = Duration::from_millis(250);
@@ -317,9 +318,12 @@ impl Server {
         // Time goes on from the latest time the log recorded, if the clock is behind it.
         state.clock.resume_from(engine.time(0));
         let engine = Arc::new(engine);
+        let waiting = Waiting::install(engine.clone(), state.clock.clone(), state.metrics.waiting.clone());
+        let waiter_task = tokio::spawn(waiting.clone().run(stop_rx.clone()));
         let _ = state.core.set(Core {
             durable: engine.durable_watch(),
             engine: engine.clone(),
+            waiting,
         });
         state.ready.store(true, Ordering::Release);
         state.metrics.ready.set(1);
@@ -349,6 +353,7 @@ impl Server {
             let _ = t.await;
         }
         let _ = maintenance.await;
+        let _ = waiter_task.await;
         // Every accept task has ended and dropped its handle, so this one is the last.
         let graceful = Arc::try_unwrap(graceful).expect("accept tasks have finished");
         if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {

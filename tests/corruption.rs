@@ -76,6 +76,7 @@ fn build_log(ops: u64, segment_bytes_max: u64) -> BTreeMap<String, Vec<u8>> {
         amounts: BTreeMap::from([("tokens".to_string(), 10 + i)]),
         idempotency_key: key.then(|| format!("key-{i}")),
         ttl_ms: None,
+        priority: None,
     };
     for i in 0..ops {
         let a = engine.decide(DecideOp::Consume, &req(i, i % 2 == 0), NOW + i).unwrap();

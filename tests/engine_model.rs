@@ -619,6 +619,7 @@ fn run(cmds: &[Cmd]) -> Result<(), TestCaseError> {
                     amounts: BTreeMap::from([("tokens".to_string(), tokens)]),
                     idempotency_key: key.clone(),
                     ttl_ms: (op == DecideOp::Reserve).then_some(ttl),
+                    priority: None,
                 };
                 let got = e.decide(op, &req, m.now);
                 if price(event, tokens).is_none() {

@@ -215,6 +215,7 @@ fn samples() -> (Vec<u8>, Vec<u8>, Vec<u8>) {
         amounts: BTreeMap::from([("tokens".to_string(), 100)]),
         idempotency_key: Some(key.into()),
         ttl_ms: ttl,
+        priority: None,
     };
     let d = e
         .decide(DecideOp::Reserve, &req(Some(1000), "k1"), common::T0)

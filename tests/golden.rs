@@ -118,6 +118,7 @@ fn req(subject: &str, event: &str, tokens: u64, key: Option<&str>) -> DecisionRe
         amounts: BTreeMap::from([("tokens".to_string(), tokens)]),
         idempotency_key: key.map(str::to_string),
         ttl_ms: None,
+        priority: None,
     }
 }
 

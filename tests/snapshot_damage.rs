@@ -58,6 +58,7 @@ fn consume(e: &Engine, s: &Storage, subject: &str, tokens: u64, key: Option<Stri
         amounts: BTreeMap::from([("tokens".to_string(), tokens)]),
         idempotency_key: key,
         ttl_ms: None,
+        priority: None,
     };
     let a = e.decide(DecideOp::Consume, &req, now).unwrap();
     if let Some(lsn) = a.lsn {

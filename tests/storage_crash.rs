@@ -102,6 +102,7 @@ fn request(subject: String, tokens: u64, key: String) -> DecisionRequest {
         amounts: BTreeMap::from([("tokens".to_string(), tokens)]),
         idempotency_key: Some(key),
         ttl_ms: None,
+        priority: None,
     }
 }
 

@@ -79,10 +79,11 @@ impl From<EngineError> for ApiError {
             EngineError::UnknownReservation(_) => ApiError::NotFound("unknown_reservation", msg),
             EngineError::ReservationFinished(_) => ApiError::Conflict("reservation_finished", msg),
             EngineError::IdempotencyConflict(_) => ApiError::Conflict("idempotency_conflict", msg),
-            EngineError::UnknownMetric(_) => ApiError::UnknownMetric(msg),
+            EngineError::UnknownMetric(..) => ApiError::UnknownMetric(msg),
             EngineError::Unpriced(_) => ApiError::Unpriced(msg),
             EngineError::InvalidRequest(_) => ApiError::InvalidRequest(msg),
             EngineError::Unavailable(_) => ApiError::Unavailable(msg),
+            EngineError::RequestInProgress(_) => ApiError::Conflict("request_in_progress", msg),
         }
     }
 }

@@ -4,6 +4,7 @@
 
 mod batch;
 mod error;
+mod openapi;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -25,10 +26,14 @@ use subtle::ConstantTimeEq;
 pub use error::ApiError;
 
 use crate::clock::Clock;
-use crate::config::{Config, ConfigError, MaxValue, Role, MAX_SAFE_INTEGER};
-use crate::engine::{Applied, DecideOp, Decision, DecisionRequest, Engine, Finish, Lsn, Override, Policy, ReasonCode};
+use crate::config::{Config, ConfigError, MaxValue, Priority, Role, MAX_SAFE_INTEGER};
+use crate::engine::{
+    Applied, DecideOp, DecideOpts, Decision, DecisionRequest, Engine, EngineError, Finish, Lsn, Override, Policy,
+    ReasonCode,
+};
 use crate::journal::DurableWatch;
 use crate::metrics::Metrics;
+use crate::waiting::{WaitEnd, Waiting};
 
 /// Bounds on request fields, as docs/api.md states them.
 pub mod bounds {
@@ -75,6 +80,8 @@ pub struct Core {
     pub engine: Arc<Engine>,
     /// Where to wait for durability.
     pub durable: DurableWatch,
+    /// Calls waiting for capacity.
+    pub waiting: Arc<Waiting>,
 }
 
 /// Shared state of all handlers.
@@ -190,7 +197,11 @@ impl AppState {
             restart_required: restart_required.iter().map(|s| s.to_string()).collect(),
             usage_reset,
         };
+        let s = policy.settings;
         engine.set_policy(policy);
+        if let Some(c) = self.core.get() {
+            c.waiting.set_bounds(s.max_waiters, s.max_waiters_per_subject);
+        }
         *self.tokens.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(tokens);
         guard.0 = new;
         Ok(report)
@@ -198,9 +209,13 @@ impl AppState {
 
     /// The engine, once recovery has finished.
     pub fn engine(&self) -> Result<&Arc<Engine>, ApiError> {
+        self.core().map(|c| &c.engine)
+    }
+
+    /// What exists once recovery has finished.
+    fn core(&self) -> Result<&Core, ApiError> {
         self.core
             .get()
-            .map(|c| &c.engine)
             .ok_or_else(|| ApiError::Unavailable("quotad is recovering its state; retry shortly".into()))
     }
 
@@ -339,6 +354,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/v1/openapi.json", get(openapi::openapi))
         .fallback(|| async {
             ApiError::NotFound(
                 "not_found",
@@ -427,6 +443,7 @@ const ROUTES: &[&str] = &[
     "/healthz",
     "/readyz",
     "/metrics",
+    "/v1/openapi.json",
 ];
 
 fn static_method(m: &axum::http::Method) -> &'static str {
@@ -562,7 +579,9 @@ fn plain_words(e: &serde_json::Error) -> String {
         m.truncate(i);
         m.push_str("expected an object");
     }
-    m.replace("invalid type: ", "wrong type: ")
+    m.replace("invalid type: sequence", "wrong type: an array")
+        .replace("invalid type: map", "wrong type: an object")
+        .replace("invalid type: ", "wrong type: ")
         .replace("invalid value: integer `-", "negative number `-")
 }
 
@@ -640,14 +659,56 @@ struct DecisionBody {
     idempotency_key: Option<String>,
     #[serde(default)]
     ttl_ms: Option<u64>,
+    #[serde(default)]
+    priority: Option<Priority>,
+    #[serde(default)]
+    wait_ms: Option<u64>,
+}
+
+/// A decision request and how long it may wait for capacity.
+struct Asked {
+    req: DecisionRequest,
+    /// 0: answer at once.
+    wait_ms: u64,
 }
 
 /// Parses a decision body; `in_batch` allows the `op` field.
-fn decision_request(headers: &HeaderMap, bytes: &[u8], in_batch: bool) -> Result<DecisionRequest, ApiError> {
-    let b: DecisionBody = parse(bytes)?;
+fn decision_request(
+    st: &AppState,
+    headers: &HeaderMap,
+    bytes: &[u8],
+    op: DecideOp,
+    in_batch: bool,
+) -> Result<Asked, ApiError> {
+    let b: DecisionBody = parse(bytes).map_err(|e| own_fields(e, op, in_batch))?;
     if b.op.is_some() && !in_batch {
         return Err(ApiError::invalid("op", "names an operation only inside POST /v1/batch"));
     }
+    let wait_ms = match b.wait_ms {
+        None => 0,
+        Some(_) if in_batch => {
+            return Err(ApiError::invalid(
+                "wait_ms",
+                "calls inside a batch are answered at once; send a call that may wait on its own",
+            ))
+        }
+        Some(_) if op == DecideOp::Check => {
+            return Err(ApiError::invalid(
+                "wait_ms",
+                "check answers at once; only consume and reserve can wait",
+            ))
+        }
+        Some(w) => {
+            let max = st.engine()?.policy().settings.max_wait_ms;
+            if w > max {
+                return Err(ApiError::invalid(
+                    "wait_ms",
+                    format!("{w} is more than the longest wait allowed, {max} (engine.max_wait_ms)"),
+                ));
+            }
+            w
+        }
+    };
     check_text("subject", &b.subject, bounds::SUBJECT_BYTES)?;
     if let Some(e) = &b.event {
         check_text("event", e, bounds::EVENT_BYTES)?;
@@ -671,14 +732,22 @@ fn decision_request(headers: &HeaderMap, bytes: &[u8], in_batch: bool) -> Result
         }
     }
     check_amounts("amounts", &b.amounts)?;
-    Ok(DecisionRequest {
+    let req = DecisionRequest {
         subject: b.subject,
         event: b.event,
         attributes: b.attributes,
         amounts: b.amounts,
         idempotency_key: idempotency_key(headers, b.idempotency_key)?,
         ttl_ms: b.ttl_ms,
-    })
+        priority: b.priority,
+    };
+    if op == DecideOp::Check && req.idempotency_key.is_some() {
+        return Err(ApiError::invalid(
+            "idempotency_key",
+            "check changes nothing, so it takes no idempotency key; send it on consume or reserve",
+        ));
+    }
+    Ok(Asked { req, wait_ms })
 }
 
 fn subject_path(s: &str) -> Result<(), ApiError> {
@@ -756,11 +825,52 @@ fn decide_now(
     op: DecideOp,
     in_batch: bool,
 ) -> Result<Applied<Decision>, ApiError> {
-    let req = decision_request(headers, bytes, in_batch)?;
+    let Asked { req, .. } = decision_request(st, headers, bytes, op, in_batch)?;
     if op != DecideOp::Check {
         st.writable()?;
     }
-    Ok(st.engine()?.decide(op, &req, st.now())?)
+    let core = st.core()?;
+    if let Some(k) = &req.idempotency_key {
+        in_progress(&core.waiting, k)?;
+    }
+    Ok(core.engine.decide(op, &req, st.now())?)
+}
+
+/// An unknown-field error names the fields of this endpoint only: one body
+/// type serves check, consume, reserve and batch operations.
+fn own_fields(e: ApiError, op: DecideOp, in_batch: bool) -> ApiError {
+    let ApiError::InvalidRequest(msg) = &e else { return e };
+    let Some((head, _)) = msg.split_once(": the fields are ") else {
+        return e;
+    };
+    let mut fields = vec![];
+    if in_batch {
+        fields.push("op");
+    }
+    fields.extend(["subject", "event", "attributes", "amounts", "priority"]);
+    if op != DecideOp::Check {
+        fields.push("idempotency_key");
+        if !in_batch {
+            fields.push("wait_ms");
+        }
+    }
+    if op == DecideOp::Reserve {
+        fields.push("ttl_ms");
+    }
+    ApiError::InvalidRequest(format!("{head}: the fields are {}", fields.join(", ")))
+}
+
+/// 409 while a call with this idempotency key waits for capacity: deciding
+/// it here too could charge it twice.
+fn in_progress(waiting: &Waiting, key: &str) -> Result<(), ApiError> {
+    if waiting.in_progress(key) {
+        return Err(EngineError::RequestInProgress(format!(
+            "a call with idempotency key {key:?} is waiting for capacity; its answer comes on that call \
+             (retry this one after it is answered)"
+        ))
+        .into());
+    }
+    Ok(())
 }
 
 /// Counts a decision that is about to be answered.
@@ -784,7 +894,24 @@ async fn decide(
 ) -> Result<Response, ApiError> {
     st.authorize(&headers, Role::Client)?;
     let bytes = body_bytes(body, st.max_body_bytes)?;
-    let applied = decide_now(&st, &headers, &bytes, op, false)?;
+    let Asked { req, wait_ms } = decision_request(&st, &headers, &bytes, op, false)?;
+    if op != DecideOp::Check {
+        st.writable()?;
+    }
+    let core = st.core()?;
+    if let Some(k) = &req.idempotency_key {
+        in_progress(&core.waiting, k)?;
+    }
+    let (mut applied, notes) = core.engine.decide_with(op, &req, st.now(), DecideOpts::default())?;
+    if wait_ms > 0 {
+        applied.value.waited_ms = Some(0);
+        if Waiting::worth_waiting(&applied.value, &notes, wait_ms) {
+            applied = match core.waiting.wait(op, req, applied.value, notes, wait_ms).await? {
+                WaitEnd::Admitted(a) => a,
+                WaitEnd::Denied(d) => Applied { value: d, lsn: None },
+            };
+        }
+    }
     let d = st.durable(applied).await?;
     note_decision(&st, op, &d);
     Ok(decision_response(d))

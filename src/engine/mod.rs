@@ -14,6 +14,7 @@ mod pricing;
 mod reservations;
 mod state;
 mod types;
+pub mod waitlist;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::hash::{BuildHasher, Hasher};
@@ -29,7 +30,7 @@ pub use state::{apply, intern, CounterMap, FastMap, Shard, ShardAccess, SubjectS
 pub use types::*;
 
 use crate::clock::Millis;
-use crate::config::{MaxValue, Mode, Unmatched, MAX_SAFE_INTEGER};
+use crate::config::{MaxValue, Mode, Priority, Unmatched, MAX_SAFE_INTEGER};
 use crate::journal::{DurableWatch, Journal};
 
 /// FNV-1a over `bytes`, with a domain tag: used to pick shards and to fingerprint
@@ -121,6 +122,28 @@ pub struct Engine {
     replay_base: Vec<Lsn>,
     /// During recovery: the last LSN replayed.
     replayed_lsn: Lsn,
+    /// Whoever keeps calls that wait for capacity; unset when nothing waits ever.
+    wait_hooks: std::sync::OnceLock<Arc<dyn waitlist::WaitHooks>>,
+}
+
+/// How a decision is asked for, beyond the request itself.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DecideOpts {
+    /// A parked call decided again by the wait driver: it already has its
+    /// place in line, so the waiters' claim on capacity does not stop it.
+    pub from_waitlist: bool,
+}
+
+/// What the wait driver needs to know of a decision besides its answer.
+#[derive(Debug, Clone, Default)]
+pub struct DecisionNotes {
+    /// The priority the call was decided at (its own, or its plan's).
+    pub priority: Priority,
+    /// Denied only by enforced limits that time or returned capacity can
+    /// cure: with `retry_after_ms` the earliest time alone would.
+    pub curable: bool,
+    /// The counters that denied it.
+    pub denied_by: Vec<CounterKey>,
 }
 
 /// The shards an operation holds, sorted by index.
@@ -171,7 +194,11 @@ impl Locked<'_> {
             .journal
             .append(now, muts)
             .map_err(|e| EngineError::Unavailable(e.to_string()))?;
+        let hooks = self.engine.wait_hooks.get().filter(|h| h.active());
         for m in muts {
+            if let Some(h) = hooks {
+                note_freed(&**h, m);
+            }
             let a = apply(self, m, lsn);
             self.engine
                 .open_reservations
@@ -208,6 +235,17 @@ impl ShardAccess for Locked<'_> {
     fn idempotency_shard(&mut self, key: &str) -> &mut Shard {
         let i = self.engine.shard_of_idempotency(key);
         self.shard(i)
+    }
+}
+
+/// Tells the waiters' keeper of capacity a mutation gives back.
+fn note_freed(h: &dyn waitlist::WaitHooks, m: &Mutation) {
+    use waitlist::Freed;
+    match m {
+        Mutation::Charge { counter, delta, .. } if *delta < 0 => h.freed(Freed::Counter(counter)),
+        Mutation::ResetCounter { counter } | Mutation::Credit { counter, .. } => h.freed(Freed::Counter(counter)),
+        Mutation::SetSubject { subject, .. } | Mutation::DeleteSubject { subject } => h.freed(Freed::Subject(subject)),
+        _ => {}
     }
 }
 
@@ -358,7 +396,13 @@ impl Engine {
             journal,
             replay_base: Vec::new(),
             replayed_lsn: 0,
+            wait_hooks: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Installs the keeper of waiting calls (once; later calls are ignored).
+    pub fn set_wait_hooks(&self, hooks: Arc<dyn waitlist::WaitHooks>) {
+        let _ = self.wait_hooks.set(hooks);
     }
 
     /// Limits and plans in force.
@@ -369,6 +413,9 @@ impl Engine {
     /// Replaces the limits and plans (reload). Counters keep their identity.
     pub fn set_policy(&self, policy: Policy) {
         *self.policy.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(policy);
+        if let Some(h) = self.wait_hooks.get().filter(|h| h.active()) {
+            h.freed(waitlist::Freed::All);
+        }
     }
 
     /// Replaces the journal: recovery replays into an engine before the WAL
@@ -443,7 +490,7 @@ impl Engine {
 
     fn check_metrics(policy: &Policy, amounts: &BTreeMap<String, u64>) -> Result<(), EngineError> {
         match amounts.keys().find(|m| !policy.metrics.contains(*m)) {
-            Some(m) => Err(EngineError::UnknownMetric(m.clone())),
+            Some(m) => Err(EngineError::UnknownMetric(m.clone(), policy.metric_list())),
             None => Ok(()),
         }
     }
@@ -464,6 +511,17 @@ impl Engine {
         req: &DecisionRequest,
         now_ms: Millis,
     ) -> Result<Applied<Decision>, EngineError> {
+        self.decide_with(op, req, now_ms, DecideOpts::default()).map(|(a, _)| a)
+    }
+
+    /// [`Engine::decide`], with what the wait driver needs to know.
+    pub fn decide_with(
+        &self,
+        op: DecideOp,
+        req: &DecisionRequest,
+        now_ms: Millis,
+        opts: DecideOpts,
+    ) -> Result<(Applied<Decision>, DecisionNotes), EngineError> {
         let (now, policy) = self.begin(now_ms);
         Self::check_metrics(&policy, &req.amounts)?;
         let ttl_ms = match (op, req.ttl_ms) {
@@ -540,10 +598,13 @@ impl Engine {
                     return Err(EngineError::IdempotencyConflict(k.to_string()));
                 }
                 return match entry.answer.unpack() {
-                    StoredAnswer::Decision(d) => Ok(Applied {
-                        value: Decision { replayed: true, ..d },
-                        lsn: Some(*lsn),
-                    }),
+                    StoredAnswer::Decision(d) => Ok((
+                        Applied {
+                            value: Decision { replayed: true, ..d },
+                            lsn: Some(*lsn),
+                        },
+                        DecisionNotes::default(),
+                    )),
                     StoredAnswer::Deleted { .. } => Err(EngineError::IdempotencyConflict(k.to_string())),
                 };
             }
@@ -556,6 +617,14 @@ impl Engine {
         let plan = policy
             .plan_for(st.and_then(|s| s.plan()))
             .ok_or_else(|| EngineError::UnknownSubject(req.subject.clone()))?;
+        let priority = req.priority.unwrap_or(plan.priority);
+        // Calls waiting for capacity have a claim on it: a new call of no
+        // higher priority does not take what returns before they had it.
+        let hooks = match op {
+            DecideOp::Check => None,
+            _ if opts.from_waitlist => None,
+            _ => self.wait_hooks.get().filter(|h| h.active()),
+        };
 
         let mut matched = Vec::with_capacity(plan.all.len());
         for (limit, is_plan) in &plan.all {
@@ -572,7 +641,15 @@ impl Engine {
                 _ => locked.counter(&key),
             }
             .cloned();
-            let (usage, verdict) = evaluate(&limit.kind, current.as_ref(), now, amount, max);
+            let (usage, mut verdict) = evaluate(&limit.kind, current.as_ref(), now, amount, max);
+            if let Some(h) = hooks {
+                if verdict.fits && limit.mode == Mode::Enforce && amount > 0 {
+                    if let Some(ms) = h.ahead(&key, priority, now) {
+                        verdict.fits = false;
+                        verdict.retry_after_ms = Some(ms);
+                    }
+                }
+            }
             matched.push(Matched {
                 limit: limit.clone(),
                 is_plan: *is_plan,
@@ -589,10 +666,17 @@ impl Engine {
         let mut reasons = Vec::new();
         let mut denied = false;
         let mut retry: Option<u64> = Some(0);
+        let mut notes = DecisionNotes {
+            priority,
+            curable: true,
+            denied_by: Vec::new(),
+        };
         for m in matched.iter().filter(|m| !m.verdict.fits) {
             let code = match m.limit.mode {
                 Mode::Enforce => {
                     denied = true;
+                    notes.denied_by.push(m.key.clone());
+                    notes.curable &= !m.verdict.exceeds_capacity && m.verdict.retry_after_ms.is_some();
                     retry = match (retry, m.verdict.retry_after_ms) {
                         (Some(a), Some(b)) => Some(a.max(b)),
                         _ => None,
@@ -614,6 +698,7 @@ impl Engine {
         }
         if !denied && plan.unmatched == Unmatched::Deny && !matched.iter().any(|m| m.is_plan) {
             denied = true;
+            notes.curable = false;
             retry = None;
             reasons.push(Reason {
                 limit: None,
@@ -655,13 +740,18 @@ impl Engine {
                 price: pc.price.as_ref().map(|r| r.name.clone()),
                 explicit: pc.explicit,
             }),
+            waited_ms: None,
         };
+        notes.curable &= denied;
         if denied || op == DecideOp::Check {
             decision.counters = matched.iter().map(|m| view(&m.limit, &m.key, &m.usage)).collect();
-            return Ok(Applied {
-                value: decision,
-                lsn: None,
-            });
+            return Ok((
+                Applied {
+                    value: decision,
+                    lsn: None,
+                },
+                notes,
+            ));
         }
 
         if let Some(m) = matched
@@ -753,7 +843,7 @@ impl Engine {
         if let Some((at, id)) = expiry {
             self.track_expiry(at, id);
         }
-        Ok(Applied { value: decision, lsn })
+        Ok((Applied { value: decision, lsn }, notes))
     }
 
     /// Before a write with a new key: when the key store is full, drops the

@@ -205,6 +205,7 @@ fn unpack_decision(p: PackedDecision) -> Decision {
             price: price.map(Arc::from),
             explicit,
         }),
+        waited_ms: None,
     }
 }
 
@@ -313,6 +314,7 @@ mod tests {
                 price: Some("gpt-4o".into()),
                 explicit: false,
             }),
+            waited_ms: None,
         }
     }
 

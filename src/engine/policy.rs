@@ -8,7 +8,7 @@ use jiff::tz::TimeZone;
 
 use super::pricing::Pricing;
 use crate::config::{
-    Algorithm, Config, ConfigError, EngineSettings, LimitConfig, MatchConfig, MaxValue, Mode, Unmatched,
+    Algorithm, Config, ConfigError, EngineSettings, LimitConfig, MatchConfig, MaxValue, Mode, Priority, Unmatched,
     MAX_SAFE_INTEGER,
 };
 use crate::period::Period;
@@ -172,6 +172,8 @@ pub struct Plan {
     pub default: bool,
     /// Policy for events matching none of its own limits.
     pub unmatched: Unmatched,
+    /// Priority of calls that name none.
+    pub priority: Priority,
     /// Its own limits followed by the top-level limits; `is_plan` tells them apart.
     pub all: Vec<(Arc<Limit>, bool)>,
 }
@@ -486,6 +488,7 @@ impl Policy {
                 name: pc.name.as_str().into(),
                 default: pc.default,
                 unmatched: pc.unmatched,
+                priority: pc.priority,
                 all,
             });
         }
@@ -532,6 +535,13 @@ impl Policy {
             metrics,
             settings,
         })
+    }
+
+    /// The metrics calls may name, sorted, for error messages.
+    pub fn metric_list(&self) -> String {
+        let mut m: Vec<&str> = self.metrics.iter().map(String::as_str).collect();
+        m.sort_unstable();
+        m.join(", ")
     }
 
     /// The plan a subject assigned `assigned` is on: that plan if it still exists,

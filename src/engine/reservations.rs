@@ -46,7 +46,7 @@ impl Engine {
             let policy = self.policy();
             for metric in amounts.keys() {
                 if !policy.metrics.contains(metric) {
-                    return Err(EngineError::UnknownMetric(metric.clone()));
+                    return Err(EngineError::UnknownMetric(metric.clone(), policy.metric_list()));
                 }
             }
         }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::clock::Millis;
-use crate::config::{MaxValue, Mode};
+use crate::config::{MaxValue, Mode, Priority};
 
 /// Log sequence number of a journal record.
 pub type Lsn = u64;
@@ -28,6 +28,10 @@ pub struct DecisionRequest {
     pub idempotency_key: Option<String>,
     /// Reservation lifetime (reserve only); `None` takes the configured default.
     pub ttl_ms: Option<u64>,
+    /// Who goes first; `None` takes the plan's. Not part of the request's
+    /// identity: a retry may raise it under the same idempotency key.
+    #[serde(skip)]
+    pub priority: Option<Priority>,
 }
 
 /// Which decision endpoint.
@@ -67,6 +71,9 @@ pub enum ReasonCode {
     Degraded,
     /// The plan has `unmatched = "deny"` and no plan limit matched the event.
     Unmatched,
+    /// The call asked to wait, but `engine.max_waiters` (or the per-subject
+    /// cap) calls already wait.
+    QueueFull,
 }
 
 /// One entry of `reasons`.
@@ -187,6 +194,9 @@ pub struct Decision {
     /// What the call costs, when `[pricing]` is configured (for check: the estimate).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cost: Option<Cost>,
+    /// How long the call waited for capacity (calls that asked to wait).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waited_ms: Option<u64>,
 }
 
 /// The cost of a call in money.
@@ -492,8 +502,8 @@ pub enum EngineError {
     #[error("idempotency key {0:?} was already used with a different request")]
     IdempotencyConflict(String),
     /// A metric no limit uses and the config does not declare.
-    #[error("metric {0:?} is not used by any limit nor declared in `metrics`")]
-    UnknownMetric(String),
+    #[error("metric {0:?} is not used by any limit nor declared in `metrics`; the metrics are {1}")]
+    UnknownMetric(String, String),
     /// No price matches a call that carries priced metrics (`unpriced = "reject"`).
     #[error("{0}")]
     Unpriced(String),
@@ -503,6 +513,9 @@ pub enum EngineError {
     /// The journal failed or the engine is shutting down: nothing was applied.
     #[error("{0}")]
     Unavailable(String),
+    /// A call with the same idempotency key is waiting for capacity.
+    #[error("{0}")]
+    RequestInProgress(String),
 }
 
 /// An answer and the journal position that must be durable before it is given.

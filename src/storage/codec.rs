@@ -147,6 +147,7 @@ mod tests {
                 price: Some("gpt-4o".into()),
                 explicit: false,
             }),
+            waited_ms: None,
         }
     }
 
