@@ -154,11 +154,7 @@ async fn bad_input_is_answered_in_plain_words_naming_the_field() {
     s.stop().await;
 }
 
-
-/// src/api/mod.rs, `plain_words`: serde names JSON arrays "sequence" and
-/// objects "map" in "wrong type: …" (`Unexpected::Seq` / `Unexpected::Map`).
-/// Add `("wrong type: sequence", "wrong type: an array")` and
-/// `("wrong type: map", "wrong type: an object")` to its replacements.
+/// serde calls JSON arrays "sequence" and objects "map": answers say array and object.
 #[tokio::test]
 async fn wrong_types_name_json_types() {
     let s = TestServer::start(CONFIG, Transport::Tcp).await;
@@ -172,13 +168,8 @@ async fn wrong_types_name_json_types() {
     s.stop().await;
 }
 
-/// src/api/mod.rs, `decision_request`: one `DecisionBody` serves consume,
-/// check, reserve and batch, so serde lists `op` and `ttl_ms` as expected
-/// fields on /v1/consume and then the handler rejects them. Pass the endpoint
-/// in (e.g. `decision_request(headers, bytes, Endpoint::Consume)`) and, on an
-/// unknown-field error, name that endpoint's own fields: check: subject,
-/// event, attributes, amounts; consume: + idempotency_key; reserve: +
-/// idempotency_key, ttl_ms; in a batch: op and the fields of that op.
+/// One body type serves check, consume, reserve and batch operations; an
+/// unknown field is answered with the fields of the endpoint it was sent to.
 #[tokio::test]
 async fn unknown_fields_list_only_what_the_endpoint_takes() {
     let s = TestServer::start(CONFIG, Transport::Tcp).await;
@@ -198,10 +189,7 @@ async fn unknown_fields_list_only_what_the_endpoint_takes() {
     s.stop().await;
 }
 
-/// src/engine/types.rs `EngineError::UnknownMetric` and its two callers
-/// (engine/mod.rs `check_metrics`, engine/reservations.rs `finish`): carry the
-/// sorted list of `policy.metrics` and end the message with
-/// "; the metrics are cost_micros, images, requests, tokens".
+/// An unknown metric is answered with the metrics there are.
 #[tokio::test]
 async fn unknown_metric_lists_the_metrics() {
     let s = TestServer::start(CONFIG, Transport::Tcp).await;
@@ -222,12 +210,8 @@ async fn unknown_metric_lists_the_metrics() {
     s.stop().await;
 }
 
-/// src/api/mod.rs `decision_request` (or engine/mod.rs `decide`, next to the
-/// `ttl_ms` rule): `/v1/check` changes nothing, so an `idempotency_key` (body
-/// or `Idempotency-Key` header) there is a mistake to report, as `ttl_ms` on
-/// consume is: 400 "idempotency_key: check changes nothing and takes no
-/// idempotency key". docs/api.md (line "`check` accepts and ignores it") and
-/// src/api/openapi.json change with it.
+/// `/v1/check` changes nothing, so an idempotency key there (body or header)
+/// is a mistake to report, as `ttl_ms` on consume is.
 #[tokio::test]
 async fn check_rejects_an_idempotency_key() {
     let s = TestServer::start(CONFIG, Transport::Tcp).await;
