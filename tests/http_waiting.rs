@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{TestServer, Transport, TRANSPORTS};
+use quotad::clock::Clock;
 use serde_json::{json, Value};
 
 const CONFIG: &str = r#"
@@ -421,4 +422,33 @@ async fn bad_waits_are_refused_naming_the_field() {
         )
         .await;
     assert!(r.text.contains("wait_ms"), "{}", r.text);
+}
+
+#[tokio::test]
+async fn an_admitted_wait_replays_under_its_key_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Arc::new(TestServer::start_durable(CONFIG, Transport::Unix, common::T0, dir.path()).await);
+    for _ in 0..2 {
+        s.consume(json!({"subject": "u", "event": "bucket"})).await;
+    }
+    let body = json!({"subject": "u", "event": "bucket", "wait_ms": 60000, "idempotency_key": "w-1"});
+    let call = spawn_consume(&s, body.clone());
+    until_parked(&s, 1).await;
+    s.clock.advance(30_000);
+    poke(&s);
+    let first = call.await.unwrap();
+    assert!(first.allowed(), "{}", first.text);
+    let now = s.clock.now_ms();
+    Arc::try_unwrap(s)
+        .ok()
+        .expect("only this test holds the server")
+        .stop()
+        .await;
+    // Waiters are not kept across a restart, but what was admitted is.
+    let s = TestServer::start_durable(CONFIG, Transport::Unix, now, dir.path()).await;
+    assert_eq!(waiters(&s), 0);
+    let again = s.consume(body).await;
+    assert_eq!(again.body["replayed"], true, "{}", again.text);
+    assert_eq!(again.used("bucket"), first.used("bucket"));
+    s.stop().await;
 }
