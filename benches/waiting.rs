@@ -4,7 +4,8 @@
 //!
 //! A daemon in this process, with durable storage in a temp dir (fsync by
 //! default), listens on 127.0.0.1. Each round: a reserve takes the only unit
-//! of a fixed limit, a consume with `wait_ms` parks behind it, and a release
+//! of a fixed one-minute limit (its end is always within the wait), a
+//! consume with `wait_ms` parks behind it, and a release
 //! gives the unit back. Measured: from sending the release to the waiter's
 //! answer (the waiter's admission is a durable decision of its own), and, as
 //! the baseline of the same run, the release's own round trip.
@@ -26,7 +27,7 @@ name = "p"
 default = true
   [[plans.limits]]
   name = "one-at-a-time"
-  period = "1d"
+  period = "1m"
   max = 1
 "#;
 
