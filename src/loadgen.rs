@@ -278,18 +278,24 @@ pub fn run(cfg: BenchConfig) -> BenchReport {
             let (cfg, shared) = (cfg.clone(), shared.clone());
             tokio::spawn(async move {
                 let mut last = 0;
+                let end = cfg.duration.map(|d| start + cfg.warmup + d);
+                let mut tick = start + Duration::from_secs(1);
                 loop {
-                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    // Wake at the next progress tick or at the end, whichever
+                    // is first: a fractional warm-up or duration must not
+                    // stretch the run to the next whole second.
+                    let wake = end.map_or(tick, |e| e.min(tick));
+                    tokio::time::sleep_until(wake.into()).await;
+                    if end.is_some_and(|e| Instant::now() >= e) {
+                        shared.stop.store(true, Ordering::Relaxed);
+                        break;
+                    }
+                    tick += Duration::from_secs(1);
                     let done = shared.done.load(Ordering::Relaxed);
                     if cfg.progress {
                         eprint!("\r  {done} operations, {} /s      ", done - last);
                     }
                     last = done;
-                    if let Some(d) = cfg.duration {
-                        if start.elapsed() >= cfg.warmup + d {
-                            shared.stop.store(true, Ordering::Relaxed);
-                        }
-                    }
                 }
             })
         };
