@@ -328,3 +328,41 @@ async fn a_repeated_delete_answers_what_the_first_did() {
     assert_eq!(again.header("idempotent-replayed").as_deref(), Some("true"));
     s.stop().await;
 }
+
+/// A lifetime top-up raises the cap, and the cap must stay at most 2^53-1,
+/// like every count an answer carries: a credit past it is 400 naming
+/// `amount`, and nothing changes.
+#[tokio::test]
+async fn a_credit_cannot_raise_a_lifetime_cap_past_2_pow_53() {
+    const CREDITS: &str = r#"
+[[plans]]
+name = "p"
+default = true
+  [[plans.limits]]
+  name = "image-credits"
+  algorithm = "lifetime"
+  max = 50
+"#;
+    let s = TestServer::start(CREDITS, Transport::Tcp).await;
+    let big = 9_007_199_254_740_991u64 - 50;
+    let r = s
+        .post(
+            "/v1/subjects/u/credit",
+            json!({"limit": "image-credits", "amount": big}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "exactly at the bound is fine: {}", r.text);
+    assert_eq!(r.counter("image-credits")["max"], 9_007_199_254_740_991u64);
+    let r = s
+        .post("/v1/subjects/u/credit", json!({"limit": "image-credits", "amount": 1}))
+        .await;
+    assert_eq!((r.status, r.error_code()), (400, "invalid_request"), "{}", r.text);
+    assert!(r.text.contains("amount"), "{}", r.text);
+    let r = s.get("/v1/subjects/u").await;
+    assert_eq!(
+        r.counter("image-credits")["max"],
+        9_007_199_254_740_991u64,
+        "nothing changed"
+    );
+    s.stop().await;
+}

@@ -303,6 +303,26 @@ impl Engine {
                 .ok_or_else(|| EngineError::UnknownSubject(subject.to_string()))?;
             // The subject's own plan decides the slot when it has the limit.
             let kind = plan.limit(limit).map_or(&l.kind, |pl| &pl.kind);
+            if let Kind::Lifetime = kind {
+                // A top-up raises the cap: it must stay exactly readable by JSON clients.
+                let credited = match st.and_then(|s| s.counters.get(limit)) {
+                    Some(Counter::Lifetime { credited, .. }) => *credited,
+                    _ => 0,
+                };
+                let no_overrides = BTreeMap::new();
+                let overrides = st.map_or(&no_overrides, |s| s.overrides());
+                let base = match effective_max(plan.limit(limit).unwrap_or(&l), overrides) {
+                    MaxValue::Finite(m) => m,
+                    MaxValue::Unlimited => 0,
+                };
+                let cap = base.saturating_add(credited).saturating_add(amount);
+                if cap > MAX_SAFE_INTEGER {
+                    return Err(EngineError::InvalidRequest(format!(
+                        "amount: crediting {amount} would raise the cap of {limit:?} to {cap}, past \
+                         {MAX_SAFE_INTEGER} (2^53-1), the largest count JSON clients read exactly"
+                    )));
+                }
+            }
             Ok(vec![Mutation::Credit {
                 counter: CounterKey {
                     limit: l.name.clone(),
