@@ -1206,6 +1206,8 @@ struct PlanView {
     name: String,
     default: bool,
     unmatched: crate::config::Unmatched,
+    /// Priority of its calls that name none.
+    priority: Priority,
     limits: Vec<crate::config::LimitConfig>,
 }
 
@@ -1232,6 +1234,7 @@ async fn plans(State(st): State<Arc<AppState>>, headers: HeaderMap) -> Result<Re
                 name: pl.name.to_string(),
                 default: pl.default,
                 unmatched: pl.unmatched,
+                priority: pl.priority,
                 limits: pl
                     .all
                     .iter()
