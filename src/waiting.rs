@@ -36,6 +36,10 @@ pub enum WaitEnd {
     Denied(Decision),
 }
 
+/// The answer of a waiter that shutdown (or a dropped driver) leaves unanswered.
+const SHUTTING_DOWN: &str =
+    "quotad is shutting down; the call waited and nothing was charged, retry elsewhere or later";
+
 /// What the driver hands back to a parked caller.
 type Answer = Result<WaitEnd, EngineError>;
 
@@ -158,10 +162,21 @@ impl Waiting {
 
     fn take(&self, id: u64) -> Option<Waiter<Parked>> {
         let mut l = self.lock();
+        self.remove_locked(&mut l, id)
+    }
+
+    /// Takes a waiter out, keeping the lock-free count and the depth gauge
+    /// in step with the list.
+    fn remove_locked(&self, l: &mut WaitList<Parked>, id: u64) -> Option<Waiter<Parked>> {
         let w = l.remove(id)?;
+        self.counted(l);
+        Some(w)
+    }
+
+    /// Publishes the list's size: `count` for [`WaitHooks::active`], and the gauge.
+    fn counted(&self, l: &WaitList<Parked>) {
         self.count.store(l.len(), Ordering::Release);
         self.metrics.set_depth(l.depth());
-        Some(w)
     }
 
     /// Whether a denied call is worth parking for up to `wait_ms`: denied only
@@ -192,7 +207,6 @@ impl Waiting {
             keys: notes.denied_by,
             idempotency_key: req.idempotency_key.clone(),
             retry_at_ms: now.saturating_add(first.retry_after_ms.unwrap_or(0)),
-            deadline_ms: now.saturating_add(wait_ms),
             stage: Stage::Waiting,
             payload: Parked {
                 op,
@@ -206,8 +220,7 @@ impl Waiting {
         let parked = {
             let mut l = self.lock();
             let r = l.park(waiter);
-            self.count.store(l.len(), Ordering::Release);
-            self.metrics.set_depth(l.depth());
+            self.counted(&l);
             r
         };
         let id = match parked {
@@ -238,12 +251,7 @@ impl Waiting {
                 let out = {
                     let mut l = self.lock();
                     match l.get(id).map(|w| w.stage) {
-                        Some(Stage::Waiting) => {
-                            let w = l.remove(id).expect("present");
-                            self.count.store(l.len(), Ordering::Release);
-                            self.metrics.set_depth(l.depth());
-                            Some(w)
-                        }
+                        Some(Stage::Waiting) => self.remove_locked(&mut l, id),
                         Some(Stage::Deciding) => {
                             // The driver is deciding it this instant: its
                             // answer (admitted or not) comes on the channel.
@@ -278,9 +286,7 @@ impl Waiting {
                 Ok(WaitEnd::Denied(d))
             }
             Ok(Err(e)) => Err(e),
-            Err(_) => Err(EngineError::Unavailable(
-                "quotad is shutting down; the call waited and nothing was charged, retry elsewhere or later".into(),
-            )),
+            Err(_) => Err(EngineError::Unavailable(SHUTTING_DOWN.into())),
         }
     }
 
@@ -344,9 +350,7 @@ impl Waiting {
             // Gone already: its caller left while it was decided. An
             // admission stands (it is journaled); a retry under its key
             // gets it replayed.
-            if let Some(mut w) = l.remove(id) {
-                self.count.store(l.len(), Ordering::Release);
-                self.metrics.set_depth(l.depth());
+            if let Some(mut w) = self.remove_locked(&mut l, id) {
                 self.metrics.outcome(outcome);
                 if let (Some(tx), Some(end)) = (w.payload.tx.take(), end) {
                     let _ = tx.send(end);
@@ -392,15 +396,12 @@ impl Waiting {
         let all = {
             let mut l = self.lock();
             let all = l.drain();
-            self.count.store(0, Ordering::Release);
-            self.metrics.set_depth(l.depth());
+            self.counted(&l);
             all
         };
         for mut w in all {
             if let Some(tx) = w.payload.tx.take() {
-                let _ = tx.send(Err(EngineError::Unavailable(
-                    "quotad is shutting down; the call waited and nothing was charged, retry elsewhere or later".into(),
-                )));
+                let _ = tx.send(Err(EngineError::Unavailable(SHUTTING_DOWN.into())));
             }
         }
     }

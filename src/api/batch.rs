@@ -82,7 +82,7 @@ fn run_op(st: &AppState, raw: &RawValue) -> Result<(ResultBody, Option<Lsn>, Opt
     let name: OpName = parse(text)?;
     let no_headers = HeaderMap::new();
     let decide = |op: DecideOp| -> Result<_, ApiError> {
-        let Applied { value, lsn } = decide_now(st, &no_headers, text, op, true)?;
+        let Applied { value, lsn } = decide_now(st, &no_headers, text, op, true)?.applied;
         Ok((ResultBody::Decision(value), lsn, Some(op)))
     };
     match name.op.as_deref() {

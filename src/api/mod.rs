@@ -28,8 +28,8 @@ pub use error::ApiError;
 use crate::clock::Clock;
 use crate::config::{Config, ConfigError, MaxValue, Priority, Role, MAX_SAFE_INTEGER};
 use crate::engine::{
-    Applied, DecideOp, DecideOpts, Decision, DecisionRequest, Engine, EngineError, Finish, Lsn, Override, Policy,
-    ReasonCode,
+    Applied, DecideOp, DecideOpts, Decision, DecisionNotes, DecisionRequest, Engine, EngineError, Finish, Lsn,
+    Override, Policy, ReasonCode,
 };
 use crate::journal::DurableWatch;
 use crate::metrics::Metrics;
@@ -824,8 +824,8 @@ fn decide_now(
     bytes: &[u8],
     op: DecideOp,
     in_batch: bool,
-) -> Result<Applied<Decision>, ApiError> {
-    let Asked { req, .. } = decision_request(st, headers, bytes, op, in_batch)?;
+) -> Result<Decided, ApiError> {
+    let Asked { req, wait_ms } = decision_request(st, headers, bytes, op, in_batch)?;
     if op != DecideOp::Check {
         st.writable()?;
     }
@@ -833,7 +833,22 @@ fn decide_now(
     if let Some(k) = &req.idempotency_key {
         in_progress(&core.waiting, k)?;
     }
-    Ok(core.engine.decide(op, &req, st.now())?)
+    let (applied, notes) = core.engine.decide_with(op, &req, st.now(), DecideOpts::default())?;
+    Ok(Decided {
+        applied,
+        notes,
+        req,
+        wait_ms,
+    })
+}
+
+/// A decision made on arrival, with what parking it needs.
+struct Decided {
+    applied: Applied<Decision>,
+    notes: DecisionNotes,
+    req: DecisionRequest,
+    /// 0: answer at once.
+    wait_ms: u64,
 }
 
 /// An unknown-field error names the fields of this endpoint only: one body
@@ -894,19 +909,16 @@ async fn decide(
 ) -> Result<Response, ApiError> {
     st.authorize(&headers, Role::Client)?;
     let bytes = body_bytes(body, st.max_body_bytes)?;
-    let Asked { req, wait_ms } = decision_request(&st, &headers, &bytes, op, false)?;
-    if op != DecideOp::Check {
-        st.writable()?;
-    }
-    let core = st.core()?;
-    if let Some(k) = &req.idempotency_key {
-        in_progress(&core.waiting, k)?;
-    }
-    let (mut applied, notes) = core.engine.decide_with(op, &req, st.now(), DecideOpts::default())?;
+    let Decided {
+        mut applied,
+        notes,
+        req,
+        wait_ms,
+    } = decide_now(&st, &headers, &bytes, op, false)?;
     if wait_ms > 0 {
         applied.value.waited_ms = Some(0);
         if Waiting::worth_waiting(&applied.value, &notes, wait_ms) {
-            applied = match core.waiting.wait(op, req, applied.value, notes, wait_ms).await? {
+            applied = match st.core()?.waiting.wait(op, req, applied.value, notes, wait_ms).await? {
                 WaitEnd::Admitted(a) => a,
                 WaitEnd::Denied(d) => Applied { value: d, lsn: None },
             };

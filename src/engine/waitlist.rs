@@ -14,7 +14,7 @@ use std::cmp::Reverse;
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
-use super::types::{CounterKey, ScopeKey};
+use super::types::CounterKey;
 use crate::clock::Millis;
 use crate::config::Priority;
 
@@ -75,8 +75,6 @@ pub struct Waiter<P> {
     pub idempotency_key: Option<String>,
     /// When time alone may let it pass (refill, window end, ageing out).
     pub retry_at_ms: Millis,
-    /// Engine time at which it gives up.
-    pub deadline_ms: Millis,
     /// Waiting or being decided.
     pub stage: Stage,
     /// What the driver needs to decide it again and answer it.
@@ -380,14 +378,10 @@ impl Blocked {
     }
 }
 
-/// Whether a counter is a subject's own.
-pub fn scoped_to(key: &CounterKey, subject: &str) -> bool {
-    matches!(&key.scope, ScopeKey::Subject(s) if &**s == subject)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::ScopeKey;
 
     fn key(name: &str) -> CounterKey {
         CounterKey {
@@ -403,7 +397,6 @@ mod tests {
             keys: keys.iter().map(|k| key(k)).collect(),
             idempotency_key: idem.map(String::from),
             retry_at_ms: retry,
-            deadline_ms: retry + 1000,
             stage: Stage::Waiting,
             payload: (),
         }
