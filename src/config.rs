@@ -37,6 +37,150 @@ pub struct Config {
     pub plans: Vec<PlanConfig>,
     /// The price table that turns metered amounts into a cost; none by default.
     pub pricing: Option<PricingConfig>,
+    /// How long events are kept.
+    pub events: EventsConfig,
+    /// Receivers of events, each POSTed every event it subscribes to.
+    pub webhooks: Vec<WebhookConfig>,
+    /// Circuit breakers on a metric's recent rate.
+    pub breakers: Vec<BreakerConfig>,
+    /// Per-subject usage spikes against the subject's own past.
+    pub anomalies: Vec<AnomalyConfig>,
+}
+
+/// `[events]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EventsConfig {
+    /// Events are kept at least this long (and until every webhook delivered them). Default "7d", 1m..=400d.
+    pub retention: String,
+}
+
+impl Default for EventsConfig {
+    fn default() -> Self {
+        Self { retention: "7d".into() }
+    }
+}
+
+impl EventsConfig {
+    /// The retention in ms, checked.
+    pub fn retention_ms(&self) -> Result<u64, ConfigError> {
+        duration_ms("events.retention", &self.retention, 60_000, 400 * 86_400_000)
+    }
+}
+
+/// One `[[webhooks]]` entry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookConfig {
+    /// Name in `GET /v1/webhooks` and metrics.
+    pub name: String,
+    /// `http://` or `https://` address POSTed to.
+    pub url: String,
+    /// File holding the signing secret (trailing whitespace ignored).
+    pub secret_file: PathBuf,
+    /// Event types or globs (`breaker.*`) it receives; all when absent.
+    #[serde(default)]
+    pub events: Option<Vec<String>>,
+}
+
+/// One `[[breakers]]` entry.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BreakerConfig {
+    /// Name: the `limit` of `circuit_open` denials.
+    pub name: String,
+    /// Metric whose rate is watched. Default "requests".
+    #[serde(default = "default_metric")]
+    pub metric: String,
+    /// Which calls it watches and stops; all when absent.
+    #[serde(default, rename = "match", skip_serializing_if = "Option::is_none")]
+    pub match_: Option<MatchConfig>,
+    /// "global" (default) or "attribute:<name>": one breaker per value.
+    #[serde(default = "default_global")]
+    pub scope: String,
+    /// The recent rate: the total over this span.
+    pub window: String,
+    /// Learned normal rate: the average over this span before the window.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub baseline: Option<String>,
+    /// A fixed normal rate per hour instead of a learned one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub normal_per_hour: Option<u64>,
+    /// Opens when recent > ratio x normal.
+    pub ratio: f64,
+    /// ...and the window holds at least this much.
+    #[serde(default)]
+    pub min_amount: u64,
+    /// Stays open at least this long. Default "15m".
+    #[serde(default = "default_cooldown")]
+    pub cooldown: String,
+    /// Calls of this priority and above pass while open. Default "critical".
+    #[serde(default = "default_pass")]
+    pub pass_priority: Priority,
+}
+
+fn default_global() -> String {
+    "global".into()
+}
+
+fn default_cooldown() -> String {
+    "15m".into()
+}
+
+fn default_pass() -> Priority {
+    Priority::Critical
+}
+
+/// One `[[anomalies]]` entry.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AnomalyConfig {
+    /// Name in flags and events.
+    pub name: String,
+    /// Metric compared. Default "requests".
+    #[serde(default = "default_metric")]
+    pub metric: String,
+    /// Which calls count; all when absent.
+    #[serde(default, rename = "match", skip_serializing_if = "Option::is_none")]
+    pub match_: Option<MatchConfig>,
+    /// Calendar period compared, like a fixed window's. Default "1d".
+    #[serde(default = "default_day")]
+    pub period: String,
+    /// IANA zone of the periods. Default "UTC".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timezone: Option<String>,
+    /// The subject's average over this many previous periods is its normal. Default 7, 1..=90.
+    #[serde(default = "default_baseline_periods")]
+    pub baseline_periods: u32,
+    /// Flagged when this period's usage > ratio x that average.
+    pub ratio: f64,
+    /// ...and at least this much.
+    #[serde(default)]
+    pub min_amount: u64,
+    /// What a flag does until cleared or the period ends.
+    #[serde(default)]
+    pub action: AnomalyAction,
+}
+
+fn default_day() -> String {
+    "1d".into()
+}
+
+fn default_baseline_periods() -> u32 {
+    7
+}
+
+/// What a raised anomaly flag does to the subject's matching calls.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AnomalyAction {
+    /// Nothing but the event and the flag.
+    #[default]
+    Flag,
+    /// Allowed, answered `degrade` with reason `anomaly`.
+    Degrade,
+    /// Denied with reason `anomaly`.
+    Deny,
 }
 
 /// `[pricing]`: how metered amounts become money.
@@ -306,6 +450,9 @@ pub struct LimitConfig {
     /// What happens when the limit is exceeded. Default `enforce`.
     #[serde(default)]
     pub mode: Mode,
+    /// Fractions of `max` whose crossing records a `threshold.crossed` event.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub alerts: Vec<f64>,
 }
 
 fn default_metric() -> String {

@@ -145,6 +145,14 @@ impl DurableWatch {
         DurableWatch::Always
     }
 
+    /// Every LSN at or below this is durable now.
+    pub fn durable_lsn(&self) -> Lsn {
+        match self {
+            DurableWatch::Always => Lsn::MAX,
+            DurableWatch::Waiters(w) => w.lock().durable,
+        }
+    }
+
     /// Resolves once `lsn` is durable, or with an error if the journal failed first.
     pub async fn wait(&self, lsn: Lsn) -> Result<(), JournalError> {
         match self {

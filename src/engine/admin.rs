@@ -267,7 +267,11 @@ impl Engine {
             let names: Vec<Arc<str>> = match limit {
                 Some(n) => vec![n.into()],
                 None => {
-                    let mut v: Vec<Arc<str>> = st.iter().flat_map(|s| s.counters.keys().cloned()).collect();
+                    // Breaker and anomaly history is not the subject's quota: a reset keeps it.
+                    let mut v: Vec<Arc<str>> = st
+                        .iter()
+                        .flat_map(|s| s.counters.keys().filter(|k| !super::signals::is_hidden(k)).cloned())
+                        .collect();
                     v.sort();
                     v
                 }
@@ -399,6 +403,18 @@ impl Engine {
             assigned: assigned(&policy, &st),
             overrides: st.overrides().clone(),
             counters,
+            flags: self
+                .flags(Some(subject), now)
+                .into_iter()
+                .map(|f| SubjectFlag {
+                    anomaly: f.anomaly,
+                    since: crate::period::rfc3339(f.flag.since_ms),
+                    used: f.flag.used,
+                    baseline: f.flag.baseline,
+                    action: f.flag.action,
+                    until: crate::period::rfc3339(f.period_end_ms),
+                })
+                .collect(),
         })
     }
 

@@ -51,6 +51,16 @@ pub enum Counter {
         /// Top-ups, added to the cap.
         credited: u64,
     },
+    /// Usage per calendar period, newest last: an anomaly rule's memory of a
+    /// subject's past (not a limit; never evaluated as one).
+    Periods {
+        /// Start of the first period this subject was seen in: how much history it has.
+        first_ms: Millis,
+        /// (period start, usage), ascending by start, at most `keep` of them.
+        buckets: VecDeque<(Millis, u64)>,
+        /// Nothing here matters after this time (garbage collection drops it).
+        idle_after_ms: Millis,
+    },
 }
 
 /// A counter's standing at some time, given the limit's current parameters.
@@ -375,6 +385,30 @@ pub fn apply_charge(counter: &mut Option<Counter>, slot: &Slot, delta: i64, at_m
                 })
             }
         },
+        Slot::Periods { start_ms, end_ms, keep } => {
+            let idle = end_ms.saturating_add((end_ms - start_ms).saturating_mul(u64::from(keep)));
+            if !matches!(counter, Some(Counter::Periods { .. })) {
+                *counter = Some(Counter::Periods {
+                    first_ms: start_ms,
+                    buckets: VecDeque::new(),
+                    idle_after_ms: idle,
+                });
+            }
+            let Some(Counter::Periods {
+                buckets, idle_after_ms, ..
+            }) = counter
+            else {
+                unreachable!("set above")
+            };
+            *idle_after_ms = (*idle_after_ms).max(idle);
+            match buckets.binary_search_by_key(&start_ms, |&(s, _)| s) {
+                Ok(pos) => buckets[pos].1 = add_signed(buckets[pos].1, delta),
+                Err(pos) => buckets.insert(pos, (start_ms, add_signed(0, delta))),
+            }
+            while buckets.len() > keep as usize {
+                buckets.pop_front();
+            }
+        }
     }
 }
 
@@ -427,6 +461,7 @@ impl Counter {
                 refill, deficit, at_ms, ..
             } => decayed(*deficit, *at_ms, *refill, now_ms) == 0,
             Counter::Lifetime { used, credited } => *used == 0 && *credited == 0,
+            Counter::Periods { idle_after_ms, .. } => *idle_after_ms <= now_ms,
         }
     }
 }

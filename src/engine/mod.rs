@@ -12,7 +12,10 @@ mod packed;
 mod policy;
 mod pricing;
 mod reservations;
+pub mod signals;
 mod state;
+mod watch;
+
 mod types;
 pub mod waitlist;
 
@@ -28,6 +31,8 @@ pub use policy::{glob_match, Kind, Limit, LimitShape, Matcher, Plan, Policy, Sco
 pub use pricing::{parse_price, PriceRates, PricedCall, Pricing};
 pub use state::{apply, intern, CounterMap, FastMap, Shard, ShardAccess, SubjectState, Subjects};
 pub use types::*;
+use watch::SignalWork;
+pub use watch::{BreakerView, FlagView};
 
 use crate::clock::Millis;
 use crate::config::{MaxValue, Mode, Priority, Unmatched, MAX_SAFE_INTEGER};
@@ -124,6 +129,14 @@ pub struct Engine {
     replayed_lsn: Lsn,
     /// Whoever keeps calls that wait for capacity; unset when nothing waits ever.
     wait_hooks: std::sync::OnceLock<Arc<dyn waitlist::WaitHooks>>,
+    /// Events' tail, threshold marks, breakers and flags. Lock order: after
+    /// the shards, before the journal; held from numbering a record's events
+    /// to appending it, so `seq` follows LSN order without gaps.
+    signals: Mutex<signals::Signals>,
+    /// Anomaly flag states kept (raised or cleared): zero lets decisions skip the lock.
+    flag_states: std::sync::atomic::AtomicUsize,
+    /// Told after a record with events is applied (wakes the event feed).
+    event_hook: std::sync::OnceLock<Arc<dyn Fn() + Send + Sync>>,
 }
 
 /// How a decision is asked for, beyond the request itself.
@@ -189,11 +202,62 @@ impl Locked<'_> {
         if muts.is_empty() {
             return Ok(None);
         }
+        if muts.iter().any(signals::Signals::touches) {
+            return self.commit_signals(muts.to_vec(), Vec::new(), now);
+        }
         let lsn = self
             .engine
             .journal
             .append(now, muts)
             .map_err(|e| EngineError::Unavailable(e.to_string()))?;
+        self.apply_all(muts, lsn);
+        Ok(Some(lsn))
+    }
+
+    /// [`Locked::commit`] for a record with signals: numbers `events` after the
+    /// newest, appends them to `muts`, and journals and applies the signals
+    /// part under the signals lock, so seq order is LSN order.
+    fn commit_signals(
+        &mut self,
+        mut muts: Vec<Mutation>,
+        events: Vec<signals::EventBody>,
+        now: Millis,
+    ) -> Result<Option<Lsn>, EngineError> {
+        if muts.is_empty() && events.is_empty() {
+            return Ok(None);
+        }
+        let has_events = !events.is_empty();
+        let mut sig = self.engine.signals();
+        let first = sig.last_seq + 1;
+        for (i, body) in events.into_iter().enumerate() {
+            muts.push(Mutation::Signal(Box::new(signals::SignalChange::Event(
+                signals::Event {
+                    seq: first + i as u64,
+                    at_ms: now,
+                    body,
+                },
+            ))));
+        }
+        let lsn = self
+            .engine
+            .journal
+            .append(now, &muts)
+            .map_err(|e| EngineError::Unavailable(e.to_string()))?;
+        for m in muts.iter().filter(|m| signals::Signals::touches(m)) {
+            sig.apply(lsn, m);
+        }
+        self.engine.flag_states.store(sig.flags.len(), Ordering::Relaxed);
+        drop(sig);
+        self.apply_all(&muts, lsn);
+        if has_events {
+            if let Some(h) = self.engine.event_hook.get() {
+                h();
+            }
+        }
+        Ok(Some(lsn))
+    }
+
+    fn apply_all(&mut self, muts: &[Mutation], lsn: Lsn) {
         let hooks = self.engine.wait_hooks.get().filter(|h| h.active());
         for m in muts {
             if let Some(h) = hooks {
@@ -215,7 +279,6 @@ impl Locked<'_> {
             debug_assert!(g.applied_lsn < lsn, "records reach a shard in LSN order");
             g.applied_lsn = lsn;
         }
-        Ok(Some(lsn))
     }
 }
 
@@ -397,6 +460,9 @@ impl Engine {
             replay_base: Vec::new(),
             replayed_lsn: 0,
             wait_hooks: std::sync::OnceLock::new(),
+            signals: Mutex::new(signals::Signals::default()),
+            flag_states: std::sync::atomic::AtomicUsize::new(0),
+            event_hook: std::sync::OnceLock::new(),
         }
     }
 
@@ -573,6 +639,19 @@ impl Engine {
                 }
             }
         }
+        // Breakers watch counters of their own (global or per attribute value).
+        let writes = op != DecideOp::Check;
+        let mut watched: Vec<(&Arc<signals::Breaker>, ScopeKey)> = Vec::new();
+        for b in &policy.breakers {
+            if b.matcher.matches(event, &req.attributes) {
+                if let Some(sk) = b.scope_key(&req.attributes) {
+                    let (r, l) = b.keys(&sk);
+                    shards.push(self.shard_of_counter(&r));
+                    shards.push(self.shard_of_counter(&l));
+                    watched.push((b, sk));
+                }
+            }
+        }
         let mut locked = self.lock(shards);
 
         // What reservations and idempotency fingerprints record; decisions
@@ -671,6 +750,37 @@ impl Engine {
             curable: true,
             denied_by: Vec::new(),
         };
+        // Breakers and anomaly flags: what they change, and their own charges.
+        let mut sig = SignalWork::default();
+        let mut flagged_degrade = false;
+        if !watched.is_empty() || !policy.anomalies.is_empty() {
+            self.decide_signals(
+                &locked,
+                &watched,
+                &policy,
+                &subject,
+                st,
+                event,
+                &req.attributes,
+                priority,
+                now,
+                writes,
+                &charge_of,
+                &mut sig,
+            );
+            if !sig.blocked.is_empty() {
+                denied = true;
+                // No wait cures an open breaker or a raised flag.
+                notes.curable = false;
+                retry = match (retry, sig.blocked.iter().map(|r| r.retry_after_ms).min().flatten()) {
+                    (Some(_), Some(ms)) => Some(ms),
+                    _ => None,
+                };
+                reasons.append(&mut sig.blocked.clone());
+            }
+            flagged_degrade = !sig.degraded.is_empty();
+            reasons.append(&mut sig.degraded);
+        }
         for m in matched.iter().filter(|m| !m.verdict.fits) {
             let code = match m.limit.mode {
                 Mode::Enforce => {
@@ -712,7 +822,7 @@ impl Engine {
         }
         let outcome = if denied {
             Outcome::Deny
-        } else if reasons.iter().any(|r| r.code == ReasonCode::Degraded) {
+        } else if flagged_degrade || reasons.iter().any(|r| r.code == ReasonCode::Degraded) {
             Outcome::Degrade
         } else {
             Outcome::Allow
@@ -745,13 +855,15 @@ impl Engine {
         notes.curable &= denied;
         if denied || op == DecideOp::Check {
             decision.counters = matched.iter().map(|m| view(&m.limit, &m.key, &m.usage)).collect();
-            return Ok((
-                Applied {
-                    value: decision,
-                    lsn: None,
-                },
-                notes,
-            ));
+            // A breaker that opened on this call is recorded though nothing is charged.
+            let lsn = if writes && !(sig.changes.is_empty() && sig.events.is_empty()) {
+                let muts = sig.changes.drain(..).map(|c| Mutation::Signal(Box::new(c))).collect();
+                let events = std::mem::take(&mut sig.events);
+                locked.commit_signals(muts, events, now)?
+            } else {
+                None
+            };
+            return Ok((Applied { value: decision, lsn }, notes));
         }
 
         if let Some(m) = matched
@@ -786,6 +898,11 @@ impl Engine {
                 });
             }
         }
+        if policy.has_alerts {
+            for m in &matched {
+                self.crossings(&locked, m, &subject, now, &mut sig);
+            }
+        }
         let mut expiry = None;
         if let Some(ttl) = ttl_ms {
             if self.open_reservations.load(Ordering::Relaxed) >= policy.settings.max_open_reservations as isize {
@@ -796,6 +913,7 @@ impl Engine {
             }
             let id = reservation_id.expect("drawn for reserve");
             let expires_ms = now.saturating_add(ttl);
+            // Breaker and anomaly counters are held too, so commit trues them up.
             let holds = matched
                 .iter()
                 .map(|m| Hold {
@@ -804,6 +922,7 @@ impl Engine {
                     slot: m.slot,
                     amount: m.amount,
                 })
+                .chain(sig.holds.iter().cloned())
                 .collect();
             let mut amounts = normalized.take().expect("normalized for a reservation");
             if let (Some(pc), Some(m)) = (&priced, cost_metric) {
@@ -838,7 +957,20 @@ impl Engine {
                 entry: Box::new(entry),
             });
         }
-        let lsn = locked.commit(&muts, now)?;
+        for h in &sig.holds {
+            muts.push(Mutation::Charge {
+                counter: h.counter.clone(),
+                slot: h.slot,
+                delta: signed(h.amount),
+                at_ms: now,
+            });
+        }
+        let lsn = if sig.changes.is_empty() && sig.events.is_empty() {
+            locked.commit(&muts, now)?
+        } else {
+            muts.extend(sig.changes.drain(..).map(|c| Mutation::Signal(Box::new(c))));
+            locked.commit_signals(muts, std::mem::take(&mut sig.events), now)?
+        };
         drop(locked);
         if let Some((at, id)) = expiry {
             self.track_expiry(at, id);
@@ -963,6 +1095,9 @@ impl Engine {
         };
         for m in muts {
             apply(&mut access, m, lsn);
+        }
+        if muts.iter().any(signals::Signals::touches) {
+            self.replay_signals(lsn, muts);
         }
         self.replayed_lsn = self.replayed_lsn.max(lsn);
     }

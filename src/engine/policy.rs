@@ -7,6 +7,7 @@ use std::sync::Arc;
 use jiff::tz::TimeZone;
 
 use super::pricing::Pricing;
+use super::signals::{Anomaly, Breaker, HIDDEN_PREFIX};
 use crate::config::{
     Algorithm, Config, ConfigError, EngineSettings, LimitConfig, MatchConfig, MaxValue, Mode, Priority, Unmatched,
     MAX_SAFE_INTEGER,
@@ -159,6 +160,8 @@ pub struct Limit {
     pub mode: Mode,
     /// Which events it applies to.
     pub matcher: Matcher,
+    /// Alert thresholds in millionths of `max`, ascending.
+    pub alerts: Vec<u32>,
     /// As written, for `GET /v1/plans`.
     pub source: LimitConfig,
 }
@@ -245,6 +248,201 @@ pub struct Policy {
     pub settings: EngineSettings,
     /// The price table, when `[pricing]` is configured.
     pub pricing: Option<Pricing>,
+    /// Circuit breakers.
+    pub breakers: Vec<Arc<Breaker>>,
+    /// Anomaly rules.
+    pub anomalies: Vec<Arc<Anomaly>>,
+    /// Events are kept this long (`events.retention`).
+    pub events_retention_ms: u64,
+    /// Some limit has alert thresholds (else decisions skip looking for crossings).
+    pub has_alerts: bool,
+}
+
+impl Policy {
+    /// Whether anything decides signals: thresholds, breakers or anomaly rules.
+    pub fn has_signals(&self) -> bool {
+        self.has_alerts || !self.breakers.is_empty() || !self.anomalies.is_empty()
+    }
+
+    /// The breaker of that name.
+    pub fn breaker(&self, name: &str) -> Option<&Arc<Breaker>> {
+        self.breakers.iter().find(|b| &*b.name == name)
+    }
+}
+
+fn signal_duration(key: &str, value: &str) -> Result<u64, ConfigError> {
+    let p = Period::parse_duration(value).map_err(|e| ConfigError::new(key, e.to_string()))?;
+    let ms = p
+        .fixed_ms()
+        .ok_or_else(|| ConfigError::new(key, "months have no fixed length; use days (\"30d\")"))?;
+    if !(1_000..=400 * 86_400_000).contains(&ms) {
+        return Err(ConfigError::new(
+            key,
+            format!("{value:?} is out of range: must be between 1s and 400d"),
+        ));
+    }
+    Ok(ms)
+}
+
+fn check_ratio(key: &str, ratio: f64) -> Result<f64, ConfigError> {
+    if ratio.is_finite() && (1.0..=1_000_000.0).contains(&ratio) {
+        Ok(ratio)
+    } else {
+        Err(ConfigError::new(
+            key,
+            format!("{ratio} is out of range: the ratio over normal must be between 1 and 1000000"),
+        ))
+    }
+}
+
+/// Compiled `[[breakers]]` and `[[anomalies]]`.
+type SignalRules = (Vec<Arc<Breaker>>, Vec<Arc<Anomaly>>);
+
+/// Compiles `[[breakers]]` and `[[anomalies]]`.
+fn compile_signals(config: &Config, metrics: &HashSet<String>) -> Result<SignalRules, ConfigError> {
+    let cost_metric = config.pricing.as_ref().map(|p| p.metric.as_str());
+    let known = |key: &str, m: &str| -> Result<Arc<str>, ConfigError> {
+        if metrics.contains(m) || Some(m) == cost_metric {
+            Ok(m.into())
+        } else {
+            let mut list: Vec<&str> = metrics.iter().map(String::as_str).chain(cost_metric).collect();
+            list.sort_unstable();
+            Err(ConfigError::new(
+                key,
+                format!(
+                    "{m:?} is not a metric of any limit, price or `metrics`; the metrics are {}",
+                    list.join(", ")
+                ),
+            ))
+        }
+    };
+    let mut breakers: Vec<Arc<Breaker>> = Vec::new();
+    for (i, b) in config.breakers.iter().enumerate() {
+        let key = format!("breakers[{i}]");
+        if !valid_name(&b.name, 128) {
+            return Err(ConfigError::new(
+                key + ".name",
+                "must be 1-128 characters without spaces",
+            ));
+        }
+        if breakers.iter().any(|x| *x.name == *b.name) {
+            return Err(ConfigError::new(
+                key + ".name",
+                format!("breaker {:?} is defined twice", b.name),
+            ));
+        }
+        let metric = known(&format!("{key}.metric"), &b.metric)?;
+        let scope = Scope::parse(&b.scope).map_err(|m| ConfigError::new(format!("{key}.scope"), m))?;
+        if scope == Scope::Subject {
+            return Err(ConfigError::new(
+                key + ".scope",
+                "a breaker watches traffic as a whole: use \"global\" or \"attribute:<name>\" (anomaly rules watch subjects)",
+            ));
+        }
+        let window_ms = signal_duration(&format!("{key}.window"), &b.window)?;
+        let baseline_ms = match (&b.baseline, b.normal_per_hour) {
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::new(
+                    key + ".normal_per_hour",
+                    "give either baseline (a learned normal rate) or normal_per_hour (a fixed one), not both",
+                ))
+            }
+            (None, None) => {
+                return Err(ConfigError::new(
+                    key + ".baseline",
+                    "is required unless normal_per_hour gives a fixed normal rate",
+                ))
+            }
+            (Some(s), None) => Some(signal_duration(&format!("{key}.baseline"), s)?),
+            (None, Some(n)) if n == 0 || n > MAX_SAFE_INTEGER => {
+                return Err(ConfigError::new(
+                    key + ".normal_per_hour",
+                    format!("must be between 1 and {MAX_SAFE_INTEGER}"),
+                ))
+            }
+            (None, Some(_)) => None,
+        };
+        let cooldown_ms = signal_duration(&format!("{key}.cooldown"), &b.cooldown)?;
+        let ratio = check_ratio(&format!("{key}.ratio"), b.ratio)?;
+        let matcher = match &b.match_ {
+            Some(m) => compile_matcher(&key, m)?,
+            None => Matcher::default(),
+        };
+        let sliding = |period_ms: u64| Kind::Sliding {
+            period_ms,
+            bucket_ms: (period_ms / SLIDING_BUCKETS).max(1),
+        };
+        breakers.push(Arc::new(Breaker {
+            name: b.name.as_str().into(),
+            metric,
+            matcher,
+            scope,
+            window_ms,
+            baseline_ms,
+            normal_per_hour: b.normal_per_hour,
+            ratio,
+            min_amount: b.min_amount,
+            cooldown_ms,
+            pass_priority: b.pass_priority,
+            recent_limit: format!("{HIDDEN_PREFIX}breaker:{}:recent", b.name).into(),
+            long_limit: format!("{HIDDEN_PREFIX}breaker:{}:long", b.name).into(),
+            recent_kind: sliding(window_ms),
+            long_kind: sliding(window_ms + baseline_ms.unwrap_or(0)),
+            max_scopes: 10_000,
+            source: b.clone(),
+        }));
+    }
+    let mut anomalies: Vec<Arc<Anomaly>> = Vec::new();
+    for (i, a) in config.anomalies.iter().enumerate() {
+        let key = format!("anomalies[{i}]");
+        if !valid_name(&a.name, 128) {
+            return Err(ConfigError::new(
+                key + ".name",
+                "must be 1-128 characters without spaces",
+            ));
+        }
+        if anomalies.iter().any(|x| *x.name == *a.name) {
+            return Err(ConfigError::new(
+                key + ".name",
+                format!("anomaly rule {:?} is defined twice", a.name),
+            ));
+        }
+        let metric = known(&format!("{key}.metric"), &a.metric)?;
+        let period = Period::parse(&a.period).map_err(|e| ConfigError::new(format!("{key}.period"), e.to_string()))?;
+        let tz_name = a.timezone.as_deref().unwrap_or("UTC");
+        let tz = TimeZone::get(tz_name).map_err(|_| {
+            ConfigError::new(
+                format!("{key}.timezone"),
+                format!("{tz_name:?} is not a known IANA time zone"),
+            )
+        })?;
+        if !(1..=90).contains(&a.baseline_periods) {
+            return Err(ConfigError::new(
+                key + ".baseline_periods",
+                format!("{} is out of range: must be between 1 and 90", a.baseline_periods),
+            ));
+        }
+        let ratio = check_ratio(&format!("{key}.ratio"), a.ratio)?;
+        let matcher = match &a.match_ {
+            Some(m) => compile_matcher(&key, m)?,
+            None => Matcher::default(),
+        };
+        anomalies.push(Arc::new(Anomaly {
+            name: a.name.as_str().into(),
+            metric,
+            matcher,
+            period,
+            tz,
+            window: WindowCache::default(),
+            baseline_periods: a.baseline_periods,
+            ratio,
+            min_amount: a.min_amount,
+            action: a.action,
+            limit: format!("{HIDDEN_PREFIX}anomaly:{}", a.name).into(),
+            source: a.clone(),
+        }));
+    }
+    Ok((breakers, anomalies))
 }
 
 /// Compiles a `match = {…}` table of the entry at `key`.
@@ -360,7 +558,32 @@ fn compile_limit(key: &str, c: &LimitConfig) -> Result<Limit, ConfigError> {
         Some(m) => compile_matcher(key, m)?,
         None => Matcher::default(),
     };
+    let mut alerts = Vec::with_capacity(c.alerts.len());
+    for (i, &t) in c.alerts.iter().enumerate() {
+        if !(t > 0.0 && t <= 10.0) {
+            return Err(err(
+                &format!("alerts[{i}]"),
+                format!("{t} is out of range: a threshold is a fraction of max above 0 and at most 10 (0.8 is 80%)"),
+            ));
+        }
+        let ppm = (t * 1e6).round() as u32;
+        if alerts.contains(&ppm) {
+            return Err(err(&format!("alerts[{i}]"), format!("{t} is listed twice")));
+        }
+        alerts.push(ppm);
+    }
+    if !alerts.is_empty() && c.max == MaxValue::Unlimited {
+        return Err(err(
+            "alerts",
+            "an unlimited limit has no max for thresholds to be fractions of; give it a max or drop alerts".into(),
+        ));
+    }
+    if alerts.len() > 16 {
+        return Err(err("alerts", "at most 16 thresholds per limit".into()));
+    }
+    alerts.sort_unstable();
     Ok(Limit {
+        alerts,
         name: c.name.as_str().into(),
         metric: c.metric.as_str().into(),
         scope,
@@ -524,7 +747,13 @@ impl Policy {
             }
             None => None,
         };
+        let signals = compile_signals(config, &metrics)?;
+        let has_alerts = plans.iter().any(|p| p.all.iter().any(|(l, _)| !l.alerts.is_empty()));
         Ok(Policy {
+            breakers: signals.0,
+            anomalies: signals.1,
+            events_retention_ms: config.events.retention_ms()?,
+            has_alerts,
             pricing,
             plans,
             plan_index,

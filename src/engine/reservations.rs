@@ -138,10 +138,20 @@ impl Engine {
 
         let mut muts = Vec::with_capacity(r.holds.len() + 1);
         let mut counters = Vec::new();
+        // Per hold: (limit, max, usage before, window end) where thresholds apply.
+        let mut counters_for_alerts = Vec::with_capacity(r.holds.len());
         for (h, &delta) in r.holds.iter().zip(&deltas) {
+            let mut alert = None;
             if let Some(limit) = plan.and_then(|p| p.limit(&h.counter.limit)) {
                 let max = effective_max(limit, &overrides);
                 let current = locked.counter(&h.counter);
+                if let (false, MaxValue::Finite(_)) = (limit.alerts.is_empty(), max) {
+                    let (u, _) = super::evaluate(&limit.kind, current, now, 0, max);
+                    // The cap in force, credits included.
+                    if let MaxValue::Finite(m) = u.max {
+                        alert = Some((limit.clone(), m, u.used, u.resets_at));
+                    }
+                }
                 counters.push(view_after(
                     limit,
                     &h.counter,
@@ -151,6 +161,7 @@ impl Engine {
                     now,
                 ));
             }
+            counters_for_alerts.push(alert);
             if delta != 0 {
                 muts.push(Mutation::Charge {
                     counter: h.counter.clone(),
@@ -184,8 +195,41 @@ impl Engine {
             answer: (action != Finish::Expire).then(|| answer.clone()),
             ..r
         };
+        let mut events = Vec::new();
+        if action == Finish::Expire {
+            events.push(super::signals::EventBody::ReservationExpired {
+                subject: finished_r.subject.clone(),
+                reservation_id: finished_r.id.clone(),
+                held: finished_r.amounts.clone(),
+            });
+        }
+        // A true-up above what was held can cross a threshold like any charge.
+        let mut work = super::SignalWork::default();
+        if policy.has_alerts {
+            for ((h, &delta), c) in finished_r.holds.iter().zip(&deltas).zip(&counters_for_alerts) {
+                if let (Some((limit, max, before, resets_at)), true) = (c, delta > 0) {
+                    self.crossings_of(
+                        limit,
+                        &h.counter,
+                        *max,
+                        *before,
+                        before.saturating_add(delta as u64),
+                        *resets_at,
+                        &finished_r.subject,
+                        now,
+                        &mut work,
+                    );
+                }
+            }
+        }
+        events.append(&mut work.events);
+        muts.extend(work.changes.into_iter().map(|c| Mutation::Signal(Box::new(c))));
         muts.push(Mutation::PutReservation(Box::new(finished_r)));
-        let lsn = locked.commit(&muts, now)?;
+        let lsn = if events.is_empty() {
+            locked.commit(&muts, now)?
+        } else {
+            locked.commit_signals(muts, events, now)?
+        };
         Ok(Applied { value: answer, lsn })
     }
 }

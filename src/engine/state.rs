@@ -520,6 +520,8 @@ pub fn apply<A: ShardAccess>(access: &mut A, m: &Mutation, lsn: Lsn) -> Applied 
             let old = access.idempotency_shard(key).idempotency.remove(key);
             out.idempotency_keys_delta = -isize::from(old.is_some());
         }
+        // Signals live outside the shards (the engine applies them itself).
+        Mutation::Signal(_) => {}
     }
     out
 }

@@ -74,6 +74,10 @@ pub enum ReasonCode {
     /// The call asked to wait, but `engine.max_waiters` (or the per-subject
     /// cap) calls already wait.
     QueueFull,
+    /// A circuit breaker is open and the call's priority is below its `pass_priority`.
+    CircuitOpen,
+    /// An anomaly flag with `degrade` or `deny` is raised on the subject.
+    Anomaly,
 }
 
 /// One entry of `reasons`.
@@ -271,6 +275,25 @@ pub struct SubjectView {
     pub overrides: BTreeMap<String, Override>,
     /// A counter for every limit of the plan and the top-level limits.
     pub counters: Vec<CounterView>,
+    /// Anomaly flags raised on it now.
+    pub flags: Vec<SubjectFlag>,
+}
+
+/// An anomaly flag as a subject's answer lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SubjectFlag {
+    /// The rule.
+    pub anomaly: Arc<str>,
+    /// When it was raised (RFC 3339).
+    pub since: String,
+    /// Usage in the period when raised.
+    pub used: u64,
+    /// The subject's average over its baseline periods.
+    pub baseline: u64,
+    /// What it does: flag, degrade or deny.
+    pub action: crate::config::AnomalyAction,
+    /// When it lapses: the end of the period (RFC 3339).
+    pub until: String,
 }
 
 /// A stored answer, replayed for a repeated idempotency key (kept packed:
@@ -357,6 +380,15 @@ pub enum Slot {
     },
     /// A never-resetting counter.
     Lifetime,
+    /// A calendar period of an anomaly rule's per-subject history.
+    Periods {
+        /// Period start.
+        start_ms: Millis,
+        /// Period end.
+        end_ms: Millis,
+        /// Periods kept: the baseline's and the current one.
+        keep: u32,
+    },
 }
 
 /// One held amount of a reservation.
@@ -477,6 +509,8 @@ pub enum Mutation {
         /// The key.
         key: String,
     },
+    /// An event, threshold mark, breaker or flag change (format version 3).
+    Signal(Box<super::signals::SignalChange>),
 }
 
 /// Errors the engine answers with (mapped to HTTP by the api layer).
@@ -516,6 +550,12 @@ pub enum EngineError {
     /// A call with the same idempotency key is waiting for capacity.
     #[error("{0}")]
     RequestInProgress(String),
+    /// No breaker by that name (the second field lists them).
+    #[error("no breaker named {0:?}; the breakers are: {1}")]
+    UnknownBreaker(String, String),
+    /// No anomaly rule by that name (the second field lists them).
+    #[error("no anomaly rule named {0:?}; the rules are: {1}")]
+    UnknownAnomaly(String, String),
 }
 
 /// An answer and the journal position that must be durable before it is given.

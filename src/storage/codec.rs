@@ -7,6 +7,11 @@
 //! Version 2: a record is `(engine time in ms, mutations)`; reservations keep
 //! the price they were made under; stored answers are packed bytes
 //! ([`crate::engine::PackedAnswer`]) instead of JSON text.
+//!
+//! Version 3 adds, at the ends of their enums (so version 2 bytes decode
+//! unchanged): `Mutation::Signal` (events, threshold marks, breaker and flag
+//! changes), `Counter::Periods` and `Slot::Periods` (anomaly history). A
+//! version 2 build cannot read version 3 records, hence the new number.
 
 pub mod v1;
 
@@ -14,7 +19,7 @@ use crate::clock::Millis;
 use crate::engine::{Mutation, Shard};
 
 /// The format written by this build.
-pub const FORMAT_VERSION: u16 = 2;
+pub const FORMAT_VERSION: u16 = 3;
 
 /// Largest shard decoded: a corrupt length inside a shard cannot make the
 /// decoder allocate more than this.
@@ -76,9 +81,19 @@ pub fn decode_record(version: u16, bytes: &[u8]) -> Result<(Millis, Vec<Mutation
             let muts: Vec<Mutation> = muts.into_iter().map(Mutation::from).collect();
             Ok((v1::record_time(&muts), muts))
         }
-        2 => decode_exact(bytes, "record", record_config()),
+        2 | 3 => decode_exact(bytes, "record", record_config()),
         v => Err(unknown_version(v)),
     }
+}
+
+/// Encodes the signals state (events' tail excluded) for a snapshot.
+pub fn encode_signals(signals: &crate::engine::signals::Signals) -> Result<Vec<u8>, CodecError> {
+    bincode::serde::encode_to_vec(signals, config()).map_err(|e| CodecError(e.to_string()))
+}
+
+/// Decodes the signals state of a version 3 snapshot.
+pub fn decode_signals(bytes: &[u8]) -> Result<crate::engine::signals::Signals, CodecError> {
+    decode_exact(bytes, "signals state", config())
 }
 
 /// Encodes one shard for a snapshot.
@@ -90,7 +105,7 @@ pub fn encode_shard(shard: &Shard) -> Result<Vec<u8>, CodecError> {
 pub fn decode_shard(version: u16, bytes: &[u8]) -> Result<Shard, CodecError> {
     match version {
         1 => decode_exact::<v1::ShardV1>(bytes, "shard", config()).map(Shard::from),
-        2 => decode_exact(bytes, "shard", config()),
+        2 | 3 => decode_exact(bytes, "shard", config()),
         v => Err(unknown_version(v)),
     }
 }

@@ -14,6 +14,7 @@ pub mod wal;
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -91,6 +92,9 @@ pub struct Storage {
     config: StorageConfig,
     /// Snapshot and WAL figures.
     metrics: Arc<StorageMetrics>,
+    /// Events at or below this seq have reached every webhook, so retention
+    /// may drop them (`u64::MAX` when no webhook is configured).
+    event_floor: Arc<AtomicU64>,
     /// Held for the life of the process: two daemons on one directory would
     /// interleave their logs (none for simulated directories).
     _lock: Option<File>,
@@ -137,11 +141,16 @@ pub fn recover(
         Some(s) => s.load().map_err(|e| StorageError::Corrupt(e.to_string()))?,
         None => None,
     };
-    let (shards, snapshot_ms, snapshot_lsn) = loaded.map(|l| (l.shards, l.created_ms, l.last_lsn)).unwrap_or_default();
+    let (shards, snapshot_ms, snapshot_lsn, signals) = loaded
+        .map(|l| (l.shards, l.created_ms, l.last_lsn, l.signals))
+        .unwrap_or_default();
     report.snapshot_loaded = !shards.is_empty();
     report.snapshot_created_ms = report.snapshot_loaded.then_some(snapshot_ms);
     report.snapshot_shards = shards.len();
     let mut engine = Engine::from_snapshot(policy, Arc::new(NullJournal::default()), shards);
+    if let Some(blob) = signals {
+        engine.load_signals(codec::decode_signals(&blob).map_err(|e| StorageError::Corrupt(e.to_string()))?);
+    }
     // Engine time resumes where the snapshot left it, whatever the wall clock says.
     engine.time(snapshot_ms);
     let after = engine.replay_from();
@@ -222,6 +231,7 @@ impl Storage {
                 snapshots,
                 config: config.clone(),
                 metrics,
+                event_floor: Arc::new(AtomicU64::new(u64::MAX)),
                 _lock: lock,
             },
             report,
@@ -231,6 +241,17 @@ impl Storage {
     /// The WAL writer (journal of the engine).
     pub fn journal(&self) -> &Arc<WalJournal> {
         &self.journal
+    }
+
+    /// The snapshot file: events older than memory holds are read from it.
+    pub fn snapshots(&self) -> &SnapshotStore {
+        &self.snapshots
+    }
+
+    /// Where webhook delivery publishes the newest seq every webhook has: the
+    /// snapshot keeps events above it whatever their age.
+    pub fn event_floor(&self) -> Arc<AtomicU64> {
+        self.event_floor.clone()
     }
 
     /// Whether enough has been logged since the last snapshot to take another.
@@ -263,12 +284,31 @@ impl Storage {
             max_lsn = max_lsn.max(shard.applied_lsn);
             Ok::<(), StorageError>(())
         })?;
+        // Captured after the shards: signals are applied before shards, so
+        // this state covers every signal change the shards hold.
+        let (signals, events) = engine.signals_for_snapshot();
+        let state = codec::encode_signals(&signals).map_err(|e| StorageError::Io(e.to_string()))?;
         self.journal
-            .wait_durable_blocking(max_lsn)
+            .wait_durable_blocking(max_lsn.max(signals.applied_lsn))
             .map_err(|e| StorageError::Io(e.to_string()))?;
+        let json: Vec<Vec<u8>> = events.iter().map(|e| e.to_json().to_string().into_bytes()).collect();
+        let now = engine.time(now_ms);
+        let part = snapshot::SignalsPart {
+            state,
+            events: events
+                .iter()
+                .zip(&json)
+                .map(|(e, j)| (e.seq, e.at_ms, j.as_slice()))
+                .collect(),
+            retain_after_ms: now.saturating_sub(engine.policy().events_retention_ms),
+            delivered_seq: self.event_floor.load(Ordering::Acquire),
+        };
         self.snapshots
-            .write(&encoded, engine.time(now_ms), max_lsn)
+            .write(&encoded, now, max_lsn, &part)
             .map_err(|e| StorageError::Io(e.to_string()))?;
+        if let Some(last) = events.last() {
+            engine.events_stored(last.seq);
+        }
         let segments_removed = self
             .journal
             .wal()

@@ -11,19 +11,42 @@
 //!   the encoded shard (4 bytes, little-endian) followed by it; version 1 has
 //!   the encoded shard alone.
 //!
+//! - from version 3, table `signals` (`&str` → bytes): `state` → CRC-32 (4
+//!   bytes, little-endian) and the encoded signals state (threshold marks,
+//!   breakers, flags, the newest event's seq and the LSN it is as of);
+//! - table `events` (`u64` → bytes): seq → engine time in ms (8 bytes,
+//!   little-endian) followed by the event's JSON. Events are moved here from
+//!   memory by each snapshot and dropped past `events.retention` once every
+//!   webhook delivered them.
+//!
 //! redb keeps the file consistent across crashes but does not checksum the
 //! values it stores: the CRCs are what turns a flipped bit in a stored shard
 //! into a refusal to start instead of a silently different state.
 
 use std::path::Path;
 
-use redb::{Database, ReadOnlyDatabase, ReadableDatabase, TableDefinition};
+use redb::{Database, ReadOnlyDatabase, ReadableDatabase, ReadableTable, TableDefinition};
 
 use super::codec;
 use crate::engine::{Lsn, Shard};
 
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const SHARDS: TableDefinition<u32, &[u8]> = TableDefinition::new("shards");
+const SIGNALS: TableDefinition<&str, &[u8]> = TableDefinition::new("signals");
+const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
+
+/// What a snapshot writes besides the shards.
+#[derive(Debug, Default)]
+pub struct SignalsPart<'a> {
+    /// The encoded signals state.
+    pub state: Vec<u8>,
+    /// Events to add: (seq, engine time, JSON).
+    pub events: Vec<(u64, u64, &'a [u8])>,
+    /// Events older than this engine time may be dropped...
+    pub retain_after_ms: u64,
+    /// ...if their seq is at most this (every webhook delivered them).
+    pub delivered_seq: u64,
+}
 
 /// Snapshot failures.
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +67,8 @@ pub struct Loaded {
     pub created_ms: u64,
     /// The newest LSN any shard holds.
     pub last_lsn: Lsn,
+    /// The encoded signals state (version 3 and later).
+    pub signals: Option<Vec<u8>>,
 }
 
 /// Opened for writing (the daemon) or only for reading (`quotad wal verify`,
@@ -238,16 +263,83 @@ impl SnapshotStore {
                 "metadata says the newest record is LSN {stored}, the shards say {last_lsn}: the file is damaged"
             )));
         }
+        let signals = match txn.open_table(SIGNALS) {
+            Ok(t) => match t.get("state").map_err(|e| self.err(e))? {
+                Some(v) => {
+                    let bytes = v.value();
+                    let ok = bytes
+                        .split_first_chunk::<4>()
+                        .filter(|(crc, rest)| u32::from_le_bytes(**crc) == crc32fast::hash(rest));
+                    let Some((_, rest)) = ok else {
+                        return Err(self.err(format!(
+                            "the signals state (table signals, {} bytes) fails its checksum: the file is damaged",
+                            bytes.len()
+                        )));
+                    };
+                    Some(rest.to_vec())
+                }
+                None => None,
+            },
+            Err(redb::TableError::TableDoesNotExist(_)) => None,
+            Err(e) => return Err(self.err(e)),
+        };
         Ok(Some(Loaded {
             shards,
             created_ms,
             last_lsn,
+            signals,
         }))
+    }
+
+    /// Stored events with seq > `after`, oldest first, at most `limit` that
+    /// `keep` accepts: (seq, JSON).
+    pub fn events_after(
+        &self,
+        after: u64,
+        limit: usize,
+        keep: &dyn Fn(&[u8]) -> bool,
+    ) -> Result<Vec<(u64, Vec<u8>)>, SnapshotError> {
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let table = match txn.open_table(EVENTS) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(self.err(e)),
+        };
+        let mut out = Vec::new();
+        for item in table.range(after.saturating_add(1)..).map_err(|e| self.err(e))? {
+            if out.len() >= limit {
+                break;
+            }
+            let (k, v) = item.map_err(|e| self.err(e))?;
+            let json = v.value().get(8..).unwrap_or_default();
+            if keep(json) {
+                out.push((k.value(), json.to_vec()));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The newest stored event's seq (0: none).
+    pub fn last_event_seq(&self) -> Result<u64, SnapshotError> {
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let table = match txn.open_table(EVENTS) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(0),
+            Err(e) => return Err(self.err(e)),
+        };
+        let last = table.last().map_err(|e| self.err(e))?;
+        Ok(last.map_or(0, |(k, _)| k.value()))
     }
 
     /// Replaces the snapshot with `shards` (already encoded) in one durable
     /// transaction. `last_lsn` is the newest LSN any of them holds.
-    pub fn write(&self, shards: &[Vec<u8>], created_ms: u64, last_lsn: Lsn) -> Result<(), SnapshotError> {
+    pub fn write(
+        &self,
+        shards: &[Vec<u8>],
+        created_ms: u64,
+        last_lsn: Lsn,
+        signals: &SignalsPart<'_>,
+    ) -> Result<(), SnapshotError> {
         let Db::ReadWrite(db) = &*self.db else {
             return Err(self.err("opened read-only"));
         };
@@ -262,6 +354,37 @@ impl SnapshotStore {
                 value.extend_from_slice(bytes);
                 table.insert(i as u32, value.as_slice()).map_err(|e| self.err(e))?;
             }
+            let mut state = Vec::with_capacity(signals.state.len() + 4);
+            state.extend_from_slice(&crc32fast::hash(&signals.state).to_le_bytes());
+            state.extend_from_slice(&signals.state);
+            txn.open_table(SIGNALS)
+                .map_err(|e| self.err(e))?
+                .insert("state", state.as_slice())
+                .map_err(|e| self.err(e))?;
+            let mut events = txn.open_table(EVENTS).map_err(|e| self.err(e))?;
+            for (seq, at_ms, json) in &signals.events {
+                value.clear();
+                value.extend_from_slice(&at_ms.to_le_bytes());
+                value.extend_from_slice(json);
+                events.insert(*seq, value.as_slice()).map_err(|e| self.err(e))?;
+            }
+            // Retention: oldest first, stopping at the first event still kept.
+            let mut drop_through = None;
+            for item in events.iter().map_err(|e| self.err(e))? {
+                let (k, v) = item.map_err(|e| self.err(e))?;
+                let at = v
+                    .value()
+                    .first_chunk::<8>()
+                    .map_or(u64::MAX, |b| u64::from_le_bytes(*b));
+                if at >= signals.retain_after_ms || k.value() > signals.delivered_seq {
+                    break;
+                }
+                drop_through = Some(k.value());
+            }
+            if let Some(last) = drop_through {
+                events.retain_in(..=last, |_, _| false).map_err(|e| self.err(e))?;
+            }
+            drop(events);
             let version = u64::from(codec::FORMAT_VERSION);
             let count = shards.len() as u64;
             let mut meta = txn.open_table(META).map_err(|e| self.err(e))?;
