@@ -166,6 +166,59 @@ impl WaitMetrics {
     }
 }
 
+/// Labels of the webhook gauges.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WebhookLabels {
+    webhook: String,
+}
+
+/// Labels of `quotad_webhook_attempts_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WebhookAttemptLabels {
+    webhook: String,
+    outcome: &'static str,
+}
+
+/// Webhook delivery, per webhook.
+#[derive(Debug, Default)]
+pub struct WebhookMetrics {
+    /// Attempts by outcome: delivered, failed.
+    attempts: Family<WebhookAttemptLabels, Counter>,
+    /// Events recorded after the cursor.
+    pending: Family<WebhookLabels, Gauge>,
+    /// The cursor: every event up to it is dealt with.
+    delivered_seq: Family<WebhookLabels, Gauge>,
+}
+
+impl WebhookMetrics {
+    /// One attempt ended this way.
+    pub fn attempt(&self, webhook: &str, outcome: &'static str) {
+        let l = WebhookAttemptLabels {
+            webhook: webhook.to_string(),
+            outcome,
+        };
+        self.attempts.get_or_create(&l).inc();
+    }
+
+    /// Events still to deal with.
+    pub fn set_pending(&self, webhook: &str, n: u64) {
+        let l = WebhookLabels {
+            webhook: webhook.to_string(),
+        };
+        self.pending.get_or_create(&l).set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// The cursor moved.
+    pub fn set_delivered(&self, webhook: &str, seq: u64) {
+        let l = WebhookLabels {
+            webhook: webhook.to_string(),
+        };
+        self.delivered_seq
+            .get_or_create(&l)
+            .set(i64::try_from(seq).unwrap_or(i64::MAX));
+    }
+}
+
 /// Everything `GET /metrics` shows.
 pub struct Metrics {
     /// Owns the descriptions; encoding needs exclusive access to nothing but this.
@@ -184,6 +237,8 @@ pub struct Metrics {
     pub storage: Arc<StorageMetrics>,
     /// Shared with the keeper of waiting calls.
     pub waiting: Arc<WaitMetrics>,
+    /// Shared with webhook delivery.
+    pub webhooks: Arc<WebhookMetrics>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -213,6 +268,7 @@ impl Metrics {
             ready: Gauge::default(),
             storage: Arc::new(StorageMetrics::default()),
             waiting: Arc::new(WaitMetrics::default()),
+            webhooks: Arc::new(WebhookMetrics::default()),
         };
         r.register(
             "decisions",
@@ -319,6 +375,22 @@ impl Metrics {
             "wait_outcomes",
             "How waits ended: admitted, expired, queue_full, cancelled, failed",
             w.outcomes.clone(),
+        );
+        let wh = &m.webhooks;
+        r.register(
+            "webhook_attempts",
+            "Webhook delivery attempts by webhook and outcome (delivered, failed)",
+            wh.attempts.clone(),
+        );
+        r.register(
+            "webhook_pending_events",
+            "Events recorded after a webhook's delivery cursor",
+            wh.pending.clone(),
+        );
+        r.register(
+            "webhook_delivered_seq",
+            "A webhook's delivery cursor: every event up to this seq is dealt with",
+            wh.delivered_seq.clone(),
         );
         *m.registry.lock().unwrap_or_else(|e| e.into_inner()) = r;
         m

@@ -10,7 +10,7 @@
 use std::future::Future;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,6 +28,7 @@ use crate::journal::Journal;
 use crate::metrics::{Metrics, StorageMetrics};
 use crate::storage::{RecoveryReport, Storage, StorageError};
 use crate::waiting::Waiting;
+use crate::webhooks::{WebhookSpec, Webhooks};
 
 /// How often due reservations are expired even when no request arrives.
 const EXPIRY_TICK: Duration = Duration::from_millis(250);
@@ -94,6 +95,8 @@ pub struct Server {
     max_connections: usize,
     /// The compiled limits and plans.
     policy: Policy,
+    /// Webhooks, checked and their secrets read.
+    webhooks: Vec<WebhookSpec>,
     /// Where state is kept.
     backing: Backing,
 }
@@ -186,6 +189,7 @@ impl Server {
         config.sanitize()?;
         let policy = Policy::compile(config)?;
         let tokens = load_tokens(config)?;
+        let webhooks = crate::webhooks::load_webhooks(config)?;
         let mut listeners = Vec::new();
         for addr in config.listen_addrs() {
             let bind_err = |source| ServerError::Bind {
@@ -224,6 +228,7 @@ impl Server {
             max_connections: config.server.max_connections,
             policy,
             backing,
+            webhooks,
         })
     }
 
@@ -259,6 +264,7 @@ impl Server {
             max_connections,
             policy,
             backing,
+            webhooks,
         } = self;
         let (stop_tx, stop_rx) = watch::channel(false);
         let graceful = Arc::new(GracefulShutdown::new());
@@ -320,10 +326,38 @@ impl Server {
         let engine = Arc::new(engine);
         let waiting = Waiting::install(engine.clone(), state.clock.clone(), state.metrics.waiting.clone());
         let waiter_task = tokio::spawn(waiting.clone().run(stop_rx.clone()));
+        let feed = crate::events::EventFeed::new(engine.clone(), storage.as_ref().map(|s| s.snapshots().clone()));
+        let floor = storage
+            .as_ref()
+            .map_or_else(|| Arc::new(AtomicU64::new(u64::MAX)), |s| s.event_floor());
+        let data_dir = storage.is_some().then(|| state.started_config.storage.data_dir.clone());
+        let webhooks = match Webhooks::start(
+            webhooks,
+            data_dir.as_deref(),
+            feed.clone(),
+            floor,
+            state.clock.clone(),
+            state.metrics.webhooks.clone(),
+        ) {
+            Ok(w) => Arc::new(w),
+            Err(e) => {
+                let _ = stop_tx.send(true);
+                for t in accept_tasks {
+                    let _ = t.await;
+                }
+                let _ = waiter_task.await;
+                remove_sockets(&sockets);
+                return Err(ServerError::Storage(e));
+            }
+        };
+        let webhook_task = tokio::spawn(webhooks.clone().run(stop_rx.clone()));
         let _ = state.core.set(Core {
             durable: engine.durable_watch(),
             engine: engine.clone(),
             waiting,
+            feed,
+            webhooks,
+            stop: stop_rx.clone(),
         });
         state.ready.store(true, Ordering::Release);
         state.metrics.ready.set(1);
@@ -354,6 +388,7 @@ impl Server {
         }
         let _ = maintenance.await;
         let _ = waiter_task.await;
+        let _ = webhook_task.await;
         // Every accept task has ended and dropped its handle, so this one is the last.
         let graceful = Arc::try_unwrap(graceful).expect("accept tasks have finished");
         if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
@@ -477,7 +512,12 @@ async fn maintain(state: Arc<AppState>, storage: Option<Arc<Storage>>, mut stop:
     loop {
         tokio::select! {
             _ = stop.changed() => return,
-            _ = expiry.tick() => engine.expire_due(state.clock.now_ms()),
+            _ = expiry.tick() => {
+                engine.expire_due(state.clock.now_ms());
+                if let Err(e) = engine.tick_signals(state.clock.now_ms()) {
+                    tracing::error!(error = %e, "closing due circuit breakers failed");
+                }
+            }
             _ = gc.tick() => {
                 if let Err(e) = engine.gc(state.clock.now_ms(), GC_BUDGET) {
                     tracing::error!(error = %e, "garbage collection failed");

@@ -84,6 +84,8 @@ impl From<EngineError> for ApiError {
             EngineError::InvalidRequest(_) => ApiError::InvalidRequest(msg),
             EngineError::Unavailable(_) => ApiError::Unavailable(msg),
             EngineError::RequestInProgress(_) => ApiError::Conflict("request_in_progress", msg),
+            EngineError::UnknownBreaker(..) => ApiError::NotFound("unknown_breaker", msg),
+            EngineError::UnknownAnomaly(..) => ApiError::NotFound("unknown_anomaly", msg),
         }
     }
 }

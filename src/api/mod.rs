@@ -5,6 +5,7 @@
 mod batch;
 mod error;
 mod openapi;
+mod signals;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -17,7 +18,7 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, RawQuery, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -82,6 +83,12 @@ pub struct Core {
     pub durable: DurableWatch,
     /// Calls waiting for capacity.
     pub waiting: Arc<Waiting>,
+    /// Recorded events, for the event endpoints.
+    pub feed: crate::events::EventFeed,
+    /// Webhook delivery, for its status.
+    pub webhooks: Arc<crate::webhooks::Webhooks>,
+    /// Turns true when shutdown begins: ends event streams.
+    pub stop: tokio::sync::watch::Receiver<bool>,
 }
 
 /// Shared state of all handlers.
@@ -179,6 +186,9 @@ impl AppState {
         }
         if running.engine.shards != new.engine.shards {
             restart_required.push("engine.shards");
+        }
+        if format!("{:?}", running.webhooks) != format!("{:?}", new.webhooks) {
+            restart_required.push("webhooks");
         }
         let old_policy = engine.policy();
         let mut usage_reset: Vec<String> = old_policy
@@ -348,6 +358,20 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .route("/v1/subjects/{subject}/reset", post(reset))
         .route("/v1/subjects/{subject}/credit", post(credit))
+        .route("/v1/subjects/{subject}/flags/{anomaly}", delete(signals::clear_flag))
+        .route("/v1/events", get(signals::list_events))
+        .route("/v1/events/stream", get(signals::stream_events))
+        .route("/v1/webhooks", get(signals::webhooks))
+        .route("/v1/breakers", get(signals::breakers))
+        .route(
+            "/v1/breakers/{name}/open",
+            post(|State(st), Path(n), h, b| signals::set_breaker(st, n, h, b, true)),
+        )
+        .route(
+            "/v1/breakers/{name}/close",
+            post(|State(st), Path(n), h, b| signals::set_breaker(st, n, h, b, false)),
+        )
+        .route("/v1/anomalies", get(signals::anomalies))
         .route("/v1/plans", get(plans))
         .route("/v1/admin/digest", get(digest))
         .route("/v1/admin/reload", post(reload))
@@ -437,6 +461,14 @@ const ROUTES: &[&str] = &[
     "/v1/subjects/{subject}",
     "/v1/subjects/{subject}/reset",
     "/v1/subjects/{subject}/credit",
+    "/v1/subjects/{subject}/flags/{anomaly}",
+    "/v1/events",
+    "/v1/events/stream",
+    "/v1/webhooks",
+    "/v1/breakers",
+    "/v1/breakers/{name}/open",
+    "/v1/breakers/{name}/close",
+    "/v1/anomalies",
     "/v1/plans",
     "/v1/admin/digest",
     "/v1/admin/reload",

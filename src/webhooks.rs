@@ -1,0 +1,433 @@
+//! Webhook delivery: one task per `[[webhooks]]` entry POSTs each event it
+//! wants, in `seq` order, signed with HMAC-SHA256, retrying with exponential
+//! backoff until the receiver answers 2xx. Each webhook's cursor (the last
+//! seq it has dealt with) is written to `delivery.redb` in the data directory
+//! after every delivery, so after a crash only the event in flight may be
+//! sent again. Delivery reads the event feed and never touches the decision
+//! path: a slow or dead receiver only makes its own queue longer.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hmac::{Hmac, Mac};
+use redb::{Database, ReadableDatabase, TableDefinition};
+use serde::Serialize;
+use sha2::Sha256;
+use tokio::sync::{watch, Semaphore};
+
+use crate::clock::Clock;
+use crate::config::{Config, ConfigError};
+use crate::events::{type_matches, EventFeed, FeedEvent};
+use crate::metrics::WebhookMetrics;
+
+/// Cursor table of `delivery.redb`: webhook name → last seq dealt with.
+const CURSORS: TableDefinition<&str, u64> = TableDefinition::new("cursors");
+/// First retry delay; doubles up to [`BACKOFF_MAX`].
+const BACKOFF_MIN: Duration = Duration::from_secs(1);
+/// Longest retry delay.
+const BACKOFF_MAX: Duration = Duration::from_secs(600);
+/// Connecting must finish within this long.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// A whole delivery (connect, send, answer) must finish within this long.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Deliveries in flight at once, over all webhooks.
+const MAX_IN_FLIGHT: usize = 8;
+/// Events read from the feed per page.
+const PAGE: usize = 256;
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// One configured webhook, checked.
+#[derive(Clone)]
+pub struct WebhookSpec {
+    /// Its name.
+    pub name: String,
+    /// Where events are POSTed.
+    pub url: reqwest::Url,
+    /// The signing secret.
+    secret: Vec<u8>,
+    /// Type patterns it receives; empty: all.
+    pub events: Vec<String>,
+}
+
+impl std::fmt::Debug for WebhookSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebhookSpec")
+            .field("name", &self.name)
+            .field("url", &self.url.as_str())
+            .field("events", &self.events)
+            .finish_non_exhaustive()
+    }
+}
+
+impl WebhookSpec {
+    fn wants(&self, kind: &str) -> bool {
+        self.events.is_empty() || self.events.iter().any(|p| type_matches(p, kind))
+    }
+}
+
+/// Checks `[[webhooks]]` and reads their secret files.
+pub fn load_webhooks(config: &Config) -> Result<Vec<WebhookSpec>, ConfigError> {
+    let mut out: Vec<WebhookSpec> = Vec::new();
+    for (i, w) in config.webhooks.iter().enumerate() {
+        let key = |field: &str| format!("webhooks[{i}].{field}");
+        if w.name.is_empty()
+            || w.name.len() > 64
+            || !w.name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        {
+            return Err(ConfigError::new(
+                key("name"),
+                "must be 1 to 64 letters, digits, '-', '_' or '.'",
+            ));
+        }
+        if out.iter().any(|o| o.name == w.name) {
+            return Err(ConfigError::new(
+                key("name"),
+                format!("{:?} is used by two webhooks", w.name),
+            ));
+        }
+        let url = reqwest::Url::parse(&w.url)
+            .ok()
+            .filter(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
+            .ok_or_else(|| {
+                ConfigError::new(key("url"), format!("{:?} is not an http:// or https:// address", w.url))
+            })?;
+        let secret = std::fs::read_to_string(&w.secret_file).map_err(|e| {
+            ConfigError::new(
+                key("secret_file"),
+                format!("cannot read {}: {e}", w.secret_file.display()),
+            )
+        })?;
+        let secret = secret.trim_end();
+        if secret.len() < 16 {
+            return Err(ConfigError::new(
+                key("secret_file"),
+                format!("{} holds a secret shorter than 16 characters", w.secret_file.display()),
+            ));
+        }
+        let events = w.events.clone().unwrap_or_default();
+        for (j, p) in events.iter().enumerate() {
+            let known = crate::engine::signals::EVENT_TYPES.iter().any(|t| type_matches(p, t));
+            if !known {
+                return Err(ConfigError::new(
+                    format!("webhooks[{i}].events[{j}]"),
+                    format!(
+                        "{p:?} matches no event type; the types are {}",
+                        crate::engine::signals::EVENT_TYPES.join(", ")
+                    ),
+                ));
+            }
+        }
+        out.push(WebhookSpec {
+            name: w.name.clone(),
+            url,
+            secret: secret.as_bytes().to_vec(),
+            events,
+        });
+    }
+    Ok(out)
+}
+
+/// `Quotad-Signature` for `body` sent at unix second `t`.
+pub fn signature(secret: &[u8], t: u64, body: &[u8]) -> String {
+    let mut mac = HmacSha256::new_from_slice(secret).expect("HMAC takes a key of any length");
+    mac.update(t.to_string().as_bytes());
+    mac.update(b".");
+    mac.update(body);
+    format!("t={t},v1={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+/// Where cursors are kept: a redb file, or memory (state kept in memory only).
+enum CursorStore {
+    File(Database, String),
+    Memory,
+}
+
+impl CursorStore {
+    fn open(path: &Path) -> Result<CursorStore, String> {
+        let db = Database::create(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+        Ok(CursorStore::File(db, path.display().to_string()))
+    }
+
+    fn get(&self, name: &str) -> Result<Option<u64>, String> {
+        let CursorStore::File(db, path) = self else {
+            return Ok(None);
+        };
+        let err = |e: &dyn std::fmt::Display| format!("cannot read {path}: {e}");
+        let txn = db.begin_read().map_err(|e| err(&e))?;
+        match txn.open_table(CURSORS) {
+            Ok(t) => Ok(t.get(name).map_err(|e| err(&e))?.map(|v| v.value())),
+            Err(redb::TableError::TableDoesNotExist(_)) => Ok(None),
+            Err(e) => Err(err(&e)),
+        }
+    }
+
+    fn set(&self, name: &str, seq: u64) -> Result<(), String> {
+        let CursorStore::File(db, path) = self else {
+            return Ok(());
+        };
+        let err = |e: &dyn std::fmt::Display| format!("cannot write {path}: {e}");
+        let txn = db.begin_write().map_err(|e| err(&e))?;
+        txn.open_table(CURSORS)
+            .map_err(|e| err(&e))?
+            .insert(name, seq)
+            .map_err(|e| err(&e))?;
+        txn.commit().map_err(|e| err(&e))
+    }
+}
+
+/// One webhook's state, as `GET /v1/webhooks` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct WebhookView {
+    /// Its name.
+    pub name: String,
+    /// Where it POSTs.
+    pub url: String,
+    /// Every event up to this seq has been delivered (or was not wanted).
+    pub delivered_seq: u64,
+    /// Events recorded after `delivered_seq`.
+    pub pending: u64,
+    /// Why the last attempt failed; null after a success.
+    pub last_error: Option<String>,
+    /// When the last attempt was made (RFC 3339), null before the first.
+    pub last_attempt_at: Option<String>,
+}
+
+#[derive(Debug, Default)]
+struct Status {
+    delivered_seq: u64,
+    last_error: Option<String>,
+    last_attempt_ms: Option<u64>,
+}
+
+struct Hook {
+    spec: WebhookSpec,
+    status: Mutex<Status>,
+}
+
+/// Every configured webhook and its delivery task.
+pub struct Webhooks {
+    hooks: Vec<Arc<Hook>>,
+    feed: EventFeed,
+    /// Taken (and the file closed) when delivery stops.
+    cursors: Mutex<Option<CursorStore>>,
+    floor: Arc<AtomicU64>,
+    clock: Arc<dyn Clock>,
+    client: reqwest::Client,
+    metrics: Arc<WebhookMetrics>,
+}
+
+impl Webhooks {
+    /// Loads each webhook's cursor. A webhook seen for the first time starts
+    /// at the oldest retained event, so nothing retained is skipped. `floor`
+    /// is told the lowest cursor, so retention keeps what some webhook still
+    /// has to send.
+    pub fn start(
+        specs: Vec<WebhookSpec>,
+        data_dir: Option<&Path>,
+        feed: EventFeed,
+        floor: Arc<AtomicU64>,
+        clock: Arc<dyn Clock>,
+        metrics: Arc<WebhookMetrics>,
+    ) -> Result<Webhooks, String> {
+        let cursors = match (data_dir, specs.is_empty()) {
+            (Some(dir), false) => CursorStore::open(&dir.join("delivery.redb"))?,
+            _ => CursorStore::Memory,
+        };
+        let mut hooks = Vec::new();
+        for spec in specs {
+            let delivered_seq = cursors.get(&spec.name)?.unwrap_or(0);
+            hooks.push(Arc::new(Hook {
+                spec,
+                status: Mutex::new(Status {
+                    delivered_seq,
+                    ..Status::default()
+                }),
+            }));
+        }
+        let client = reqwest::Client::builder()
+            .connect_timeout(CONNECT_TIMEOUT)
+            .timeout(REQUEST_TIMEOUT)
+            .user_agent(concat!("quotad/", env!("CARGO_PKG_VERSION")))
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(|e| format!("cannot build the webhook HTTP client: {e}"))?;
+        let w = Webhooks {
+            hooks,
+            feed,
+            cursors: Mutex::new(Some(cursors)),
+            floor,
+            clock,
+            client,
+            metrics,
+        };
+        w.publish_floor();
+        Ok(w)
+    }
+
+    fn publish_floor(&self) {
+        if self.hooks.is_empty() {
+            return;
+        }
+        let min = self
+            .hooks
+            .iter()
+            .map(|h| h.status.lock().unwrap_or_else(|e| e.into_inner()).delivered_seq)
+            .min()
+            .unwrap_or(u64::MAX);
+        self.floor.store(min, Ordering::Release);
+    }
+
+    /// Each webhook's state.
+    pub fn views(&self) -> Vec<WebhookView> {
+        let last = self.feed.last_seq();
+        self.hooks
+            .iter()
+            .map(|h| {
+                let s = h.status.lock().unwrap_or_else(|e| e.into_inner());
+                WebhookView {
+                    name: h.spec.name.clone(),
+                    url: h.spec.url.to_string(),
+                    delivered_seq: s.delivered_seq,
+                    pending: last.saturating_sub(s.delivered_seq),
+                    last_error: s.last_error.clone(),
+                    last_attempt_at: s.last_attempt_ms.map(crate::period::rfc3339),
+                }
+            })
+            .collect()
+    }
+
+    /// Runs every delivery task until `stop` turns true.
+    pub async fn run(self: Arc<Self>, stop: watch::Receiver<bool>) {
+        let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+        let tasks: Vec<_> = (0..self.hooks.len())
+            .map(|i| tokio::spawn(self.clone().deliver_all(i, permits.clone(), stop.clone())))
+            .collect();
+        for t in tasks {
+            let _ = t.await;
+        }
+        // Close the cursor file now: a restart in the same process opens it again.
+        self.cursors.lock().unwrap_or_else(|e| e.into_inner()).take();
+    }
+
+    async fn deliver_all(self: Arc<Self>, i: usize, permits: Arc<Semaphore>, mut stop: watch::Receiver<bool>) {
+        let hook = self.hooks[i].clone();
+        let name = hook.spec.name.as_str();
+        let mut rx = self.feed.subscribe();
+        let mut cursor = hook.status.lock().unwrap_or_else(|e| e.into_inner()).delivered_seq;
+        loop {
+            self.metrics
+                .set_pending(name, self.feed.last_seq().saturating_sub(cursor));
+            let page = match self.feed.page(cursor, PAGE, "*") {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::error!(webhook = name, error = %e, "cannot read events");
+                    if sleep_or_stop(BACKOFF_MAX, &mut stop).await {
+                        return;
+                    }
+                    continue;
+                }
+            };
+            if page.events.is_empty() {
+                tokio::select! {
+                    r = self.feed.wait_after(cursor, &mut rx) => if r.is_err() { return },
+                    _ = stop.changed() => return,
+                }
+                continue;
+            }
+            for e in page.events {
+                if hook.spec.wants(&e.kind) && !self.deliver(&hook, &e, &permits, &mut stop).await {
+                    return;
+                }
+                cursor = e.seq;
+                // Skipped events move the cursor too; written with the next
+                // delivery or before waiting, which is enough to not resend.
+                if hook.spec.wants(&e.kind) || e.seq == page.next_after {
+                    self.advance(&hook, cursor);
+                }
+            }
+        }
+    }
+
+    fn advance(&self, hook: &Hook, seq: u64) {
+        hook.status.lock().unwrap_or_else(|e| e.into_inner()).delivered_seq = seq;
+        let saved = match &*self.cursors.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some(c) => c.set(&hook.spec.name, seq),
+            None => Ok(()),
+        };
+        if let Err(e) = saved {
+            tracing::error!(webhook = %hook.spec.name, error = %e, "cannot save the delivery cursor; events after it may be sent again after a restart");
+        }
+        self.metrics.set_delivered(&hook.spec.name, seq);
+        self.publish_floor();
+    }
+
+    /// Sends `e` until a 2xx; false when told to stop first.
+    async fn deliver(&self, hook: &Hook, e: &FeedEvent, permits: &Semaphore, stop: &mut watch::Receiver<bool>) -> bool {
+        let name = hook.spec.name.as_str();
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            let outcome = {
+                let Ok(_permit) = permits.acquire().await else {
+                    return false;
+                };
+                let now_ms = self.clock.now_ms();
+                hook.status.lock().unwrap_or_else(|e| e.into_inner()).last_attempt_ms = Some(now_ms);
+                let sig = signature(&hook.spec.secret, now_ms / 1000, e.json.as_bytes());
+                let req = self
+                    .client
+                    .post(hook.spec.url.clone())
+                    .header("content-type", "application/json")
+                    .header("quotad-event-id", format!("evt_{}", e.seq))
+                    .header("quotad-signature", sig)
+                    .body(e.json.as_bytes().to_vec());
+                tokio::select! {
+                    r = req.send() => r,
+                    _ = stop.changed() => return false,
+                }
+            };
+            let failure = match outcome {
+                Ok(resp) if resp.status().is_success() => None,
+                Ok(resp) => Some(format!("the receiver answered {}", resp.status())),
+                Err(err) if err.is_timeout() => Some(format!("no answer within {} s", REQUEST_TIMEOUT.as_secs())),
+                Err(err) if err.is_connect() => Some(format!("cannot connect: {}", root_cause(&err))),
+                Err(err) => Some(root_cause(&err)),
+            };
+            match failure {
+                None => {
+                    hook.status.lock().unwrap_or_else(|e| e.into_inner()).last_error = None;
+                    self.metrics.attempt(name, "delivered");
+                    return true;
+                }
+                Some(why) => {
+                    tracing::warn!(webhook = name, seq = e.seq, error = %why, retry_in_s = backoff.as_secs(), "webhook delivery failed");
+                    hook.status.lock().unwrap_or_else(|e| e.into_inner()).last_error = Some(why);
+                    self.metrics.attempt(name, "failed");
+                    if sleep_or_stop(backoff, stop).await {
+                        return false;
+                    }
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                }
+            }
+        }
+    }
+}
+
+/// The innermost error of a failed request, in plain words.
+fn root_cause(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut e = err;
+    while let Some(next) = e.source() {
+        e = next;
+    }
+    e.to_string()
+}
+
+/// Sleeps `d`; true when `stop` turned first.
+async fn sleep_or_stop(d: Duration, stop: &mut watch::Receiver<bool>) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(d) => false,
+        _ = stop.changed() => true,
+    }
+}
