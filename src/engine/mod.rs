@@ -355,12 +355,25 @@ fn hash_subject(s: &str) -> u64 {
     fnv1a(1, s.as_bytes())
 }
 
+/// The part of a limit name that picks a shard: a breaker's two hidden
+/// counters (`…:recent`, `…:long`) share one, so a call locks one more shard
+/// for a breaker, not two.
+fn shard_name(limit: &str) -> &[u8] {
+    let b = limit.as_bytes();
+    if b.first() == Some(&1) {
+        if let Some(i) = limit.rfind(':') {
+            return &b[..i];
+        }
+    }
+    b
+}
+
 fn hash_counter(key: &CounterKey) -> u64 {
     match &key.scope {
         ScopeKey::Subject(s) => hash_subject(s),
-        ScopeKey::Global => fnv1a(2, key.limit.as_bytes()),
+        ScopeKey::Global => fnv1a(2, shard_name(&key.limit)),
         ScopeKey::Attribute { value, .. } => {
-            let mut b = key.limit.as_bytes().to_vec();
+            let mut b = shard_name(&key.limit).to_vec();
             b.push(0);
             b.extend_from_slice(value.as_bytes());
             fnv1a(3, &b)

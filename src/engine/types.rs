@@ -551,10 +551,10 @@ pub enum EngineError {
     #[error("{0}")]
     RequestInProgress(String),
     /// No breaker by that name (the second field lists them).
-    #[error("no breaker named {0:?}; the breakers are: {1}")]
+    #[error("no breaker named {0:?}; {1}")]
     UnknownBreaker(String, String),
     /// No anomaly rule by that name (the second field lists them).
-    #[error("no anomaly rule named {0:?}; the rules are: {1}")]
+    #[error("no anomaly rule named {0:?}; {1}")]
     UnknownAnomaly(String, String),
 }
 

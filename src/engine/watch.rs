@@ -67,6 +67,16 @@ pub struct FlagView {
     pub period_end_ms: Millis,
 }
 
+/// "the <what> are: a, b", or that none is configured: for unknown-name errors.
+fn names<'a>(what: &str, names: impl Iterator<Item = &'a str>) -> String {
+    let list: Vec<&str> = names.collect();
+    if list.is_empty() {
+        format!("quotad.toml configures no [[{what}]]")
+    } else {
+        format!("the {what} configured are: {}", list.join(", "))
+    }
+}
+
 impl Engine {
     pub(super) fn signals(&self) -> MutexGuard<'_, Signals> {
         self.signals.lock().unwrap_or_else(|e| e.into_inner())
@@ -132,9 +142,14 @@ impl Engine {
                     let since = match &state {
                         Some(s) => s.since_ms,
                         None => {
+                            // Bounded: past the cap, new scope values are not
+                            // watched, nor their hidden counters charged.
                             let room =
                                 self.signals().breakers.len() < b.max_scopes.saturating_mul(policy.breakers.len());
-                            if writes && room {
+                            if !room {
+                                continue;
+                            }
+                            if writes {
                                 out.changes.push(SignalChange::BreakerWatch {
                                     breaker: b.name.clone(),
                                     scope: scope.clone(),
@@ -357,12 +372,7 @@ impl Engine {
             .ok_or_else(|| {
                 EngineError::UnknownBreaker(
                     name.to_string(),
-                    policy
-                        .breakers
-                        .iter()
-                        .map(|b| b.name.to_string())
-                        .collect::<Vec<_>>()
-                        .join(", "),
+                    names("breakers", policy.breakers.iter().map(|b| &*b.name)),
                 )
             })?
             .clone();
@@ -562,12 +572,7 @@ impl Engine {
         if !policy.anomalies.iter().any(|a| &*a.name == anomaly) {
             return Err(EngineError::UnknownAnomaly(
                 anomaly.to_string(),
-                policy
-                    .anomalies
-                    .iter()
-                    .map(|a| a.name.to_string())
-                    .collect::<Vec<_>>()
-                    .join(", "),
+                names("anomalies", policy.anomalies.iter().map(|a| &*a.name)),
             ));
         }
         let subject: Arc<str> = subject.into();
