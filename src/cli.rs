@@ -400,6 +400,7 @@ pub fn load_config(path: Option<&Path>) -> Result<(Config, Option<PathBuf>), cra
     // Token files are read by serve (an unreadable one is named then), not
     // here: `config check` may run where the secrets are not.
     Policy::compile(&config).map_err(with_file)?;
+    crate::webhooks::check_webhooks(&config).map_err(with_file)?;
     Ok((config, path))
 }
 
@@ -501,12 +502,16 @@ fn config_check(file: &Path) -> ExitCode {
         Ok((config, _)) => {
             let policy = Policy::compile(&config).expect("checked by load_config");
             say!(
-                "{}: OK: {} plan(s), {} top-level limit(s), {} limit name(s), default plan: {}",
+                "{}: OK: {} plan(s), {} top-level limit(s), {} limit name(s), default plan: {}; \
+                 {} breaker(s), {} anomaly rule(s), {} webhook(s)",
                 file.display(),
                 policy.plans.len(),
                 policy.top_limits.len(),
                 policy.shapes.len(),
-                policy.default_plan.map_or("none", |i| &*policy.plans[i].name)
+                policy.default_plan.map_or("none", |i| &*policy.plans[i].name),
+                policy.breakers.len(),
+                policy.anomalies.len(),
+                config.webhooks.len()
             );
             ExitCode::SUCCESS
         }
