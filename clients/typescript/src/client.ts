@@ -671,6 +671,7 @@ export class QuotadClient {
       let gotAny = false;
       let delayHint: number | null = null;
       let close: (() => void) | null = null;
+      let idleError: (() => TransportError | null) | null = null;
       const onAbort = () => close?.();
       signal?.addEventListener("abort", onAbort, { once: true });
       try {
@@ -678,6 +679,7 @@ export class QuotadClient {
         if (last !== null) headers["Last-Event-ID"] = last;
         const opened = await this.#transport.open(call.path, headers, this.#timeoutMs, options.readTimeoutMs ?? 0);
         close = opened.close;
+        idleError = opened.idleError;
         const res = opened.res;
         const status = res.statusCode ?? 0;
         if (status >= 400) {
@@ -713,7 +715,7 @@ export class QuotadClient {
       } catch (e) {
         if (e instanceof QuotadError) throw e;
         if (signal?.aborted) return;
-        error = this.#unavailable(toTransportError(e), call, failures + 1);
+        error = this.#unavailable(idleError?.() ?? toTransportError(e), call, failures + 1);
       } finally {
         signal?.removeEventListener("abort", onAbort);
         close?.();

@@ -133,20 +133,29 @@ export class Transport {
    * with the response once headers arrive (within `connectTimeoutMs`); the
    * connection counts as dropped after `idleTimeoutMs` without data (0: never).
    */
-  open(path: string, headers: Record<string, string>, connectTimeoutMs: number, idleTimeoutMs: number): Promise<{ res: IncomingMessage; close: () => void }> {
+  open(
+    path: string,
+    headers: Record<string, string>,
+    connectTimeoutMs: number,
+    idleTimeoutMs: number,
+  ): Promise<{ res: IncomingMessage; close: () => void; idleError: () => TransportError | null }> {
     return new Promise((resolve, reject) => {
       let settled = false;
       let timer: NodeJS.Timeout | undefined;
+      // Destroying the request makes the response stream fail with a generic
+      // "aborted"; the caller asks for this to report the timeout instead.
+      let idle: TransportError | null = null;
       const req = this.module().request(this.options("GET", path, headers, false), (res) => {
         if (settled) return;
         settled = true;
         if (timer) clearTimeout(timer);
         if (idleTimeoutMs > 0) {
           req.setTimeout(idleTimeoutMs, () => {
-            req.destroy(new TransportError(`no data for ${idleTimeoutMs} ms`, "ETIMEDOUT", true));
+            idle = new TransportError(`no data for ${idleTimeoutMs} ms`, "ETIMEDOUT", true);
+            req.destroy(idle);
           });
         }
-        resolve({ res, close: () => req.destroy() });
+        resolve({ res, close: () => req.destroy(), idleError: () => idle });
       });
       if (connectTimeoutMs > 0) {
         timer = setTimeout(() => {
