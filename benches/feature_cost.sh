@@ -10,12 +10,16 @@
 #   bash benches/feature_cost.sh                    # this tree only
 #   BASE_REV=b1ab9aa bash benches/feature_cost.sh   # also the plain config on an older commit
 #   ROUNDS=5 REQUESTS=200000 bash benches/feature_cost.sh
+#   CONFIGS="pricing signals" bash benches/feature_cost.sh   # only these (this tree)
 #
 # Configurations (same requests: event llm.chat, model gpt-4o, 1000 tokens):
 #   plain    one fixed daily request limit (the redis_compare.sh config)
 #   limits   plain + a monthly per-subject limit on tokens + a global daily one
 #   pricing  plain + [pricing] with three prices + the same two limits counting
 #            cost_micros instead of tokens: the money version of "limits"
+#   signals  pricing + what the shipped quotad.toml adds for signals: alerts
+#            [0.8, 1.0] on the monthly limit, the spend-surge breaker and the
+#            usage-spike anomaly rule (every bench call matches all three)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REQUESTS=${REQUESTS:-150000}
@@ -68,7 +72,7 @@ period = "1d"
 max = 9000000000000000
 TOML
       ;;
-    pricing)
+    pricing | signals)
       cat <<'TOML'
 [pricing]
 currency = "USD"
@@ -93,8 +97,30 @@ max = 9000000000000000
 TOML
       ;;
   esac
+  if [ "$1" = signals ]; then
+    cat <<'TOML'
+[[breakers]]
+name = "spend-surge"
+metric = "cost_micros"
+match = { event = "llm.*" }
+window = "10m"
+baseline = "24h"
+ratio = 3.0
+min_amount = 1000000
+cooldown = "15m"
+pass_priority = "critical"
+[[anomalies]]
+name = "usage-spike"
+metric = "requests"
+match = { event = "llm.*" }
+period = "1d"
+baseline_periods = 7
+ratio = 10.0
+min_amount = 500
+TOML
+  fi
   local metric=tokens
-  [ "$1" = pricing ] && metric=cost_micros
+  [ "$1" = pricing ] || [ "$1" = signals ] && metric=cost_micros
   cat <<TOML
 [[plans]]
 name = "bench"
@@ -113,6 +139,8 @@ TOML
   max = 9000000000000000
 TOML
   fi
+  [ "$1" = signals ] && echo '  alerts = [0.8, 1.0]'
+  return 0
 }
 
 cpu_ticks() { # $1 = pid → user + system clock ticks so far
@@ -146,7 +174,7 @@ PY
 
 variants=()
 [ -n "$BASE" ] && variants+=("base:$BASE:plain")
-variants+=("new:$NEW:plain" "new:$NEW:limits" "new:$NEW:pricing")
+for c in ${CONFIGS:-plain limits pricing signals}; do variants+=("new:$NEW:$c"); done
 
 for durability in fsync batch; do
   declare -A results=()
