@@ -4,7 +4,9 @@
 //! exactly one `threshold.crossed` event and no event exists without its
 //! charge; every acknowledged charge is there; seq runs 1..n without gaps.
 //! `QUOTAD_CRASH_RESTARTS=50 cargo test --release --test signals_crash` is
-//! the long run.
+//! the long run. A second test kills the daemon while a webhook is being
+//! delivered to: every event arrives, in order, and each kill repeats at most
+//! the one event that was in flight.
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -205,5 +207,137 @@ default = true
         next.load(Ordering::Relaxed),
         acked.lock().unwrap().len(),
         log.matches("snapshot written").count()
+    );
+}
+
+/// A receiver on 127.0.0.1 that answers every POST 200 after `delay`, and
+/// records the `Quotad-Event-Id` of each in arrival order.
+fn slow_receiver(delay: Duration) -> (String, Arc<Mutex<Vec<u64>>>) {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let got = Arc::new(Mutex::new(Vec::new()));
+    let g = got.clone();
+    std::thread::spawn(move || {
+        for conn in l.incoming() {
+            let Ok(mut s) = conn else { continue };
+            let g = g.clone();
+            std::thread::spawn(move || {
+                let mut buf = Vec::new();
+                loop {
+                    let mut chunk = [0u8; 8192];
+                    let n = match s.read(&mut chunk) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => n,
+                    };
+                    buf.extend_from_slice(&chunk[..n]);
+                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                        let len: usize = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .map_or(0, |v| v.trim().parse().unwrap());
+                        if buf.len() < end + 4 + len {
+                            break;
+                        }
+                        let id: u64 = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("quotad-event-id: evt_"))
+                            .map(|v| v.trim().parse().unwrap())
+                            .unwrap();
+                        buf.drain(..end + 4 + len);
+                        std::thread::sleep(delay);
+                        g.lock().unwrap().push(id);
+                        if s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n").is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (addr, got)
+}
+
+#[test]
+fn sigkill_during_webhook_delivery_repeats_at_most_the_event_in_flight() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("q.sock");
+    let log = dir.path().join("daemon.log");
+    let config = dir.path().join("quotad.toml");
+    let secret = dir.path().join("hook.secret");
+    std::fs::write(&secret, "crash-test-webhook-secret").unwrap();
+    let (addr, got) = slow_receiver(Duration::from_millis(20));
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[server]
+listen = ["unix:{}"]
+[storage]
+data_dir = "{}"
+[[plans]]
+name = "p"
+default = true
+  [[plans.limits]]
+  name = "calls"
+  period = "1d"
+  max = 1
+  alerts = [1.0]
+[[webhooks]]
+name = "crash"
+url = "http://{addr}/hook"
+secret_file = "{}"
+"#,
+            sock.display(),
+            dir.path().join("data").display(),
+            secret.display()
+        ),
+    )
+    .unwrap();
+    let rounds = 3;
+    let per_round = 40;
+    let mut total = 0;
+    for round in 0..rounds {
+        let mut child = start(&config, &log, &sock);
+        for i in 0..per_round {
+            let body = format!(r#"{{"subject":"w{round}-{i}"}}"#);
+            let (status, text) = http(&sock, "POST", "/v1/consume", &body).unwrap();
+            assert_eq!(status, 200, "{text}");
+        }
+        total += per_round;
+        // Kill while deliveries (20 ms each) are under way.
+        std::thread::sleep(Duration::from_millis(150 + 70 * round as u64));
+        child.kill().unwrap(); // SIGKILL
+        let _ = child.wait();
+    }
+    // A last start delivers the rest.
+    let mut child = start(&config, &log, &sock);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let hooks = get_json(&sock, "/v1/webhooks");
+        if hooks["webhooks"][0]["delivered_seq"] == total as u64 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not delivered in time: {hooks}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    let _ = child.wait();
+    let got = got.lock().unwrap().clone();
+    let mut dedup = got.clone();
+    dedup.dedup();
+    assert_eq!(
+        dedup,
+        (1..=total as u64).collect::<Vec<_>>(),
+        "every event, in seq order: {got:?}"
+    );
+    let repeats = got.len() - dedup.len();
+    assert!(
+        repeats <= rounds,
+        "{repeats} repeats over {rounds} kills: only the event in flight may be sent again"
+    );
+    eprintln!(
+        "webhook crash test: {total} events, {} POSTs, {repeats} sent again over {rounds} SIGKILLs",
+        got.len()
     );
 }
