@@ -7,7 +7,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 if ! command -v promtool >/dev/null 2>&1; then
-  apt-get update -qq
+  apt-get update -qq || true
+  if ! apt-cache policy prometheus | grep -q 'Candidate: [0-9]'; then
+    # A mirror hiccup leaves the lists incomplete: one more try before giving up.
+    sleep 5
+    apt-get update -qq || true
+  fi
   if ! apt-cache policy prometheus | grep -q 'Candidate: [0-9]'; then
     echo "promtool.sh: this system's package lists have no prometheus package, so promtool cannot be installed; the rules were not checked" >&2
     exit 1
