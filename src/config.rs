@@ -288,6 +288,20 @@ pub struct StorageConfig {
     /// Writes wait (backpressure) while this many bytes wait for the WAL writer.
     /// Default 16 MiB, 64 KiB..=1 GiB.
     pub queue_bytes_max: usize,
+    /// WAL segments a snapshot covers are kept this long before they are
+    /// deleted, so `quotad wal dump` shows every change over that span.
+    /// Default "0s" (deleted at once), at most "3650d".
+    pub wal_retention: String,
+}
+
+impl StorageConfig {
+    /// `wal_retention` in ms, checked.
+    pub fn wal_retention_ms(&self) -> Result<u64, ConfigError> {
+        if matches!(self.wal_retention.trim(), "0" | "0s" | "0ms" | "0m" | "0h" | "0d") {
+            return Ok(0);
+        }
+        duration_ms("storage.wal_retention", &self.wal_retention, 1_000, 3650 * 86_400_000)
+    }
 }
 
 impl Default for StorageConfig {
@@ -300,6 +314,7 @@ impl Default for StorageConfig {
             snapshot_every_records: 1_000_000,
             snapshot_every_bytes: 256 << 20,
             queue_bytes_max: 16 << 20,
+            wal_retention: "0s".into(),
         }
     }
 }
@@ -926,6 +941,7 @@ impl Config {
                 "must be at least 1000",
             ));
         }
+        self.storage.wal_retention_ms()?;
         if self.storage.snapshot_every_bytes < (1 << 20) {
             return Err(ConfigError::new(
                 "storage.snapshot_every_bytes",

@@ -61,6 +61,8 @@ pub struct RecoveryReport {
     pub snapshot_created_ms: Option<u64>,
     /// The snapshot's shard count.
     pub snapshot_shards: usize,
+    /// Every shard of the snapshot holds the changes up to this LSN (0: no snapshot).
+    pub snapshot_min_lsn: u64,
     /// Records replayed from the WAL (those after the snapshot).
     pub replayed_records: u64,
     /// The WAL scan.
@@ -92,6 +94,11 @@ pub struct Storage {
     config: StorageConfig,
     /// Snapshot and WAL figures.
     metrics: Arc<StorageMetrics>,
+    /// With `storage.wal_retention`: (LSN, engine time) of each snapshot
+    /// whose covered segments are not deleted yet, oldest first.
+    covered: std::sync::Mutex<std::collections::VecDeque<(u64, u64)>>,
+    /// `storage.wal_retention` in ms (0: delete covered segments at once).
+    wal_retention_ms: u64,
     /// Events at or below this seq have reached every webhook, so retention
     /// may drop them (`u64::MAX` when no webhook is configured).
     event_floor: Arc<AtomicU64>,
@@ -154,6 +161,7 @@ pub fn recover(
     // Engine time resumes where the snapshot left it, whatever the wall clock says.
     engine.time(snapshot_ms);
     let after = engine.replay_from();
+    report.snapshot_min_lsn = after;
     let mut replayed = 0u64;
     let mut on_record = |lsn, version, payload: &[u8]| {
         let (at_ms, muts) = codec::decode_record(version, payload).map_err(|e| e.to_string())?;
@@ -210,6 +218,7 @@ impl Storage {
         metrics: Arc<StorageMetrics>,
     ) -> Result<(Engine, Storage, RecoveryReport), StorageError> {
         let (mut engine, wal, report) = recover(Some(&snapshots), dir, policy, config.segment_bytes_max, false)?;
+        let (started_after, started_ms) = (report.snapshot_min_lsn, engine.time(0));
         let writer = WriterConfig {
             durability: config.durability,
             flush_interval: Duration::from_millis(config.flush_interval_ms),
@@ -232,6 +241,10 @@ impl Storage {
                 config: config.clone(),
                 metrics,
                 event_floor: Arc::new(AtomicU64::new(u64::MAX)),
+                // What the log held before this start counts as covered now:
+                // kept at least a full retention from here (never less).
+                covered: std::sync::Mutex::new(std::collections::VecDeque::from([(started_after, started_ms)])),
+                wal_retention_ms: config.wal_retention_ms().map_err(|e| StorageError::Io(e.to_string()))?,
                 _lock: lock,
             },
             report,
@@ -309,12 +322,15 @@ impl Storage {
         if let Some(last) = events.last() {
             engine.events_stored(last.seq);
         }
-        let segments_removed = self
-            .journal
-            .wal()
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove_through(min_lsn)?;
+        let segments_removed = match self.removable_through(min_lsn, now) {
+            Some(lsn) => self
+                .journal
+                .wal()
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove_through(lsn)?,
+            None => 0,
+        };
         let report = SnapshotReport {
             min_lsn,
             bytes: encoded.iter().map(Vec::len).sum(),
@@ -327,6 +343,23 @@ impl Storage {
         m.snapshot_bytes.set(report.bytes as i64);
         m.snapshot_timestamp_seconds.set(now_ms as f64 / 1000.0);
         Ok(report)
+    }
+
+    /// Through which LSN covered segments may go now that a snapshot at
+    /// engine time `now` covers `min_lsn`: all of it without retention, else
+    /// what snapshots at least `wal_retention` old covered.
+    fn removable_through(&self, min_lsn: u64, now: u64) -> Option<u64> {
+        if self.wal_retention_ms == 0 {
+            return Some(min_lsn);
+        }
+        let mut covered = self.covered.lock().unwrap_or_else(|e| e.into_inner());
+        covered.push_back((min_lsn, now));
+        let cutoff = now.saturating_sub(self.wal_retention_ms);
+        let mut through = None;
+        while covered.front().is_some_and(|&(_, at)| at <= cutoff) {
+            through = covered.pop_front().map(|(lsn, _)| lsn);
+        }
+        through
     }
 
     /// Writes out what is queued and stops the writer.
