@@ -8,12 +8,15 @@ cd "$(dirname "$0")/.."
 
 if ! command -v promtool >/dev/null 2>&1; then
   apt-get update -qq || true
-  if ! apt-cache policy prometheus | grep -q 'Candidate: [0-9]'; then
+  # Not `grep -q`: under pipefail its early exit makes apt-cache die of
+  # SIGPIPE, and the pipeline fails even when the package is there.
+  has_candidate() { apt-cache policy prometheus 2>/dev/null | grep 'Candidate: [0-9]' >/dev/null; }
+  if ! has_candidate; then
     # A mirror hiccup leaves the lists incomplete: one more try before giving up.
     sleep 5
     apt-get update -qq || true
   fi
-  if ! apt-cache policy prometheus | grep -q 'Candidate: [0-9]'; then
+  if ! has_candidate; then
     echo "promtool.sh: this system's package lists have no prometheus package, so promtool cannot be installed; the rules were not checked" >&2
     exit 1
   fi
