@@ -39,12 +39,47 @@ pub struct Config {
     pub pricing: Option<PricingConfig>,
     /// How long events are kept.
     pub events: EventsConfig,
+    /// Per-subject usage history.
+    pub history: HistoryConfig,
     /// Receivers of events, each POSTed every event it subscribes to.
     pub webhooks: Vec<WebhookConfig>,
     /// Circuit breakers on a metric's recent rate.
     pub breakers: Vec<BreakerConfig>,
     /// Per-subject usage spikes against the subject's own past.
     pub anomalies: Vec<AnomalyConfig>,
+}
+
+/// `[history]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HistoryConfig {
+    /// Record every charge into per-subject hourly and daily buckets. Default true.
+    pub enabled: bool,
+    /// Hourly buckets are kept this long. Default "14d", 1d..=400d.
+    pub hourly_retention: String,
+    /// Daily buckets are kept this long. Default "400d", 1d..=3650d.
+    pub daily_retention: String,
+}
+
+impl Default for HistoryConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            hourly_retention: "14d".into(),
+            daily_retention: "400d".into(),
+        }
+    }
+}
+
+impl HistoryConfig {
+    /// (hourly, daily) retention in ms, checked.
+    pub fn retention_ms(&self) -> Result<(u64, u64), ConfigError> {
+        const DAY: u64 = 86_400_000;
+        Ok((
+            duration_ms("history.hourly_retention", &self.hourly_retention, DAY, 400 * DAY)?,
+            duration_ms("history.daily_retention", &self.daily_retention, DAY, 3650 * DAY)?,
+        ))
+    }
 }
 
 /// `[events]`.

@@ -358,6 +358,7 @@ impl Server {
             feed,
             webhooks,
             stop: stop_rx.clone(),
+            snapshots: storage.as_ref().map(|s| s.snapshots().clone()),
         });
         state.ready.store(true, Ordering::Release);
         state.metrics.ready.set(1);
@@ -524,7 +525,7 @@ async fn maintain(state: Arc<AppState>, storage: Option<Arc<Storage>>, mut stop:
                 }
             }
             _ = snap.tick() => {
-                let Some(storage) = storage.clone().filter(|s| s.snapshot_due()) else { continue };
+                let Some(storage) = storage.clone().filter(|s| s.snapshot_due(&engine)) else { continue };
                 let (engine, now) = (engine.clone(), state.clock.now_ms());
                 // Blocking work off the async workers; requests keep being served.
                 let r = tokio::task::spawn_blocking(move || storage.snapshot(&engine, now)).await;

@@ -85,6 +85,24 @@ fn all_events(sock: &Path) -> Vec<Value> {
     }
 }
 
+/// Requests in the usage export of yesterday to tomorrow (UTC), all pages.
+fn history_requests(sock: &Path) -> u64 {
+    let today = jiff::Timestamp::now().to_zoned(jiff::tz::TimeZone::UTC).date();
+    let (from, to) = (today.yesterday().unwrap(), today.tomorrow().unwrap());
+    let mut total = 0;
+    let mut after = String::new();
+    loop {
+        let page = get_json(sock, &format!("/v1/usage?from={from}&to={to}&limit=1000{after}"));
+        for row in page["rows"].as_array().unwrap() {
+            total += row["amounts"]["requests"].as_u64().unwrap_or(0);
+        }
+        match page["next_after"].as_str() {
+            Some(n) => after = format!("&after={n}"),
+            None => return total,
+        }
+    }
+}
+
 fn used(sock: &Path, subject: &str) -> u64 {
     let v = get_json(sock, &format!("/v1/subjects/{subject}"));
     v["counters"]
@@ -196,6 +214,18 @@ default = true
             );
         }
         assert!(!events.is_empty(), "round {round}: some charges were made");
+        // Usage history agrees: one request per charged subject, no more, no less.
+        let charged = attempted
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|s| with_event.contains(*s))
+            .count() as u64;
+        assert_eq!(
+            history_requests(&sock),
+            charged,
+            "round {round}: usage history sums what was charged"
+        );
         let mut child = child;
         child.kill().unwrap();
         let _ = child.wait();

@@ -6,6 +6,7 @@ mod batch;
 mod error;
 mod openapi;
 mod signals;
+mod usage;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -89,6 +90,8 @@ pub struct Core {
     pub webhooks: Arc<crate::webhooks::Webhooks>,
     /// Turns true when shutdown begins: ends event streams.
     pub stop: tokio::sync::watch::Receiver<bool>,
+    /// The snapshot file, for usage history (none when state is kept in memory).
+    pub snapshots: Option<crate::storage::snapshot::SnapshotStore>,
 }
 
 /// Shared state of all handlers.
@@ -359,6 +362,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/subjects/{subject}/reset", post(reset))
         .route("/v1/subjects/{subject}/credit", post(credit))
         .route("/v1/subjects/{subject}/flags/{anomaly}", delete(signals::clear_flag))
+        .route("/v1/subjects/{subject}/usage", get(usage::subject_usage))
+        .route("/v1/usage", get(usage::export))
         .route("/v1/events", get(signals::list_events))
         .route("/v1/events/stream", get(signals::stream_events))
         .route("/v1/webhooks", get(signals::webhooks))
@@ -462,6 +467,8 @@ const ROUTES: &[&str] = &[
     "/v1/subjects/{subject}/reset",
     "/v1/subjects/{subject}/credit",
     "/v1/subjects/{subject}/flags/{anomaly}",
+    "/v1/subjects/{subject}/usage",
+    "/v1/usage",
     "/v1/events",
     "/v1/events/stream",
     "/v1/webhooks",

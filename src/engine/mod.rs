@@ -29,7 +29,9 @@ pub use counter::{evaluate, slot_for, Counter, Usage, Verdict};
 pub use packed::PackedAnswer;
 pub use policy::{glob_match, Kind, Limit, LimitShape, Matcher, Plan, Policy, Scope, SLIDING_BUCKETS};
 pub use pricing::{parse_price, PriceRates, PricedCall, Pricing};
-pub use state::{apply, intern, CounterMap, FastMap, Shard, ShardAccess, SubjectState, Subjects};
+pub use state::{
+    apply, intern, merge_usage, CounterMap, FastMap, Shard, ShardAccess, SubjectState, Subjects, UsageDeltas,
+};
 pub use types::*;
 use watch::SignalWork;
 pub use watch::{BreakerView, FlagView};
@@ -383,6 +385,20 @@ fn hash_counter(key: &CounterKey) -> u64 {
 
 /// The counter a limit uses for this subject and attributes; `None` when the limit
 /// is scoped by an attribute the event does not carry.
+/// What a consume adds to usage history: its amounts, `requests` (1 unless
+/// given) and the cost when priced; zeros left out.
+fn usage_of(amounts: &BTreeMap<String, u64>, cost: Option<u64>, cost_metric: Option<&str>) -> Vec<(Arc<str>, u64)> {
+    let mut out: BTreeMap<&str, u64> = amounts.iter().map(|(m, &a)| (m.as_str(), a)).collect();
+    out.entry("requests").or_insert(1);
+    if let (Some(c), Some(m)) = (cost, cost_metric) {
+        out.insert(m, c);
+    }
+    out.into_iter()
+        .filter(|&(_, a)| a > 0)
+        .map(|(m, a)| (Arc::from(m), a))
+        .collect()
+}
+
 /// How much of `metric` a request asks for: `requests` is 1 unless given.
 fn amount_of(amounts: &BTreeMap<String, u64>, metric: &str) -> u64 {
     match amounts.get(metric) {
@@ -916,6 +932,13 @@ impl Engine {
                 self.crossings(&locked, m, &subject, now, &mut sig);
             }
         }
+        if op == DecideOp::Consume && policy.history {
+            muts.push(Mutation::Usage {
+                subject: subject.clone(),
+                at_ms: now,
+                amounts: usage_of(&req.amounts, priced.as_ref().map(|pc| pc.cost), cost_metric),
+            });
+        }
         let mut expiry = None;
         if let Some(ttl) = ttl_ms {
             if self.open_reservations.load(Ordering::Relaxed) >= policy.settings.max_open_reservations as isize {
@@ -1149,5 +1172,56 @@ impl Engine {
             f(i, &guard)?;
         }
         Ok(())
+    }
+
+    /// As [`Engine::for_each_shard`], also moving out each shard's usage
+    /// history deltas, under the same lock (so they are as of its LSN).
+    pub fn for_each_shard_taking_usage<E>(
+        &self,
+        mut f: impl FnMut(usize, &Shard, UsageDeltas) -> Result<(), E>,
+    ) -> Result<(), E> {
+        for (i, s) in self.shards.iter().enumerate() {
+            let mut guard = s.lock().unwrap_or_else(|e| e.into_inner());
+            let usage = std::mem::take(&mut guard.usage);
+            f(i, &guard, usage)?;
+        }
+        Ok(())
+    }
+
+    /// Gives back usage deltas a failed snapshot took out.
+    pub fn restore_usage(&self, deltas: UsageDeltas) {
+        let mut by_shard: BTreeMap<usize, UsageDeltas> = BTreeMap::new();
+        for (k, v) in deltas {
+            by_shard.entry(self.shard_of_subject(&k.0)).or_default().insert(k, v);
+        }
+        for (i, d) in by_shard {
+            merge_usage(&mut self.shards[i].lock().unwrap_or_else(|e| e.into_inner()).usage, d);
+        }
+    }
+
+    /// Usage not yet in the snapshot file: one subject's, or everybody's.
+    pub fn usage_deltas(&self, subject: Option<&str>) -> UsageDeltas {
+        let mut out = UsageDeltas::new();
+        let shards: Vec<usize> = match subject {
+            Some(s) => vec![self.shard_of_subject(s)],
+            None => (0..self.shards.len()).collect(),
+        };
+        for i in shards {
+            let g = self.shards[i].lock().unwrap_or_else(|e| e.into_inner());
+            for (k, v) in &g.usage {
+                if subject.is_none_or(|s| &*k.0 == s) {
+                    out.insert(k.clone(), v.clone());
+                }
+            }
+        }
+        out
+    }
+
+    /// (subject, hour) buckets waiting for the next snapshot, over all shards.
+    pub fn usage_backlog(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).usage.len())
+            .sum()
     }
 }

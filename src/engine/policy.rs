@@ -256,6 +256,10 @@ pub struct Policy {
     pub events_retention_ms: u64,
     /// Some limit has alert thresholds (else decisions skip looking for crossings).
     pub has_alerts: bool,
+    /// Charges are recorded into usage history (`history.enabled`).
+    pub history: bool,
+    /// (hourly, daily) retention of usage history, ms.
+    pub history_retention_ms: (u64, u64),
 }
 
 impl Policy {
@@ -754,6 +758,8 @@ impl Policy {
             anomalies: signals.1,
             events_retention_ms: config.events.retention_ms()?,
             has_alerts,
+            history: config.history.enabled,
+            history_retention_ms: config.history.retention_ms()?,
             pricing,
             plans,
             plan_index,

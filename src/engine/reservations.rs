@@ -178,6 +178,18 @@ impl Engine {
                 c.metric, c.limit, c.scope
             )));
         }
+        if policy.history && status == ReservationStatus::Committed {
+            // Usage history counts the actual amounts, at the time reserved.
+            muts.push(Mutation::Usage {
+                subject: r.subject.clone(),
+                at_ms: r.created_ms,
+                amounts: charged
+                    .iter()
+                    .filter(|(_, &a)| a > 0)
+                    .map(|(m, &a)| (Arc::from(m.as_str()), a))
+                    .collect(),
+            });
+        }
         let cost = cost_of(&r, policy.pricing.as_ref(), &action, &charged);
         let answer = FinishAnswer {
             reservation_id: r.id.clone(),

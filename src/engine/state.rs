@@ -4,6 +4,8 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
+use crate::clock::Millis;
+
 use serde::{Deserialize, Serialize};
 
 use super::counter::{apply_charge, apply_credit, Counter};
@@ -385,6 +387,25 @@ pub struct Shard {
     pub reservations: FastMap<String, (Reservation, Lsn)>,
     /// Idempotency entries by key, with the LSN of the record that stored them.
     pub idempotency: FastMap<String, (IdempotencyEntry, Lsn)>,
+    /// Usage history not yet in the snapshot file: (subject, hour start) →
+    /// metric → amount. A snapshot moves it out (with the shard, so it is as
+    /// of `applied_lsn`), so it is not part of the encoded shard.
+    #[serde(skip)]
+    pub usage: UsageDeltas,
+}
+
+/// Usage added since the last snapshot: (subject, hour start) → metric → amount.
+pub type UsageDeltas = BTreeMap<(Arc<str>, Millis), BTreeMap<Arc<str>, u64>>;
+
+/// Adds `from` into `into`.
+pub fn merge_usage(into: &mut UsageDeltas, from: UsageDeltas) {
+    for (k, amounts) in from {
+        let e = into.entry(k).or_default();
+        for (m, a) in amounts {
+            let v = e.entry(m).or_default();
+            *v = v.saturating_add(a);
+        }
+    }
 }
 
 /// Gives `apply` the shard an item lives in. Implemented by the engine's lock
@@ -461,6 +482,22 @@ pub fn apply<A: ShardAccess>(access: &mut A, m: &Mutation, lsn: Lsn) -> Applied 
         }
         Mutation::ResetCounter { counter } => {
             update_counter(access, counter, |c| *c = None);
+        }
+        Mutation::Usage {
+            subject,
+            at_ms,
+            amounts,
+        } => {
+            let hour = at_ms - at_ms % 3_600_000;
+            let bucket = access
+                .subject_shard(subject)
+                .usage
+                .entry((subject.clone(), hour))
+                .or_default();
+            for (m, a) in amounts {
+                let v = bucket.entry(m.clone()).or_default();
+                *v = v.saturating_add(*a);
+            }
         }
         Mutation::SetSubject {
             subject,

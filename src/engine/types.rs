@@ -511,6 +511,17 @@ pub enum Mutation {
     },
     /// An event, threshold mark, breaker or flag change (format version 3).
     Signal(Box<super::signals::SignalChange>),
+    /// What one charge added to a subject's usage history: a consume's
+    /// amounts, or a commit's actual ones, at the time the call was decided
+    /// (a reservation: when it was made).
+    Usage {
+        /// The subject.
+        subject: Arc<str>,
+        /// Decision time.
+        at_ms: Millis,
+        /// Metric → amount (zeros left out).
+        amounts: Vec<(Arc<str>, u64)>,
+    },
 }
 
 /// Errors the engine answers with (mapped to HTTP by the api layer).

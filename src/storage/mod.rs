@@ -267,10 +267,17 @@ impl Storage {
         self.event_floor.clone()
     }
 
+    /// Usage buckets memory may hold before a snapshot moves them to disk.
+    pub const USAGE_BACKLOG_MAX: usize = 200_000;
+
     /// Whether enough has been logged since the last snapshot to take another.
-    pub fn snapshot_due(&self) -> bool {
+    /// Also when memory holds [`Self::USAGE_BACKLOG_MAX`] usage buckets: a
+    /// snapshot is what moves them to disk.
+    pub fn snapshot_due(&self, engine: &Engine) -> bool {
         let (records, bytes) = self.journal.since_snapshot();
-        records >= self.config.snapshot_every_records || bytes >= self.config.snapshot_every_bytes
+        records >= self.config.snapshot_every_records
+            || bytes >= self.config.snapshot_every_bytes
+            || (engine.policy().history && engine.usage_backlog() >= Self::USAGE_BACKLOG_MAX)
     }
 
     /// Writes a snapshot of `engine` and deletes the WAL segments it covers.
@@ -291,12 +298,33 @@ impl Storage {
         self.journal.mark_snapshot();
         let mut encoded = Vec::new();
         let (mut min_lsn, mut max_lsn) = (u64::MAX, 0);
-        engine.for_each_shard(|_, shard| {
+        let mut usage = crate::engine::UsageDeltas::new();
+        let taken = engine.for_each_shard_taking_usage(|_, shard, deltas| {
+            crate::engine::merge_usage(&mut usage, deltas);
             encoded.push(codec::encode_shard(shard).map_err(|e| StorageError::Io(e.to_string()))?);
             min_lsn = min_lsn.min(shard.applied_lsn);
             max_lsn = max_lsn.max(shard.applied_lsn);
             Ok::<(), StorageError>(())
-        })?;
+        });
+        // Whatever goes wrong from here, the usage taken out goes back.
+        let r = taken.and_then(|()| self.write_taken(engine, now_ms, encoded, min_lsn, max_lsn, &usage, started));
+        if r.is_err() {
+            engine.restore_usage(usage);
+        }
+        r
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn write_taken(
+        &self,
+        engine: &Engine,
+        now_ms: Millis,
+        encoded: Vec<Vec<u8>>,
+        min_lsn: u64,
+        max_lsn: u64,
+        usage: &crate::engine::UsageDeltas,
+        started: Instant,
+    ) -> Result<SnapshotReport, StorageError> {
         // Captured after the shards: signals are applied before shards, so
         // this state covers every signal change the shards hold.
         let (signals, events) = engine.signals_for_snapshot();
@@ -316,8 +344,14 @@ impl Storage {
             retain_after_ms: now.saturating_sub(engine.policy().events_retention_ms),
             delivered_seq: self.event_floor.load(Ordering::Acquire),
         };
+        let (hours_kept, days_kept) = engine.policy().history_retention_ms;
+        let usage = snapshot::UsagePart {
+            deltas: usage,
+            hours_before_ms: now.saturating_sub(hours_kept),
+            days_before_ms: now.saturating_sub(days_kept),
+        };
         self.snapshots
-            .write(&encoded, now, max_lsn, &part)
+            .write(&encoded, now, max_lsn, &part, &usage)
             .map_err(|e| StorageError::Io(e.to_string()))?;
         if let Some(last) = events.last() {
             engine.events_stored(last.seq);

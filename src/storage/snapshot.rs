@@ -18,11 +18,16 @@
 //!   little-endian) followed by the event's JSON. Events are moved here from
 //!   memory by each snapshot and dropped past `events.retention` once every
 //!   webhook delivered them.
+//! - tables `usage_hours` and `usage_days` ((subject, hour or UTC-day start)
+//!   → amounts) with `…_by_time` indexes ((start, subject) → ()): usage
+//!   history, merged in from the shards' in-memory deltas by each snapshot,
+//!   in the same transaction as the shards they were taken from.
 //!
 //! redb keeps the file consistent across crashes but does not checksum the
 //! values it stores: the CRCs are what turns a flipped bit in a stored shard
 //! into a refusal to start instead of a silently different state.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use redb::{Database, ReadOnlyDatabase, ReadableDatabase, ReadableTable, TableDefinition};
@@ -34,6 +39,63 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const SHARDS: TableDefinition<u32, &[u8]> = TableDefinition::new("shards");
 const SIGNALS: TableDefinition<&str, &[u8]> = TableDefinition::new("signals");
 const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
+/// Usage history: (subject, hour start) → amounts.
+const USAGE_HOURS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("usage_hours");
+/// Usage history: (subject, UTC day start) → amounts.
+const USAGE_DAYS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("usage_days");
+/// The same keys by time first, for retention and the billing export.
+const USAGE_HOURS_BY_TIME: TableDefinition<(u64, &str), ()> = TableDefinition::new("usage_hours_by_time");
+const USAGE_DAYS_BY_TIME: TableDefinition<(u64, &str), ()> = TableDefinition::new("usage_days_by_time");
+
+const DAY_MS: u64 = 86_400_000;
+
+/// Usage amounts as stored: per metric, its name's length (1 byte), the
+/// name, and the amount (8 bytes, little-endian).
+fn encode_amounts(amounts: &BTreeMap<String, u64>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(amounts.len() * 24);
+    for (m, a) in amounts {
+        let name = &m.as_bytes()[..m.len().min(255)];
+        out.push(name.len() as u8);
+        out.extend_from_slice(name);
+        out.extend_from_slice(&a.to_le_bytes());
+    }
+    out
+}
+
+fn decode_amounts(mut b: &[u8]) -> Option<BTreeMap<String, u64>> {
+    let mut out = BTreeMap::new();
+    while let Some((&n, rest)) = b.split_first() {
+        let (name, rest) = rest.split_at_checked(n as usize)?;
+        let (amount, rest) = rest.split_first_chunk::<8>()?;
+        out.insert(String::from_utf8(name.to_vec()).ok()?, u64::from_le_bytes(*amount));
+        b = rest;
+    }
+    Some(out)
+}
+
+/// Which history buckets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Grain {
+    /// Hourly buckets.
+    Hour,
+    /// Daily (UTC) buckets.
+    Day,
+}
+
+/// Usage to add to the history in a snapshot, and what retention drops.
+pub struct UsagePart<'a> {
+    /// (subject, hour start) → metric → amount.
+    pub deltas: &'a crate::engine::UsageDeltas,
+    /// Hourly buckets that start before this go.
+    pub hours_before_ms: u64,
+    /// Daily buckets that start before this go.
+    pub days_before_ms: u64,
+}
+
+/// One stored bucket: subject, start, amounts.
+pub type UsageRow = (String, u64, BTreeMap<String, u64>);
+/// One subject's stored bucket: start, amounts.
+pub type UsageBucket = (u64, BTreeMap<String, u64>);
 
 /// What a snapshot writes besides the shards.
 #[derive(Debug, Default)]
@@ -331,6 +393,92 @@ impl SnapshotStore {
         Ok(last.map_or(0, |(k, _)| k.value()))
     }
 
+    /// Adds `usage` to the history tables and drops buckets past retention.
+    fn write_usage(&self, txn: &redb::WriteTransaction, usage: &UsagePart<'_>) -> Result<(), SnapshotError> {
+        let mut hours = txn.open_table(USAGE_HOURS).map_err(|e| self.err(e))?;
+        let mut days = txn.open_table(USAGE_DAYS).map_err(|e| self.err(e))?;
+        let mut hours_t = txn.open_table(USAGE_HOURS_BY_TIME).map_err(|e| self.err(e))?;
+        let mut days_t = txn.open_table(USAGE_DAYS_BY_TIME).map_err(|e| self.err(e))?;
+        for ((subject, hour), amounts) in usage.deltas {
+            let day = hour - hour % DAY_MS;
+            for (table, index, start) in [(&mut hours, &mut hours_t, *hour), (&mut days, &mut days_t, day)] {
+                let mut merged = match table.get((&**subject, start)).map_err(|e| self.err(e))? {
+                    Some(v) => decode_amounts(v.value()).ok_or_else(|| self.err("a usage bucket is damaged"))?,
+                    None => BTreeMap::new(),
+                };
+                for (m, a) in amounts {
+                    let v = merged.entry(m.to_string()).or_default();
+                    *v = v.saturating_add(*a);
+                }
+                table
+                    .insert((&**subject, start), encode_amounts(&merged).as_slice())
+                    .map_err(|e| self.err(e))?;
+                index.insert((start, &**subject), ()).map_err(|e| self.err(e))?;
+            }
+        }
+        for (table, index, before) in [
+            (&mut hours, &mut hours_t, usage.hours_before_ms),
+            (&mut days, &mut days_t, usage.days_before_ms),
+        ] {
+            let old: Vec<(u64, String)> = index
+                .range(..(before, ""))
+                .map_err(|e| self.err(e))?
+                .map(|item| item.map(|(k, _)| (k.value().0, k.value().1.to_string())))
+                .collect::<Result<_, _>>()
+                .map_err(|e| self.err(e))?;
+            for (start, subject) in old {
+                table.remove((subject.as_str(), start)).map_err(|e| self.err(e))?;
+                index.remove((start, subject.as_str())).map_err(|e| self.err(e))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// One subject's stored buckets of `grain` starting in `from..to`.
+    pub fn usage_of(&self, grain: Grain, subject: &str, from: u64, to: u64) -> Result<Vec<UsageBucket>, SnapshotError> {
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let def = if grain == Grain::Hour { USAGE_HOURS } else { USAGE_DAYS };
+        let table = match txn.open_table(def) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(self.err(e)),
+        };
+        let mut out = Vec::new();
+        for item in table.range((subject, from)..(subject, to)).map_err(|e| self.err(e))? {
+            let (k, v) = item.map_err(|e| self.err(e))?;
+            let amounts = decode_amounts(v.value()).ok_or_else(|| self.err("a usage bucket is damaged"))?;
+            out.push((k.value().1, amounts));
+        }
+        Ok(out)
+    }
+
+    /// Every subject's stored buckets of `grain` starting in `from..to`.
+    pub fn usage_all(&self, grain: Grain, from: u64, to: u64) -> Result<Vec<UsageRow>, SnapshotError> {
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let (def, index) = if grain == Grain::Hour {
+            (USAGE_HOURS, USAGE_HOURS_BY_TIME)
+        } else {
+            (USAGE_DAYS, USAGE_DAYS_BY_TIME)
+        };
+        let (table, index) = match (txn.open_table(def), txn.open_table(index)) {
+            (Ok(t), Ok(i)) => (t, i),
+            (Err(redb::TableError::TableDoesNotExist(_)), _) | (_, Err(redb::TableError::TableDoesNotExist(_))) => {
+                return Ok(Vec::new())
+            }
+            (Err(e), _) | (_, Err(e)) => return Err(self.err(e)),
+        };
+        let mut out = Vec::new();
+        for item in index.range((from, "")..(to, "")).map_err(|e| self.err(e))? {
+            let (k, _) = item.map_err(|e| self.err(e))?;
+            let (start, subject) = k.value();
+            if let Some(v) = table.get((subject, start)).map_err(|e| self.err(e))? {
+                let amounts = decode_amounts(v.value()).ok_or_else(|| self.err("a usage bucket is damaged"))?;
+                out.push((subject.to_string(), start, amounts));
+            }
+        }
+        Ok(out)
+    }
+
     /// Replaces the snapshot with `shards` (already encoded) in one durable
     /// transaction. `last_lsn` is the newest LSN any of them holds.
     pub fn write(
@@ -339,6 +487,7 @@ impl SnapshotStore {
         created_ms: u64,
         last_lsn: Lsn,
         signals: &SignalsPart<'_>,
+        usage: &UsagePart<'_>,
     ) -> Result<(), SnapshotError> {
         let Db::ReadWrite(db) = &*self.db else {
             return Err(self.err("opened read-only"));
@@ -385,6 +534,7 @@ impl SnapshotStore {
                 events.retain_in(..=last, |_, _| false).map_err(|e| self.err(e))?;
             }
             drop(events);
+            self.write_usage(&txn, usage)?;
             let version = u64::from(codec::FORMAT_VERSION);
             let count = shards.len() as u64;
             let mut meta = txn.open_table(META).map_err(|e| self.err(e))?;

@@ -193,6 +193,7 @@ impl From<ShardV1> for Shard {
                 .into_iter()
                 .map(|(k, (e, lsn))| (k, (e.into(), lsn)))
                 .collect(),
+            usage: Default::default(),
         }
     }
 }
