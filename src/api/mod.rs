@@ -334,6 +334,25 @@ pub fn load_tokens(config: &Config) -> Result<Vec<Token>, ConfigError> {
         .collect()
 }
 
+/// `GET /dashboard`: one self-contained page (HTML, CSS, JS, SVG charts)
+/// that reads the JSON API; its content security policy lets it talk to
+/// this daemon only.
+async fn dashboard() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; \
+                 img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+            ),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        include_str!("dashboard.html"),
+    )
+        .into_response()
+}
+
 /// Builds the router.
 pub fn router(state: Arc<AppState>) -> Router {
     let limit = state.max_body_bytes;
@@ -384,6 +403,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/v1/openapi.json", get(openapi::openapi))
+        .route("/dashboard", get(dashboard))
         .fallback(|| async {
             ApiError::NotFound(
                 "not_found",
@@ -406,7 +426,9 @@ pub fn router(state: Arc<AppState>) -> Router {
 /// connection slots. Both refusals close the connection.
 async fn gate(State(st): State<Arc<AppState>>, req: axum::extract::Request, next: axum::middleware::Next) -> Response {
     let path = req.uri().path();
-    if path != "/healthz" && path != "/readyz" {
+    // The dashboard page holds no data: it asks for a token and sends it with
+    // each API call, which a browser's navigation to it cannot.
+    if path != "/healthz" && path != "/readyz" && path != "/dashboard" {
         if let Err(e) = st.authenticate(req.headers()) {
             return closing(e.into_response());
         }
@@ -483,6 +505,7 @@ const ROUTES: &[&str] = &[
     "/readyz",
     "/metrics",
     "/v1/openapi.json",
+    "/dashboard",
 ];
 
 fn static_method(m: &axum::http::Method) -> &'static str {
