@@ -17,6 +17,7 @@
 #   limits   plain + a monthly per-subject limit on tokens + a global daily one
 #   pricing  plain + [pricing] with three prices + the same two limits counting
 #            cost_micros instead of tokens: the money version of "limits"
+#   nohistory  plain with [history] enabled = false (usage history is on by default)
 #   signals  pricing + what the shipped quotad.toml adds for signals: alerts
 #            [0.8, 1.0] on the monthly limit, the spend-surge breaker and the
 #            usage-spike anomaly rule (every bench call matches all three)
@@ -62,6 +63,9 @@ config() { # $1 = name, $2 = durability
   header "$2"
   case "$1" in
     plain) ;;
+    nohistory)
+      printf '[history]\nenabled = false\n'
+      ;;
     limits)
       cat <<'TOML'
 [[limits]]
@@ -130,7 +134,7 @@ default = true
   period = "1d"
   max = 1000000000
 TOML
-  if [ "$1" != plain ]; then
+  if [ "$1" != plain ] && [ "$1" != nohistory ]; then
     cat <<TOML
   [[plans.limits]]
   name = "per-month"
