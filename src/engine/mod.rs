@@ -393,9 +393,10 @@ fn usage_of(amounts: &BTreeMap<String, u64>, cost: Option<u64>, cost_metric: Opt
     if let (Some(c), Some(m)) = (cost, cost_metric) {
         out.insert(m, c);
     }
+    // Interned: each bucket in memory keeps these names until the next snapshot.
     out.into_iter()
         .filter(|&(_, a)| a > 0)
-        .map(|(m, a)| (Arc::from(m), a))
+        .map(|(m, a)| (intern(m), a))
         .collect()
 }
 

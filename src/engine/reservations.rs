@@ -186,7 +186,7 @@ impl Engine {
                 amounts: charged
                     .iter()
                     .filter(|(_, &a)| a > 0)
-                    .map(|(m, &a)| (Arc::from(m.as_str()), a))
+                    .map(|(m, &a)| (super::intern(m), a))
                     .collect(),
             });
         }

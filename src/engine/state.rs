@@ -394,16 +394,25 @@ pub struct Shard {
     pub usage: UsageDeltas,
 }
 
-/// Usage added since the last snapshot: (subject, hour start) → metric → amount.
-pub type UsageDeltas = BTreeMap<(Arc<str>, Millis), BTreeMap<Arc<str>, u64>>;
+/// Usage added since the last snapshot: (subject, hour start) → (metric,
+/// amount) pairs. A small vector, not a map: a bucket has a few metrics, and
+/// a map node per bucket was most of the memory it took.
+pub type UsageDeltas = BTreeMap<(Arc<str>, Millis), Vec<(Arc<str>, u64)>>;
+
+/// Adds `amount` of `metric` to a bucket.
+pub fn add_usage(bucket: &mut Vec<(Arc<str>, u64)>, metric: &Arc<str>, amount: u64) {
+    match bucket.iter_mut().find(|(m, _)| m == metric) {
+        Some((_, v)) => *v = v.saturating_add(amount),
+        None => bucket.push((metric.clone(), amount)),
+    }
+}
 
 /// Adds `from` into `into`.
 pub fn merge_usage(into: &mut UsageDeltas, from: UsageDeltas) {
     for (k, amounts) in from {
         let e = into.entry(k).or_default();
-        for (m, a) in amounts {
-            let v = e.entry(m).or_default();
-            *v = v.saturating_add(a);
+        for (m, a) in &amounts {
+            add_usage(e, m, *a);
         }
     }
 }
@@ -495,8 +504,7 @@ pub fn apply<A: ShardAccess>(access: &mut A, m: &Mutation, lsn: Lsn) -> Applied 
                 .entry((subject.clone(), hour))
                 .or_default();
             for (m, a) in amounts {
-                let v = bucket.entry(m.clone()).or_default();
-                *v = v.saturating_add(*a);
+                add_usage(bucket, m, *a);
             }
         }
         Mutation::SetSubject {

@@ -617,6 +617,11 @@ impl Engine {
         (sig.last_seq, sig.recent.back().map_or(0, |(l, _)| *l))
     }
 
+    /// Events in memory, waiting for a snapshot to move them to the file.
+    pub fn recent_event_count(&self) -> usize {
+        self.signals().recent.len()
+    }
+
     /// The oldest seq still in memory (events before it are in the snapshot store).
     pub fn first_recent_seq(&self) -> Option<u64> {
         self.signals().recent.front().map(|(_, e)| e.seq)

@@ -269,15 +269,18 @@ impl Storage {
 
     /// Usage buckets memory may hold before a snapshot moves them to disk.
     pub const USAGE_BACKLOG_MAX: usize = 200_000;
+    /// Events memory may hold before a snapshot moves them to disk.
+    pub const EVENT_BACKLOG_MAX: usize = 100_000;
 
     /// Whether enough has been logged since the last snapshot to take another.
-    /// Also when memory holds [`Self::USAGE_BACKLOG_MAX`] usage buckets: a
-    /// snapshot is what moves them to disk.
+    /// Also when memory holds [`Self::USAGE_BACKLOG_MAX`] usage buckets or
+    /// [`Self::EVENT_BACKLOG_MAX`] events: a snapshot is what moves them to disk.
     pub fn snapshot_due(&self, engine: &Engine) -> bool {
         let (records, bytes) = self.journal.since_snapshot();
         records >= self.config.snapshot_every_records
             || bytes >= self.config.snapshot_every_bytes
             || (engine.policy().history && engine.usage_backlog() >= Self::USAGE_BACKLOG_MAX)
+            || engine.recent_event_count() >= Self::EVENT_BACKLOG_MAX
     }
 
     /// Writes a snapshot of `engine` and deletes the WAL segments it covers.
