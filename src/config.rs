@@ -765,6 +765,16 @@ impl Default for EngineSettings {
     }
 }
 
+/// A bound as the config would write it: "1d", "10m", "500ms".
+fn short_duration(ms: u64) -> String {
+    for (unit, len) in [("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1_000)] {
+        if ms >= len && ms.is_multiple_of(len) {
+            return format!("{}{unit}", ms / len);
+        }
+    }
+    format!("{ms}ms")
+}
+
 fn duration_ms(key: &str, value: &str, min_ms: u64, max_ms: u64) -> Result<u64, ConfigError> {
     let p = Period::parse_duration(value).map_err(|e| ConfigError::new(key, e.to_string()))?;
     let ms = p
@@ -773,7 +783,11 @@ fn duration_ms(key: &str, value: &str, min_ms: u64, max_ms: u64) -> Result<u64, 
     if !(min_ms..=max_ms).contains(&ms) {
         return Err(ConfigError::new(
             key,
-            format!("{value:?} is out of range: must be between {min_ms} ms and {max_ms} ms"),
+            format!(
+                "{value:?} is out of range: must be between {} and {}",
+                short_duration(min_ms),
+                short_duration(max_ms)
+            ),
         ));
     }
     Ok(ms)
@@ -884,6 +898,24 @@ impl ListenAddr {
     }
 }
 
+/// The parser names the Rust type it wanted ("expected u64"): say it in words.
+fn plain_types(msg: &str) -> String {
+    let mut out = msg.to_string();
+    for (rust, words) in [
+        ("expected u8", "expected a whole number, 0 or more"),
+        ("expected u16", "expected a whole number, 0 or more"),
+        ("expected u32", "expected a whole number, 0 or more"),
+        ("expected u64", "expected a whole number, 0 or more"),
+        ("expected usize", "expected a whole number, 0 or more"),
+        ("expected i64", "expected a whole number"),
+        ("expected f64", "expected a number"),
+        ("expected f32", "expected a number"),
+    ] {
+        out = out.replace(rust, words);
+    }
+    out
+}
+
 impl Config {
     /// Parses TOML text; `file` names it in errors. Checks everything but the
     /// limits and plans, which [`crate::engine::Policy::compile`] checks.
@@ -891,7 +923,7 @@ impl Config {
         let config: Config = toml::from_str(text).map_err(|e| ConfigError {
             file: file.to_string(),
             key: "parse".into(),
-            message: e.to_string().trim_end().to_string(),
+            message: plain_types(e.to_string().trim_end()),
         })?;
         config.sanitize().map_err(|mut e| {
             e.file = file.to_string();

@@ -136,6 +136,15 @@ async fn event_pages_filter_and_bad_queries() {
     assert_eq!(r.body["next_after"], 10);
     assert_eq!(events(&s, "?type=threshold.*").await.len(), 10);
     assert_eq!(events(&s, "?type=breaker.*").await.len(), 0);
+    for path in ["/v1/breakers?x=1", "/v1/anomalies?x=1", "/v1/webhooks?x=1"] {
+        let r = s.get(path).await;
+        assert_eq!(r.status, 400, "{path}: {}", r.text);
+        assert!(
+            r.body["error"]["message"].as_str().unwrap().starts_with('x'),
+            "{path}: {}",
+            r.text
+        );
+    }
     for (q, field) in [
         ("?limit=0", "limit"),
         ("?limit=1001", "limit"),
@@ -455,6 +464,25 @@ async fn webhook_config_errors_name_the_key() {
             "webhooks[0].events[0]",
         ),
     ];
+    // Type errors are in words, and ranges in the config's own units.
+    for (text, words) in [
+        (
+            "[[breakers]]\nname=\"b\"\nwindow=\"10m\"\nnormal_per_hour=1\nratio=\"3\"",
+            "expected a number",
+        ),
+        (
+            "[[anomalies]]\nname=\"a\"\nratio=2.0\nbaseline_periods=-1",
+            "expected a whole number, 0 or more",
+        ),
+        ("[events]\nretention=\"10s\"", "between 1m and 400d"),
+    ] {
+        let e = match quotad::config::Config::from_toml(text, "t.toml") {
+            Err(e) => e,
+            Ok(c) => quotad::engine::Policy::compile(&c).unwrap_err(),
+        }
+        .to_string();
+        assert!(e.contains(words) && !e.contains("f64") && !e.contains("u32"), "{e}");
+    }
     for (text, key) in cases {
         let config = quotad::config::Config::from_toml(&text, "t.toml").unwrap();
         let e = quotad::webhooks::load_webhooks(&config).unwrap_err();

@@ -250,6 +250,7 @@ async fn bad_queries_name_the_field() {
         ),
         ("/v1/usage?from=2026-11-21&to=2026-11-22&format=xml", "format"),
         ("/v1/usage?from=2026-11-21&to=2026-11-22&limit=0", "limit"),
+        ("/v1/subjects/u/usage?from=2026-11-21T00:00:00&to=2026-11-22", "from"),
     ] {
         let r = s.get(path).await;
         assert_eq!(r.status, 400, "{path}: {}", r.text);

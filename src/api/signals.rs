@@ -43,6 +43,17 @@ fn type_filter(v: &str) -> Result<String, ApiError> {
     Ok(v.to_string())
 }
 
+/// Endpoints that take no query parameters say so rather than ignore them.
+fn no_query(q: Option<&str>) -> Result<(), ApiError> {
+    match form_urlencoded_pairs(q.unwrap_or(""))?.into_iter().next() {
+        Some((k, _)) => Err(ApiError::invalid(
+            &k,
+            "unknown query parameter; this endpoint takes none",
+        )),
+        None => Ok(()),
+    }
+}
+
 fn seq_param(field: &str, v: &str) -> Result<u64, ApiError> {
     v.trim()
         .parse()
@@ -188,8 +199,13 @@ struct Webhooks {
 }
 
 /// `GET /v1/webhooks`.
-pub(super) async fn webhooks(State(st): State<Arc<AppState>>, headers: HeaderMap) -> Result<Response, ApiError> {
+pub(super) async fn webhooks(
+    State(st): State<Arc<AppState>>,
+    headers: HeaderMap,
+    RawQuery(q): RawQuery,
+) -> Result<Response, ApiError> {
     st.authorize(&headers, Role::Admin)?;
+    no_query(q.as_deref())?;
     Ok(Json(Webhooks {
         webhooks: st.core()?.webhooks.views(),
     })
@@ -232,8 +248,13 @@ struct BreakerList {
 }
 
 /// `GET /v1/breakers`.
-pub(super) async fn breakers(State(st): State<Arc<AppState>>, headers: HeaderMap) -> Result<Response, ApiError> {
+pub(super) async fn breakers(
+    State(st): State<Arc<AppState>>,
+    headers: HeaderMap,
+    RawQuery(q): RawQuery,
+) -> Result<Response, ApiError> {
     st.authorize(&headers, Role::Admin)?;
+    no_query(q.as_deref())?;
     let list = st.engine()?.breakers(st.now());
     Ok(Json(BreakerList {
         breakers: list.into_iter().map(BreakerOut::from).collect(),
@@ -312,8 +333,13 @@ struct FlagList {
 }
 
 /// `GET /v1/anomalies`: every raised flag.
-pub(super) async fn anomalies(State(st): State<Arc<AppState>>, headers: HeaderMap) -> Result<Response, ApiError> {
+pub(super) async fn anomalies(
+    State(st): State<Arc<AppState>>,
+    headers: HeaderMap,
+    RawQuery(q): RawQuery,
+) -> Result<Response, ApiError> {
     st.authorize(&headers, Role::Admin)?;
+    no_query(q.as_deref())?;
     let flags = st.engine()?.flags(None, st.now());
     Ok(Json(FlagList {
         flags: flags.into_iter().map(FlagOut::from).collect(),

@@ -65,6 +65,9 @@ fn instant(field: &str, v: &str, tz: &TimeZone) -> Result<u64, ApiError> {
     };
     let ms = if let Ok(ts) = v.parse::<jiff::Timestamp>() {
         ts.as_millisecond()
+    } else if v.len() != 10 {
+        // A date and time without an offset names no instant.
+        return Err(bad());
     } else {
         let d: jiff::civil::Date = v.parse().map_err(|_| bad())?;
         d.to_zoned(tz.clone()).map_err(|_| bad())?.timestamp().as_millisecond()
