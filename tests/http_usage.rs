@@ -260,3 +260,84 @@ async fn bad_queries_name_the_field() {
     }
     s.stop().await;
 }
+
+/// All pages of the JSON export of `q`: subjects in order, and whether any
+/// page but the last was empty.
+async fn export_subjects(s: &TestServer, q: &str, limit: usize) -> (Vec<String>, bool) {
+    let mut seen: Vec<String> = Vec::new();
+    let mut empty_before_end = false;
+    let mut after: Option<String> = None;
+    for _ in 0..50 {
+        let path = match &after {
+            Some(a) => format!("/v1/usage?{q}&limit={limit}&after={a}"),
+            None => format!("/v1/usage?{q}&limit={limit}"),
+        };
+        let r = s.get(&path).await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        let rows = r.body["rows"].as_array().unwrap();
+        for row in rows {
+            let subject = row["subject"].as_str().unwrap().to_string();
+            if seen.last() != Some(&subject) {
+                seen.push(subject);
+            }
+        }
+        match r.body["next_after"].as_str() {
+            Some(n) => {
+                empty_before_end |= rows.is_empty();
+                after = Some(n.to_string());
+            }
+            None => break,
+        }
+    }
+    (seen, empty_before_end)
+}
+
+#[tokio::test]
+async fn export_pages_read_disk_and_memory_and_pass_over_subjects_without_usage() {
+    let dir = tempfile::tempdir().unwrap();
+    // Forty days ago: a subject with usage only then.
+    let s = TestServer::start_durable(CONFIG, Transport::Tcp, T0 - 40 * DAY, dir.path()).await;
+    assert!(s
+        .consume(json!({"subject":"e3x","amounts":{"tokens":1}}))
+        .await
+        .allowed());
+    s.stop().await;
+    // Today: seven subjects, moved to disk by the stop's snapshot...
+    let s = TestServer::start_durable(CONFIG, Transport::Tcp, T0, dir.path()).await;
+    for i in 0..7 {
+        assert!(s
+            .consume(json!({"subject":format!("e{i}"),"amounts":{"tokens":2}}))
+            .await
+            .allowed());
+    }
+    s.stop().await;
+    // ...and two more only in memory, one of them also on disk.
+    let s = TestServer::start_durable(CONFIG, Transport::Tcp, T0 + 1, dir.path()).await;
+    for subject in ["e9", "e2"] {
+        assert!(s
+            .consume(json!({"subject":subject,"amounts":{"tokens":5}}))
+            .await
+            .allowed());
+    }
+    let want: Vec<String> = ["e0", "e1", "e2", "e3", "e4", "e5", "e6", "e9"]
+        .map(String::from)
+        .to_vec();
+    for limit in [1, 2, 3, 1000] {
+        let (seen, empty) = export_subjects(&s, TODAY, limit).await;
+        assert_eq!(
+            seen, want,
+            "limit {limit}: each subject with usage in the range once, in order"
+        );
+        assert!(!empty, "limit {limit}: no empty page before the last");
+    }
+    let r = s.get(&format!("/v1/usage?{TODAY}&limit=1000")).await;
+    let e2: u64 = r.body["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["subject"] == "e2")
+        .map(|r| r["amounts"]["tokens"].as_u64().unwrap())
+        .sum();
+    assert_eq!(e2, 7, "disk and memory add up");
+    s.stop().await;
+}

@@ -221,8 +221,19 @@ fn add(into: &mut Buckets, q: &Query, subject: &str, start: u64, amounts: impl I
     }
 }
 
+/// Whose buckets to read.
+enum Who<'a> {
+    One(&'a str),
+    Some(&'a [String]),
+    All,
+}
+
 /// Every bucket of `subject` (or of every subject) in the query's range.
 fn collect(st: &AppState, q: &Query, subject: Option<&str>) -> Result<Buckets, ApiError> {
+    collect_for(st, q, subject.map_or(Who::All, Who::One))
+}
+
+fn collect_for(st: &AppState, q: &Query, who: Who<'_>) -> Result<Buckets, ApiError> {
     let core = st.core()?;
     let policy = core.engine.policy();
     let cut = hours_from(q, st.now(), policy.history_retention_ms.0);
@@ -238,13 +249,18 @@ fn collect(st: &AppState, q: &Query, subject: Option<&str>) -> Result<Buckets, A
             if from >= to {
                 continue;
             }
-            match subject {
-                Some(s) => {
+            match who {
+                Who::One(s) => {
                     for (start, amounts) in store.usage_of(grain, s, from, to).map_err(unavailable)? {
                         add(&mut out, q, s, start, amounts);
                     }
                 }
-                None => {
+                Who::Some(list) => {
+                    for (s, start, amounts) in store.usage_of_many(grain, list, from, to).map_err(unavailable)? {
+                        add(&mut out, q, &s, start, amounts);
+                    }
+                }
+                Who::All => {
                     for (s, start, amounts) in store.usage_all(grain, from, to).map_err(unavailable)? {
                         add(&mut out, q, &s, start, amounts);
                     }
@@ -252,7 +268,16 @@ fn collect(st: &AppState, q: &Query, subject: Option<&str>) -> Result<Buckets, A
             }
         }
     }
-    for ((s, hour), amounts) in core.engine.usage_deltas(subject) {
+    let deltas = match who {
+        Who::One(s) => core.engine.usage_deltas(Some(s)),
+        Who::Some(list) => {
+            let mut d = core.engine.usage_deltas(None);
+            d.retain(|(s, _), _| list.binary_search_by(|x| x.as_str().cmp(s)).is_ok());
+            d
+        }
+        Who::All => core.engine.usage_deltas(None),
+    };
+    for ((s, hour), amounts) in deltas {
         let start = if hour < cut { hour - hour % DAY } else { hour };
         add(
             &mut out,
@@ -329,12 +354,12 @@ pub(super) async fn export(
 ) -> Result<Response, ApiError> {
     st.authorize(&headers, Role::Admin)?;
     let q = parse_query(q.as_deref(), true)?;
-    let all = collect(&st, &q, None)?;
-    let after = q.after.clone();
-    let subjects = all
-        .into_iter()
-        .filter(move |(s, _)| after.as_deref().is_none_or(|a| s.as_str() > a));
     if q.csv {
+        let all = collect(&st, &q, None)?;
+        let after = q.after.clone();
+        let subjects = all
+            .into_iter()
+            .filter(move |(s, _)| after.as_deref().is_none_or(|a| s.as_str() > a));
         // Streamed a few subjects at a time.
         let rows: Vec<(String, SubjectBuckets)> = subjects.collect();
         let header_line = std::iter::once(Ok::<_, std::convert::Infallible>(axum::body::Bytes::from_static(
@@ -349,10 +374,37 @@ pub(super) async fn export(
         );
         return Ok(resp);
     }
-    let mut page: Vec<(String, SubjectBuckets)> = subjects.take(q.limit + 1).collect();
-    let more = page.len() > q.limit;
-    page.truncate(q.limit);
-    let next_after = more.then(|| page.last().map(|(s, _)| s.clone())).flatten();
+    // A page reads only its own subjects: the next ones on disk and in memory.
+    // Subjects with nothing in the range are passed over, so that a page is
+    // empty only at the end (clients stop at an empty page).
+    let core = st.core()?;
+    let mut cursor = q.after.clone();
+    let (page, next_after) = loop {
+        let mut candidates: std::collections::BTreeSet<String> = match &core.snapshots {
+            Some(store) => store
+                .usage_subjects_after(cursor.as_deref(), q.limit + 1)
+                .map_err(|e| ApiError::Unavailable(format!("cannot read the usage history: {e}")))?
+                .into_iter()
+                .collect(),
+            None => Default::default(),
+        };
+        candidates.extend(
+            core.engine
+                .usage_deltas(None)
+                .into_keys()
+                .map(|(s, _)| s.to_string())
+                .filter(|s| cursor.as_deref().is_none_or(|a| s.as_str() > a)),
+        );
+        let more = candidates.len() > q.limit;
+        let chosen: Vec<String> = candidates.into_iter().take(q.limit).collect();
+        let last = chosen.last().cloned();
+        // Sorted (a set's order), as `Who::Some` needs.
+        let page: Vec<(String, SubjectBuckets)> = collect_for(&st, &q, Who::Some(&chosen))?.into_iter().collect();
+        if !page.is_empty() || !more {
+            break (page, if more { last } else { None });
+        }
+        cursor = last;
+    };
     let rows = page
         .into_iter()
         .flat_map(|(subject, buckets)| {

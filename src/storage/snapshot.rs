@@ -452,6 +452,70 @@ impl SnapshotStore {
         Ok(out)
     }
 
+    /// Up to `n` subjects with stored usage, in byte order after `after`:
+    /// one index lookup each, so an export page costs what its subjects do.
+    pub fn usage_subjects_after(&self, after: Option<&str>, n: usize) -> Result<Vec<String>, SnapshotError> {
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let table = match txn.open_table(USAGE_DAYS) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(self.err(e)),
+        };
+        let mut out: Vec<String> = Vec::new();
+        while out.len() < n {
+            // The first key past every bucket of the previous subject.
+            let from = out.last().map(String::as_str).or(after);
+            let mut range = match from {
+                Some(s) => table.range((s, u64::MAX)..).map_err(|e| self.err(e))?,
+                None => table.range::<(&str, u64)>(..).map_err(|e| self.err(e))?,
+            };
+            let next = loop {
+                match range.next() {
+                    Some(item) => {
+                        let (k, _) = item.map_err(|e| self.err(e))?;
+                        let subject = k.value().0;
+                        if from != Some(subject) {
+                            break Some(subject.to_string());
+                        }
+                    }
+                    None => break None,
+                }
+            };
+            match next {
+                Some(s) => out.push(s),
+                None => break,
+            }
+        }
+        Ok(out)
+    }
+
+    /// As [`Self::usage_of`] for several subjects, in one read transaction.
+    pub fn usage_of_many(
+        &self,
+        grain: Grain,
+        subjects: &[String],
+        from: u64,
+        to: u64,
+    ) -> Result<Vec<UsageRow>, SnapshotError> {
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let def = if grain == Grain::Hour { USAGE_HOURS } else { USAGE_DAYS };
+        let table = match txn.open_table(def) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(self.err(e)),
+        };
+        let mut out = Vec::new();
+        for subject in subjects {
+            let s = subject.as_str();
+            for item in table.range((s, from)..(s, to)).map_err(|e| self.err(e))? {
+                let (k, v) = item.map_err(|e| self.err(e))?;
+                let amounts = decode_amounts(v.value()).ok_or_else(|| self.err("a usage bucket is damaged"))?;
+                out.push((subject.clone(), k.value().1, amounts));
+            }
+        }
+        Ok(out)
+    }
+
     /// Every subject's stored buckets of `grain` starting in `from..to`.
     pub fn usage_all(&self, grain: Grain, from: u64, to: u64) -> Result<Vec<UsageRow>, SnapshotError> {
         let txn = self.db.begin_read().map_err(|e| self.err(e))?;
