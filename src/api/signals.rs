@@ -43,8 +43,10 @@ fn type_filter(v: &str) -> Result<String, ApiError> {
     Ok(v.to_string())
 }
 
-/// Endpoints that take no query parameters say so rather than ignore them.
-fn no_query(q: Option<&str>) -> Result<(), ApiError> {
+/// The admin lists without parameters (webhooks, breakers, anomalies): an
+/// admin token, and no query parameter (said, not ignored).
+fn admin_list(st: &AppState, headers: &HeaderMap, q: Option<&str>) -> Result<(), ApiError> {
+    st.authorize(headers, Role::Admin)?;
     match form_urlencoded_pairs(q.unwrap_or(""))?.into_iter().next() {
         Some((k, _)) => Err(ApiError::invalid(
             &k,
@@ -204,8 +206,7 @@ pub(super) async fn webhooks(
     headers: HeaderMap,
     RawQuery(q): RawQuery,
 ) -> Result<Response, ApiError> {
-    st.authorize(&headers, Role::Admin)?;
-    no_query(q.as_deref())?;
+    admin_list(&st, &headers, q.as_deref())?;
     Ok(Json(Webhooks {
         webhooks: st.core()?.webhooks.views(),
     })
@@ -253,8 +254,7 @@ pub(super) async fn breakers(
     headers: HeaderMap,
     RawQuery(q): RawQuery,
 ) -> Result<Response, ApiError> {
-    st.authorize(&headers, Role::Admin)?;
-    no_query(q.as_deref())?;
+    admin_list(&st, &headers, q.as_deref())?;
     let list = st.engine()?.breakers(st.now());
     Ok(Json(BreakerList {
         breakers: list.into_iter().map(BreakerOut::from).collect(),
@@ -338,8 +338,7 @@ pub(super) async fn anomalies(
     headers: HeaderMap,
     RawQuery(q): RawQuery,
 ) -> Result<Response, ApiError> {
-    st.authorize(&headers, Role::Admin)?;
-    no_query(q.as_deref())?;
+    admin_list(&st, &headers, q.as_deref())?;
     let flags = st.engine()?.flags(None, st.now());
     Ok(Json(FlagList {
         flags: flags.into_iter().map(FlagOut::from).collect(),

@@ -224,7 +224,8 @@ fn add(into: &mut Buckets, q: &Query, subject: &str, start: u64, amounts: impl I
 /// Whose buckets to read.
 enum Who<'a> {
     One(&'a str),
-    Some(&'a [String]),
+    /// These subjects (sorted), with the usage memory holds, already read.
+    Some(&'a [String], &'a crate::engine::UsageDeltas),
     All,
 }
 
@@ -255,7 +256,7 @@ fn collect_for(st: &AppState, q: &Query, who: Who<'_>) -> Result<Buckets, ApiErr
                         add(&mut out, q, s, start, amounts);
                     }
                 }
-                Who::Some(list) => {
+                Who::Some(list, _) => {
                     for (s, start, amounts) in store.usage_of_many(grain, list, from, to).map_err(unavailable)? {
                         add(&mut out, q, &s, start, amounts);
                     }
@@ -270,11 +271,11 @@ fn collect_for(st: &AppState, q: &Query, who: Who<'_>) -> Result<Buckets, ApiErr
     }
     let deltas = match who {
         Who::One(s) => core.engine.usage_deltas(Some(s)),
-        Who::Some(list) => {
-            let mut d = core.engine.usage_deltas(None);
-            d.retain(|(s, _), _| list.binary_search_by(|x| x.as_str().cmp(s)).is_ok());
-            d
-        }
+        Who::Some(list, memory) => memory
+            .iter()
+            .filter(|((s, _), _)| list.binary_search_by(|x| x.as_str().cmp(s)).is_ok())
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
         Who::All => core.engine.usage_deltas(None),
     };
     for ((s, hour), amounts) in deltas {
@@ -378,6 +379,8 @@ pub(super) async fn export(
     // Subjects with nothing in the range are passed over, so that a page is
     // empty only at the end (clients stop at an empty page).
     let core = st.core()?;
+    // What memory holds is read once for every page this request looks at.
+    let memory = core.engine.usage_deltas(None);
     let mut cursor = q.after.clone();
     let (page, next_after) = loop {
         let mut candidates: std::collections::BTreeSet<String> = match &core.snapshots {
@@ -389,17 +392,17 @@ pub(super) async fn export(
             None => Default::default(),
         };
         candidates.extend(
-            core.engine
-                .usage_deltas(None)
-                .into_keys()
-                .map(|(s, _)| s.to_string())
-                .filter(|s| cursor.as_deref().is_none_or(|a| s.as_str() > a)),
+            memory
+                .keys()
+                .filter(|(s, _)| cursor.as_deref().is_none_or(|a| &**s > a))
+                .map(|(s, _)| s.to_string()),
         );
         let more = candidates.len() > q.limit;
         let chosen: Vec<String> = candidates.into_iter().take(q.limit).collect();
         let last = chosen.last().cloned();
         // Sorted (a set's order), as `Who::Some` needs.
-        let page: Vec<(String, SubjectBuckets)> = collect_for(&st, &q, Who::Some(&chosen))?.into_iter().collect();
+        let page: Vec<(String, SubjectBuckets)> =
+            collect_for(&st, &q, Who::Some(&chosen, &memory))?.into_iter().collect();
         if !page.is_empty() || !more {
             break (page, if more { last } else { None });
         }
