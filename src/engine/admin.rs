@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use super::*;
+use crate::config::MAX_SAFE_INTEGER;
 
 impl Engine {
     /// The shape shared by subject writes: lock the subject's shard (and the

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use super::policy::Kind;
 use super::types::Slot;
 use crate::clock::Millis;
-use crate::config::MaxValue;
+use crate::config::{MaxValue, MAX_SAFE_INTEGER};
 
 /// State of one counter.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -287,9 +287,13 @@ pub fn evaluate(
     }
 }
 
+/// `v + delta`, held within `0..=2^53-1`. Counts saturate at the largest
+/// value JSON clients read exactly instead of refusing the charge: a limit
+/// that cannot deny (unlimited, monitor, degrade) must never make a later
+/// call fail, and replay reproduces the clamp exactly.
 fn add_signed(v: u64, delta: i64) -> u64 {
     if delta >= 0 {
-        v.saturating_add(delta as u64)
+        v.saturating_add(delta as u64).min(MAX_SAFE_INTEGER)
     } else {
         v.saturating_sub(delta.unsigned_abs())
     }
@@ -336,6 +340,16 @@ pub fn apply_charge(counter: &mut Option<Counter>, slot: &Slot, delta: i64, at_m
             if !bucket_live(bucket, bucket_ms, period_ms, at_ms) {
                 return;
             }
+            // The live total saturates like any count (see `add_signed`).
+            let delta = if delta > 0 {
+                let total = buckets.iter().fold(0u64, |s, &(_, c)| s.saturating_add(c));
+                delta.min(MAX_SAFE_INTEGER.saturating_sub(total) as i64)
+            } else {
+                delta
+            };
+            if delta == 0 {
+                return;
+            }
             match buckets.binary_search_by_key(&bucket, |&(i, _)| i) {
                 Ok(pos) => {
                     let c = add_signed(buckets[pos].1, delta);
@@ -365,7 +379,10 @@ pub fn apply_charge(counter: &mut Option<Counter>, slot: &Slot, delta: i64, at_m
             }
             let units = u128::from(delta.unsigned_abs()) * u128::from(period_ms);
             deficit = if delta >= 0 {
-                deficit.saturating_add(units)
+                // At most 2^53-1 tokens below full (see `add_signed`).
+                deficit
+                    .saturating_add(units)
+                    .min(u128::from(MAX_SAFE_INTEGER) * u128::from(period_ms))
             } else {
                 deficit.saturating_sub(units)
             };

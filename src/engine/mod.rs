@@ -37,7 +37,7 @@ use watch::SignalWork;
 pub use watch::{BreakerView, FlagView};
 
 use crate::clock::Millis;
-use crate::config::{MaxValue, Mode, Priority, Unmatched, MAX_SAFE_INTEGER};
+use crate::config::{MaxValue, Mode, Priority, Unmatched};
 use crate::journal::{DurableWatch, Journal};
 
 /// FNV-1a over `bytes`, with a domain tag: used to pick shards and to fingerprint
@@ -896,19 +896,6 @@ impl Engine {
             return Ok((Applied { value: decision, lsn }, notes));
         }
 
-        if let Some(m) = matched
-            .iter()
-            .find(|m| m.usage.used.saturating_add(m.amount) > MAX_SAFE_INTEGER)
-        {
-            return Err(EngineError::InvalidRequest(format!(
-                "amounts.{}: charging {} would take counter {:?} (scope {}) past {MAX_SAFE_INTEGER} (2^53-1), \
-                 the largest count JSON clients read exactly",
-                m.limit.metric,
-                m.amount,
-                m.limit.name,
-                m.key.scope.display()
-            )));
-        }
         let mut muts = Vec::with_capacity(matched.len() + 2);
         for m in &mut matched {
             decision.counters.push(view_after(

@@ -4,8 +4,6 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 
-use crate::config::MAX_SAFE_INTEGER;
-
 use super::*;
 
 impl Engine {
@@ -170,13 +168,6 @@ impl Engine {
                     at_ms: now,
                 });
             }
-        }
-        if let Some(c) = counters.iter().find(|c| c.used > MAX_SAFE_INTEGER) {
-            return Err(EngineError::InvalidRequest(format!(
-                "amounts.{}: this commit would take counter {:?} (scope {}) past {MAX_SAFE_INTEGER} (2^53-1), \
-                 the largest count JSON clients read exactly",
-                c.metric, c.limit, c.scope
-            )));
         }
         if policy.history && status == ReservationStatus::Committed {
             // Usage history counts the actual amounts, at the time reserved.

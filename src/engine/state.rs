@@ -402,7 +402,7 @@ pub type UsageDeltas = BTreeMap<(Arc<str>, Millis), Vec<(Arc<str>, u64)>>;
 /// Adds `amount` of `metric` to a bucket.
 pub fn add_usage(bucket: &mut Vec<(Arc<str>, u64)>, metric: &Arc<str>, amount: u64) {
     match bucket.iter_mut().find(|(m, _)| m == metric) {
-        Some((_, v)) => *v = v.saturating_add(amount),
+        Some((_, v)) => *v = v.saturating_add(amount).min(crate::config::MAX_SAFE_INTEGER),
         None => bucket.push((metric.clone(), amount)),
     }
 }

@@ -125,6 +125,11 @@ pub struct Faults {
     pub fail_append_at: Option<u64>,
     /// The n-th `sync_data` fails (the pending bytes stay unsynced).
     pub fail_sync_at: Option<u64>,
+    /// The n-th `append` writes the first half of its buffer, then fails: a
+    /// short write on a full disk.
+    pub short_append_at: Option<u64>,
+    /// Every `truncate` and `remove` fails (the undo of a failed write).
+    pub fail_undo: bool,
 }
 
 #[derive(Debug, Default)]
@@ -245,10 +250,15 @@ impl WalFile for SimHandle {
         if s.faults.fail_append_at == Some(s.appends) {
             return Err(io::Error::other("injected write failure"));
         }
+        let short = s.faults.short_append_at == Some(s.appends);
         let f = s
             .files
             .get_mut(&self.name)
             .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
+        if short {
+            f.pending.extend_from_slice(&buf[..buf.len() / 2]);
+            return Err(io::Error::from(io::ErrorKind::StorageFull));
+        }
         f.pending.extend_from_slice(buf);
         Ok(())
     }
@@ -268,6 +278,9 @@ impl WalFile for SimHandle {
     }
     fn truncate(&mut self, len: u64) -> io::Result<()> {
         let mut s = self.dir.lock();
+        if s.faults.fail_undo {
+            return Err(io::Error::other("injected truncate failure"));
+        }
         let f = s
             .files
             .get_mut(&self.name)
@@ -306,8 +319,11 @@ impl WalDir for SimDir {
         }))
     }
     fn remove(&self, name: &str) -> io::Result<()> {
-        self.lock()
-            .files
+        let mut s = self.lock();
+        if s.faults.fail_undo {
+            return Err(io::Error::other("injected remove failure"));
+        }
+        s.files
             .remove(name)
             .map(|_| ())
             .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))

@@ -19,6 +19,10 @@ use crate::engine::{Lsn, Mutation};
 use crate::journal::{DurableWatch, Journal, JournalError, Waiters};
 use crate::metrics::StorageMetrics;
 
+/// Exit status when a failed WAL write could not be undone (the daemon's
+/// "storage failed" status).
+const EXIT_UNRECOVERABLE: i32 = 5;
+
 /// Queue and writer settings.
 #[derive(Debug, Clone)]
 pub struct WriterConfig {
@@ -267,9 +271,18 @@ fn write_loop(shared: &Shared, wal: &Mutex<Wal>) {
                 }
                 shared.waiters.advance(last);
             }
+            Err(e @ wal::WalError::Unrecoverable { .. }) => {
+                // The failed batch could not be cut off the log, so a 503 ("nothing
+                // was applied") might be a lie. Exit without answering anyone: a
+                // closed connection tells the clients the outcome is unknown, and
+                // retrying with the same key is safe once recovery has run.
+                tracing::error!(error = %e, first_lsn = first, last_lsn = last, "WAL write failed and could not be undone; exiting without answering");
+                std::process::exit(EXIT_UNRECOVERABLE);
+            }
             Err(e) => {
-                // Never retried: the bytes may or may not be on disk, so nothing in
-                // this batch or after it is acknowledged. Restart replays the log.
+                // Never retried. The batch was cut off the log (see `Wal::write`),
+                // so nothing in it or after it was applied: its requests get 503.
+                // Restart replays the log.
                 tracing::error!(error = %e, first_lsn = first, last_lsn = last, "WAL write failed; no further writes are taken");
                 let mut q = shared.lock();
                 q.failed = Some(format!("WAL write failed: {e}"));
@@ -282,5 +295,13 @@ fn write_loop(shared: &Shared, wal: &Mutex<Wal>) {
         }
         spare = batch;
         spare.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn an_unrecoverable_write_exits_with_the_storage_status() {
+        assert_eq!(super::EXIT_UNRECOVERABLE, i32::from(crate::cli::EXIT_STORAGE));
     }
 }

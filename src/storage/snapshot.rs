@@ -408,7 +408,7 @@ impl SnapshotStore {
                 };
                 for (m, a) in amounts {
                     let v = merged.entry(m.to_string()).or_default();
-                    *v = v.saturating_add(*a);
+                    *v = v.saturating_add(*a).min(crate::config::MAX_SAFE_INTEGER);
                 }
                 table
                     .insert((&**subject, start), encode_amounts(&merged).as_slice())

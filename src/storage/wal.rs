@@ -65,6 +65,15 @@ pub enum WalError {
     /// An earlier write or sync failed; the log takes nothing more.
     #[error("an earlier WAL write or sync failed; no further writes are taken")]
     PreviousIo,
+    /// A write or sync failed, and so did cutting the failed batch off the
+    /// log: some of it may be replayed at the next start.
+    #[error("{write}; cutting the failed records off the log failed too ({undo}): their outcome is unknown")]
+    Unrecoverable {
+        /// The failed write or sync.
+        write: Box<WalError>,
+        /// The failed truncation or removal.
+        undo: Box<WalError>,
+    },
 }
 
 fn io_err(file: &str) -> impl FnOnce(std::io::Error) -> WalError + '_ {
@@ -407,47 +416,94 @@ impl Wal {
     /// Writes framed records `first_lsn..=last_lsn` with one write and one
     /// fdatasync, rotating to a new segment first if the active one is full. On
     /// any error the log is failed for good: nothing is retried.
+    ///
+    /// A failed write or sync may still have put some of the batch on disk (a
+    /// short write on a full disk, or pages the kernel flushes later), where
+    /// the next start would replay it. So before the error is returned, the
+    /// batch is cut off again, durably: the active segment is truncated back
+    /// to its length before the batch (and synced), a segment created for it
+    /// is deleted (and the directory synced). Then [`WalError::Io`] means
+    /// nothing of the batch can ever be replayed, and its requests may be
+    /// told so; [`WalError::Unrecoverable`] means the cut failed too, and
+    /// the outcome of the batch is unknown.
     pub fn write(&mut self, framed: &[u8], first_lsn: Lsn, last_lsn: Lsn) -> Result<(), WalError> {
         if self.failed {
             return Err(WalError::PreviousIo);
         }
         assert_eq!(first_lsn, self.next_lsn, "records reach the WAL in LSN order");
         assert!(last_lsn >= first_lsn && !framed.is_empty());
-        let result = self.write_inner(framed, first_lsn);
-        if result.is_err() {
-            self.failed = true;
-        } else {
-            self.next_lsn = last_lsn + 1;
-        }
-        result
-    }
-
-    fn write_inner(&mut self, framed: &[u8], first_lsn: Lsn) -> Result<(), WalError> {
         let rotate = self.active.is_none()
             || self.active_version != self.version
             || (self.active_bytes > HEADER_BYTES as u64
                 && self.active_bytes + framed.len() as u64 > self.segment_bytes_max);
-        if rotate {
-            let name = segment_name(first_lsn);
-            let mut file = self.dir.create(&name).map_err(io_err(&name))?;
-            // The header goes out with the first batch: one write, one sync.
-            let mut buf = Vec::with_capacity(HEADER_BYTES + framed.len());
-            buf.extend_from_slice(&encode_header(self.version, first_lsn));
-            buf.extend_from_slice(framed);
-            file.append(&buf).map_err(io_err(&name))?;
-            file.sync_data().map_err(io_err(&name))?;
-            self.segments.push(Segment { name, first_lsn });
-            self.active = Some(file);
-            self.active_version = self.version;
-            self.active_bytes = buf.len() as u64;
-            return Ok(());
+        let result = if rotate {
+            self.write_new_segment(framed, first_lsn)
+        } else {
+            self.append_active(framed)
+        };
+        match result {
+            Ok(()) => {
+                self.next_lsn = last_lsn + 1;
+                Ok(())
+            }
+            Err(e) => {
+                self.failed = true;
+                let undo = if rotate {
+                    self.remove_unlisted(&segment_name(first_lsn))
+                } else {
+                    self.truncate_active(self.active_bytes)
+                };
+                match undo {
+                    Ok(()) => Err(e),
+                    Err(undo) => Err(WalError::Unrecoverable {
+                        write: Box::new(e),
+                        undo: Box::new(undo),
+                    }),
+                }
+            }
         }
+    }
+
+    /// Starts segment `first_lsn` with the batch: the header goes out with
+    /// it, one write and one sync.
+    fn write_new_segment(&mut self, framed: &[u8], first_lsn: Lsn) -> Result<(), WalError> {
+        let name = segment_name(first_lsn);
+        let mut file = self.dir.create(&name).map_err(io_err(&name))?;
+        let mut buf = Vec::with_capacity(HEADER_BYTES + framed.len());
+        buf.extend_from_slice(&encode_header(self.version, first_lsn));
+        buf.extend_from_slice(framed);
+        file.append(&buf).map_err(io_err(&name))?;
+        file.sync_data().map_err(io_err(&name))?;
+        self.segments.push(Segment { name, first_lsn });
+        self.active = Some(file);
+        self.active_version = self.version;
+        self.active_bytes = buf.len() as u64;
+        Ok(())
+    }
+
+    fn append_active(&mut self, framed: &[u8]) -> Result<(), WalError> {
         let name = &self.segments.last().expect("an active segment exists").name;
         let file = self.active.as_mut().expect("an active segment exists");
         file.append(framed).map_err(io_err(name))?;
         file.sync_data().map_err(io_err(name))?;
         self.active_bytes += framed.len() as u64;
         Ok(())
+    }
+
+    /// Deletes a segment created for a failed batch (not yet in `segments`).
+    fn remove_unlisted(&self, name: &str) -> Result<(), WalError> {
+        match self.dir.remove(name) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io_err(name)(e)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Cuts the active segment back to `len` bytes, durably.
+    fn truncate_active(&mut self, len: u64) -> Result<(), WalError> {
+        let name = &self.segments.last().expect("an active segment exists").name;
+        let file = self.active.as_mut().expect("an active segment exists");
+        file.truncate(len).map_err(io_err(name))?;
+        file.sync_data().map_err(io_err(name))
     }
 
     /// Deletes segments whose records all have LSN ≤ `lsn` (never the active
@@ -528,6 +584,84 @@ mod tests {
             let dir = SimDir::from_files([(name.clone(), b)].into());
             assert!(matches!(read(&dir), Err(WalError::Corrupt(_))), "bit {bit}");
         }
+    }
+
+    /// A failed write or sync is cut off the log before it is reported, so a
+    /// restart never replays a batch whose requests were told it failed.
+    #[test]
+    fn a_failed_batch_is_cut_off_the_log() {
+        use crate::storage::io::Faults;
+        // (faults, segment bytes max): short write / failed sync, each while
+        // appending to the active segment and while starting a new one.
+        for (faults, segment_max) in [
+            (
+                Faults {
+                    short_append_at: Some(3),
+                    ..Faults::default()
+                },
+                1 << 20,
+            ),
+            (
+                Faults {
+                    fail_sync_at: Some(3),
+                    ..Faults::default()
+                },
+                1 << 20,
+            ),
+            (
+                Faults {
+                    short_append_at: Some(3),
+                    ..Faults::default()
+                },
+                60,
+            ),
+            (
+                Faults {
+                    fail_sync_at: Some(3),
+                    ..Faults::default()
+                },
+                60,
+            ),
+        ] {
+            let dir = SimDir::new();
+            let (mut wal, _) = Wal::open(Arc::new(dir.clone()), 0, segment_max, 1, &mut |_, _, _| Ok(())).unwrap();
+            dir.set_faults(faults);
+            let mut results = Vec::new();
+            for lsn in 1..=3u64 {
+                let mut buf = Vec::new();
+                frame(lsn, &[lsn as u8; 40], &mut buf);
+                results.push(wal.write(&buf, lsn, lsn));
+            }
+            assert!(results[..2].iter().all(Result::is_ok), "{faults:?}");
+            assert!(
+                matches!(results[2], Err(WalError::Io { .. })),
+                "{faults:?}: {:?}",
+                results[2]
+            );
+            // Whatever of the failed batch reached the disk is gone: a crash
+            // keeping every unsynced byte still recovers exactly 1 and 2.
+            let image = dir.crash_image(|_, pending| pending);
+            let (got, report) = read(&image).unwrap();
+            assert_eq!(got.iter().map(|r| r.0).collect::<Vec<_>>(), [1, 2], "{faults:?}");
+            assert_eq!(report.torn_tail_bytes, 0, "{faults:?}");
+            assert!(matches!(wal.write(&[0u8; 20], 3, 3), Err(WalError::PreviousIo)));
+        }
+        // When the cut fails too, the error says the outcome is unknown.
+        let dir = SimDir::new();
+        let (mut wal, _) = Wal::open(Arc::new(dir.clone()), 0, 1 << 20, 1, &mut |_, _, _| Ok(())).unwrap();
+        let mut buf = Vec::new();
+        frame(1, b"one", &mut buf);
+        wal.write(&buf, 1, 1).unwrap();
+        dir.set_faults(Faults {
+            short_append_at: Some(2),
+            fail_undo: true,
+            ..Faults::default()
+        });
+        buf.clear();
+        frame(2, b"two", &mut buf);
+        let err = wal.write(&buf, 2, 2).unwrap_err();
+        assert!(matches!(err, WalError::Unrecoverable { .. }), "{err:?}");
+        assert!(err.to_string().contains("outcome is unknown"), "{err}");
     }
 
     #[test]
