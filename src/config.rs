@@ -378,6 +378,9 @@ pub struct EngineConfig {
     pub shards: usize,
     /// Open reservations at most, across all subjects; beyond it reserve is 503. Default 1_000_000.
     pub max_open_reservations: usize,
+    /// Open reservations one subject may hold; beyond it a reserve is denied
+    /// with `too_many_reservations`. Default 10_000, 1..=1_000_000.
+    pub max_reservations_per_subject: usize,
     /// Idempotency keys kept at most; when full, a write with a new key is 503
     /// (keys past retention are dropped first). Default 10_000_000, 1..=1_000_000_000.
     pub max_idempotency_keys: usize,
@@ -398,6 +401,7 @@ impl Default for EngineConfig {
             reservation_ttl_max: "1h".into(),
             shards: 64,
             max_open_reservations: 1_000_000,
+            max_reservations_per_subject: 10_000,
             max_idempotency_keys: 10_000_000,
             max_wait_ms: 30_000,
             max_waiters: 10_000,
@@ -749,6 +753,8 @@ pub struct EngineSettings {
     pub shards: usize,
     /// Cap on open reservations.
     pub max_open_reservations: usize,
+    /// Cap on one subject's open reservations.
+    pub max_reservations_per_subject: usize,
     /// Cap on retained idempotency keys.
     pub max_idempotency_keys: usize,
     /// Longest wait a call may ask for.
@@ -813,6 +819,7 @@ impl EngineConfig {
             reservation_ttl_max_ms: duration_ms("engine.reservation_ttl_max", &self.reservation_ttl_max, 1, 7 * DAY)?,
             shards: self.shards,
             max_open_reservations: self.max_open_reservations,
+            max_reservations_per_subject: self.max_reservations_per_subject,
             max_idempotency_keys: self.max_idempotency_keys,
             max_wait_ms: self.max_wait_ms,
             max_waiters: self.max_waiters,
@@ -829,6 +836,12 @@ impl EngineConfig {
         }
         if s.max_open_reservations == 0 {
             return Err(ConfigError::new("engine.max_open_reservations", "must be at least 1"));
+        }
+        if !(1..=1_000_000).contains(&s.max_reservations_per_subject) {
+            return Err(ConfigError::new(
+                "engine.max_reservations_per_subject",
+                "must be between 1 and 1000000",
+            ));
         }
         if !(1..=1_000_000_000).contains(&s.max_idempotency_keys) {
             return Err(ConfigError::new(

@@ -846,6 +846,20 @@ impl Engine {
                 retry_after_ms: None,
             });
         }
+        let holds = st.map_or(0, |s| s.holds().len());
+        if !denied && ttl_ms.is_some() && holds >= policy.settings.max_reservations_per_subject {
+            // Each hold costs memory and a line in the subject's delete: a
+            // client token must not be able to pile them up without bound.
+            // A commit, release or expiry makes room, so no retry time.
+            denied = true;
+            notes.curable = false;
+            retry = None;
+            reasons.push(Reason {
+                limit: None,
+                code: ReasonCode::TooManyReservations,
+                retry_after_ms: None,
+            });
+        }
         if denied {
             // Degrading is moot when the call is denied.
             reasons.retain(|r| r.code != ReasonCode::Degraded);

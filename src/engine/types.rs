@@ -78,6 +78,9 @@ pub enum ReasonCode {
     CircuitOpen,
     /// An anomaly flag with `degrade` or `deny` is raised on the subject.
     Anomaly,
+    /// A reserve while the subject holds `engine.max_reservations_per_subject`
+    /// open reservations.
+    TooManyReservations,
 }
 
 /// One entry of `reasons`.
