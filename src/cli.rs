@@ -574,15 +574,21 @@ fn wal_verify(dir: &Path, json: bool) -> ExitCode {
         let fs = FsDir::new(&wal).map_err(|e| StorageError::Io(e.to_string()))?;
         let policy = Policy::compile(&Config::default()).expect("defaults compile");
         let (engine, _, report) = storage::recover(snap.as_ref(), Arc::new(fs), policy, u64::MAX, true)?;
-        Ok::<_, StorageError>((engine.digest(crate::clock::Clock::now_ms(&SystemClock)), report))
+        let cursors = crate::webhooks::verify_cursor_file(&data.join("delivery.redb"), engine.last_event().0)?;
+        Ok::<_, StorageError>((
+            engine.digest(crate::clock::Clock::now_ms(&SystemClock)),
+            report,
+            cursors,
+        ))
     })();
     match result {
-        Ok((digest, r)) => {
+        Ok((digest, r, cursors)) => {
             if json {
                 let v = json!({
                     "ok": true, "snapshot": r.snapshot_loaded, "records": r.scan.records,
                     "replayed": r.replayed_records, "first_lsn": r.scan.first_lsn, "last_lsn": r.scan.last_lsn,
                     "segments": r.scan.segments, "torn_tail_bytes": r.scan.torn_tail_bytes, "digest": digest,
+                    "delivery_cursors": cursors,
                 });
                 say!("{v}");
             } else {
@@ -595,6 +601,9 @@ fn wal_verify(dir: &Path, json: bool) -> ExitCode {
                     if r.snapshot_loaded { "yes" } else { "none" },
                     r.replayed_records
                 );
+                if cursors > 0 {
+                    say!("webhook delivery cursors: {cursors}, each checked and within the recorded events");
+                }
                 if r.scan.torn_tail_bytes > 0 {
                     say!(
                         "torn tail: {} byte(s) at the end of {} (a write cut short by a crash; with durability = \"fsync\" \

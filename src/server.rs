@@ -338,6 +338,7 @@ impl Server {
             floor,
             state.clock.clone(),
             state.metrics.webhooks.clone(),
+            state.started_config.storage.durability,
         ) {
             Ok(w) => Arc::new(w),
             Err(e) => {
@@ -347,7 +348,10 @@ impl Server {
                 }
                 let _ = waiter_task.await;
                 remove_sockets(&sockets);
-                return Err(ServerError::Storage(e));
+                return Err(match e {
+                    StorageError::Corrupt(_) => ServerError::Recovery(e),
+                    e => ServerError::Storage(e.to_string()),
+                });
             }
         };
         let webhook_task = tokio::spawn(webhooks.clone().run(stop_rx.clone()));

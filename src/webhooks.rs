@@ -12,18 +12,26 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hmac::{Hmac, Mac};
-use redb::{Database, ReadableDatabase, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::Serialize;
 use sha2::Sha256;
 use tokio::sync::{watch, Semaphore};
 
 use crate::clock::Clock;
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, Durability};
 use crate::events::{type_matches, EventFeed, FeedEvent};
 use crate::metrics::WebhookMetrics;
+use crate::storage::StorageError;
 
-/// Cursor table of `delivery.redb`: webhook name → last seq dealt with.
-const CURSORS: TableDefinition<&str, u64> = TableDefinition::new("cursors");
+/// Cursor table of `delivery.redb`: webhook name → (last seq dealt with,
+/// CRC-32 of the name and that seq), so a flipped bit is a refusal to start,
+/// never a silently skipped or repeated stretch of events.
+const CURSORS: TableDefinition<&str, (u64, u32)> = TableDefinition::new("cursors_checked");
+/// The cursor table before checksums (name → seq); moved into [`CURSORS`]
+/// when the file is opened.
+const CURSORS_UNCHECKED: TableDefinition<&str, u64> = TableDefinition::new("cursors");
+/// The name the table has in messages.
+const CURSORS_NAME: &str = "cursors_checked";
 /// First retry delay; doubles up to [`BACKOFF_MAX`].
 const BACKOFF_MIN: Duration = Duration::from_secs(1);
 /// Longest retry delay.
@@ -153,6 +161,13 @@ pub fn signature(secret: &[u8], t: u64, body: &[u8]) -> String {
     format!("t={t},v1={}", hex::encode(mac.finalize().into_bytes()))
 }
 
+fn cursor_crc(name: &str, seq: u64) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    h.update(name.as_bytes());
+    h.update(&seq.to_le_bytes());
+    h.finalize()
+}
+
 /// Where cursors are kept: a redb file, or memory (state kept in memory only).
 enum CursorStore {
     File(Database, String),
@@ -160,22 +175,76 @@ enum CursorStore {
 }
 
 impl CursorStore {
-    fn open(path: &Path) -> Result<CursorStore, String> {
-        let db = Database::create(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
-        Ok(CursorStore::File(db, path.display().to_string()))
+    fn open(path: &Path) -> Result<CursorStore, StorageError> {
+        let p = path.display().to_string();
+        let io = |e: &dyn std::fmt::Display| StorageError::Io(format!("cannot open {p}: {e}"));
+        let fresh = !path.exists();
+        let db = Database::create(path).map_err(|e| io(&e))?;
+        if fresh {
+            crate::storage::restrict_file(path).map_err(|e| io(&e))?;
+        }
+        let store = CursorStore::File(db, p);
+        store.upgrade()?;
+        Ok(store)
     }
 
-    fn get(&self, name: &str) -> Result<Option<u64>, String> {
+    /// Moves cursors written before checksums into the checked table.
+    fn upgrade(&self) -> Result<(), StorageError> {
         let CursorStore::File(db, path) = self else {
-            return Ok(None);
+            return Ok(());
         };
-        let err = |e: &dyn std::fmt::Display| format!("cannot read {path}: {e}");
-        let txn = db.begin_read().map_err(|e| err(&e))?;
-        match txn.open_table(CURSORS) {
-            Ok(t) => Ok(t.get(name).map_err(|e| err(&e))?.map(|v| v.value())),
-            Err(redb::TableError::TableDoesNotExist(_)) => Ok(None),
-            Err(e) => Err(err(&e)),
+        let err = |e: &dyn std::fmt::Display| StorageError::Io(format!("cannot upgrade {path}: {e}"));
+        let old: Vec<(String, u64)> = {
+            let txn = db.begin_read().map_err(|e| err(&e))?;
+            match txn.open_table(CURSORS_UNCHECKED) {
+                Ok(t) => t
+                    .iter()
+                    .map_err(|e| err(&e))?
+                    .map(|item| item.map(|(k, v)| (k.value().to_string(), v.value())))
+                    .collect::<Result<_, _>>()
+                    .map_err(|e| err(&e))?,
+                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(()),
+                Err(e) => return Err(err(&e)),
+            }
+        };
+        let txn = db.begin_write().map_err(|e| err(&e))?;
+        {
+            let mut t = txn.open_table(CURSORS).map_err(|e| err(&e))?;
+            for (name, seq) in &old {
+                t.insert(name.as_str(), (*seq, cursor_crc(name, *seq)))
+                    .map_err(|e| err(&e))?;
+            }
         }
+        txn.delete_table(CURSORS_UNCHECKED).map_err(|e| err(&e))?;
+        txn.commit().map_err(|e| err(&e))
+    }
+
+    /// Every stored cursor, checked: (webhook name, seq).
+    fn all(&self) -> Result<Vec<(String, u64)>, StorageError> {
+        let CursorStore::File(db, path) = self else {
+            return Ok(Vec::new());
+        };
+        let err = |e: &dyn std::fmt::Display| StorageError::Io(format!("cannot read {path}: {e}"));
+        let txn = db.begin_read().map_err(|e| err(&e))?;
+        let table = match txn.open_table(CURSORS) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(err(&e)),
+        };
+        let mut out = Vec::new();
+        for item in table.iter().map_err(|e| err(&e))? {
+            let (k, v) = item.map_err(|e| err(&e))?;
+            let (name, (seq, crc)) = (k.value(), v.value());
+            if crc != cursor_crc(name, seq) {
+                return Err(StorageError::Corrupt(format!(
+                    "{path}: table {CURSORS_NAME}, key {name:?}: the delivery cursor fails its checksum: the file \
+                     is damaged; move it away to deliver every retained event again (receivers dedupe on \
+                     Quotad-Event-Id)"
+                )));
+            }
+            out.push((name.to_string(), seq));
+        }
+        Ok(out)
     }
 
     fn set(&self, name: &str, seq: u64) -> Result<(), String> {
@@ -186,10 +255,67 @@ impl CursorStore {
         let txn = db.begin_write().map_err(|e| err(&e))?;
         txn.open_table(CURSORS)
             .map_err(|e| err(&e))?
-            .insert(name, seq)
+            .insert(name, (seq, cursor_crc(name, seq)))
             .map_err(|e| err(&e))?;
         txn.commit().map_err(|e| err(&e))
     }
+
+    fn path(&self) -> &str {
+        match self {
+            CursorStore::File(_, p) => p,
+            CursorStore::Memory => "<memory>",
+        }
+    }
+}
+
+/// Checks the delivery cursors of `delivery.redb` (if it exists) without
+/// changing it: each must pass its checksum and be at most `newest_seq`, the
+/// newest recorded event. For `quotad wal verify`.
+pub fn verify_cursor_file(path: &Path, newest_seq: u64) -> Result<usize, StorageError> {
+    if !path.exists() {
+        return Ok(0);
+    }
+    let p = path.display().to_string();
+    let db = match redb::ReadOnlyDatabase::open(path) {
+        Ok(db) => db,
+        Err(e) => return Err(StorageError::Corrupt(format!("cannot read {p}: {e}"))),
+    };
+    let err = |e: &dyn std::fmt::Display| StorageError::Corrupt(format!("cannot read {p}: {e}"));
+    let txn = db.begin_read().map_err(|e| err(&e))?;
+    let mut count = 0;
+    // An unchecked table (written before checksums) can only be range-checked.
+    if let Ok(t) = txn.open_table(CURSORS_UNCHECKED) {
+        for item in t.iter().map_err(|e| err(&e))? {
+            let (k, v) = item.map_err(|e| err(&e))?;
+            check_cursor_range(&p, "cursors", k.value(), v.value(), newest_seq)?;
+            count += 1;
+        }
+    }
+    if let Ok(t) = txn.open_table(CURSORS) {
+        for item in t.iter().map_err(|e| err(&e))? {
+            let (k, v) = item.map_err(|e| err(&e))?;
+            let (name, (seq, crc)) = (k.value(), v.value());
+            if crc != cursor_crc(name, seq) {
+                return Err(StorageError::Corrupt(format!(
+                    "{p}: table {CURSORS_NAME}, key {name:?}: the delivery cursor fails its checksum"
+                )));
+            }
+            check_cursor_range(&p, CURSORS_NAME, name, seq, newest_seq)?;
+            count += 1;
+        }
+    }
+    Ok(count)
+}
+
+fn check_cursor_range(path: &str, table: &str, name: &str, seq: u64, newest_seq: u64) -> Result<(), StorageError> {
+    if seq > newest_seq {
+        return Err(StorageError::Corrupt(format!(
+            "{path}: table {table}, key {name:?}: the delivery cursor is at event {seq}, beyond the newest \
+             recorded event {newest_seq}: the file is damaged or belongs to other data; move it away to deliver \
+             every retained event again (receivers dedupe on Quotad-Event-Id)"
+        )));
+    }
+    Ok(())
 }
 
 /// One webhook's state, as `GET /v1/webhooks` shows it.
@@ -238,6 +364,12 @@ impl Webhooks {
     /// at the oldest retained event, so nothing retained is skipped. `floor`
     /// is told the lowest cursor, so retention keeps what some webhook still
     /// has to send.
+    ///
+    /// A damaged cursor, or one beyond the newest recorded event, refuses
+    /// start (`Corrupt`): skipping events silently is what it would cause.
+    /// With `durability = "batch"` a cursor may legitimately be ahead of the
+    /// log (events delivered, then lost in the loss window): then it is
+    /// brought back to the newest event, with a warning.
     pub fn start(
         specs: Vec<WebhookSpec>,
         data_dir: Option<&Path>,
@@ -245,14 +377,28 @@ impl Webhooks {
         floor: Arc<AtomicU64>,
         clock: Arc<dyn Clock>,
         metrics: Arc<WebhookMetrics>,
-    ) -> Result<Webhooks, String> {
+        durability: Durability,
+    ) -> Result<Webhooks, StorageError> {
         let cursors = match (data_dir, specs.is_empty()) {
             (Some(dir), false) => CursorStore::open(&dir.join("delivery.redb"))?,
             _ => CursorStore::Memory,
         };
+        let newest = feed.last_seq();
+        let mut stored = std::collections::HashMap::new();
+        for (name, seq) in cursors.all()? {
+            let seq = match check_cursor_range(cursors.path(), CURSORS_NAME, &name, seq, newest) {
+                Ok(()) => seq,
+                Err(_) if durability == Durability::Batch => {
+                    tracing::warn!(webhook = %name, cursor = seq, newest, "delivery cursor ahead of the log (events lost in the batch durability window); delivering from the newest event on");
+                    newest
+                }
+                Err(e) => return Err(e),
+            };
+            stored.insert(name, seq);
+        }
         let mut hooks = Vec::new();
         for spec in specs {
-            let delivered_seq = cursors.get(&spec.name)?.unwrap_or(0);
+            let delivered_seq = stored.get(&spec.name).copied().unwrap_or(0);
             hooks.push(Arc::new(Hook {
                 spec,
                 status: Mutex::new(Status {
@@ -267,7 +413,7 @@ impl Webhooks {
             .user_agent(concat!("quotad/", env!("CARGO_PKG_VERSION")))
             .redirect(reqwest::redirect::Policy::none())
             .build()
-            .map_err(|e| format!("cannot build the webhook HTTP client: {e}"))?;
+            .map_err(|e| StorageError::Io(format!("cannot build the webhook HTTP client: {e}")))?;
         let w = Webhooks {
             hooks,
             feed,

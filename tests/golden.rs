@@ -282,3 +282,8 @@ fn golden_v2_files_still_read() {
 fn golden_v3_files_still_read() {
     check_golden(3);
 }
+
+#[test]
+fn golden_v4_files_still_read() {
+    check_golden(4);
+}

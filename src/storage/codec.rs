@@ -12,6 +12,10 @@
 //! unchanged): `Mutation::Signal` (events, threshold marks, breaker and flag
 //! changes), `Counter::Periods` and `Slot::Periods` (anomaly history). A
 //! version 2 build cannot read version 3 records, hence the new number.
+//!
+//! Version 4 changes no encoding here: records and shards are as in version
+//! 3. It marks the snapshot file's event and usage values as checksummed
+//! (see `storage::snapshot`), which a version 3 build would misread.
 
 pub mod v1;
 
@@ -19,7 +23,7 @@ use crate::clock::Millis;
 use crate::engine::{Mutation, Shard};
 
 /// The format written by this build.
-pub const FORMAT_VERSION: u16 = 3;
+pub const FORMAT_VERSION: u16 = 4;
 
 /// Largest shard decoded: a corrupt length inside a shard cannot make the
 /// decoder allocate more than this.
@@ -81,7 +85,7 @@ pub fn decode_record(version: u16, bytes: &[u8]) -> Result<(Millis, Vec<Mutation
             let muts: Vec<Mutation> = muts.into_iter().map(Mutation::from).collect();
             Ok((v1::record_time(&muts), muts))
         }
-        2 | 3 => decode_exact(bytes, "record", record_config()),
+        2..=4 => decode_exact(bytes, "record", record_config()),
         v => Err(unknown_version(v)),
     }
 }
@@ -105,7 +109,7 @@ pub fn encode_shard(shard: &Shard) -> Result<Vec<u8>, CodecError> {
 pub fn decode_shard(version: u16, bytes: &[u8]) -> Result<Shard, CodecError> {
     match version {
         1 => decode_exact::<v1::ShardV1>(bytes, "shard", config()).map(Shard::from),
-        2 | 3 => decode_exact(bytes, "shard", config()),
+        2..=4 => decode_exact(bytes, "shard", config()),
         v => Err(unknown_version(v)),
     }
 }

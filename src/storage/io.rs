@@ -43,7 +43,7 @@ pub struct FsDir {
 impl FsDir {
     /// Uses `path`, creating it if needed.
     pub fn new(path: &Path) -> io::Result<FsDir> {
-        std::fs::create_dir_all(path)?;
+        super::create_private_dir(path)?;
         Ok(FsDir {
             path: path.to_path_buf(),
         })
@@ -91,10 +91,12 @@ impl WalDir for FsDir {
         Ok(names)
     }
     fn create(&self, name: &str) -> io::Result<Box<dyn WalFile>> {
+        use std::os::unix::fs::OpenOptionsExt;
         let file = OpenOptions::new()
             .read(true)
             .append(true)
             .create_new(true)
+            .mode(0o600)
             .open(self.path.join(name))?;
         self.sync_dir()?;
         Ok(Box::new(FsFile { file }))

@@ -107,13 +107,29 @@ pub struct Storage {
     _lock: Option<File>,
 }
 
+/// Creates `dir` (and its parents) as needed; directories it creates are
+/// 0700: what quotad stores is nobody else's to read.
+pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)
+}
+
+/// Makes a file quotad just created readable and writable by its owner alone
+/// (for files a library creates, such as redb's).
+pub fn restrict_file(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+}
+
 fn lock_dir(dir: &Path) -> Result<File, StorageError> {
-    std::fs::create_dir_all(dir).map_err(|e| StorageError::Io(format!("cannot create {}: {e}", dir.display())))?;
+    use std::os::unix::fs::OpenOptionsExt;
+    create_private_dir(dir).map_err(|e| StorageError::Io(format!("cannot create {}: {e}", dir.display())))?;
     let path = dir.join("LOCK");
     let f = File::options()
         .create(true)
         .truncate(false)
         .write(true)
+        .mode(0o600)
         .open(&path)
         .map_err(|e| StorageError::Io(format!("cannot open {}: {e}", path.display())))?;
     match f.try_lock() {

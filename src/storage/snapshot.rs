@@ -14,23 +14,38 @@
 //! - from version 3, table `signals` (`&str` → bytes): `state` → CRC-32 (4
 //!   bytes, little-endian) and the encoded signals state (threshold marks,
 //!   breakers, flags, the newest event's seq and the LSN it is as of);
-//! - table `events` (`u64` → bytes): seq → engine time in ms (8 bytes,
-//!   little-endian) followed by the event's JSON. Events are moved here from
-//!   memory by each snapshot and dropped past `events.retention` once every
-//!   webhook delivered them.
+//! - table `events` (`u64` → bytes): seq → from version 4, CRC-32 (4 bytes,
+//!   little-endian, of the seq, the time and the JSON), then engine time in
+//!   ms (8 bytes, little-endian) and the event's JSON. Events are moved here
+//!   from memory by each snapshot and dropped past `events.retention` once
+//!   every webhook delivered them.
 //! - tables `usage_hours` and `usage_days` ((subject, hour or UTC-day start)
-//!   → amounts) with `…_by_time` indexes ((start, subject) → ()): usage
-//!   history, merged in from the shards' in-memory deltas by each snapshot,
-//!   in the same transaction as the shards they were taken from.
+//!   → amounts, from version 4 behind a CRC-32 of the key and the amounts)
+//!   with `…_by_time` indexes ((start, subject) → ()): usage history, merged
+//!   in from the shards' in-memory deltas by each snapshot, in the same
+//!   transaction as the shards they were taken from. An index carries no
+//!   value: it is checked against its table (the same keys, one for one).
 //!
 //! redb keeps the file consistent across crashes but does not checksum the
-//! values it stores: the CRCs are what turns a flipped bit in a stored shard
-//! into a refusal to start instead of a silently different state.
+//! values it stores: the CRCs are what turns a flipped bit in a stored value
+//! into a refusal to start (naming the file, table and key) instead of a
+//! silently different state. Every value is checked when the file is loaded
+//! at start (and by `quotad wal verify`), and again whenever it is read.
+//! A version 3 file is rewritten to version 4 when the daemon opens it.
+//!
+//! redb reuses freed pages but does not give them back: a file that grows
+//! past twice its live data (and past [`COMPACT_FLOOR_BYTES`]) is compacted
+//! after a snapshot.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use redb::{Database, ReadOnlyDatabase, ReadableDatabase, ReadableTable, TableDefinition};
+use std::sync::{RwLock, RwLockReadGuard};
+
+use redb::{
+    Database, ReadOnlyDatabase, ReadTransaction, ReadableDatabase, ReadableTable, ReadableTableMetadata,
+    TableDefinition,
+};
 
 use super::codec;
 use crate::engine::{Lsn, Shard};
@@ -48,6 +63,78 @@ const USAGE_HOURS_BY_TIME: TableDefinition<(u64, &str), ()> = TableDefinition::n
 const USAGE_DAYS_BY_TIME: TableDefinition<(u64, &str), ()> = TableDefinition::new("usage_days_by_time");
 
 const DAY_MS: u64 = 86_400_000;
+
+/// The snapshot format from which event and usage values carry checksums.
+const CHECKED_VALUES_VERSION: u64 = 4;
+
+/// Files smaller than this are never compacted: redb's own overhead is a
+/// large share of a small file.
+pub const COMPACT_FLOOR_BYTES: u64 = 4 << 20;
+
+/// A stored value that fails its check: which table and key.
+fn damaged(table: &str, key: impl std::fmt::Display, what: &str) -> String {
+    format!("table {table}, key {key}: {what}: the file is damaged; restore it from a backup")
+}
+
+fn usage_crc(subject: &str, start: u64, amounts: &[u8]) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    h.update(&(subject.len() as u32).to_le_bytes());
+    h.update(subject.as_bytes());
+    h.update(&start.to_le_bytes());
+    h.update(amounts);
+    h.finalize()
+}
+
+/// A usage bucket as stored: CRC-32 of its key and amounts, then the amounts.
+pub fn seal_usage(subject: &str, start: u64, amounts: &BTreeMap<String, u64>) -> Vec<u8> {
+    let body = encode_amounts(amounts);
+    let mut out = Vec::with_capacity(body.len() + 4);
+    out.extend_from_slice(&usage_crc(subject, start, &body).to_le_bytes());
+    out.extend_from_slice(&body);
+    out
+}
+
+/// Checks and decodes a stored usage bucket.
+pub fn open_usage(table: &str, subject: &str, start: u64, value: &[u8]) -> Result<BTreeMap<String, u64>, String> {
+    let key = || format!("({subject:?}, {start})");
+    let (crc, body) = value
+        .split_first_chunk::<4>()
+        .ok_or_else(|| damaged(table, key(), "too short for its checksum"))?;
+    if u32::from_le_bytes(*crc) != usage_crc(subject, start, body) {
+        return Err(damaged(table, key(), "fails its checksum"));
+    }
+    decode_amounts(body).ok_or_else(|| damaged(table, key(), "does not decode"))
+}
+
+fn event_crc(seq: u64, rest: &[u8]) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    h.update(&seq.to_le_bytes());
+    h.update(rest);
+    h.finalize()
+}
+
+/// An event as stored: CRC-32 of its seq, time and JSON, then the time and the JSON.
+pub fn seal_event(seq: u64, at_ms: u64, json: &[u8], out: &mut Vec<u8>) {
+    out.clear();
+    out.extend_from_slice(&[0; 4]);
+    out.extend_from_slice(&at_ms.to_le_bytes());
+    out.extend_from_slice(json);
+    let crc = event_crc(seq, &out[4..]);
+    out[..4].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// Checks a stored event: (engine time, JSON).
+pub fn open_event(seq: u64, value: &[u8]) -> Result<(u64, &[u8]), String> {
+    let (crc, rest) = value
+        .split_first_chunk::<4>()
+        .filter(|(_, rest)| rest.len() >= 8)
+        .ok_or_else(|| damaged("events", seq, "too short for its checksum and time"))?;
+    if u32::from_le_bytes(*crc) != event_crc(seq, rest) {
+        return Err(damaged("events", seq, "fails its checksum"));
+    }
+    let (at, json) = rest.split_first_chunk::<8>().expect("length checked");
+    Ok((u64::from_le_bytes(*at), json))
+}
 
 /// Usage amounts as stored: per metric, its name's length (1 byte), the
 /// name, and the amount (8 bytes, little-endian).
@@ -80,6 +167,21 @@ pub enum Grain {
     Hour,
     /// Daily (UTC) buckets.
     Day,
+}
+
+impl Grain {
+    /// The table of this grain's buckets, with its name.
+    fn table(
+        self,
+    ) -> (
+        &'static str,
+        TableDefinition<'static, (&'static str, u64), &'static [u8]>,
+    ) {
+        match self {
+            Grain::Hour => ("usage_hours", USAGE_HOURS),
+            Grain::Day => ("usage_days", USAGE_DAYS),
+        }
+    }
 }
 
 /// Usage to add to the history in a snapshot, and what retention drops.
@@ -177,7 +279,10 @@ impl Drop for PrivateCopy {
 /// The snapshot file. Clones share it.
 #[derive(Clone)]
 pub struct SnapshotStore {
-    db: std::sync::Arc<Db>,
+    /// Read transactions hold the read side for as long as they live;
+    /// compaction takes the write side, since redb compacts only a database
+    /// with no transaction open.
+    db: std::sync::Arc<RwLock<Db>>,
     path: String,
 }
 
@@ -193,14 +298,23 @@ impl SnapshotStore {
     /// Opens or creates the file.
     pub fn open(path: &Path) -> Result<SnapshotStore, SnapshotError> {
         let p = path.display().to_string();
+        let fresh = !path.exists();
         let db = Database::create(path).map_err(|e| SnapshotError {
             path: p.clone(),
             message: e.to_string(),
         })?;
-        Ok(SnapshotStore {
-            db: Db::ReadWrite(db).into(),
+        if fresh {
+            crate::storage::restrict_file(path).map_err(|e| SnapshotError {
+                path: p.clone(),
+                message: e.to_string(),
+            })?;
+        }
+        let store = SnapshotStore {
+            db: std::sync::Arc::new(RwLock::new(Db::ReadWrite(db))),
             path: p,
-        })
+        };
+        store.upgrade()?;
+        Ok(store)
     }
 
     /// Opens an existing file without changing a byte of it; `None` if there
@@ -218,14 +332,14 @@ impl SnapshotStore {
         };
         match ReadOnlyDatabase::open(path) {
             Ok(db) => Ok(Some(SnapshotStore {
-                db: Db::ReadOnly(db).into(),
+                db: std::sync::Arc::new(RwLock::new(Db::ReadOnly(db))),
                 path: p,
             })),
             Err(redb::DatabaseError::RepairAborted) => {
                 let copy = PrivateCopy::of(path).map_err(|e| err(&e))?;
                 let db = Database::open(&copy.0).map_err(|e| err(&e))?;
                 Ok(Some(SnapshotStore {
-                    db: Db::Copy { db, _file: copy }.into(),
+                    db: std::sync::Arc::new(RwLock::new(Db::Copy { db, _file: copy })),
                     path: p,
                 }))
             }
@@ -240,9 +354,17 @@ impl SnapshotStore {
             .create_with_backend(redb::backends::InMemoryBackend::new())
             .expect("an in-memory database opens");
         SnapshotStore {
-            db: Db::ReadWrite(db).into(),
+            db: std::sync::Arc::new(RwLock::new(Db::ReadWrite(db))),
             path: "<memory>".into(),
         }
+    }
+
+    /// A read transaction, with the guard that keeps compaction out while it
+    /// lives (bind both: `let (_db, txn) = ...`).
+    fn read(&self) -> Result<(RwLockReadGuard<'_, Db>, ReadTransaction), SnapshotError> {
+        let db = self.db.read().unwrap_or_else(|e| e.into_inner());
+        let txn = db.begin_read().map_err(|e| self.err(e))?;
+        Ok((db, txn))
     }
 
     fn err(&self, e: impl std::fmt::Display) -> SnapshotError {
@@ -254,7 +376,7 @@ impl SnapshotStore {
 
     /// Reads the snapshot; `None` if none was ever written.
     pub fn load(&self) -> Result<Option<Loaded>, SnapshotError> {
-        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let (_db, txn) = self.read()?;
         let meta = match txn.open_table(META) {
             Ok(t) => t,
             Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
@@ -292,18 +414,18 @@ impl SnapshotStore {
             let value = table
                 .get(i as u32)
                 .map_err(|e| self.err(e))?
-                .ok_or_else(|| self.err(format!("shard {i} is missing (table shards)")))?;
+                .ok_or_else(|| self.err(format!("table shards, key {i}: the shard is missing")))?;
             let bytes = value.value();
             let encoded = if version >= 2 {
                 let (crc, rest) = bytes.split_first_chunk::<4>().ok_or_else(|| {
                     self.err(format!(
-                        "shard {i} (table shards) is {} bytes, too short for its checksum",
+                        "table shards, key {i}: the shard is {} bytes, too short for its checksum",
                         bytes.len()
                     ))
                 })?;
                 if u32::from_le_bytes(*crc) != crc32fast::hash(rest) {
                     return Err(self.err(format!(
-                        "shard {i} (table shards, {} bytes) fails its checksum: the file is damaged",
+                        "table shards, key {i}: the shard ({} bytes) fails its checksum: the file is damaged",
                         bytes.len()
                     )));
                 }
@@ -313,7 +435,7 @@ impl SnapshotStore {
             };
             let shard = codec::decode_shard(version, encoded).map_err(|e| {
                 self.err(format!(
-                    "shard {i} (table shards, {} bytes) does not decode: {e}",
+                    "table shards, key {i}: the shard ({} bytes) does not decode: {e}",
                     bytes.len()
                 ))
             })?;
@@ -334,7 +456,8 @@ impl SnapshotStore {
                         .filter(|(crc, rest)| u32::from_le_bytes(**crc) == crc32fast::hash(rest));
                     let Some((_, rest)) = ok else {
                         return Err(self.err(format!(
-                            "the signals state (table signals, {} bytes) fails its checksum: the file is damaged",
+                            "table signals, key \"state\": the signals state ({} bytes) fails its checksum: the file \
+                             is damaged",
                             bytes.len()
                         )));
                     };
@@ -345,12 +468,173 @@ impl SnapshotStore {
             Err(redb::TableError::TableDoesNotExist(_)) => None,
             Err(e) => return Err(self.err(e)),
         };
+        self.verify_values(&txn, u64::from(version))?;
         Ok(Some(Loaded {
             shards,
             created_ms,
             last_lsn,
             signals,
         }))
+    }
+
+    /// Checks every stored event and usage bucket (their checksums from
+    /// version 4, that they decode before it) and that each usage index
+    /// holds exactly its table's keys.
+    fn verify_values(&self, txn: &ReadTransaction, version: u64) -> Result<(), SnapshotError> {
+        let checked = version >= CHECKED_VALUES_VERSION;
+        match txn.open_table(EVENTS) {
+            Ok(table) => {
+                for item in table.iter().map_err(|e| self.err(e))? {
+                    let (k, v) = item.map_err(|e| self.err(e))?;
+                    if checked {
+                        open_event(k.value(), v.value()).map_err(|m| self.err(m))?;
+                    } else if v.value().len() < 8 {
+                        return Err(self.err(damaged("events", k.value(), "too short for its time")));
+                    }
+                }
+            }
+            Err(redb::TableError::TableDoesNotExist(_)) => {}
+            Err(e) => return Err(self.err(e)),
+        }
+        for (name, def, index_name, index_def) in [
+            ("usage_hours", USAGE_HOURS, "usage_hours_by_time", USAGE_HOURS_BY_TIME),
+            ("usage_days", USAGE_DAYS, "usage_days_by_time", USAGE_DAYS_BY_TIME),
+        ] {
+            let table = match txn.open_table(def) {
+                Ok(t) => Some(t),
+                Err(redb::TableError::TableDoesNotExist(_)) => None,
+                Err(e) => return Err(self.err(e)),
+            };
+            let index = match txn.open_table(index_def) {
+                Ok(t) => Some(t),
+                Err(redb::TableError::TableDoesNotExist(_)) => None,
+                Err(e) => return Err(self.err(e)),
+            };
+            let (table, index) = match (table, index) {
+                (Some(t), Some(i)) => (t, i),
+                (None, None) => continue,
+                // One without the other: fine only while both are empty.
+                (Some(t), None) if t.is_empty().map_err(|e| self.err(e))? => continue,
+                (None, Some(i)) if i.is_empty().map_err(|e| self.err(e))? => continue,
+                _ => {
+                    return Err(self.err(format!(
+                        "table {name} and its index {index_name} do not both exist: the file is damaged; restore \
+                         it from a backup"
+                    )))
+                }
+            };
+            for item in table.iter().map_err(|e| self.err(e))? {
+                let (k, v) = item.map_err(|e| self.err(e))?;
+                let (subject, start) = k.value();
+                if checked {
+                    open_usage(name, subject, start, v.value()).map_err(|m| self.err(m))?;
+                } else if decode_amounts(v.value()).is_none() {
+                    return Err(self.err(damaged(name, format!("({subject:?}, {start})"), "does not decode")));
+                }
+            }
+            // Every index key names a bucket; with as many keys as the table,
+            // that is the table's keys one for one.
+            for item in index.iter().map_err(|e| self.err(e))? {
+                let (k, _) = item.map_err(|e| self.err(e))?;
+                let (start, subject) = k.value();
+                if table.get((subject, start)).map_err(|e| self.err(e))?.is_none() {
+                    return Err(self.err(damaged(
+                        index_name,
+                        format!("({start}, {subject:?})"),
+                        &format!("names no bucket of table {name}"),
+                    )));
+                }
+            }
+            let (n, ni) = (
+                table.len().map_err(|e| self.err(e))?,
+                index.len().map_err(|e| self.err(e))?,
+            );
+            if n != ni {
+                return Err(self.err(format!(
+                    "table {index_name} has {ni} keys but table {name} has {n}: the file is damaged; restore it \
+                     from a backup"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Rewrites a version 3 file's event and usage values with their
+    /// checksums (version 4; shards encode the same in both). Files older
+    /// than version 3 have no such tables and are rewritten whole by the next
+    /// snapshot.
+    fn upgrade(&self) -> Result<(), SnapshotError> {
+        let meta: Option<[u64; 4]> = {
+            let (_db, txn) = self.read()?;
+            match txn.open_table(META) {
+                Ok(t) => {
+                    let get = |k: &str| t.get(k).ok().flatten().map(|v| v.value());
+                    match (
+                        get("format_version"),
+                        get("shard_count"),
+                        get("created_ms"),
+                        get("last_lsn"),
+                    ) {
+                        (Some(v), Some(c), Some(t), Some(l)) => Some([v, c, t, l]),
+                        _ => None,
+                    }
+                }
+                Err(_) => None,
+            }
+        };
+        // Anything else (no file yet, damage) is for `load` to report.
+        let Some([3, count, created_ms, last_lsn]) = meta else {
+            return Ok(());
+        };
+        let guard = self.db.read().unwrap_or_else(|e| e.into_inner());
+        let Db::ReadWrite(db) = &*guard else {
+            return Ok(());
+        };
+        let txn = db.begin_write().map_err(|e| self.err(e))?;
+        {
+            let mut events = txn.open_table(EVENTS).map_err(|e| self.err(e))?;
+            let old: Vec<(u64, Vec<u8>)> = events
+                .iter()
+                .map_err(|e| self.err(e))?
+                .map(|item| item.map(|(k, v)| (k.value(), v.value().to_vec())))
+                .collect::<Result<_, _>>()
+                .map_err(|e| self.err(e))?;
+            let mut value = Vec::new();
+            for (seq, bytes) in old {
+                let (at, json) = bytes
+                    .split_first_chunk::<8>()
+                    .ok_or_else(|| self.err(damaged("events", seq, "too short for its time")))?;
+                seal_event(seq, u64::from_le_bytes(*at), json, &mut value);
+                events.insert(seq, value.as_slice()).map_err(|e| self.err(e))?;
+            }
+            for (name, def) in [("usage_hours", USAGE_HOURS), ("usage_days", USAGE_DAYS)] {
+                let mut table = txn.open_table(def).map_err(|e| self.err(e))?;
+                let old: Vec<(String, u64, Vec<u8>)> = table
+                    .iter()
+                    .map_err(|e| self.err(e))?
+                    .map(|item| item.map(|(k, v)| (k.value().0.to_string(), k.value().1, v.value().to_vec())))
+                    .collect::<Result<_, _>>()
+                    .map_err(|e| self.err(e))?;
+                for (subject, start, bytes) in old {
+                    let amounts = decode_amounts(&bytes)
+                        .ok_or_else(|| self.err(damaged(name, format!("({subject:?}, {start})"), "does not decode")))?;
+                    table
+                        .insert(
+                            (subject.as_str(), start),
+                            seal_usage(&subject, start, &amounts).as_slice(),
+                        )
+                        .map_err(|e| self.err(e))?;
+                }
+            }
+            let mut meta = txn.open_table(META).map_err(|e| self.err(e))?;
+            let v = CHECKED_VALUES_VERSION;
+            meta.insert("format_version", v).map_err(|e| self.err(e))?;
+            meta.insert("meta_crc", meta_crc(v, count, created_ms, last_lsn))
+                .map_err(|e| self.err(e))?;
+        }
+        txn.commit().map_err(|e| self.err(e))?;
+        tracing::info!(path = %self.path, "snapshot file upgraded to format 4 (checksummed event and usage values)");
+        Ok(())
     }
 
     /// Stored events with seq > `after`, oldest first, at most `limit` that
@@ -361,7 +645,7 @@ impl SnapshotStore {
         limit: usize,
         keep: &dyn Fn(&[u8]) -> bool,
     ) -> Result<Vec<(u64, Vec<u8>)>, SnapshotError> {
-        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let (_db, txn) = self.read()?;
         let table = match txn.open_table(EVENTS) {
             Ok(t) => t,
             Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
@@ -373,7 +657,7 @@ impl SnapshotStore {
                 break;
             }
             let (k, v) = item.map_err(|e| self.err(e))?;
-            let json = v.value().get(8..).unwrap_or_default();
+            let (_, json) = open_event(k.value(), v.value()).map_err(|m| self.err(m))?;
             if keep(json) {
                 out.push((k.value(), json.to_vec()));
             }
@@ -383,7 +667,7 @@ impl SnapshotStore {
 
     /// The newest stored event's seq (0: none).
     pub fn last_event_seq(&self) -> Result<u64, SnapshotError> {
-        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let (_db, txn) = self.read()?;
         let table = match txn.open_table(EVENTS) {
             Ok(t) => t,
             Err(redb::TableError::TableDoesNotExist(_)) => return Ok(0),
@@ -401,9 +685,12 @@ impl SnapshotStore {
         let mut days_t = txn.open_table(USAGE_DAYS_BY_TIME).map_err(|e| self.err(e))?;
         for ((subject, hour), amounts) in usage.deltas {
             let day = hour - hour % DAY_MS;
-            for (table, index, start) in [(&mut hours, &mut hours_t, *hour), (&mut days, &mut days_t, day)] {
+            for (name, table, index, start) in [
+                ("usage_hours", &mut hours, &mut hours_t, *hour),
+                ("usage_days", &mut days, &mut days_t, day),
+            ] {
                 let mut merged = match table.get((&**subject, start)).map_err(|e| self.err(e))? {
-                    Some(v) => decode_amounts(v.value()).ok_or_else(|| self.err("a usage bucket is damaged"))?,
+                    Some(v) => open_usage(name, subject, start, v.value()).map_err(|m| self.err(m))?,
                     None => BTreeMap::new(),
                 };
                 for (m, a) in amounts {
@@ -411,7 +698,7 @@ impl SnapshotStore {
                     *v = v.saturating_add(*a).min(crate::config::MAX_SAFE_INTEGER);
                 }
                 table
-                    .insert((&**subject, start), encode_amounts(&merged).as_slice())
+                    .insert((&**subject, start), seal_usage(subject, start, &merged).as_slice())
                     .map_err(|e| self.err(e))?;
                 index.insert((start, &**subject), ()).map_err(|e| self.err(e))?;
             }
@@ -436,8 +723,8 @@ impl SnapshotStore {
 
     /// One subject's stored buckets of `grain` starting in `from..to`.
     pub fn usage_of(&self, grain: Grain, subject: &str, from: u64, to: u64) -> Result<Vec<UsageBucket>, SnapshotError> {
-        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
-        let def = if grain == Grain::Hour { USAGE_HOURS } else { USAGE_DAYS };
+        let (_db, txn) = self.read()?;
+        let (name, def) = grain.table();
         let table = match txn.open_table(def) {
             Ok(t) => t,
             Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
@@ -446,8 +733,11 @@ impl SnapshotStore {
         let mut out = Vec::new();
         for item in table.range((subject, from)..(subject, to)).map_err(|e| self.err(e))? {
             let (k, v) = item.map_err(|e| self.err(e))?;
-            let amounts = decode_amounts(v.value()).ok_or_else(|| self.err("a usage bucket is damaged"))?;
-            out.push((k.value().1, amounts));
+            let start = k.value().1;
+            out.push((
+                start,
+                open_usage(name, subject, start, v.value()).map_err(|m| self.err(m))?,
+            ));
         }
         Ok(out)
     }
@@ -455,7 +745,7 @@ impl SnapshotStore {
     /// Up to `n` subjects with stored usage, in byte order after `after`:
     /// one index lookup each, so an export page costs what its subjects do.
     pub fn usage_subjects_after(&self, after: Option<&str>, n: usize) -> Result<Vec<String>, SnapshotError> {
-        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let (_db, txn) = self.read()?;
         let table = match txn.open_table(USAGE_DAYS) {
             Ok(t) => t,
             Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
@@ -497,8 +787,8 @@ impl SnapshotStore {
         from: u64,
         to: u64,
     ) -> Result<Vec<UsageRow>, SnapshotError> {
-        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
-        let def = if grain == Grain::Hour { USAGE_HOURS } else { USAGE_DAYS };
+        let (_db, txn) = self.read()?;
+        let (name, def) = grain.table();
         let table = match txn.open_table(def) {
             Ok(t) => t,
             Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
@@ -509,8 +799,9 @@ impl SnapshotStore {
             let s = subject.as_str();
             for item in table.range((s, from)..(s, to)).map_err(|e| self.err(e))? {
                 let (k, v) = item.map_err(|e| self.err(e))?;
-                let amounts = decode_amounts(v.value()).ok_or_else(|| self.err("a usage bucket is damaged"))?;
-                out.push((subject.clone(), k.value().1, amounts));
+                let start = k.value().1;
+                let amounts = open_usage(name, s, start, v.value()).map_err(|m| self.err(m))?;
+                out.push((subject.clone(), start, amounts));
             }
         }
         Ok(out)
@@ -518,11 +809,12 @@ impl SnapshotStore {
 
     /// Every subject's stored buckets of `grain` starting in `from..to`.
     pub fn usage_all(&self, grain: Grain, from: u64, to: u64) -> Result<Vec<UsageRow>, SnapshotError> {
-        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
-        let (def, index) = if grain == Grain::Hour {
-            (USAGE_HOURS, USAGE_HOURS_BY_TIME)
+        let (_db, txn) = self.read()?;
+        let (name, def) = grain.table();
+        let index = if grain == Grain::Hour {
+            USAGE_HOURS_BY_TIME
         } else {
-            (USAGE_DAYS, USAGE_DAYS_BY_TIME)
+            USAGE_DAYS_BY_TIME
         };
         let (table, index) = match (txn.open_table(def), txn.open_table(index)) {
             (Ok(t), Ok(i)) => (t, i),
@@ -536,7 +828,7 @@ impl SnapshotStore {
             let (k, _) = item.map_err(|e| self.err(e))?;
             let (start, subject) = k.value();
             if let Some(v) = table.get((subject, start)).map_err(|e| self.err(e))? {
-                let amounts = decode_amounts(v.value()).ok_or_else(|| self.err("a usage bucket is damaged"))?;
+                let amounts = open_usage(name, subject, start, v.value()).map_err(|m| self.err(m))?;
                 out.push((subject.to_string(), start, amounts));
             }
         }
@@ -553,7 +845,8 @@ impl SnapshotStore {
         signals: &SignalsPart<'_>,
         usage: &UsagePart<'_>,
     ) -> Result<(), SnapshotError> {
-        let Db::ReadWrite(db) = &*self.db else {
+        let guard = self.db.read().unwrap_or_else(|e| e.into_inner());
+        let Db::ReadWrite(db) = &*guard else {
             return Err(self.err("opened read-only"));
         };
         let txn = db.begin_write().map_err(|e| self.err(e))?;
@@ -576,19 +869,14 @@ impl SnapshotStore {
                 .map_err(|e| self.err(e))?;
             let mut events = txn.open_table(EVENTS).map_err(|e| self.err(e))?;
             for (seq, at_ms, json) in &signals.events {
-                value.clear();
-                value.extend_from_slice(&at_ms.to_le_bytes());
-                value.extend_from_slice(json);
+                seal_event(*seq, *at_ms, json, &mut value);
                 events.insert(*seq, value.as_slice()).map_err(|e| self.err(e))?;
             }
             // Retention: oldest first, stopping at the first event still kept.
             let mut drop_through = None;
             for item in events.iter().map_err(|e| self.err(e))? {
                 let (k, v) = item.map_err(|e| self.err(e))?;
-                let at = v
-                    .value()
-                    .first_chunk::<8>()
-                    .map_or(u64::MAX, |b| u64::from_le_bytes(*b));
+                let (at, _) = open_event(k.value(), v.value()).map_err(|m| self.err(m))?;
                 if at >= signals.retain_after_ms || k.value() > signals.delivered_seq {
                     break;
                 }
@@ -612,6 +900,55 @@ impl SnapshotStore {
                 meta.insert(k, v).map_err(|e| self.err(e))?;
             }
         }
-        txn.commit().map_err(|e| self.err(e))
+        txn.commit().map_err(|e| self.err(e))?;
+        drop(guard);
+        self.compact_if_bloated()
+    }
+
+    /// Compacts the file when it has grown past twice its live data (and
+    /// past [`COMPACT_FLOOR_BYTES`]): redb reuses freed pages but never
+    /// shrinks the file by itself.
+    fn compact_if_bloated(&self) -> Result<(), SnapshotError> {
+        let Ok(file_bytes) = std::fs::metadata(&self.path).map(|m| m.len()) else {
+            return Ok(()); // in memory
+        };
+        if file_bytes <= COMPACT_FLOOR_BYTES {
+            return Ok(());
+        }
+        let live = self.live_bytes()?;
+        if file_bytes <= live.saturating_mul(2) {
+            return Ok(());
+        }
+        let started = std::time::Instant::now();
+        let mut guard = self.db.write().unwrap_or_else(|e| e.into_inner());
+        let Db::ReadWrite(db) = &mut *guard else {
+            return Ok(());
+        };
+        // Each pass moves what it can; a few are enough in practice.
+        for _ in 0..8 {
+            if !db.compact().map_err(|e| self.err(e))? {
+                break;
+            }
+        }
+        drop(guard);
+        let after = std::fs::metadata(&self.path).map_or(0, |m| m.len());
+        tracing::info!(
+            path = %self.path, before_bytes = file_bytes, after_bytes = after, live_bytes = live,
+            ms = started.elapsed().as_millis() as u64, "snapshot file compacted"
+        );
+        Ok(())
+    }
+
+    /// Bytes of live data in the file: stored values and keys, and the
+    /// trees' own pages.
+    pub fn live_bytes(&self) -> Result<u64, SnapshotError> {
+        let guard = self.db.read().unwrap_or_else(|e| e.into_inner());
+        let Db::ReadWrite(db) = &*guard else {
+            return Err(self.err("opened read-only"));
+        };
+        let txn = db.begin_write().map_err(|e| self.err(e))?;
+        let stats = txn.stats().map_err(|e| self.err(e))?;
+        txn.abort().map_err(|e| self.err(e))?;
+        Ok(stats.stored_bytes() + stats.metadata_bytes())
     }
 }
