@@ -59,6 +59,9 @@ pub struct HistoryConfig {
     pub hourly_retention: String,
     /// Daily buckets are kept this long. Default "400d", 1d..=3650d.
     pub daily_retention: String,
+    /// CSV exports (`GET /v1/usage?format=csv`) streaming at once; more are
+    /// 503 `busy`. Default 2, 1..=64.
+    pub max_exports: usize,
 }
 
 impl Default for HistoryConfig {
@@ -67,6 +70,7 @@ impl Default for HistoryConfig {
             enabled: true,
             hourly_retention: "14d".into(),
             daily_retention: "400d".into(),
+            max_exports: 2,
         }
     }
 }
@@ -75,6 +79,9 @@ impl HistoryConfig {
     /// (hourly, daily) retention in ms, checked.
     pub fn retention_ms(&self) -> Result<(u64, u64), ConfigError> {
         const DAY: u64 = 86_400_000;
+        if !(1..=64).contains(&self.max_exports) {
+            return Err(ConfigError::new("history.max_exports", "must be between 1 and 64"));
+        }
         Ok((
             duration_ms("history.hourly_retention", &self.hourly_retention, DAY, 400 * DAY)?,
             duration_ms("history.daily_retention", &self.daily_retention, DAY, 3650 * DAY)?,

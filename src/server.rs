@@ -220,6 +220,7 @@ impl Server {
             max_body_bytes: config.server.max_body_bytes,
             max_batch_bytes: config.server.max_batch_bytes,
             body_timeout: Duration::from_millis(config.server.body_timeout_ms),
+            exports: Arc::new(Semaphore::new(config.history.max_exports)),
         });
         Ok(Server {
             state,

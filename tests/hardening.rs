@@ -183,3 +183,117 @@ async fn a_subject_with_60000_holds_can_be_deleted_and_the_delete_survives_a_res
     assert!(s.post("/v1/reserve", json!({"subject": "hoarder"})).await.allowed());
     s.stop().await;
 }
+
+const EXPORTS: &str = r#"
+[history]
+max_exports = 2
+[[plans]]
+name = "free"
+default = true
+  [[plans.limits]]
+  name = "tokens-per-day"
+  metric = "tokens"
+  period = "1d"
+  max = 1000000
+"#;
+
+#[tokio::test]
+async fn csv_cells_that_a_spreadsheet_would_run_are_quoted_as_text() {
+    for t in TRANSPORTS {
+        let s = TestServer::start(EXPORTS, t).await;
+        let subjects = [
+            "=HYPERLINK(\"http://x.test\",\"click\")",
+            "@SUM(1+1)",
+            "+1+2",
+            "-2+3",
+            "plain",
+        ];
+        for subject in subjects {
+            let r = s.consume(json!({"subject": subject, "amounts": {"tokens": 7}})).await;
+            assert_eq!(r.status, 200, "{}", r.text);
+        }
+        let r = s
+            .get("/v1/usage?from=2026-11-01&to=2026-12-01&format=csv&granularity=month")
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        let lines: Vec<&str> = r.text.lines().collect();
+        assert_eq!(lines[0], "subject,start,metric,amount");
+        for line in &lines[1..] {
+            assert!(
+                !line.starts_with(['=', '+', '-', '@']) && !line.starts_with("\"=") && !line.starts_with("\"@"),
+                "a cell a spreadsheet would run: {line}"
+            );
+        }
+        assert!(
+            r.text
+                .contains("\"'=HYPERLINK(\"\"http://x.test\"\",\"\"click\"\")\",2026-11-01T00:00:00Z,tokens,7"),
+            "{}",
+            r.text
+        );
+        for want in ["'@SUM(1+1),", "'+1+2,", "'-2+3,", "\nplain,"] {
+            assert!(r.text.contains(want), "{want}: {}", r.text);
+        }
+        // JSON answers carry the subject as it is: only CSV cells are escaped.
+        let r = s.get("/v1/usage?from=2026-11-01&to=2026-12-01&granularity=month").await;
+        assert!(r.text.contains("\"subject\":\"+1+2\""), "{}", r.text);
+        s.stop().await;
+    }
+}
+
+/// Sends a request over the Unix socket and reads only the head of the answer.
+async fn head_only(sock: &std::path::Path, path: &str) -> (tokio::net::UnixStream, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut c = tokio::net::UnixStream::connect(sock).await.unwrap();
+    c.write_all(format!("GET {path} HTTP/1.1\r\nHost: q\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = c.read(&mut buf).await.unwrap();
+        assert!(n > 0, "closed before the head: {}", String::from_utf8_lossy(&head));
+        head.extend_from_slice(&buf[..n]);
+    }
+    (c, String::from_utf8_lossy(&head).into_owned())
+}
+
+#[tokio::test]
+async fn at_most_max_exports_csv_exports_stream_at_once() {
+    let s = TestServer::start(EXPORTS, Transport::Unix).await;
+    // Enough rows that an export cannot fit in the socket buffers at once,
+    // so one whose client stops reading stays open.
+    for batch in 0..20 {
+        let ops: Vec<_> = (0..1000)
+            .map(|i| json!({"op": "consume", "subject": format!("customer-with-a-long-name:{batch:02}:{i:04}"), "amounts": {"tokens": 5}}))
+            .collect();
+        let r = s.post("/v1/batch", json!({ "operations": ops })).await;
+        assert_eq!(r.status, 200, "{}", r.text);
+    }
+    let sock = s.socket_path().unwrap();
+    let path = "/v1/usage?from=2026-11-01&to=2026-12-01&format=csv";
+    let (first, head) = head_only(&sock, path).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let (_second, head) = head_only(&sock, path).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    // The third is turned away while two stream.
+    let r = s.get(path).await;
+    assert_eq!((r.status, r.error_code()), (503, "busy"), "{}", r.text);
+    assert_eq!(r.header("retry-after").as_deref(), Some("5"));
+    assert!(r.text.contains("history.max_exports"), "{}", r.text);
+    // JSON pages are not exports that stream: they still answer.
+    assert_eq!(s.get("/v1/usage?from=2026-11-01&to=2026-12-01").await.status, 200);
+    // A client that goes away gives its slot back.
+    drop(first);
+    let mut ok = false;
+    for _ in 0..200 {
+        let r = s.get(path).await;
+        if r.status == 200 {
+            assert_eq!(r.text.lines().count(), 1 + 20_000 * 2, "every row: requests and tokens");
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(ok, "the slot came back");
+    s.stop().await;
+}

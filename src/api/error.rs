@@ -43,6 +43,9 @@ pub enum ApiError {
     /// 503: storage failed or shutting down; nothing was applied.
     #[error("{0}")]
     Unavailable(String),
+    /// 503 with `Retry-After`: too many of this kind of request run at once.
+    #[error("{0}")]
+    Busy(String, u64),
 }
 
 impl ApiError {
@@ -60,6 +63,7 @@ impl ApiError {
             ApiError::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             ApiError::RequestTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            ApiError::Busy(..) => (StatusCode::SERVICE_UNAVAILABLE, "busy"),
         }
     }
 
@@ -98,6 +102,10 @@ impl IntoResponse for ApiError {
         if status == StatusCode::UNAUTHORIZED {
             resp.headers_mut()
                 .insert("www-authenticate", HeaderValue::from_static("Bearer"));
+        }
+        if let ApiError::Busy(_, retry_after_s) = self {
+            resp.headers_mut()
+                .insert("retry-after", HeaderValue::from(retry_after_s));
         }
         resp
     }

@@ -119,6 +119,8 @@ pub struct AppState {
     pub max_batch_bytes: usize,
     /// A body must arrive whole within this long.
     pub body_timeout: std::time::Duration,
+    /// One permit per CSV export streaming now (`history.max_exports`).
+    pub exports: Arc<tokio::sync::Semaphore>,
 }
 
 impl AppState {

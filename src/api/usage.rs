@@ -347,6 +347,12 @@ struct ExportPage {
     next_after: Option<String>,
 }
 
+/// Subjects per CSV chunk: a chunk is read, written out and dropped before
+/// the next, so an export's memory does not grow with its length.
+const CSV_PAGE_SUBJECTS: usize = 256;
+/// `Retry-After` when every export slot is taken, in seconds.
+const EXPORT_BUSY_RETRY_S: u64 = 5;
+
 /// `GET /v1/usage`: every subject's buckets, for billing (admin).
 pub(super) async fn export(
     State(st): State<Arc<AppState>>,
@@ -356,58 +362,12 @@ pub(super) async fn export(
     st.authorize(&headers, Role::Admin)?;
     let q = parse_query(q.as_deref(), true)?;
     if q.csv {
-        let all = collect(&st, &q, None)?;
-        let after = q.after.clone();
-        let subjects = all
-            .into_iter()
-            .filter(move |(s, _)| after.as_deref().is_none_or(|a| s.as_str() > a));
-        // Streamed a few subjects at a time.
-        let rows: Vec<(String, SubjectBuckets)> = subjects.collect();
-        let header_line = std::iter::once(Ok::<_, std::convert::Infallible>(axum::body::Bytes::from_static(
-            b"subject,start,metric,amount\n",
-        )));
-        let chunks = rows.chunks(100).map(csv_chunk).collect::<Vec<_>>();
-        let stream = futures_util::stream::iter(header_line.chain(chunks.into_iter().map(Ok)));
-        let mut resp = Body::from_stream(stream).into_response();
-        resp.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("text/csv; charset=utf-8"),
-        );
-        return Ok(resp);
+        return export_csv(st, q);
     }
-    // A page reads only its own subjects: the next ones on disk and in memory.
-    // Subjects with nothing in the range are passed over, so that a page is
-    // empty only at the end (clients stop at an empty page).
     let core = st.core()?;
     // What memory holds is read once for every page this request looks at.
     let memory = core.engine.usage_deltas(None);
-    let mut cursor = q.after.clone();
-    let (page, next_after) = loop {
-        let mut candidates: std::collections::BTreeSet<String> = match &core.snapshots {
-            Some(store) => store
-                .usage_subjects_after(cursor.as_deref(), q.limit + 1)
-                .map_err(|e| ApiError::Unavailable(format!("cannot read the usage history: {e}")))?
-                .into_iter()
-                .collect(),
-            None => Default::default(),
-        };
-        candidates.extend(
-            memory
-                .keys()
-                .filter(|(s, _)| cursor.as_deref().is_none_or(|a| &**s > a))
-                .map(|(s, _)| s.to_string()),
-        );
-        let more = candidates.len() > q.limit;
-        let chosen: Vec<String> = candidates.into_iter().take(q.limit).collect();
-        let last = chosen.last().cloned();
-        // Sorted (a set's order), as `Who::Some` needs.
-        let page: Vec<(String, SubjectBuckets)> =
-            collect_for(&st, &q, Who::Some(&chosen, &memory))?.into_iter().collect();
-        if !page.is_empty() || !more {
-            break (page, if more { last } else { None });
-        }
-        cursor = last;
-    };
+    let (page, next_after) = export_page(&st, &q, &memory, q.after.clone(), q.limit)?;
     let rows = page
         .into_iter()
         .flat_map(|(subject, buckets)| {
@@ -421,22 +381,144 @@ pub(super) async fn export(
     Ok(Json(ExportPage { rows, next_after }).into_response())
 }
 
-/// CSV lines of some subjects: `subject,start,metric,amount`, fields quoted
-/// when they hold a comma, a quote or a line break.
+/// The next subjects after `after` that have usage in the range, at most
+/// `limit` of them, with their buckets; and the cursor of the page after
+/// (`None` at the end). A page reads only its own subjects, on disk and in
+/// `memory`. Subjects with nothing in the range are passed over, so that a
+/// page is empty only at the end (clients stop at an empty page).
+fn export_page(
+    st: &AppState,
+    q: &Query,
+    memory: &crate::engine::UsageDeltas,
+    mut cursor: Option<String>,
+    limit: usize,
+) -> Result<(Vec<(String, SubjectBuckets)>, Option<String>), ApiError> {
+    let core = st.core()?;
+    loop {
+        let mut candidates: std::collections::BTreeSet<String> = match &core.snapshots {
+            Some(store) => store
+                .usage_subjects_after(cursor.as_deref(), limit + 1)
+                .map_err(|e| ApiError::Unavailable(format!("cannot read the usage history: {e}")))?
+                .into_iter()
+                .collect(),
+            None => Default::default(),
+        };
+        // Memory's subjects after the cursor, the first `limit + 1` of them.
+        let lower = cursor.as_deref().map_or(std::ops::Bound::Unbounded, |c| {
+            std::ops::Bound::Excluded((Arc::<str>::from(c), u64::MAX))
+        });
+        for ((s, _), _) in memory.range((lower, std::ops::Bound::Unbounded)) {
+            if candidates.len() > limit && candidates.last().is_some_and(|l| l.as_str() < &**s) {
+                break;
+            }
+            if candidates.insert(s.to_string()) && candidates.len() > limit + 1 {
+                candidates.pop_last();
+            }
+        }
+        let more = candidates.len() > limit;
+        let chosen: Vec<String> = candidates.into_iter().take(limit).collect();
+        let last = chosen.last().cloned();
+        // Sorted (a set's order), as `Who::Some` needs.
+        let page: Vec<(String, SubjectBuckets)> = collect_for(st, q, Who::Some(&chosen, memory))?.into_iter().collect();
+        if !page.is_empty() || !more {
+            return Ok((page, if more { last } else { None }));
+        }
+        cursor = last;
+    }
+}
+
+/// The CSV export: streamed a page of subjects at a time, at most
+/// `history.max_exports` at once.
+fn export_csv(st: Arc<AppState>, q: Query) -> Result<Response, ApiError> {
+    let permit = st.exports.clone().try_acquire_owned().map_err(|_| {
+        ApiError::Busy(
+            format!(
+                "{} CSV exports are running, the configured maximum (history.max_exports); retry shortly",
+                st.started_config.history.max_exports
+            ),
+            EXPORT_BUSY_RETRY_S,
+        )
+    })?;
+    let memory = st.core()?.engine.usage_deltas(None);
+    struct Export {
+        st: Arc<AppState>,
+        q: Query,
+        memory: crate::engine::UsageDeltas,
+        /// Where the next page starts; `None` with `done` at the end.
+        cursor: Option<String>,
+        header: bool,
+        done: bool,
+        /// Held until the stream ends or the client goes away.
+        _permit: tokio::sync::OwnedSemaphorePermit,
+    }
+    let state = Export {
+        st,
+        cursor: q.after.clone(),
+        q,
+        memory,
+        header: true,
+        done: false,
+        _permit: permit,
+    };
+    let stream = futures_util::stream::unfold(state, |mut x| async move {
+        if x.header {
+            x.header = false;
+            return Some((Ok(axum::body::Bytes::from_static(b"subject,start,metric,amount\n")), x));
+        }
+        loop {
+            if x.done {
+                return None;
+            }
+            match export_page(&x.st, &x.q, &x.memory, x.cursor.take(), CSV_PAGE_SUBJECTS) {
+                Ok((page, next)) => {
+                    x.done = next.is_none();
+                    x.cursor = next;
+                    if !page.is_empty() {
+                        return Some((Ok(csv_chunk(&page)), x));
+                    }
+                }
+                Err(e) => {
+                    // The answer has begun: all that is left is to cut it short,
+                    // so the client sees a broken transfer, not a short file.
+                    tracing::error!(error = %e, "usage export failed midway");
+                    x.done = true;
+                    return Some((Err(std::io::Error::other(e.to_string())), x));
+                }
+            }
+        }
+    });
+    let mut resp = Body::from_stream(stream).into_response();
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/csv; charset=utf-8"),
+    );
+    Ok(resp)
+}
+
+/// CSV lines of some subjects: `subject,start,metric,amount`. A text field
+/// that a spreadsheet would take for a formula (it begins with `=`, `+`,
+/// `-`, `@`, a tab or a carriage return) gets a leading `'`; a field holding
+/// a comma, a quote or a line break is quoted.
 fn csv_chunk(rows: &[(String, SubjectBuckets)]) -> axum::body::Bytes {
     fn field(s: &str) -> std::borrow::Cow<'_, str> {
+        let s: std::borrow::Cow<'_, str> = if s.starts_with(['=', '+', '-', '@', '\t', '\r']) {
+            format!("'{s}").into()
+        } else {
+            s.into()
+        };
         if s.contains([',', '"', '\n', '\r']) {
             format!("\"{}\"", s.replace('"', "\"\"")).into()
         } else {
-            s.into()
+            s
         }
     }
     let mut out = String::new();
     for (subject, buckets) in rows {
+        let subject = field(subject);
         for (start, amounts) in buckets {
             let start = rfc3339(*start);
             for (m, a) in amounts {
-                out.push_str(&format!("{},{start},{},{a}\n", field(subject), field(m)));
+                out.push_str(&format!("{subject},{start},{},{a}\n", field(m)));
             }
         }
     }
