@@ -205,6 +205,8 @@ fn hours_from(q: &Query, now: u64, hourly_kept: u64) -> u64 {
 type SubjectBuckets = BTreeMap<u64, BTreeMap<String, u64>>;
 /// Subject → its buckets.
 type Buckets = BTreeMap<String, SubjectBuckets>;
+/// Some subjects' buckets, in subject order.
+type Page = Vec<(String, SubjectBuckets)>;
 
 fn add(into: &mut Buckets, q: &Query, subject: &str, start: u64, amounts: impl IntoIterator<Item = (String, u64)>) {
     if start < q.from || start >= q.to {
@@ -392,7 +394,7 @@ fn export_page(
     memory: &crate::engine::UsageDeltas,
     mut cursor: Option<String>,
     limit: usize,
-) -> Result<(Vec<(String, SubjectBuckets)>, Option<String>), ApiError> {
+) -> Result<(Page, Option<String>), ApiError> {
     let core = st.core()?;
     loop {
         let mut candidates: std::collections::BTreeSet<String> = match &core.snapshots {
@@ -419,7 +421,7 @@ fn export_page(
         let chosen: Vec<String> = candidates.into_iter().take(limit).collect();
         let last = chosen.last().cloned();
         // Sorted (a set's order), as `Who::Some` needs.
-        let page: Vec<(String, SubjectBuckets)> = collect_for(st, q, Who::Some(&chosen, memory))?.into_iter().collect();
+        let page: Page = collect_for(st, q, Who::Some(&chosen, memory))?.into_iter().collect();
         if !page.is_empty() || !more {
             return Ok((page, if more { last } else { None }));
         }
