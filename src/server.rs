@@ -31,7 +31,7 @@ use crate::waiting::Waiting;
 use crate::webhooks::{WebhookSpec, Webhooks};
 
 /// How often due reservations are expired even when no request arrives.
-const EXPIRY_TICK: Duration = Duration::from_millis(250);
+const EXPIRY_TICK: Duration = Duration::from_millis(crate::engine::EXPIRY_SWEEP_MS);
 /// How often garbage collection runs.
 const GC_TICK: Duration = Duration::from_secs(10);
 /// How often the snapshot thresholds are checked.

@@ -368,6 +368,37 @@ impl Model {
         }
     }
 
+    /// The sooner of `base` and the first time the active holds on this
+    /// counter, given back as they expire (soonest first, at most 64),
+    /// leave room for `amount`.
+    fn retry_with_holds(&self, lim: &L, scope: &str, amount: u64, base: Option<u64>) -> Option<u64> {
+        let mut holds: Vec<(u64, String, Where, u64)> = self
+            .holds
+            .iter()
+            .filter(|h| h.status == "active")
+            .flat_map(|h| {
+                h.held
+                    .iter()
+                    .filter(|(l, sc, _, a)| l.name == lim.name && sc == scope && *a > 0)
+                    .map(move |(_, _, w, a)| (h.expires, h.id.clone(), *w, *a))
+            })
+            .collect();
+        holds.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+        let mut m = self.clone();
+        for (expires, _, w, a) in holds.into_iter().take(64) {
+            let at = if expires > self.now { expires } else { self.now + 250 };
+            if base.is_some_and(|r| at - self.now >= r) {
+                break;
+            }
+            m.now = at;
+            m.charge(lim, scope, w, -(a as i64));
+            if m.usage(lim, scope, amount).2.is_none() {
+                return Some(at - self.now);
+            }
+        }
+        base
+    }
+
     fn charge(&mut self, lim: &L, scope: &str, at: Where, delta: i64) {
         let key = (lim.name.to_string(), scope.to_string());
         let add = |v: u64| {
@@ -446,10 +477,17 @@ impl Model {
         let mut degraded = false;
         let mut retry = Some(0u64);
         for lim in &matched {
-            let (_, _, r) = self.usage(lim, &Self::scope(lim, s), amount(lim));
+            let scope = Self::scope(lim, s);
+            let (_, _, r) = self.usage(lim, &scope, amount(lim));
             if let Some(r) = r {
                 match lim.mode {
                     M::Enforce => {
+                        let exceeds = !matches!(lim.kind, K::Lifetime) && (amount(lim) > lim.max || lim.max == 0);
+                        let r = if exceeds {
+                            r
+                        } else {
+                            self.retry_with_holds(lim, &scope, amount(lim), r)
+                        };
                         denied = true;
                         retry = match (retry, r) {
                             (Some(a), Some(b)) => Some(a.max(b)),

@@ -452,3 +452,35 @@ async fn an_admitted_wait_replays_under_its_key_after_a_restart() {
     assert_eq!(again.used("bucket"), first.used("bucket"));
     s.stop().await;
 }
+
+/// Capacity held by a reservation comes back when the hold expires: a
+/// denial's `retry_after_ms` says so, and a call that may wait that long
+/// waits for it (it was answered at once before, from the window's end or,
+/// for a lifetime limit, with no retry time at all).
+#[tokio::test]
+async fn capacity_a_hold_frees_when_it_expires_counts_as_returning() {
+    for t in TRANSPORTS {
+        let s = start(t).await;
+        for event in ["fixed", "lifetime"] {
+            let r = s
+                .post("/v1/reserve", json!({"subject": "h", "event": event, "ttl_ms": 5000}))
+                .await;
+            assert!(r.allowed(), "{}", r.text);
+            let r = s.consume(json!({"subject": "h", "event": event})).await;
+            assert!(!r.allowed(), "{}", r.text);
+            assert_eq!(r.body["retry_after_ms"], 5000, "{event}: {}", r.text);
+            assert_eq!(r.body["reasons"][0]["retry_after_ms"], 5000, "{event}: {}", r.text);
+
+            let call = spawn_consume(&s, json!({"subject": "h", "event": event, "wait_ms": 10000}));
+            until_parked(&s, 1).await;
+            s.clock.advance(5_000); // the hold expires; the sweep gives it back
+            let r = tokio::time::timeout(Duration::from_secs(10), call)
+                .await
+                .unwrap()
+                .unwrap();
+            assert!(r.allowed(), "{event}: {}", r.text);
+            assert!(r.body["waited_ms"].as_u64().is_some(), "{}", r.text);
+            assert_eq!(waiters(&s), 0);
+        }
+    }
+}

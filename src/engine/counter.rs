@@ -291,6 +291,43 @@ pub fn evaluate(
 /// value JSON clients read exactly instead of refusing the charge: a limit
 /// that cannot deny (unlimited, monitor, degrade) must never make a later
 /// call fail, and replay reproduces the clamp exactly.
+/// Holds looked at when a denial asks when capacity returns: the soonest
+/// expiring ones, enough for any realistic wait, bounded so a counter with
+/// many holds cannot make a denial slow.
+const HOLDS_SCANNED_MAX: usize = 64;
+
+/// When `amount` would fit if the holds in `schedule` ((expiry, id) →
+/// (slot, amount), soonest first) were given back as they expire and nothing
+/// else changed: the sooner of that and `retry_ms` (the counter's own time,
+/// from refill or a window's end). A hold already past its expiry is given
+/// back by the next expiry sweep, at most [`super::EXPIRY_SWEEP_MS`] from now.
+pub fn retry_with_holds(
+    kind: &Kind,
+    counter: Option<&Counter>,
+    schedule: &super::state::HoldSchedule,
+    now_ms: Millis,
+    amount: u64,
+    max: MaxValue,
+    retry_ms: Option<u64>,
+) -> Option<u64> {
+    let mut c = counter.cloned();
+    for ((expires_ms, _), (slot, held)) in schedule.iter().take(HOLDS_SCANNED_MAX) {
+        let at = if *expires_ms > now_ms {
+            *expires_ms
+        } else {
+            now_ms + super::EXPIRY_SWEEP_MS
+        };
+        if retry_ms.is_some_and(|r| at - now_ms >= r) {
+            break; // the counter's own return comes first
+        }
+        apply_charge(&mut c, slot, -(i64::try_from(*held).unwrap_or(i64::MAX)), at);
+        if evaluate(kind, c.as_ref(), at, amount, max).1.fits {
+            return Some(at - now_ms);
+        }
+    }
+    retry_ms
+}
+
 fn add_signed(v: u64, delta: i64) -> u64 {
     if delta >= 0 {
         v.saturating_add(delta as u64).min(MAX_SAFE_INTEGER)

@@ -466,6 +466,10 @@ fn effective_max(limit: &Limit, overrides: &BTreeMap<String, Override>) -> MaxVa
     }
 }
 
+/// How often holds past their expiry are expired (the server's sweep): the
+/// latest their capacity returns after `expires_at`.
+pub const EXPIRY_SWEEP_MS: u64 = 250;
+
 fn signed(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
@@ -751,6 +755,21 @@ impl Engine {
             }
             .cloned();
             let (usage, mut verdict) = evaluate(&limit.kind, current.as_ref(), now, amount, max);
+            if !verdict.fits && !verdict.exceeds_capacity && limit.mode == Mode::Enforce {
+                // Capacity a hold gives back when it expires returns then.
+                let shard = locked.shard_ref(self.shard_of_counter(&key));
+                if let Some(schedule) = shard.hold_expiries.get(&key) {
+                    verdict.retry_after_ms = counter::retry_with_holds(
+                        &limit.kind,
+                        current.as_ref(),
+                        schedule,
+                        now,
+                        amount,
+                        max,
+                        verdict.retry_after_ms,
+                    );
+                }
+            }
             if let Some(h) = hooks {
                 if verdict.fits && limit.mode == Mode::Enforce && amount > 0 {
                     if let Some(ms) = h.ahead(&key, priority, now) {
@@ -1146,16 +1165,31 @@ impl Engine {
         let mut idx = BTreeSet::new();
         let mut open = 0;
         let mut keys = 0;
+        let mut active = Vec::new();
         for (i, shard) in self.shards.iter_mut().enumerate() {
             let shard = shard.get_mut().unwrap_or_else(|e| e.into_inner());
             keys += shard.idempotency.len() as isize;
             let base = self.replay_base.get(i).copied().unwrap_or(0);
             shard.applied_lsn = shard.applied_lsn.max(base).max(self.replayed_lsn);
+            shard.hold_expiries.clear();
             for (r, _) in shard.reservations.values() {
                 if r.status == ReservationStatus::Active {
                     idx.insert((r.expires_ms, r.id.clone()));
                     open += 1;
+                    active.push(r.clone());
                 }
+            }
+        }
+        // The holds' schedules are derived: built afresh from what recovery left.
+        for r in &active {
+            for h in r.holds.iter().filter(|h| h.amount > 0) {
+                let i = self.shard_of_counter(&h.counter);
+                let shard = self.shards[i].get_mut().unwrap_or_else(|e| e.into_inner());
+                shard
+                    .hold_expiries
+                    .entry(h.counter.clone())
+                    .or_default()
+                    .insert((r.expires_ms, r.id.clone()), (h.slot, h.amount));
             }
         }
         self.open_reservations.store(open, Ordering::Relaxed);

@@ -9,7 +9,9 @@ use crate::clock::Millis;
 use serde::{Deserialize, Serialize};
 
 use super::counter::{apply_charge, apply_credit, Counter};
-use super::types::{CounterKey, IdempotencyEntry, Lsn, Mutation, Override, Reservation, ReservationStatus, ScopeKey};
+use super::types::{
+    CounterKey, IdempotencyEntry, Lsn, Mutation, Override, Reservation, ReservationStatus, ScopeKey, Slot,
+};
 
 /// What is known about one subject. Most subjects have only counters, so the
 /// plan, overrides and holds live in a box that exists only when one of them
@@ -392,6 +394,38 @@ pub struct Shard {
     /// of `applied_lsn`), so it is not part of the encoded shard.
     #[serde(skip)]
     pub usage: UsageDeltas,
+    /// Active holds on this shard's counters, by counter, soonest expiry
+    /// first: when held capacity returns if the hold is never finished.
+    /// Derived from the reservations (rebuilt at recovery), not encoded.
+    #[serde(skip)]
+    pub hold_expiries: FastMap<CounterKey, HoldSchedule>,
+}
+
+/// One counter's active holds: (expiry, reservation id) → (slot, amount).
+pub type HoldSchedule = BTreeMap<(Millis, String), (Slot, u64)>;
+
+/// Adds (`add`) or removes a reservation's holds in the schedules of their
+/// counters' shards.
+pub fn index_holds<A: ShardAccess>(access: &mut A, r: &Reservation, add: bool) {
+    for h in r.holds.iter().filter(|h| h.amount > 0) {
+        let shard = match &h.counter.scope {
+            ScopeKey::Subject(s) => access.subject_shard(s),
+            _ => access.shared_shard(&h.counter),
+        };
+        let key = (r.expires_ms, r.id.clone());
+        if add {
+            shard
+                .hold_expiries
+                .entry(h.counter.clone())
+                .or_default()
+                .insert(key, (h.slot, h.amount));
+        } else if let Some(m) = shard.hold_expiries.get_mut(&h.counter) {
+            m.remove(&key);
+            if m.is_empty() {
+                shard.hold_expiries.remove(&h.counter);
+            }
+        }
+    }
 }
 
 /// Usage added since the last snapshot: (subject, hour start) → (metric,
@@ -520,12 +554,19 @@ pub fn apply<A: ShardAccess>(access: &mut A, m: &Mutation, lsn: Lsn) -> Applied 
             access.subject_shard(subject).subjects.remove(subject);
         }
         Mutation::PutReservation(r) => {
-            let was_active = access
+            let old = access
                 .reservation_shard(&r.id)
                 .reservations
                 .insert(r.id.clone(), ((**r).clone(), lsn))
-                .is_some_and(|(old, _)| old.status == ReservationStatus::Active);
+                .filter(|(old, _)| old.status == ReservationStatus::Active);
+            let was_active = old.is_some();
             let is_active = r.status == ReservationStatus::Active;
+            if let Some((old, _)) = &old {
+                index_holds(access, old, false);
+            }
+            if is_active {
+                index_holds(access, r, true);
+            }
             out.open_reservations_delta = isize::from(is_active) - isize::from(was_active);
             let st = access.subject_shard(&r.subject).subjects.get_or_default(&r.subject);
             st.edit_extra(|e| {
@@ -541,6 +582,7 @@ pub fn apply<A: ShardAccess>(access: &mut A, m: &Mutation, lsn: Lsn) -> Applied 
             if let Some((r, _)) = access.reservation_shard(id).reservations.remove(id) {
                 if r.status == ReservationStatus::Active {
                     out.open_reservations_delta = -1;
+                    index_holds(access, &r, false);
                 }
             }
             // Only an active reservation is listed in its subject, so dropping a

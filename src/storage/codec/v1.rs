@@ -194,6 +194,7 @@ impl From<ShardV1> for Shard {
                 .map(|(k, (e, lsn))| (k, (e.into(), lsn)))
                 .collect(),
             usage: Default::default(),
+            hold_expiries: Default::default(),
         }
     }
 }
