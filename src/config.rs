@@ -467,6 +467,20 @@ pub struct TokenConfig {
     pub token: Option<String>,
     /// A file whose trimmed content is the token.
     pub token_file: Option<PathBuf>,
+    /// The highest `priority` a call made with this token may ask for (a
+    /// higher one is 403). Default "high" for client tokens, "critical" for
+    /// admin tokens: passing an open breaker is the operator's call.
+    pub max_priority: Option<Priority>,
+}
+
+impl TokenConfig {
+    /// `max_priority`, or the role's default.
+    pub fn max_priority(&self) -> Priority {
+        self.max_priority.unwrap_or(match self.role {
+            Role::Client => Priority::High,
+            Role::Admin => Priority::Critical,
+        })
+    }
 }
 
 /// What a token may do.

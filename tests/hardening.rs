@@ -297,3 +297,75 @@ async fn at_most_max_exports_csv_exports_stream_at_once() {
     assert!(ok, "the slot came back");
     s.stop().await;
 }
+
+const TOKENS: &str = r#"
+[[auth.tokens]]
+role = "client"
+token = "client-token-0123456789"
+[[auth.tokens]]
+role = "client"
+token = "batch-jobs-token-0123456789"
+max_priority = "low"
+[[auth.tokens]]
+role = "admin"
+token = "admin-token-0123456789"
+
+[[plans]]
+name = "free"
+default = true
+"#;
+
+#[tokio::test]
+async fn a_client_token_asks_for_priority_up_to_its_max_priority() {
+    for t in TRANSPORTS {
+        let s = TestServer::start(TOKENS, t).await;
+        let call = |token: &'static str, priority: &'static str| {
+            let body = json!({"subject": "u", "priority": priority}).to_string();
+            let s = &s;
+            async move {
+                s.req(
+                    "POST",
+                    "/v1/consume",
+                    Some(&body),
+                    &[("Authorization", &format!("Bearer {token}"))],
+                )
+                .await
+            }
+        };
+        for (token, priority, status) in [
+            ("client-token-0123456789", "high", 200),
+            ("client-token-0123456789", "critical", 403),
+            ("batch-jobs-token-0123456789", "low", 200),
+            ("batch-jobs-token-0123456789", "normal", 403),
+            ("admin-token-0123456789", "critical", 200),
+        ] {
+            let r = call(token, priority).await;
+            assert_eq!(r.status, status, "{token} {priority}: {}", r.text);
+            if status == 403 {
+                assert_eq!(r.error_code(), "forbidden");
+                assert!(
+                    r.text.contains("priority") && r.text.contains("max_priority"),
+                    "{}",
+                    r.text
+                );
+            }
+        }
+        // Inside a batch, the operation is refused on its own.
+        let body = json!({"operations": [
+            {"op": "consume", "subject": "u", "priority": "critical"},
+            {"op": "consume", "subject": "u", "priority": "high"}]})
+        .to_string();
+        let r = s
+            .req(
+                "POST",
+                "/v1/batch",
+                Some(&body),
+                &[("Authorization", "Bearer client-token-0123456789")],
+            )
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        assert_eq!(r.body["results"][0]["status"], 403, "{}", r.text);
+        assert_eq!(r.body["results"][1]["status"], 200, "{}", r.text);
+        s.stop().await;
+    }
+}

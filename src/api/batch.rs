@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use super::{body_bytes_named, check_amounts, check_text, decide_now, note_decision, parse, ApiError, AppState};
-use crate::config::Role;
+use crate::config::{Priority, Role};
 use crate::engine::{Applied, DecideOp, Decision, Finish, FinishAnswer, Lsn};
 
 /// Operations per batch at most.
@@ -77,12 +77,16 @@ fn error_result(e: &ApiError) -> OpResult {
 }
 
 /// Runs one operation up to (not including) its durable wait.
-fn run_op(st: &AppState, raw: &RawValue) -> Result<(ResultBody, Option<Lsn>, Option<DecideOp>), ApiError> {
+fn run_op(
+    st: &AppState,
+    raw: &RawValue,
+    max_priority: Priority,
+) -> Result<(ResultBody, Option<Lsn>, Option<DecideOp>), ApiError> {
     let text = raw.get().as_bytes();
     let name: OpName = parse(text)?;
     let no_headers = HeaderMap::new();
     let decide = |op: DecideOp| -> Result<_, ApiError> {
-        let Applied { value, lsn } = decide_now(st, &no_headers, text, op, true)?.applied;
+        let Applied { value, lsn } = decide_now(st, &no_headers, text, op, true, max_priority)?.applied;
         Ok((ResultBody::Decision(value), lsn, Some(op)))
     };
     match name.op.as_deref() {
@@ -121,7 +125,7 @@ pub(super) async fn batch(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    st.authorize(&headers, Role::Client)?;
+    let grant = st.authorize(&headers, Role::Client)?;
     let bytes = body_bytes_named(body, st.max_batch_bytes, "server.max_batch_bytes")?;
     let b: BatchBody = parse(&bytes)?;
     if b.operations.is_empty() || b.operations.len() > BATCH_OPERATIONS_MAX {
@@ -137,7 +141,7 @@ pub(super) async fn batch(
     let mut decided = Vec::new();
     let mut max_lsn: Option<Lsn> = None;
     for (i, raw) in b.operations.iter().enumerate() {
-        match run_op(&st, raw) {
+        match run_op(&st, raw, grant.max_priority) {
             Ok((body, lsn, op)) => {
                 max_lsn = max_lsn.max(lsn);
                 if let Some(op) = op {

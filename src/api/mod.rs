@@ -66,6 +66,17 @@ pub struct Token {
     pub secret: Vec<u8>,
     /// What it may do.
     pub role: Role,
+    /// The highest priority its calls may ask for.
+    pub max_priority: Priority,
+}
+
+/// What the request's token allows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Grant {
+    /// Its role.
+    pub role: Role,
+    /// The highest `priority` it may ask for.
+    pub max_priority: Priority,
 }
 
 impl std::fmt::Debug for Token {
@@ -124,11 +135,14 @@ pub struct AppState {
 }
 
 impl AppState {
-    /// The role of the request's bearer token; `Admin` when auth is off.
-    fn authenticate(&self, headers: &HeaderMap) -> Result<Role, ApiError> {
+    /// What the request's bearer token allows; everything when auth is off.
+    fn authenticate(&self, headers: &HeaderMap) -> Result<Grant, ApiError> {
         let tokens = self.tokens.read().unwrap_or_else(|e| e.into_inner()).clone();
         if tokens.is_empty() {
-            return Ok(Role::Admin);
+            return Ok(Grant {
+                role: Role::Admin,
+                max_priority: Priority::Critical,
+            });
         }
         let presented = headers
             .get(axum::http::header::AUTHORIZATION)
@@ -136,18 +150,24 @@ impl AppState {
             .and_then(|v| v.strip_prefix("Bearer "))
             .ok_or_else(|| ApiError::Unauthorized("send `Authorization: Bearer <token>`".into()))?;
         // Compare against every token so timing does not tell which one was close.
-        let mut role = None;
+        let mut grant: Option<Grant> = None;
         for t in tokens.iter() {
             if bool::from(t.secret.as_slice().ct_eq(presented.trim().as_bytes())) {
-                role = role.max(Some(t.role));
+                let g = grant.get_or_insert(Grant {
+                    role: t.role,
+                    max_priority: t.max_priority,
+                });
+                g.role = g.role.max(t.role);
+                g.max_priority = g.max_priority.max(t.max_priority);
             }
         }
-        role.ok_or_else(|| ApiError::Unauthorized("the bearer token is not valid".into()))
+        grant.ok_or_else(|| ApiError::Unauthorized("the bearer token is not valid".into()))
     }
 
-    fn authorize(&self, headers: &HeaderMap, need: Role) -> Result<(), ApiError> {
+    /// What the request's token allows, if its role is at least `need`.
+    fn authorize(&self, headers: &HeaderMap, need: Role) -> Result<Grant, ApiError> {
         match self.authenticate(headers)? {
-            r if r >= need => Ok(()),
+            g if g.role >= need => Ok(g),
             _ => Err(ApiError::Forbidden(
                 "this token's role is client; this endpoint needs admin".into(),
             )),
@@ -331,6 +351,7 @@ pub fn load_tokens(config: &Config) -> Result<Vec<Token>, ConfigError> {
             Ok(Token {
                 secret: secret.into_bytes(),
                 role: t.role,
+                max_priority: t.max_priority(),
             })
         })
         .collect()
@@ -743,8 +764,16 @@ fn decision_request(
     bytes: &[u8],
     op: DecideOp,
     in_batch: bool,
+    max_priority: Priority,
 ) -> Result<Asked, ApiError> {
     let b: DecisionBody = parse(bytes).map_err(|e| own_fields(e, op, in_batch))?;
+    if let Some(p) = b.priority.filter(|&p| p > max_priority) {
+        return Err(ApiError::Forbidden(format!(
+            "priority: {:?} is above what this token may ask for ({:?}, its max_priority in [[auth.tokens]])",
+            p.as_str(),
+            max_priority.as_str()
+        )));
+    }
     if b.op.is_some() && !in_batch {
         return Err(ApiError::invalid("op", "names an operation only inside POST /v1/batch"));
     }
@@ -888,8 +917,9 @@ fn decide_now(
     bytes: &[u8],
     op: DecideOp,
     in_batch: bool,
+    max_priority: Priority,
 ) -> Result<Decided, ApiError> {
-    let Asked { req, wait_ms } = decision_request(st, headers, bytes, op, in_batch)?;
+    let Asked { req, wait_ms } = decision_request(st, headers, bytes, op, in_batch, max_priority)?;
     if op != DecideOp::Check {
         st.writable()?;
     }
@@ -971,14 +1001,14 @@ async fn decide(
     body: Result<Bytes, BytesRejection>,
     op: DecideOp,
 ) -> Result<Response, ApiError> {
-    st.authorize(&headers, Role::Client)?;
+    let grant = st.authorize(&headers, Role::Client)?;
     let bytes = body_bytes(body, st.max_body_bytes)?;
     let Decided {
         mut applied,
         notes,
         req,
         wait_ms,
-    } = decide_now(&st, &headers, &bytes, op, false)?;
+    } = decide_now(&st, &headers, &bytes, op, false, grant.max_priority)?;
     if wait_ms > 0 {
         applied.value.waited_ms = Some(0);
         if Waiting::worth_waiting(&applied.value, &notes, wait_ms) {
