@@ -128,10 +128,13 @@ impl AppState {
         if tokens.is_empty() {
             return Ok(Role::Admin);
         }
+        // The scheme name is case-insensitive (RFC 9110 11.1): bearer, BEARER.
         let presented = headers
             .get(axum::http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, token)| token)
             .ok_or_else(|| ApiError::Unauthorized("send `Authorization: Bearer <token>`".into()))?;
         // Compare against every token so timing does not tell which one was close.
         let mut role = None;
