@@ -1,9 +1,11 @@
 //! The request edge, as an adversarial run found it: a lower-case `bearer`
-//! was 401. Over TCP and the Unix socket.
+//! was 401 and a repeated query parameter was taken (one value of the two).
+//! Over TCP and the Unix socket.
 
 mod common;
 
 use common::{TestServer, TRANSPORTS};
+use serde_json::json;
 
 const CONFIG: &str = r#"
 [[plans]]
@@ -40,6 +42,48 @@ async fn the_bearer_scheme_is_case_insensitive() {
                 r.text
             );
         }
+        s.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn repeated_query_parameters_are_400_naming_them() {
+    for t in TRANSPORTS {
+        let s = TestServer::start(CONFIG, t).await;
+        assert!(s.consume(json!({"subject": "u"})).await.allowed());
+        let day = "from=2026-11-21&to=2026-11-22";
+        let cases = [
+            ("/v1/subjects?limit=1&limit=2".to_string(), "limit"),
+            ("/v1/subjects?after=a&limit=5&after=b".into(), "after"),
+            ("/v1/events?type=*&type=reservation.*".into(), "type"),
+            ("/v1/events/stream?after=0&after=0".into(), "after"),
+            ("/v1/webhooks?x=1&x=1".into(), "x"),
+            ("/v1/breakers?x&x".into(), "x"),
+            ("/v1/anomalies?a=1&a=2".into(), "a"),
+            (format!("/v1/usage?{day}&limit=1&limit=2"), "limit"),
+            (
+                format!("/v1/subjects/u/usage?{day}&granularity=day&granularity=hour"),
+                "granularity",
+            ),
+            (format!("/v1/subjects/u/usage?{day}&to=2026-11-23"), "to"),
+        ];
+        for (path, name) in cases {
+            let r = s.get(&path).await;
+            assert_eq!(
+                (r.status, r.error_code()),
+                (400, "invalid_request"),
+                "{t:?} {path}: {}",
+                r.text
+            );
+            let msg = r.body["error"]["message"].as_str().unwrap();
+            assert!(
+                msg.starts_with(&format!("{name}: ")) && msg.contains("more than once"),
+                "{path}: {msg}"
+            );
+        }
+        // Given once each, the same queries are answered.
+        assert_eq!(s.get("/v1/subjects?limit=1").await.status, 200);
+        assert_eq!(s.get(&format!("/v1/subjects/u/usage?{day}")).await.status, 200);
         s.stop().await;
     }
 }

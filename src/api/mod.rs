@@ -1246,9 +1246,10 @@ async fn list_subjects(
     Ok(Json(SubjectPage { subjects, next_after }).into_response())
 }
 
-/// Decodes `a=b&c=d` with percent-escapes and `+` as space.
+/// Decodes `a=b&c=d` with percent-escapes and `+` as space; a name given
+/// twice is 400.
 fn form_urlencoded_pairs(q: &str) -> Result<Vec<(String, String)>, ApiError> {
-    fn decode(s: &str) -> Result<String, ApiError> {
+    fn unescape(s: &str) -> Result<String, ApiError> {
         let bytes = s.as_bytes();
         let mut out = Vec::with_capacity(bytes.len());
         let mut i = 0;
@@ -1269,13 +1270,24 @@ fn form_urlencoded_pairs(q: &str) -> Result<Vec<(String, String)>, ApiError> {
         }
         String::from_utf8(out).map_err(|_| ApiError::invalid("query", "is not UTF-8"))
     }
-    q.split('&')
+    let pairs: Vec<(String, String)> = q
+        .split('&')
         .filter(|p| !p.is_empty())
         .map(|p| {
             let (k, v) = p.split_once('=').unwrap_or((p, ""));
-            Ok((decode(k)?, decode(v)?))
+            Ok((unescape(k)?, unescape(v)?))
         })
-        .collect()
+        .collect::<Result<_, ApiError>>()?;
+    // Which of two values was meant is a guess: refused here, for every endpoint.
+    let mut names: Vec<&str> = pairs.iter().map(|(k, _)| k.as_str()).collect();
+    names.sort_unstable();
+    if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
+        return Err(ApiError::invalid(
+            w[0],
+            "is given more than once; give each query parameter once",
+        ));
+    }
+    Ok(pairs)
 }
 
 #[derive(Serialize)]
