@@ -1,6 +1,7 @@
 //! The request edge, as an adversarial run found it: a lower-case `bearer`
-//! was 401 and a repeated query parameter was taken (one value of the two).
-//! Over TCP and the Unix socket.
+//! was 401, a repeated query parameter was taken (one value of the two) and
+//! so was a key repeated inside a nested JSON object. Over TCP and the Unix
+//! socket.
 
 mod common;
 
@@ -42,6 +43,64 @@ async fn the_bearer_scheme_is_case_insensitive() {
                 r.text
             );
         }
+        s.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn keys_repeated_at_any_depth_are_400_naming_them() {
+    for t in TRANSPORTS {
+        let s = TestServer::start(CONFIG, t).await;
+        let cases = [
+            ("POST", "/v1/consume", r#"{"subject":"u","subject":"v"}"#, "subject"),
+            (
+                "POST",
+                "/v1/consume",
+                r#"{"subject":"u","amounts":{"tokens":1,"tokens":900}}"#,
+                "amounts.tokens",
+            ),
+            (
+                "POST",
+                "/v1/check",
+                r#"{"subject":"u","attributes":{"model":"a","model":"b"}}"#,
+                "attributes.model",
+            ),
+            (
+                "POST",
+                "/v1/reserve",
+                r#"{"subject":"u","amounts":{"tokens":1,"tok\u0065ns":900}}"#,
+                "amounts.tokens",
+            ),
+            (
+                "PUT",
+                "/v1/subjects/u",
+                r#"{"overrides":{"tokens-per-day":{"max":5,"max":9}}}"#,
+                "overrides.tokens-per-day.max",
+            ),
+            (
+                "POST",
+                "/v1/batch",
+                r#"{"operations":[{"op":"check","subject":"u"},{"op":"consume","subject":"u","amounts":{"tokens":1,"tokens":2}}]}"#,
+                "operations[1].amounts.tokens",
+            ),
+        ];
+        for (method, path, body, key) in cases {
+            let r = s.req(method, path, Some(body), &[]).await;
+            assert_eq!(
+                (r.status, r.error_code()),
+                (400, "invalid_request"),
+                "{t:?} {body}: {}",
+                r.text
+            );
+            let msg = r.body["error"]["message"].as_str().unwrap();
+            assert_eq!(msg, format!("{key}: appears twice; give each key once"), "{body}");
+        }
+        // Nothing was charged, and equal keys in different objects are fine.
+        let r = s
+            .consume(json!({"subject": "u", "amounts": {"tokens": 2}, "attributes": {"subject": "x"}}))
+            .await;
+        assert!(r.allowed());
+        assert_eq!(r.used("tokens-per-day"), 2, "{}", r.text);
         s.stop().await;
     }
 }

@@ -4,6 +4,7 @@
 
 mod batch;
 mod error;
+mod json;
 mod openapi;
 mod signals;
 mod usage;
@@ -554,8 +555,19 @@ fn body_bytes_named(body: Result<Bytes, BytesRejection>, max: usize, setting: &s
     })
 }
 
-/// Parses JSON, naming the field path of any error. An empty body is `{}`.
+/// Parses a JSON body, naming the field path of any error. An empty body is
+/// `{}`. A key repeated in any object is an error too: serde would keep the
+/// last of a map's and the client may have meant the first.
 fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    if let Some(repeated) = json::repeated_key(bytes) {
+        return Err(ApiError::InvalidRequest(repeated));
+    }
+    decode(bytes)
+}
+
+/// As [`parse`], for a part of a body that `parse` has already checked
+/// (an operation of a batch).
+fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
         b"{}"
     } else {
@@ -745,7 +757,9 @@ fn decision_request(
     op: DecideOp,
     in_batch: bool,
 ) -> Result<Asked, ApiError> {
-    let b: DecisionBody = parse(bytes).map_err(|e| own_fields(e, op, in_batch))?;
+    // A batch was checked whole for repeated keys.
+    let b: Result<DecisionBody, _> = if in_batch { decode(bytes) } else { parse(bytes) };
+    let b = b.map_err(|e| own_fields(e, op, in_batch))?;
     if b.op.is_some() && !in_batch {
         return Err(ApiError::invalid("op", "names an operation only inside POST /v1/batch"));
     }
