@@ -188,6 +188,9 @@ impl AppState {
         if running.server.max_connections != new.server.max_connections {
             restart_required.push("server.max_connections");
         }
+        if running.server.header_timeout_ms != new.server.header_timeout_ms {
+            restart_required.push("server.header_timeout_ms");
+        }
         if format!("{:?}", running.storage) != format!("{:?}", new.storage) {
             restart_required.push("storage");
         }
