@@ -4,11 +4,16 @@
 //! included), so connections that send nothing cannot lock the listener out;
 //! only when every open connection has a request in flight is the new one
 //! closed at once. Each connection counts its requests in flight (a wrapper
-//! around the router and its answer bodies).
+//! around the router and its answer bodies) and has its incoming bytes
+//! followed by [`framing`], which marks a request whose head carried both
+//! `Content-Length` and `Transfer-Encoding` for the API to refuse.
+
+mod framing;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
+use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -20,15 +25,24 @@ use axum::Router;
 use hyper::body::{Frame, Incoming, SizeHint};
 use hyper::server::conn::http1;
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{watch, Notify};
 use tower::ServiceExt;
 
 use crate::metrics::ConnectionMetrics;
+use framing::Scanner;
 
 /// How long an evicted connection may still take to write out an answer
 /// hyper had buffered (its request is done) before it is dropped.
 const EVICT_LINGER: Duration = Duration::from_millis(100);
+
+/// Set in `Slot::conflicting` next to the number of the request that had both lengths.
+const CONFLICT_FLAG: u64 = 1 << 32;
+
+/// In the extensions of a request whose head carried both `Content-Length`
+/// and `Transfer-Encoding` (hyper keeps only the latter).
+#[derive(Debug, Clone, Copy)]
+pub struct ConflictingLengths;
 
 /// Every open connection, for eviction and shutdown.
 pub struct Connections {
@@ -62,6 +76,8 @@ struct Slot {
     /// When the last request ended, or the connection opened, in µs after the
     /// registry's epoch.
     idle_since: AtomicU64,
+    /// `CONFLICT_FLAG` | the number of the request whose head had both lengths; 0 if none.
+    conflicting: AtomicU64,
     /// Told when the registry evicts the connection.
     evict: Notify,
     /// The registry's epoch.
@@ -134,6 +150,7 @@ impl Connections {
             id,
             activity: AtomicU64::new(0),
             idle_since: AtomicU64::new(0),
+            conflicting: AtomicU64::new(0),
             evict: Notify::new(),
             epoch: self.epoch,
         });
@@ -164,7 +181,11 @@ impl Connections {
             );
             return;
         };
-        let io = TokioIo::new(io);
+        let io = TokioIo::new(Scanned {
+            io,
+            scanner: Scanner::default(),
+            slot: slot.clone(),
+        });
         let service = Tracked {
             router: router.clone(),
             slot: slot.clone(),
@@ -191,7 +212,7 @@ impl Connections {
 
 /// Polls a connection until it ends, is evicted or is drained.
 async fn drive<S>(
-    conn: http1::Connection<TokioIo<S>, Tracked>,
+    conn: http1::Connection<TokioIo<Scanned<S>>, Tracked>,
     slot: &Slot,
     mut drain: watch::Receiver<bool>,
 ) -> Result<(), hyper::Error>
@@ -233,7 +254,7 @@ where
 }
 
 /// The router, counting the connection's requests in flight until their
-/// answers have been written.
+/// answers have been written, and marking a request with both lengths.
 #[derive(Clone)]
 struct Tracked {
     /// The API.
@@ -247,9 +268,12 @@ impl hyper::service::Service<http::Request<Incoming>> for Tracked {
     type Error = Infallible;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
 
-    fn call(&self, req: http::Request<Incoming>) -> Self::Future {
-        self.slot.begin();
+    fn call(&self, mut req: http::Request<Incoming>) -> Self::Future {
+        let number = self.slot.begin();
         let in_flight = InFlight(self.slot.clone());
+        if self.slot.conflicting.load(Ordering::Relaxed) == CONFLICT_FLAG | u64::from(number) {
+            req.extensions_mut().insert(ConflictingLengths);
+        }
         let answer = self.router.clone().oneshot(req);
         Box::pin(async move {
             let Ok(resp) = answer.await;
@@ -287,6 +311,60 @@ impl hyper::body::Body for TrackedBody {
 
     fn size_hint(&self) -> SizeHint {
         self.body.size_hint()
+    }
+}
+
+/// A socket whose incoming bytes pass the framing scanner.
+struct Scanned<S> {
+    /// The socket.
+    io: S,
+    /// The request framing so far.
+    scanner: Scanner,
+    /// Where a request with both lengths is marked.
+    slot: Arc<Slot>,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Scanned<S> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.io).poll_read(cx, buf);
+        if let Some(n) = this.scanner.feed(&buf.filled()[before..]) {
+            // hyper closes the connection after that request: the first one counts.
+            let _ = this.slot.conflicting.compare_exchange(
+                0,
+                CONFLICT_FLAG | u64::from(n),
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+        }
+        polled
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Scanned<S> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 

@@ -1,7 +1,8 @@
 //! The connection and request edge, as an adversarial run found it: idle
-//! connections that locked the listener, heads that never finish, a
-//! lower-case `bearer`, keys repeated inside nested JSON objects and repeated
-//! query parameters. Over TCP and the Unix socket.
+//! connections that locked the listener, heads that never finish, a request
+//! with both Content-Length and Transfer-Encoding, a lower-case `bearer`,
+//! keys repeated inside nested JSON objects and repeated query parameters.
+//! Over TCP and the Unix socket.
 //!
 //! The test process may hold 20,000 files (`ulimit -n`), and it holds both
 //! ends of every connection, so the flood is 2,000 idle connections against
@@ -259,6 +260,56 @@ async fn when_every_connection_is_busy_a_new_one_is_closed() {
         finish(a, &a_body).await;
         finish(b, &b_body).await;
         healthz_within_a_second(&s).await;
+        s.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn both_content_length_and_transfer_encoding_is_400_and_closes() {
+    for t in TRANSPORTS {
+        let s = TestServer::start(CONFIG, t).await;
+        let body = r#"{"subject":"smuggled","amounts":{"tokens":5}}"#;
+        let chunked = format!("{:x}\r\n{body}\r\n0\r\n\r\n", body.len());
+        for headers in [
+            format!("Content-Length: {}\r\nTransfer-Encoding: chunked", body.len()),
+            format!("transfer-encoding: chunked\r\ncontent-length: {}", body.len()),
+        ] {
+            let mut c = raw(&s).await;
+            c.send(&format!(
+                "POST /v1/consume HTTP/1.1\r\nHost: q\r\n{headers}\r\n\r\n{chunked}"
+            ))
+            .await;
+            let (status, head, text) = c.answer().await;
+            assert_eq!(status, 400, "{t:?} {headers}: {text}");
+            let v: Value = serde_json::from_str(&text).unwrap();
+            assert_eq!(v["error"]["code"], "invalid_request");
+            let msg = v["error"]["message"].as_str().unwrap();
+            assert!(
+                msg.contains("Content-Length") && msg.contains("Transfer-Encoding"),
+                "{msg}"
+            );
+            assert!(head.to_ascii_lowercase().contains("connection: close"), "{head}");
+            assert!(c.closed().await.is_some(), "{t:?}: the connection stayed open");
+        }
+        // A chunked request alone is fine, and so is the next one on its
+        // connection; a request with both lengths pipelined after them is the
+        // one refused.
+        let mut c = raw(&s).await;
+        let ok = format!("POST /v1/consume HTTP/1.1\r\nHost: q\r\nTransfer-Encoding: chunked\r\n\r\n{chunked}");
+        let plain = format!(
+            "POST /v1/check HTTP/1.1\r\nHost: q\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let both = format!(
+            "POST /v1/consume HTTP/1.1\r\nHost: q\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n{chunked}"
+        );
+        c.send(&format!("{ok}{plain}{both}")).await;
+        assert_eq!(c.answer().await.0, 200);
+        assert_eq!(c.answer().await.0, 200);
+        assert_eq!(c.answer().await.0, 400);
+        // Only the plain chunked consume was charged.
+        let r = s.get("/v1/subjects/smuggled").await;
+        assert_eq!(r.used("tokens-per-day"), 5, "{}", r.text);
         s.stop().await;
     }
 }

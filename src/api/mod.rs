@@ -426,12 +426,24 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-/// What every request passes before any handler: the token is checked before
-/// a byte of the body is read, a `Content-Length` over the limit is 413 at
-/// once, and the body must arrive whole within `server.body_timeout_ms`
-/// (else 408), so that neither strangers nor stalled uploads can hold the
-/// connection slots. Both refusals close the connection.
+/// What every request passes before any handler: a head with both
+/// `Content-Length` and `Transfer-Encoding` is 400 (a proxy in front may have
+/// framed it the other way), the token is checked before a byte of the body
+/// is read, a `Content-Length` over the limit is 413 at once, and the body
+/// must arrive whole within `server.body_timeout_ms` (else 408), so that
+/// neither strangers nor stalled uploads can hold the connection slots.
+/// These refusals close the connection.
 async fn gate(State(st): State<Arc<AppState>>, req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    if req
+        .extensions()
+        .get::<crate::connections::ConflictingLengths>()
+        .is_some()
+    {
+        let e = ApiError::InvalidRequest(
+            "the request has both Content-Length and Transfer-Encoding; send one of them".into(),
+        );
+        return closing(e.into_response());
+    }
     let path = req.uri().path();
     // The dashboard page holds no data: it asks for a token and sends it with
     // each API call, which a browser's navigation to it cannot.
