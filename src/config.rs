@@ -282,8 +282,13 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     /// Largest `/v1/batch` body, in bytes. Default 1 MiB, 1024..=64 MiB.
     pub max_batch_bytes: usize,
-    /// Open connections at most; further ones wait in the accept queue. Default 10000, 1..=1_000_000.
+    /// Open connections at most. At the cap a new connection closes the one
+    /// idle longest with no request in flight; when every connection has one
+    /// in flight, the new one is closed. Default 10000, 1..=1_000_000.
     pub max_connections: usize,
+    /// A connection must send a whole request head within this many ms of
+    /// opening or of its previous answer, else it is closed. Default 5000, 100..=600000.
+    pub header_timeout_ms: u64,
     /// How long graceful shutdown waits for open requests, in ms. Default 10000.
     pub shutdown_grace_ms: u64,
     /// A request body must arrive whole within this many ms of its headers,
@@ -303,6 +308,7 @@ impl Default for ServerConfig {
             max_body_bytes: 64 * 1024,
             max_batch_bytes: 1024 * 1024,
             max_connections: 10_000,
+            header_timeout_ms: 5_000,
             shutdown_grace_ms: 10_000,
             body_timeout_ms: 10_000,
             socket_mode: "0660".into(),
@@ -1018,6 +1024,12 @@ impl Config {
                 "must be between 1 and 1000000",
             ));
         }
+        if !(100..=600_000).contains(&self.server.header_timeout_ms) {
+            return Err(ConfigError::new(
+                "server.header_timeout_ms",
+                "must be between 100 and 600000",
+            ));
+        }
         if !(100..=600_000).contains(&self.server.body_timeout_ms) {
             return Err(ConfigError::new(
                 "server.body_timeout_ms",
@@ -1122,6 +1134,19 @@ mod tests {
         .unwrap();
         let e = Config::from_toml("[server]\nsocket_mode = \"0999\"\n", "q.toml").unwrap_err();
         assert_eq!(e.key, "server.socket_mode");
+    }
+
+    #[test]
+    fn header_timeout_has_bounds() {
+        assert_eq!(Config::default().server.header_timeout_ms, 5000);
+        for bad in [0, 99, 600_001] {
+            let e = Config::from_toml(&format!("[server]\nheader_timeout_ms = {bad}\n"), "q.toml").unwrap_err();
+            assert_eq!(e.key, "server.header_timeout_ms");
+            assert_eq!(e.message, "must be between 100 and 600000");
+        }
+        for good in [100, 600_000] {
+            Config::from_toml(&format!("[server]\nheader_timeout_ms = {good}\n"), "q.toml").unwrap();
+        }
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! quotad: a self-hosted quota and rate-limit daemon for AI products.
 //!
-//! Layers, outermost first: [`server`] (listeners, shutdown) → [`api`] (HTTP,
+//! Layers, outermost first: [`server`] (listeners, shutdown) → [`connections`]
+//! (the connection cap, eviction, requests in flight) → [`api`] (HTTP,
 //! JSON, auth) → [`engine`] (decisions over sharded counters, pure) →
 //! [`journal`] (the seam to durable storage). [`clock`] is the only place that
 //! reads the system clock.
@@ -10,6 +11,7 @@ pub mod cli;
 pub mod client;
 pub mod clock;
 pub mod config;
+pub mod connections;
 pub mod engine;
 pub mod events;
 pub mod journal;

@@ -1,8 +1,9 @@
 //! Process metrics in the Prometheus/OpenMetrics text format (`GET /metrics`):
 //! decisions by endpoint, outcome, plan and limit; HTTP latency by route; WAL
 //! fsync latency, batch sizes and bytes; snapshot duration, size and time;
-//! recovery duration and torn-tail bytes; readiness; live counters, subjects, holds and
-//! idempotency keys (read from the engine at scrape time).
+//! recovery duration and torn-tail bytes; readiness; open, evicted, refused and
+//! timed-out connections; live counters, subjects, holds and idempotency keys
+//! (read from the engine at scrape time).
 
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
@@ -166,6 +167,19 @@ impl WaitMetrics {
     }
 }
 
+/// Connections, written by the connection registry (on accept and close, never per request).
+#[derive(Debug, Default)]
+pub struct ConnectionMetrics {
+    /// Connections open now.
+    pub open: Gauge,
+    /// Idle connections closed to make room for a new one at `server.max_connections`.
+    pub evicted: Counter,
+    /// New connections closed at once because every open one had a request in flight.
+    pub refused: Counter,
+    /// Connections closed because no whole request head came within `server.header_timeout_ms`.
+    pub header_timeouts: Counter,
+}
+
 /// Labels of the webhook gauges.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct WebhookLabels {
@@ -239,6 +253,8 @@ pub struct Metrics {
     pub waiting: Arc<WaitMetrics>,
     /// Shared with webhook delivery.
     pub webhooks: Arc<WebhookMetrics>,
+    /// Shared with the connection registry.
+    pub connections: Arc<ConnectionMetrics>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -269,6 +285,7 @@ impl Metrics {
             storage: Arc::new(StorageMetrics::default()),
             waiting: Arc::new(WaitMetrics::default()),
             webhooks: Arc::new(WebhookMetrics::default()),
+            connections: Arc::new(ConnectionMetrics::default()),
         };
         r.register(
             "decisions",
@@ -391,6 +408,23 @@ impl Metrics {
             "webhook_delivered_seq",
             "A webhook's delivery cursor: every event up to this seq is dealt with",
             wh.delivered_seq.clone(),
+        );
+        let c = &m.connections;
+        r.register("connections_open", "Connections open now", c.open.clone());
+        r.register(
+            "connections_evicted",
+            "Idle connections closed to make room for a new one at server.max_connections",
+            c.evicted.clone(),
+        );
+        r.register(
+            "connections_refused",
+            "New connections closed at server.max_connections because every open one had a request in flight",
+            c.refused.clone(),
+        );
+        r.register(
+            "connections_header_timeouts",
+            "Connections closed because no whole request head came within server.header_timeout_ms",
+            c.header_timeouts.clone(),
         );
         *m.registry.lock().unwrap_or_else(|e| e.into_inner()) = r;
         m

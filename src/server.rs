@@ -1,7 +1,8 @@
 //! Listeners and lifecycle. `bind` checks the config and binds every TCP and
 //! Unix socket; `run` serves right away (health checks answer, everything else
 //! is 503 until ready), recovers the state from disk, then serves requests
-//! with at most `server.max_connections` connections, expires holds, collects
+//! with at most `server.max_connections` connections (see [`crate::connections`]:
+//! at the cap the one idle longest makes room), expires holds, collects
 //! garbage and snapshots in the background, and on shutdown stops accepting,
 //! refuses new writes, drains open requests, takes a final snapshot and closes
 //! the WAL. If the WAL fails, it stops taking writes and returns an error
@@ -14,15 +15,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
+use hyper_util::rt::TokioTimer;
 use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
 
 use crate::api::{self, load_tokens, AppState, Core};
 use crate::clock::Clock;
 use crate::config::{Config, ConfigError, ListenAddr, StorageConfig};
+use crate::connections::Connections;
 use crate::engine::{Engine, Policy};
 use crate::journal::Journal;
 use crate::metrics::{Metrics, StorageMetrics};
@@ -38,8 +38,6 @@ const GC_TICK: Duration = Duration::from_secs(10);
 const SNAPSHOT_CHECK_TICK: Duration = Duration::from_secs(1);
 /// Items dropped per shard per GC pass, so one pass never stalls requests long.
 const GC_BUDGET: usize = 10_000;
-/// A client must finish sending request headers within this time.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Why the server could not start or stopped abnormally.
 #[derive(Debug, thiserror::Error)]
@@ -93,6 +91,9 @@ pub struct Server {
     grace: Duration,
     /// Open connections at most.
     max_connections: usize,
+    /// A connection must send a whole request head within this long of
+    /// opening or of its previous answer.
+    header_timeout: Duration,
     /// The compiled limits and plans.
     policy: Policy,
     /// Webhooks, checked and their secrets read.
@@ -220,13 +221,14 @@ impl Server {
             max_body_bytes: config.server.max_body_bytes,
             max_batch_bytes: config.server.max_batch_bytes,
             body_timeout: Duration::from_millis(config.server.body_timeout_ms),
-            exports: Arc::new(Semaphore::new(config.history.max_exports)),
+            exports: Arc::new(tokio::sync::Semaphore::new(config.history.max_exports)),
         });
         Ok(Server {
             state,
             listeners,
             grace: Duration::from_millis(config.server.shutdown_grace_ms),
             max_connections: config.server.max_connections,
+            header_timeout: Duration::from_millis(config.server.header_timeout_ms),
             policy,
             backing,
             webhooks,
@@ -263,12 +265,13 @@ impl Server {
             listeners,
             grace,
             max_connections,
+            header_timeout,
             policy,
             backing,
             webhooks,
         } = self;
         let (stop_tx, stop_rx) = watch::channel(false);
-        let graceful = Arc::new(GracefulShutdown::new());
+        let connections = Connections::new(max_connections, state.metrics.connections.clone());
         let sockets: Vec<PathBuf> = listeners
             .iter()
             .filter_map(|l| match l {
@@ -276,7 +279,7 @@ impl Server {
                 Bound::Tcp(_) => None,
             })
             .collect();
-        let accept_tasks = spawn_accept_loops(&state, listeners, max_connections, &graceful, &stop_rx);
+        let accept_tasks = spawn_accept_loops(&state, listeners, &connections, header_timeout, &stop_rx);
 
         let (engine, storage) = match backing {
             Backing::Memory(journal) => (Engine::new(policy, journal), None),
@@ -395,9 +398,8 @@ impl Server {
         let _ = maintenance.await;
         let _ = waiter_task.await;
         let _ = webhook_task.await;
-        // Every accept task has ended and dropped its handle, so this one is the last.
-        let graceful = Arc::try_unwrap(graceful).expect("accept tasks have finished");
-        if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
+        // Every accept task has ended: no connection is added from here on.
+        if tokio::time::timeout(grace, connections.drain()).await.is_err() {
             tracing::warn!(
                 grace_ms = grace.as_millis() as u64,
                 "open connections did not finish within the grace period"
@@ -439,54 +441,37 @@ fn remove_sockets(sockets: &[PathBuf]) {
 fn spawn_accept_loops(
     state: &Arc<AppState>,
     listeners: Vec<Bound>,
-    max_connections: usize,
-    graceful: &Arc<GracefulShutdown>,
+    connections: &Arc<Connections>,
+    header_timeout: Duration,
     stop_rx: &watch::Receiver<bool>,
 ) -> Vec<tokio::task::JoinHandle<()>> {
     let router = api::router(state.clone());
-    let permits = Arc::new(Semaphore::new(max_connections));
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    // With a timer, hyper times the head of every request: on a fresh
+    // connection and on a kept-alive one waiting for its next request.
+    builder.timer(TokioTimer::new()).header_read_timeout(header_timeout);
     listeners
         .into_iter()
         .map(|l| {
-            let router = router.clone();
-            let permits = permits.clone();
+            let (router, builder, connections) = (router.clone(), builder.clone(), connections.clone());
             let mut stop = stop_rx.clone();
-            let graceful = graceful.clone();
             tokio::spawn(async move {
                 loop {
-                    let permit = tokio::select! {
-                        p = permits.clone().acquire_owned() => p.expect("semaphore never closed"),
-                        _ = stop.changed() => break,
-                    };
-                    let svc = TowerToHyperService::new(router.clone());
-                    let mut builder = hyper::server::conn::http1::Builder::new();
-                    builder
-                        .timer(TokioTimer::new())
-                        .header_read_timeout(HEADER_READ_TIMEOUT);
-                    let conn: std::pin::Pin<Box<dyn Future<Output = ()> + Send>> = tokio::select! {
+                    tokio::select! {
                         r = accept(&l) => match r {
                             Ok(Accepted::Tcp(s)) => {
                                 let _ = s.set_nodelay(true);
-                                let c = graceful.watch(builder.serve_connection(TokioIo::new(s), svc));
-                                Box::pin(async move { let _ = c.await; })
+                                connections.serve(s, &router, &builder);
                             }
-                            Ok(Accepted::Unix(s)) => {
-                                let c = graceful.watch(builder.serve_connection(TokioIo::new(s), svc));
-                                Box::pin(async move { let _ = c.await; })
-                            }
+                            Ok(Accepted::Unix(s)) => connections.serve(s, &router, &builder),
                             Err(e) => {
                                 // EMFILE and friends: back off rather than spin.
                                 tracing::warn!(error = %e, "accept failed");
                                 tokio::time::sleep(Duration::from_millis(50)).await;
-                                continue;
                             }
                         },
                         _ = stop.changed() => break,
-                    };
-                    tokio::spawn(async move {
-                        conn.await;
-                        drop(permit);
-                    });
+                    }
                 }
             })
         })

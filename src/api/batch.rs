@@ -20,7 +20,9 @@ use axum::response::Response;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use super::{body_bytes_named, check_amounts, check_text, decide_now, note_decision, parse, ApiError, AppState};
+use super::{
+    body_bytes_named, check_amounts, check_text, decide_now, decode, note_decision, parse, ApiError, AppState,
+};
 use crate::config::{Priority, Role};
 use crate::engine::{Applied, DecideOp, Decision, Finish, FinishAnswer, Lsn};
 
@@ -83,7 +85,8 @@ fn run_op(
     max_priority: Priority,
 ) -> Result<(ResultBody, Option<Lsn>, Option<DecideOp>), ApiError> {
     let text = raw.get().as_bytes();
-    let name: OpName = parse(text)?;
+    // The batch body was checked whole for repeated keys.
+    let name: OpName = decode(text)?;
     let no_headers = HeaderMap::new();
     let decide = |op: DecideOp| -> Result<_, ApiError> {
         let Applied { value, lsn } = decide_now(st, &no_headers, text, op, true, max_priority)?.applied;
@@ -94,7 +97,7 @@ fn run_op(
         Some("consume") => decide(DecideOp::Consume),
         Some("reserve") => decide(DecideOp::Reserve),
         Some(op @ ("commit" | "release")) => {
-            let f: FinishOp = parse(text)?;
+            let f: FinishOp = decode(text)?;
             check_text("reservation_id", &f.reservation_id, 128)?;
             check_amounts("amounts", &f.amounts)?;
             let action = if op == "commit" {

@@ -4,6 +4,7 @@
 
 mod batch;
 mod error;
+mod json;
 mod openapi;
 mod signals;
 mod usage;
@@ -144,10 +145,13 @@ impl AppState {
                 max_priority: Priority::Critical,
             });
         }
+        // The scheme name is case-insensitive (RFC 9110 11.1): bearer, BEARER.
         let presented = headers
             .get(axum::http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, token)| token)
             .ok_or_else(|| ApiError::Unauthorized("send `Authorization: Bearer <token>`".into()))?;
         // Compare against every token so timing does not tell which one was close.
         let mut grant: Option<Grant> = None;
@@ -205,6 +209,9 @@ impl AppState {
         }
         if running.server.max_connections != new.server.max_connections {
             restart_required.push("server.max_connections");
+        }
+        if running.server.header_timeout_ms != new.server.header_timeout_ms {
+            restart_required.push("server.header_timeout_ms");
         }
         if format!("{:?}", running.storage) != format!("{:?}", new.storage) {
             restart_required.push("storage");
@@ -442,12 +449,24 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-/// What every request passes before any handler: the token is checked before
-/// a byte of the body is read, a `Content-Length` over the limit is 413 at
-/// once, and the body must arrive whole within `server.body_timeout_ms`
-/// (else 408), so that neither strangers nor stalled uploads can hold the
-/// connection slots. Both refusals close the connection.
+/// What every request passes before any handler: a head with both
+/// `Content-Length` and `Transfer-Encoding` is 400 (a proxy in front may have
+/// framed it the other way), the token is checked before a byte of the body
+/// is read, a `Content-Length` over the limit is 413 at once, and the body
+/// must arrive whole within `server.body_timeout_ms` (else 408), so that
+/// neither strangers nor stalled uploads can hold the connection slots.
+/// These refusals close the connection.
 async fn gate(State(st): State<Arc<AppState>>, req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    if req
+        .extensions()
+        .get::<crate::connections::ConflictingLengths>()
+        .is_some()
+    {
+        let e = ApiError::InvalidRequest(
+            "the request has both Content-Length and Transfer-Encoding; send one of them".into(),
+        );
+        return closing(e.into_response());
+    }
     let path = req.uri().path();
     // The dashboard page holds no data: it asks for a token and sends it with
     // each API call, which a browser's navigation to it cannot.
@@ -574,8 +593,19 @@ fn body_bytes_named(body: Result<Bytes, BytesRejection>, max: usize, setting: &s
     })
 }
 
-/// Parses JSON, naming the field path of any error. An empty body is `{}`.
+/// Parses a JSON body, naming the field path of any error. An empty body is
+/// `{}`. A key repeated in any object is an error too: serde would keep the
+/// last of a map's and the client may have meant the first.
 fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    if let Some(repeated) = json::repeated_key(bytes) {
+        return Err(ApiError::InvalidRequest(repeated));
+    }
+    decode(bytes)
+}
+
+/// As [`parse`], for a part of a body that `parse` has already checked
+/// (an operation of a batch).
+fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
         b"{}"
     } else {
@@ -766,7 +796,9 @@ fn decision_request(
     in_batch: bool,
     max_priority: Priority,
 ) -> Result<Asked, ApiError> {
-    let b: DecisionBody = parse(bytes).map_err(|e| own_fields(e, op, in_batch))?;
+    // A batch was checked whole for repeated keys.
+    let b: Result<DecisionBody, _> = if in_batch { decode(bytes) } else { parse(bytes) };
+    let b = b.map_err(|e| own_fields(e, op, in_batch))?;
     if let Some(p) = b.priority.filter(|&p| p > max_priority) {
         return Err(ApiError::Forbidden(format!(
             "priority: {:?} is above what this token may ask for ({:?}, its max_priority in [[auth.tokens]])",
@@ -1275,9 +1307,10 @@ async fn list_subjects(
     Ok(Json(SubjectPage { subjects, next_after }).into_response())
 }
 
-/// Decodes `a=b&c=d` with percent-escapes and `+` as space.
+/// Decodes `a=b&c=d` with percent-escapes and `+` as space; a name given
+/// twice is 400.
 fn form_urlencoded_pairs(q: &str) -> Result<Vec<(String, String)>, ApiError> {
-    fn decode(s: &str) -> Result<String, ApiError> {
+    fn unescape(s: &str) -> Result<String, ApiError> {
         let bytes = s.as_bytes();
         let mut out = Vec::with_capacity(bytes.len());
         let mut i = 0;
@@ -1298,13 +1331,24 @@ fn form_urlencoded_pairs(q: &str) -> Result<Vec<(String, String)>, ApiError> {
         }
         String::from_utf8(out).map_err(|_| ApiError::invalid("query", "is not UTF-8"))
     }
-    q.split('&')
+    let pairs: Vec<(String, String)> = q
+        .split('&')
         .filter(|p| !p.is_empty())
         .map(|p| {
             let (k, v) = p.split_once('=').unwrap_or((p, ""));
-            Ok((decode(k)?, decode(v)?))
+            Ok((unescape(k)?, unescape(v)?))
         })
-        .collect()
+        .collect::<Result<_, ApiError>>()?;
+    // Which of two values was meant is a guess: refused here, for every endpoint.
+    let mut names: Vec<&str> = pairs.iter().map(|(k, _)| k.as_str()).collect();
+    names.sort_unstable();
+    if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
+        return Err(ApiError::invalid(
+            w[0],
+            "is given more than once; give each query parameter once",
+        ));
+    }
+    Ok(pairs)
 }
 
 #[derive(Serialize)]
