@@ -102,6 +102,38 @@ pub struct Server {
     backing: Backing,
 }
 
+/// Connections the kernel queues for `accept`: std's and tokio's 128
+/// overflows in a burst of connects (each dropped SYN costs its client a
+/// second), so ask for more; the kernel caps it at `net.core.somaxconn`.
+const LISTEN_BACKLOG: i32 = 4096;
+
+/// Binds a TCP listener with [`LISTEN_BACKLOG`], trying each address the
+/// name resolves to, as std's `bind` does.
+async fn listen_tcp(addr: &str) -> io::Result<TcpListener> {
+    let mut last = io::Error::new(io::ErrorKind::InvalidInput, "the address resolves to nothing");
+    for a in tokio::net::lookup_host(addr).await? {
+        let socket = socket2::Socket::new(socket2::Domain::for_address(a), socket2::Type::STREAM, None)?;
+        socket.set_reuse_address(true)?;
+        socket.set_nonblocking(true)?;
+        match socket.bind(&a.into()).and_then(|()| socket.listen(LISTEN_BACKLOG)) {
+            Ok(()) => return TcpListener::from_std(socket.into()),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
+/// Binds a Unix socket listener with [`LISTEN_BACKLOG`].
+fn listen_unix(path: &Path) -> io::Result<UnixListener> {
+    let socket = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&socket2::SockAddr::unix(path)?)?;
+    socket.listen(LISTEN_BACKLOG)?;
+    UnixListener::from_std(std::os::unix::net::UnixListener::from(std::os::fd::OwnedFd::from(
+        socket,
+    )))
+}
+
 /// Gives a socket file its configured mode and group, so that only members of
 /// the group (the app's user) can connect.
 fn restrict_socket(path: &Path, mode: &str, group: Option<&str>) -> io::Result<()> {
@@ -198,10 +230,10 @@ impl Server {
                 source,
             };
             let bound = match &addr {
-                ListenAddr::Tcp(a) => Bound::Tcp(TcpListener::bind(a.as_str()).await.map_err(bind_err)?),
+                ListenAddr::Tcp(a) => Bound::Tcp(listen_tcp(a).await.map_err(bind_err)?),
                 ListenAddr::Unix(path) => {
                     clear_stale_socket(path).await.map_err(bind_err)?;
-                    let l = UnixListener::bind(path).map_err(bind_err)?;
+                    let l = listen_unix(path).map_err(bind_err)?;
                     restrict_socket(path, &config.server.socket_mode, config.server.socket_group.as_deref())
                         .map_err(bind_err)?;
                     Bound::Unix(l, path.clone())
