@@ -276,12 +276,19 @@ pub fn verify_cursor_file(path: &Path, newest_seq: u64) -> Result<usize, Storage
         return Ok(0);
     }
     let p = path.display().to_string();
-    let db = match redb::ReadOnlyDatabase::open(path) {
-        Ok(db) => db,
-        Err(e) => return Err(StorageError::Corrupt(format!("cannot read {p}: {e}"))),
-    };
     let err = |e: &dyn std::fmt::Display| StorageError::Corrupt(format!("cannot read {p}: {e}"));
-    let txn = db.begin_read().map_err(|e| err(&e))?;
+    // A file left by a killed daemon needs redb's repair before it reads:
+    // done on a private copy, never on the file itself.
+    let (mut _read_only, mut _repaired) = (None, None);
+    let txn = match redb::ReadOnlyDatabase::open(path) {
+        Ok(db) => _read_only.insert(db).begin_read().map_err(|e| err(&e))?,
+        Err(redb::DatabaseError::RepairAborted) => {
+            let copy = crate::storage::snapshot::PrivateCopy::of(path).map_err(|e| err(&e))?;
+            let db = Database::open(&copy.0).map_err(|e| err(&e))?;
+            _repaired.insert((db, copy)).0.begin_read().map_err(|e| err(&e))?
+        }
+        Err(e) => return Err(err(&e)),
+    };
     let mut count = 0;
     // An unchecked table (written before checksums) can only be range-checked.
     if let Ok(t) = txn.open_table(CURSORS_UNCHECKED) {
@@ -312,7 +319,9 @@ fn check_cursor_range(path: &str, table: &str, name: &str, seq: u64, newest_seq:
         return Err(StorageError::Corrupt(format!(
             "{path}: table {table}, key {name:?}: the delivery cursor is at event {seq}, beyond the newest \
              recorded event {newest_seq}: the file is damaged or belongs to other data; move it away to deliver \
-             every retained event again (receivers dedupe on Quotad-Event-Id)"
+             every retained event again (receivers dedupe on Quotad-Event-Id). (With durability = \"batch\", \
+             events delivered just before a crash can be lost in the loss window; the daemon then brings the \
+             cursor back by itself.)"
         )));
     }
     Ok(())

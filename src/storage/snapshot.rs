@@ -257,11 +257,12 @@ impl Db {
     }
 }
 
-/// A copy of a snapshot file in the temp directory, deleted when dropped.
-struct PrivateCopy(std::path::PathBuf);
+/// A copy of a redb file in the temp directory, deleted when dropped: where
+/// a read-only check repairs a file that was not closed cleanly.
+pub(crate) struct PrivateCopy(pub(crate) std::path::PathBuf);
 
 impl PrivateCopy {
-    fn of(path: &Path) -> std::io::Result<PrivateCopy> {
+    pub(crate) fn of(path: &Path) -> std::io::Result<PrivateCopy> {
         static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let to = std::env::temp_dir().join(format!("quotad-verify-{}-{n}.redb", std::process::id()));
