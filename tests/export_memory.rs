@@ -6,7 +6,6 @@
 //! month added 464 MB. The million-line figure is in BENCHMARKS.md
 //! (`benches/export_rss.sh`).
 
-use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::process::{Child, Command, Stdio};
