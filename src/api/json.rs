@@ -1,13 +1,56 @@
 //! Repeated keys in a JSON body. serde keeps the last of a repeated map key
 //! (`amounts`, `attributes`) and refuses a repeated field only where a struct
 //! is decoded, so one walk over the body, before it is decoded, refuses a key
-//! repeated in any object at any depth, naming it by its path.
+//! repeated in any object at any depth, naming it by its path. The decision
+//! bodies (the hot path) skip that second parse: their maps decode through
+//! [`unique_map`], which refuses a repeated key with the same message.
 
 use std::borrow::Cow;
 use std::collections::HashSet;
 use std::fmt;
 
 use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
+
+/// What a repeated key is told, after its path.
+pub(super) const TWICE: &str = "appears twice; give each key once";
+
+/// `deserialize_with` for a map field: a JSON object whose keys must all
+/// differ. The error is raised while the repeated key's value is read, so the
+/// path names the key (`amounts.tokens: appears twice; …`).
+pub(super) fn unique_map<'de, D, V>(d: D) -> Result<std::collections::BTreeMap<String, V>, D::Error>
+where
+    D: Deserializer<'de>,
+    V: serde::Deserialize<'de>,
+{
+    struct Unique<V>(std::marker::PhantomData<V>);
+    /// Fails on the value of a repeated key.
+    struct Repeated;
+    impl<'de> DeserializeSeed<'de> for Repeated {
+        type Value = ();
+        fn deserialize<D: Deserializer<'de>>(self, _: D) -> Result<(), D::Error> {
+            Err(serde::de::Error::custom(TWICE))
+        }
+    }
+    impl<'de, V: serde::Deserialize<'de>> Visitor<'de> for Unique<V> {
+        type Value = std::collections::BTreeMap<String, V>;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("an object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut out = std::collections::BTreeMap::new();
+            while let Some(key) = map.next_key::<String>()? {
+                if out.contains_key(&key) {
+                    map.next_value_seed(Repeated)?;
+                    unreachable!("a repeated key's value always fails");
+                }
+                let value = map.next_value()?;
+                out.insert(key, value);
+            }
+            Ok(out)
+        }
+    }
+    d.deserialize_map(Unique(std::marker::PhantomData))
+}
 
 /// Keys an object may have before they are kept in a set.
 const SMALL_OBJECT: usize = 16;
@@ -141,7 +184,7 @@ impl<'de> Visitor<'de> for Node<'_, 'de> {
                 }
             };
             if repeated && walk.found.is_none() {
-                walk.found = Some(format!("{}: appears twice; give each key once", walk.name(&key)));
+                walk.found = Some(format!("{}: {TWICE}", walk.name(&key)));
             }
             walk.keys.push(key);
             walk.path.push(Step::Key(walk.keys.len() - 1));
