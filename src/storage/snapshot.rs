@@ -67,6 +67,11 @@ const DAY_MS: u64 = 86_400_000;
 /// The snapshot format from which event and usage values carry checksums.
 const CHECKED_VALUES_VERSION: u64 = 4;
 
+/// redb's page cache for the snapshot file. Its default (1 GiB) let the
+/// start-up check of every value, which reads the whole file, keep up to a
+/// gigabyte of it in memory for good; queries read little at a time.
+const CACHE_BYTES: usize = 64 << 20;
+
 /// Files smaller than this are never compacted: redb's own overhead is a
 /// large share of a small file.
 pub const COMPACT_FLOOR_BYTES: u64 = 4 << 20;
@@ -300,10 +305,13 @@ impl SnapshotStore {
     pub fn open(path: &Path) -> Result<SnapshotStore, SnapshotError> {
         let p = path.display().to_string();
         let fresh = !path.exists();
-        let db = Database::create(path).map_err(|e| SnapshotError {
-            path: p.clone(),
-            message: e.to_string(),
-        })?;
+        let db = Database::builder()
+            .set_cache_size(CACHE_BYTES)
+            .create(path)
+            .map_err(|e| SnapshotError {
+                path: p.clone(),
+                message: e.to_string(),
+            })?;
         if fresh {
             crate::storage::restrict_file(path).map_err(|e| SnapshotError {
                 path: p.clone(),
