@@ -420,6 +420,10 @@ async fn repeated_query_parameters_are_400_naming_them() {
                 "granularity",
             ),
             (format!("/v1/subjects/u/usage?{day}&to=2026-11-23"), "to"),
+            // Endpoints that read no query refuse a repeat too.
+            ("/healthz?x=1&x=2".into(), "x"),
+            ("/v1/plans?x&x".into(), "x"),
+            ("/v1/subjects/u?y=1&y=1".into(), "y"),
         ];
         for (path, name) in cases {
             let r = s.get(&path).await;
@@ -435,6 +439,17 @@ async fn repeated_query_parameters_are_400_naming_them() {
                 "{path}: {msg}"
             );
         }
+        // A write with a repeated parameter is refused and applies nothing.
+        let r = s
+            .req(
+                "POST",
+                "/v1/consume?x=1&x=2",
+                Some(r#"{"subject":"u","amounts":{"tokens":7}}"#),
+                &[],
+            )
+            .await;
+        assert_eq!(r.status, 400, "{}", r.text);
+        assert_eq!(s.get("/v1/subjects/u").await.used("tokens-per-day"), 0);
         // Given once each, the same queries are answered.
         assert_eq!(s.get("/v1/subjects?limit=1").await.status, 200);
         assert_eq!(s.get(&format!("/v1/subjects/u/usage?{day}")).await.status, 200);

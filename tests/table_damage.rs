@@ -128,6 +128,10 @@ fn a_flip_in_any_stored_value_refuses_start_naming_file_table_and_key() {
         };
         let message = err.to_string();
         assert!(matches!(err, StorageError::Corrupt(_)), "{what} at {at}: {message}");
+        assert!(
+            std::fs::read(dir.path().join("snapshot.redb")).unwrap() == bytes,
+            "a refused start changed no byte of the damaged file"
+        );
         assert!(message.contains("snapshot.redb"), "names the file: {message}");
         let table = table_named(&message).unwrap_or_else(|| panic!("names no table: {message}"));
         assert!(message.contains("key "), "names the key: {message}");

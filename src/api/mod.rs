@@ -475,6 +475,13 @@ async fn gate(State(st): State<Arc<AppState>>, req: axum::extract::Request, next
             return closing(e.into_response());
         }
     }
+    // A parameter given twice is refused on every endpoint, also on those that
+    // read no query (which of two values was meant is a guess).
+    if let Some(q) = req.uri().query() {
+        if let Err(e) = form_urlencoded_pairs(q) {
+            return e.into_response();
+        }
+    }
     let (limit, setting) = if path == "/v1/batch" {
         (st.max_batch_bytes, "server.max_batch_bytes")
     } else {

@@ -219,8 +219,14 @@ impl Storage {
     ) -> Result<(Engine, Storage, RecoveryReport), StorageError> {
         let lock = lock_dir(&config.data_dir)?;
         let dir = FsDir::new(&wal_dir(&config.data_dir)).map_err(|e| StorageError::Io(e.to_string()))?;
-        let snapshots =
-            SnapshotStore::open(&snapshot_path(&config.data_dir)).map_err(|e| StorageError::Corrupt(e.to_string()))?;
+        let path = snapshot_path(&config.data_dir);
+        // Checked read-only first, so that a refusal to start leaves the file
+        // as it was: opened for writing, redb rewrites its header.
+        let checked = SnapshotStore::check_in_place(&path).map_err(|e| StorageError::Corrupt(e.to_string()))?;
+        let mut snapshots = SnapshotStore::open(&path).map_err(|e| StorageError::Corrupt(e.to_string()))?;
+        if checked {
+            snapshots = snapshots.values_checked();
+        }
         Self::open_with(config, policy, Arc::new(dir), snapshots, Some(lock), metrics)
     }
 

@@ -290,6 +290,9 @@ pub struct SnapshotStore {
     /// with no transaction open.
     db: std::sync::Arc<RwLock<Db>>,
     path: String,
+    /// The event and usage values were checked before this store was opened
+    /// for writing: `load` skips that full read.
+    values_checked: bool,
 }
 
 fn meta_crc(version: u64, count: u64, created_ms: u64, last_lsn: u64) -> u64 {
@@ -321,6 +324,7 @@ impl SnapshotStore {
         let store = SnapshotStore {
             db: std::sync::Arc::new(RwLock::new(Db::ReadWrite(db))),
             path: p,
+            values_checked: false,
         };
         store.upgrade()?;
         Ok(store)
@@ -343,6 +347,7 @@ impl SnapshotStore {
             Ok(db) => Ok(Some(SnapshotStore {
                 db: std::sync::Arc::new(RwLock::new(Db::ReadOnly(db))),
                 path: p,
+                values_checked: false,
             })),
             Err(redb::DatabaseError::RepairAborted) => {
                 let copy = PrivateCopy::of(path).map_err(|e| err(&e))?;
@@ -350,6 +355,7 @@ impl SnapshotStore {
                 Ok(Some(SnapshotStore {
                     db: std::sync::Arc::new(RwLock::new(Db::Copy { db, _file: copy })),
                     path: p,
+                    values_checked: false,
                 }))
             }
             Err(e) => Err(err(&e)),
@@ -365,6 +371,7 @@ impl SnapshotStore {
         SnapshotStore {
             db: std::sync::Arc::new(RwLock::new(Db::ReadWrite(db))),
             path: "<memory>".into(),
+            values_checked: false,
         }
     }
 
@@ -385,6 +392,46 @@ impl SnapshotStore {
 
     /// Reads the snapshot; `None` if none was ever written.
     pub fn load(&self) -> Result<Option<Loaded>, SnapshotError> {
+        self.read_snapshot(true, !self.values_checked)
+    }
+
+    /// Checks a snapshot file without changing a byte of it: the metadata,
+    /// every shard's checksum and every stored value, as a load does, but
+    /// without decoding the shards. `Ok(false)` when there is no file, or
+    /// when it was not closed cleanly (redb must repair it first, which the
+    /// daemon's own open does; the load then checks the values).
+    pub fn check_in_place(path: &Path) -> Result<bool, SnapshotError> {
+        if !path.exists() {
+            return Ok(false);
+        }
+        let db = match ReadOnlyDatabase::open(path) {
+            Ok(db) => db,
+            Err(redb::DatabaseError::RepairAborted) => return Ok(false),
+            Err(e) => {
+                return Err(SnapshotError {
+                    path: path.display().to_string(),
+                    message: e.to_string(),
+                })
+            }
+        };
+        let store = SnapshotStore {
+            db: std::sync::Arc::new(RwLock::new(Db::ReadOnly(db))),
+            path: path.display().to_string(),
+            values_checked: false,
+        };
+        store.read_snapshot(false, true).map(|_| true)
+    }
+
+    /// This store's values were checked by [`Self::check_in_place`]: its
+    /// load need not read them all again.
+    pub fn values_checked(mut self) -> SnapshotStore {
+        self.values_checked = true;
+        self
+    }
+
+    /// Reads the snapshot, decoding the shards only with `decode` and
+    /// checking every event and usage value only with `check_values`.
+    fn read_snapshot(&self, decode: bool, check_values: bool) -> Result<Option<Loaded>, SnapshotError> {
         let (_db, txn) = self.read()?;
         let meta = match txn.open_table(META) {
             Ok(t) => t,
@@ -434,7 +481,8 @@ impl SnapshotStore {
                 })?;
                 if u32::from_le_bytes(*crc) != crc32fast::hash(rest) {
                     return Err(self.err(format!(
-                        "table shards, key {i}: the shard ({} bytes) fails its checksum: the file is damaged",
+                        "table shards, key {i}: the shard ({} bytes) fails its checksum: the file is damaged; restore it from a \
+                         backup",
                         bytes.len()
                     )));
                 }
@@ -442,6 +490,9 @@ impl SnapshotStore {
             } else {
                 bytes
             };
+            if !decode {
+                continue;
+            }
             let shard = codec::decode_shard(version, encoded).map_err(|e| {
                 self.err(format!(
                     "table shards, key {i}: the shard ({} bytes) does not decode: {e}",
@@ -451,7 +502,7 @@ impl SnapshotStore {
             shards.push(shard);
         }
         let last_lsn = shards.iter().map(|s| s.applied_lsn).max().unwrap_or(0);
-        if let Some(stored) = stored_last.filter(|&l| l != last_lsn) {
+        if let Some(stored) = stored_last.filter(|&l| decode && l != last_lsn) {
             return Err(self.err(format!(
                 "metadata says the newest record is LSN {stored}, the shards say {last_lsn}: the file is damaged"
             )));
@@ -466,7 +517,7 @@ impl SnapshotStore {
                     let Some((_, rest)) = ok else {
                         return Err(self.err(format!(
                             "table signals, key \"state\": the signals state ({} bytes) fails its checksum: the file \
-                             is damaged",
+                             is damaged; restore it from a backup",
                             bytes.len()
                         )));
                     };
@@ -477,7 +528,9 @@ impl SnapshotStore {
             Err(redb::TableError::TableDoesNotExist(_)) => None,
             Err(e) => return Err(self.err(e)),
         };
-        self.verify_values(&txn, u64::from(version))?;
+        if check_values {
+            self.verify_values(&txn, u64::from(version))?;
+        }
         Ok(Some(Loaded {
             shards,
             created_ms,
