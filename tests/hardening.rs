@@ -369,3 +369,21 @@ async fn a_client_token_asks_for_priority_up_to_its_max_priority() {
         s.stop().await;
     }
 }
+
+#[test]
+fn one_token_under_two_entries_is_a_config_error() {
+    let text = r#"
+[[auth.tokens]]
+role = "client"
+token = "the-same-token-0123456789"
+[[auth.tokens]]
+role = "admin"
+token = "the-same-token-0123456789"
+"#;
+    let config = quotad::config::Config::from_toml(text, "t.toml").unwrap();
+    let err = quotad::api::load_tokens(&config).unwrap_err().to_string();
+    assert!(
+        err.contains("auth.tokens[1]") && err.contains("same token as auth.tokens[0]"),
+        "{err}"
+    );
+}

@@ -327,7 +327,7 @@ impl std::fmt::Display for ReloadReport {
 
 /// Reads the configured tokens (inline or from files).
 pub fn load_tokens(config: &Config) -> Result<Vec<Token>, ConfigError> {
-    config
+    let tokens: Vec<Token> = config
         .auth
         .tokens
         .iter()
@@ -361,7 +361,18 @@ pub fn load_tokens(config: &Config) -> Result<Vec<Token>, ConfigError> {
                 max_priority: t.max_priority(),
             })
         })
-        .collect()
+        .collect::<Result<_, _>>()?;
+    // One secret under two entries would hold the rights of the stronger one,
+    // whatever the weaker entry says.
+    for (i, t) in tokens.iter().enumerate() {
+        if let Some(j) = tokens[..i].iter().position(|u| u.secret == t.secret) {
+            return Err(ConfigError::new(
+                format!("auth.tokens[{i}]"),
+                format!("is the same token as auth.tokens[{j}]; give each role and max_priority its own token"),
+            ));
+        }
+    }
+    Ok(tokens)
 }
 
 /// `GET /dashboard`: one self-contained page (HTML, CSS, JS, SVG charts)
