@@ -234,15 +234,8 @@ impl CursorStore {
         let mut out = Vec::new();
         for item in table.iter().map_err(|e| err(&e))? {
             let (k, v) = item.map_err(|e| err(&e))?;
-            let (name, (seq, crc)) = (k.value(), v.value());
-            if crc != cursor_crc(name, seq) {
-                return Err(StorageError::Corrupt(format!(
-                    "{path}: table {CURSORS_NAME}, key {name:?}: the delivery cursor fails its checksum: the file \
-                     is damaged; move it away to deliver every retained event again (receivers dedupe on \
-                     Quotad-Event-Id)"
-                )));
-            }
-            out.push((name.to_string(), seq));
+            let seq = checked_cursor(path, k.value(), v.value())?;
+            out.push((k.value().to_string(), seq));
         }
         Ok(out)
     }
@@ -301,17 +294,23 @@ pub fn verify_cursor_file(path: &Path, newest_seq: u64) -> Result<usize, Storage
     if let Ok(t) = txn.open_table(CURSORS) {
         for item in t.iter().map_err(|e| err(&e))? {
             let (k, v) = item.map_err(|e| err(&e))?;
-            let (name, (seq, crc)) = (k.value(), v.value());
-            if crc != cursor_crc(name, seq) {
-                return Err(StorageError::Corrupt(format!(
-                    "{p}: table {CURSORS_NAME}, key {name:?}: the delivery cursor fails its checksum"
-                )));
-            }
-            check_cursor_range(&p, CURSORS_NAME, name, seq, newest_seq)?;
+            let seq = checked_cursor(&p, k.value(), v.value())?;
+            check_cursor_range(&p, CURSORS_NAME, k.value(), seq, newest_seq)?;
             count += 1;
         }
     }
     Ok(count)
+}
+
+/// A stored cursor's seq, if it passes its checksum.
+fn checked_cursor(path: &str, name: &str, (seq, crc): (u64, u32)) -> Result<u64, StorageError> {
+    if crc != cursor_crc(name, seq) {
+        return Err(StorageError::Corrupt(format!(
+            "{path}: table {CURSORS_NAME}, key {name:?}: the delivery cursor fails its checksum: the file is \
+             damaged; move it away to deliver every retained event again (receivers dedupe on Quotad-Event-Id)"
+        )));
+    }
+    Ok(seq)
 }
 
 fn check_cursor_range(path: &str, table: &str, name: &str, seq: u64, newest_seq: u64) -> Result<(), StorageError> {

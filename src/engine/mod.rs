@@ -327,10 +327,20 @@ struct Exclusive<'a> {
     scratch: Shard,
 }
 
-impl Exclusive<'_> {
+impl<'a> Exclusive<'a> {
+    /// Access to every shard, none skipped (no snapshot base).
+    fn every_shard(engine_shards: &'a mut [Mutex<Shard>]) -> Exclusive<'a> {
+        Exclusive {
+            engine_shards,
+            base: &[],
+            lsn: 0,
+            scratch: Shard::default(),
+        }
+    }
+
     fn get(&mut self, h: u64) -> &mut Shard {
         let i = (h % self.engine_shards.len() as u64) as usize;
-        if self.base[i] >= self.lsn {
+        if self.base.get(i).is_some_and(|&b| b >= self.lsn) {
             self.scratch = Shard::default();
             return &mut self.scratch;
         }
@@ -865,8 +875,8 @@ impl Engine {
                 retry_after_ms: None,
             });
         }
-        let holds = st.map_or(0, |s| s.holds().len());
-        if !denied && ttl_ms.is_some() && holds >= policy.settings.max_reservations_per_subject {
+        let full = || st.is_some_and(|s| s.holds().len() >= policy.settings.max_reservations_per_subject);
+        if !denied && ttl_ms.is_some() && full() {
             // Each hold costs memory and a line in the subject's delete: a
             // client token must not be able to pile them up without bound.
             // A commit, release or expiry makes room, so no retry time.
@@ -1181,16 +1191,9 @@ impl Engine {
             }
         }
         // The holds' schedules are derived: built afresh from what recovery left.
+        let mut access = Exclusive::every_shard(&mut self.shards);
         for r in &active {
-            for h in r.holds.iter().filter(|h| h.amount > 0) {
-                let i = self.shard_of_counter(&h.counter);
-                let shard = self.shards[i].get_mut().unwrap_or_else(|e| e.into_inner());
-                shard
-                    .hold_expiries
-                    .entry(h.counter.clone())
-                    .or_default()
-                    .insert((r.expires_ms, r.id.clone()), (h.slot, h.amount));
-            }
+            state::index_holds(&mut access, r, true);
         }
         self.open_reservations.store(open, Ordering::Relaxed);
         self.idempotency_keys.store(keys, Ordering::Relaxed);

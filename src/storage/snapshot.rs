@@ -76,6 +76,15 @@ const CACHE_BYTES: usize = 64 << 20;
 /// large share of a small file.
 pub const COMPACT_FLOOR_BYTES: u64 = 4 << 20;
 
+/// A table that may not exist yet (a file written before it): `None` then.
+fn optional<T>(table: Result<T, redb::TableError>) -> Result<Option<T>, redb::TableError> {
+    match table {
+        Ok(t) => Ok(Some(t)),
+        Err(redb::TableError::TableDoesNotExist(_)) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 /// A stored value that fails its check: which table and key.
 fn damaged(table: &str, key: impl std::fmt::Display, what: &str) -> String {
     format!("table {table}, key {key}: {what}: the file is damaged; restore it from a backup")
@@ -544,34 +553,22 @@ impl SnapshotStore {
     /// holds exactly its table's keys.
     fn verify_values(&self, txn: &ReadTransaction, version: u64) -> Result<(), SnapshotError> {
         let checked = version >= CHECKED_VALUES_VERSION;
-        match txn.open_table(EVENTS) {
-            Ok(table) => {
-                for item in table.iter().map_err(|e| self.err(e))? {
-                    let (k, v) = item.map_err(|e| self.err(e))?;
-                    if checked {
-                        open_event(k.value(), v.value()).map_err(|m| self.err(m))?;
-                    } else if v.value().len() < 8 {
-                        return Err(self.err(damaged("events", k.value(), "too short for its time")));
-                    }
+        if let Some(table) = optional(txn.open_table(EVENTS)).map_err(|e| self.err(e))? {
+            for item in table.iter().map_err(|e| self.err(e))? {
+                let (k, v) = item.map_err(|e| self.err(e))?;
+                if checked {
+                    open_event(k.value(), v.value()).map_err(|m| self.err(m))?;
+                } else if v.value().len() < 8 {
+                    return Err(self.err(damaged("events", k.value(), "too short for its time")));
                 }
             }
-            Err(redb::TableError::TableDoesNotExist(_)) => {}
-            Err(e) => return Err(self.err(e)),
         }
         for (name, def, index_name, index_def) in [
             ("usage_hours", USAGE_HOURS, "usage_hours_by_time", USAGE_HOURS_BY_TIME),
             ("usage_days", USAGE_DAYS, "usage_days_by_time", USAGE_DAYS_BY_TIME),
         ] {
-            let table = match txn.open_table(def) {
-                Ok(t) => Some(t),
-                Err(redb::TableError::TableDoesNotExist(_)) => None,
-                Err(e) => return Err(self.err(e)),
-            };
-            let index = match txn.open_table(index_def) {
-                Ok(t) => Some(t),
-                Err(redb::TableError::TableDoesNotExist(_)) => None,
-                Err(e) => return Err(self.err(e)),
-            };
+            let table = optional(txn.open_table(def)).map_err(|e| self.err(e))?;
+            let index = optional(txn.open_table(index_def)).map_err(|e| self.err(e))?;
             let (table, index) = match (table, index) {
                 (Some(t), Some(i)) => (t, i),
                 (None, None) => continue,

@@ -498,12 +498,12 @@ impl Wal {
         }
     }
 
-    /// Cuts the active segment back to `len` bytes, durably.
+    /// Cuts the active segment back to `len` bytes (durably, as
+    /// [`WalFile::truncate`] does).
     fn truncate_active(&mut self, len: u64) -> Result<(), WalError> {
         let name = &self.segments.last().expect("an active segment exists").name;
         let file = self.active.as_mut().expect("an active segment exists");
-        file.truncate(len).map_err(io_err(name))?;
-        file.sync_data().map_err(io_err(name))
+        file.truncate(len).map_err(io_err(name))
     }
 
     /// Deletes segments whose records all have LSN ≤ `lsn` (never the active
