@@ -38,7 +38,7 @@ const NOW: u64 = 1_795_255_200_000;
 
 fn engine(toml: &str) -> Engine {
     Engine::new(
-        Policy::compile(&Config::from_toml(toml, "b.toml").unwrap()).unwrap(),
+        Policy::from_config(&Config::from_toml(toml, "b.toml").unwrap()).unwrap(),
         Arc::new(NullJournal::default()),
     )
 }

@@ -33,8 +33,12 @@ fn main() {
         dir.path().display()
     );
     let config = Config::from_toml(&text, "bench").unwrap();
-    let (engine, storage, _) =
-        Storage::open(&config.storage, Policy::compile(&config).unwrap(), Default::default()).unwrap();
+    let (engine, storage, _) = Storage::open(
+        &config.storage,
+        Policy::from_config(&config).unwrap(),
+        Default::default(),
+    )
+    .unwrap();
     let snapshot_file = dir.path().join("snapshot.redb");
     // A first snapshot of the subjects without history, for the baseline size.
     let charge = |hour: u64| {
@@ -123,8 +127,12 @@ fn main() {
 
     // A start checks every stored value: what that costs on this file.
     let r = Instant::now();
-    let (_, storage, report) =
-        Storage::open(&config.storage, Policy::compile(&config).unwrap(), Default::default()).unwrap();
+    let (_, storage, report) = Storage::open(
+        &config.storage,
+        Policy::from_config(&config).unwrap(),
+        Default::default(),
+    )
+    .unwrap();
     println!(
         "  start on it (every value of the file checked, then {} log records replayed): {:.2} s",
         report.replayed_records,

@@ -56,7 +56,7 @@ fn run(n: u64, mode: &str) {
         )
         .unwrap();
     }
-    let engine = Engine::new(Policy::compile(&config).unwrap(), Arc::new(NullJournal::default()));
+    let engine = Engine::new(Policy::from_config(&config).unwrap(), Arc::new(NullJournal::default()));
     let before = rss();
     let mut counters = 0;
     for i in 0..n {

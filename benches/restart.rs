@@ -65,7 +65,7 @@ fn recover(dir: &Path) {
     let c = config(dir);
     let t = Instant::now();
     let (engine, storage, report) =
-        Storage::open(&c.storage, Policy::compile(&c).unwrap(), Default::default()).unwrap();
+        Storage::open(&c.storage, Policy::from_config(&c).unwrap(), Default::default()).unwrap();
     let secs = t.elapsed().as_secs_f64();
     let (rss, hwm) = memory();
     let stats = engine.stats();
@@ -102,7 +102,7 @@ fn main() {
         .unwrap_or(1_000_000);
     let tmp = tempfile::tempdir_in(std::env::var("QUOTAD_BENCH_DIR").unwrap_or_else(|_| ".".into())).unwrap();
     let c = config(tmp.path());
-    let (engine, storage, _) = Storage::open(&c.storage, Policy::compile(&c).unwrap(), Default::default()).unwrap();
+    let (engine, storage, _) = Storage::open(&c.storage, Policy::from_config(&c).unwrap(), Default::default()).unwrap();
     let t = Instant::now();
     let mut last = 0;
     for i in 0..n {

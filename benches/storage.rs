@@ -20,7 +20,7 @@ const CONFIG: &str =
 const NOW: u64 = 1_795_255_200_000;
 
 fn policy() -> Policy {
-    Policy::compile(&Config::from_toml(CONFIG, "b.toml").unwrap()).unwrap()
+    Policy::from_config(&Config::from_toml(CONFIG, "b.toml").unwrap()).unwrap()
 }
 
 fn open(dir: &std::path::Path) -> (Engine, Storage) {

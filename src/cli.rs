@@ -399,7 +399,7 @@ pub fn load_config(path: Option<&Path>) -> Result<(Config, Option<PathBuf>), cra
     };
     // Token files are read by serve (an unreadable one is named then), not
     // here: `config check` may run where the secrets are not.
-    Policy::compile(&config).map_err(with_file)?;
+    Policy::from_config(&config).map_err(with_file)?;
     crate::webhooks::check_webhooks(&config).map_err(with_file)?;
     Ok((config, path))
 }
@@ -476,7 +476,7 @@ fn serve(config_path: Option<&Path>, log_format: Option<LogFormatArg>) -> ExitCo
                 return;
             };
             while hup.recv().await.is_some() {
-                match state.reload() {
+                match state.reload().await {
                     Ok(report) if report.usage_reset.is_empty() => {
                         tracing::info!("SIGHUP: configuration reloaded: {report}")
                     }
@@ -500,7 +500,7 @@ fn serve(config_path: Option<&Path>, log_format: Option<LogFormatArg>) -> ExitCo
 fn config_check(file: &Path) -> ExitCode {
     match load_config(Some(file)) {
         Ok((config, _)) => {
-            let policy = Policy::compile(&config).expect("checked by load_config");
+            let policy = Policy::from_config(&config).expect("checked by load_config");
             say!(
                 "{}: OK: {} plan(s), {} top-level limit(s), {} limit name(s), default plan: {}; \
                  {} breaker(s), {} anomaly rule(s), {} webhook(s)",
@@ -572,7 +572,7 @@ fn wal_verify(dir: &Path, json: bool) -> ExitCode {
         let snap = SnapshotStore::open_read_only(&storage::snapshot_path(&data))
             .map_err(|e| StorageError::Corrupt(e.to_string()))?;
         let fs = FsDir::new(&wal).map_err(|e| StorageError::Io(e.to_string()))?;
-        let policy = Policy::compile(&Config::default()).expect("defaults compile");
+        let policy = Policy::from_config(&Config::default()).expect("defaults compile");
         let (engine, _, report) = storage::recover(snap.as_ref(), Arc::new(fs), policy, u64::MAX, true)?;
         let cursors = crate::webhooks::verify_cursor_file(&data.join("delivery.redb"), engine.last_event().0)?;
         Ok::<_, StorageError>((

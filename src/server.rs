@@ -220,7 +220,7 @@ impl Server {
 
     async fn bind_inner(config: &Config, clock: Arc<dyn Clock>, backing: Backing) -> Result<Server, ServerError> {
         config.sanitize()?;
-        let policy = Policy::compile(config)?;
+        let policy = Policy::from_config(config)?;
         let tokens = load_tokens(config)?;
         let webhooks = crate::webhooks::load_webhooks(config)?;
         let mut listeners = Vec::new();
@@ -360,6 +360,26 @@ impl Server {
         // Time goes on from the latest time the log recorded, if the clock is behind it.
         state.clock.resume_from(engine.time(0));
         let engine = Arc::new(engine);
+        let adopted = match crate::api::policy::adopt_at_start(&engine, &state.started_config, state.clock.now_ms()) {
+            Ok(Some(lsn)) => engine
+                .durable_watch()
+                .wait(lsn)
+                .await
+                .map_err(|e| ServerError::Storage(format!("cannot store the policy: {e}"))),
+            Ok(None) => Ok(()),
+            Err(crate::api::policy::AdoptError::Policy(m)) => Err(ServerError::Config(ConfigError::new("policy", m))),
+            Err(crate::api::policy::AdoptError::Storage(m)) => {
+                Err(ServerError::Storage(format!("cannot store the policy: {m}")))
+            }
+        };
+        if let Err(e) = adopted {
+            let _ = stop_tx.send(true);
+            for t in accept_tasks {
+                let _ = t.await;
+            }
+            remove_sockets(&sockets);
+            return Err(e);
+        }
         let waiting = Waiting::install(engine.clone(), state.clock.clone(), state.metrics.waiting.clone());
         let waiter_task = tokio::spawn(waiting.clone().run(stop_rx.clone()));
         let feed = crate::events::EventFeed::new(engine.clone(), storage.as_ref().map(|s| s.snapshots().clone()));

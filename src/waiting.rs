@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{oneshot, Notify};
 
 use crate::clock::{Clock, Millis};
-use crate::config::Priority;
+use crate::engine::policy::Priority;
 use crate::engine::waitlist::{Blocked, Freed, Refusal, Stage, WaitHooks, WaitList, Waiter};
 use crate::engine::{
     Applied, CounterKey, DecideOp, DecideOpts, Decision, DecisionNotes, DecisionRequest, Engine, EngineError, Reason,

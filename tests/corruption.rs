@@ -36,7 +36,7 @@ const NOW: u64 = 1_795_255_200_000;
 fn policy() -> Policy {
     static POLICY: std::sync::OnceLock<Policy> = std::sync::OnceLock::new();
     POLICY
-        .get_or_init(|| Policy::compile(&Config::from_toml(CONFIG, "t.toml").unwrap()).unwrap())
+        .get_or_init(|| Policy::from_config(&Config::from_toml(CONFIG, "t.toml").unwrap()).unwrap())
         .clone()
 }
 

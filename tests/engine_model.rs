@@ -603,7 +603,7 @@ fn cmd() -> impl Strategy<Value = Cmd> {
 
 fn engine(journal: Arc<MemoryJournal>) -> Engine {
     let config = Config::from_toml(CONFIG, "model.toml").unwrap();
-    Engine::new(Policy::compile(&config).unwrap(), journal)
+    Engine::new(Policy::from_config(&config).unwrap(), journal)
 }
 
 /// Per subject: plan and (limit, scope, used) of each counter.

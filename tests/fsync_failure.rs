@@ -37,13 +37,14 @@ fn opener(config: &Config, dir: &SimDir, snaps: &SnapshotStore) -> StorageOpener
 async fn failed_fsync_is_never_acknowledged_stops_the_daemon_and_recovers_cleanly() {
     // (the n-th write or sync fails, whether a short write or a failed sync,
     // whether the crash image keeps the bytes that were never synced)
+    // The first write and sync are the start's: the policy's version 1.
     for (fail_at, short_write, keep_unsynced) in [
-        (4u64, false, false),
-        (4, false, true),
-        (1, false, false),
-        (9, false, true),
-        (4, true, true),
-        (1, true, true),
+        (5u64, false, false),
+        (5, false, true),
+        (2, false, false),
+        (10, false, true),
+        (5, true, true),
+        (2, true, true),
     ] {
         let sock_dir = tempfile::tempdir().unwrap();
         let mut config = Config::from_toml(CONFIG, "t.toml").unwrap();
@@ -88,7 +89,7 @@ async fn failed_fsync_is_never_acknowledged_stops_the_daemon_and_recovers_cleanl
         }
         assert_eq!(
             acked,
-            (0..fail_at - 1).collect::<Vec<_>>(),
+            (0..fail_at - 2).collect::<Vec<_>>(),
             "exactly the writes before the failed sync"
         );
         assert!(refused > 0);
@@ -206,4 +207,30 @@ async fn only_health_answers_until_recovery_has_finished() {
     assert_eq!(raw(&sock, r#"{"subject":"u"}"#).await.unwrap().0, 200);
     let _ = stop.send(());
     run.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn a_failed_sync_of_the_starting_policy_version_refuses_the_start() {
+    let sock_dir = tempfile::tempdir().unwrap();
+    let mut config = Config::from_toml(CONFIG, "t.toml").unwrap();
+    config.server.listen = vec![format!("unix:{}", sock_dir.path().join("q.sock").display())];
+    let (dir, snaps) = (SimDir::new(), SnapshotStore::in_memory());
+    dir.set_faults(Faults {
+        fail_sync_at: Some(1),
+        ..Faults::default()
+    });
+    let server = Server::bind_with_storage(
+        &config,
+        Arc::new(ManualClock::new(common::T0)),
+        opener(&config, &dir, &snaps),
+    )
+    .await
+    .unwrap();
+    let err = tokio::time::timeout(std::time::Duration::from_secs(10), server.run(std::future::pending()))
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert!(matches!(err, ServerError::Storage(_)), "{err}");
+    assert!(err.to_string().contains("cannot store the policy"), "{err}");
+    assert_eq!(quotad::cli::exit_code(&err), quotad::cli::EXIT_STORAGE);
 }

@@ -207,7 +207,7 @@ fn random_request_bodies_get_a_clear_answer_never_a_server_error() {
 fn samples() -> (Vec<u8>, Vec<u8>, Vec<u8>) {
     let config = quotad::config::Config::from_toml(CONFIG, "f.toml").unwrap();
     let journal = std::sync::Arc::new(quotad::journal::MemoryJournal::default());
-    let e = Engine::new(Policy::compile(&config).unwrap(), journal.clone());
+    let e = Engine::new(Policy::from_config(&config).unwrap(), journal.clone());
     let req = |ttl: Option<u64>, key: &str| DecisionRequest {
         subject: "u".into(),
         event: Some("llm.chat".into()),

@@ -9,6 +9,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use quotad::config::Config;
+use quotad::engine::policy::{MaxValue, PolicyDoc};
+use quotad::engine::PolicyRequest;
 use quotad::engine::{DecideOp, DecisionRequest, Engine, Finish, Policy};
 use quotad::storage::Storage;
 use serde_json::{json, Value};
@@ -106,7 +108,7 @@ fn config(data_dir: &Path, version: u16) -> Config {
 
 fn open(data_dir: &Path, version: u16) -> (Engine, Storage) {
     let c = config(data_dir, version);
-    let (engine, storage, _) = Storage::open(&c.storage, Policy::compile(&c).unwrap(), Default::default()).unwrap();
+    let (engine, storage, _) = Storage::open(&c.storage, Policy::from_config(&c).unwrap(), Default::default()).unwrap();
     (engine, storage)
 }
 
@@ -136,6 +138,30 @@ fn state(engine: &Engine) -> Value {
     json!({"subjects": views, "counts": [d.subjects, d.counters, d.reservations, d.idempotency_keys]})
 }
 
+/// The policy's version 2 in the v5 files.
+fn policy_v2(c: &Config) -> PolicyDoc {
+    let mut doc = c.policy_doc();
+    let free = doc.plans.iter_mut().find(|p| p.name == "free").unwrap();
+    for l in &mut free.limits {
+        match l.name.as_str() {
+            "burst" => l.period = Some("2m".into()),
+            "tokens-per-day" => l.max = MaxValue::Finite(200_000),
+            _ => {}
+        }
+    }
+    doc
+}
+
+fn policy_versions(engine: &Engine) -> Value {
+    let log = engine.policy_log();
+    let versions: Vec<Value> = log
+        .versions
+        .iter()
+        .map(|v| json!({"version": v.version, "changed_at_ms": v.changed_at_ms, "actor": v.actor}))
+        .collect();
+    json!({"applied_lsn": log.applied_lsn, "versions": versions})
+}
+
 fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
     for e in std::fs::read_dir(from).unwrap() {
@@ -155,7 +181,9 @@ fn regenerate_golden_files() {
     let tmp = tempfile::tempdir().unwrap();
     let (engine, storage) = open(tmp.path(), version);
     let wait = |lsn: Option<u64>| storage.journal().wait_durable_blocking(lsn.unwrap()).unwrap();
-    // Before the snapshot.
+    let conf = config(tmp.path(), version);
+    // Before the snapshot (from version 5: the policy's version 1 first, as a daemon's start writes it).
+    wait(quotad::api::policy::adopt_at_start(&engine, &conf, T0).unwrap());
     for (i, s) in SUBJECTS.iter().enumerate() {
         wait(
             engine
@@ -205,11 +233,34 @@ fn regenerate_golden_files() {
             .unwrap()
             .lsn,
     );
+    // Version 2 of the policy, only in the WAL: "burst" refills per 2 minutes
+    // (its counters start afresh), the per-day cap is raised (kept).
+    let doc = policy_v2(&conf);
+    let changed = engine
+        .change_policy(
+            PolicyRequest {
+                doc: &doc,
+                compiled: Policy::compile(&doc, &conf).unwrap(),
+                actor: "billing",
+                if_version: Some(1),
+                idempotency: Some(("policy-2", 7)),
+                refuse_plans_in_use: true,
+                skip_if_same: false,
+            },
+            T0 + 64_000,
+        )
+        .unwrap();
+    assert_eq!(
+        changed.value.dropped.keys().map(|k| &**k).collect::<Vec<_>>(),
+        ["burst"]
+    );
+    wait(changed.lsn);
     let expected = json!({
         "state": state(&engine),
         "replay_key": "hold-1",
         "replay_reservation_id": hold.value.reservation_id,
         "committed_reservation_id": done,
+        "policy": policy_versions(&engine),
     });
     drop(storage); // no final snapshot: the WAL holds what came after the first one
     drop(engine);
@@ -231,6 +282,11 @@ fn check_golden(version: u16) {
     let tmp = tempfile::tempdir().unwrap();
     copy_dir(&dir, tmp.path());
     let (engine, storage) = open(tmp.path(), version);
+    if version >= 5 {
+        // The version in force is the stored one (as with policy.source = "api").
+        let stored = engine.policy_version().unwrap().policy_doc().unwrap();
+        engine.install_recovered(Policy::compile(&stored, &config(tmp.path(), version)).unwrap());
+    }
     assert_eq!(
         state(&engine),
         expected["state"],
@@ -254,6 +310,15 @@ fn check_golden(version: u16) {
         repeat.value.charged["tokens"], 250,
         "the finished reservation kept its answer"
     );
+    if version >= 5 {
+        assert_eq!(
+            policy_versions(&engine),
+            expected["policy"],
+            "the policy's versions recover"
+        );
+        let doc = policy_v2(&config(tmp.path(), version));
+        assert!(engine.policy_version().unwrap().policy_doc().unwrap().same_as(&doc));
+    }
     if version >= 2 {
         // 250 tokens at 2.50 EUR per million, rounded up: 625 µEUR.
         assert_eq!(repeat.value.charged["cost_micros"], 625);
@@ -286,4 +351,9 @@ fn golden_v3_files_still_read() {
 #[test]
 fn golden_v4_files_still_read() {
     check_golden(4);
+}
+
+#[test]
+fn golden_v5_files_still_read() {
+    check_golden(5);
 }

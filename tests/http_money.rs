@@ -400,7 +400,7 @@ async fn money_counters_survive_a_restart() {
 
 fn compile_err(text: &str) -> (String, String) {
     let e = Config::from_toml(text, "q.toml")
-        .and_then(|c| Policy::compile(&c).map(|_| ()))
+        .and_then(|c| Policy::from_config(&c).map(|_| ()))
         .unwrap_err();
     (e.key, e.message)
 }

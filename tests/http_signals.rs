@@ -478,7 +478,7 @@ async fn webhook_config_errors_name_the_key() {
     ] {
         let e = match quotad::config::Config::from_toml(text, "t.toml") {
             Err(e) => e,
-            Ok(c) => quotad::engine::Policy::compile(&c).unwrap_err(),
+            Ok(c) => quotad::engine::Policy::from_config(&c).unwrap_err(),
         }
         .to_string();
         assert!(e.contains(words) && !e.contains("f64") && !e.contains("u32"), "{e}");

@@ -266,7 +266,8 @@ async fn metrics_move_as_requests_are_made() {
         let family = name.trim_end_matches("_total");
         assert!(after.contains(&format!("# TYPE {family} ")), "{name} missing:\n{after}");
     }
-    assert_eq!(metric(&before.text, "quotad_wal_records_total"), 0.0);
+    // One record before any request: the policy's version 1.
+    assert_eq!(metric(&before.text, "quotad_wal_records_total"), 1.0);
     let m = |p: &str| metric(&after, p);
     assert_eq!(
         m("quotad_decisions_total{op=\"consume\",outcome=\"allow\",plan=\"free\"}"),
@@ -284,8 +285,8 @@ async fn metrics_move_as_requests_are_made() {
     assert_eq!(m("quotad_idempotent_replays_total"), 1.0);
     assert_eq!(
         m("quotad_wal_records_total"),
-        4.0,
-        "3 consumes and 1 reserve were logged"
+        5.0,
+        "the policy's version, 3 consumes and 1 reserve were logged"
     );
     assert!(m("quotad_wal_bytes_total") > 100.0);
     assert!(m("quotad_wal_fsync_duration_seconds_count") >= 1.0);

@@ -38,7 +38,7 @@ const HOUR: u64 = 3_600_000;
 fn open(dir: &Path) -> (Engine, Storage) {
     let mut c = Config::from_toml(CONFIG, "t.toml").unwrap();
     c.storage.data_dir = dir.to_path_buf();
-    let (e, s, _) = Storage::open(&c.storage, Policy::compile(&c).unwrap(), Default::default()).unwrap();
+    let (e, s, _) = Storage::open(&c.storage, Policy::from_config(&c).unwrap(), Default::default()).unwrap();
     (e, s)
 }
 

@@ -47,7 +47,7 @@ const T0: u64 = 1_795_255_200_000;
 fn open(dir: &Path) -> Result<(Engine, Storage), StorageError> {
     let mut c = Config::from_toml(CONFIG, "t.toml").unwrap();
     c.storage.data_dir = dir.to_path_buf();
-    Storage::open(&c.storage, Policy::compile(&c).unwrap(), Default::default()).map(|(e, s, _)| (e, s))
+    Storage::open(&c.storage, Policy::from_config(&c).unwrap(), Default::default()).map(|(e, s, _)| (e, s))
 }
 
 fn consume(e: &Engine, s: &Storage, subject: &str, tokens: u64, key: Option<String>, now: u64) -> bool {

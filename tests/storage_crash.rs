@@ -57,7 +57,7 @@ impl Rng {
 }
 
 fn policy() -> Policy {
-    Policy::compile(&Config::from_toml(CONFIG, "t.toml").unwrap()).unwrap()
+    Policy::from_config(&Config::from_toml(CONFIG, "t.toml").unwrap()).unwrap()
 }
 
 fn open(dir: &SimDir, snaps: &SnapshotStore) -> (Engine, Storage) {

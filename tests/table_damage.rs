@@ -1,6 +1,6 @@
 //! A flipped bit inside any value quotad stores in redb refuses start and
 //! names the file, the table and the key: events, usage buckets and their
-//! indexes, shards (and the rest of `snapshot.redb`), and the webhook
+//! indexes, shards, the policy's versions (and the rest of `snapshot.redb`), and the webhook
 //! delivery cursors of `delivery.redb`, which also refuse start when they
 //! point past the newest recorded event. `quotad wal verify` reports the
 //! same. Before these checks a flip in a usage value was served as
@@ -33,6 +33,8 @@ default = true
   period = "1d"
   max = 10000000000000
   alerts = [0.000001]
+[[plans]]
+name = "damage-target-plan"
 "#;
 
 /// 2026-11-21T10:00:00Z.
@@ -41,15 +43,25 @@ const T0: u64 = 1_795_255_200_000;
 const AMOUNT: u64 = 0x0000_0071_6a5b_4c3d;
 const SUBJECT: &str = "damage-target-subject";
 
-fn open(dir: &Path) -> Result<(Engine, Storage), StorageError> {
+fn config(dir: &Path) -> Config {
     let mut c = Config::from_toml(CONFIG, "t.toml").unwrap();
     c.storage.data_dir = dir.to_path_buf();
-    Storage::open(&c.storage, Policy::compile(&c).unwrap(), Default::default()).map(|(e, s, _)| (e, s))
+    c
 }
 
-/// A snapshot holding one subject's counter, usage buckets and one event.
+fn open(dir: &Path) -> Result<(Engine, Storage), StorageError> {
+    let c = config(dir);
+    Storage::open(&c.storage, Policy::from_config(&c).unwrap(), Default::default()).map(|(e, s, _)| (e, s))
+}
+
+/// A snapshot holding one subject's counter, usage buckets, one event and
+/// the policy's first version.
 fn build(dir: &Path) {
     let (e, s) = open(dir).unwrap();
+    let lsn = quotad::api::policy::adopt_at_start(&e, &config(dir), T0)
+        .unwrap()
+        .unwrap();
+    s.journal().wait_durable_blocking(lsn).unwrap();
     let req = DecisionRequest {
         subject: SUBJECT.into(),
         event: None,
@@ -109,6 +121,7 @@ fn a_flip_in_any_stored_value_refuses_start_naming_file_table_and_key() {
         (AMOUNT.to_le_bytes().to_vec(), "amount"),
         (b"threshold.crossed".to_vec(), "event"),
         (SUBJECT.as_bytes().to_vec(), "subject"),
+        (b"damage-target-plan".to_vec(), "policy"),
     ] {
         let found = find_all(&snapshot, &needle);
         assert!(!found.is_empty(), "{what} is in the file");
@@ -156,6 +169,7 @@ fn a_flip_in_any_stored_value_refuses_start_naming_file_table_and_key() {
         "usage_hours_by_time",
         "usage_days_by_time",
         "shards",
+        "policy",
     ] {
         assert!(named.contains(t), "a flip in table {t} was refused by name: {named:?}");
     }
@@ -229,7 +243,7 @@ async fn a_damaged_or_too_far_delivery_cursor_refuses_start() {
     // Three events recorded (three thresholds crossed), none delivered.
     {
         let (e, s) = {
-            let p = Policy::compile(&config).unwrap();
+            let p = Policy::from_config(&config).unwrap();
             Storage::open(&config.storage, p, Default::default())
                 .map(|(e, s, _)| (e, s))
                 .unwrap()

@@ -98,13 +98,14 @@ fn verify_and_dump_a_stopped_daemons_data() {
     let out = quotad(&["wal", "verify"], &data);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
-    assert!(text.contains("12 record(s), LSN 1..12"), "{text}");
+    // The first record is the policy's version 1, written at the first start.
+    assert!(text.contains("13 record(s), LSN 1..13"), "{text}");
     assert!(text.contains("state digest:"), "{text}");
     let out = quotad(&["wal", "verify", "--json"], &data);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(
         (v["ok"].as_bool(), v["records"].as_u64(), v["last_lsn"].as_u64()),
-        (Some(true), Some(12), Some(12))
+        (Some(true), Some(13), Some(13))
     );
     // dump: one JSON line per record, each carrying its idempotency key.
     let out = quotad(&["wal", "dump"], &data);
@@ -113,9 +114,10 @@ fn verify_and_dump_a_stopped_daemons_data() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    assert_eq!(lines.len(), 12);
-    for (i, l) in lines.iter().enumerate() {
-        assert_eq!(l["lsn"], i as u64 + 1);
+    assert_eq!(lines.len(), 13);
+    assert!(lines[0].to_string().contains("SetPolicy"), "{}", lines[0]);
+    for (i, l) in lines[1..].iter().enumerate() {
+        assert_eq!(l["lsn"], i as u64 + 2);
         assert!(l.to_string().contains(&format!("\"key\":\"key-{i}\"")), "{l}");
     }
     // verify changed nothing: the daemon still starts on it and sees the state.
@@ -176,7 +178,7 @@ fn a_torn_tail_is_truncated_and_logged() {
     let j: serde_json::Value = serde_json::from_slice(&v.stdout).unwrap();
     assert_eq!(
         (j["records"].as_u64(), j["torn_tail_bytes"].as_u64()),
-        (Some(5), Some(0))
+        (Some(6), Some(0)) // the policy's version, 4 and 1 consumes
     );
     assert!(std::fs::metadata(&seg).unwrap().len() > len);
 }
@@ -262,7 +264,7 @@ fn verify_changes_no_byte_and_tells_a_running_daemon_from_damage() {
     let before = file_bytes(&data);
     let out = quotad(&["wal", "verify"], &data);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(String::from_utf8_lossy(&out.stdout).contains("300 record(s)"));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("301 record(s)"));
     assert_eq!(file_bytes(&data), before, "wal verify changed the data directory");
 
     // `wal dump | head`: the reader stops early, which is not damage.

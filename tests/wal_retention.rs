@@ -29,7 +29,7 @@ fn config(dir: &Path, retention: &str) -> Config {
 
 fn open(dir: &Path, retention: &str) -> (Engine, Storage) {
     let c = config(dir, retention);
-    let (engine, storage, _) = Storage::open(&c.storage, Policy::compile(&c).unwrap(), Default::default()).unwrap();
+    let (engine, storage, _) = Storage::open(&c.storage, Policy::from_config(&c).unwrap(), Default::default()).unwrap();
     (engine, storage)
 }
 

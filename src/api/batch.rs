@@ -23,7 +23,8 @@ use serde_json::value::RawValue;
 use super::{
     body_bytes_named, check_amounts, check_text, decide_now, decode, note_decision, parse, ApiError, AppState,
 };
-use crate::config::{Priority, Role};
+use crate::config::Role;
+use crate::engine::policy::Priority;
 use crate::engine::{Applied, DecideOp, Decision, Finish, FinishAnswer, Lsn};
 
 /// Operations per batch at most.

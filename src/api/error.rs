@@ -40,6 +40,12 @@ pub enum ApiError {
     /// 408: the body did not arrive in time.
     #[error("{0}")]
     RequestTimeout(String),
+    /// 412: `If-Match` names another version than the one in force.
+    #[error("{0}")]
+    PreconditionFailed(String),
+    /// 400 `invalid_policy`: the policy fails validation; the message names the path.
+    #[error("{0}")]
+    InvalidPolicy(String),
     /// 503: storage failed or shutting down; nothing was applied.
     #[error("{0}")]
     Unavailable(String),
@@ -62,6 +68,8 @@ impl ApiError {
             ApiError::Conflict(code, _) => (StatusCode::CONFLICT, code),
             ApiError::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             ApiError::RequestTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),
+            ApiError::PreconditionFailed(_) => (StatusCode::PRECONDITION_FAILED, "version_mismatch"),
+            ApiError::InvalidPolicy(_) => (StatusCode::BAD_REQUEST, "invalid_policy"),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             ApiError::Busy(..) => (StatusCode::SERVICE_UNAVAILABLE, "busy"),
         }
@@ -90,6 +98,8 @@ impl From<EngineError> for ApiError {
             EngineError::RequestInProgress(_) => ApiError::Conflict("request_in_progress", msg),
             EngineError::UnknownBreaker(..) => ApiError::NotFound("unknown_breaker", msg),
             EngineError::UnknownAnomaly(..) => ApiError::NotFound("unknown_anomaly", msg),
+            EngineError::VersionMismatch { .. } => ApiError::PreconditionFailed(msg),
+            EngineError::PlanInUse(_) => ApiError::Conflict("plan_in_use", msg),
         }
     }
 }

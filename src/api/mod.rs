@@ -6,6 +6,7 @@ mod batch;
 mod error;
 mod json;
 mod openapi;
+pub mod policy;
 mod signals;
 mod usage;
 
@@ -29,7 +30,8 @@ use subtle::ConstantTimeEq;
 pub use error::ApiError;
 
 use crate::clock::Clock;
-use crate::config::{Config, ConfigError, MaxValue, Priority, Role, MAX_SAFE_INTEGER};
+use crate::config::{Config, ConfigError, Role};
+use crate::engine::policy::{MaxValue, Priority, MAX_SAFE_INTEGER};
 use crate::engine::{
     Applied, DecideOp, DecideOpts, Decision, DecisionNotes, DecisionRequest, Engine, EngineError, Finish, Lsn,
     Override, Policy, ReasonCode,
@@ -69,15 +71,22 @@ pub struct Token {
     pub role: Role,
     /// The highest priority its calls may ask for.
     pub max_priority: Priority,
+    /// Who it is in the policy's history (`name`, or `auth.tokens[i]`).
+    pub name: Arc<str>,
 }
 
+/// Who policy changes are recorded as when auth is off.
+pub const ACTOR_WITHOUT_AUTH: &str = "api";
+
 /// What the request's token allows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Grant {
     /// Its role.
     pub role: Role,
     /// The highest `priority` it may ask for.
     pub max_priority: Priority,
+    /// The token's name, recorded as the actor of policy changes.
+    pub actor: Arc<str>,
 }
 
 impl std::fmt::Debug for Token {
@@ -143,6 +152,7 @@ impl AppState {
             return Ok(Grant {
                 role: Role::Admin,
                 max_priority: Priority::Critical,
+                actor: ACTOR_WITHOUT_AUTH.into(),
             });
         }
         // The scheme name is case-insensitive (RFC 9110 11.1): bearer, BEARER.
@@ -160,6 +170,7 @@ impl AppState {
                 let g = grant.get_or_insert(Grant {
                     role: t.role,
                     max_priority: t.max_priority,
+                    actor: t.name.clone(),
                 });
                 g.role = g.role.max(t.role);
                 g.max_priority = g.max_priority.max(t.max_priority);
@@ -181,7 +192,23 @@ impl AppState {
     /// Re-reads the configuration file and puts its limits, plans, engine settings
     /// and tokens in force. An invalid file changes nothing. Settings that need a
     /// restart (listeners, storage, shard count) are reported, not applied.
-    pub fn reload(&self) -> Result<ReloadReport, ConfigError> {
+    ///
+    /// With `policy.source = "file"` the file's policy becomes a new stored
+    /// version (when it changed), answered once durable; with `"api"` the
+    /// stored policy stays, recompiled under the new settings.
+    pub async fn reload(&self) -> Result<ReloadReport, ConfigError> {
+        let (report, lsn) = self.reload_now()?;
+        if let Some(lsn) = lsn {
+            self.wait(lsn)
+                .await
+                .map_err(|e| ConfigError::new("reload", e.to_string()))?;
+        }
+        Ok(report)
+    }
+
+    /// The synchronous part of [`AppState::reload`]: what to wait for, if a
+    /// version was written.
+    fn reload_now(&self) -> Result<(ReloadReport, Option<Lsn>), ConfigError> {
         let path = self.config.read().unwrap_or_else(|e| e.into_inner()).1.clone();
         let Some(path) = path else {
             return Err(ConfigError {
@@ -196,9 +223,14 @@ impl AppState {
             e.file = file.clone();
             e
         };
-        let policy = Policy::compile(&new).map_err(with_file)?;
-        let tokens = load_tokens(&new).map_err(with_file)?;
+        let source = self.started_config.policy.source;
         let engine = self.engine().map_err(|e| ConfigError::new("reload", e.to_string()))?;
+        let doc = match (source, engine.policy_version()) {
+            (crate::config::PolicySource::Api, Some(v)) => v.policy_doc().map_err(|m| ConfigError::new("policy", m))?,
+            _ => new.policy_doc(),
+        };
+        let policy = Policy::compile(&doc, &new).map_err(with_file)?;
+        let tokens = load_tokens(&new).map_err(with_file)?;
         let mut guard = self.config.write().unwrap_or_else(|e| e.into_inner());
         // Against what runs, not the last reload: a change that still waits
         // for a restart is reported on every reload until then.
@@ -222,6 +254,9 @@ impl AppState {
         if format!("{:?}", running.webhooks) != format!("{:?}", new.webhooks) {
             restart_required.push("webhooks");
         }
+        if running.policy.source != new.policy.source {
+            restart_required.push("policy.source");
+        }
         let old_policy = engine.policy();
         let mut usage_reset: Vec<String> = old_policy
             .shapes
@@ -240,13 +275,35 @@ impl AppState {
             usage_reset,
         };
         let s = policy.settings;
-        engine.set_policy(policy);
+        let lsn = match source {
+            crate::config::PolicySource::Api => {
+                engine.install_recovered(policy);
+                None
+            }
+            crate::config::PolicySource::File => {
+                let applied = engine
+                    .change_policy(
+                        crate::engine::PolicyRequest {
+                            doc: &doc,
+                            compiled: policy,
+                            actor: policy::ACTOR_FILE,
+                            if_version: None,
+                            idempotency: None,
+                            refuse_plans_in_use: false,
+                            skip_if_same: true,
+                        },
+                        self.now(),
+                    )
+                    .map_err(|e| ConfigError::new("reload", e.to_string()))?;
+                applied.lsn
+            }
+        };
         if let Some(c) = self.core.get() {
             c.waiting.set_bounds(s.max_waiters, s.max_waiters_per_subject);
         }
         *self.tokens.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(tokens);
         guard.0 = new;
-        Ok(report)
+        Ok((report, lsn))
     }
 
     /// The engine, once recovery has finished.
@@ -359,6 +416,7 @@ pub fn load_tokens(config: &Config) -> Result<Vec<Token>, ConfigError> {
                 secret: secret.into_bytes(),
                 role: t.role,
                 max_priority: t.max_priority(),
+                name: t.name.clone().unwrap_or_else(|| format!("auth.tokens[{i}]")).into(),
             })
         })
         .collect::<Result<_, _>>()?;
@@ -438,6 +496,18 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .route("/v1/anomalies", get(signals::anomalies))
         .route("/v1/plans", get(plans))
+        .route(
+            "/v1/plans/{name}",
+            get(policy::get_plan).put(policy::put_plan).delete(policy::delete_plan),
+        )
+        .route(
+            "/v1/limits/{name}",
+            get(policy::get_limit)
+                .put(policy::put_limit)
+                .delete(policy::delete_limit),
+        )
+        .route("/v1/policy", get(policy::get_policy).put(policy::put_policy))
+        .route("/v1/policy/versions", get(policy::list_versions))
         .route("/v1/admin/digest", get(digest))
         .route("/v1/admin/reload", post(reload))
         .route("/healthz", get(healthz))
@@ -559,6 +629,10 @@ const ROUTES: &[&str] = &[
     "/v1/breakers/{name}/close",
     "/v1/anomalies",
     "/v1/plans",
+    "/v1/plans/{name}",
+    "/v1/limits/{name}",
+    "/v1/policy",
+    "/v1/policy/versions",
     "/v1/admin/digest",
     "/v1/admin/reload",
     "/healthz",
@@ -1377,20 +1451,20 @@ fn form_urlencoded_pairs(q: &str) -> Result<Vec<(String, String)>, ApiError> {
 struct PlanView {
     name: String,
     default: bool,
-    unmatched: crate::config::Unmatched,
+    unmatched: crate::engine::policy::Unmatched,
     /// Priority of its calls that name none.
     priority: Priority,
-    limits: Vec<crate::config::LimitConfig>,
+    limits: Vec<crate::engine::policy::LimitConfig>,
 }
 
 #[derive(Serialize)]
 struct PlansView {
     plans: Vec<PlanView>,
-    limits: Vec<crate::config::LimitConfig>,
+    limits: Vec<crate::engine::policy::LimitConfig>,
     metrics: Vec<String>,
     /// The price table as written, when configured.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pricing: Option<crate::config::PricingConfig>,
+    pricing: Option<crate::engine::policy::PricingConfig>,
 }
 
 async fn plans(State(st): State<Arc<AppState>>, headers: HeaderMap) -> Result<Response, ApiError> {
@@ -1417,7 +1491,7 @@ async fn plans(State(st): State<Arc<AppState>>, headers: HeaderMap) -> Result<Re
             .collect(),
         limits: p.top_limits.iter().map(|l| l.source.clone()).collect(),
         metrics,
-        pricing: st.config.read().unwrap_or_else(|e| e.into_inner()).0.pricing.clone(),
+        pricing: p.doc.pricing.clone(),
     };
     Ok(Json(view).into_response())
 }
@@ -1449,7 +1523,7 @@ async fn digest(State(st): State<Arc<AppState>>, headers: HeaderMap) -> Result<R
 
 async fn reload(State(st): State<Arc<AppState>>, headers: HeaderMap) -> Result<Response, ApiError> {
     st.authorize(&headers, Role::Admin)?;
-    match st.reload() {
+    match st.reload().await {
         Ok(report) => {
             if report.usage_reset.is_empty() {
                 tracing::info!("configuration reloaded: {report}");

@@ -309,7 +309,7 @@ struct FlagOut {
     since: String,
     used: u64,
     baseline: u64,
-    action: crate::config::AnomalyAction,
+    action: crate::engine::policy::AnomalyAction,
     until: String,
 }
 

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use super::*;
-use crate::config::MAX_SAFE_INTEGER;
+use crate::engine::policy::MAX_SAFE_INTEGER;
 
 /// Holds dropped per WAL record when a subject is deleted: each takes about
 /// 100 bytes of the record (its refunds and its drop).
@@ -29,6 +29,12 @@ impl Engine {
             self.make_room_for_keys(policy, now)?;
         }
         let mut locked = self.lock(self.admin_shards(subject, idem_key));
+        if !self.policy_current(policy) {
+            // The plan named may be gone: `build` must see the policy in force.
+            return Err(EngineError::Unavailable(
+                "the policy changed while this write waited; retry it".into(),
+            ));
+        }
         if let Some((lsn, _)) = Self::check_admin_idempotency(&mut locked, idem_key, fp, now)? {
             return Ok(Applied {
                 value: true,
@@ -45,7 +51,7 @@ impl Engine {
     }
 
     /// A repeated key's LSN and stored answer, or `None` for a new key.
-    fn check_admin_idempotency(
+    pub(super) fn check_admin_idempotency(
         locked: &mut Locked<'_>,
         key: Option<&str>,
         fp: u64,

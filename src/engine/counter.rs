@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use super::policy::Kind;
 use super::types::Slot;
 use crate::clock::Millis;
-use crate::config::{MaxValue, MAX_SAFE_INTEGER};
+use crate::engine::policy::{MaxValue, MAX_SAFE_INTEGER};
 
 /// State of one counter.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -9,7 +9,8 @@
 mod admin;
 mod counter;
 mod packed;
-mod policy;
+pub mod policy;
+mod policy_change;
 mod pricing;
 mod reservations;
 pub mod signals;
@@ -27,7 +28,11 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 pub use admin::StateDigest;
 pub use counter::{evaluate, slot_for, Counter, Usage, Verdict};
 pub use packed::PackedAnswer;
-pub use policy::{glob_match, Kind, Limit, LimitShape, Matcher, Plan, Policy, Scope, SLIDING_BUCKETS};
+pub use policy::{
+    glob_match, Kind, Limit, LimitShape, Matcher, Plan, Policy, PolicyChange, PolicyDoc, PolicyLog, PolicyVersion,
+    Scope, SLIDING_BUCKETS,
+};
+pub use policy_change::{PolicyOutcome, PolicyRequest};
 pub use pricing::{parse_price, PriceRates, PricedCall, Pricing};
 pub use state::{
     apply, intern, merge_usage, CounterMap, FastMap, Shard, ShardAccess, SubjectState, Subjects, UsageDeltas,
@@ -37,8 +42,13 @@ use watch::SignalWork;
 pub use watch::{BreakerView, FlagView};
 
 use crate::clock::Millis;
-use crate::config::{MaxValue, Mode, Priority, Unmatched};
+use crate::engine::policy::{MaxValue, Mode, Priority, Unmatched};
 use crate::journal::{DurableWatch, Journal};
+
+/// The fingerprint idempotency keys keep of a request other than a decision.
+pub fn fingerprint_of<T: serde::Serialize>(op: &str, body: &T) -> u64 {
+    fingerprint(op, body)
+}
 
 /// FNV-1a over `bytes`, with a domain tag: used to pick shards and to fingerprint
 /// requests (stable across processes, unlike `DefaultHasher`).
@@ -139,6 +149,12 @@ pub struct Engine {
     flag_states: std::sync::atomic::AtomicUsize,
     /// Told after a record with events is applied (wakes the event feed).
     event_hook: std::sync::OnceLock<Arc<dyn Fn() + Send + Sync>>,
+    /// The stored versions of the policy. Lock order: after the shards,
+    /// before the signals.
+    policy_log: Mutex<PolicyLog>,
+    /// The generation of the policy in force ([`Policy::generation`]),
+    /// changed only while every shard is locked.
+    policy_generation: AtomicU64,
 }
 
 /// How a decision is asked for, beyond the request itself.
@@ -301,6 +317,16 @@ impl ShardAccess for Locked<'_> {
         let i = self.engine.shard_of_idempotency(key);
         self.shard(i)
     }
+    fn each_shard(&mut self, f: &mut dyn FnMut(&mut Shard)) {
+        assert_eq!(
+            self.guards.len(),
+            self.engine.shards.len(),
+            "invariant: a record that reaches every shard holds every shard"
+        );
+        for g in &mut self.guards {
+            f(g);
+        }
+    }
 }
 
 /// Tells the waiters' keeper of capacity a mutation gives back.
@@ -360,6 +386,13 @@ impl ShardAccess for Exclusive<'_> {
     }
     fn idempotency_shard(&mut self, key: &str) -> &mut Shard {
         self.get(fnv1a(5, key.as_bytes()))
+    }
+    fn each_shard(&mut self, f: &mut dyn FnMut(&mut Shard)) {
+        for (i, s) in self.engine_shards.iter_mut().enumerate() {
+            if self.base.get(i).is_none_or(|&b| b < self.lsn) {
+                f(s.get_mut().unwrap_or_else(|e| e.into_inner()));
+            }
+        }
     }
 }
 
@@ -507,6 +540,8 @@ impl Engine {
             signals: Mutex::new(signals::Signals::default()),
             flag_states: std::sync::atomic::AtomicUsize::new(0),
             event_hook: std::sync::OnceLock::new(),
+            policy_log: Mutex::new(PolicyLog::default()),
+            policy_generation: AtomicU64::new(0),
         }
     }
 
@@ -520,12 +555,30 @@ impl Engine {
         self.policy.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// Replaces the limits and plans (reload). Counters keep their identity.
+    /// Puts `policy` in force without recording a version: for tests and
+    /// embedders that keep no policy history. Counters keep their identity.
     pub fn set_policy(&self, policy: Policy) {
+        let locked = self.lock((0..self.shards.len()).collect());
+        self.install_policy(&locked, policy);
+    }
+
+    /// Swaps the policy in force while `locked` holds every shard, so that no
+    /// decision is under way with the one it replaces.
+    fn install_policy(&self, locked: &Locked<'_>, mut policy: Policy) {
+        debug_assert_eq!(locked.guards.len(), self.shards.len());
+        let generation = self.policy_generation.load(Ordering::Relaxed) + 1;
+        policy.generation = generation;
         *self.policy.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(policy);
+        self.policy_generation.store(generation, Ordering::Release);
         if let Some(h) = self.wait_hooks.get().filter(|h| h.active()) {
             h.freed(waitlist::Freed::All);
         }
+    }
+
+    /// Whether `policy` is still the one in force: checked under shard locks,
+    /// which a policy change holds all of.
+    fn policy_current(&self, policy: &Policy) -> bool {
+        self.policy_generation.load(Ordering::Acquire) == policy.generation
     }
 
     /// Replaces the journal: recovery replays into an engine before the WAL
@@ -697,6 +750,12 @@ impl Engine {
             }
         }
         let mut locked = self.lock(shards);
+        if !self.policy_current(&policy) {
+            // The policy changed while this call waited for its shards: decide
+            // it again under the new one (changes are rare; this recurses once).
+            drop(locked);
+            return self.decide_with(op, req, now_ms, opts);
+        }
 
         // What reservations and idempotency fingerprints record; decisions
         // themselves read amount_of() and need no map.
@@ -728,7 +787,9 @@ impl Engine {
                         },
                         DecisionNotes::default(),
                     )),
-                    StoredAnswer::Deleted { .. } => Err(EngineError::IdempotencyConflict(k.to_string())),
+                    StoredAnswer::Deleted { .. } | StoredAnswer::Policy { .. } => {
+                        Err(EngineError::IdempotencyConflict(k.to_string()))
+                    }
                 };
             }
         }
@@ -1162,6 +1223,12 @@ impl Engine {
         };
         for m in muts {
             apply(&mut access, m, lsn);
+            if let Mutation::SetPolicy(change) = m {
+                self.policy_log
+                    .get_mut()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .apply(lsn, change);
+            }
         }
         if muts.iter().any(signals::Signals::touches) {
             self.replay_signals(lsn, muts);

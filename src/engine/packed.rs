@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use super::types::{Cost, CounterView, Decision, Outcome, Reason, ReasonCode, StoredAnswer};
 use crate::clock::Millis;
-use crate::config::{MaxValue, Mode};
+use crate::engine::policy::{MaxValue, Mode};
 
 /// A [`StoredAnswer`] as compact bytes.
 #[derive(Clone, PartialEq, Eq)]
@@ -24,6 +24,7 @@ pub struct PackedAnswer(Box<[u8]>);
 enum Packed {
     Decision(Box<PackedDecision>),
     Deleted { subject: String, existed: bool },
+    Policy { version: u64 },
 }
 
 #[derive(Serialize, Deserialize)]
@@ -74,6 +75,7 @@ impl PackedAnswer {
                 subject: subject.clone(),
                 existed: *existed,
             },
+            StoredAnswer::Policy { version } => Packed::Policy { version: *version },
         };
         let bytes = bincode::serde::encode_to_vec(&packed, codec()).expect("answers encode");
         PackedAnswer(bytes.into_boxed_slice())
@@ -112,6 +114,7 @@ impl PackedAnswer {
         Ok(match packed {
             Packed::Decision(p) => StoredAnswer::Decision(unpack_decision(*p)),
             Packed::Deleted { subject, existed } => StoredAnswer::Deleted { subject, existed },
+            Packed::Policy { version } => StoredAnswer::Policy { version },
         })
     }
 }

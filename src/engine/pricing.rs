@@ -12,7 +12,8 @@ use serde::{Deserialize, Serialize};
 
 use super::policy::{compile_matcher, valid_name, Matcher};
 use super::types::EngineError;
-use crate::config::{ConfigError, PricingConfig, Unpriced, MAX_SAFE_INTEGER};
+use crate::config::ConfigError;
+use crate::engine::policy::{PricingConfig, Unpriced, MAX_SAFE_INTEGER};
 
 /// Largest numerator or denominator a price may reduce to. Amounts are at
 /// most 2^53, so a sum of 32 products stays below 2^123: no overflow in u128.

@@ -16,7 +16,7 @@ use super::counter::{evaluate, Counter};
 use super::policy::{Kind, Matcher, Scope, WindowCache};
 use super::types::{CounterKey, Lsn, Mutation, ScopeKey};
 use crate::clock::Millis;
-use crate::config::{AnomalyAction, MaxValue, Priority};
+use crate::engine::policy::{AnomalyAction, MaxValue, Priority};
 use crate::period::{rfc3339, Period};
 
 /// Internal counters (breaker rates, anomaly history) are named with this
@@ -115,6 +115,15 @@ pub enum EventBody {
         /// What it held, by metric.
         held: BTreeMap<String, u64>,
     },
+    /// A new version of the policy is in force.
+    PolicyChanged {
+        /// The new version.
+        version: u64,
+        /// The one it replaced (0: none).
+        previous_version: u64,
+        /// Who changed it: a token's name, or `file`.
+        actor: Arc<str>,
+    },
 }
 
 /// Why a breaker is open or closed.
@@ -137,12 +146,13 @@ impl BreakerReason {
 }
 
 /// Every event type, as the API names them.
-pub const EVENT_TYPES: [&str; 5] = [
+pub const EVENT_TYPES: [&str; 6] = [
     "threshold.crossed",
     "breaker.opened",
     "breaker.closed",
     "anomaly.detected",
     "reservation.expired",
+    "policy.changed",
 ];
 
 /// A threshold in millionths as the decimal the config wrote.
@@ -159,6 +169,7 @@ impl Event {
             EventBody::BreakerClosed { .. } => EVENT_TYPES[2],
             EventBody::AnomalyDetected { .. } => EVENT_TYPES[3],
             EventBody::ReservationExpired { .. } => EVENT_TYPES[4],
+            EventBody::PolicyChanged { .. } => EVENT_TYPES[5],
         }
     }
 
@@ -222,6 +233,11 @@ impl Event {
                 reservation_id,
                 held,
             } => json!({"subject": subject, "reservation_id": reservation_id, "held": held}),
+            EventBody::PolicyChanged {
+                version,
+                previous_version,
+                actor,
+            } => json!({"version": version, "previous_version": previous_version, "actor": actor}),
         };
         if let (Some(o), serde_json::Value::Object(e)) = (v.as_object_mut(), extra) {
             o.extend(e);
@@ -488,7 +504,7 @@ pub struct Breaker {
     /// values are not watched, which bounds memory.
     pub max_scopes: usize,
     /// As written, for `GET /v1/breakers`.
-    pub source: crate::config::BreakerConfig,
+    pub source: crate::engine::policy::BreakerConfig,
 }
 
 /// What a breaker reads for one scope value.
@@ -620,7 +636,7 @@ pub struct Anomaly {
     /// The hidden per-subject counter of period totals.
     pub limit: Arc<str>,
     /// As written, for listings.
-    pub source: crate::config::AnomalyConfig,
+    pub source: crate::engine::policy::AnomalyConfig,
 }
 
 impl Anomaly {

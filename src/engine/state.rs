@@ -436,7 +436,7 @@ pub type UsageDeltas = BTreeMap<(Arc<str>, Millis), Vec<(Arc<str>, u64)>>;
 /// Adds `amount` of `metric` to a bucket.
 pub fn add_usage(bucket: &mut Vec<(Arc<str>, u64)>, metric: &Arc<str>, amount: u64) {
     match bucket.iter_mut().find(|(m, _)| m == metric) {
-        Some((_, v)) => *v = v.saturating_add(amount).min(crate::config::MAX_SAFE_INTEGER),
+        Some((_, v)) => *v = v.saturating_add(amount).min(crate::engine::policy::MAX_SAFE_INTEGER),
         None => bucket.push((metric.clone(), amount)),
     }
 }
@@ -462,6 +462,9 @@ pub trait ShardAccess {
     fn reservation_shard(&mut self, id: &str) -> &mut Shard;
     /// The shard of an idempotency key.
     fn idempotency_shard(&mut self, key: &str) -> &mut Shard;
+    /// Every shard the record being applied reaches (live: all are locked;
+    /// replay: those its snapshot does not already cover).
+    fn each_shard(&mut self, f: &mut dyn FnMut(&mut Shard));
 }
 
 /// Effects of `apply` that live outside the shards.
@@ -553,6 +556,17 @@ pub fn apply<A: ShardAccess>(access: &mut A, m: &Mutation, lsn: Lsn) -> Applied 
         Mutation::DeleteSubject { subject } => {
             access.subject_shard(subject).subjects.remove(subject);
         }
+        Mutation::SetPolicy(change) if !change.dropped.is_empty() => {
+            let gone = |name: &Arc<str>| change.dropped.iter().any(|d| d == name);
+            access.each_shard(&mut |shard| {
+                shard.shared.retain(|k, _| !gone(&k.limit));
+                shard.subjects.retain(|_, st| {
+                    st.counters.retain(|name, _| !gone(name));
+                    !st.is_empty()
+                });
+            });
+        }
+        Mutation::SetPolicy(_) => {}
         Mutation::PutReservation(r) => {
             let old = access
                 .reservation_shard(&r.id)

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::clock::Millis;
-use crate::config::{MaxValue, Mode, Priority};
+use crate::engine::policy::{MaxValue, Mode, Priority};
 
 /// Log sequence number of a journal record.
 pub type Lsn = u64;
@@ -294,7 +294,7 @@ pub struct SubjectFlag {
     /// The subject's average over its baseline periods.
     pub baseline: u64,
     /// What it does: flag, degrade or deny.
-    pub action: crate::config::AnomalyAction,
+    pub action: crate::engine::policy::AnomalyAction,
     /// When it lapses: the end of the period (RFC 3339).
     pub until: String,
 }
@@ -313,6 +313,11 @@ pub enum StoredAnswer {
         /// DELETE: whether the subject was known.
         #[serde(default)]
         existed: bool,
+    },
+    /// A policy write: the version it made.
+    Policy {
+        /// That version.
+        version: u64,
     },
 }
 
@@ -525,6 +530,8 @@ pub enum Mutation {
         /// Metric → amount (zeros left out).
         amounts: Vec<(Arc<str>, u64)>,
     },
+    /// A new version of the policy, and the counters it drops (format version 5).
+    SetPolicy(Box<super::policy::PolicyChange>),
 }
 
 /// Errors the engine answers with (mapped to HTTP by the api layer).
@@ -564,6 +571,17 @@ pub enum EngineError {
     /// A call with the same idempotency key is waiting for capacity.
     #[error("{0}")]
     RequestInProgress(String),
+    /// `If-Match` named another version than the one in force.
+    #[error("the policy is at version {current}, not {given}; read it again and apply your change to that version")]
+    VersionMismatch {
+        /// The version in force.
+        current: u64,
+        /// The version the request was made against.
+        given: u64,
+    },
+    /// A plan that subjects are assigned to (or the default plan) cannot go.
+    #[error("{0}")]
+    PlanInUse(String),
     /// No breaker by that name (the second field lists them).
     #[error("no breaker named {0:?}; {1}")]
     UnknownBreaker(String, String),

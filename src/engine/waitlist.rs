@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use super::types::CounterKey;
 use crate::clock::Millis;
-use crate::config::Priority;
+use crate::engine::policy::Priority;
 
 /// What may have capacity again, reported by the engine after it applied a
 /// change (a refund, reset, credit, a subject's plan or deletion, a reload).

@@ -16,7 +16,7 @@ use super::state::SubjectState;
 use super::types::{CounterKey, EngineError, Hold, Lsn, Mutation, Reason, ReasonCode, ScopeKey, Slot};
 use super::{Engine, Locked, Matched};
 use crate::clock::Millis;
-use crate::config::{AnomalyAction, MaxValue, Priority};
+use crate::engine::policy::{AnomalyAction, MaxValue, Priority};
 
 /// What signals add to one decision.
 #[derive(Debug, Default)]

@@ -16,6 +16,11 @@
 //! Version 4 changes no encoding here: records and shards are as in version
 //! 3. It marks the snapshot file's event and usage values as checksummed
 //! (see `storage::snapshot`), which a version 3 build would misread.
+//!
+//! Version 5 adds `Mutation::SetPolicy` (a new version of the policy, and
+//! the counters it drops), the stored answer of a policy write, the
+//! `policy.changed` event, and the snapshot's `policy` table (the versions
+//! kept). Version 4 bytes decode unchanged.
 
 pub mod v1;
 
@@ -23,7 +28,7 @@ use crate::clock::Millis;
 use crate::engine::{Mutation, Shard};
 
 /// The format written by this build.
-pub const FORMAT_VERSION: u16 = 4;
+pub const FORMAT_VERSION: u16 = 5;
 
 /// Largest shard decoded: a corrupt length inside a shard cannot make the
 /// decoder allocate more than this.
@@ -85,7 +90,7 @@ pub fn decode_record(version: u16, bytes: &[u8]) -> Result<(Millis, Vec<Mutation
             let muts: Vec<Mutation> = muts.into_iter().map(Mutation::from).collect();
             Ok((v1::record_time(&muts), muts))
         }
-        2..=4 => decode_exact(bytes, "record", record_config()),
+        2..=5 => decode_exact(bytes, "record", record_config()),
         v => Err(unknown_version(v)),
     }
 }
@@ -100,6 +105,16 @@ pub fn decode_signals(bytes: &[u8]) -> Result<crate::engine::signals::Signals, C
     decode_exact(bytes, "signals state", config())
 }
 
+/// Encodes the policy's stored versions for a snapshot.
+pub fn encode_policy_log(log: &crate::engine::PolicyLog) -> Result<Vec<u8>, CodecError> {
+    bincode::serde::encode_to_vec(log, config()).map_err(|e| CodecError(e.to_string()))
+}
+
+/// Decodes the policy's stored versions of a version 5 snapshot.
+pub fn decode_policy_log(bytes: &[u8]) -> Result<crate::engine::PolicyLog, CodecError> {
+    decode_exact(bytes, "policy versions", config())
+}
+
 /// Encodes one shard for a snapshot.
 pub fn encode_shard(shard: &Shard) -> Result<Vec<u8>, CodecError> {
     bincode::serde::encode_to_vec(shard, config()).map_err(|e| CodecError(e.to_string()))
@@ -109,7 +124,7 @@ pub fn encode_shard(shard: &Shard) -> Result<Vec<u8>, CodecError> {
 pub fn decode_shard(version: u16, bytes: &[u8]) -> Result<Shard, CodecError> {
     match version {
         1 => decode_exact::<v1::ShardV1>(bytes, "shard", config()).map(Shard::from),
-        2..=4 => decode_exact(bytes, "shard", config()),
+        2..=5 => decode_exact(bytes, "shard", config()),
         v => Err(unknown_version(v)),
     }
 }
@@ -119,7 +134,7 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
-    use crate::config::{MaxValue, Mode};
+    use crate::engine::policy::{MaxValue, Mode};
     use crate::engine::*;
 
     fn decision() -> Decision {

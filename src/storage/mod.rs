@@ -164,8 +164,8 @@ pub fn recover(
         Some(s) => s.load().map_err(|e| StorageError::Corrupt(e.to_string()))?,
         None => None,
     };
-    let (shards, snapshot_ms, snapshot_lsn, signals) = loaded
-        .map(|l| (l.shards, l.created_ms, l.last_lsn, l.signals))
+    let (shards, snapshot_ms, snapshot_lsn, signals, policy_log) = loaded
+        .map(|l| (l.shards, l.created_ms, l.last_lsn, l.signals, l.policy))
         .unwrap_or_default();
     report.snapshot_loaded = !shards.is_empty();
     report.snapshot_created_ms = report.snapshot_loaded.then_some(snapshot_ms);
@@ -173,6 +173,14 @@ pub fn recover(
     let mut engine = Engine::from_snapshot(policy, Arc::new(NullJournal::default()), shards);
     if let Some(blob) = signals {
         engine.load_signals(codec::decode_signals(&blob).map_err(|e| StorageError::Corrupt(e.to_string()))?);
+    }
+    if let Some(blob) = policy_log {
+        let log = codec::decode_policy_log(&blob).map_err(|e| {
+            StorageError::Corrupt(format!(
+                "snapshot: table policy, key \"versions\": does not decode: {e}"
+            ))
+        })?;
+        engine.load_policy_log(log);
     }
     // Engine time resumes where the snapshot left it, whatever the wall clock says.
     engine.time(snapshot_ms);
@@ -350,12 +358,15 @@ impl Storage {
         usage: &crate::engine::UsageDeltas,
         started: Instant,
     ) -> Result<SnapshotReport, StorageError> {
-        // Captured after the shards: signals are applied before shards, so
-        // this state covers every signal change the shards hold.
+        // Captured after the shards: signals and policy versions are applied
+        // before a record's shard effects are released, so these cover every
+        // change the shards hold (replay skips what they already have).
         let (signals, events) = engine.signals_for_snapshot();
+        let policy_log = engine.policy_log();
+        let policy = codec::encode_policy_log(&policy_log).map_err(|e| StorageError::Io(e.to_string()))?;
         let state = codec::encode_signals(&signals).map_err(|e| StorageError::Io(e.to_string()))?;
         self.journal
-            .wait_durable_blocking(max_lsn.max(signals.applied_lsn))
+            .wait_durable_blocking(max_lsn.max(signals.applied_lsn).max(policy_log.applied_lsn))
             .map_err(|e| StorageError::Io(e.to_string()))?;
         let json: Vec<Vec<u8>> = events.iter().map(|e| e.to_json().to_string().into_bytes()).collect();
         let now = engine.time(now_ms);
@@ -368,6 +379,7 @@ impl Storage {
                 .collect(),
             retain_after_ms: now.saturating_sub(engine.policy().events_retention_ms),
             delivered_seq: self.event_floor.load(Ordering::Acquire),
+            policy,
         };
         let (hours_kept, days_kept) = engine.policy().history_retention_ms;
         let usage = snapshot::UsagePart {

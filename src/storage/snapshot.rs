@@ -54,6 +54,8 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const SHARDS: TableDefinition<u32, &[u8]> = TableDefinition::new("shards");
 const SIGNALS: TableDefinition<&str, &[u8]> = TableDefinition::new("signals");
 const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
+/// The policy's stored versions under "versions" (format 5), checksummed.
+const POLICY: TableDefinition<&str, &[u8]> = TableDefinition::new("policy");
 /// Usage history: (subject, hour start) → amounts.
 const USAGE_HOURS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("usage_hours");
 /// Usage history: (subject, UTC day start) → amounts.
@@ -224,6 +226,8 @@ pub struct SignalsPart<'a> {
     pub retain_after_ms: u64,
     /// ...if their seq is at most this (every webhook delivered them).
     pub delivered_seq: u64,
+    /// The encoded policy versions; empty stores none.
+    pub policy: Vec<u8>,
 }
 
 /// Snapshot failures.
@@ -247,6 +251,8 @@ pub struct Loaded {
     pub last_lsn: Lsn,
     /// The encoded signals state (version 3 and later).
     pub signals: Option<Vec<u8>>,
+    /// The encoded policy versions (version 5 and later).
+    pub policy: Option<Vec<u8>>,
 }
 
 /// Opened for writing (the daemon) or only for reading (`quotad wal verify`,
@@ -516,27 +522,8 @@ impl SnapshotStore {
                 "metadata says the newest record is LSN {stored}, the shards say {last_lsn}: the file is damaged"
             )));
         }
-        let signals = match txn.open_table(SIGNALS) {
-            Ok(t) => match t.get("state").map_err(|e| self.err(e))? {
-                Some(v) => {
-                    let bytes = v.value();
-                    let ok = bytes
-                        .split_first_chunk::<4>()
-                        .filter(|(crc, rest)| u32::from_le_bytes(**crc) == crc32fast::hash(rest));
-                    let Some((_, rest)) = ok else {
-                        return Err(self.err(format!(
-                            "table signals, key \"state\": the signals state ({} bytes) fails its checksum: the file \
-                             is damaged; restore it from a backup",
-                            bytes.len()
-                        )));
-                    };
-                    Some(rest.to_vec())
-                }
-                None => None,
-            },
-            Err(redb::TableError::TableDoesNotExist(_)) => None,
-            Err(e) => return Err(self.err(e)),
-        };
+        let signals = self.read_sealed(&txn, SIGNALS, "signals", "state", "the signals state")?;
+        let policy = self.read_sealed(&txn, POLICY, "policy", "versions", "the policy's versions")?;
         if check_values {
             self.verify_values(&txn, u64::from(version))?;
         }
@@ -545,7 +532,38 @@ impl SnapshotStore {
             created_ms,
             last_lsn,
             signals,
+            policy,
         }))
+    }
+
+    /// A value stored behind its CRC-32, checked; `None` when the table or
+    /// key does not exist (a file written before it).
+    fn read_sealed(
+        &self,
+        txn: &ReadTransaction,
+        def: TableDefinition<&str, &[u8]>,
+        table: &str,
+        key: &str,
+        what: &str,
+    ) -> Result<Option<Vec<u8>>, SnapshotError> {
+        let Some(t) = optional(txn.open_table(def)).map_err(|e| self.err(e))? else {
+            return Ok(None);
+        };
+        let Some(v) = t.get(key).map_err(|e| self.err(e))? else {
+            return Ok(None);
+        };
+        let bytes = v.value();
+        let ok = bytes
+            .split_first_chunk::<4>()
+            .filter(|(crc, rest)| u32::from_le_bytes(**crc) == crc32fast::hash(rest));
+        let Some((_, rest)) = ok else {
+            return Err(self.err(format!(
+                "table {table}, key {key:?}: {what} ({} bytes) fails its checksum: the file is damaged; restore it \
+                 from a backup",
+                bytes.len()
+            )));
+        };
+        Ok(Some(rest.to_vec()))
     }
 
     /// Checks every stored event and usage bucket (their checksums from
@@ -754,7 +772,7 @@ impl SnapshotStore {
                 };
                 for (m, a) in amounts {
                     let v = merged.entry(m.to_string()).or_default();
-                    *v = v.saturating_add(*a).min(crate::config::MAX_SAFE_INTEGER);
+                    *v = v.saturating_add(*a).min(crate::engine::policy::MAX_SAFE_INTEGER);
                 }
                 table
                     .insert((&**subject, start), seal_usage(subject, start, &merged).as_slice())
@@ -919,13 +937,27 @@ impl SnapshotStore {
                 value.extend_from_slice(bytes);
                 table.insert(i as u32, value.as_slice()).map_err(|e| self.err(e))?;
             }
-            let mut state = Vec::with_capacity(signals.state.len() + 4);
-            state.extend_from_slice(&crc32fast::hash(&signals.state).to_le_bytes());
-            state.extend_from_slice(&signals.state);
-            txn.open_table(SIGNALS)
-                .map_err(|e| self.err(e))?
-                .insert("state", state.as_slice())
-                .map_err(|e| self.err(e))?;
+            for (def, key, bytes) in [
+                (SIGNALS, "state", &signals.state),
+                (POLICY, "versions", &signals.policy),
+            ] {
+                // No policy versions (a store written by a tool, not a daemon):
+                // no key, read back as none.
+                if bytes.is_empty() {
+                    txn.open_table(def)
+                        .map_err(|e| self.err(e))?
+                        .remove(key)
+                        .map_err(|e| self.err(e))?;
+                    continue;
+                }
+                let mut sealed = Vec::with_capacity(bytes.len() + 4);
+                sealed.extend_from_slice(&crc32fast::hash(bytes).to_le_bytes());
+                sealed.extend_from_slice(bytes);
+                txn.open_table(def)
+                    .map_err(|e| self.err(e))?
+                    .insert(key, sealed.as_slice())
+                    .map_err(|e| self.err(e))?;
+            }
             let mut events = txn.open_table(EVENTS).map_err(|e| self.err(e))?;
             for (seq, at_ms, json) in &signals.events {
                 seal_event(*seq, *at_ms, json, &mut value);

@@ -1,17 +1,18 @@
-//! The compiled form of the limits and plans of `quotad.toml`, and every check
-//! that rejects a contradictory configuration before the daemon starts.
+//! The compiled form of a [`PolicyDoc`], and every check that rejects a
+//! contradictory policy (from the file at start or reload, or from the API)
+//! with the path of the offending key.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use jiff::tz::TimeZone;
 
-use super::pricing::Pricing;
-use super::signals::{Anomaly, Breaker, HIDDEN_PREFIX};
-use crate::config::{
-    Algorithm, Config, ConfigError, EngineSettings, LimitConfig, MatchConfig, MaxValue, Mode, Priority, Unmatched,
-    MAX_SAFE_INTEGER,
+use super::doc::{
+    Algorithm, LimitConfig, MatchConfig, MaxValue, Mode, PolicyDoc, Priority, Unmatched, MAX_SAFE_INTEGER,
 };
+use crate::config::{Config, ConfigError, EngineSettings};
+use crate::engine::pricing::Pricing;
+use crate::engine::signals::{Anomaly, Breaker, HIDDEN_PREFIX};
 use crate::period::Period;
 
 /// Sub-windows per sliding window: the guarantee's granularity is `period / 60`.
@@ -260,6 +261,12 @@ pub struct Policy {
     pub history: bool,
     /// (hourly, daily) retention of usage history, ms.
     pub history_retention_ms: (u64, u64),
+    /// Which policy the engine installed this as (it counts installs):
+    /// decisions check it under their shard locks, so none is decided under
+    /// a policy that was replaced while it waited for them.
+    pub generation: u64,
+    /// The policy as written.
+    pub doc: Arc<PolicyDoc>,
 }
 
 impl Policy {
@@ -303,7 +310,7 @@ fn check_ratio(key: &str, ratio: f64) -> Result<f64, ConfigError> {
 type SignalRules = (Vec<Arc<Breaker>>, Vec<Arc<Anomaly>>);
 
 /// Compiles `[[breakers]]` and `[[anomalies]]`.
-fn compile_signals(config: &Config, metrics: &HashSet<String>) -> Result<SignalRules, ConfigError> {
+fn compile_signals(config: &PolicyDoc, metrics: &HashSet<String>) -> Result<SignalRules, ConfigError> {
     let cost_metric = config.pricing.as_ref().map(|p| p.metric.as_str());
     let known = |key: &str, m: &str| -> Result<Arc<str>, ConfigError> {
         if metrics.contains(m) || Some(m) == cost_metric {
@@ -600,10 +607,11 @@ fn compile_limit(key: &str, c: &LimitConfig) -> Result<Limit, ConfigError> {
 }
 
 impl Policy {
-    /// Compiles and checks the limits and plans of `config`. Errors name the key;
-    /// the caller fills in the file.
-    pub fn compile(config: &Config) -> Result<Policy, ConfigError> {
-        let settings = config.engine.settings()?;
+    /// Compiles and checks `doc` under the daemon settings of `daemon`.
+    /// Errors name the key; the caller fills in the file.
+    pub fn compile(doc: &PolicyDoc, daemon: &Config) -> Result<Policy, ConfigError> {
+        let config = doc;
+        let settings = daemon.engine.settings()?;
         let mut shapes: HashMap<Arc<str>, LimitShape> = HashMap::new();
         let mut check_shape = |key: &str, l: &Limit| -> Result<(), ConfigError> {
             let period = l.source.period.clone();
@@ -756,10 +764,12 @@ impl Policy {
         Ok(Policy {
             breakers: signals.0,
             anomalies: signals.1,
-            events_retention_ms: config.events.retention_ms()?,
+            events_retention_ms: daemon.events.retention_ms()?,
             has_alerts,
-            history: config.history.enabled,
-            history_retention_ms: config.history.retention_ms()?,
+            history: daemon.history.enabled,
+            history_retention_ms: daemon.history.retention_ms()?,
+            generation: 0,
+            doc: Arc::new(doc.clone()),
             pricing,
             plans,
             plan_index,
@@ -770,6 +780,11 @@ impl Policy {
             metrics,
             settings,
         })
+    }
+
+    /// Compiles the policy sections of a configuration file under its settings.
+    pub fn from_config(config: &Config) -> Result<Policy, ConfigError> {
+        Self::compile(&config.policy_doc(), config)
     }
 
     /// The metrics calls may name, sorted, for error messages.
@@ -794,7 +809,8 @@ mod tests {
     use super::*;
 
     fn compile(toml_text: &str) -> Result<Policy, ConfigError> {
-        Policy::compile(&Config::from_toml(toml_text, "t.toml")?)
+        let c = Config::from_toml(toml_text, "t.toml")?;
+        Policy::compile(&c.policy_doc(), &c)
     }
 
     #[test]
