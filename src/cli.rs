@@ -1,7 +1,7 @@
 //! Command line: the daemon (`quotad [serve]`), tools for its files
 //! (`config check`, `wal verify`, `wal dump`), and client subcommands that talk
 //! to a running daemon over TCP or its Unix socket (`consume`, `check`,
-//! `usage`, `set-plan`, `reset`, `credit`, `reload`, `health`), and the
+//! `usage`, `set-plan`, `reset`, `credit`, `reload`, `health`, `policy`), and the
 //! shell completions and manual page generated from these definitions
 //! (`completions`, `man`). Parses arguments, sets up logging and signals, and
 //! maps failures to exit codes.
@@ -29,6 +29,8 @@ macro_rules! say {
         let _ = writeln!(std::io::stdout(), $($arg)*);
     }};
 }
+
+mod policy;
 
 /// Exit code for any other runtime failure.
 pub const EXIT_RUNTIME: u8 = 1;
@@ -246,6 +248,14 @@ pub enum Command {
         #[command(flatten)]
         connect: Connect,
     },
+    /// The policy (plans, limits, prices, breakers, anomalies) of the running
+    /// daemon, for people who keep it in git: print it as TOML, show what a
+    /// file would change, put a file's policy sections.
+    Policy {
+        /// What to do with the policy.
+        #[command(subcommand)]
+        action: PolicyAction,
+    },
     /// Make the daemon re-read its configuration file.
     Reload {
         /// Connection.
@@ -332,6 +342,47 @@ pub enum ConfigAction {
     Check {
         /// The file.
         file: PathBuf,
+    },
+}
+
+/// `quotad policy ...`: each talks to the running daemon.
+#[derive(Debug, Subcommand)]
+pub enum PolicyAction {
+    /// Print the policy in force (or an earlier version) as TOML, the same
+    /// sections and names as quotad.toml (GET /v1/policy).
+    Get {
+        /// An earlier version (the daemon keeps the last 100).
+        #[arg(long)]
+        version: Option<u64>,
+        /// Connection.
+        #[command(flatten)]
+        connect: Connect,
+    },
+    /// Put a file's policy sections (metrics, [pricing], [[limits]], [[plans]],
+    /// [[breakers]], [[anomalies]]) in force as a new version (PUT /v1/policy);
+    /// any other section of the file is ignored. Needs policy.source = "api".
+    /// Writes nothing when the daemon's policy already equals the file's.
+    Apply {
+        /// A TOML file: a quotad.toml, or only its policy sections.
+        file: PathBuf,
+        /// Refuse unless the daemon is at this version (If-Match), so a change
+        /// made since you last looked is not overwritten.
+        #[arg(long)]
+        if_version: Option<u64>,
+        /// Connection.
+        #[command(flatten)]
+        connect: Connect,
+    },
+    /// Show what `apply FILE` would change: a unified diff of the daemon's
+    /// policy and the file's (both as TOML, defaults filled in) and the limits
+    /// whose counters would start afresh or be dropped. Exit 0 if they are the
+    /// same, 1 if they differ.
+    Diff {
+        /// A TOML file: a quotad.toml, or only its policy sections.
+        file: PathBuf,
+        /// Connection.
+        #[command(flatten)]
+        connect: Connect,
     },
 }
 
@@ -772,15 +823,7 @@ fn client_call(
             ExitCode::from(EXIT_REQUEST)
         }
         Ok(a) if a.status >= 400 => {
-            if connect.json {
-                say!("{}", a.body);
-            }
-            let code = a.body["error"]["code"].as_str().unwrap_or("error");
-            let msg = a.body["error"]["message"].as_str().unwrap_or("");
-            eprintln!("quotad: {} {code}: {msg}", a.status);
-            if let Some(hint) = auth_hint(a.status, &connect.reach) {
-                eprintln!("quotad: {hint}");
-            }
+            report_error(&a, connect);
             // `health`: a daemon that answers "not ready" is up but not
             // serving yet (or any more); unreachable stays 3.
             if path == "/readyz" && a.status == 503 {
@@ -793,6 +836,20 @@ fn client_call(
             ExitCode::from(print_code(&a.body))
         }
         Ok(a) => ExitCode::from(print(&a.body)),
+    }
+}
+
+/// Prints an error answer: its JSON with `--json`, and its code and message
+/// (with a hint for 401/403) on stderr.
+fn report_error(a: &crate::client::Answer, connect: &Connect) {
+    if connect.json {
+        say!("{}", a.body);
+    }
+    let code = a.body["error"]["code"].as_str().unwrap_or("error");
+    let msg = a.body["error"]["message"].as_str().unwrap_or("");
+    eprintln!("quotad: {} {code}: {msg}", a.status);
+    if let Some(hint) = auth_hint(a.status, &connect.reach) {
+        eprintln!("quotad: {hint}");
     }
 }
 
@@ -1148,6 +1205,7 @@ pub fn main() -> ExitCode {
             Some(json!({"limit": limit, "amount": amount})),
             print_subject,
         ),
+        Command::Policy { action } => policy::run(action, cfg),
         Command::Reload { connect } => client_call(&connect, cfg, Method::POST, "/v1/admin/reload", None, print_reload),
         Command::Health { connect } => client_call(&connect, cfg, Method::GET, "/readyz", None, print_health),
         Command::Completions { shell } => {

@@ -61,19 +61,37 @@ pub struct Client {
 impl Client {
     /// Sends one request on a fresh connection.
     pub async fn request(&self, method: Method, path: &str, body: Option<&Value>) -> Result<Answer, ClientError> {
+        self.request_with(method, path, body, &[]).await
+    }
+
+    /// Sends one request with extra headers (`If-Match`, …).
+    pub async fn request_with(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+        headers: &[(&str, &str)],
+    ) -> Result<Answer, ClientError> {
         let err = |m: String| ClientError {
             target: self.target.to_string(),
             message: m,
         };
-        tokio::time::timeout(self.timeout, self.send(method, path, body))
+        tokio::time::timeout(self.timeout, self.send(method, path, body, headers))
             .await
             .map_err(|_| err(format!("no answer within {} ms", self.timeout.as_millis())))?
             .map_err(err)
     }
 
-    async fn send(&self, method: Method, path: &str, body: Option<&Value>) -> Result<Answer, String> {
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+        headers: &[(&str, &str)],
+    ) -> Result<Answer, String> {
         let payload = body.map(|v| v.to_string()).unwrap_or_default();
         let mut conn = Conn::open(&self.target).await?;
+        conn.headers = headers.iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect();
         let status = conn
             .exchange(self.token.as_deref(), method.as_str(), path, payload.as_bytes())
             .await?;
@@ -100,6 +118,8 @@ pub struct Conn {
     body: Vec<u8>,
     /// The server said it closes the connection after the last answer.
     closed: bool,
+    /// Extra header lines sent with every request, each ending in CRLF.
+    headers: String,
 }
 
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -124,6 +144,7 @@ impl Conn {
             inp: Vec::with_capacity(4096),
             body: Vec::with_capacity(4096),
             closed: false,
+            headers: String::new(),
         })
     }
 
@@ -142,6 +163,7 @@ impl Conn {
         if let Some(t) = token {
             let _ = write!(self.out, "authorization: Bearer {t}\r\n");
         }
+        self.out.extend_from_slice(self.headers.as_bytes());
         if !body.is_empty() {
             let _ = write!(
                 self.out,

@@ -193,9 +193,9 @@ impl AppState {
     /// and tokens in force. An invalid file changes nothing. Settings that need a
     /// restart (listeners, storage, shard count) are reported, not applied.
     ///
-    /// With `policy.source = "file"` the file's policy becomes a new stored
-    /// version (when it changed), answered once durable; with `"api"` the
-    /// stored policy stays, recompiled under the new settings.
+    /// With `policy.source = "file"` (as the file now says) the file's policy
+    /// becomes a new stored version (when it changed), answered once durable;
+    /// with `"api"` the stored policy stays, recompiled under the new settings.
     pub async fn reload(&self) -> Result<ReloadReport, ConfigError> {
         let (report, lsn) = self.reload_now()?;
         if let Some(lsn) = lsn {
@@ -223,7 +223,10 @@ impl AppState {
             e.file = file.clone();
             e
         };
-        let source = self.started_config.policy.source;
+        // The source may change on reload: to "api", the version in force
+        // becomes the API's to change; to "file", the file's policy becomes a
+        // new version if it differs.
+        let source = new.policy.source;
         let engine = self.engine().map_err(|e| ConfigError::new("reload", e.to_string()))?;
         let doc = match (source, engine.policy_version()) {
             (crate::config::PolicySource::Api, Some(v)) => v.policy_doc().map_err(|m| ConfigError::new("policy", m))?,
@@ -253,9 +256,6 @@ impl AppState {
         }
         if format!("{:?}", running.webhooks) != format!("{:?}", new.webhooks) {
             restart_required.push("webhooks");
-        }
-        if running.policy.source != new.policy.source {
-            restart_required.push("policy.source");
         }
         let old_policy = engine.policy();
         let mut usage_reset: Vec<String> = old_policy

@@ -12,7 +12,7 @@ use axum::http::{HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use super::{body_bytes, form_urlencoded_pairs, idempotency_key, parse, ApiError, AppState};
 use crate::config::{plain_types, Config, ConfigError, PolicySource, Role};
@@ -64,12 +64,6 @@ struct Written {
     limit: Option<serde_json::Value>,
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct PolicyBody {
-    policy: PolicyDoc,
-}
-
 /// The version in force and its policy: from the stored log, or (an engine
 /// that never stored one) the compiled policy's own text as version 0.
 fn current(engine: &Engine) -> Result<(u64, PolicyDoc, Option<PolicyVersion>), ApiError> {
@@ -108,6 +102,23 @@ fn if_match(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
         ApiError::invalid(
             "If-Match header",
             format!("{text:?} is not a policy version; send the ETag of GET /v1/policy, such as \"7\""),
+        )
+    })
+}
+
+/// The `policy` of a `{"policy": {...}}` body.
+fn policy_of(body: &serde_json::Value) -> Result<&serde_json::Value, ApiError> {
+    let fields = body
+        .as_object()
+        .ok_or_else(|| ApiError::invalid("body", "expected a JSON object"))?;
+    if let Some(other) = fields.keys().find(|k| *k != "policy") {
+        return Err(ApiError::InvalidPolicy(format!(
+            "{other}: unknown field; the body is {{\"policy\": {{...}}}}, the policy as GET /v1/policy shows it"
+        )));
+    }
+    fields.get("policy").ok_or_else(|| {
+        ApiError::InvalidPolicy(
+            "policy: is required; the body is {\"policy\": {...}}, the policy as GET /v1/policy shows it".into(),
         )
     })
 }
@@ -194,7 +205,7 @@ async fn write(st: &AppState, w: Write<'_>) -> Result<PolicyOutcome, ApiError> {
             if_version: w.if_version,
             idempotency: w.key.map(|k| (k, w.fingerprint)),
             refuse_plans_in_use: true,
-            skip_if_same: false,
+            skip_if_same: true,
         },
         st.now(),
     )?;
@@ -363,9 +374,8 @@ pub(super) async fn put_policy(
     refuse_when_from_file(&st)?;
     let bytes = body_bytes(body, st.max_body_bytes)?;
     let value: serde_json::Value = parse(&bytes)?;
-    let b: PolicyBody = decode_part(value.clone(), "")?;
     // Paths are the policy's own (`plans[1].limits[0].period`), as in the file.
-    let doc = b.policy;
+    let doc: PolicyDoc = decode_part(policy_of(&value)?.clone(), "")?;
     let key = idempotency_key(&headers, None)?;
     let if_version = if_match(&headers)?;
     let fingerprint = crate::engine::fingerprint_of("put_policy", &(if_version, &value));

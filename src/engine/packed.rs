@@ -23,8 +23,15 @@ pub struct PackedAnswer(Box<[u8]>);
 #[derive(Serialize, Deserialize)]
 enum Packed {
     Decision(Box<PackedDecision>),
-    Deleted { subject: String, existed: bool },
-    Policy { version: u64 },
+    Deleted {
+        subject: String,
+        existed: bool,
+    },
+    Policy {
+        version: u64,
+        previous_version: u64,
+        dropped: Vec<(String, String)>,
+    },
 }
 
 #[derive(Serialize, Deserialize)]
@@ -75,7 +82,15 @@ impl PackedAnswer {
                 subject: subject.clone(),
                 existed: *existed,
             },
-            StoredAnswer::Policy { version } => Packed::Policy { version: *version },
+            StoredAnswer::Policy {
+                version,
+                previous_version,
+                dropped,
+            } => Packed::Policy {
+                version: *version,
+                previous_version: *previous_version,
+                dropped: dropped.clone(),
+            },
         };
         let bytes = bincode::serde::encode_to_vec(&packed, codec()).expect("answers encode");
         PackedAnswer(bytes.into_boxed_slice())
@@ -114,7 +129,15 @@ impl PackedAnswer {
         Ok(match packed {
             Packed::Decision(p) => StoredAnswer::Decision(unpack_decision(*p)),
             Packed::Deleted { subject, existed } => StoredAnswer::Deleted { subject, existed },
-            Packed::Policy { version } => StoredAnswer::Policy { version },
+            Packed::Policy {
+                version,
+                previous_version,
+                dropped,
+            } => StoredAnswer::Policy {
+                version,
+                previous_version,
+                dropped,
+            },
         })
     }
 }

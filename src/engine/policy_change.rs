@@ -25,8 +25,8 @@ pub struct PolicyRequest<'a> {
     /// Refuse to remove a plan that subjects are assigned to (API writes; a
     /// file's reload lets them fall back to the default plan, as it always did).
     pub refuse_plans_in_use: bool,
-    /// Write nothing when the policy equals the version in force (the file
-    /// at start and on reload): only real changes make versions.
+    /// Write no version when the policy equals the one in force: only real
+    /// changes make versions (and events).
     pub skip_if_same: bool,
 }
 
@@ -87,18 +87,44 @@ impl Engine {
     }
 
     fn replayed(key: &str, (lsn, answer): (Lsn, StoredAnswer)) -> Result<Applied<PolicyOutcome>, EngineError> {
-        let StoredAnswer::Policy { version } = answer else {
+        let StoredAnswer::Policy {
+            version,
+            previous_version,
+            dropped,
+        } = answer
+        else {
             return Err(EngineError::IdempotencyConflict(key.to_string()));
         };
         Ok(Applied {
             value: PolicyOutcome {
                 version,
-                previous_version: version.saturating_sub(1),
+                previous_version,
                 replayed: true,
-                dropped: BTreeMap::new(),
+                dropped: dropped.into_iter().map(|(k, v)| (Arc::from(k), v)).collect(),
             },
             lsn: Some(lsn),
         })
+    }
+
+    /// The idempotency entry of a policy write answered with `version`.
+    fn policy_key(key: &str, fp: u64, outcome: &PolicyOutcome, now: Millis, policy: &Policy) -> Mutation {
+        let answer = StoredAnswer::Policy {
+            version: outcome.version,
+            previous_version: outcome.previous_version,
+            dropped: outcome
+                .dropped
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect(),
+        };
+        Mutation::PutIdempotency {
+            key: key.to_string(),
+            entry: Box::new(IdempotencyEntry {
+                fingerprint: fp,
+                answer: PackedAnswer::pack(&answer),
+                expires_ms: now.saturating_add(policy.settings.idempotency_retention_ms),
+            }),
+        }
     }
 
     /// Journals and applies a new version of the policy. Every shard is locked
@@ -126,17 +152,25 @@ impl Engine {
         }
         let text = req.doc.to_json().to_string();
         if req.skip_if_same && log.current().is_some_and(|c| c.doc == text) {
-            // Same policy; the daemon settings compiled into it may differ.
+            // Same policy: no version. The daemon settings compiled into it
+            // may differ, so it is installed all the same; a key is kept, so
+            // that its retry answers this even after a later change.
             drop(log);
+            let value = PolicyOutcome {
+                version: current,
+                previous_version: current,
+                ..PolicyOutcome::default()
+            };
+            let lsn = match key {
+                Some(k) => {
+                    self.check_key_room(&old)?;
+                    let entry = Self::policy_key(k, fp, &value, now, &old);
+                    locked.commit_signals(vec![entry], Vec::new(), now)?
+                }
+                None => None,
+            };
             self.install_policy(&locked, req.compiled);
-            return Ok(Applied {
-                value: PolicyOutcome {
-                    version: current,
-                    previous_version: current,
-                    ..PolicyOutcome::default()
-                },
-                lsn: None,
-            });
+            return Ok(Applied { value, lsn });
         }
         if req.refuse_plans_in_use {
             for plan in old
@@ -174,16 +208,15 @@ impl Engine {
             },
             dropped: dropped.keys().cloned().collect(),
         };
+        let value = PolicyOutcome {
+            version,
+            previous_version: current,
+            replayed: false,
+            dropped,
+        };
         let mut muts = vec![Mutation::SetPolicy(Box::new(change.clone()))];
         if let Some(k) = key {
-            muts.push(Mutation::PutIdempotency {
-                key: k.to_string(),
-                entry: Box::new(IdempotencyEntry {
-                    fingerprint: fp,
-                    answer: PackedAnswer::pack(&StoredAnswer::Policy { version }),
-                    expires_ms: now.saturating_add(old.settings.idempotency_retention_ms),
-                }),
-            });
+            muts.push(Self::policy_key(k, fp, &value, now, &old));
         }
         // Version 1 is where the data directory starts, not a change: no event.
         let events = (current > 0)
@@ -198,14 +231,6 @@ impl Engine {
         log.apply(lsn.unwrap_or(0), &change);
         drop(log);
         self.install_policy(&locked, req.compiled);
-        Ok(Applied {
-            value: PolicyOutcome {
-                version,
-                previous_version: current,
-                replayed: false,
-                dropped,
-            },
-            lsn,
-        })
+        Ok(Applied { value, lsn })
     }
 }

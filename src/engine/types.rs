@@ -314,10 +314,14 @@ pub enum StoredAnswer {
         #[serde(default)]
         existed: bool,
     },
-    /// A policy write: the version it made.
+    /// A policy write: the version it answered, and what it did.
     Policy {
         /// That version.
         version: u64,
+        /// The version before it (equal when nothing changed).
+        previous_version: u64,
+        /// Counters it dropped: limit name and why.
+        dropped: Vec<(String, String)>,
     },
 }
 
