@@ -47,6 +47,8 @@ level = "warn"
 
 {auth}
 
+{policy}
+
 [[limits]]
 name = "global-tokens"
 metric = "tokens"
@@ -112,6 +114,13 @@ AUTH = f"""
 tokens = [{{ role = "admin", token = "{ADMIN_TOKEN}" }}, {{ role = "client", token = "{CLIENT_TOKEN}" }}]
 """
 
+# The policy is changed through the API (PUT /v1/policy, /v1/plans/{name}, ...);
+# the file's policy only seeds version 1 of the empty data directory.
+POLICY_FROM_API = """
+[policy]
+source = "api"
+"""
+
 
 def quotad_bin() -> Path:
     raw = os.environ.get("QUOTAD_BIN")
@@ -130,10 +139,12 @@ def free_port() -> int:
 
 
 class Daemon:
-    """One quotad process on 127.0.0.1:<free port> and <tmp>/quotad.sock."""
+    """One quotad process on 127.0.0.1:<free port> and <tmp>/quotad.sock.
+    ``policy_api``: ``[policy] source = "api"`` (policy writes allowed)."""
 
-    def __init__(self, auth: bool = False) -> None:
+    def __init__(self, auth: bool = False, policy_api: bool = False) -> None:
         self.auth = auth
+        self.policy_api = policy_api
         self.dir = Path(tempfile.mkdtemp(prefix="quotad-py-"))
         self.socket = str(self.dir / "quotad.sock")
         self.port = 0
@@ -154,6 +165,7 @@ class Daemon:
                     listen=f'"127.0.0.1:{self.port}", "unix:{self.socket}"',
                     data_dir=self.dir / "data",
                     auth=AUTH if self.auth else "",
+                    policy=POLICY_FROM_API if self.policy_api else "",
                 )
             )
             log = open(self.log_path, "ab")
@@ -231,6 +243,17 @@ def daemon():
 @pytest.fixture(scope="session")
 def auth_daemon():
     d = Daemon(auth=True)
+    try:
+        d.start()
+        yield d
+    finally:
+        d.cleanup()
+
+
+@pytest.fixture(scope="session")
+def policy_daemon():
+    """A daemon whose policy is changed through the API, with auth tokens."""
+    d = Daemon(auth=True, policy_api=True)
     try:
         d.start()
         yield d

@@ -67,8 +67,11 @@ def test_error_mapping():
     e = error_from_response(418, b"")
     assert type(e) is quotad.QuotadError and "418" in e.message
     for status, cls in [(400, quotad.InvalidRequest), (401, quotad.Unauthorized), (403, quotad.Forbidden),
-                        (404, quotad.NotFound), (413, quotad.PayloadTooLarge), (503, quotad.Unavailable)]:
+                        (404, quotad.NotFound), (412, quotad.PreconditionFailed), (413, quotad.PayloadTooLarge),
+                        (503, quotad.Unavailable)]:
         assert isinstance(error_from_response(status, b"{}"), cls)
+    e = error_from_response(412, b'{"error":{"code":"version_mismatch","message":"the policy is at version 3, not 2"}}')
+    assert isinstance(e, quotad.QuotadError) and (e.status, e.code) == (412, "version_mismatch")
 
 
 def test_sse_parser():
@@ -116,3 +119,44 @@ def test_mock_transport_end_to_end():
     assert str(seen[0].url) == "http://quotad.test/prefix/v1/consume"
     assert seen[0].headers["authorization"] == "Bearer t0k"
     assert seen[0].headers["user-agent"].startswith("quotad-python/")
+
+
+def test_policy_change_parsing():
+    raw = {
+        "version": 7,
+        "previous_version": 6,
+        "changed_at": "2026-12-04T21:13:39.882Z",
+        "actor": "ops",
+        "counters_reset": [{"limit": "team-day", "reason": "period 1d -> 1h"}],
+        "plan": {"name": "team", "limits": []},
+        "something_new": 1,
+    }
+    ch = quotad.PolicyChange.from_json(raw, httpx.Headers({"Idempotent-Replayed": "true", "ETag": '"7"'}))
+    assert (ch.version, ch.previous_version, ch.actor, ch.replayed) == (7, 6, "ops", True)
+    assert ch.changed_at == dt.datetime(2026, 12, 4, 21, 13, 39, 882000, tzinfo=dt.timezone.utc)
+    assert [(r.limit, r.reason) for r in ch.counters_reset] == [("team-day", "period 1d -> 1h")]
+    assert ch.plan == {"name": "team", "limits": []} and ch.policy is None and ch.limit is None
+    assert ch.raw["something_new"] == 1
+    assert quotad.PolicyChange.from_json({"version": 2, "previous_version": 1}).replayed is False
+    p = quotad.Policy.from_json({"version": 3, "actor": "file", "policy": {"plans": [{"name": "free"}], "limits": []}})
+    assert p.plan("free") == {"name": "free"} and p.plan("pro") is None and p.limit("x") is None
+    v = quotad.PolicyVersion.from_json({"version": 1, "changed_at": "2026-12-04T00:00:00Z", "actor": "file"})
+    assert (v.version, v.actor, v.changed_at.year) == (1, "file", 2026)
+
+
+def test_policy_request_building():
+    call = _core.put_item_call("plans", "team a", {"limits": []}, 4, None)
+    assert (call.method, call.path, call.body) == ("PUT", "/v1/plans/team%20a", {"limits": []})
+    assert call.headers["If-Match"] == '"4"' and call.headers["Idempotency-Key"].startswith("qpy-")
+    call = _core.delete_item_call("limits", "x", None, "k")
+    assert (call.method, call.path, call.headers) == ("DELETE", "/v1/limits/x", {"Idempotency-Key": "k"})
+    call = _core.put_policy_call({"plans": []}, None, "k2")
+    assert call.body == {"policy": {"plans": []}} and "If-Match" not in call.headers
+    assert _core.get_policy_call(None).params is None and _core.get_policy_call(5).params == {"version": "5"}
+    for bad in (-1, True, "3", 1.5):
+        with pytest.raises(ValueError):
+            _core.put_policy_call({}, bad, None)
+    with pytest.raises(ValueError):
+        _core.put_item_call("plans", "p", ["not", "a", "dict"], None, None)
+    with pytest.raises(ValueError):
+        _core.get_plan_call("")

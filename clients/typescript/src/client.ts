@@ -18,6 +18,9 @@ import {
   parseFinish,
   parseFlag,
   parsePlans,
+  parsePolicy,
+  parsePolicyChange,
+  parsePolicyVersion,
   parseReload,
   parseSubject,
   parseSubjectPage,
@@ -36,8 +39,14 @@ import {
   type Finish,
   type Flag,
   type JsonObject,
+  type LimitDoc,
   type Max,
+  type PlanDoc,
   type Plans,
+  type Policy,
+  type PolicyChange,
+  type PolicyDoc,
+  type PolicyVersion,
   type QuotadEvent,
   type ReloadReport,
   type ReserveRequest,
@@ -108,6 +117,14 @@ export interface UsageExportOptions {
   after?: string;
 }
 
+/** Options of a policy write (putPolicy, putPlan, deletePlan, putLimit, deleteLimit). */
+export interface PolicyWriteOptions {
+  /** Apply only if this is still the version in force (sent as `If-Match: "N"`); else {@link PreconditionFailed} `version_mismatch`. */
+  ifVersion?: number;
+  /** Generated when absent; the same key is sent on every retry of the call. */
+  idempotencyKey?: string;
+}
+
 interface Call<T> {
   method: string;
   path: string;
@@ -136,6 +153,18 @@ function seg(value: string): string {
 function fmtTime(v: TimeArg | undefined): string | undefined {
   if (v === undefined) return undefined;
   return v instanceof Date ? v.toISOString() : String(v);
+}
+
+function policyVersion(v: unknown, what: string): number {
+  if (typeof v !== "number" || !Number.isSafeInteger(v) || v < 0) {
+    throw new TypeError(`${what} must be a policy version (a whole number >= 0), got ${JSON.stringify(v)}`);
+  }
+  return v;
+}
+
+function doc<T>(v: T, what: string): T {
+  if (!v || typeof v !== "object" || Array.isArray(v)) throw new TypeError(`${what} must be an object, got ${JSON.stringify(v)}`);
+  return v;
 }
 
 function sleep(ms: number): Promise<void> {
@@ -628,6 +657,77 @@ export class QuotadClient {
       headers: { Accept: "text/plain, application/openmetrics-text" },
       parse: (r) => r.body.toString("utf8"),
     });
+  }
+
+  // ---------- policy as data ----------
+
+  #writeHeaders(options: PolicyWriteOptions): Record<string, string> {
+    const h = this.#keyHeader(options.idempotencyKey);
+    if (options.ifVersion !== undefined) h["If-Match"] = `"${policyVersion(options.ifVersion, "ifVersion")}"`;
+    return h;
+  }
+
+  #policyWrite(method: "PUT" | "DELETE", path: string, body: unknown, options: PolicyWriteOptions): Promise<PolicyChange> {
+    return this.#call({
+      method,
+      path,
+      body,
+      headers: this.#writeHeaders(options),
+      parse: (r) => parsePolicyChange(jsonObject(r), r.headers),
+    });
+  }
+
+  /**
+   * The policy in force, its version and who made it (admin); with `version`,
+   * an earlier version still kept (else {@link NotFound} `unknown_version`).
+   */
+  async getPolicy(options: { version?: number } = {}): Promise<Policy> {
+    const version = options.version !== undefined ? policyVersion(options.version, "version") : undefined;
+    return this.#call({ method: "GET", path: "/v1/policy", query: { version }, parse: (r) => parsePolicy(jsonObject(r)) });
+  }
+
+  /**
+   * Replaces the whole policy (admin; `[policy] source = "api"`). A policy that
+   * does not compile rejects with {@link InvalidRequest} `invalid_policy`
+   * naming the path, and changes nothing.
+   */
+  async putPolicy(policy: PolicyDoc, options: PolicyWriteOptions = {}): Promise<PolicyChange> {
+    return this.#policyWrite("PUT", "/v1/policy", { policy: doc(policy, "policy") }, options);
+  }
+
+  /** The kept policy versions, newest first (admin). */
+  async listPolicyVersions(): Promise<PolicyVersion[]> {
+    return this.#call({ method: "GET", path: "/v1/policy/versions", parse: (r) => items(jsonBody(r), "versions").map(parsePolicyVersion) });
+  }
+
+  /** One plan as written (an object that can be edited and passed back to {@link putPlan}); {@link NotFound} `unknown_plan`. */
+  async getPlan(name: string): Promise<PlanDoc> {
+    return this.#call({ method: "GET", path: `/v1/plans/${seg(name)}`, parse: (r) => jsonObject(r) as PlanDoc });
+  }
+
+  /** Creates or replaces one plan (admin). `plan.name` may be left out; if given it must equal `name`. */
+  async putPlan(name: string, plan: PlanDoc, options: PolicyWriteOptions = {}): Promise<PolicyChange> {
+    return this.#policyWrite("PUT", `/v1/plans/${seg(name)}`, doc(plan, "plan"), options);
+  }
+
+  /** Removes one plan (admin); {@link Conflict} `plan_in_use` while subjects are assigned to it or it is the default plan. */
+  async deletePlan(name: string, options: PolicyWriteOptions = {}): Promise<PolicyChange> {
+    return this.#policyWrite("DELETE", `/v1/plans/${seg(name)}`, undefined, options);
+  }
+
+  /** One top-level limit as written; {@link NotFound} `unknown_limit`. */
+  async getLimit(name: string): Promise<LimitDoc> {
+    return this.#call({ method: "GET", path: `/v1/limits/${seg(name)}`, parse: (r) => jsonObject(r) as LimitDoc });
+  }
+
+  /** Creates or replaces one top-level limit (admin). */
+  async putLimit(name: string, limit: LimitDoc, options: PolicyWriteOptions = {}): Promise<PolicyChange> {
+    return this.#policyWrite("PUT", `/v1/limits/${seg(name)}`, doc(limit, "limit"), options);
+  }
+
+  /** Removes one top-level limit and its counters (admin). */
+  async deleteLimit(name: string, options: PolicyWriteOptions = {}): Promise<PolicyChange> {
+    return this.#policyWrite("DELETE", `/v1/limits/${seg(name)}`, undefined, options);
   }
 
   // ---------- events, breakers, anomalies ----------

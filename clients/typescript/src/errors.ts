@@ -46,16 +46,22 @@ export class QuotadError extends Error {
   }
 }
 
-/** 400: malformed or out-of-range input (`invalid_request`, `unknown_metric`, …); the detail names the field. */
+/** 400: malformed or out-of-range input (`invalid_request`, `unknown_metric`, `invalid_policy`, …); the detail names the field (for `invalid_policy`, its path: `plans[0].limits[0].max: …`). */
 export class InvalidRequest extends QuotadError {}
 /** 401: no bearer token, or one quotad does not accept. */
 export class Unauthorized extends QuotadError {}
 /** 403: the token's role (`client`) may not use this endpoint. */
 export class Forbidden extends QuotadError {}
-/** 404: `unknown_subject|unknown_plan|unknown_limit|unknown_reservation`, or `not_found` for an endpoint this quotad does not serve. */
+/** 404: `unknown_subject|unknown_plan|unknown_limit|unknown_reservation|unknown_version`, or `not_found` for an endpoint this quotad does not serve. */
 export class NotFound extends QuotadError {}
-/** 409: `idempotency_conflict` or `reservation_finished`. */
+/**
+ * 409: `idempotency_conflict`, `reservation_finished`, `plan_in_use` (a plan
+ * still assigned to subjects, or the default plan, cannot be removed) or
+ * `policy_from_file` (the daemon takes its policy from its config file, not the API).
+ */
 export class Conflict extends QuotadError {}
+/** 412: `version_mismatch`: a policy write's `ifVersion` is not the version in force. Read the policy again and reapply the change. */
+export class PreconditionFailed extends QuotadError {}
 /** 413: the body is above the server's limit. */
 export class PayloadTooLarge extends QuotadError {}
 /** quotad could not be reached, timed out, or answered 503 (nothing was applied) after the retries. */
@@ -96,6 +102,7 @@ const BY_STATUS: Record<number, typeof QuotadError> = {
   403: Forbidden,
   404: NotFound,
   409: Conflict,
+  412: PreconditionFailed,
   413: PayloadTooLarge,
   502: Unavailable,
   503: Unavailable,

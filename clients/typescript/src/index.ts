@@ -9,7 +9,7 @@
  */
 
 export { QuotadClient, Reservation, newIdempotencyKey, VERSION, TransportError } from "./client.js";
-export type { ClientOptions, OnUnavailable, StreamOptions, TimeArg, UsageOptions, UsageExportOptions } from "./client.js";
+export type { ClientOptions, OnUnavailable, PolicyWriteOptions, StreamOptions, TimeArg, UsageOptions, UsageExportOptions } from "./client.js";
 export {
   QuotadError,
   InvalidRequest,
@@ -17,6 +17,7 @@ export {
   Forbidden,
   NotFound,
   Conflict,
+  PreconditionFailed,
   PayloadTooLarge,
   Unavailable,
   Denied,
@@ -27,25 +28,39 @@ export { SSEParser } from "./sse.js";
 export type { SSEMessage } from "./sse.js";
 export { parseTime, parseDecision } from "./types.js";
 export type {
+  Algorithm,
   Amounts,
+  AnomalyDoc,
   Attributes,
   BatchItem,
   BatchOperation,
   Breaker,
+  BreakerDoc,
   CheckRequest,
   ConsumeRequest,
   Cost,
   Counter,
+  CounterReset,
   Decision,
   Deleted,
   EventPage,
   Finish,
   Flag,
   JsonObject,
+  LimitDoc,
+  LimitMode,
+  MatchDoc,
   Max,
   Outcome,
   Plan,
+  PlanDoc,
   Plans,
+  Policy,
+  PolicyChange,
+  PolicyDoc,
+  PolicyVersion,
+  PriceDoc,
+  PricingDoc,
   Priority,
   QuotadEvent,
   Reason,

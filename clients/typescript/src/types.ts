@@ -261,6 +261,162 @@ export interface UsagePage {
   raw: JsonObject;
 }
 
+// ---------- policy as data ----------
+//
+// The policy documents are plain objects in the shape and names of the TOML
+// file (and of the JSON quotad answers, snake_case included): what getPlan,
+// getLimit and getPolicy resolve can be edited and written back as is. Every
+// key is optional in what you send (quotad fills in the defaults and answers
+// with them filled in), except where the server says otherwise: `name` of a
+// limit inside a plan, `max`, `period` (except for lifetime limits).
+
+/** `match = { event = "llm.*", attributes = { model = "gpt-4o" } }`: globs over the event name and attribute values. */
+export interface MatchDoc {
+  event?: string;
+  attributes?: Record<string, string>;
+}
+
+export type Algorithm = "fixed" | "sliding" | "token_bucket" | "lifetime";
+export type LimitMode = "enforce" | "monitor" | "degrade";
+
+/** One `[[limits]]` / `[[plans.limits]]` entry. */
+export interface LimitDoc {
+  name?: string;
+  /** Default `"requests"`. */
+  metric?: string;
+  /** `"subject"` (default), `"global"` or `"attribute:<name>"`. */
+  scope?: string;
+  /** Default `"fixed"`. */
+  algorithm?: Algorithm | string;
+  max?: Max;
+  /** Token bucket: added per period (default: `max`). */
+  refill?: number;
+  /** `"1m"`, `"1h"`, `"1d"`, `"1mo"`, … */
+  period?: string;
+  /** IANA zone of calendar windows (default `"UTC"`). */
+  timezone?: string;
+  match?: MatchDoc;
+  /** Default `"enforce"`. */
+  mode?: LimitMode | string;
+  /** Fractions of `max` whose crossing records a `threshold.crossed` event, e.g. `[0.8, 1.0]`. */
+  alerts?: number[];
+}
+
+/** One `[[plans]]` entry. */
+export interface PlanDoc {
+  name?: string;
+  default?: boolean;
+  /** `"allow"` (default) or `"deny"`. */
+  unmatched?: "allow" | "deny" | string;
+  /** Default `"normal"`. */
+  priority?: Priority | string;
+  limits?: LimitDoc[];
+}
+
+/** One `[[pricing.prices]]` entry: `name`, `match`, and a price per metric as text (`input_tokens: "2.50/1M"`). */
+export interface PriceDoc {
+  name?: string;
+  match?: MatchDoc;
+  [metric: string]: unknown;
+}
+
+/** `[pricing]`. */
+export interface PricingDoc {
+  currency?: string;
+  /** Default `"cost_micros"`. */
+  metric?: string;
+  /** `"reject"` (default) or `"zero"`. */
+  unpriced?: "reject" | "zero" | string;
+  prices?: PriceDoc[];
+}
+
+/** One `[[breakers]]` entry. */
+export interface BreakerDoc {
+  name?: string;
+  metric?: string;
+  match?: MatchDoc;
+  scope?: string;
+  window?: string;
+  baseline?: string;
+  normal_per_hour?: number;
+  ratio?: number;
+  min_amount?: number;
+  cooldown?: string;
+  pass_priority?: Priority | string;
+}
+
+/** One `[[anomalies]]` entry. */
+export interface AnomalyDoc {
+  name?: string;
+  metric?: string;
+  match?: MatchDoc;
+  period?: string;
+  timezone?: string;
+  baseline_periods?: number;
+  ratio?: number;
+  min_amount?: number;
+  /** `"flag"` (default), `"degrade"` or `"deny"`. */
+  action?: "flag" | "degrade" | "deny" | string;
+}
+
+/** A whole policy: every section that decides. Sections left out are empty (and quotad leaves empty ones out of its answers). */
+export interface PolicyDoc {
+  metrics?: string[];
+  pricing?: PricingDoc;
+  limits?: LimitDoc[];
+  plans?: PlanDoc[];
+  breakers?: BreakerDoc[];
+  anomalies?: AnomalyDoc[];
+}
+
+/** `GET /v1/policy`: the policy in force (or an earlier kept version). `version` is also the ETag: pass it as `ifVersion` to a write. */
+export interface Policy {
+  version: number;
+  changedAt: Date | null;
+  actor: string;
+  policy: PolicyDoc;
+  raw: JsonObject;
+  /** A plan by name. */
+  plan(name: string): PlanDoc | undefined;
+  /** A top-level limit by name. */
+  limit(name: string): LimitDoc | undefined;
+}
+
+/** One entry of `GET /v1/policy/versions`. */
+export interface PolicyVersion {
+  version: number;
+  changedAt: Date | null;
+  actor: string;
+  raw: JsonObject;
+}
+
+/** A limit whose counters a policy change dropped: `reason` is `"removed"` or what changed (`"period 1d -> 1h"`). */
+export interface CounterReset {
+  limit: string;
+  reason: string;
+  raw: JsonObject;
+}
+
+/**
+ * The answer to a policy write (putPolicy, putPlan, deletePlan, putLimit,
+ * deleteLimit): the new `version` (also the ETag), the one it replaced, who
+ * made it, the counters it reset, and the item now in force — `policy`, `plan`
+ * or `limit`, whichever was written (`null` after a delete).
+ */
+export interface PolicyChange {
+  version: number;
+  previousVersion: number;
+  changedAt: Date | null;
+  actor: string;
+  countersReset: CounterReset[];
+  policy: PolicyDoc | null;
+  plan: PlanDoc | null;
+  limit: LimitDoc | null;
+  /** True when answered from the idempotency key of an earlier identical write. */
+  replayed: boolean;
+  raw: JsonObject;
+}
+
 // ---------- parsing ----------
 
 const num = (v: unknown): number | null => (typeof v === "number" && Number.isFinite(v) ? v : null);
@@ -532,6 +688,40 @@ export function parseUsagePage(d: JsonObject): UsagePage {
   return {
     rows: objs(d.rows).map((r) => ({ subject: str(r.subject) ?? "", start: parseTime(r.start), amounts: amounts(r.amounts), raw: r })),
     nextAfter: str(d.next_after),
+    raw: d,
+  };
+}
+
+const docOrNull = (v: unknown): JsonObject | null => (v && typeof v === "object" && !Array.isArray(v) ? (v as JsonObject) : null);
+
+export function parsePolicy(d: JsonObject): Policy {
+  const policy = obj(d.policy) as PolicyDoc;
+  return {
+    version: num(d.version) ?? 0,
+    changedAt: parseTime(d.changed_at),
+    actor: str(d.actor) ?? "",
+    policy,
+    raw: d,
+    plan: (name) => (Array.isArray(policy.plans) ? policy.plans.find((p) => p && p.name === name) : undefined),
+    limit: (name) => (Array.isArray(policy.limits) ? policy.limits.find((l) => l && l.name === name) : undefined),
+  };
+}
+
+export function parsePolicyVersion(d: JsonObject): PolicyVersion {
+  return { version: num(d.version) ?? 0, changedAt: parseTime(d.changed_at), actor: str(d.actor) ?? "", raw: d };
+}
+
+export function parsePolicyChange(d: JsonObject, headers?: IncomingHttpHeaders): PolicyChange {
+  return {
+    version: num(d.version) ?? 0,
+    previousVersion: num(d.previous_version) ?? 0,
+    changedAt: parseTime(d.changed_at),
+    actor: str(d.actor) ?? "",
+    countersReset: objs(d.counters_reset).map((c) => ({ limit: str(c.limit) ?? "", reason: str(c.reason) ?? "", raw: c })),
+    policy: docOrNull(d.policy) as PolicyDoc | null,
+    plan: docOrNull(d.plan) as PlanDoc | null,
+    limit: docOrNull(d.limit) as LimitDoc | null,
+    replayed: replayedHeader(headers),
     raw: d,
   };
 }

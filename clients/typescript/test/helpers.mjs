@@ -35,7 +35,14 @@ const AUTH = `
 tokens = [{ role = "admin", token = "${ADMIN_TOKEN}" }, { role = "client", token = "${CLIENT_TOKEN}" }]
 `;
 
-function config({ listen, dataDir, auth }) {
+// The policy is changed through the API (PUT /v1/policy, /v1/plans/{name}, …);
+// the file's policy only seeds version 1 of the empty data directory.
+const POLICY_FROM_API = `
+[policy]
+source = "api"
+`;
+
+function config({ listen, dataDir, auth, policyApi }) {
   return `
 metrics = ["cost_micros"]
 
@@ -55,6 +62,8 @@ reservation_ttl_max = "1h"
 level = "warn"
 
 ${auth ? AUTH : ""}
+
+${policyApi ? POLICY_FROM_API : ""}
 
 [[limits]]
 name = "global-tokens"
@@ -150,10 +159,11 @@ process.on("exit", () => {
   }
 });
 
-/** One quotad on 127.0.0.1:<free port> and <tmp>/quotad.sock. */
+/** One quotad on 127.0.0.1:<free port> and <tmp>/quotad.sock. `policyApi`: `[policy] source = "api"` (policy writes allowed). */
 export class Daemon {
-  constructor({ auth = false } = {}) {
+  constructor({ auth = false, policyApi = false } = {}) {
     this.auth = auth;
+    this.policyApi = policyApi;
     this.dir = fs.mkdtempSync(path.join(os.tmpdir(), "quotad-ts-"));
     this.socket = path.join(this.dir, "quotad.sock");
     this.logPath = path.join(this.dir, "quotad.log");
@@ -172,7 +182,12 @@ export class Daemon {
       const cfg = path.join(this.dir, "quotad.toml");
       fs.writeFileSync(
         cfg,
-        config({ listen: `"127.0.0.1:${this.port}", "unix:${this.socket}"`, dataDir: path.join(this.dir, "data"), auth: this.auth }),
+        config({
+          listen: `"127.0.0.1:${this.port}", "unix:${this.socket}"`,
+          dataDir: path.join(this.dir, "data"),
+          auth: this.auth,
+          policyApi: this.policyApi,
+        }),
       );
       const log = fs.openSync(this.logPath, "a");
       const child = spawn(bin, ["serve", "--config", cfg], { cwd: this.dir, stdio: ["ignore", log, log] });

@@ -8,6 +8,7 @@ import {
   Denied,
   InvalidRequest,
   NotFound,
+  PreconditionFailed,
   QuotadError,
   SSEParser,
   Unavailable,
@@ -63,6 +64,9 @@ test("error mapping", () => {
   assert.equal(e.constructor, QuotadError);
   assert.ok(errorFromResponse(400, "{}") instanceof InvalidRequest);
   assert.ok(errorFromResponse(404, "{}") instanceof NotFound);
+  e = errorFromResponse(412, '{"error":{"code":"version_mismatch","message":"the policy is at version 3, not 2"}}');
+  assert.ok(e instanceof PreconditionFailed && e instanceof QuotadError);
+  assert.deepEqual([e.status, e.code, e.name], [412, "version_mismatch", "PreconditionFailed"]);
 });
 
 test("Denied is not a QuotadError", () => {

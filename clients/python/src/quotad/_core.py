@@ -8,7 +8,7 @@ import random
 import uuid
 from dataclasses import dataclass, field
 from datetime import date, datetime, timezone
-from typing import Any, Callable, Dict, Generic, Iterable, List, Mapping, Optional, Sequence, TypeVar, Union
+from typing import Any, Callable, Dict, Generic, Iterable, List, Mapping, Optional, Sequence, TypeVar, Union, cast
 from urllib.parse import quote, urlsplit
 
 import httpx
@@ -24,7 +24,12 @@ from .models import (
     EventPage,
     Finish,
     Flag,
+    LimitDoc,
+    PlanDoc,
     Plans,
+    Policy,
+    PolicyChange,
+    PolicyVersion,
     ReloadReport,
     Subject,
     SubjectPage,
@@ -483,6 +488,86 @@ def usage_export_call(
 
     headers = {"Accept": "text/csv"} if format == "csv" else {}
     return Call("GET", "/v1/usage", parse, params=params, headers=headers)
+
+
+# ---------- policy as data ----------
+
+
+def _version_arg(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{what} must be a policy version (a whole number >= 0), got {value!r}")
+    return value
+
+
+def _write_headers(if_version: Optional[int], idempotency_key: Optional[str]) -> Dict[str, str]:
+    """The headers of a policy write: an ``Idempotency-Key`` (generated once
+    per call, so its retries are answered, not applied twice) and, with
+    ``if_version``, ``If-Match: "N"``."""
+    h = _key_header(idempotency_key)
+    if if_version is not None:
+        h["If-Match"] = f'"{_version_arg(if_version, "if_version")}"'
+    return h
+
+
+def _doc(value: Any, what: str) -> Dict[str, Any]:
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{what} must be a dict, got {type(value).__name__}")
+    return dict(value)
+
+
+def _parse_change(r: httpx.Response) -> PolicyChange:
+    return PolicyChange.from_json(_obj(r), r.headers)
+
+
+def get_policy_call(version: Optional[int]) -> Call[Policy]:
+    params = {"version": str(_version_arg(version, "version"))} if version is not None else None
+    return Call("GET", "/v1/policy", lambda r: Policy.from_json(_obj(r)), params=params)
+
+
+def put_policy_call(
+    policy: Mapping[str, Any], if_version: Optional[int], idempotency_key: Optional[str]
+) -> Call[PolicyChange]:
+    return Call(
+        "PUT",
+        "/v1/policy",
+        _parse_change,
+        body={"policy": _doc(policy, "policy")},
+        headers=_write_headers(if_version, idempotency_key),
+    )
+
+
+def policy_versions_call() -> Call[List[PolicyVersion]]:
+    return Call(
+        "GET", "/v1/policy/versions", lambda r: [PolicyVersion.from_json(x) for x in _items(_json(r), "versions")]
+    )
+
+
+def get_plan_call(name: str) -> Call[PlanDoc]:
+    return Call("GET", f"/v1/plans/{seg(name)}", lambda r: cast(PlanDoc, _obj(r)))
+
+
+def get_limit_call(name: str) -> Call[LimitDoc]:
+    return Call("GET", f"/v1/limits/{seg(name)}", lambda r: cast(LimitDoc, _obj(r)))
+
+
+def put_item_call(
+    kind: str, name: str, item: Mapping[str, Any], if_version: Optional[int], idempotency_key: Optional[str]
+) -> Call[PolicyChange]:
+    return Call(
+        "PUT",
+        f"/v1/{kind}/{seg(name)}",
+        _parse_change,
+        body=_doc(item, kind[:-1]),
+        headers=_write_headers(if_version, idempotency_key),
+    )
+
+
+def delete_item_call(
+    kind: str, name: str, if_version: Optional[int], idempotency_key: Optional[str]
+) -> Call[PolicyChange]:
+    return Call(
+        "DELETE", f"/v1/{kind}/{seg(name)}", _parse_change, headers=_write_headers(if_version, idempotency_key)
+    )
 
 
 def openapi_call() -> Call[Dict[str, Any]]:

@@ -36,7 +36,13 @@ from .models import (
     EventPage,
     Finish,
     Flag,
+    LimitDoc,
+    PlanDoc,
     Plans,
+    Policy,
+    PolicyChange,
+    PolicyDoc,
+    PolicyVersion,
     ReloadReport,
     Subject,
     SubjectEntry,
@@ -390,6 +396,59 @@ class AsyncClient:
 
     async def metrics(self) -> str:
         return await self._call(_core.metrics_call())
+
+    # ----- policy as data -----
+
+    async def get_policy(self, version: Optional[int] = None) -> Policy:
+        return await self._call(_core.get_policy_call(version))
+
+    async def put_policy(
+        self,
+        policy: Union[PolicyDoc, Mapping[str, Any]],
+        *,
+        if_version: Optional[int] = None,
+        idempotency_key: Optional[str] = None,
+    ) -> PolicyChange:
+        return await self._call(_core.put_policy_call(policy, if_version, idempotency_key))
+
+    async def list_policy_versions(self) -> List[PolicyVersion]:
+        return await self._call(_core.policy_versions_call())
+
+    async def get_plan(self, name: str) -> PlanDoc:
+        return await self._call(_core.get_plan_call(name))
+
+    async def put_plan(
+        self,
+        name: str,
+        plan: Union[PlanDoc, Mapping[str, Any]],
+        *,
+        if_version: Optional[int] = None,
+        idempotency_key: Optional[str] = None,
+    ) -> PolicyChange:
+        return await self._call(_core.put_item_call("plans", name, plan, if_version, idempotency_key))
+
+    async def delete_plan(
+        self, name: str, *, if_version: Optional[int] = None, idempotency_key: Optional[str] = None
+    ) -> PolicyChange:
+        return await self._call(_core.delete_item_call("plans", name, if_version, idempotency_key))
+
+    async def get_limit(self, name: str) -> LimitDoc:
+        return await self._call(_core.get_limit_call(name))
+
+    async def put_limit(
+        self,
+        name: str,
+        limit: Union[LimitDoc, Mapping[str, Any]],
+        *,
+        if_version: Optional[int] = None,
+        idempotency_key: Optional[str] = None,
+    ) -> PolicyChange:
+        return await self._call(_core.put_item_call("limits", name, limit, if_version, idempotency_key))
+
+    async def delete_limit(
+        self, name: str, *, if_version: Optional[int] = None, idempotency_key: Optional[str] = None
+    ) -> PolicyChange:
+        return await self._call(_core.delete_item_call("limits", name, if_version, idempotency_key))
 
     # ----- events, breakers, anomalies -----
 

@@ -22,7 +22,13 @@ from .models import (
     EventPage,
     Finish,
     Flag,
+    LimitDoc,
+    PlanDoc,
     Plans,
+    Policy,
+    PolicyChange,
+    PolicyDoc,
+    PolicyVersion,
     ReloadReport,
     Subject,
     SubjectEntry,
@@ -392,6 +398,77 @@ class Client:
     def metrics(self) -> str:
         """The Prometheus/OpenMetrics text."""
         return self._call(_core.metrics_call())
+
+    # ----- policy as data -----
+
+    def get_policy(self, version: Optional[int] = None) -> Policy:
+        """The policy in force, its version and who made it (admin); with
+        ``version``, an earlier version still kept (else :class:`~quotad.NotFound`
+        ``unknown_version``)."""
+        return self._call(_core.get_policy_call(version))
+
+    def put_policy(
+        self,
+        policy: Union[PolicyDoc, Mapping[str, Any]],
+        *,
+        if_version: Optional[int] = None,
+        idempotency_key: Optional[str] = None,
+    ) -> PolicyChange:
+        """Replaces the whole policy (admin; ``[policy] source = "api"``).
+        With ``if_version`` it applies only if that is still the version in
+        force (else :class:`~quotad.PreconditionFailed` ``version_mismatch``).
+        A policy that does not compile raises :class:`~quotad.InvalidRequest`
+        ``invalid_policy`` naming the path, and changes nothing."""
+        return self._call(_core.put_policy_call(policy, if_version, idempotency_key))
+
+    def list_policy_versions(self) -> List[PolicyVersion]:
+        """The kept policy versions, newest first (admin)."""
+        return self._call(_core.policy_versions_call())
+
+    def get_plan(self, name: str) -> PlanDoc:
+        """One plan as written (a dict that can be edited and passed back to
+        :meth:`put_plan`); :class:`~quotad.NotFound` ``unknown_plan``."""
+        return self._call(_core.get_plan_call(name))
+
+    def put_plan(
+        self,
+        name: str,
+        plan: Union[PlanDoc, Mapping[str, Any]],
+        *,
+        if_version: Optional[int] = None,
+        idempotency_key: Optional[str] = None,
+    ) -> PolicyChange:
+        """Creates or replaces one plan (admin). ``plan`` may leave out
+        ``name``; if given it must equal ``name``."""
+        return self._call(_core.put_item_call("plans", name, plan, if_version, idempotency_key))
+
+    def delete_plan(
+        self, name: str, *, if_version: Optional[int] = None, idempotency_key: Optional[str] = None
+    ) -> PolicyChange:
+        """Removes one plan (admin); :class:`~quotad.Conflict` ``plan_in_use``
+        while subjects are assigned to it or it is the default plan."""
+        return self._call(_core.delete_item_call("plans", name, if_version, idempotency_key))
+
+    def get_limit(self, name: str) -> LimitDoc:
+        """One top-level limit as written; :class:`~quotad.NotFound` ``unknown_limit``."""
+        return self._call(_core.get_limit_call(name))
+
+    def put_limit(
+        self,
+        name: str,
+        limit: Union[LimitDoc, Mapping[str, Any]],
+        *,
+        if_version: Optional[int] = None,
+        idempotency_key: Optional[str] = None,
+    ) -> PolicyChange:
+        """Creates or replaces one top-level limit (admin)."""
+        return self._call(_core.put_item_call("limits", name, limit, if_version, idempotency_key))
+
+    def delete_limit(
+        self, name: str, *, if_version: Optional[int] = None, idempotency_key: Optional[str] = None
+    ) -> PolicyChange:
+        """Removes one top-level limit and its counters (admin)."""
+        return self._call(_core.delete_item_call("limits", name, if_version, idempotency_key))
 
     # ----- events, breakers, anomalies -----
 

@@ -25,6 +25,7 @@ __all__ = [
     "Forbidden",
     "NotFound",
     "Conflict",
+    "PreconditionFailed",
     "PayloadTooLarge",
     "Unavailable",
     "Denied",
@@ -73,7 +74,8 @@ class QuotadError(Exception):
 
 class InvalidRequest(QuotadError):
     """400: the request is malformed or out of range (``invalid_request``,
-    ``unknown_metric``, ...). The message names the field."""
+    ``unknown_metric``, ``invalid_policy``, ...). The message names the field
+    (for ``invalid_policy``, its path: ``plans[0].limits[0].max: ...``)."""
 
 
 class Unauthorized(QuotadError):
@@ -86,13 +88,21 @@ class Forbidden(QuotadError):
 
 class NotFound(QuotadError):
     """404: ``unknown_subject``, ``unknown_plan``, ``unknown_limit``,
-    ``unknown_reservation``, or ``not_found`` for an endpoint this quotad does
-    not serve."""
+    ``unknown_reservation``, ``unknown_version`` (a policy version no longer
+    kept), or ``not_found`` for an endpoint this quotad does not serve."""
 
 
 class Conflict(QuotadError):
-    """409: ``idempotency_conflict`` (a key reused with another body) or
-    ``reservation_finished``."""
+    """409: ``idempotency_conflict`` (a key reused with another body),
+    ``reservation_finished``, ``plan_in_use`` (a plan still assigned to
+    subjects, or the default plan, cannot be removed) or ``policy_from_file``
+    (the daemon takes its policy from its config file, not the API)."""
+
+
+class PreconditionFailed(QuotadError):
+    """412: ``version_mismatch``: a policy write's ``if_version`` is not the
+    version in force (someone else changed the policy). Read it again and
+    reapply the change."""
 
 
 class PayloadTooLarge(QuotadError):
@@ -145,6 +155,7 @@ _BY_STATUS: Dict[int, Type[QuotadError]] = {
     403: Forbidden,
     404: NotFound,
     409: Conflict,
+    412: PreconditionFailed,
     413: PayloadTooLarge,
     502: Unavailable,
     503: Unavailable,

@@ -1,12 +1,13 @@
 """Typed results. Every result keeps the JSON it was built from in ``.raw``,
-so fields a newer quotad adds are never lost."""
+so fields a newer quotad adds are never lost. The policy documents (plans,
+limits, the whole policy) are plain dicts typed as TypedDicts."""
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, TypedDict, Union, cast
 
 from .errors import Denied, QuotadError, error_from_response
 
@@ -34,6 +35,18 @@ __all__ = [
     "Usage",
     "UsageRow",
     "UsagePage",
+    "MatchDoc",
+    "LimitDoc",
+    "PlanDoc",
+    "PriceDoc",
+    "PricingDoc",
+    "BreakerDoc",
+    "AnomalyDoc",
+    "PolicyDoc",
+    "Policy",
+    "PolicyVersion",
+    "CounterReset",
+    "PolicyChange",
     "parse_time",
 ]
 
@@ -530,8 +543,10 @@ class BatchResult:
 
 @dataclass
 class Event:
-    """An event (``threshold.crossed``, ``breaker.opened``, ...). The fields
-    beyond these depend on the type: read them from ``raw``."""
+    """An event (``threshold.crossed``, ``breaker.opened``,
+    ``policy.changed``, ...). The fields beyond these depend on the type:
+    read them from ``raw`` (or :meth:`get`), e.g. ``version``,
+    ``previous_version`` and ``actor`` of ``policy.changed``."""
 
     id: Optional[str]
     seq: Optional[int]
@@ -726,3 +741,222 @@ class UsagePage:
         ]
         nxt = d.get("next_after")
         return cls(rows=rows, next_after=str(nxt) if nxt is not None else None, raw=dict(d))
+
+
+# ---------- policy as data ----------
+#
+# The policy documents are plain dicts in the shape and names of the TOML
+# file (and of the JSON quotad answers), typed as TypedDicts: what
+# get_plan/get_limit/get_policy return can be edited and written back as is.
+# Every key is optional in what you send (quotad fills in the defaults and
+# answers with them filled in), except where the server says otherwise:
+# ``name`` of a limit inside a plan, ``max``, ``period`` (except lifetime).
+
+
+class MatchDoc(TypedDict, total=False):
+    """``match = { event = "llm.*", attributes = { model = "gpt-4o" } }``:
+    globs over the event name and attribute values."""
+
+    event: str
+    attributes: Dict[str, str]
+
+
+class LimitDoc(TypedDict, total=False):
+    """One ``[[limits]]`` / ``[[plans.limits]]`` entry."""
+
+    name: str
+    metric: str  # default "requests"
+    scope: str  # "subject" (default), "global" or "attribute:<name>"
+    algorithm: str  # "fixed" (default) | "sliding" | "token_bucket" | "lifetime"
+    max: Max  # an int, or "unlimited"
+    refill: int  # token_bucket: added per period (default: max)
+    period: str  # "1m", "1h", "1d", "1mo", ...
+    timezone: str  # IANA zone of calendar windows (default "UTC")
+    match: MatchDoc
+    mode: str  # "enforce" (default) | "monitor" | "degrade"
+    alerts: List[float]  # fractions of max, e.g. [0.8, 1.0]
+
+
+class PlanDoc(TypedDict, total=False):
+    """One ``[[plans]]`` entry."""
+
+    name: str
+    default: bool
+    unmatched: str  # "allow" (default) | "deny"
+    priority: str  # "critical" | "high" | "normal" (default) | "low"
+    limits: List[LimitDoc]
+
+
+class PriceDoc(TypedDict, total=False):
+    """One ``[[pricing.prices]]`` entry: ``name``, ``match``, and a price per
+    metric as text (``"input_tokens": "2.50/1M"``), which a TypedDict cannot
+    name: read and write those keys as on any dict."""
+
+    name: str
+    match: MatchDoc
+
+
+class PricingDoc(TypedDict, total=False):
+    """``[pricing]``."""
+
+    currency: str
+    metric: str  # default "cost_micros"
+    unpriced: str  # "reject" (default) | "zero"
+    prices: List[PriceDoc]
+
+
+class BreakerDoc(TypedDict, total=False):
+    """One ``[[breakers]]`` entry."""
+
+    name: str
+    metric: str
+    match: MatchDoc
+    scope: str
+    window: str
+    baseline: str
+    normal_per_hour: int
+    ratio: float
+    min_amount: int
+    cooldown: str
+    pass_priority: str
+
+
+class AnomalyDoc(TypedDict, total=False):
+    """One ``[[anomalies]]`` entry."""
+
+    name: str
+    metric: str
+    match: MatchDoc
+    period: str
+    timezone: str
+    baseline_periods: int
+    ratio: float
+    min_amount: int
+    action: str  # "flag" (default) | "degrade" | "deny"
+
+
+class PolicyDoc(TypedDict, total=False):
+    """A whole policy: every section that decides. Sections left out are
+    empty (and quotad leaves empty ones out of its answers)."""
+
+    metrics: List[str]
+    pricing: PricingDoc
+    limits: List[LimitDoc]
+    plans: List[PlanDoc]
+    breakers: List[BreakerDoc]
+    anomalies: List[AnomalyDoc]
+
+
+def _replayed(headers: Optional[Mapping[str, str]]) -> bool:
+    if headers is None:
+        return False
+    return str(headers.get("idempotent-replayed", "")).lower() == "true"
+
+
+@dataclass
+class Policy:
+    """``GET /v1/policy``: the policy in force (or an earlier kept version).
+    ``version`` is also the ETag: pass it as ``if_version`` to a write to make
+    it apply only if nothing changed since."""
+
+    version: int
+    changed_at: Optional[datetime]
+    actor: str
+    policy: PolicyDoc
+    raw: Dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def plan(self, name: str) -> Optional[PlanDoc]:
+        for p in self.policy.get("plans", []):
+            if p.get("name") == name:
+                return p
+        return None
+
+    def limit(self, name: str) -> Optional[LimitDoc]:
+        """A top-level limit by name."""
+        for lim in self.policy.get("limits", []):
+            if lim.get("name") == name:
+                return lim
+        return None
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> "Policy":
+        return cls(
+            version=_int(d.get("version")) or 0,
+            changed_at=parse_time(d.get("changed_at")),
+            actor=str(d.get("actor", "")),
+            policy=cast(PolicyDoc, _dict(d.get("policy"))),
+            raw=dict(d),
+        )
+
+
+@dataclass
+class PolicyVersion:
+    """One entry of ``GET /v1/policy/versions``."""
+
+    version: int
+    changed_at: Optional[datetime]
+    actor: str
+    raw: Dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> "PolicyVersion":
+        return cls(
+            version=_int(d.get("version")) or 0,
+            changed_at=parse_time(d.get("changed_at")),
+            actor=str(d.get("actor", "")),
+            raw=dict(d),
+        )
+
+
+@dataclass
+class CounterReset:
+    """A limit whose counters a policy change dropped: ``reason`` is
+    ``"removed"`` or what changed (``"period 1d -> 1h"``)."""
+
+    limit: str
+    reason: str
+    raw: Dict[str, Any] = field(default_factory=dict, repr=False)
+
+
+@dataclass
+class PolicyChange:
+    """The answer to a policy write (put_policy, put_plan, delete_plan,
+    put_limit, delete_limit): the new ``version`` (also the ETag), the one it
+    replaced, who made it, the counters it reset, and the item as now in
+    force — ``policy``, ``plan`` or ``limit``, whichever was written (``None``
+    after a delete). ``replayed`` is true when the answer came from the
+    idempotency key of an earlier identical write."""
+
+    version: int
+    previous_version: int
+    changed_at: Optional[datetime]
+    actor: str
+    counters_reset: List[CounterReset] = field(default_factory=list)
+    policy: Optional[PolicyDoc] = None
+    plan: Optional[PlanDoc] = None
+    limit: Optional[LimitDoc] = None
+    replayed: bool = False
+    raw: Dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any], headers: Optional[Mapping[str, str]] = None) -> "PolicyChange":
+        def part(key: str) -> Optional[Dict[str, Any]]:
+            v = d.get(key)
+            return dict(v) if isinstance(v, dict) else None
+
+        return cls(
+            version=_int(d.get("version")) or 0,
+            previous_version=_int(d.get("previous_version")) or 0,
+            changed_at=parse_time(d.get("changed_at")),
+            actor=str(d.get("actor", "")),
+            counters_reset=[
+                CounterReset(str(c.get("limit", "")), str(c.get("reason", "")), dict(c))
+                for c in _list(d.get("counters_reset"))
+                if isinstance(c, dict)
+            ],
+            policy=cast(Optional[PolicyDoc], part("policy")),
+            plan=cast(Optional[PlanDoc], part("plan")),
+            limit=cast(Optional[LimitDoc], part("limit")),
+            replayed=_replayed(headers),
+            raw=dict(d),
+        )
