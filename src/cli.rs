@@ -739,6 +739,20 @@ fn wal_dump(dir: &Path) -> ExitCode {
     }
 }
 
+/// A client for the daemon and a runtime to drive it on; a bad address or
+/// configuration is reported and answered with its exit code.
+fn connected(reach: &Reach, config_path: Option<&Path>) -> Result<(Client, tokio::runtime::Runtime), ExitCode> {
+    let client = client_for(reach, config_path).map_err(|e| {
+        eprintln!("quotad: {e}");
+        ExitCode::from(EXIT_CONFIG)
+    })?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    Ok((client, runtime))
+}
+
 /// The daemon's address: `--socket`, `--addr`, or the config file's first Unix
 /// socket, else its first TCP address.
 fn client_for(reach: &Reach, config_path: Option<&Path>) -> Result<Client, String> {
@@ -806,17 +820,10 @@ fn client_call(
     body: Option<Value>,
     print: fn(&Value) -> u8,
 ) -> ExitCode {
-    let client = match client_for(&connect.reach, config_path) {
+    let (client, runtime) = match connected(&connect.reach, config_path) {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("quotad: {e}");
-            return ExitCode::from(EXIT_CONFIG);
-        }
+        Err(code) => return code,
     };
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("a runtime");
     match runtime.block_on(client.request(method, path, body.as_ref())) {
         Err(e) => {
             eprintln!("quotad: {e}");

@@ -498,13 +498,15 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/plans", get(plans))
         .route(
             "/v1/plans/{name}",
-            get(policy::get_plan).put(policy::put_plan).delete(policy::delete_plan),
+            get(|State(st), Path(n), h| policy::get_one(st, policy::Item::Plan, n, h))
+                .put(|State(st), Path(n), h, b| policy::put_one(st, policy::Item::Plan, n, h, b))
+                .delete(|State(st), Path(n), h| policy::delete_one(st, policy::Item::Plan, n, h)),
         )
         .route(
             "/v1/limits/{name}",
-            get(policy::get_limit)
-                .put(policy::put_limit)
-                .delete(policy::delete_limit),
+            get(|State(st), Path(n), h| policy::get_one(st, policy::Item::Limit, n, h))
+                .put(|State(st), Path(n), h, b| policy::put_one(st, policy::Item::Limit, n, h, b))
+                .delete(|State(st), Path(n), h| policy::delete_one(st, policy::Item::Limit, n, h)),
         )
         .route("/v1/policy", get(policy::get_policy).put(policy::put_policy))
         .route("/v1/policy/versions", get(policy::list_versions))

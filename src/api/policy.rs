@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -402,7 +402,7 @@ pub(super) async fn put_policy(
 
 /// Which list of the policy an item endpoint edits.
 #[derive(Clone, Copy)]
-enum Item {
+pub(super) enum Item {
     Plan,
     Limit,
 }
@@ -606,64 +606,37 @@ async fn write_item(
     ))
 }
 
-/// `GET /v1/plans/{name}`.
-pub(super) async fn get_plan(
-    State(st): State<Arc<AppState>>,
-    Path(name): Path<String>,
+/// `GET /v1/plans/{name}` and `GET /v1/limits/{name}`.
+pub(super) async fn get_one(
+    st: Arc<AppState>,
+    item: Item,
+    name: String,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    get_item(&st, &headers, Item::Plan, &name).await
+    get_item(&st, &headers, item, &name).await
 }
 
-/// `PUT /v1/plans/{name}`.
-pub(super) async fn put_plan(
-    State(st): State<Arc<AppState>>,
-    Path(name): Path<String>,
+/// `PUT /v1/plans/{name}` and `PUT /v1/limits/{name}`.
+pub(super) async fn put_one(
+    st: Arc<AppState>,
+    item: Item,
+    name: String,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     st.authorize(&headers, Role::Admin)?;
-    let value = item_body(Item::Plan, &name, &body_bytes(body, st.max_body_bytes)?)?;
-    write_item(&st, &headers, Item::Plan, &name, Some(value)).await
+    let value = item_body(item, &name, &body_bytes(body, st.max_body_bytes)?)?;
+    write_item(&st, &headers, item, &name, Some(value)).await
 }
 
-/// `DELETE /v1/plans/{name}`.
-pub(super) async fn delete_plan(
-    State(st): State<Arc<AppState>>,
-    Path(name): Path<String>,
+/// `DELETE /v1/plans/{name}` and `DELETE /v1/limits/{name}`.
+pub(super) async fn delete_one(
+    st: Arc<AppState>,
+    item: Item,
+    name: String,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    write_item(&st, &headers, Item::Plan, &name, None).await
-}
-
-/// `GET /v1/limits/{name}`.
-pub(super) async fn get_limit(
-    State(st): State<Arc<AppState>>,
-    Path(name): Path<String>,
-    headers: HeaderMap,
-) -> Result<Response, ApiError> {
-    get_item(&st, &headers, Item::Limit, &name).await
-}
-
-/// `PUT /v1/limits/{name}`.
-pub(super) async fn put_limit(
-    State(st): State<Arc<AppState>>,
-    Path(name): Path<String>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Response, ApiError> {
-    st.authorize(&headers, Role::Admin)?;
-    let value = item_body(Item::Limit, &name, &body_bytes(body, st.max_body_bytes)?)?;
-    write_item(&st, &headers, Item::Limit, &name, Some(value)).await
-}
-
-/// `DELETE /v1/limits/{name}`.
-pub(super) async fn delete_limit(
-    State(st): State<Arc<AppState>>,
-    Path(name): Path<String>,
-    headers: HeaderMap,
-) -> Result<Response, ApiError> {
-    write_item(&st, &headers, Item::Limit, &name, None).await
+    write_item(&st, &headers, item, &name, None).await
 }
 
 /// Why the policy could not be put in force at start.

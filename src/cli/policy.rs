@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use hyper::Method;
 use serde_json::{json, Value};
 
-use super::{client_for, report_error, Connect, PolicyAction, EXIT_CONFIG, EXIT_DENIED, EXIT_REQUEST};
+use super::{connected, report_error, Connect, PolicyAction, EXIT_CONFIG, EXIT_DENIED, EXIT_REQUEST};
 use crate::client::{Answer, Client};
 use crate::config::Config;
 use crate::engine::policy::{counter_changes, PolicyDoc};
@@ -20,17 +20,10 @@ pub(super) fn run(action: PolicyAction, config_path: Option<&Path>) -> ExitCode 
         | PolicyAction::Apply { connect, .. }
         | PolicyAction::Diff { connect, .. } => connect.clone(),
     };
-    let client = match client_for(&connect.reach, config_path) {
+    let (client, runtime) = match connected(&connect.reach, config_path) {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("quotad: {e}");
-            return ExitCode::from(EXIT_CONFIG);
-        }
+        Err(code) => return code,
     };
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("a runtime");
     let result = runtime.block_on(async {
         match action {
             PolicyAction::Get { version, .. } => get(&client, &connect, version).await,
