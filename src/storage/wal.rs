@@ -3,7 +3,7 @@
 //! A segment is `wal-<first LSN, 20 digits>.log`:
 //!
 //! ```text
-//! header (24 bytes): magic "QUOTAWAL" | version u16 | flags u16 (0) | first_lsn u64 | crc32 u32 (of the 20 bytes before)
+//! header (24 bytes): magic "QUOTAWAL" | version u16 | flags u16 | first_lsn u64 | crc32 u32 (of the 20 bytes before)
 //! record:            len u32 | crc32 u32 | lsn u64 | payload (len & 0xFF_FFFF bytes)
 //! ```
 //! All integers little-endian. A record's `len` holds the payload length in its
@@ -11,6 +11,10 @@
 //! any single flipped bit of a length is detected before it can be mistaken for
 //! a torn tail or make the reader allocate. The record CRC covers `lsn` and the
 //! payload (everything after it). LSNs are consecutive across segments.
+//!
+//! `flags` is 0 on a single node. [`FLAG_RAFT`] marks the segments of a
+//! cluster node, whose records are Raft entries (the LSN is the Raft index
+//! plus one); each kind of node refuses the other's log.
 //!
 //! Recovery: the last segment may end in a torn tail (an incomplete record, or
 //! zero bytes where an unsynced write never landed); it is truncated and the
@@ -26,6 +30,8 @@ use crate::engine::Lsn;
 pub const MAGIC: [u8; 8] = *b"QUOTAWAL";
 /// Segment header length.
 pub const HEADER_BYTES: usize = 24;
+/// Header flag of a cluster node's segments: records are Raft entries.
+pub const FLAG_RAFT: u16 = 1;
 /// Record header length: len, crc, lsn.
 pub const RECORD_HEADER_BYTES: usize = 16;
 /// Largest record payload: one operation's mutations are far smaller.
@@ -92,11 +98,17 @@ fn parse_segment_name(name: &str) -> Option<Lsn> {
     name.strip_prefix("wal-")?.strip_suffix(".log")?.parse().ok()
 }
 
-/// The 24 header bytes of a segment.
+/// The 24 header bytes of a single node's segment.
 pub fn encode_header(version: u16, first_lsn: Lsn) -> [u8; HEADER_BYTES] {
+    encode_header_flags(version, 0, first_lsn)
+}
+
+/// The 24 header bytes of a segment with `flags`.
+pub fn encode_header_flags(version: u16, flags: u16, first_lsn: Lsn) -> [u8; HEADER_BYTES] {
     let mut h = [0u8; HEADER_BYTES];
     h[..8].copy_from_slice(&MAGIC);
     h[8..10].copy_from_slice(&version.to_le_bytes());
+    h[10..12].copy_from_slice(&flags.to_le_bytes());
     h[12..20].copy_from_slice(&first_lsn.to_le_bytes());
     let crc = crc32fast::hash(&h[..20]);
     h[20..24].copy_from_slice(&crc.to_le_bytes());
@@ -154,7 +166,7 @@ struct Parsed {
 
 /// Parses a segment. `last` says whether a torn tail is allowed; `Ok(None)` is a
 /// last segment torn inside its header (it holds nothing).
-fn parse_segment(name: &str, bytes: &[u8], last: bool) -> Result<Option<Parsed>, Corruption> {
+fn parse_segment(name: &str, bytes: &[u8], last: bool, flags: u16) -> Result<Option<Parsed>, Corruption> {
     let corrupt = |offset: usize, message: String| Corruption {
         file: name.to_string(),
         offset: offset as u64,
@@ -177,6 +189,23 @@ fn parse_segment(name: &str, bytes: &[u8], last: bool) -> Result<Option<Parsed>,
         return Err(corrupt(0, "segment header checksum mismatch".into()));
     }
     let version = u16::from_le_bytes([bytes[8], bytes[9]]);
+    let found = u16::from_le_bytes([bytes[10], bytes[11]]);
+    if found != flags {
+        return Err(corrupt(
+            10,
+            if found & FLAG_RAFT != 0 {
+                "this segment belongs to a cluster node (it holds Raft entries): start quotad with the \
+                 [cluster] section this data directory was made with"
+                    .into()
+            } else if flags & FLAG_RAFT != 0 {
+                "this segment belongs to a single node, not a cluster: a cluster node starts on an empty \
+                 data directory"
+                    .into()
+            } else {
+                format!("unknown segment flags {found:#06x}")
+            },
+        ));
+    }
     let first_lsn = u64::from_le_bytes(bytes[12..20].try_into().expect("8 bytes"));
     if parse_segment_name(name) != Some(first_lsn) {
         return Err(corrupt(
@@ -274,12 +303,15 @@ pub struct Wal {
     active_version: u16,
     /// Set after a failed write or sync: nothing more is written (no retry).
     failed: bool,
+    /// Header flags of every segment ([`FLAG_RAFT`] or 0).
+    flags: u16,
 }
 
 fn scan(
     dir: &dyn WalDir,
     after_lsn: Lsn,
     truncate: bool,
+    flags: u16,
     on_record: &mut RecordSink<'_>,
 ) -> Result<(ScanReport, Vec<Segment>, Lsn), WalError> {
     let mut names: Vec<(Lsn, String)> = dir
@@ -297,7 +329,7 @@ fn scan(
         let last = i + 1 == count;
         let mut file = dir.open(name).map_err(io_err(name))?;
         let bytes = file.read_all().map_err(io_err(name))?;
-        let Some(p) = parse_segment(name, &bytes, last)? else {
+        let Some(p) = parse_segment(name, &bytes, last, flags)? else {
             // Torn while its header was written: it never held a record.
             report.torn_tail_bytes = bytes.len() as u64;
             report.torn_tail_file = Some(name.clone());
@@ -371,7 +403,7 @@ fn scan(
 /// Reads the whole log without changing it: for `quotad wal verify` and `dump`.
 /// `on_record` sees every record after `after_lsn`.
 pub fn verify(dir: &dyn WalDir, after_lsn: Lsn, on_record: &mut RecordSink<'_>) -> Result<ScanReport, WalError> {
-    scan(dir, after_lsn, false, on_record).map(|(r, _, _)| r)
+    scan(dir, after_lsn, false, 0, on_record).map(|(r, _, _)| r)
 }
 
 impl Wal {
@@ -384,7 +416,20 @@ impl Wal {
         version: u16,
         on_record: &mut RecordSink<'_>,
     ) -> Result<(Wal, ScanReport), WalError> {
-        let (report, segments, next_lsn) = scan(dir.as_ref(), after_lsn, true, on_record)?;
+        Self::open_flagged(dir, after_lsn, segment_bytes_max, version, 0, on_record)
+    }
+
+    /// As [`Wal::open`], for segments with header `flags` (a cluster node's
+    /// log: [`FLAG_RAFT`]).
+    pub fn open_flagged(
+        dir: Arc<dyn WalDir>,
+        after_lsn: Lsn,
+        segment_bytes_max: u64,
+        version: u16,
+        flags: u16,
+        on_record: &mut RecordSink<'_>,
+    ) -> Result<(Wal, ScanReport), WalError> {
+        let (report, segments, next_lsn) = scan(dir.as_ref(), after_lsn, true, flags, on_record)?;
         let (active, active_bytes, active_version) = match segments.last() {
             Some(s) => {
                 let mut f = dir.open(&s.name).map_err(io_err(&s.name))?;
@@ -404,6 +449,7 @@ impl Wal {
             version,
             active_version,
             failed: false,
+            flags,
         };
         Ok((wal, report))
     }
@@ -470,7 +516,7 @@ impl Wal {
         let name = segment_name(first_lsn);
         let mut file = self.dir.create(&name).map_err(io_err(&name))?;
         let mut buf = Vec::with_capacity(HEADER_BYTES + framed.len());
-        buf.extend_from_slice(&encode_header(self.version, first_lsn));
+        buf.extend_from_slice(&encode_header_flags(self.version, self.flags, first_lsn));
         buf.extend_from_slice(framed);
         file.append(&buf).map_err(io_err(&name))?;
         file.sync_data().map_err(io_err(&name))?;
@@ -522,6 +568,81 @@ impl Wal {
     pub fn segment_count(&self) -> usize {
         self.segments.len()
     }
+
+    /// Cuts every record with LSN ≥ `lsn` off the log, durably: later
+    /// segments are deleted (newest first) and the
+    /// one holding `lsn` is truncated before it. A Raft follower does this
+    /// when a new leader overwrites entries that were never committed.
+    pub fn truncate_from(&mut self, lsn: Lsn) -> Result<(), WalError> {
+        if self.failed {
+            return Err(WalError::PreviousIo);
+        }
+        if lsn >= self.next_lsn {
+            return Ok(());
+        }
+        while let Some(last) = self.segments.last() {
+            if last.first_lsn < lsn {
+                break;
+            }
+            let s = self.segments.pop().expect("a last segment");
+            self.active = None;
+            self.dir.remove(&s.name).map_err(io_err(&s.name))?;
+        }
+        self.next_lsn = lsn;
+        let Some(last) = self.segments.last().cloned() else {
+            self.active_bytes = 0;
+            return Ok(());
+        };
+        let mut file = self.dir.open(&last.name).map_err(io_err(&last.name))?;
+        let bytes = file.read_all().map_err(io_err(&last.name))?;
+        let parsed = parse_segment(&last.name, &bytes, true, self.flags)?.ok_or_else(|| Corruption {
+            file: last.name.clone(),
+            offset: 0,
+            message: "segment has no header".into(),
+        })?;
+        let keep = (lsn - parsed.first_lsn) as usize;
+        let len = parsed
+            .records
+            .get(keep)
+            .map_or(parsed.valid_len, |(_, r)| r.start - RECORD_HEADER_BYTES);
+        file.truncate(len as u64).map_err(io_err(&last.name))?;
+        self.active_version = parsed.version;
+        self.active_bytes = len as u64;
+        self.active = Some(file);
+        Ok(())
+    }
+
+    /// Deletes every segment and starts the log again at `lsn + 1`: a Raft
+    /// node whose whole log is older than an installed snapshot.
+    pub fn reset_after(&mut self, lsn: Lsn) -> Result<(), WalError> {
+        if self.failed {
+            return Err(WalError::PreviousIo);
+        }
+        self.active = None;
+        for s in std::mem::take(&mut self.segments).iter().rev() {
+            self.dir.remove(&s.name).map_err(io_err(&s.name))?;
+        }
+        self.active_bytes = 0;
+        self.next_lsn = lsn + 1;
+        Ok(())
+    }
+
+    /// Reads the records `from..` back from disk (for a Raft node's cache
+    /// after start): (LSN, format version, payload).
+    pub fn read_from(&self, from: Lsn) -> Result<Vec<(Lsn, u16, Vec<u8>)>, WalError> {
+        let mut out = Vec::new();
+        let start = self.segments.iter().rposition(|s| s.first_lsn <= from).unwrap_or(0);
+        for s in &self.segments[start..] {
+            let mut file = self.dir.open(&s.name).map_err(io_err(&s.name))?;
+            let bytes = file.read_all().map_err(io_err(&s.name))?;
+            if let Some(p) = parse_segment(&s.name, &bytes, true, self.flags)? {
+                for (lsn, range) in p.records.into_iter().filter(|(l, _)| *l >= from) {
+                    out.push((lsn, p.version, bytes[range].to_vec()));
+                }
+            }
+        }
+        Ok(out)
+    }
 }
 
 #[cfg(test)]
@@ -549,6 +670,71 @@ mod tests {
             Ok(())
         })?;
         Ok((got, report))
+    }
+
+    fn raft_log(segment_max: u64, n: u64) -> (SimDir, Wal) {
+        let dir = SimDir::new();
+        let (mut wal, _) = Wal::open_flagged(Arc::new(dir.clone()), 0, segment_max, 1, FLAG_RAFT, &mut |_, _, _| {
+            Ok(())
+        })
+        .unwrap();
+        for lsn in 1..=n {
+            let mut buf = Vec::new();
+            frame(lsn, format!("r{lsn}").as_bytes(), &mut buf);
+            wal.write(&buf, lsn, lsn).unwrap();
+        }
+        (dir, wal)
+    }
+
+    #[test]
+    fn each_kind_of_node_refuses_the_others_log() {
+        let (raft, _) = raft_log(1 << 20, 2);
+        let err = read(&raft).unwrap_err().to_string();
+        assert!(err.contains("belongs to a cluster node"), "{err}");
+        let single = write_log(&[b"one"]);
+        let err = Wal::open_flagged(Arc::new(single), 0, 1 << 20, 1, FLAG_RAFT, &mut |_, _, _| Ok(()))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("belongs to a single node"), "{err}");
+    }
+
+    #[test]
+    fn truncate_from_cuts_across_segments_and_appends_go_on() {
+        // Small segments: each holds about two records.
+        let (dir, mut wal) = raft_log(60, 9);
+        assert!(wal.segment_count() > 2);
+        wal.truncate_from(4).unwrap();
+        assert_eq!(wal.next_lsn(), 4);
+        let mut buf = Vec::new();
+        frame(4, b"new4", &mut buf);
+        wal.write(&buf, 4, 4).unwrap();
+        let mut got = Vec::new();
+        Wal::open_flagged(Arc::new(dir.clone()), 0, 60, 1, FLAG_RAFT, &mut |lsn, _, p| {
+            got.push((lsn, p.to_vec()));
+            Ok(())
+        })
+        .unwrap();
+        let want: Vec<(Lsn, Vec<u8>)> = vec![
+            (1, b"r1".to_vec()),
+            (2, b"r2".to_vec()),
+            (3, b"r3".to_vec()),
+            (4, b"new4".to_vec()),
+        ];
+        assert_eq!(got, want);
+        assert_eq!(wal.read_from(3).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn reset_after_starts_the_log_past_a_snapshot() {
+        let (dir, mut wal) = raft_log(60, 5);
+        wal.reset_after(100).unwrap();
+        assert_eq!((wal.next_lsn(), wal.segment_count()), (101, 0));
+        let mut buf = Vec::new();
+        frame(101, b"r101", &mut buf);
+        wal.write(&buf, 101, 101).unwrap();
+        let (reopened, _) = Wal::open_flagged(Arc::new(dir), 100, 60, 1, FLAG_RAFT, &mut |_, _, _| Ok(())).unwrap();
+        assert_eq!(reopened.next_lsn(), 102);
     }
 
     #[test]
