@@ -455,14 +455,6 @@ impl Item {
     }
 }
 
-/// `GET /v1/plans/{name}`, `GET /v1/limits/{name}`.
-async fn get_item(st: &AppState, headers: &HeaderMap, item: Item, name: &str) -> Result<Response, ApiError> {
-    st.authorize(headers, Role::Client)?;
-    let (version, doc, _) = current(st.engine()?)?;
-    let i = item.position(&doc, name).ok_or_else(|| item.not_found(&doc, name))?;
-    Ok(with_etag(Json(item.get(&doc, i)).into_response(), version))
-}
-
 /// The body of an item PUT as the item, its `name` filled in from the path
 /// (a different one is refused).
 fn item_body(item: Item, name: &str, bytes: &[u8]) -> Result<serde_json::Value, ApiError> {
@@ -613,7 +605,10 @@ pub(super) async fn get_one(
     name: String,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    get_item(&st, &headers, item, &name).await
+    st.authorize(&headers, Role::Client)?;
+    let (version, doc, _) = current(st.engine()?)?;
+    let i = item.position(&doc, &name).ok_or_else(|| item.not_found(&doc, &name))?;
+    Ok(with_etag(Json(item.get(&doc, i)).into_response(), version))
 }
 
 /// `PUT /v1/plans/{name}` and `PUT /v1/limits/{name}`.

@@ -275,6 +275,9 @@ fn parse_segment(name: &str, bytes: &[u8], last: bool, flags: u16) -> Result<Opt
     }))
 }
 
+/// A segment file opened again: the file, its bytes, and what they hold.
+type OpenSegment = (Box<dyn WalFile>, Vec<u8>, Parsed);
+
 /// A segment of the open log.
 #[derive(Debug, Clone)]
 struct Segment {
@@ -570,9 +573,10 @@ impl Wal {
     }
 
     /// Cuts every record with LSN ≥ `lsn` off the log, durably: later
-    /// segments are deleted (newest first) and the
-    /// one holding `lsn` is truncated before it. A Raft follower does this
-    /// when a new leader overwrites entries that were never committed.
+    /// segments are deleted (newest first) and the one holding `lsn` is
+    /// truncated before it. A Raft follower does this when a new leader
+    /// overwrites entries that were never committed. An error fails the log,
+    /// as a failed write does.
     pub fn truncate_from(&mut self, lsn: Lsn) -> Result<(), WalError> {
         if self.failed {
             return Err(WalError::PreviousIo);
@@ -580,30 +584,26 @@ impl Wal {
         if lsn >= self.next_lsn {
             return Ok(());
         }
-        while let Some(last) = self.segments.last() {
-            if last.first_lsn < lsn {
-                break;
-            }
+        let r = self.cut_from(lsn);
+        self.failed = r.is_err();
+        r
+    }
+
+    fn cut_from(&mut self, lsn: Lsn) -> Result<(), WalError> {
+        self.active = None;
+        self.active_bytes = 0;
+        while self.segments.last().is_some_and(|s| s.first_lsn >= lsn) {
             let s = self.segments.pop().expect("a last segment");
-            self.active = None;
             self.dir.remove(&s.name).map_err(io_err(&s.name))?;
         }
         self.next_lsn = lsn;
-        let Some(last) = self.segments.last().cloned() else {
-            self.active_bytes = 0;
+        let Some(last) = self.segments.last() else {
             return Ok(());
         };
-        let mut file = self.dir.open(&last.name).map_err(io_err(&last.name))?;
-        let bytes = file.read_all().map_err(io_err(&last.name))?;
-        let parsed = parse_segment(&last.name, &bytes, true, self.flags)?.ok_or_else(|| Corruption {
-            file: last.name.clone(),
-            offset: 0,
-            message: "segment has no header".into(),
-        })?;
-        let keep = (lsn - parsed.first_lsn) as usize;
+        let (mut file, _, parsed) = self.read_segment(last)?;
         let len = parsed
             .records
-            .get(keep)
+            .get((lsn - parsed.first_lsn) as usize)
             .map_or(parsed.valid_len, |(_, r)| r.start - RECORD_HEADER_BYTES);
         file.truncate(len as u64).map_err(io_err(&last.name))?;
         self.active_version = parsed.version;
@@ -613,32 +613,40 @@ impl Wal {
     }
 
     /// Deletes every segment and starts the log again at `lsn + 1`: a Raft
-    /// node whose whole log is older than an installed snapshot.
+    /// node whose whole log is older than an installed snapshot. An error
+    /// fails the log.
     pub fn reset_after(&mut self, lsn: Lsn) -> Result<(), WalError> {
         if self.failed {
             return Err(WalError::PreviousIo);
         }
-        self.active = None;
-        for s in std::mem::take(&mut self.segments).iter().rev() {
-            self.dir.remove(&s.name).map_err(io_err(&s.name))?;
-        }
-        self.active_bytes = 0;
+        let r = self.cut_from(self.segments.first().map_or(self.next_lsn, |s| s.first_lsn));
+        self.failed = r.is_err();
         self.next_lsn = lsn + 1;
-        Ok(())
+        r
+    }
+
+    /// Opens and parses a segment of the open log (a torn tail allowed):
+    /// the open file, its bytes, and what they hold.
+    fn read_segment(&self, s: &Segment) -> Result<OpenSegment, WalError> {
+        let mut file = self.dir.open(&s.name).map_err(io_err(&s.name))?;
+        let bytes = file.read_all().map_err(io_err(&s.name))?;
+        let parsed = parse_segment(&s.name, &bytes, true, self.flags)?.ok_or_else(|| Corruption {
+            file: s.name.clone(),
+            offset: 0,
+            message: "segment has no header".into(),
+        })?;
+        Ok((file, bytes, parsed))
     }
 
     /// Reads the records `from..` back from disk (for a Raft node's cache
     /// after start): (LSN, format version, payload).
     pub fn read_from(&self, from: Lsn) -> Result<Vec<(Lsn, u16, Vec<u8>)>, WalError> {
-        let mut out = Vec::new();
         let start = self.segments.iter().rposition(|s| s.first_lsn <= from).unwrap_or(0);
+        let mut out = Vec::new();
         for s in &self.segments[start..] {
-            let mut file = self.dir.open(&s.name).map_err(io_err(&s.name))?;
-            let bytes = file.read_all().map_err(io_err(&s.name))?;
-            if let Some(p) = parse_segment(&s.name, &bytes, true, self.flags)? {
-                for (lsn, range) in p.records.into_iter().filter(|(l, _)| *l >= from) {
-                    out.push((lsn, p.version, bytes[range].to_vec()));
-                }
+            let (_, bytes, p) = self.read_segment(s)?;
+            for (lsn, range) in p.records.into_iter().filter(|(l, _)| *l >= from) {
+                out.push((lsn, p.version, bytes[range].to_vec()));
             }
         }
         Ok(out)
