@@ -38,6 +38,10 @@ struct WaitersInner {
     ticket: u64,
     /// Threads in `wait_blocking`: only then is `changed` signalled.
     blocking: usize,
+    /// Bumped by [`Waiters::abort_waiting`], with its message: threads
+    /// blocked before it return that message.
+    aborts: u64,
+    aborted: String,
 }
 
 impl Waiters {
@@ -81,15 +85,36 @@ impl Waiters {
         }
     }
 
-    /// Blocks the thread until `lsn` is durable; errors once the journal failed.
+    /// Fails everyone waiting now with `message`, without failing the
+    /// journal: a cluster node that lost leadership while records it applied
+    /// were not committed (their outcome is unknown to it).
+    pub fn abort_waiting(&self, message: &str) {
+        let all = {
+            let mut w = self.lock();
+            w.aborts += 1;
+            w.aborted = message.to_string();
+            self.changed.notify_all();
+            std::mem::take(&mut w.waiting)
+        };
+        for tx in all.into_values() {
+            let _ = tx.send(Err(JournalError(message.to_string())));
+        }
+    }
+
+    /// Blocks the thread until `lsn` is durable; errors once the journal
+    /// failed, or when the wait is aborted.
     pub fn wait_blocking(&self, lsn: Lsn) -> Result<(), JournalError> {
         let mut w = self.lock();
+        let aborts = w.aborts;
         loop {
             if let Some(f) = &w.failed {
                 return Err(JournalError(f.clone()));
             }
             if w.durable >= lsn {
                 return Ok(());
+            }
+            if w.aborts != aborts {
+                return Err(JournalError(w.aborted.clone()));
             }
             w.blocking += 1;
             w = self.changed.wait(w).unwrap_or_else(|e| e.into_inner());

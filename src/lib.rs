@@ -10,6 +10,7 @@ pub mod api;
 pub mod cli;
 pub mod client;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod connections;
 pub mod engine;

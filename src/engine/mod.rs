@@ -12,6 +12,7 @@ mod packed;
 pub mod policy;
 mod policy_change;
 mod pricing;
+mod replicated;
 mod reservations;
 pub mod signals;
 mod state;
@@ -34,6 +35,7 @@ pub use policy::{
 };
 pub use policy_change::{PolicyOutcome, PolicyRequest};
 pub use pricing::{parse_price, PriceRates, PricedCall, Pricing};
+pub use replicated::InstalledState;
 pub use state::{
     apply, intern, merge_usage, CounterMap, FastMap, Shard, ShardAccess, SubjectState, Subjects, UsageDeltas,
 };

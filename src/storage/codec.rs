@@ -95,6 +95,25 @@ pub fn decode_record(version: u16, bytes: &[u8]) -> Result<(Millis, Vec<Mutation
     }
 }
 
+/// Largest Raft value decoded: a log entry, or a message between peers
+/// (entries sent in one batch).
+const RAFT_LIMIT_BYTES: usize = 64 << 20;
+
+/// Encodes a cluster node's Raft value: a log entry, its stored state, or a
+/// message to a peer.
+pub fn encode_raft<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, CodecError> {
+    bincode::serde::encode_to_vec(value, bincode::config::standard()).map_err(|e| CodecError(e.to_string()))
+}
+
+/// Decodes a whole slice written by [`encode_raft`]; `what` names it in errors.
+pub fn decode_raft<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T, CodecError> {
+    decode_exact(
+        bytes,
+        what,
+        bincode::config::standard().with_limit::<RAFT_LIMIT_BYTES>(),
+    )
+}
+
 /// Encodes the signals state (events' tail excluded) for a snapshot.
 pub fn encode_signals(signals: &crate::engine::signals::Signals) -> Result<Vec<u8>, CodecError> {
     bincode::serde::encode_to_vec(signals, config()).map_err(|e| CodecError(e.to_string()))

@@ -21,7 +21,7 @@ use crate::metrics::StorageMetrics;
 
 /// Exit status when a failed WAL write could not be undone (the daemon's
 /// "storage failed" status).
-const EXIT_UNRECOVERABLE: i32 = 5;
+pub const EXIT_UNRECOVERABLE: i32 = 5;
 
 /// Queue and writer settings.
 #[derive(Debug, Clone)]

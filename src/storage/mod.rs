@@ -218,6 +218,117 @@ pub fn recover(
     Ok((engine, wal, report))
 }
 
+/// What [`write_engine_snapshot`] wrote.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Written {
+    /// Every shard is at least as of this LSN.
+    pub min_lsn: u64,
+    /// Encoded size of the shards.
+    pub bytes: usize,
+    /// The engine time it was written at.
+    pub created_ms: Millis,
+}
+
+/// Writes a snapshot of `engine` into `snapshots`, at engine time `now_ms`
+/// or later:
+/// shards one at a time under their own lock (requests to other shards go
+/// on), then the signals, policy versions and usage taken from them. It is
+/// committed only once `wait_durable` says the newest record it holds is
+/// durable (on a cluster node: committed), so it never holds a change the
+/// log might lose. `delivered_seq` bounds event retention; `raft` is a
+/// cluster node's Raft state, stored with it (empty on a single node).
+pub fn write_engine_snapshot(
+    snapshots: &SnapshotStore,
+    engine: &Engine,
+    now_ms: Millis,
+    wait_durable: &dyn Fn(u64) -> Result<(), StorageError>,
+    delivered_seq: u64,
+    raft: Vec<u8>,
+) -> Result<Written, StorageError> {
+    let mut encoded = Vec::new();
+    let (mut min_lsn, mut max_lsn) = (u64::MAX, 0);
+    let mut usage = crate::engine::UsageDeltas::new();
+    let taken = engine.for_each_shard_taking_usage(|_, shard, deltas| {
+        crate::engine::merge_usage(&mut usage, deltas);
+        encoded.push(codec::encode_shard(shard).map_err(|e| StorageError::Io(e.to_string()))?);
+        min_lsn = min_lsn.min(shard.applied_lsn);
+        max_lsn = max_lsn.max(shard.applied_lsn);
+        Ok::<(), StorageError>(())
+    });
+    // Whatever goes wrong from here, the usage taken out goes back.
+    let r = taken.and_then(|()| {
+        let taken = Taken {
+            encoded: &encoded,
+            max_lsn,
+            usage: &usage,
+        };
+        write_taken(snapshots, engine, now_ms, taken, wait_durable, delivered_seq, raft)
+    });
+    if r.is_err() {
+        engine.restore_usage(usage);
+    }
+    r.map(|created_ms| Written {
+        min_lsn,
+        bytes: encoded.iter().map(Vec::len).sum(),
+        created_ms,
+    })
+}
+
+/// The shards and usage a snapshot took out of the engine.
+struct Taken<'a> {
+    encoded: &'a [Vec<u8>],
+    max_lsn: u64,
+    usage: &'a crate::engine::UsageDeltas,
+}
+
+/// Writes what was taken; returns the engine time it was written at (read
+/// after the wait, so no change it holds is later than it).
+fn write_taken(
+    snapshots: &SnapshotStore,
+    engine: &Engine,
+    now_ms: Millis,
+    taken: Taken<'_>,
+    wait_durable: &dyn Fn(u64) -> Result<(), StorageError>,
+    delivered_seq: u64,
+    raft: Vec<u8>,
+) -> Result<Millis, StorageError> {
+    // Captured after the shards: signals and policy versions are applied
+    // before a record's shard effects are released, so these cover every
+    // change the shards hold (replay skips what they already have).
+    let (signals, events) = engine.signals_for_snapshot();
+    let policy_log = engine.policy_log();
+    let policy = codec::encode_policy_log(&policy_log).map_err(|e| StorageError::Io(e.to_string()))?;
+    let state = codec::encode_signals(&signals).map_err(|e| StorageError::Io(e.to_string()))?;
+    wait_durable(taken.max_lsn.max(signals.applied_lsn).max(policy_log.applied_lsn))?;
+    let json: Vec<Vec<u8>> = events.iter().map(|e| e.to_json().to_string().into_bytes()).collect();
+    let now = engine.time(now_ms);
+    let part = snapshot::SignalsPart {
+        state,
+        events: events
+            .iter()
+            .zip(&json)
+            .map(|(e, j)| (e.seq, e.at_ms, j.as_slice()))
+            .collect(),
+        retain_after_ms: now.saturating_sub(engine.policy().events_retention_ms),
+        delivered_seq,
+        policy,
+        raft,
+    };
+    let (hours_kept, days_kept) = engine.policy().history_retention_ms;
+    let usage = snapshot::UsagePart {
+        deltas: taken.usage,
+        hours_before_ms: now.saturating_sub(hours_kept),
+        days_before_ms: now.saturating_sub(days_kept),
+    };
+    snapshots
+        .write(taken.encoded, now, taken.max_lsn, &part, &usage)
+        .map_err(|e| StorageError::Io(e.to_string()))?;
+    if let Some(last) = events.last() {
+        engine.events_stored(last.seq);
+    }
+    Ok(now)
+}
+
 impl Storage {
     /// Opens `config.data_dir` on the real filesystem and recovers the state.
     pub fn open(
@@ -329,71 +440,20 @@ impl Storage {
     fn write_snapshot(&self, engine: &Engine, now_ms: Millis) -> Result<SnapshotReport, StorageError> {
         let started = Instant::now();
         self.journal.mark_snapshot();
-        let mut encoded = Vec::new();
-        let (mut min_lsn, mut max_lsn) = (u64::MAX, 0);
-        let mut usage = crate::engine::UsageDeltas::new();
-        let taken = engine.for_each_shard_taking_usage(|_, shard, deltas| {
-            crate::engine::merge_usage(&mut usage, deltas);
-            encoded.push(codec::encode_shard(shard).map_err(|e| StorageError::Io(e.to_string()))?);
-            min_lsn = min_lsn.min(shard.applied_lsn);
-            max_lsn = max_lsn.max(shard.applied_lsn);
-            Ok::<(), StorageError>(())
-        });
-        // Whatever goes wrong from here, the usage taken out goes back.
-        let r = taken.and_then(|()| self.write_taken(engine, now_ms, encoded, min_lsn, max_lsn, &usage, started));
-        if r.is_err() {
-            engine.restore_usage(usage);
-        }
-        r
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn write_taken(
-        &self,
-        engine: &Engine,
-        now_ms: Millis,
-        encoded: Vec<Vec<u8>>,
-        min_lsn: u64,
-        max_lsn: u64,
-        usage: &crate::engine::UsageDeltas,
-        started: Instant,
-    ) -> Result<SnapshotReport, StorageError> {
-        // Captured after the shards: signals and policy versions are applied
-        // before a record's shard effects are released, so these cover every
-        // change the shards hold (replay skips what they already have).
-        let (signals, events) = engine.signals_for_snapshot();
-        let policy_log = engine.policy_log();
-        let policy = codec::encode_policy_log(&policy_log).map_err(|e| StorageError::Io(e.to_string()))?;
-        let state = codec::encode_signals(&signals).map_err(|e| StorageError::Io(e.to_string()))?;
-        self.journal
-            .wait_durable_blocking(max_lsn.max(signals.applied_lsn).max(policy_log.applied_lsn))
-            .map_err(|e| StorageError::Io(e.to_string()))?;
-        let json: Vec<Vec<u8>> = events.iter().map(|e| e.to_json().to_string().into_bytes()).collect();
-        let now = engine.time(now_ms);
-        let part = snapshot::SignalsPart {
-            state,
-            events: events
-                .iter()
-                .zip(&json)
-                .map(|(e, j)| (e.seq, e.at_ms, j.as_slice()))
-                .collect(),
-            retain_after_ms: now.saturating_sub(engine.policy().events_retention_ms),
-            delivered_seq: self.event_floor.load(Ordering::Acquire),
-            policy,
+        let wait = |lsn| {
+            self.journal
+                .wait_durable_blocking(lsn)
+                .map_err(|e| StorageError::Io(e.to_string()))
         };
-        let (hours_kept, days_kept) = engine.policy().history_retention_ms;
-        let usage = snapshot::UsagePart {
-            deltas: usage,
-            hours_before_ms: now.saturating_sub(hours_kept),
-            days_before_ms: now.saturating_sub(days_kept),
-        };
-        self.snapshots
-            .write(&encoded, now, max_lsn, &part, &usage)
-            .map_err(|e| StorageError::Io(e.to_string()))?;
-        if let Some(last) = events.last() {
-            engine.events_stored(last.seq);
-        }
-        let segments_removed = match self.removable_through(min_lsn, now) {
+        let written = write_engine_snapshot(
+            &self.snapshots,
+            engine,
+            now_ms,
+            &wait,
+            self.event_floor.load(Ordering::Acquire),
+            Vec::new(),
+        )?;
+        let segments_removed = match self.removable_through(written.min_lsn, written.created_ms) {
             Some(lsn) => self
                 .journal
                 .wal()
@@ -403,8 +463,8 @@ impl Storage {
             None => 0,
         };
         let report = SnapshotReport {
-            min_lsn,
-            bytes: encoded.iter().map(Vec::len).sum(),
+            min_lsn: written.min_lsn,
+            bytes: written.bytes,
             segments_removed,
             duration: started.elapsed(),
         };

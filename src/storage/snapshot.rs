@@ -56,6 +56,9 @@ const SIGNALS: TableDefinition<&str, &[u8]> = TableDefinition::new("signals");
 const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
 /// The policy's stored versions under "versions" (format 5), checksummed.
 const POLICY: TableDefinition<&str, &[u8]> = TableDefinition::new("policy");
+/// A cluster node's Raft state under "state" (the last log id the snapshot
+/// covers and the membership), checksummed; absent on a single node.
+const RAFT: TableDefinition<&str, &[u8]> = TableDefinition::new("raft");
 /// Usage history: (subject, hour start) → amounts.
 const USAGE_HOURS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("usage_hours");
 /// Usage history: (subject, UTC day start) → amounts.
@@ -228,6 +231,9 @@ pub struct SignalsPart<'a> {
     pub delivered_seq: u64,
     /// The encoded policy versions; empty stores none.
     pub policy: Vec<u8>,
+    /// A cluster node's Raft state; empty on a single node, which writes
+    /// no `raft` table at all.
+    pub raft: Vec<u8>,
 }
 
 /// Snapshot failures.
@@ -253,6 +259,8 @@ pub struct Loaded {
     pub signals: Option<Vec<u8>>,
     /// The encoded policy versions (version 5 and later).
     pub policy: Option<Vec<u8>>,
+    /// A cluster node's Raft state.
+    pub raft: Option<Vec<u8>>,
 }
 
 /// Opened for writing (the daemon) or only for reading (`quotad wal verify`,
@@ -343,6 +351,37 @@ impl SnapshotStore {
         };
         store.upgrade()?;
         Ok(store)
+    }
+
+    /// Copies the file as it stands to `to` (synced): what a cluster node
+    /// sends a peer that needs a snapshot. No write runs meanwhile.
+    pub fn copy_to(&self, to: &Path) -> Result<(), SnapshotError> {
+        let _no_writes = self.db.write().unwrap_or_else(|e| e.into_inner());
+        let copy = || -> std::io::Result<()> {
+            std::fs::copy(&self.path, to)?;
+            std::fs::File::open(to)?.sync_all()
+        };
+        copy().map_err(|e| self.err(format!("cannot copy it to {}: {e}", to.display())))
+    }
+
+    /// Puts the complete snapshot file `from` (a cluster node's installed
+    /// snapshot, synced) in place of this one, durably, and reads and writes
+    /// it from now on.
+    pub fn replace_with(&self, from: &Path) -> Result<(), SnapshotError> {
+        let mut guard = self.db.write().unwrap_or_else(|e| e.into_inner());
+        let path = Path::new(&self.path);
+        std::fs::rename(from, path).map_err(|e| self.err(format!("cannot move {} over it: {e}", from.display())))?;
+        if let Some(dir) = path.parent() {
+            std::fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| self.err(format!("cannot sync {}: {e}", dir.display())))?;
+        }
+        let db = Database::builder()
+            .set_cache_size(CACHE_BYTES)
+            .create(path)
+            .map_err(|e| self.err(e))?;
+        *guard = Db::ReadWrite(db);
+        Ok(())
     }
 
     /// Opens an existing file without changing a byte of it; `None` if there
@@ -524,6 +563,7 @@ impl SnapshotStore {
         }
         let signals = self.read_sealed(&txn, SIGNALS, "signals", "state", "the signals state")?;
         let policy = self.read_sealed(&txn, POLICY, "policy", "versions", "the policy's versions")?;
+        let raft = self.read_sealed(&txn, RAFT, "raft", "state", "the Raft state")?;
         if check_values {
             self.verify_values(&txn, u64::from(version))?;
         }
@@ -533,6 +573,7 @@ impl SnapshotStore {
             last_lsn,
             signals,
             policy,
+            raft,
         }))
     }
 
@@ -956,6 +997,16 @@ impl SnapshotStore {
                 txn.open_table(def)
                     .map_err(|e| self.err(e))?
                     .insert(key, sealed.as_slice())
+                    .map_err(|e| self.err(e))?;
+            }
+            // A single node's file has no raft table at all.
+            if !signals.raft.is_empty() {
+                let mut sealed = Vec::with_capacity(signals.raft.len() + 4);
+                sealed.extend_from_slice(&crc32fast::hash(&signals.raft).to_le_bytes());
+                sealed.extend_from_slice(&signals.raft);
+                txn.open_table(RAFT)
+                    .map_err(|e| self.err(e))?
+                    .insert("state", sealed.as_slice())
                     .map_err(|e| self.err(e))?;
             }
             let mut events = txn.open_table(EVENTS).map_err(|e| self.err(e))?;

@@ -343,7 +343,9 @@ fn scan(
         };
         report.segments += 1;
         match next {
-            None if p.first_lsn > after_lsn + 1 => {
+            // A Raft log may start after its purged point (Raft decides
+            // what it needs, and sends a snapshot for what is gone).
+            None if p.first_lsn > after_lsn + 1 && flags & FLAG_RAFT == 0 => {
                 return Err(Corruption {
                     file: name.clone(),
                     offset: 0,
@@ -393,7 +395,9 @@ fn scan(
         });
     }
     match next {
-        Some(n) if n < after_lsn + 1 => Err(Corruption {
+        // A Raft log may end before its purged point: purged past its end
+        // by an installed snapshot, it starts again after it.
+        Some(n) if n < after_lsn + 1 && flags & FLAG_RAFT == 0 => Err(Corruption {
             file: segments.last().map(|s| s.name.clone()).unwrap_or_default(),
             offset: 0,
             message: format!("the log ends before LSN {n} but the snapshot is at LSN {after_lsn}: records are missing"),

@@ -1,0 +1,326 @@
+//! Clusters: three or five quotad nodes holding one state through Raft
+//! (openraft). The leader decides exactly as a single node does; the record
+//! its engine writes becomes a Raft entry, and followers apply it through
+//! the replay path (effects are replicated, not commands).
+//!
+//! - [`types`]: what an entry carries, how nodes are named;
+//! - [`log_store`]: the Raft log over the WAL's segments;
+//! - [`state_machine`]: the engine, and its redb snapshot as Raft's;
+//! - [`journal`]: the engine's journal on a node (numbering and proposing);
+//! - [`network`]: peer traffic and its listener.
+//!
+//! [`Node::start`] opens a data directory as a cluster node and runs it.
+
+pub mod journal;
+pub mod log_store;
+pub mod network;
+pub mod state_machine;
+pub mod types;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::{ServerState, SnapshotPolicy};
+use tokio::task::JoinHandle;
+
+use crate::engine::{Engine, Policy};
+use crate::journal::{Journal, Waiters};
+use crate::storage::io::FsDir;
+use crate::storage::snapshot::SnapshotStore;
+use crate::storage::{codec, snapshot_path, wal_dir};
+use journal::{Proposal, RaftJournal};
+use log_store::LogStore;
+use network::{Isolation, Network};
+use state_machine::{Compile, Parts, StateMachine};
+use types::{Peer, Raft};
+
+/// How a node runs.
+#[derive(Clone)]
+pub struct NodeOptions {
+    /// This node's id: unique in the cluster, never reused.
+    pub node_id: u64,
+    /// Where peer traffic is taken.
+    pub raft_listen: std::net::SocketAddr,
+    /// The shared secret every peer call carries.
+    pub secret: Arc<[u8]>,
+    /// The initial voters, this node among them.
+    pub peers: BTreeMap<u64, Peer>,
+    /// Leader heartbeat interval.
+    pub heartbeat: Duration,
+    /// A follower that hears no leader for this long (up to twice it,
+    /// randomised) starts an election.
+    pub election_timeout: Duration,
+    /// A Raft snapshot is built after this many entries.
+    pub snapshot_every: u64,
+    /// The data directory (locked by the caller).
+    pub data_dir: PathBuf,
+    /// WAL segment size.
+    pub segment_bytes_max: u64,
+}
+
+/// A running cluster node.
+pub struct Node {
+    /// The Raft handle.
+    pub raft: Raft,
+    /// The engine (its journal is [`Node::journal`]).
+    pub engine: Arc<Engine>,
+    /// The engine's journal.
+    pub journal: Arc<RaftJournal>,
+    /// The state machine.
+    pub state_machine: StateMachine,
+    /// The log.
+    pub log: LogStore,
+    /// Its options.
+    pub options: NodeOptions,
+    /// Where peer traffic is taken (the bound address).
+    pub raft_addr: std::net::SocketAddr,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Node {
+    /// Opens `options.data_dir` as a cluster node: loads the engine from
+    /// its snapshot, opens the Raft log, starts Raft and the peer listener,
+    /// and, on an empty directory, proposes the initial membership (every
+    /// node of a new cluster does; the first to win an election forms it).
+    /// `policy` is the configuration's, in force until the stored one
+    /// arrives; `compile` compiles replicated versions.
+    pub async fn start(options: NodeOptions, policy: Policy, compile: Compile) -> Result<Node, String> {
+        let snapshots = SnapshotStore::open(&snapshot_path(&options.data_dir)).map_err(|e| e.to_string())?;
+        let loaded = snapshots.load().map_err(|e| e.to_string())?.unwrap_or_default();
+        let waiters = Arc::new(Waiters::new(0));
+        let speculated = Arc::new(AtomicU64::new(0));
+        let (journal, proposals) = RaftJournal::new(waiters.clone(), speculated.clone());
+        let journal = Arc::new(journal);
+        let mut engine = Engine::from_snapshot(policy.clone(), journal.clone() as Arc<dyn Journal>, loaded.shards);
+        if let Some(b) = &loaded.signals {
+            engine.load_signals(codec::decode_signals(b).map_err(|e| format!("snapshot: the signals state: {e}"))?);
+        }
+        if let Some(b) = &loaded.policy {
+            engine.load_policy_log(codec::decode_policy_log(b).map_err(|e| format!("snapshot: the policy: {e}"))?);
+        }
+        engine.time(loaded.created_ms);
+        engine.finish_recovery();
+        if let Some(v) = engine.policy_version() {
+            engine.install_recovered(compile(&v)?);
+        }
+        let engine = Arc::new(engine);
+        let dir = FsDir::new(&wal_dir(&options.data_dir)).map_err(|e| e.to_string())?;
+        let log = LogStore::open(Arc::new(dir), &options.data_dir, options.segment_bytes_max)?;
+        let state_machine = StateMachine::new(
+            Parts {
+                engine: engine.clone(),
+                snapshots,
+                data_dir: options.data_dir.clone(),
+                compile,
+                initial_policy: policy,
+                waiters,
+                speculated,
+                event_floor: Arc::new(AtomicU64::new(u64::MAX)),
+            },
+            loaded.raft.as_deref(),
+        )?;
+        let heartbeat = options.heartbeat.as_millis() as u64;
+        let election = options.election_timeout.as_millis() as u64;
+        let config = openraft::Config {
+            cluster_name: "quotad".into(),
+            heartbeat_interval: heartbeat,
+            election_timeout_min: election,
+            election_timeout_max: election * 2,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(options.snapshot_every),
+            max_in_snapshot_log_to_keep: 1000,
+            ..Default::default()
+        }
+        .validate()
+        .map_err(|e| format!("cluster timing: {e}"))?;
+        let isolation = Isolation::from_env();
+        let network = Network::new(options.node_id, options.secret.clone(), isolation.clone())?;
+        let raft = Raft::new(
+            options.node_id,
+            Arc::new(config),
+            network,
+            log.clone(),
+            state_machine.clone(),
+        )
+        .await
+        .map_err(|e| format!("cannot start Raft: {e}"))?;
+        let listener = tokio::net::TcpListener::bind(options.raft_listen)
+            .await
+            .map_err(|e| format!("cluster.raft_listen {}: cannot listen: {e}", options.raft_listen))?;
+        let raft_addr = listener.local_addr().map_err(|e| e.to_string())?;
+        let app = network::router(raft.clone(), options.secret.clone(), isolation);
+        let mut tasks = vec![tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, app).await {
+                tracing::error!(error = %e, "the cluster listener stopped");
+            }
+        })];
+        tasks.push(tokio::spawn(propose(raft.clone(), journal.clone(), proposals)));
+        tasks.push(tokio::spawn(watch_role(
+            raft.clone(),
+            journal.clone(),
+            state_machine.clone(),
+            log.clone(),
+        )));
+        if !raft.is_initialized().await.map_err(|e| e.to_string())? {
+            match raft.initialize(options.peers.clone()).await {
+                Ok(()) => tracing::info!(peers = options.peers.len(), "proposed the initial cluster membership"),
+                Err(e) => tracing::info!(error = %e, "the cluster is already formed"),
+            }
+        }
+        Ok(Node {
+            raft,
+            engine,
+            journal,
+            state_machine,
+            log,
+            options,
+            raft_addr,
+            tasks,
+        })
+    }
+
+    /// Stops Raft and the node's tasks.
+    pub async fn shutdown(self) {
+        let _ = self.raft.shutdown().await;
+        for t in self.tasks {
+            t.abort();
+        }
+    }
+
+    /// Whether this node leads and takes writes now.
+    pub fn serving(&self) -> bool {
+        self.journal.serving().is_some()
+    }
+}
+
+/// Hands records to Raft in the order they were numbered; records of an
+/// earlier leadership (made before this node stopped leading) are dropped.
+/// Replies are drained in order by a second task: the state machine is what
+/// marks records durable.
+async fn propose(raft: Raft, journal: Arc<RaftJournal>, mut proposals: tokio::sync::mpsc::UnboundedReceiver<Proposal>) {
+    let (tx, mut replies) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(rx) = replies.recv().await {
+            let rx: tokio::sync::oneshot::Receiver<_> = rx;
+            if let Ok(Err(e)) = rx.await {
+                tracing::debug!(error = %e, "a proposed record was not committed by this leader");
+            }
+        }
+    });
+    while let Some((epoch, record)) = proposals.recv().await {
+        if journal.serving() != Some(epoch) {
+            continue;
+        }
+        match raft.client_write_ff(record).await {
+            Ok(rx) => {
+                let _ = tx.send(rx);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "Raft stopped; this node takes no more writes");
+                journal.close("Raft stopped on this node");
+                return;
+            }
+        }
+    }
+}
+
+/// Opens the journal when this node becomes a ready leader (the first entry
+/// of its term applied), and closes it when it stops leading; a leader that
+/// stops with records not committed rebuilds its engine from committed state.
+async fn watch_role(raft: Raft, journal: Arc<RaftJournal>, sm: StateMachine, log: LogStore) {
+    let mut metrics = raft.metrics();
+    let mut term = 0;
+    loop {
+        let (state, current_term, applied_term) = {
+            let m = metrics.borrow_and_update();
+            (m.state, m.current_term, m.last_applied.map(|l| l.leader_id.term))
+        };
+        let leading = state == ServerState::Leader;
+        match journal.serving() {
+            None if leading && applied_term == Some(current_term) => {
+                journal.open(sm.applied_lsn());
+                term = current_term;
+                tracing::info!(term, "this node leads and takes writes");
+            }
+            Some(_) if !leading || current_term != term => {
+                if journal.close("this node is not the leader") {
+                    sm.rebuild_after_loss(&log, &journal);
+                }
+                tracing::info!(term = current_term, "this node no longer leads");
+            }
+            _ => {}
+        }
+        if metrics.changed().await.is_err() {
+            journal.close("Raft stopped on this node");
+            return;
+        }
+    }
+}
+
+impl StateMachine {
+    /// After leadership was lost with records not committed: their callers
+    /// learn the outcome is unknown, and the engine goes back to committed
+    /// state. If that fails the process stops (restarting recovers the same
+    /// way, from the snapshot and the log).
+    fn rebuild_after_loss(&self, log: &LogStore, journal: &RaftJournal) {
+        journal.waiters().abort_waiting(
+            "leadership was lost before this change was committed; its outcome is unknown: retry with the same \
+             idempotency key",
+        );
+        if let Err(e) = self.rebuild(log) {
+            tracing::error!(error = %e, "cannot rebuild the engine after losing leadership; stopping");
+            std::process::exit(crate::storage::journal::EXIT_UNRECOVERABLE);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openraft::testing::{StoreBuilder, Suite};
+
+    fn policy() -> Policy {
+        let config = crate::config::Config::from_toml("", "test.toml").expect("an empty config is valid");
+        Policy::from_config(&config).expect("compiles")
+    }
+
+    /// A fresh log store and state machine in a temporary directory.
+    struct Builder;
+
+    impl StoreBuilder<types::TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Builder {
+        async fn build(&self) -> Result<(tempfile::TempDir, LogStore, StateMachine), types::StorageError> {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let fail = |e: String| types::io_error(types::IoError::read_logs, e);
+            let wal = FsDir::new(&wal_dir(dir.path())).map_err(|e| fail(e.to_string()))?;
+            let log = LogStore::open(Arc::new(wal), dir.path(), 1 << 20).map_err(fail)?;
+            let snapshots = SnapshotStore::open(&snapshot_path(dir.path())).map_err(|e| fail(e.to_string()))?;
+            let waiters = Arc::new(Waiters::new(0));
+            let speculated = Arc::new(AtomicU64::new(0));
+            let (journal, _) = RaftJournal::new(waiters.clone(), speculated.clone());
+            let engine = Arc::new(Engine::new(policy(), Arc::new(journal)));
+            let sm = StateMachine::new(
+                Parts {
+                    engine,
+                    snapshots,
+                    data_dir: dir.path().to_path_buf(),
+                    compile: Arc::new(|_| Ok(policy())),
+                    initial_policy: policy(),
+                    waiters,
+                    speculated,
+                    event_floor: Arc::new(AtomicU64::new(u64::MAX)),
+                },
+                None,
+            )
+            .map_err(fail)?;
+            Ok((dir, log, sm))
+        }
+    }
+
+    /// Openraft's own conformance suite for log stores and state machines.
+    #[test]
+    fn the_log_store_and_state_machine_pass_openraft_s_suite() {
+        Suite::test_all(Builder).expect("the suite passes");
+    }
+}
