@@ -77,8 +77,10 @@ impl Cluster {
                 heartbeat: Duration::from_millis(50),
                 election_timeout: Duration::from_millis(300),
                 snapshot_every: 100,
+                logs_kept: 10,
                 data_dir: dirs[i].path().to_path_buf(),
                 segment_bytes_max: 1 << 20,
+                test_hooks: true,
             })
             .collect();
         let mut c = Cluster {
@@ -91,6 +93,19 @@ impl Cluster {
             c.nodes.push(Some(node));
         }
         c
+    }
+
+    /// Starts one more node on an empty directory, not among the initial peers.
+    async fn add_node(&mut self) {
+        let mut o = self.options[0].clone();
+        let dir = tempfile::tempdir().expect("dir");
+        o.node_id = self.options.len() as u64 + 1;
+        o.raft_listen = "127.0.0.1:0".parse().expect("addr");
+        o.data_dir = dir.path().to_path_buf();
+        self.dirs.push(dir);
+        self.options.push(o);
+        let node = self.boot(self.options.len() - 1).await;
+        self.nodes.push(Some(node));
     }
 
     async fn boot(&self, i: usize) -> Node {
@@ -177,6 +192,10 @@ impl Cluster {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_replicate_decisions_and_survive_the_leader() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
     let mut c = Cluster::start(3).await;
     let now = 1_800_000_000_000;
     for i in 0..150 {
@@ -210,8 +229,109 @@ async fn three_nodes_replicate_decisions_and_survive_the_leader() {
     let node = c.boot(l).await;
     c.nodes[l] = Some(node);
     c.converged(l2, now + 3000).await;
+
+    // A fourth node on an empty directory is added: the log before the last
+    // snapshot is purged, so it starts from an installed snapshot.
+    c.add_node().await;
+    let l = c.leader().await;
+    let peer = Peer {
+        raft: c.nodes[3].as_ref().expect("running").raft_addr.to_string(),
+        api: "http://127.0.0.1:9003".into(),
+    };
+    c.nodes[l]
+        .as_ref()
+        .expect("running")
+        .add_member(4, peer)
+        .await
+        .expect("added");
+    let used = c.decide("user:1", "with-four", now + 4000).await;
+    assert_eq!(used, 31);
+    c.converged(l, now + 5000).await;
+    let snapshot = c.nodes[3].as_ref().expect("running").raft.metrics().borrow().snapshot;
+    assert!(snapshot.is_some(), "the new node installed a snapshot");
     for n in c.nodes.into_iter().flatten() {
         n.shutdown().await;
     }
     drop(c.dirs);
+}
+
+/// A leader cut off from the others takes a write it can never commit: once
+/// it has not heard from a majority for an election timeout, that write's
+/// caller is told its outcome is unknown, the node takes no more writes and
+/// goes back to committed state. The majority elects a new leader and goes
+/// on; when the partition heals, the old leader drops the record that never
+/// committed and ends with the same state as the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_leader_gives_up_what_never_committed() {
+    let c = Cluster::start(3).await;
+    let now = 1_800_000_000_000;
+    for i in 0..20 {
+        c.decide("user:a", &format!("k{i}"), now + i).await;
+    }
+    let l = c.leader().await;
+    let others: Vec<u64> = (1..=3).filter(|&id| id != l as u64 + 1).collect();
+    let old = c.nodes[l].as_ref().expect("running");
+    old.isolate(others.clone());
+    for n in c.nodes.iter().flatten().filter(|n| n.options.node_id != l as u64 + 1) {
+        n.isolate([l as u64 + 1]);
+    }
+    let applied = old
+        .engine
+        .decide(DecideOp::Consume, &consume("user:a", Some("lost".into())), now + 100)
+        .expect("still leads when asked");
+    assert_eq!(applied.value.counters[0].used, 21, "applied on the old leader");
+    let waited = tokio::time::timeout(
+        Duration::from_secs(10),
+        old.engine.durable_watch().wait(applied.lsn.expect("journaled")),
+    )
+    .await
+    .expect("the wait ends");
+    let err = waited.expect_err("never committed");
+    assert!(err.to_string().contains("outcome is unknown"), "{err}");
+    assert!(!old.serving(), "the old leader takes no writes");
+    // Its engine goes back to what was committed (rebuilt just after the
+    // waiters are told).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while old.engine.subject("user:a", now + 100).expect("subject").counters[0].used != 20 {
+        assert!(Instant::now() < deadline, "the old leader was not rebuilt");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // The majority goes on without it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let new = loop {
+        if let Some(n) = c
+            .nodes
+            .iter()
+            .flatten()
+            .find(|n| n.serving() && n.options.node_id != l as u64 + 1)
+        {
+            break n;
+        }
+        assert!(Instant::now() < deadline, "no new leader");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let applied = new
+        .engine
+        .decide(DecideOp::Consume, &consume("user:a", Some("won".into())), now + 200)
+        .expect("the new leader decides");
+    new.engine
+        .durable_watch()
+        .wait(applied.lsn.expect("journaled"))
+        .await
+        .expect("committed");
+    assert_eq!(applied.value.counters[0].used, 21);
+
+    // Healed: everyone ends with the new leader's state.
+    for n in c.nodes.iter().flatten() {
+        n.isolate([]);
+    }
+    let nl = c
+        .nodes
+        .iter()
+        .position(|n| n.as_ref().is_some_and(|n| n.options.node_id == new.options.node_id));
+    c.converged(nl.expect("found"), now + 1000).await;
+    for n in c.nodes.into_iter().flatten() {
+        n.shutdown().await;
+    }
 }

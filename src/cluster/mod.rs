@@ -55,10 +55,15 @@ pub struct NodeOptions {
     pub election_timeout: Duration,
     /// A Raft snapshot is built after this many entries.
     pub snapshot_every: u64,
+    /// Entries kept in the log behind a snapshot, so that a peer a little
+    /// behind catches up from the log rather than a whole snapshot.
+    pub logs_kept: u64,
     /// The data directory (locked by the caller).
     pub data_dir: PathBuf,
     /// WAL segment size.
     pub segment_bytes_max: u64,
+    /// Fault tests may cut this node's peer traffic ([`Node::isolate`]).
+    pub test_hooks: bool,
 }
 
 /// A running cluster node.
@@ -77,6 +82,7 @@ pub struct Node {
     pub options: NodeOptions,
     /// Where peer traffic is taken (the bound address).
     pub raft_addr: std::net::SocketAddr,
+    isolation: Arc<Isolation>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -130,12 +136,12 @@ impl Node {
             election_timeout_min: election,
             election_timeout_max: election * 2,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(options.snapshot_every),
-            max_in_snapshot_log_to_keep: 1000,
+            max_in_snapshot_log_to_keep: options.logs_kept,
             ..Default::default()
         }
         .validate()
         .map_err(|e| format!("cluster timing: {e}"))?;
-        let isolation = Isolation::from_env();
+        let isolation = Isolation::new(options.test_hooks);
         let network = Network::new(options.node_id, options.secret.clone(), isolation.clone())?;
         let raft = Raft::new(
             options.node_id,
@@ -150,7 +156,7 @@ impl Node {
             .await
             .map_err(|e| format!("cluster.raft_listen {}: cannot listen: {e}", options.raft_listen))?;
         let raft_addr = listener.local_addr().map_err(|e| e.to_string())?;
-        let app = network::router(raft.clone(), options.secret.clone(), isolation);
+        let app = network::router(raft.clone(), options.secret.clone(), isolation.clone());
         let mut tasks = vec![tokio::spawn(async move {
             if let Err(e) = axum::serve(listener, app).await {
                 tracing::error!(error = %e, "the cluster listener stopped");
@@ -162,8 +168,12 @@ impl Node {
             journal.clone(),
             state_machine.clone(),
             log.clone(),
+            options.election_timeout,
         )));
-        if !raft.is_initialized().await.map_err(|e| e.to_string())? {
+        // A node added later is not among the initial voters: it waits to be
+        // added (POST /v1/cluster/members on the leader).
+        let initial = options.peers.contains_key(&options.node_id);
+        if initial && !raft.is_initialized().await.map_err(|e| e.to_string())? {
             match raft.initialize(options.peers.clone()).await {
                 Ok(()) => tracing::info!(peers = options.peers.len(), "proposed the initial cluster membership"),
                 Err(e) => tracing::info!(error = %e, "the cluster is already formed"),
@@ -177,6 +187,7 @@ impl Node {
             log,
             options,
             raft_addr,
+            isolation,
             tasks,
         })
     }
@@ -192,6 +203,35 @@ impl Node {
     /// Whether this node leads and takes writes now.
     pub fn serving(&self) -> bool {
         self.journal.serving().is_some()
+    }
+
+    /// Drops this node's peer traffic from and to `ids` (none: heals), when
+    /// started with test hooks: a network partition, for fault tests.
+    pub fn isolate(&self, ids: impl IntoIterator<Item = u64>) {
+        self.isolation.set(ids.into_iter().collect());
+    }
+
+    /// Adds node `id`, reached at `peer` (on the leader): it catches up as a
+    /// learner (from the log, or a snapshot), then votes.
+    pub async fn add_member(&self, id: u64, peer: Peer) -> Result<(), String> {
+        self.raft
+            .add_learner(id, peer, true)
+            .await
+            .map_err(|e| format!("cannot add node {id} as a learner: {e}"))?;
+        self.raft
+            .change_membership(openraft::ChangeMembers::AddVoterIds([id].into()), false)
+            .await
+            .map_err(|e| format!("cannot make node {id} a voter: {e}"))?;
+        Ok(())
+    }
+
+    /// Removes node `id` from the cluster (on the leader).
+    pub async fn remove_member(&self, id: u64) -> Result<(), String> {
+        self.raft
+            .change_membership(openraft::ChangeMembers::RemoveVoters([id].into()), false)
+            .await
+            .map_err(|e| format!("cannot remove node {id}: {e}"))?;
+        Ok(())
     }
 }
 
@@ -226,35 +266,63 @@ async fn propose(raft: Raft, journal: Arc<RaftJournal>, mut proposals: tokio::sy
     }
 }
 
-/// Opens the journal when this node becomes a ready leader (the first entry
-/// of its term applied), and closes it when it stops leading; a leader that
-/// stops with records not committed rebuilds its engine from committed state.
-async fn watch_role(raft: Raft, journal: Arc<RaftJournal>, sm: StateMachine, log: LogStore) {
+/// Opens the journal when this node becomes a ready leader, and closes it
+/// when it stops leading or has not heard from a majority for an election
+/// timeout (a new leader may have been elected behind a partition: it must
+/// not take writes that cannot commit). A leader that stops with records not
+/// committed rebuilds its engine from committed state.
+///
+/// Ready means every entry of its log is applied and the last is of its own
+/// term: the engine then holds all that was committed before, and LSNs are
+/// numbered after every record in the log.
+async fn watch_role(raft: Raft, journal: Arc<RaftJournal>, sm: StateMachine, log: LogStore, election: Duration) {
     let mut metrics = raft.metrics();
     let mut term = 0;
+    let tick = (election / 4).max(Duration::from_millis(10));
     loop {
-        let (state, current_term, applied_term) = {
+        // `acked`: when the metrics were read, and the ms since a majority
+        // acknowledged this leader then.
+        let (state, current_term, applied, last_index, acked) = {
             let m = metrics.borrow_and_update();
-            (m.state, m.current_term, m.last_applied.map(|l| l.leader_id.term))
+            let acked = m.millis_since_quorum_ack.map(|ms| (tokio::time::Instant::now(), ms));
+            (m.state, m.current_term, m.last_applied, m.last_log_index, acked)
         };
-        let leading = state == ServerState::Leader;
-        match journal.serving() {
-            None if leading && applied_term == Some(current_term) => {
-                journal.open(sm.applied_lsn());
-                term = current_term;
-                tracing::info!(term, "this node leads and takes writes");
-            }
-            Some(_) if !leading || current_term != term => {
-                if journal.close("this node is not the leader") {
-                    sm.rebuild_after_loss(&log, &journal);
+        loop {
+            let leading = state == ServerState::Leader;
+            let unheard = acked.is_none_or(|(at, ms)| Duration::from_millis(ms) + at.elapsed() > election);
+            match journal.serving() {
+                None if leading
+                    && !unheard
+                    && applied.is_some_and(|a| a.leader_id.term == current_term && Some(a.index) == last_index) =>
+                {
+                    journal.open(sm.applied_lsn());
+                    term = current_term;
+                    tracing::info!(term, "this node leads and takes writes");
                 }
-                tracing::info!(term = current_term, "this node no longer leads");
+                Some(_) if !leading || current_term != term || unheard => {
+                    let why = if leading && current_term == term {
+                        "this node has not heard from a majority of the cluster"
+                    } else {
+                        "this node is not the leader"
+                    };
+                    if journal.close(why) {
+                        let (sm, log, journal) = (sm.clone(), log.clone(), journal.clone());
+                        let _ = tokio::task::spawn_blocking(move || sm.rebuild_after_loss(&log, &journal)).await;
+                    }
+                    tracing::warn!(term = current_term, why, "this node no longer takes writes");
+                }
+                _ => {}
             }
-            _ => {}
-        }
-        if metrics.changed().await.is_err() {
-            journal.close("Raft stopped on this node");
-            return;
+            tokio::select! {
+                changed = metrics.changed() => {
+                    if changed.is_err() {
+                        journal.close("Raft stopped on this node");
+                        return;
+                    }
+                    break;
+                }
+                () = tokio::time::sleep(tick) => {}
+            }
         }
     }
 }

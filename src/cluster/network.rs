@@ -4,8 +4,8 @@
 //! answers 401 to a call without it, compared in constant time. All framing
 //! of peer traffic is here, so TLS can be added in one place.
 //!
-//! For fault tests only, a node started with `QUOTAD_CLUSTER_TEST_HOOKS=1`
-//! also takes `POST /raft/test/isolate` (a JSON list of node ids whose
+//! For fault tests only, a node started with test hooks (the daemon: with
+//! `QUOTAD_CLUSTER_TEST_HOOKS=1` in its environment) also takes `POST /raft/test/isolate` (a JSON list of node ids whose
 //! traffic it drops, both ways): a network partition at the listener.
 
 use std::collections::BTreeSet;
@@ -43,12 +43,18 @@ pub struct Isolation {
 }
 
 impl Isolation {
-    /// Honoured only when `QUOTAD_CLUSTER_TEST_HOOKS=1`.
-    pub fn from_env() -> Arc<Isolation> {
+    /// Isolation that is honoured only when `enabled` (fault tests).
+    pub fn new(enabled: bool) -> Arc<Isolation> {
         Arc::new(Isolation {
-            enabled: std::env::var("QUOTAD_CLUSTER_TEST_HOOKS").is_ok_and(|v| v == "1"),
+            enabled,
             from: Mutex::default(),
         })
+    }
+
+    /// Drops traffic from and to `ids` from now on (none: heals); ignored
+    /// unless enabled.
+    pub fn set(&self, ids: BTreeSet<u64>) {
+        *self.from.lock().unwrap_or_else(|e| e.into_inner()) = ids;
     }
 
     fn dropped(&self, node: u64) -> bool {
@@ -132,7 +138,7 @@ pub fn router(raft: Raft, secret: Arc<[u8]>, isolation: Arc<Isolation>) -> Route
                 }
                 let ids: BTreeSet<u64> =
                     serde_json::from_slice(&body).map_err(|e| (StatusCode::BAD_REQUEST, e.to_string()))?;
-                *l.isolation.from.lock().unwrap_or_else(|e| e.into_inner()) = ids;
+                l.isolation.set(ids);
                 Ok(Vec::new())
             }),
         )

@@ -360,7 +360,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
     async fn begin_receiving_snapshot(&mut self) -> Result<Box<tokio::fs::File>, StorageError> {
         let path = self.receive_path();
-        let f = tokio::fs::File::create(&path)
+        // Read back at install: open for both.
+        let f = tokio::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
             .await
             .map_err(|e| snapshot_error(format!("cannot create {}: {e}", path.display())))?;
         Ok(Box::new(f))
