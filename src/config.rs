@@ -48,6 +48,166 @@ pub struct Config {
     pub breakers: Vec<BreakerConfig>,
     /// Per-subject usage spikes against the subject's own past.
     pub anomalies: Vec<AnomalyConfig>,
+    /// One node of a Raft cluster (absent: a single node, as before).
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// `[cluster]`: this daemon is one node of a three- or five-node cluster.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// This node's id among `peers`; unique, never reused.
+    pub node_id: u64,
+    /// Where peer traffic is taken (`host:port`).
+    pub raft_listen: String,
+    /// A file holding the secret every node shares; peers without it get 401.
+    pub secret_file: PathBuf,
+    /// The initial voters; every node lists the same.
+    pub peers: Vec<PeerConfig>,
+    /// Leader heartbeat interval. Default `"100ms"`.
+    #[serde(default = "default_heartbeat")]
+    pub heartbeat: String,
+    /// A follower that hears no leader this long (up to twice it) starts an
+    /// election. Default `"1s"`.
+    #[serde(default = "default_election_timeout")]
+    pub election_timeout: String,
+}
+
+/// One entry of `cluster.peers`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerConfig {
+    /// The node's id.
+    pub id: u64,
+    /// Its peer listener (`host:port`).
+    pub raft: String,
+    /// Its HTTP API (`http://host:port`), where requests are forwarded to it.
+    pub api: String,
+}
+
+fn default_heartbeat() -> String {
+    "100ms".into()
+}
+
+fn default_election_timeout() -> String {
+    "1s".into()
+}
+
+/// `[cluster]` with durations resolved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClusterTiming {
+    /// Heartbeat interval in ms.
+    pub heartbeat_ms: u64,
+    /// Election timeout in ms.
+    pub election_timeout_ms: u64,
+}
+
+impl ClusterConfig {
+    /// Checks the section against the rest of the file and resolves durations.
+    pub fn check(&self, config: &Config) -> Result<ClusterTiming, ConfigError> {
+        if config.storage.durability == Durability::Batch {
+            return Err(ConfigError::new(
+                "storage.durability",
+                "\"batch\" is not allowed in a cluster: a write is acknowledged once a majority has it on disk; \
+                 use \"fsync\"",
+            ));
+        }
+        if config.policy.source == PolicySource::File {
+            return Err(ConfigError::new(
+                "policy.source",
+                "must be \"api\" in a cluster: the policy is replicated state, changed through the API on any \
+                 node (this file's policy seeds version 1 of a new cluster)",
+            ));
+        }
+        let heartbeat_ms = duration_ms("cluster.heartbeat", &self.heartbeat, 10, 10_000)?;
+        let election_timeout_ms = duration_ms("cluster.election_timeout", &self.election_timeout, 100, 60_000)?;
+        if election_timeout_ms < 3 * heartbeat_ms {
+            return Err(ConfigError::new(
+                "cluster.election_timeout",
+                format!(
+                    "{:?} must be at least three heartbeats ({}), or followers start elections while the \
+                     leader is fine",
+                    self.election_timeout,
+                    short_duration(3 * heartbeat_ms)
+                ),
+            ));
+        }
+        if self.node_id == 0 {
+            return Err(ConfigError::new("cluster.node_id", "must be 1 or more"));
+        }
+        ListenAddr::parse(&self.raft_listen)
+            .ok()
+            .filter(|a| matches!(a, ListenAddr::Tcp(_)))
+            .ok_or_else(|| {
+                ConfigError::new(
+                    "cluster.raft_listen",
+                    format!("{:?} is not host:port", self.raft_listen),
+                )
+            })?;
+        if self.secret_file.as_os_str().is_empty() {
+            return Err(ConfigError::new("cluster.secret_file", "must name a file"));
+        }
+        if !matches!(self.peers.len(), 1 | 3 | 5 | 7) {
+            return Err(ConfigError::new(
+                "cluster.peers",
+                format!(
+                    "lists {} nodes; a cluster has 3 or 5 voters (an even number survives no more failures than one \
+                     fewer, and 1 is a single node)",
+                    self.peers.len()
+                ),
+            ));
+        }
+        for (i, p) in self.peers.iter().enumerate() {
+            let key = format!("cluster.peers[{i}]");
+            if p.id == 0 {
+                return Err(ConfigError::new(key + ".id", "must be 1 or more"));
+            }
+            if let Some(j) = self.peers[..i].iter().position(|q| q.id == p.id) {
+                return Err(ConfigError::new(
+                    key + ".id",
+                    format!("{} is also the id of cluster.peers[{j}]", p.id),
+                ));
+            }
+            if !matches!(ListenAddr::parse(&p.raft), Ok(ListenAddr::Tcp(_))) {
+                return Err(ConfigError::new(
+                    key + ".raft",
+                    format!("{:?} is not host:port", p.raft),
+                ));
+            }
+            if !(p.api.starts_with("http://") || p.api.starts_with("https://")) {
+                return Err(ConfigError::new(
+                    key + ".api",
+                    format!("{:?} must be a URL such as \"http://10.0.0.1:7878\"", p.api),
+                ));
+            }
+        }
+        Ok(ClusterTiming {
+            heartbeat_ms,
+            election_timeout_ms,
+        })
+    }
+
+    /// The shared secret, read from `secret_file` (surrounding whitespace dropped).
+    pub fn secret(&self) -> Result<Vec<u8>, ConfigError> {
+        let text = std::fs::read_to_string(&self.secret_file).map_err(|e| {
+            ConfigError::new(
+                "cluster.secret_file",
+                format!("cannot read {}: {e}", self.secret_file.display()),
+            )
+        })?;
+        let secret = text.trim();
+        if secret.len() < 16 {
+            return Err(ConfigError::new(
+                "cluster.secret_file",
+                format!(
+                    "{} holds {} characters; the secret needs at least 16",
+                    self.secret_file.display(),
+                    secret.len()
+                ),
+            ));
+        }
+        Ok(secret.as_bytes().to_vec())
+    }
 }
 
 /// `[policy]`.
@@ -704,6 +864,9 @@ impl Config {
             return Err(ConfigError::new("storage.data_dir", "must not be empty"));
         }
         self.engine.settings()?;
+        if let Some(c) = &self.cluster {
+            c.check(self)?;
+        }
         for (i, t) in self.auth.tokens.iter().enumerate() {
             let key = format!("auth.tokens[{i}]");
             if let Some(name) = &t.name {

@@ -124,6 +124,48 @@ struct WaitOutcomeLabels {
     outcome: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RoleLabels {
+    role: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PeerLabels {
+    peer: u64,
+}
+
+/// A cluster node's figures: registered only when `[cluster]` is configured,
+/// and set from Raft's own metrics when `/metrics` is read.
+#[derive(Debug, Default)]
+pub struct ClusterMetrics {
+    role: Family<RoleLabels, Gauge>,
+    term: Gauge,
+    commit_lsn: Gauge,
+    peer_lag: Family<PeerLabels, Gauge>,
+}
+
+/// The roles `quotad_cluster_role` reports, one series each.
+const ROLES: [&str; 4] = ["leader", "follower", "learner", "candidate"];
+
+impl ClusterMetrics {
+    /// Sets the figures: this node's `role`, `term` and `commit_lsn`, and
+    /// on the leader each peer's lag (entries committed here and not yet
+    /// known on its disk).
+    pub fn set(&self, role: &str, term: u64, commit_lsn: u64, lags: &[(u64, u64)]) {
+        for r in ROLES {
+            self.role
+                .get_or_create(&RoleLabels { role: r })
+                .set(i64::from(r == role));
+        }
+        self.term.set(term as i64);
+        self.commit_lsn.set(commit_lsn as i64);
+        self.peer_lag.clear();
+        for &(peer, lag) in lags {
+            self.peer_lag.get_or_create(&PeerLabels { peer }).set(lag as i64);
+        }
+    }
+}
+
 /// Calls that wait for capacity (`wait_ms`).
 #[derive(Debug)]
 pub struct WaitMetrics {
@@ -477,6 +519,27 @@ impl Metrics {
             .get_or_create(&RouteLabels { method, route })
             .observe(elapsed.as_secs_f64());
         self.http_responses.get_or_create(&StatusLabels { code: status }).inc();
+    }
+
+    /// Registers the cluster figures (a cluster node only, so that a single
+    /// node's `/metrics` is unchanged).
+    pub fn register_cluster(&self) -> Arc<ClusterMetrics> {
+        let c = Arc::new(ClusterMetrics::default());
+        let mut r = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+        let sub = r.sub_registry_with_prefix("cluster");
+        sub.register("role", "1 for this node's Raft role, 0 for the others", c.role.clone());
+        sub.register("term", "The Raft term this node is in", c.term.clone());
+        sub.register(
+            "commit_lsn",
+            "Log position (Raft index + 1) of the newest entry this node applied, all of it committed",
+            c.commit_lsn.clone(),
+        );
+        sub.register(
+            "peer_lag",
+            "On the leader: entries applied here that a peer is not yet known to have on disk",
+            c.peer_lag.clone(),
+        );
+        c
     }
 
     /// Renders everything, with the engine's gauges as of now.

@@ -79,6 +79,8 @@ enum Backing {
     Durable(StorageOpener),
     /// In memory, journaling to the given journal (tests, embedding).
     Memory(Arc<dyn Journal>),
+    /// One node of a Raft cluster, started when `run` starts.
+    Cluster(Box<crate::cluster::NodeOptions>),
 }
 
 /// A bound, not yet running server.
@@ -195,6 +197,10 @@ impl Server {
     /// Checks the config and binds every listen address; state is recovered from
     /// `storage.data_dir` when `run` starts.
     pub async fn bind(config: &Config, clock: Arc<dyn Clock>) -> Result<Server, ServerError> {
+        if let Some(c) = &config.cluster {
+            let options = cluster_options(config, c)?;
+            return Self::bind_inner(config, clock, Backing::Cluster(Box::new(options))).await;
+        }
         let storage: StorageConfig = config.storage.clone();
         let opener: StorageOpener = Box::new(move |policy, metrics| Storage::open(&storage, policy, metrics));
         Self::bind_inner(config, clock, Backing::Durable(opener)).await
@@ -313,8 +319,22 @@ impl Server {
             .collect();
         let accept_tasks = spawn_accept_loops(&state, listeners, &connections, header_timeout, &stop_rx);
 
-        let (engine, storage) = match backing {
-            Backing::Memory(journal) => (Engine::new(policy, journal), None),
+        let (engine, storage, cluster) = match backing {
+            Backing::Memory(journal) => (Arc::new(Engine::new(policy, journal)), None, None),
+            Backing::Cluster(options) => match start_node(*options, policy, &state.started_config).await {
+                Ok((node, lock)) => {
+                    std::mem::forget(lock); // held for the life of the process
+                    (node.engine.clone(), None, Some(node))
+                }
+                Err(e) => {
+                    let _ = stop_tx.send(true);
+                    for t in accept_tasks {
+                        let _ = t.await;
+                    }
+                    remove_sockets(&sockets);
+                    return Err(e);
+                }
+            },
             Backing::Durable(opener) => {
                 let metrics = state.metrics.storage.clone();
                 let opened = tokio::task::spawn_blocking(move || opener(policy, metrics))
@@ -344,7 +364,7 @@ impl Server {
                             let m = &state.metrics.storage;
                             m.snapshot_timestamp_seconds.set(state.clock.now_ms() as f64 / 1000.0);
                         }
-                        (engine, Some(Arc::new(storage)))
+                        (Arc::new(engine), Some(Arc::new(storage)), None)
                     }
                     Err(e) => {
                         let _ = stop_tx.send(true);
@@ -359,8 +379,19 @@ impl Server {
         };
         // Time goes on from the latest time the log recorded, if the clock is behind it.
         state.clock.resume_from(engine.time(0));
-        let engine = Arc::new(engine);
-        let adopted = match crate::api::policy::adopt_at_start(&engine, &state.started_config, state.clock.now_ms()) {
+        let cluster = match cluster
+            .map(|node| crate::api::cluster::ClusterApi::new(node, state.metrics.register_cluster()))
+            .transpose()
+        {
+            Ok(c) => c.map(Arc::new),
+            Err(e) => return Err(ServerError::Storage(e)),
+        };
+        // A cluster's policy is seeded by its first leader (see `maintain`).
+        let adopted = match cluster.is_some() {
+            true => Ok(None),
+            false => crate::api::policy::adopt_at_start(&engine, &state.started_config, state.clock.now_ms()),
+        };
+        let adopted = match adopted {
             Ok(Some(lsn)) => engine
                 .durable_watch()
                 .wait(lsn)
@@ -382,11 +413,18 @@ impl Server {
         }
         let waiting = Waiting::install(engine.clone(), state.clock.clone(), state.metrics.waiting.clone());
         let waiter_task = tokio::spawn(waiting.clone().run(stop_rx.clone()));
-        let feed = crate::events::EventFeed::new(engine.clone(), storage.as_ref().map(|s| s.snapshots().clone()));
-        let floor = storage
-            .as_ref()
-            .map_or_else(|| Arc::new(AtomicU64::new(u64::MAX)), |s| s.event_floor());
-        let data_dir = storage.is_some().then(|| state.started_config.storage.data_dir.clone());
+        let snapshots = match (&storage, &cluster) {
+            (Some(s), _) => Some(s.snapshots().clone()),
+            (None, Some(c)) => Some(c.node.state_machine.snapshots().clone()),
+            (None, None) => None,
+        };
+        let feed = crate::events::EventFeed::new(engine.clone(), snapshots.clone());
+        let floor = match (&storage, &cluster) {
+            (Some(s), _) => s.event_floor(),
+            (None, Some(c)) => c.node.state_machine.event_floor(),
+            (None, None) => Arc::new(AtomicU64::new(u64::MAX)),
+        };
+        let data_dir = (storage.is_some() || cluster.is_some()).then(|| state.started_config.storage.data_dir.clone());
         let webhooks = match Webhooks::start(
             webhooks,
             data_dir.as_deref(),
@@ -396,7 +434,13 @@ impl Server {
             state.metrics.webhooks.clone(),
             state.started_config.storage.durability,
         ) {
-            Ok(w) => Arc::new(w),
+            Ok(w) => Arc::new(match &cluster {
+                Some(c) => {
+                    let c = c.clone();
+                    w.only_while(Arc::new(move || c.node.serving()))
+                }
+                None => w,
+            }),
             Err(e) => {
                 let _ = stop_tx.send(true);
                 for t in accept_tasks {
@@ -418,14 +462,20 @@ impl Server {
             feed,
             webhooks,
             stop: stop_rx.clone(),
-            snapshots: storage.as_ref().map(|s| s.snapshots().clone()),
+            snapshots,
+            cluster: cluster.clone(),
         });
         state.ready.store(true, Ordering::Release);
         state.metrics.ready.set(1);
         tracing::info!("ready");
         crate::notify::notify("READY=1\nSTATUS=serving");
 
-        let maintenance = tokio::spawn(maintain(state.clone(), storage.clone(), stop_rx.clone()));
+        let maintenance = tokio::spawn(maintain(
+            state.clone(),
+            storage.clone(),
+            cluster.clone(),
+            stop_rx.clone(),
+        ));
         let storage_failed = async {
             match &storage {
                 Some(s) => s.journal().failed().await,
@@ -458,6 +508,10 @@ impl Server {
             );
         }
         let mut result = failure.map_or(Ok(()), |f| Err(ServerError::Storage(f)));
+        if let Some(c) = cluster {
+            // Raft stops; the log and the last snapshot hold everything committed.
+            let _ = c.node.raft.shutdown().await;
+        }
         if let Some(storage) = storage {
             let now = state.clock.now_ms();
             let closed = tokio::task::spawn_blocking(move || {
@@ -544,8 +598,16 @@ async fn accept(l: &Bound) -> io::Result<Accepted> {
 
 /// Expires due reservations without waiting for a request, collects garbage,
 /// and takes a snapshot when enough has been logged since the last one.
-async fn maintain(state: Arc<AppState>, storage: Option<Arc<Storage>>, mut stop: watch::Receiver<bool>) {
+async fn maintain(
+    state: Arc<AppState>,
+    storage: Option<Arc<Storage>>,
+    cluster: Option<Arc<api::cluster::ClusterApi>>,
+    mut stop: watch::Receiver<bool>,
+) {
     let Ok(engine) = state.engine().cloned() else { return };
+    // On a cluster node, expiry, garbage collection and breaker ticks are the
+    // leader's records; other nodes apply them when they arrive.
+    let leads = || cluster.as_ref().is_none_or(|c| c.node.serving());
     let mut expiry = tokio::time::interval(EXPIRY_TICK);
     let mut gc = tokio::time::interval(GC_TICK);
     let mut snap = tokio::time::interval(SNAPSHOT_CHECK_TICK);
@@ -556,17 +618,33 @@ async fn maintain(state: Arc<AppState>, storage: Option<Arc<Storage>>, mut stop:
         tokio::select! {
             _ = stop.changed() => return,
             _ = expiry.tick() => {
+                if !leads() {
+                    continue;
+                }
+                if let Some(c) = &cluster {
+                    seed_policy(&state, c, &engine).await;
+                }
                 engine.expire_due(state.clock.now_ms());
                 if let Err(e) = engine.tick_signals(state.clock.now_ms()) {
                     tracing::error!(error = %e, "closing due circuit breakers failed");
                 }
             }
             _ = gc.tick() => {
+                if !leads() {
+                    continue;
+                }
                 if let Err(e) = engine.gc(state.clock.now_ms(), GC_BUDGET) {
                     tracing::error!(error = %e, "garbage collection failed");
                 }
             }
             _ = snap.tick() => {
+                if let Some(c) = &cluster {
+                    // Raft snapshots by entry count; memory backlogs ask for one too.
+                    if Storage::backlog_due(&engine) {
+                        let _ = c.node.raft.trigger().snapshot().await;
+                    }
+                    continue;
+                }
                 let Some(storage) = storage.clone().filter(|s| s.snapshot_due(&engine)) else { continue };
                 let (engine, now) = (engine.clone(), state.clock.now_ms());
                 // Blocking work off the async workers; requests keep being served.
@@ -579,5 +657,79 @@ async fn maintain(state: Arc<AppState>, storage: Option<Arc<Storage>>, mut stop:
                 }
             }
         }
+    }
+}
+
+/// A cluster node's options from `[cluster]` (its secret read).
+fn cluster_options(
+    config: &Config,
+    c: &crate::config::ClusterConfig,
+) -> Result<crate::cluster::NodeOptions, ServerError> {
+    let timing = c.check(config)?;
+    let secret = c.secret()?;
+    let raft_listen = std::net::ToSocketAddrs::to_socket_addrs(&c.raft_listen)
+        .ok()
+        .and_then(|mut a| a.next())
+        .ok_or_else(|| ConfigError::new("cluster.raft_listen", format!("{:?} does not resolve", c.raft_listen)))?;
+    Ok(crate::cluster::NodeOptions {
+        node_id: c.node_id,
+        raft_listen,
+        secret: Arc::from(secret),
+        peers: c
+            .peers
+            .iter()
+            .map(|p| {
+                (
+                    p.id,
+                    crate::cluster::types::Peer {
+                        raft: p.raft.clone(),
+                        api: p.api.clone(),
+                    },
+                )
+            })
+            .collect(),
+        heartbeat: Duration::from_millis(timing.heartbeat_ms),
+        election_timeout: Duration::from_millis(timing.election_timeout_ms),
+        snapshot_every: config.storage.snapshot_every_records,
+        logs_kept: 1000,
+        data_dir: config.storage.data_dir.clone(),
+        segment_bytes_max: config.storage.segment_bytes_max,
+        test_hooks: std::env::var("QUOTAD_CLUSTER_TEST_HOOKS").is_ok_and(|v| v == "1"),
+        exit_on_fatal: true,
+    })
+}
+
+/// Locks the data directory and starts the cluster node on it.
+async fn start_node(
+    options: crate::cluster::NodeOptions,
+    policy: Policy,
+    config: &Config,
+) -> Result<(crate::cluster::Node, std::fs::File), ServerError> {
+    let lock = crate::storage::lock_dir(&options.data_dir).map_err(ServerError::Recovery)?;
+    let daemon = config.clone();
+    let compile: crate::cluster::state_machine::Compile = Arc::new(move |v| {
+        let doc = v.policy_doc()?;
+        Policy::compile(&doc, &daemon).map_err(|e| format!("{}: {}", e.key, e.message))
+    });
+    let node = crate::cluster::Node::start(options, policy, compile)
+        .await
+        .map_err(|e| ServerError::Storage(format!("cannot start the cluster node: {e}")))?;
+    tracing::info!(node_id = node.options.node_id, raft = %node.raft_addr, "cluster node started");
+    Ok((node, lock))
+}
+
+/// On a cluster's leader with no stored policy yet (a new cluster): the
+/// configuration file's policy becomes version 1.
+async fn seed_policy(state: &AppState, c: &api::cluster::ClusterApi, engine: &Engine) {
+    if engine.policy_version().is_some() || !c.node.serving() {
+        return;
+    }
+    match crate::api::policy::adopt_at_start(engine, &state.started_config, state.clock.now_ms()) {
+        Ok(Some(lsn)) => match engine.durable_watch().wait(lsn).await {
+            Ok(()) => tracing::info!("the configuration file's policy is version 1 of this cluster"),
+            Err(e) => tracing::warn!(error = %e, "storing the cluster's first policy failed; retrying"),
+        },
+        Ok(None) => {}
+        Err(e) => tracing::warn!(error = ?e, "storing the cluster's first policy failed; retrying"),
     }
 }

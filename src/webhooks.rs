@@ -365,9 +365,22 @@ pub struct Webhooks {
     clock: Arc<dyn Clock>,
     client: reqwest::Client,
     metrics: Arc<WebhookMetrics>,
+    /// Delivers only while this says so: on a cluster node, while it leads.
+    active: Option<Arc<dyn Fn() -> bool + Send + Sync>>,
 }
 
+/// How often a node that does not deliver now checks again.
+const INACTIVE_RECHECK: Duration = Duration::from_millis(200);
+
 impl Webhooks {
+    /// Delivers only while `active` says so (a cluster node: while it leads,
+    /// so each event is sent by one node at a time; a new leader starts from
+    /// its own cursor, so receivers may see an event again after a failover).
+    pub fn only_while(mut self, active: Arc<dyn Fn() -> bool + Send + Sync>) -> Webhooks {
+        self.active = Some(active);
+        self
+    }
+
     /// Loads each webhook's cursor. A webhook seen for the first time starts
     /// at the oldest retained event, so nothing retained is skipped. `floor`
     /// is told the lowest cursor, so retention keeps what some webhook still
@@ -430,6 +443,7 @@ impl Webhooks {
             clock,
             client,
             metrics,
+            active: None,
         };
         w.publish_floor();
         Ok(w)
@@ -486,6 +500,12 @@ impl Webhooks {
         let mut rx = self.feed.subscribe();
         let mut cursor = hook.status.lock().unwrap_or_else(|e| e.into_inner()).delivered_seq;
         loop {
+            if self.active.as_ref().is_some_and(|a| !a()) {
+                if sleep_or_stop(INACTIVE_RECHECK, &mut stop).await {
+                    return;
+                }
+                continue;
+            }
             self.metrics
                 .set_pending(name, self.feed.last_seq().saturating_sub(cursor));
             let page = match self.feed.page(cursor, PAGE, "*") {

@@ -81,6 +81,7 @@ impl Cluster {
                 data_dir: dirs[i].path().to_path_buf(),
                 segment_bytes_max: 1 << 20,
                 test_hooks: true,
+                exit_on_fatal: false,
             })
             .collect();
         let mut c = Cluster {

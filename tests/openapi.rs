@@ -21,6 +21,7 @@ const ROUTER_SOURCE: &str = include_str!("../src/api/mod.rs");
 const ERROR_SOURCE: &str = include_str!("../src/api/error.rs");
 const BATCH_SOURCE: &str = include_str!("../src/api/batch.rs");
 const POLICY_SOURCE: &str = include_str!("../src/api/policy.rs");
+const CLUSTER_SOURCE: &str = include_str!("../src/api/cluster.rs");
 const TYPES_SOURCE: &str = include_str!("../src/engine/types.rs");
 
 const METHODS: [&str; 5] = ["get", "put", "post", "delete", "patch"];
@@ -167,7 +168,7 @@ fn server_error_codes() -> BTreeSet<String> {
             codes.insert(code.to_string());
         }
     }
-    for source in [ERROR_SOURCE, ROUTER_SOURCE, BATCH_SOURCE, POLICY_SOURCE] {
+    for source in [ERROR_SOURCE, ROUTER_SOURCE, BATCH_SOURCE, POLICY_SOURCE, CLUSTER_SOURCE] {
         for variant in ["NotFound(", "Conflict("] {
             for (i, _) in source.match_indices(variant) {
                 // `NotFound("code", ..)`, possibly with the code on the next line.

@@ -52,6 +52,10 @@ pub enum ApiError {
     /// 503 with `Retry-After`: too many of this kind of request run at once.
     #[error("{0}")]
     Busy(String, u64),
+    /// 503 `no_leader` with `Retry-After`: a cluster node knows no leader
+    /// that takes the request now.
+    #[error("{0}")]
+    NoLeader(String),
 }
 
 impl ApiError {
@@ -72,6 +76,7 @@ impl ApiError {
             ApiError::InvalidPolicy(_) => (StatusCode::BAD_REQUEST, "invalid_policy"),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             ApiError::Busy(..) => (StatusCode::SERVICE_UNAVAILABLE, "busy"),
+            ApiError::NoLeader(_) => (StatusCode::SERVICE_UNAVAILABLE, "no_leader"),
         }
     }
 
@@ -116,6 +121,9 @@ impl IntoResponse for ApiError {
         if let ApiError::Busy(_, retry_after_s) = self {
             resp.headers_mut()
                 .insert("retry-after", HeaderValue::from(retry_after_s));
+        }
+        if let ApiError::NoLeader(_) = self {
+            resp.headers_mut().insert("retry-after", HeaderValue::from(1));
         }
         resp
     }

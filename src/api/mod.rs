@@ -3,6 +3,7 @@
 //! `X-RateLimit-*` headers. The only layer that knows HTTP.
 
 mod batch;
+pub mod cluster;
 mod error;
 mod json;
 mod openapi;
@@ -113,6 +114,8 @@ pub struct Core {
     pub stop: tokio::sync::watch::Receiver<bool>,
     /// The snapshot file, for usage history (none when state is kept in memory).
     pub snapshots: Option<crate::storage::snapshot::SnapshotStore>,
+    /// This node's cluster, when `[cluster]` is configured.
+    pub cluster: Option<Arc<cluster::ClusterApi>>,
 }
 
 /// Shared state of all handlers.
@@ -511,6 +514,9 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/policy", get(policy::get_policy).put(policy::put_policy))
         .route("/v1/policy/versions", get(policy::list_versions))
         .route("/v1/admin/digest", get(digest))
+        .route("/v1/cluster", get(cluster::status))
+        .route("/v1/cluster/members", post(cluster::add_member))
+        .route("/v1/cluster/members/{id}", delete(cluster::remove_member))
         .route("/v1/admin/reload", post(reload))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -580,7 +586,7 @@ async fn gate(State(st): State<Arc<AppState>>, req: axum::extract::Request, next
         return closing(e.into_response());
     }
     if declared == Some(0) || (declared.is_none() && !req.headers().contains_key(header::TRANSFER_ENCODING)) {
-        return next.run(req).await;
+        return cluster::route(&st, req, next).await;
     }
     let (parts, body) = req.into_parts();
     let bytes = match tokio::time::timeout(st.body_timeout, axum::body::to_bytes(body, limit)).await {
@@ -597,8 +603,12 @@ async fn gate(State(st): State<Arc<AppState>>, req: axum::extract::Request, next
             return closing(e.into_response());
         }
     };
-    next.run(axum::extract::Request::from_parts(parts, axum::body::Body::from(bytes)))
-        .await
+    cluster::route(
+        &st,
+        axum::extract::Request::from_parts(parts, axum::body::Body::from(bytes)),
+        next,
+    )
+    .await
 }
 
 /// Marks an answer as the last on its connection.
@@ -636,6 +646,9 @@ const ROUTES: &[&str] = &[
     "/v1/policy",
     "/v1/policy/versions",
     "/v1/admin/digest",
+    "/v1/cluster",
+    "/v1/cluster/members",
+    "/v1/cluster/members/{id}",
     "/v1/admin/reload",
     "/healthz",
     "/readyz",
@@ -1513,6 +1526,9 @@ async fn readyz(State(st): State<Arc<AppState>>) -> Response {
 async fn metrics(State(st): State<Arc<AppState>>, headers: HeaderMap) -> Result<Response, ApiError> {
     st.authorize(&headers, Role::Client)?;
     let stats = st.engine().map(|e| e.stats()).unwrap_or_default();
+    if let Some(c) = st.core.get().and_then(|c| c.cluster.as_ref()) {
+        c.update_metrics();
+    }
     let body = st.metrics.render(&stats);
     let content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8";
     Ok(([(axum::http::header::CONTENT_TYPE, content_type)], body).into_response())

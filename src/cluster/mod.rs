@@ -64,6 +64,9 @@ pub struct NodeOptions {
     pub segment_bytes_max: u64,
     /// Fault tests may cut this node's peer traffic ([`Node::isolate`]).
     pub test_hooks: bool,
+    /// Stop the process (exit status 5) when Raft stops on a storage error,
+    /// so a supervisor sees it; tests running nodes in-process keep going.
+    pub exit_on_fatal: bool,
 }
 
 /// A running cluster node.
@@ -169,6 +172,7 @@ impl Node {
             state_machine.clone(),
             log.clone(),
             options.election_timeout,
+            options.exit_on_fatal,
         )));
         // A node added later is not among the initial voters: it waits to be
         // added (POST /v1/cluster/members on the leader).
@@ -275,7 +279,14 @@ async fn propose(raft: Raft, journal: Arc<RaftJournal>, mut proposals: tokio::sy
 /// Ready means every entry of its log is applied and the last is of its own
 /// term: the engine then holds all that was committed before, and LSNs are
 /// numbered after every record in the log.
-async fn watch_role(raft: Raft, journal: Arc<RaftJournal>, sm: StateMachine, log: LogStore, election: Duration) {
+async fn watch_role(
+    raft: Raft,
+    journal: Arc<RaftJournal>,
+    sm: StateMachine,
+    log: LogStore,
+    election: Duration,
+    exit_on_fatal: bool,
+) {
     let mut metrics = raft.metrics();
     let mut term = 0;
     let tick = (election / 4).max(Duration::from_millis(10));
@@ -284,6 +295,14 @@ async fn watch_role(raft: Raft, journal: Arc<RaftJournal>, sm: StateMachine, log
         // acknowledged this leader then.
         let (state, current_term, applied, last_index, acked) = {
             let m = metrics.borrow_and_update();
+            if let Err(e) = &m.running_state {
+                journal.close("Raft stopped on this node after a storage error");
+                tracing::error!(error = %e, "Raft stopped on this node after a storage error");
+                if exit_on_fatal {
+                    std::process::exit(crate::storage::journal::EXIT_UNRECOVERABLE);
+                }
+                return;
+            }
             let acked = m.millis_since_quorum_ack.map(|ms| (tokio::time::Instant::now(), ms));
             (m.state, m.current_term, m.last_applied, m.last_log_index, acked)
         };

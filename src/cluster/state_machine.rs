@@ -140,6 +140,16 @@ impl StateMachine {
         })
     }
 
+    /// The snapshot file (older events and usage history are read from it).
+    pub fn snapshots(&self) -> &SnapshotStore {
+        &self.shared.snapshots
+    }
+
+    /// Where webhook delivery publishes the newest seq every webhook has.
+    pub fn event_floor(&self) -> Arc<AtomicU64> {
+        self.shared.event_floor.clone()
+    }
+
     /// The engine LSN of the last record applied.
     pub fn applied_lsn(&self) -> Lsn {
         lock(&self.shared.applied).lsn

@@ -121,7 +121,7 @@ pub fn restrict_file(path: &Path) -> std::io::Result<()> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
 }
 
-fn lock_dir(dir: &Path) -> Result<File, StorageError> {
+pub fn lock_dir(dir: &Path) -> Result<File, StorageError> {
     use std::os::unix::fs::OpenOptionsExt;
     create_private_dir(dir).map_err(|e| StorageError::Io(format!("cannot create {}: {e}", dir.display())))?;
     let path = dir.join("LOCK");
@@ -420,7 +420,13 @@ impl Storage {
         let (records, bytes) = self.journal.since_snapshot();
         records >= self.config.snapshot_every_records
             || bytes >= self.config.snapshot_every_bytes
-            || (engine.policy().history && engine.usage_backlog() >= Self::USAGE_BACKLOG_MAX)
+            || Self::backlog_due(engine)
+    }
+
+    /// Whether memory holds enough usage buckets or events that a snapshot
+    /// should move them to disk.
+    pub fn backlog_due(engine: &Engine) -> bool {
+        (engine.policy().history && engine.usage_backlog() >= Self::USAGE_BACKLOG_MAX)
             || engine.recent_event_count() >= Self::EVENT_BACKLOG_MAX
     }
 

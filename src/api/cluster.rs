@@ -1,0 +1,318 @@
+//! The HTTP API on a cluster node: any node takes any request. The leader
+//! decides; before a read it confirms it still leads (so reads are
+//! linearizable). Another node forwards the request to the leader and relays
+//! its answer. Answers carry `Quotad-Node`, the id of the node that decided.
+//! Also `GET /v1/cluster` and membership changes.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Path, Request, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use openraft::ServerState;
+use serde::Deserialize;
+use serde_json::json;
+
+use super::{body_bytes, parse, ApiError, AppState};
+use crate::cluster::types::Peer;
+use crate::cluster::Node;
+use crate::config::Role;
+
+/// Names the node that decided a request.
+pub const NODE_HEADER: &str = "quotad-node";
+/// Marks a request a follower forwarded: it is not forwarded again.
+const FORWARDED_HEADER: &str = "quotad-forwarded-by";
+
+/// A cluster node as the API sees it.
+pub struct ClusterApi {
+    /// The node.
+    pub node: Node,
+    /// Forwards requests to the leader.
+    pub http: reqwest::Client,
+    /// The cluster figures of `/metrics`.
+    metrics: Arc<crate::metrics::ClusterMetrics>,
+}
+
+impl ClusterApi {
+    /// The API over a running node.
+    pub fn new(node: Node, metrics: Arc<crate::metrics::ClusterMetrics>) -> Result<ClusterApi, String> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(std::time::Duration::from_secs(2))
+            .tcp_nodelay(true)
+            .build()
+            .map_err(|e| format!("cannot build the forwarding HTTP client: {e}"))?;
+        Ok(ClusterApi { node, http, metrics })
+    }
+
+    /// Sets the cluster figures of `/metrics` from Raft's metrics.
+    pub fn update_metrics(&self) {
+        let m = self.node.raft.metrics().borrow().clone();
+        let commit = m.last_applied.map_or(0, |l| l.index + 1);
+        let lags: Vec<(u64, u64)> = m
+            .replication
+            .iter()
+            .flatten()
+            .filter(|(id, _)| **id != self.id())
+            .map(|(id, matched)| (*id, commit.saturating_sub(matched.map_or(0, |l| l.index + 1))))
+            .collect();
+        self.metrics.set(role_name(m.state), m.current_term, commit, &lags);
+    }
+
+    fn id(&self) -> u64 {
+        self.node.options.node_id
+    }
+
+    /// The leader and its API address, if one is known.
+    fn leader(&self) -> Option<(u64, String)> {
+        let m = self.node.raft.metrics().borrow().clone();
+        let id = m.current_leader?;
+        let peer = m.membership_config.membership().get_node(&id)?.clone();
+        Some((id, peer.api))
+    }
+}
+
+/// Endpoints every node answers itself: about the node, not the state.
+fn local(path: &str) -> bool {
+    matches!(
+        path,
+        "/healthz"
+            | "/readyz"
+            | "/metrics"
+            | "/dashboard"
+            | "/v1/openapi.json"
+            | "/v1/cluster"
+            | "/v1/events/stream"
+            | "/v1/admin/digest"
+    )
+}
+
+/// Requests that only read: the leader confirms it leads before answering.
+fn read_only(method: &Method, path: &str) -> bool {
+    method == Method::GET || path == "/v1/check" || path == "/v1/batch"
+}
+
+/// Routes a request on a cluster node (called by the gate once the body is
+/// read): answered here, or forwarded to the leader.
+pub async fn route(st: &Arc<AppState>, req: Request, next: Next) -> Response {
+    let Some(c) = st.core.get().and_then(|core| core.cluster.clone()) else {
+        return next.run(req).await;
+    };
+    let path = req.uri().path().to_string();
+    if local(&path) {
+        return stamped(next.run(req).await, c.id());
+    }
+    if c.node.serving() {
+        if read_only(req.method(), &path) {
+            if let Err(e) = c.node.raft.ensure_linearizable().await {
+                return ApiError::NoLeader(format!(
+                    "this node could not confirm it still leads ({e}); retry, on any node"
+                ))
+                .into_response();
+            }
+        }
+        return stamped(next.run(req).await, c.id());
+    }
+    if req.headers().contains_key(FORWARDED_HEADER) {
+        return ApiError::NoLeader("the leader moved while the request was forwarded; retry, on any node".into())
+            .into_response();
+    }
+    match c.leader() {
+        Some((id, _)) if id == c.id() => {
+            ApiError::NoLeader("this node was just elected and is catching up; retry in a moment".into())
+                .into_response()
+        }
+        Some((id, api)) => forward(&c, id, &api, req).await,
+        None => {
+            ApiError::NoLeader("no leader is elected now (a majority of the cluster is not reachable); retry".into())
+                .into_response()
+        }
+    }
+}
+
+fn stamped(mut resp: Response, id: u64) -> Response {
+    resp.headers_mut()
+        .insert(HeaderName::from_static(NODE_HEADER), HeaderValue::from(id));
+    resp
+}
+
+/// Headers that belong to one connection, not to the request.
+fn hop_by_hop(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection" | "keep-alive" | "transfer-encoding" | "te" | "upgrade" | "host" | "content-length"
+    )
+}
+
+/// Sends the request to the leader and relays its answer.
+async fn forward(c: &ClusterApi, leader: u64, api: &str, req: Request) -> Response {
+    let (parts, body) = req.into_parts();
+    // The gate has read the body already (within its limit).
+    let Ok(bytes) = axum::body::to_bytes(body, usize::MAX).await else {
+        return ApiError::InvalidRequest("the request body could not be read".into()).into_response();
+    };
+    let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let url = format!("{}{target}", api.trim_end_matches('/'));
+    let mut out = c.http.request(parts.method.clone(), &url).body(bytes);
+    for (name, value) in parts.headers.iter().filter(|(n, _)| !hop_by_hop(n)) {
+        out = out.header(name, value);
+    }
+    out = out.header(FORWARDED_HEADER, c.id());
+    let resp = match out.send().await {
+        Ok(r) => r,
+        Err(e) => {
+            let unknown = if parts.method == Method::GET {
+                ""
+            } else {
+                " if it was sent, its outcome is unknown: retry with the same idempotency key;"
+            };
+            return ApiError::Unavailable(format!(
+                "the leader (node {leader} at {api}) did not answer:{unknown} {e}"
+            ))
+            .into_response();
+        }
+    };
+    let status = resp.status();
+    let mut headers = HeaderMap::new();
+    for (name, value) in resp.headers().iter().filter(|(n, _)| !hop_by_hop(n)) {
+        headers.append(name.clone(), value.clone());
+    }
+    match resp.bytes().await {
+        Ok(body) => {
+            let mut r = Response::new(Body::from(body));
+            *r.status_mut() = status;
+            *r.headers_mut() = headers;
+            r
+        }
+        Err(e) => ApiError::Unavailable(format!(
+            "the leader's answer (node {leader} at {api}) was cut off; if the request changed anything, retry it \
+             with the same idempotency key: {e}"
+        ))
+        .into_response(),
+    }
+}
+
+fn role_name(s: ServerState) -> &'static str {
+    match s {
+        ServerState::Leader => "leader",
+        ServerState::Follower => "follower",
+        ServerState::Learner => "learner",
+        ServerState::Candidate => "candidate",
+        ServerState::Shutdown => "shutdown",
+    }
+}
+
+fn cluster_of(st: &AppState) -> Result<Arc<ClusterApi>, ApiError> {
+    st.core.get().and_then(|c| c.cluster.clone()).ok_or_else(|| {
+        ApiError::NotFound(
+            "not_a_cluster",
+            "this daemon runs as a single node (no [cluster] section in its configuration)".into(),
+        )
+    })
+}
+
+/// `GET /v1/cluster`: this node's view of the cluster.
+pub async fn status(State(st): State<Arc<AppState>>, headers: HeaderMap) -> Result<Response, ApiError> {
+    st.authorize(&headers, Role::Admin)?;
+    let c = cluster_of(&st)?;
+    let m = c.node.raft.metrics().borrow().clone();
+    let role = role_name(m.state);
+    let membership = m.membership_config.membership();
+    let voters: std::collections::BTreeSet<u64> = membership.voter_ids().collect();
+    let matched = m.replication.as_ref();
+    let members: Vec<_> = membership
+        .nodes()
+        .map(|(id, p)| {
+            json!({
+                "id": id,
+                "raft": p.raft,
+                "api": p.api,
+                "voter": voters.contains(id),
+                "matched_lsn": matched.and_then(|r| r.get(id)).and_then(|l| l.as_ref()).map(|l| l.index + 1),
+            })
+        })
+        .collect();
+    let leader = m
+        .current_leader
+        .and_then(|id| membership.get_node(&id).map(|p| json!({"id": id, "api": p.api})));
+    Ok(Json(json!({
+        "node_id": c.id(),
+        "role": role,
+        "serving": c.node.serving(),
+        "leader": leader,
+        "term": m.current_term,
+        "commit_lsn": c.node.raft.metrics().borrow().last_applied.map_or(0, |l| l.index + 1),
+        "applied_lsn": c.node.state_machine.applied_lsn(),
+        "members": members,
+    }))
+    .into_response())
+}
+
+/// Body of `POST /v1/cluster/members`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AddMember {
+    id: u64,
+    raft: String,
+    api: String,
+}
+
+/// `POST /v1/cluster/members`: adds a node (on the leader; others forward).
+pub async fn add_member(
+    State(st): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<Response, ApiError> {
+    st.authorize(&headers, Role::Admin)?;
+    let c = cluster_of(&st)?;
+    let m: AddMember = parse(&body_bytes(body, st.max_body_bytes)?)?;
+    if m.id == 0 {
+        return Err(ApiError::invalid("id", "must be 1 or more"));
+    }
+    if crate::config::ListenAddr::parse(&m.raft).is_err() {
+        return Err(ApiError::invalid("raft", format!("{:?} is not host:port", m.raft)));
+    }
+    if !(m.api.starts_with("http://") || m.api.starts_with("https://")) {
+        return Err(ApiError::invalid("api", format!("{:?} is not an http:// URL", m.api)));
+    }
+    c.node
+        .add_member(
+            m.id,
+            Peer {
+                raft: m.raft,
+                api: m.api,
+            },
+        )
+        .await
+        .map_err(ApiError::Unavailable)?;
+    status(State(st), headers).await
+}
+
+/// `DELETE /v1/cluster/members/{id}`: removes a node.
+pub async fn remove_member(
+    State(st): State<Arc<AppState>>,
+    Path(id): Path<u64>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    st.authorize(&headers, Role::Admin)?;
+    let c = cluster_of(&st)?;
+    let known = c
+        .node
+        .raft
+        .metrics()
+        .borrow()
+        .membership_config
+        .membership()
+        .get_node(&id)
+        .is_some();
+    if !known {
+        return Err(ApiError::NotFound(
+            "unknown_node",
+            format!("node {id} is not a member of the cluster"),
+        ));
+    }
+    c.node.remove_member(id).await.map_err(ApiError::Unavailable)?;
+    status(State(st), headers).await
+}
