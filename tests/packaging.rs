@@ -394,3 +394,75 @@ fn the_install_steps_in_the_unit_and_the_readme_agree() {
         }
     }
 }
+
+#[test]
+fn the_cluster_demo_configs_check_and_a_cluster_refuses_batch_and_a_file_policy() {
+    for i in 1..=3 {
+        let o = Command::new(BIN)
+            .args(["config", "check"])
+            .arg(repo(&format!("packaging/cluster/node{i}.toml")))
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "node{i}.toml: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    let text = std::fs::read_to_string(repo("packaging/cluster/node1.toml")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    for (from, to, key) in [
+        ("durability = \"fsync\"", "durability = \"batch\"", "storage.durability"),
+        ("source = \"api\"", "source = \"file\"", "policy.source"),
+        (
+            "election_timeout = \"1s\"",
+            "election_timeout = \"200ms\"",
+            "cluster.election_timeout",
+        ),
+    ] {
+        assert!(text.contains(from), "{from}");
+        let path = dir.path().join("bad.toml");
+        std::fs::write(&path, text.replace(from, to)).unwrap();
+        let o = Command::new(BIN)
+            .args(["serve", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{err}");
+        assert!(err.contains(key), "{key}: {err}");
+    }
+}
+
+#[test]
+fn the_cluster_node_unit_verifies() {
+    if Command::new("systemd-analyze").arg("--version").output().is_err() {
+        eprintln!("systemd-analyze is not installed; .ci/run installs it");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let unit = std::fs::read_to_string(repo("packaging/quotad@.service"))
+        .unwrap()
+        .replace("/usr/local/bin/quotad", BIN);
+    std::fs::write(dir.path().join("quotad@.service"), &unit).unwrap();
+    // A template is verified through an instance of it.
+    let path = dir.path().join("quotad@1.service");
+    std::fs::write(&path, unit).unwrap();
+    let o = Command::new(BIN)
+        .args(["man", "--dir"])
+        .arg(dir.path().join("man/man1"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let mut verify = Command::new("systemd-analyze");
+    verify.arg("verify").env("MANPATH", dir.path().join("man"));
+    if Command::new("man").arg("--version").output().is_err() {
+        verify.arg("--man=no");
+    }
+    let o = verify.arg(&path).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        o.status.success() && err.trim().is_empty(),
+        "systemd-analyze verify: {err}"
+    );
+}

@@ -43,6 +43,13 @@ for _ in $(seq 1 100); do
         fi
     done
     [ -n "$leader" ] && break
+    for i in 0 1 2; do
+        if ! kill -0 "${pids[i]}" 2>/dev/null; then
+            echo "node $((i + 1)) stopped; the end of its log (cluster-data/node$((i + 1)).log):" >&2
+            tail -5 "cluster-data/node$((i + 1)).log" >&2
+            exit 1
+        fi
+    done
     sleep 0.2
 done
 if [ -z "$leader" ]; then

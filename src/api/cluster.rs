@@ -162,6 +162,15 @@ async fn forward(c: &ClusterApi, leader: u64, api: &str, req: Request) -> Respon
     out = out.header(FORWARDED_HEADER, c.id());
     let resp = match out.send().await {
         Ok(r) => r,
+        Err(e) if e.is_connect() => {
+            // Nothing was sent: the leader is down or cut off, and an
+            // election is probably under way.
+            return ApiError::NoLeader(format!(
+                "the leader this node knows (node {leader} at {api}) cannot be reached; an election is probably \
+                 under way: retry, on any node"
+            ))
+            .into_response();
+        }
         Err(e) => {
             let unknown = if parts.method == Method::GET {
                 ""

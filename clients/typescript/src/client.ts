@@ -64,15 +64,24 @@ export const VERSION = "0.1.0";
 export type OnUnavailable = "throw" | "allow" | "deny";
 
 export interface ClientOptions {
-  /** quotad over TCP, e.g. `http://127.0.0.1:7878` (the default). */
-  url?: string;
+  /**
+   * quotad over TCP, e.g. `http://127.0.0.1:7878` (the default). For a
+   * cluster, every node's URL: a request one node cannot answer (connection
+   * error, timeout, 502/503/504) is retried on the next.
+   */
+  url?: string | string[];
   /** quotad over its Unix socket, e.g. `/run/quotad/quotad.sock`. */
   socketPath?: string;
   /** Sent as `Authorization: Bearer <token>`. */
   token?: string;
   /** Per attempt, in ms (default 5000); calls with `waitMs` get that much more. */
   timeoutMs?: number;
-  /** Extra attempts after a connection error, a timeout or a 502/503/504 (default 2). Never after other answers. */
+  /**
+   * Extra attempts after a connection error, a timeout or a 502/503/504
+   * (default 2, or 8 with several URLs: enough to outlast a leader election).
+   * Never after other answers. consume and reserve carry an idempotency key
+   * (generated unless given) that stays the same across them.
+   */
   retries?: number;
   /** First backoff between attempts in ms (default 100), doubling with jitter... */
   backoffMs?: number;
@@ -302,7 +311,8 @@ export class Reservation {
 export class QuotadClient {
   readonly onUnavailable: OnUnavailable;
   readonly retries: number;
-  readonly #transport: Transport;
+  readonly #transports: Transport[];
+  #current = 0;
   readonly #headers: Record<string, string>;
   readonly #timeoutMs: number;
   readonly #backoffMs: number;
@@ -310,12 +320,14 @@ export class QuotadClient {
   readonly #warn: (message: string, error: unknown) => void;
 
   constructor(options: ClientOptions = {}) {
-    this.#transport = new Transport(makeTarget(options.url, options.socketPath));
+    const urls = Array.isArray(options.url) ? options.url : [options.url];
+    if (urls.length === 0) throw new TypeError("url is an empty list; give one URL, or several (the nodes of a cluster)");
+    this.#transports = urls.map((u) => new Transport(makeTarget(u, options.socketPath)));
     const onUnavailable = options.onUnavailable ?? "throw";
     if (!["throw", "allow", "deny"].includes(onUnavailable)) {
       throw new TypeError(`onUnavailable must be "throw", "allow" or "deny", got ${JSON.stringify(onUnavailable)}`);
     }
-    const retries = options.retries ?? 2;
+    const retries = options.retries ?? (this.#transports.length > 1 ? 8 : 2);
     if (!Number.isInteger(retries) || retries < 0) throw new TypeError(`retries must be a whole number >= 0, got ${retries}`);
     this.onUnavailable = onUnavailable;
     this.retries = retries;
@@ -327,14 +339,24 @@ export class QuotadClient {
     this.#warn = options.onWarning ?? ((message) => process.emitWarning(message, { code: "QUOTAD" }));
   }
 
-  /** Where this client talks to: the URL, or `unix:<path>`. */
+  /** Where this client talks to: the URL (or URLs), or `unix:<path>`. */
   get where(): string {
-    return this.#transport.target.where;
+    return this.#transports.map((t) => t.target.where).join(" or ");
   }
 
   /** Closes pooled connections. */
   close(): void {
-    this.#transport.close();
+    for (const t of this.#transports) t.close();
+  }
+
+  /** The endpoint requests go to now. */
+  get #transport(): Transport {
+    return this.#transports[this.#current % this.#transports.length];
+  }
+
+  /** The current endpoint did not answer: the next one is tried. */
+  #nextEndpoint(): void {
+    if (this.#transports.length > 1) this.#current = (this.#current + 1) % this.#transports.length;
   }
 
   // ---------- plumbing ----------
@@ -382,12 +404,14 @@ export class QuotadClient {
       } catch (e) {
         const te = toTransportError(e);
         if (retry && attempt < this.retries) {
+          this.#nextEndpoint();
           await sleep(this.#delay(attempt));
           continue;
         }
         throw this.#unavailable(te, call, attempt + 1);
       }
       if (RETRY_STATUSES.has(res.status) && retry && attempt < this.retries) {
+        this.#nextEndpoint();
         await sleep(this.#delay(attempt, res.headers["retry-after"]));
         continue;
       }

@@ -115,11 +115,11 @@ class Settings:
 
     def __init__(
         self,
-        url: Optional[str],
+        url: Union[str, Sequence[str], None],
         socket: Optional[str],
         token: Optional[str],
         timeout: TimeoutArg,
-        retries: int,
+        retries: Optional[int],
         backoff: float,
         max_backoff: float,
         on_unavailable: str,
@@ -129,21 +129,33 @@ class Settings:
             raise ValueError("pass url= or socket=, not both")
         if on_unavailable not in ON_UNAVAILABLE:
             raise ValueError(f"on_unavailable must be one of {ON_UNAVAILABLE}, got {on_unavailable!r}")
+        urls = [url] if url is None or isinstance(url, str) else list(url)
+        if not urls:
+            raise ValueError("url= is an empty list; give one URL, or several (the nodes of a cluster)")
+        if retries is None:
+            # A cluster's failover takes a few seconds: enough retries to span it.
+            retries = 2 if len(urls) == 1 else 8
         if not isinstance(retries, int) or retries < 0:
             raise ValueError(f"retries must be a whole number >= 0, got {retries!r}")
         if backoff < 0 or max_backoff < 0:
             raise ValueError("backoff and max_backoff must be >= 0")
         self.socket = socket
+        # The endpoints, tried in turn: a request that cannot be answered
+        # (connection error, timeout, 502/503/504) is retried on the next.
+        self.bases: List[str] = []
+        self.current = 0
         if socket is not None:
             self.base_url = "http://quotad"
             self.where = f"unix:{socket}"
         else:
-            url = (url or DEFAULT_URL).rstrip("/")
-            parts = urlsplit(url)
-            if parts.scheme not in ("http", "https") or not parts.netloc:
-                raise ValueError(f"url must look like http://host:port, got {url!r}")
-            self.base_url = url
-            self.where = url
+            for u in urls:
+                u = (u or DEFAULT_URL).rstrip("/")
+                parts = urlsplit(u)
+                if parts.scheme not in ("http", "https") or not parts.netloc:
+                    raise ValueError(f"url must look like http://host:port, got {u!r}")
+                self.bases.append(u)
+            self.base_url = self.bases[0]
+            self.where = " or ".join(self.bases)
         if timeout is None:
             self.timeout = httpx.Timeout(None)
         elif isinstance(timeout, httpx.Timeout):
@@ -159,6 +171,18 @@ class Settings:
             self.headers["Authorization"] = f"Bearer {token}"
         if headers:
             self.headers.update(headers)
+
+    def url_for(self, call: "Call[Any]") -> str:
+        """Where to send ``call`` now: the path alone with one endpoint (the
+        HTTP client's base URL), else the current endpoint's full URL."""
+        if len(self.bases) <= 1:
+            return call.path
+        return self.bases[self.current % len(self.bases)] + call.path
+
+    def next_endpoint(self) -> None:
+        """The current endpoint did not answer: the next one is tried."""
+        if len(self.bases) > 1:
+            self.current = (self.current + 1) % len(self.bases)
 
     def timeout_for(self, call: "Call[Any]") -> httpx.Timeout:
         t = self.timeout

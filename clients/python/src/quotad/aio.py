@@ -16,6 +16,7 @@ from typing import (
     List,
     Mapping,
     Optional,
+    Sequence,
     Union,
     overload,
 )
@@ -167,12 +168,12 @@ class AsyncClient:
 
     def __init__(
         self,
-        url: Optional[str] = None,
+        url: Union[str, Sequence[str], None] = None,
         *,
         socket: Optional[str] = None,
         token: Optional[str] = None,
         timeout: TimeoutArg = 5.0,
-        retries: int = 2,
+        retries: Optional[int] = None,
         backoff: float = 0.1,
         max_backoff: float = 2.0,
         on_unavailable: Literal["raise", "allow", "deny"] = "raise",
@@ -219,15 +220,22 @@ class AsyncClient:
         while True:
             try:
                 resp = await self._http.request(
-                    call.method, call.path, params=call.params or None, content=content, headers=headers, timeout=timeout
+                    call.method,
+                    self._s.url_for(call),
+                    params=call.params or None,
+                    content=content,
+                    headers=headers,
+                    timeout=timeout,
                 )
             except httpx.TransportError as e:
                 if call.retry and attempt < self._s.retries and _core.retryable_transport_error(e):
+                    self._s.next_endpoint()
                     await asyncio.sleep(self._s.delay(attempt))
                     attempt += 1
                     continue
                 raise self._s.transport_error(e, call, attempt + 1) from e
             if resp.status_code in _core.RETRY_STATUSES and call.retry and attempt < self._s.retries:
+                self._s.next_endpoint()
                 await asyncio.sleep(self._s.delay(attempt, resp.headers.get("retry-after")))
                 attempt += 1
                 continue

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Union, overload
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Union, overload
 
 import httpx
 
@@ -140,12 +140,17 @@ class Client:
 
     ``Client(url="http://127.0.0.1:7878")`` or
     ``Client(socket="/run/quotad/quotad.sock")``; with neither, the default
-    URL. ``token`` is sent as ``Authorization: Bearer``. ``timeout`` is in
-    seconds per attempt. ``retries`` is how many times a request is retried
-    after a connection error, a timeout, or a 502/503/504 (never after a
-    4xx), with jittered exponential backoff from ``backoff`` seconds up to
-    ``max_backoff``. Writes carry an idempotency key (generated unless you
-    pass one) that stays the same across those retries.
+    URL. For a cluster, pass every node:
+    ``Client(["http://10.0.0.1:7878", "http://10.0.0.2:7878", "http://10.0.0.3:7878"])``;
+    a request that one node cannot answer is retried on the next. ``token`` is
+    sent as ``Authorization: Bearer``. ``timeout`` is in seconds per attempt.
+    ``retries`` is how many times a request is retried after a connection
+    error, a timeout, or a 502/503/504 (never after a 4xx), with jittered
+    exponential backoff from ``backoff`` seconds up to ``max_backoff`` (or
+    the server's ``Retry-After``); by default 2, or 8 with several URLs, enough
+    to outlast a leader election. Writes carry an idempotency key (generated
+    unless you pass one) that stays the same across those retries, so a
+    retried call is counted once.
 
     ``on_unavailable`` decides what check/consume/reserve do when quotad
     stays unavailable after the retries: ``"raise"`` :class:`~quotad.Unavailable`
@@ -155,12 +160,12 @@ class Client:
 
     def __init__(
         self,
-        url: Optional[str] = None,
+        url: Union[str, Sequence[str], None] = None,
         *,
         socket: Optional[str] = None,
         token: Optional[str] = None,
         timeout: TimeoutArg = 5.0,
-        retries: int = 2,
+        retries: Optional[int] = None,
         backoff: float = 0.1,
         max_backoff: float = 2.0,
         on_unavailable: Literal["raise", "allow", "deny"] = "raise",
@@ -207,15 +212,22 @@ class Client:
         while True:
             try:
                 resp = self._http.request(
-                    call.method, call.path, params=call.params or None, content=content, headers=headers, timeout=timeout
+                    call.method,
+                    self._s.url_for(call),
+                    params=call.params or None,
+                    content=content,
+                    headers=headers,
+                    timeout=timeout,
                 )
             except httpx.TransportError as e:
                 if call.retry and attempt < self._s.retries and _core.retryable_transport_error(e):
+                    self._s.next_endpoint()
                     time.sleep(self._s.delay(attempt))
                     attempt += 1
                     continue
                 raise self._s.transport_error(e, call, attempt + 1) from e
             if resp.status_code in _core.RETRY_STATUSES and call.retry and attempt < self._s.retries:
+                self._s.next_endpoint()
                 time.sleep(self._s.delay(attempt, resp.headers.get("retry-after")))
                 attempt += 1
                 continue
