@@ -608,6 +608,7 @@ async fn maintain(
     // On a cluster node, expiry, garbage collection and breaker ticks are the
     // leader's records; other nodes apply them when they arrive.
     let leads = || cluster.as_ref().is_none_or(|c| c.node.serving());
+    let mut led = false;
     let mut expiry = tokio::time::interval(EXPIRY_TICK);
     let mut gc = tokio::time::interval(GC_TICK);
     let mut snap = tokio::time::interval(SNAPSHOT_CHECK_TICK);
@@ -619,8 +620,17 @@ async fn maintain(
             _ = stop.changed() => return,
             _ = expiry.tick() => {
                 if !leads() {
+                    if std::mem::take(&mut led) {
+                        if let Some(core) = state.core.get() {
+                            core.waiting.abort_all(
+                                "this node stopped leading while the call waited; nothing was charged: retry, on any \
+                                 node",
+                            );
+                        }
+                    }
                     continue;
                 }
+                led = true;
                 if let Some(c) = &cluster {
                     seed_policy(&state, c, &engine).await;
                 }

@@ -393,6 +393,13 @@ impl Waiting {
 
     /// Answers every waiter 503: nothing of theirs was charged.
     pub fn shutdown(&self) {
+        self.abort_all(SHUTTING_DOWN);
+    }
+
+    /// Answers every waiter `503` with `message` (nothing of theirs was
+    /// charged): on shutdown, or on a cluster node that stopped leading,
+    /// whose state may no longer be the cluster's.
+    pub fn abort_all(&self, message: &str) {
         let all = {
             let mut l = self.lock();
             let all = l.drain();
@@ -401,7 +408,7 @@ impl Waiting {
         };
         for mut w in all {
             if let Some(tx) = w.payload.tx.take() {
-                let _ = tx.send(Err(EngineError::Unavailable(SHUTTING_DOWN.into())));
+                let _ = tx.send(Err(EngineError::Unavailable(message.into())));
             }
         }
     }

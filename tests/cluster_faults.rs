@@ -566,6 +566,28 @@ async fn no_acknowledged_write_is_lost_under_faults() {
     };
     eprintln!("converged at {:?}", digests[0]);
 
+    // The cluster figures are on /metrics (of a cluster node only).
+    let metrics = c
+        .http
+        .get(c.procs[c.leader().await].url("/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    for want in [
+        "quotad_cluster_role{role=\"leader\"} 1",
+        "quotad_cluster_term ",
+        "quotad_cluster_commit_lsn ",
+    ] {
+        assert!(metrics.contains(want), "/metrics lacks {want}");
+    }
+    assert!(
+        metrics.contains("quotad_cluster_peer_lag{peer="),
+        "/metrics lacks the peers' lag"
+    );
+
     // The history per subject.
     let history = history.lock().unwrap().clone();
     let l = c.leader().await;

@@ -5,8 +5,9 @@
 //! tells openraft it is durable; truncation and purge go through the same
 //! thread, so every change reaches the disk in the order openraft made it.
 //!
-//! Unpurged entries are also kept in memory (openraft purges them once a
-//! snapshot covers them). The vote, the committed log id and the purged log
+//! The newest [`CACHE_ENTRIES`] entries are also kept in memory: openraft
+//! reads recent entries all the time (to replicate and apply them), older
+//! ones only for a peer far behind, which are read back from the segments. The vote, the committed log id and the purged log
 //! id live in `raft-state.json`, replaced atomically (temporary file, fsync,
 //! rename, directory fsync); the committed id is written only along with the
 //! others, since an older committed id is still a committed one.
@@ -28,6 +29,9 @@ use crate::storage::wal::{self, Wal, FLAG_RAFT};
 
 /// The file holding the vote, the committed and the purged log ids.
 pub const STATE_FILE: &str = "raft-state.json";
+
+/// Entries kept in memory (the newest): some 20 MB of typical records.
+pub const CACHE_ENTRIES: usize = 100_000;
 
 /// What lives beside the log.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -57,13 +61,35 @@ enum Op {
         through: u64,
         reply: std::sync::mpsc::SyncSender<Result<(), String>>,
     },
+    /// Read WAL records `from..to` back (entries no longer in memory).
+    Read {
+        from: u64,
+        to: u64,
+        reply: std::sync::mpsc::SyncSender<Result<Vec<Vec<u8>>, String>>,
+    },
 }
 
-/// Entries in memory, and the ends of the log.
+/// The newest entries in memory, and the ends of the log.
 #[derive(Debug, Default)]
 struct Cache {
     entries: BTreeMap<u64, Entry>,
     purged: Option<LogId>,
+    /// The last entry, also when it is no longer in memory.
+    last: Option<LogId>,
+}
+
+impl Cache {
+    /// Keeps the newest [`CACHE_ENTRIES`] in memory.
+    fn trim(&mut self) {
+        while self.entries.len() > CACHE_ENTRIES {
+            self.entries.pop_first();
+        }
+    }
+
+    /// The first index held in memory (every later one is).
+    fn first_cached(&self) -> Option<u64> {
+        self.entries.keys().next().copied()
+    }
 }
 
 struct Shared {
@@ -96,13 +122,18 @@ impl LogStore {
             Err(e) => return Err(format!("cannot read {}: {e}", meta_path.display())),
         };
         let after = meta.purged.map_or(0, |p| p.index + 1);
-        let mut entries = BTreeMap::new();
+        let mut cache = Cache {
+            purged: meta.purged,
+            ..Cache::default()
+        };
         let mut on_record = |lsn: u64, _version: u16, payload: &[u8]| {
             let e: Entry = codec::decode_raft(payload, "Raft entry").map_err(|e| e.to_string())?;
             if e.log_id.index + 1 != lsn {
                 return Err(format!("holds the entry of index {}, not {}", e.log_id.index, lsn - 1));
             }
-            entries.insert(e.log_id.index, e);
+            cache.last = Some(e.log_id);
+            cache.entries.insert(e.log_id.index, e);
+            cache.trim();
             Ok(())
         };
         let (mut log, _) = Wal::open_flagged(
@@ -118,7 +149,8 @@ impl LogStore {
         // before the log was started again after it: start it again now.
         if log.next_lsn() <= after {
             log.reset_after(after).map_err(|e| e.to_string())?;
-            entries.clear();
+            cache.entries.clear();
+            cache.last = None;
         }
         let (tx, rx) = mpsc::channel();
         std::thread::Builder::new()
@@ -127,10 +159,7 @@ impl LogStore {
             .map_err(|e| format!("cannot start the Raft log writer: {e}"))?;
         Ok(LogStore {
             shared: Arc::new(Shared {
-                cache: Mutex::new(Cache {
-                    entries,
-                    purged: meta.purged,
-                }),
+                cache: Mutex::new(cache),
                 meta: Mutex::new(meta),
                 meta_path,
                 ops: Mutex::new(tx),
@@ -145,7 +174,10 @@ impl LogStore {
     }
 
     /// Sends an op that answers, and waits for its answer off the runtime.
-    async fn ask(&self, make: impl FnOnce(mpsc::SyncSender<Result<(), String>>) -> Op) -> Result<(), String> {
+    async fn ask<T: Send + 'static>(
+        &self,
+        make: impl FnOnce(mpsc::SyncSender<Result<T, String>>) -> Op,
+    ) -> Result<T, String> {
         let (tx, rx) = mpsc::sync_channel(1);
         self.send(make(tx))?;
         tokio::task::spawn_blocking(move || rx.recv())
@@ -168,14 +200,69 @@ impl LogStore {
             .await
             .map_err(|e| e.to_string())?
     }
+}
 
-    /// The entries in memory within `range` (every unpurged one).
-    pub fn cached<RB: RangeBounds<u64>>(&self, range: RB) -> Vec<Entry> {
-        lock(&self.shared.cache)
-            .entries
-            .range(range)
-            .map(|(_, e)| e.clone())
+impl LogStore {
+    /// Decodes entries read back from the segments.
+    fn decode(records: Vec<Vec<u8>>) -> Result<Vec<Entry>, String> {
+        records
+            .iter()
+            .map(|r| codec::decode_raft(r, "Raft entry").map_err(|e| e.to_string()))
             .collect()
+    }
+
+    /// Where the entries of `range` are: the part only on disk (as WAL
+    /// LSNs `from..to`), if any, and the entries in memory.
+    fn split<RB: RangeBounds<u64>>(&self, range: &RB) -> (Option<(u64, u64)>, Vec<Entry>) {
+        use std::ops::Bound;
+        let c = lock(&self.shared.cache);
+        let start = match range.start_bound() {
+            Bound::Included(&s) => s,
+            Bound::Excluded(&s) => s + 1,
+            Bound::Unbounded => 0,
+        }
+        .max(c.purged.map_or(0, |p| p.index + 1));
+        let end = match range.end_bound() {
+            Bound::Included(&e) => e.saturating_add(1),
+            Bound::Excluded(&e) => e,
+            Bound::Unbounded => u64::MAX,
+        };
+        let first = c.first_cached().unwrap_or(u64::MAX);
+        let disk = (start < first && start < end).then(|| (start + 1, first.min(end).saturating_add(1)));
+        let from = start.max(first);
+        let cached = if from < end {
+            c.entries.range(from..end).map(|(_, e)| e.clone()).collect()
+        } else {
+            Vec::new()
+        };
+        (disk, cached)
+    }
+
+    /// The entries of `range`, from memory or the segments, blocking the
+    /// thread (the engine's rebuild runs off the async workers).
+    pub fn read_blocking<RB: RangeBounds<u64>>(&self, range: RB) -> Result<Vec<Entry>, String> {
+        let (disk, cached) = self.split(&range);
+        let mut out = match disk {
+            Some((from, to)) => {
+                let (tx, rx) = mpsc::sync_channel(1);
+                self.send(Op::Read { from, to, reply: tx })?;
+                Self::decode(rx.recv().map_err(|_| "the Raft log writer stopped".to_string())??)?
+            }
+            None => Vec::new(),
+        };
+        out.extend(cached);
+        Ok(out)
+    }
+
+    /// The entries of `range`, from memory or the segments.
+    async fn read<RB: RangeBounds<u64>>(&self, range: RB) -> Result<Vec<Entry>, String> {
+        let (disk, cached) = self.split(&range);
+        let mut out = match disk {
+            Some((from, to)) => Self::decode(self.ask(|reply| Op::Read { from, to, reply }).await?)?,
+            None => Vec::new(),
+        };
+        out.extend(cached);
+        Ok(out)
     }
 }
 
@@ -257,6 +344,12 @@ fn write_loop(mut log: Wal, rx: mpsc::Receiver<Op>) {
             Op::Truncate { from, reply } => {
                 let _ = reply.send(log.truncate_from(from).map_err(|e| e.to_string()));
             }
+            Op::Read { from, to, reply } => {
+                let r = log
+                    .read_range(from, to)
+                    .map(|records| records.into_iter().map(|(_, _, payload)| payload).collect());
+                let _ = reply.send(r.map_err(|e| e.to_string()));
+            }
             Op::Purge { through, reply } => {
                 let r = if log.next_lsn() <= through + 1 {
                     log.reset_after(through)
@@ -274,7 +367,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
         &mut self,
         range: RB,
     ) -> Result<Vec<Entry>, StorageError> {
-        Ok(self.cached(range))
+        self.read(range).await.map_err(|e| io_error(IoError::read_logs, e))
     }
 }
 
@@ -283,7 +376,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
         let c = lock(&self.shared.cache);
-        let last = c.entries.values().next_back().map(|e| e.log_id).or(c.purged);
+        let last = c.last.max(c.purged);
         Ok(LogState {
             last_purged_log_id: c.purged,
             last_log_id: last,
@@ -330,12 +423,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 if first.is_none() {
                     c.entries.split_off(&(lsn - 1));
                 }
+                c.last = Some(*e.get_log_id());
                 let bytes = codec::encode_raft(&e).map_err(|err| io_error(IoError::write_logs, err))?;
                 wal::frame(lsn, &bytes, &mut framed);
                 first.get_or_insert(lsn);
                 last = lsn;
                 c.entries.insert(lsn - 1, e);
             }
+            c.trim();
         }
         let Some(first) = first else {
             callback.log_io_completed(Ok(()));
@@ -351,7 +446,24 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
-        lock(&self.shared.cache).entries.split_off(&log_id.index);
+        let before = log_id.index.checked_sub(1);
+        let last = {
+            let mut c = lock(&self.shared.cache);
+            c.entries.split_off(&log_id.index);
+            c.entries.values().next_back().map(|e| e.log_id)
+        };
+        // The entry before the cut, also when it is no longer in memory.
+        let last = match (last, before) {
+            (Some(l), _) => Some(l),
+            (None, None) => None,
+            (None, Some(b)) => self
+                .read(b..=b)
+                .await
+                .map_err(|e| io_error(IoError::read_logs, e))?
+                .first()
+                .map(|e| e.log_id),
+        };
+        lock(&self.shared.cache).last = last;
         self.ask(|reply| Op::Truncate {
             from: log_id.index + 1,
             reply,
@@ -378,5 +490,62 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         })
         .await
         .map_err(|e| io_error(IoError::write_logs, e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openraft::storage::RaftLogStorageExt;
+    use openraft::{CommittedLeaderId, EntryPayload};
+
+    fn blank(i: u64) -> Entry {
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), i),
+            payload: EntryPayload::Blank,
+        }
+    }
+
+    fn open(dir: &Path) -> LogStore {
+        let wal = crate::storage::io::FsDir::new(&dir.join("wal")).expect("wal dir");
+        LogStore::open(Arc::new(wal), dir, 1 << 20).expect("opens")
+    }
+
+    fn indexes(entries: &[Entry]) -> Vec<u64> {
+        entries.iter().map(|e| e.log_id.index).collect()
+    }
+
+    /// Entries older than the newest CACHE_ENTRIES are read back from the
+    /// segments, alone or together with cached ones; a cut far back finds
+    /// the new last entry on disk; all of it holds after a reopen.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn entries_beyond_the_cache_are_read_from_disk() {
+        let dir = tempfile::tempdir().expect("dir");
+        let mut log = open(dir.path());
+        let n = CACHE_ENTRIES as u64 + 10;
+        log.blocking_append((0..n).map(blank)).await.expect("appends");
+        assert_eq!(lock(&log.shared.cache).first_cached(), Some(10));
+        assert_eq!(
+            indexes(&log.try_get_log_entries(0..5).await.unwrap()),
+            vec![0, 1, 2, 3, 4]
+        );
+        assert_eq!(
+            indexes(&log.try_get_log_entries(5..15).await.unwrap()),
+            (5..15).collect::<Vec<_>>()
+        );
+        assert_eq!(
+            indexes(&log.try_get_log_entries(n - 2..).await.unwrap()),
+            vec![n - 2, n - 1]
+        );
+        assert_eq!(
+            log.get_log_state().await.unwrap().last_log_id,
+            Some(blank(n - 1).log_id)
+        );
+        log.truncate(blank(3).log_id).await.expect("truncates");
+        assert_eq!(log.get_log_state().await.unwrap().last_log_id, Some(blank(2).log_id));
+        drop(log);
+        let mut log = open(dir.path());
+        assert_eq!(log.get_log_state().await.unwrap().last_log_id, Some(blank(2).log_id));
+        assert_eq!(indexes(&log.try_get_log_entries(0..10).await.unwrap()), vec![0, 1, 2]);
     }
 }

@@ -121,6 +121,7 @@ impl Node {
         let state_machine = StateMachine::new(
             Parts {
                 engine: engine.clone(),
+                log: log.clone(),
                 snapshots,
                 data_dir: options.data_dir.clone(),
                 compile,
@@ -288,6 +289,7 @@ async fn watch_role(
     exit_on_fatal: bool,
 ) {
     let mut metrics = raft.metrics();
+    let node_id = metrics.borrow().id;
     let mut term = 0;
     let tick = (election / 4).max(Duration::from_millis(10));
     loop {
@@ -314,6 +316,7 @@ async fn watch_role(
                     && !unheard
                     && applied.is_some_and(|a| a.leader_id.term == current_term && Some(a.index) == last_index) =>
                 {
+                    sm.leading(openraft::LeaderId::new(current_term, node_id));
                     journal.open(sm.applied_lsn());
                     term = current_term;
                     tracing::info!(term, "this node leads and takes writes");
@@ -352,10 +355,7 @@ impl StateMachine {
     /// state. If that fails the process stops (restarting recovers the same
     /// way, from the snapshot and the log).
     fn rebuild_after_loss(&self, log: &LogStore, journal: &RaftJournal) {
-        journal.waiters().abort_waiting(
-            "leadership was lost before this change was committed; its outcome is unknown: retry with the same \
-             idempotency key",
-        );
+        journal.waiters().abort_waiting(state_machine::LOST);
         if let Err(e) = self.rebuild(log) {
             tracing::error!(error = %e, "cannot rebuild the engine after losing leadership; stopping");
             std::process::exit(crate::storage::journal::EXIT_UNRECOVERABLE);
@@ -390,6 +390,7 @@ mod tests {
             let sm = StateMachine::new(
                 Parts {
                     engine,
+                    log: log.clone(),
                     snapshots,
                     data_dir: dir.path().to_path_buf(),
                     compile: Arc::new(|_| Ok(policy())),

@@ -3,6 +3,14 @@
 //! (the leader decides and applies before the entry commits) is only marked
 //! durable, any other is applied through [`Engine::apply_replicated`].
 //!
+//! A record is this node's own when its entry carries this node's current
+//! leadership (term and node id), not by its LSN: a leader that lost its
+//! leadership with records that never committed numbered them with LSNs the
+//! next leader hands out again. When another leader's record arrives while
+//! records of this node's are still uncommitted, those are lost: their
+//! callers are told the outcome is unknown and the engine is rebuilt from
+//! committed state before the record is applied.
+//!
 //! Its snapshot is the engine's redb snapshot, with the Raft state (the last
 //! log id it covers, the membership, the engine LSN there) in its `raft`
 //! table. It holds committed state only: it is written once every record in
@@ -24,6 +32,10 @@ use crate::engine::{Engine, InstalledState, Lsn, Mutation, Policy};
 use crate::journal::Waiters;
 use crate::storage::snapshot::SnapshotStore;
 use crate::storage::{codec, StorageError as DiskError};
+
+/// What callers of records that never committed are told.
+pub const LOST: &str = "leadership was lost before this change was committed; its outcome is unknown: retry with the \
+                        same idempotency key";
 
 /// Compiles a stored policy version under this node's configuration.
 pub type Compile = Arc<dyn Fn(&PolicyVersion) -> Result<Policy, String> + Send + Sync>;
@@ -48,6 +60,8 @@ struct Applied {
 /// What the state machine and its snapshot builders share.
 pub struct Shared {
     engine: Arc<Engine>,
+    /// The log, to apply committed entries again after a rebuild.
+    log: LogStore,
     snapshots: SnapshotStore,
     data_dir: PathBuf,
     compile: Compile,
@@ -57,9 +71,11 @@ pub struct Shared {
     applied: Mutex<Applied>,
     /// Durable (committed and applied) engine LSNs; the leader's requests wait here.
     waiters: Arc<Waiters>,
-    /// The newest engine LSN this node applied itself as leader: committed
-    /// records up to it are already in the engine.
+    /// The newest engine LSN this node applied itself as leader.
     speculated: Arc<AtomicU64>,
+    /// The leadership (term, this node) whose records the engine applied
+    /// when they were decided; none once it is over.
+    leading: Mutex<Option<openraft::LeaderId<u64>>>,
     /// The snapshot in place (built or installed), if any; held while the
     /// file is written, copied or replaced. Lock order: before `applied`.
     snapshot_file: Mutex<Option<SnapshotMeta<u64, Peer>>>,
@@ -91,6 +107,8 @@ fn snapshot_error(e: impl std::fmt::Display) -> StorageError {
 pub struct Parts {
     /// The engine, loaded from the snapshot (not replayed: the log is Raft's).
     pub engine: Arc<Engine>,
+    /// The log.
+    pub log: LogStore,
     /// Its snapshot file.
     pub snapshots: SnapshotStore,
     /// The data directory (temporary snapshot files go there).
@@ -126,6 +144,7 @@ impl StateMachine {
         Ok(StateMachine {
             shared: Arc::new(Shared {
                 engine: parts.engine,
+                log: parts.log,
                 snapshots: parts.snapshots,
                 data_dir: parts.data_dir,
                 compile: parts.compile,
@@ -133,6 +152,7 @@ impl StateMachine {
                 applied: Mutex::new(applied),
                 waiters: parts.waiters,
                 speculated: parts.speculated,
+                leading: Mutex::new(None),
                 snapshot_file: Mutex::new(snapshot),
                 copies: AtomicU64::new(0),
                 event_floor: parts.event_floor,
@@ -160,19 +180,57 @@ impl StateMachine {
         lock(&self.shared.applied).last
     }
 
+    /// This node leads as `leader` from now on: entries carrying it are
+    /// records its engine applied when they were decided.
+    pub fn leading(&self, leader: openraft::LeaderId<u64>) {
+        *lock(&self.shared.leading) = Some(leader);
+    }
+
+    /// Whether `e` is another leader's record arriving while records this
+    /// node applied as leader are not all committed: those are lost.
+    fn diverges(&self, e: &Entry) -> bool {
+        if !matches!(e.payload, EntryPayload::Normal(_)) {
+            return false;
+        }
+        let ours = *lock(&self.shared.leading) == Some(e.log_id.leader_id);
+        !ours && self.shared.speculated.load(Ordering::Acquire) > lock(&self.shared.applied).lsn
+    }
+
+    /// Applies one committed entry.
+    fn apply_one(&self, e: &Entry) -> Result<(), String> {
+        let s = &self.shared;
+        let mut a = lock(&s.applied);
+        match &e.payload {
+            EntryPayload::Blank => {}
+            EntryPayload::Membership(m) => {
+                a.membership = StoredMembership::new(Some(e.log_id), m.clone());
+            }
+            EntryPayload::Normal(r) => {
+                let ours = *lock(&s.leading) == Some(e.log_id.leader_id);
+                if r.lsn > a.lsn {
+                    // This node's own records are in the engine already.
+                    if !ours {
+                        self.apply_record(r)?;
+                    }
+                    a.lsn = r.lsn;
+                }
+                s.waiters.advance(a.lsn);
+            }
+        }
+        a.last = Some(e.log_id);
+        Ok(())
+    }
+
     /// Puts the engine back to committed state: after this node led and
     /// lost leadership with records it applied that never committed, its
     /// memory is ahead of the log. Loads its last snapshot (committed state
     /// only) and applies the committed entries after it from `log`.
     pub fn rebuild(&self, log: &LogStore) -> Result<(), String> {
         let s = &self.shared;
-        let loaded = {
-            let _file = lock(&s.snapshot_file);
-            s.snapshots.load().map_err(|e| e.to_string())?
-        };
-        // Applies wait meanwhile; a snapshot build (which waits for records
-        // to commit) cannot start without `snapshot_file`, taken above first.
-        let applied = lock(&s.applied);
+        // Applies wait meanwhile. The snapshot file holds committed state
+        // only, with the Raft position it covers: read without its lock.
+        let mut applied = lock(&s.applied);
+        let loaded = s.snapshots.load().map_err(|e| e.to_string())?;
         let (state, raft) = match loaded {
             Some(l) => {
                 let raft: Option<SnapshotRaft> = l
@@ -197,12 +255,14 @@ impl StateMachine {
             .and_then(|r| r.meta.last_log_id)
             .map_or(0, |l| l.index + 1);
         let through = applied.last.map_or(0, |l| l.index + 1);
-        for e in log.cached(from..through) {
+        for e in log.read_blocking(from..through)? {
             if let EntryPayload::Normal(r) = &e.payload {
                 self.apply_record(r)?;
             }
         }
-        s.speculated.store(s.engine.applied_lsn(), Ordering::Release);
+        applied.lsn = applied.lsn.max(raft.as_ref().map_or(0, |r| r.lsn));
+        s.speculated.store(applied.lsn, Ordering::Release);
+        *lock(&s.leading) = None;
         tracing::warn!(
             applied = ?applied.last,
             "rebuilt the engine from the last snapshot and the committed log"
@@ -259,7 +319,23 @@ impl StateMachine {
             .map_err(snapshot_error)
     }
 
+    /// A snapshot waits until every record it holds is committed. If this
+    /// node loses its leadership meanwhile, the wait ends in error and the
+    /// engine is rebuilt: the snapshot is then taken again, from that.
     fn build_blocking(&self) -> Result<Snapshot<TypeConfig>, String> {
+        let mut tries = 0;
+        loop {
+            match self.build_once() {
+                Err(e) if tries < 3 => {
+                    tries += 1;
+                    tracing::warn!(error = %e, "a snapshot could not be taken; taking it again");
+                }
+                r => return r,
+            }
+        }
+    }
+
+    fn build_once(&self) -> Result<Snapshot<TypeConfig>, String> {
         let s = &self.shared;
         let mut current = lock(&s.snapshot_file);
         // Everything up to here is in the engine; later records may be too,
@@ -341,24 +417,16 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         I::IntoIter: Send,
     {
         let mut out = Vec::new();
-        let mut a = lock(&self.shared.applied);
         for e in entries {
-            match &e.payload {
-                EntryPayload::Blank => {}
-                EntryPayload::Membership(m) => {
-                    a.membership = StoredMembership::new(Some(e.log_id), m.clone());
-                }
-                EntryPayload::Normal(r) => {
-                    if r.lsn > a.lsn {
-                        if r.lsn > self.shared.speculated.load(Ordering::Acquire) {
-                            self.apply_record(r).map_err(sm_error)?;
-                        }
-                        a.lsn = r.lsn;
-                    }
-                    self.shared.waiters.advance(a.lsn);
-                }
+            if self.diverges(&e) {
+                self.shared.waiters.abort_waiting(LOST);
+                let (this, log) = (self.clone(), self.shared.log.clone());
+                tokio::task::spawn_blocking(move || this.rebuild(&log))
+                    .await
+                    .map_err(sm_error)?
+                    .map_err(sm_error)?;
             }
-            a.last = Some(e.log_id);
+            self.apply_one(&e).map_err(sm_error)?;
             out.push(());
         }
         Ok(out)

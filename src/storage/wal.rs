@@ -642,14 +642,14 @@ impl Wal {
         Ok((file, bytes, parsed))
     }
 
-    /// Reads the records `from..` back from disk (for a Raft node's cache
-    /// after start): (LSN, format version, payload).
-    pub fn read_from(&self, from: Lsn) -> Result<Vec<(Lsn, u16, Vec<u8>)>, WalError> {
+    /// Reads the records `from..to` back from disk (a Raft node's entries
+    /// older than it keeps in memory): (LSN, format version, payload).
+    pub fn read_range(&self, from: Lsn, to: Lsn) -> Result<Vec<(Lsn, u16, Vec<u8>)>, WalError> {
         let start = self.segments.iter().rposition(|s| s.first_lsn <= from).unwrap_or(0);
         let mut out = Vec::new();
-        for s in &self.segments[start..] {
+        for s in self.segments[start..].iter().take_while(|s| s.first_lsn < to) {
             let (_, bytes, p) = self.read_segment(s)?;
-            for (lsn, range) in p.records.into_iter().filter(|(l, _)| *l >= from) {
+            for (lsn, range) in p.records.into_iter().filter(|(l, _)| (from..to).contains(l)) {
                 out.push((lsn, p.version, bytes[range].to_vec()));
             }
         }
@@ -734,7 +734,8 @@ mod tests {
             (4, b"new4".to_vec()),
         ];
         assert_eq!(got, want);
-        assert_eq!(wal.read_from(3).unwrap().len(), 2);
+        assert_eq!(wal.read_range(3, u64::MAX).unwrap().len(), 2);
+        assert_eq!(wal.read_range(1, 3).unwrap().len(), 2);
     }
 
     #[test]
