@@ -252,7 +252,7 @@ pub async fn status(State(st): State<Arc<AppState>>, headers: HeaderMap) -> Resu
         "serving": c.node.serving(),
         "leader": leader,
         "term": m.current_term,
-        "commit_lsn": c.node.raft.metrics().borrow().last_applied.map_or(0, |l| l.index + 1),
+        "commit_lsn": m.last_applied.map_or(0, |l| l.index + 1),
         "applied_lsn": c.node.state_machine.applied_lsn(),
         "members": members,
     }))

@@ -69,13 +69,19 @@ struct Listener {
     isolation: Arc<Isolation>,
 }
 
-/// Why a call is refused before Raft sees it.
-fn admitted(l: &Listener, headers: &HeaderMap) -> Result<(), StatusCode> {
+/// 401 unless the call carries the shared secret (compared in constant time).
+fn holds_secret(l: &Listener, headers: &HeaderMap) -> Result<(), StatusCode> {
     use subtle::ConstantTimeEq;
     let given = headers.get(SECRET_HEADER).map(|v| v.as_bytes()).unwrap_or_default();
-    if !bool::from(given.ct_eq(&l.secret)) {
-        return Err(StatusCode::UNAUTHORIZED);
+    match bool::from(given.ct_eq(&l.secret)) {
+        true => Ok(()),
+        false => Err(StatusCode::UNAUTHORIZED),
     }
+}
+
+/// Why a call is refused before Raft sees it.
+fn admitted(l: &Listener, headers: &HeaderMap) -> Result<(), StatusCode> {
+    holds_secret(l, headers)?;
     let from = headers
         .get(FROM_HEADER)
         .and_then(|v| v.to_str().ok())
@@ -132,10 +138,7 @@ pub fn router(raft: Raft, secret: Arc<[u8]>, isolation: Arc<Isolation>) -> Route
                 if !l.isolation.enabled {
                     return Err((StatusCode::NOT_FOUND, String::new()));
                 }
-                let given = h.get(SECRET_HEADER).map(|v| v.as_bytes()).unwrap_or_default();
-                if !bool::from(subtle::ConstantTimeEq::ct_eq(given, &*l.secret)) {
-                    return Err((StatusCode::UNAUTHORIZED, String::new()));
-                }
+                holds_secret(&l, &h).map_err(|s| (s, String::new()))?;
                 let ids: BTreeSet<u64> =
                     serde_json::from_slice(&body).map_err(|e| (StatusCode::BAD_REQUEST, e.to_string()))?;
                 l.isolation.set(ids);
