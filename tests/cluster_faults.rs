@@ -665,3 +665,95 @@ async fn no_acknowledged_write_is_lost_under_faults() {
         c.logs()
     );
 }
+
+/// The membership endpoints over HTTP, sent to a follower (which forwards):
+/// bad input gets a JSON error naming the field, a removed node leaves the
+/// member list and the two left still take writes, and the node added back
+/// catches up to the same digest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_are_removed_and_added_back_over_http() {
+    let c = Cluster::start();
+    let l = c.leader().await;
+    let f = (l + 1) % 3;
+    let other = (l + 2) % 3;
+    let send = |req: reqwest::RequestBuilder| async move {
+        let r = req.send().await.expect("answer");
+        let status = r.status().as_u16();
+        let v: Value = serde_json::from_slice(&r.bytes().await.expect("body")).expect("a JSON body");
+        (status, v)
+    };
+    let names = |v: &Value, field: &str| {
+        v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with(&format!("{field}: ")))
+    };
+
+    for (path, field) in [("abc", "id"), ("0", "id"), ("null%2Cnull", "id")] {
+        let (s, v) = send(c.http.delete(c.procs[f].url(&format!("/v1/cluster/members/{path}")))).await;
+        assert_eq!(s, 400, "{path}: {v}");
+        assert!(names(&v, field), "{path}: {v}");
+    }
+    let (s, v) = send(c.http.delete(c.procs[f].url("/v1/cluster/members/9"))).await;
+    assert_eq!((s, v["error"]["code"].as_str()), (404, Some("unknown_node")), "{v}");
+    for (body, field) in [
+        (
+            json!({"id": 0, "raft": "127.0.0.1:1", "api": "http://127.0.0.1:2"}),
+            "id",
+        ),
+        (json!({"id": 4, "raft": "nowhere", "api": "http://127.0.0.1:2"}), "raft"),
+        (json!({"id": 4, "raft": "127.0.0.1:1", "api": "ftp://x"}), "api"),
+    ] {
+        let (s, v) = send(
+            c.http
+                .post(c.procs[f].url("/v1/cluster/members"))
+                .header("content-type", "application/json")
+                .body(body.to_string()),
+        )
+        .await;
+        assert_eq!(s, 400, "{body}: {v}");
+        assert!(names(&v, field), "{body}: {v}");
+    }
+
+    // Remove `other` through the follower.
+    let gone = c.procs[other].id;
+    let (s, v) = send(c.http.delete(c.procs[f].url(&format!("/v1/cluster/members/{gone}")))).await;
+    assert_eq!(s, 200, "{v}");
+    let ids: Vec<u64> = v["members"]
+        .as_array()
+        .expect("members")
+        .iter()
+        .filter_map(|m| m["id"].as_u64())
+        .collect();
+    assert!(!ids.contains(&gone), "node {gone} is still listed: {v}");
+    let urls = [c.procs[l].url("/v1/consume"), c.procs[f].url("/v1/consume")];
+    for n in 0..5 {
+        let out = call(&c.http, &urls, n, "open:0", &format!("two-{n}")).await;
+        assert!(
+            matches!(out, Outcome::Allowed(_)),
+            "two nodes still take writes: {out:?}"
+        );
+    }
+
+    // Add it back: it catches up.
+    let p = &c.procs[other];
+    let body =
+        json!({"id": p.id, "raft": format!("127.0.0.1:{}", p.raft), "api": format!("http://127.0.0.1:{}", p.api)});
+    let (s, v) = send(
+        c.http
+            .post(c.procs[f].url("/v1/cluster/members"))
+            .header("content-type", "application/json")
+            .body(body.to_string()),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let a = c.get(l, "/v1/admin/digest").await;
+        let b = c.get(other, "/v1/admin/digest").await;
+        if a.is_some() && a == b {
+            break;
+        }
+        assert!(Instant::now() < deadline, "node {} did not catch up{}", p.id, c.logs());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -302,11 +302,21 @@ pub async fn add_member(
 /// `DELETE /v1/cluster/members/{id}`: removes a node.
 pub async fn remove_member(
     State(st): State<Arc<AppState>>,
-    Path(id): Path<u64>,
+    Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     st.authorize(&headers, Role::Admin)?;
     let c = cluster_of(&st)?;
+    // Parsed here, not by the extractor, so a bad id gets the JSON error body.
+    let id: u64 = match id.parse() {
+        Ok(n) if n > 0 => n,
+        _ => {
+            return Err(ApiError::invalid(
+                "id",
+                format!("{id:?} is not a node id (a whole number, 1 or more)"),
+            ))
+        }
+    };
     let known = c
         .node
         .raft
