@@ -82,6 +82,32 @@ start() { # $@ = node ids
   done
 }
 
+# The cluster's leader port, once every node names the same leader and it
+# still does a second later: a node that starts after the first election
+# may call another (openraft orders candidates of one term by node id), and
+# a leader change during a run would count as errors.
+cluster_leader() { # $@ = node ids
+  local prev=""
+  for _ in $(seq 60); do
+    local port
+    port=$(serving_port "$@")
+    local all_agree=yes
+    for i in "$@"; do
+      curl -fsS "127.0.0.1:$((7970 + i))/v1/cluster" 2>/dev/null | grep -q "\"api\":\"http://127.0.0.1:$port\"}" || all_agree=no
+    done
+    if [ "$all_agree" = yes ] && [ "$port" = "$prev" ]; then
+      echo "$port"
+      return
+    fi
+    prev=$port
+    [ "$all_agree" = yes ] || prev=""
+    sleep 1
+  done
+  echo "no stable leader; logs:" >&2
+  tail -5 "$WORK"/n*.log >&2
+  exit 1
+}
+
 # The port of the node that serves writes (waits for it).
 serving_port() { # $@ = node ids
   for _ in $(seq 400); do
@@ -104,7 +130,7 @@ serving_port() { # $@ = node ids
 bench() { # $1 = port → "ops/s p50-ms p99-ms"
   "$BIN" bench --addr "127.0.0.1:$1" -c 50 -n "$REQUESTS" --warmup 1 --subjects "$SUBJECTS" --op consume \
     --json >"$WORK/r.json"
-  python3 - "$WORK/r.json" <<'PY'
+  python3 - "$WORK/r.json" <<'PY' || { tail -n 20 "$WORK"/n*.log >&2; exit 1; }
 import json, sys
 r = json.load(open(sys.argv[1]))
 assert r["errors"] == 0, r
@@ -119,7 +145,7 @@ for round in $(seq "$ROUNDS"); do
   stop_all
   for target in leader follower; do
     start 1 2 3
-    leader=$(serving_port 1 2 3)
+    leader=$(cluster_leader 1 2 3)
     port=$leader
     if [ "$target" = follower ]; then
       port=$((leader == 7971 ? 7972 : 7971))

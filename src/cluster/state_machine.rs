@@ -205,9 +205,12 @@ impl StateMachine {
             EntryPayload::Membership(m) => {
                 a.membership = StoredMembership::new(Some(e.log_id), m.clone());
             }
-            EntryPayload::Normal(r) => {
+            EntryPayload::Normal(records) => {
                 let ours = *lock(&s.leading) == Some(e.log_id.leader_id);
-                if r.lsn > a.lsn {
+                for r in records {
+                    if r.lsn <= a.lsn {
+                        continue;
+                    }
                     // This node's own records are in the engine already.
                     if !ours {
                         self.apply_record(r)?;
@@ -256,8 +259,10 @@ impl StateMachine {
             .map_or(0, |l| l.index + 1);
         let through = applied.last.map_or(0, |l| l.index + 1);
         for e in log.read_blocking(from..through)? {
-            if let EntryPayload::Normal(r) = &e.payload {
-                self.apply_record(r)?;
+            if let EntryPayload::Normal(records) = &e.payload {
+                for r in records {
+                    self.apply_record(r)?;
+                }
             }
         }
         applied.lsn = applied.lsn.max(raft.as_ref().map_or(0, |r| r.lsn));

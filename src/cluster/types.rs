@@ -23,9 +23,9 @@ impl fmt::Display for Peer {
     }
 }
 
-/// One engine record as the leader applied it: the payload of a normal Raft
-/// entry. Effects, not commands: a follower applies exactly what the leader
-/// decided, through the same path recovery replays.
+/// One engine record as the leader applied it. Effects, not commands: a
+/// follower applies exactly what the leader decided, through the same path
+/// recovery replays.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Record {
     /// The engine's LSN of the record. Not the Raft index: blank and
@@ -37,10 +37,17 @@ pub struct Record {
     pub bytes: Vec<u8>,
 }
 
+/// The payload of a normal Raft entry: records with consecutive LSNs, as
+/// many as were queued when the entry was proposed. One entry per record
+/// would cost one leader fsync per record: openraft 0.9 waits for each
+/// append to be flushed before it takes the next, so batching here is the
+/// cluster's group commit.
+pub type Records = Vec<Record>;
+
 openraft::declare_raft_types!(
     /// The Raft types of a quotad cluster.
     pub TypeConfig:
-        D = Record,
+        D = Records,
         R = (),
         NodeId = u64,
         Node = Peer,
