@@ -1241,35 +1241,29 @@ impl Engine {
     /// Ends recovery: stamps every shard with the last LSN replayed, and rebuilds
     /// the expiry index and the open-reservation count from the state.
     pub fn finish_recovery(&mut self) {
-        let mut idx = BTreeSet::new();
-        let mut open = 0;
-        let mut keys = 0;
-        let mut active = Vec::new();
         for (i, shard) in self.shards.iter_mut().enumerate() {
             let shard = shard.get_mut().unwrap_or_else(|e| e.into_inner());
-            keys += shard.idempotency.len() as isize;
             let base = self.replay_base.get(i).copied().unwrap_or(0);
             shard.applied_lsn = shard.applied_lsn.max(base).max(self.replayed_lsn);
-            shard.hold_expiries.clear();
-            for (r, _) in shard.reservations.values() {
-                if r.status == ReservationStatus::Active {
-                    idx.insert((r.expires_ms, r.id.clone()));
-                    open += 1;
-                    active.push(r.clone());
-                }
-            }
         }
-        // The holds' schedules are derived: built afresh from what recovery left.
-        let mut access = Exclusive::every_shard(&mut self.shards);
-        for r in &active {
-            state::index_holds(&mut access, r, true);
-        }
-        self.open_reservations.store(open, Ordering::Relaxed);
-        self.idempotency_keys.store(keys, Ordering::Relaxed);
-        self.next_expiry_ms
-            .store(idx.first().map_or(u64::MAX, |(at, _)| *at), Ordering::Release);
+        let derived = Derived::scan(
+            self.shards
+                .iter_mut()
+                .map(|s| s.get_mut().unwrap_or_else(|e| e.into_inner())),
+        );
+        derived.index_holds(&mut Exclusive::every_shard(&mut self.shards));
+        let idx = self.publish_derived(derived);
         *self.expiry.get_mut().unwrap_or_else(|e| e.into_inner()) = idx;
         self.replay_base.clear();
+    }
+
+    /// Publishes the counts of `d` and returns the expiry index to store.
+    fn publish_derived(&self, d: Derived) -> BTreeSet<(Millis, String)> {
+        self.open_reservations.store(d.active.len() as isize, Ordering::Relaxed);
+        self.idempotency_keys.store(d.keys, Ordering::Relaxed);
+        self.next_expiry_ms
+            .store(d.expiry.first().map_or(u64::MAX, |(at, _)| *at), Ordering::Release);
+        d.expiry
     }
 
     /// Calls `f` with each shard in turn, holding only that shard's lock: for
@@ -1331,5 +1325,43 @@ impl Engine {
             .iter()
             .map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).usage.len())
             .sum()
+    }
+}
+
+/// What recovery and a snapshot install derive from the shards rather than
+/// store: the reservation expiry index, the active reservations whose holds
+/// are indexed afresh, and the idempotency key count.
+struct Derived {
+    expiry: BTreeSet<(Millis, String)>,
+    active: Vec<Reservation>,
+    keys: isize,
+}
+
+impl Derived {
+    /// Scans the shards (clearing their hold schedules, rebuilt from `active`).
+    fn scan<'a>(shards: impl Iterator<Item = &'a mut Shard>) -> Derived {
+        let mut d = Derived {
+            expiry: BTreeSet::new(),
+            active: Vec::new(),
+            keys: 0,
+        };
+        for shard in shards {
+            d.keys += shard.idempotency.len() as isize;
+            shard.hold_expiries.clear();
+            for (r, _) in shard.reservations.values() {
+                if r.status == ReservationStatus::Active {
+                    d.expiry.insert((r.expires_ms, r.id.clone()));
+                    d.active.push(r.clone());
+                }
+            }
+        }
+        d
+    }
+
+    /// Indexes the active reservations' holds, with `access` to every shard.
+    fn index_holds(&self, access: &mut impl state::ShardAccess) {
+        for r in &self.active {
+            state::index_holds(access, r, true);
+        }
     }
 }

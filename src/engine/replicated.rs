@@ -158,25 +158,9 @@ impl Engine {
         for (g, s) in locked.guards.iter_mut().zip(state.shards) {
             **g = s;
         }
-        let (mut idx, mut open, mut keys, mut active) = (BTreeSet::new(), 0, 0, Vec::new());
-        for g in &mut locked.guards {
-            keys += g.idempotency.len() as isize;
-            g.hold_expiries.clear();
-            for (r, _) in g.reservations.values() {
-                if r.status == ReservationStatus::Active {
-                    idx.insert((r.expires_ms, r.id.clone()));
-                    open += 1;
-                    active.push(r.clone());
-                }
-            }
-        }
-        for r in &active {
-            state::index_holds(&mut locked, r, true);
-        }
-        self.open_reservations.store(open, Ordering::Relaxed);
-        self.idempotency_keys.store(keys, Ordering::Relaxed);
-        self.next_expiry_ms
-            .store(idx.first().map_or(u64::MAX, |(at, _)| *at), Ordering::Release);
+        let derived = Derived::scan(locked.guards.iter_mut().map(|g| &mut **g));
+        derived.index_holds(&mut locked);
+        let idx = self.publish_derived(derived);
         *expiry = idx;
         {
             let mut sig = self.signals();
