@@ -714,6 +714,18 @@ async fn members_are_removed_and_added_back_over_http() {
         assert!(names(&v, field), "{body}: {v}");
     }
 
+    // Forward-auth through a follower: decided by the leader.
+    let r = c
+        .http
+        .get(c.procs[f].url("/v1/authorize"))
+        .header("x-quotad-subject", "open:9")
+        .header("x-quotad-event", "open")
+        .send()
+        .await
+        .expect("authorize");
+    assert_eq!(r.status(), 204);
+    assert_eq!(r.headers()["quotad-node"], c.procs[l].id.to_string().as_str());
+
     // Remove `other` through the follower.
     let gone = c.procs[other].id;
     let (s, v) = send(c.http.delete(c.procs[f].url(&format!("/v1/cluster/members/{gone}")))).await;

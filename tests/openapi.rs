@@ -73,6 +73,11 @@ fn calls(text: &str, name: &str) -> bool {
     })
 }
 
+/// A router path as OpenAPI writes it: axum's catch-all `{*rest}` is `{rest}`.
+fn openapi_path(path: &str) -> String {
+    path.replace("{*", "{")
+}
+
 /// (path, method) of every `.route("path", method(handler)...)` in the router.
 fn router_operations() -> BTreeSet<(String, String)> {
     let body_start = ROUTER_SOURCE
@@ -87,10 +92,14 @@ fn router_operations() -> BTreeSet<(String, String)> {
             .nth(1)
             .unwrap_or_else(|| panic!("a .route( call without a path literal: {args}"));
         let rest = &args[args.find(',').expect("route(path, handler)")..];
-        let methods: Vec<&str> = METHODS.iter().copied().filter(|m| calls(rest, m)).collect();
+        let mut methods: Vec<&str> = METHODS.iter().copied().filter(|m| calls(rest, m)).collect();
+        // `any(` (forward-auth takes every method): the document lists GET and POST.
+        if calls(rest, "any") {
+            methods.extend(["get", "post"]);
+        }
         assert!(!methods.is_empty(), "no method found for route {path}: {rest}");
         for m in methods {
-            ops.insert((path.to_string(), m.to_string()));
+            ops.insert((openapi_path(path), m.to_string()));
         }
     }
     assert!(ops.len() >= 10, "parsed too few routes from src/api/mod.rs: {ops:?}");
@@ -260,7 +269,7 @@ fn the_metrics_route_list_names_every_route() {
     // ROUTES labels the request metrics; a route missing there is counted as "other".
     let start = ROUTER_SOURCE.find("const ROUTES: &[&str] = &[").expect("const ROUTES");
     let list = &ROUTER_SOURCE[start..start + ROUTER_SOURCE[start..].find("];").unwrap()];
-    let listed: BTreeSet<String> = list.split('"').skip(1).step_by(2).map(str::to_string).collect();
+    let listed: BTreeSet<String> = list.split('"').skip(1).step_by(2).map(openapi_path).collect();
     let routed: BTreeSet<String> = router_operations().into_iter().map(|(p, _)| p).collect();
     assert_eq!(listed, routed, "ROUTES in src/api/mod.rs and the router's paths differ");
 }

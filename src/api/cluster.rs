@@ -91,6 +91,10 @@ fn local(path: &str) -> bool {
 
 /// Requests that only read: the leader confirms it leads before answering.
 fn read_only(method: &Method, path: &str) -> bool {
+    // Forward-auth consumes whatever the proxy's method.
+    if path == "/v1/authorize" || path.starts_with("/v1/authorize/") {
+        return false;
+    }
     method == Method::GET || path == "/v1/check" || path == "/v1/batch"
 }
 

@@ -2,6 +2,7 @@
 //! the engine, waiting for durability, and encoding answers with the
 //! `X-RateLimit-*` headers. The only layer that knows HTTP.
 
+mod authorize;
 mod batch;
 pub mod cluster;
 mod error;
@@ -22,7 +23,7 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, RawQuery, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
+use axum::routing::{any, delete, get, post};
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -473,6 +474,8 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/v1/reserve",
             post(|State(st), h, b| decide(st, h, b, DecideOp::Reserve)),
         )
+        .route("/v1/authorize", any(authorize::authorize))
+        .route("/v1/authorize/{*path}", any(authorize::authorize))
         .route("/v1/reservations/{id}/commit", post(commit))
         .route("/v1/reservations/{id}/release", post(release))
         .route("/v1/subjects", get(list_subjects))
@@ -624,6 +627,8 @@ const ROUTES: &[&str] = &[
     "/v1/check",
     "/v1/consume",
     "/v1/reserve",
+    "/v1/authorize",
+    "/v1/authorize/{*path}",
     "/v1/reservations/{id}/commit",
     "/v1/reservations/{id}/release",
     "/v1/subjects",
@@ -934,16 +939,7 @@ fn decision_request(
                 "check answers at once; only consume and reserve can wait",
             ))
         }
-        Some(w) => {
-            let max = st.engine()?.policy().settings.max_wait_ms;
-            if w > max {
-                return Err(ApiError::invalid(
-                    "wait_ms",
-                    format!("{w} is more than the longest wait allowed, {max} (engine.max_wait_ms)"),
-                ));
-            }
-            w
-        }
+        Some(w) => check_wait(st, "wait_ms", w)?,
     };
     check_text("subject", &b.subject, bounds::SUBJECT_BYTES)?;
     if let Some(e) = &b.event {
@@ -956,16 +952,7 @@ fn decision_request(
         ));
     }
     for (k, v) in &b.attributes {
-        check_text("attributes key", k, bounds::ATTRIBUTE_KEY_BYTES)?;
-        if v.len() > bounds::ATTRIBUTE_VALUE_BYTES || v.chars().any(char::is_control) {
-            return Err(ApiError::invalid(
-                &format!("attributes.{k}"),
-                format!(
-                    "values are at most {} bytes without control characters",
-                    bounds::ATTRIBUTE_VALUE_BYTES
-                ),
-            ));
-        }
+        check_attribute(&format!("attributes.{k}"), k, v)?;
     }
     check_amounts("amounts", &b.amounts)?;
     let req = DecisionRequest {
@@ -984,6 +971,33 @@ fn decision_request(
         ));
     }
     Ok(Asked { req, wait_ms })
+}
+
+/// `w` ms of waiting, if within `engine.max_wait_ms`.
+fn check_wait(st: &AppState, field: &str, w: u64) -> Result<u64, ApiError> {
+    let max = st.engine()?.policy().settings.max_wait_ms;
+    if w > max {
+        return Err(ApiError::invalid(
+            field,
+            format!("{w} is more than the longest wait allowed, {max} (engine.max_wait_ms)"),
+        ));
+    }
+    Ok(w)
+}
+
+/// One attribute (`field` names it in the error).
+fn check_attribute(field: &str, key: &str, value: &str) -> Result<(), ApiError> {
+    check_text("attributes key", key, bounds::ATTRIBUTE_KEY_BYTES)?;
+    if value.len() > bounds::ATTRIBUTE_VALUE_BYTES || value.chars().any(char::is_control) {
+        return Err(ApiError::invalid(
+            field,
+            format!(
+                "values are at most {} bytes without control characters",
+                bounds::ATTRIBUTE_VALUE_BYTES
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn subject_path(s: &str) -> Result<(), ApiError> {
@@ -1063,6 +1077,12 @@ fn decide_now(
     max_priority: Priority,
 ) -> Result<Decided, ApiError> {
     let Asked { req, wait_ms } = decision_request(st, headers, bytes, op, in_batch, max_priority)?;
+    decide_request(st, op, req, wait_ms)
+}
+
+/// Decides a validated request: the path every decision takes, whatever
+/// built the request (a JSON body, forward-auth headers).
+fn decide_request(st: &AppState, op: DecideOp, req: DecisionRequest, wait_ms: u64) -> Result<Decided, ApiError> {
     if op != DecideOp::Check {
         st.writable()?;
     }
@@ -1146,12 +1166,19 @@ async fn decide(
 ) -> Result<Response, ApiError> {
     let grant = st.authorize(&headers, Role::Client)?;
     let bytes = body_bytes(body, st.max_body_bytes)?;
+    let decided = decide_now(&st, &headers, &bytes, op, false, grant.max_priority)?;
+    Ok(decision_response(settle(&st, op, decided).await?))
+}
+
+/// Waits for capacity when the call asked to, then for durability: the
+/// decision as it is answered.
+async fn settle(st: &AppState, op: DecideOp, decided: Decided) -> Result<Decision, ApiError> {
     let Decided {
         mut applied,
         notes,
         req,
         wait_ms,
-    } = decide_now(&st, &headers, &bytes, op, false, grant.max_priority)?;
+    } = decided;
     if wait_ms > 0 {
         applied.value.waited_ms = Some(0);
         if Waiting::worth_waiting(&applied.value, &notes, wait_ms) {
@@ -1162,8 +1189,8 @@ async fn decide(
         }
     }
     let d = st.durable(applied).await?;
-    note_decision(&st, op, &d);
-    Ok(decision_response(d))
+    note_decision(st, op, &d);
+    Ok(d)
 }
 
 #[derive(Deserialize)]
