@@ -58,6 +58,7 @@ pub fn exit_code(e: &ServerError) -> u8 {
         ServerError::Recovery(StorageError::Corrupt(_)) => EXIT_CORRUPT,
         ServerError::Recovery(_) => EXIT_RUNTIME,
         ServerError::Storage(_) => EXIT_STORAGE,
+        ServerError::Gateway(_) => EXIT_RUNTIME,
     }
 }
 

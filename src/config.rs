@@ -50,6 +50,8 @@ pub struct Config {
     pub anomalies: Vec<AnomalyConfig>,
     /// One node of a Raft cluster (absent: a single node, as before).
     pub cluster: Option<ClusterConfig>,
+    /// The OpenAI-compatible gateway (absent: none).
+    pub gateway: Option<crate::gateway::config::GatewayConfig>,
 }
 
 /// `[cluster]`: this daemon is one node of a three- or five-node cluster.
@@ -601,7 +603,7 @@ fn short_duration(ms: u64) -> String {
     format!("{ms}ms")
 }
 
-fn duration_ms(key: &str, value: &str, min_ms: u64, max_ms: u64) -> Result<u64, ConfigError> {
+pub(crate) fn duration_ms(key: &str, value: &str, min_ms: u64, max_ms: u64) -> Result<u64, ConfigError> {
     let p = Period::parse_duration(value).map_err(|e| ConfigError::new(key, e.to_string()))?;
     let ms = p
         .fixed_ms()
@@ -866,6 +868,9 @@ impl Config {
         self.engine.settings()?;
         if let Some(c) = &self.cluster {
             c.check(self)?;
+        }
+        if let Some(g) = &self.gateway {
+            g.check(!self.auth.tokens.is_empty())?;
         }
         for (i, t) in self.auth.tokens.iter().enumerate() {
             let key = format!("auth.tokens[{i}]");

@@ -15,6 +15,7 @@ pub mod config;
 pub mod connections;
 pub mod engine;
 pub mod events;
+pub mod gateway;
 pub mod journal;
 pub mod loadgen;
 pub mod metrics;

@@ -54,6 +54,9 @@ pub enum ServerError {
         /// Why.
         source: io::Error,
     },
+    /// The gateway could not be set up.
+    #[error("gateway: {0}")]
+    Gateway(String),
     /// Recovery failed: the data is damaged or cannot be read.
     #[error("cannot recover the state: {0}")]
     Recovery(StorageError),
@@ -89,6 +92,8 @@ pub struct Server {
     state: Arc<AppState>,
     /// Bound sockets.
     listeners: Vec<Bound>,
+    /// The gateway's configuration and bound sockets, when `[gateway]` is set.
+    gateway: Option<(crate::gateway::config::Checked, Vec<Bound>)>,
     /// How long shutdown waits for open requests.
     grace: Duration,
     /// Open connections at most.
@@ -229,24 +234,15 @@ impl Server {
         let policy = Policy::from_config(config)?;
         let tokens = load_tokens(config)?;
         let webhooks = crate::webhooks::load_webhooks(config)?;
-        let mut listeners = Vec::new();
-        for addr in config.listen_addrs() {
-            let bind_err = |source| ServerError::Bind {
-                addr: addr.to_string(),
-                source,
-            };
-            let bound = match &addr {
-                ListenAddr::Tcp(a) => Bound::Tcp(listen_tcp(a).await.map_err(bind_err)?),
-                ListenAddr::Unix(path) => {
-                    clear_stale_socket(path).await.map_err(bind_err)?;
-                    let l = listen_unix(path).map_err(bind_err)?;
-                    restrict_socket(path, &config.server.socket_mode, config.server.socket_group.as_deref())
-                        .map_err(bind_err)?;
-                    Bound::Unix(l, path.clone())
-                }
-            };
-            listeners.push(bound);
-        }
+        let listeners = bind_all(config, &config.listen_addrs()).await?;
+        let gateway = match &config.gateway {
+            Some(g) => {
+                let checked = g.check(!config.auth.tokens.is_empty())?;
+                let bound = bind_all(config, &checked.listen).await?;
+                Some((checked, bound))
+            }
+            None => None,
+        };
         let state = Arc::new(AppState {
             core: std::sync::OnceLock::new(),
             clock,
@@ -264,6 +260,7 @@ impl Server {
         Ok(Server {
             state,
             listeners,
+            gateway,
             grace: Duration::from_millis(config.server.shutdown_grace_ms),
             max_connections: config.server.max_connections,
             header_timeout: Duration::from_millis(config.server.header_timeout_ms),
@@ -282,13 +279,12 @@ impl Server {
 
     /// The addresses actually bound (TCP port 0 resolved).
     pub fn local_addrs(&self) -> Vec<ListenAddr> {
-        self.listeners
-            .iter()
-            .map(|l| match l {
-                Bound::Tcp(t) => ListenAddr::Tcp(t.local_addr().map(|a| a.to_string()).unwrap_or_default()),
-                Bound::Unix(_, p) => ListenAddr::Unix(p.clone()),
-            })
-            .collect()
+        bound_addrs(&self.listeners)
+    }
+
+    /// The gateway's addresses actually bound (none without `[gateway]`).
+    pub fn gateway_addrs(&self) -> Vec<ListenAddr> {
+        self.gateway.as_ref().map(|(_, l)| bound_addrs(l)).unwrap_or_default()
     }
 
     /// Handler state (engine, metrics), for embedding and tests.
@@ -301,6 +297,7 @@ impl Server {
         let Server {
             state,
             listeners,
+            gateway,
             grace,
             max_connections,
             header_timeout,
@@ -312,12 +309,29 @@ impl Server {
         let connections = Connections::new(max_connections, state.metrics.connections.clone());
         let sockets: Vec<PathBuf> = listeners
             .iter()
+            .chain(gateway.iter().flat_map(|(_, l)| l.iter()))
             .filter_map(|l| match l {
                 Bound::Unix(_, p) => Some(p.clone()),
                 Bound::Tcp(_) => None,
             })
             .collect();
-        let accept_tasks = spawn_accept_loops(&state, listeners, &connections, header_timeout, &stop_rx);
+        let mut accept_tasks = spawn_accept_loops(
+            api::router(state.clone()),
+            listeners,
+            &connections,
+            header_timeout,
+            &stop_rx,
+        );
+        if let Some((checked, bound)) = gateway {
+            let router = crate::gateway::router(state.clone(), checked).map_err(ServerError::Gateway)?;
+            accept_tasks.extend(spawn_accept_loops(
+                router,
+                bound,
+                &connections,
+                header_timeout,
+                &stop_rx,
+            ));
+        }
 
         let (engine, storage, cluster) = match backing {
             Backing::Memory(journal) => (Arc::new(Engine::new(policy, journal)), None, None),
@@ -544,14 +558,46 @@ fn remove_sockets(sockets: &[PathBuf]) {
     }
 }
 
+/// Binds every address of `addrs` (sockets get the configured mode and group).
+async fn bind_all(config: &Config, addrs: &[ListenAddr]) -> Result<Vec<Bound>, ServerError> {
+    let mut listeners = Vec::new();
+    for addr in addrs {
+        let bind_err = |source| ServerError::Bind {
+            addr: addr.to_string(),
+            source,
+        };
+        let bound = match addr {
+            ListenAddr::Tcp(a) => Bound::Tcp(listen_tcp(a).await.map_err(bind_err)?),
+            ListenAddr::Unix(path) => {
+                clear_stale_socket(path).await.map_err(bind_err)?;
+                let l = listen_unix(path).map_err(bind_err)?;
+                restrict_socket(path, &config.server.socket_mode, config.server.socket_group.as_deref())
+                    .map_err(bind_err)?;
+                Bound::Unix(l, path.clone())
+            }
+        };
+        listeners.push(bound);
+    }
+    Ok(listeners)
+}
+
+fn bound_addrs(listeners: &[Bound]) -> Vec<ListenAddr> {
+    listeners
+        .iter()
+        .map(|l| match l {
+            Bound::Tcp(t) => ListenAddr::Tcp(t.local_addr().map(|a| a.to_string()).unwrap_or_default()),
+            Bound::Unix(_, p) => ListenAddr::Unix(p.clone()),
+        })
+        .collect()
+}
+
 fn spawn_accept_loops(
-    state: &Arc<AppState>,
+    router: axum::Router,
     listeners: Vec<Bound>,
     connections: &Arc<Connections>,
     header_timeout: Duration,
     stop_rx: &watch::Receiver<bool>,
 ) -> Vec<tokio::task::JoinHandle<()>> {
-    let router = api::router(state.clone());
     let mut builder = hyper::server::conn::http1::Builder::new();
     // With a timer, hyper times the head of every request: on a fresh
     // connection and on a kept-alive one waiting for its next request.

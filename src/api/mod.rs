@@ -35,8 +35,8 @@ use crate::clock::Clock;
 use crate::config::{Config, ConfigError, Role};
 use crate::engine::policy::{MaxValue, Priority, MAX_SAFE_INTEGER};
 use crate::engine::{
-    Applied, DecideOp, DecideOpts, Decision, DecisionNotes, DecisionRequest, Engine, EngineError, Finish, Lsn,
-    Override, Policy, ReasonCode,
+    Applied, DecideOp, DecideOpts, Decision, DecisionNotes, DecisionRequest, Engine, EngineError, Finish, FinishAnswer,
+    Lsn, Override, Policy, ReasonCode,
 };
 use crate::journal::DurableWatch;
 use crate::metrics::Metrics;
@@ -184,7 +184,7 @@ impl AppState {
     }
 
     /// What the request's token allows, if its role is at least `need`.
-    fn authorize(&self, headers: &HeaderMap, need: Role) -> Result<Grant, ApiError> {
+    pub(crate) fn authorize(&self, headers: &HeaderMap, need: Role) -> Result<Grant, ApiError> {
         match self.authenticate(headers)? {
             g if g.role >= need => Ok(g),
             _ => Err(ApiError::Forbidden(
@@ -815,7 +815,7 @@ fn plain_words(e: &serde_json::Error) -> String {
         .replace("invalid value: integer `-", "negative number `-")
 }
 
-fn check_text(field: &str, s: &str, max_bytes: usize) -> Result<(), ApiError> {
+pub(crate) fn check_text(field: &str, s: &str, max_bytes: usize) -> Result<(), ApiError> {
     if s.is_empty() || s.len() > max_bytes {
         return Err(ApiError::invalid(
             field,
@@ -974,7 +974,7 @@ fn decision_request(
 }
 
 /// `w` ms of waiting, if within `engine.max_wait_ms`.
-fn check_wait(st: &AppState, field: &str, w: u64) -> Result<u64, ApiError> {
+pub(crate) fn check_wait(st: &AppState, field: &str, w: u64) -> Result<u64, ApiError> {
     let max = st.engine()?.policy().settings.max_wait_ms;
     if w > max {
         return Err(ApiError::invalid(
@@ -1008,7 +1008,7 @@ fn subject_path(s: &str) -> Result<(), ApiError> {
 
 /// The `X-RateLimit-*` and `Retry-After` headers of a decision: from the limit that
 /// denied (the one with the longest wait), else the one with the least remaining.
-fn rate_headers(d: &Decision) -> HeaderMap {
+pub(crate) fn rate_headers(d: &Decision) -> HeaderMap {
     let mut h = HeaderMap::new();
     let source = if d.allowed {
         d.counters
@@ -1168,6 +1168,24 @@ async fn decide(
     let bytes = body_bytes(body, st.max_body_bytes)?;
     let decided = decide_now(&st, &headers, &bytes, op, false, grant.max_priority)?;
     Ok(decision_response(settle(&st, op, decided).await?))
+}
+
+/// A decision for a request built outside this module (the gateway):
+/// decided, waited for and made durable as `/v1/consume` and `/v1/reserve` are.
+pub(crate) async fn decide_call(
+    st: &AppState,
+    op: DecideOp,
+    req: DecisionRequest,
+    wait_ms: u64,
+) -> Result<Decision, ApiError> {
+    settle(st, op, decide_request(st, op, req, wait_ms)?).await
+}
+
+/// Commits or releases a reservation as `/v1/reservations/{id}/…` does.
+pub(crate) async fn finish_call(st: &AppState, id: &str, action: Finish) -> Result<FinishAnswer, ApiError> {
+    st.writable()?;
+    let applied = st.engine()?.finish(id, action, st.now())?;
+    st.durable(applied).await
 }
 
 /// Waits for capacity when the call asked to, then for durability: the

@@ -38,6 +38,8 @@ pub struct TestServer {
     pub clock: ManualClock,
     pub state: Arc<AppState>,
     pub transport: Transport,
+    /// The gateway's addresses (empty without `[gateway]`).
+    pub gateway: Vec<ListenAddr>,
     addr: ListenAddr,
     stop: Option<oneshot::Sender<()>>,
     handle: Option<tokio::task::JoinHandle<()>>,
@@ -177,6 +179,7 @@ impl TestServer {
             None => server,
         };
         let addr = server.local_addrs().remove(0);
+        let gateway = server.gateway_addrs();
         let state = server.state();
         let (stop, stopped) = oneshot::channel::<()>();
         let handle = tokio::spawn(async move {
@@ -191,6 +194,7 @@ impl TestServer {
             clock,
             state,
             transport,
+            gateway,
             addr,
             stop: Some(stop),
             handle: Some(handle),
