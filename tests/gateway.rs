@@ -47,10 +47,16 @@ fn paced(
     })
 }
 
-async fn fake_chat(State(seen): State<Seen>, headers: HeaderMap, body: String) -> Response {
-    let v: Value = serde_json::from_str(&body).unwrap();
+/// Notes a call the fake upstream was sent; returns its body.
+fn record(seen: &Seen, path: &str, headers: &HeaderMap, body: &str) -> Value {
+    let v: Value = serde_json::from_str(body).unwrap();
     let auth = headers.get("authorization").map(|a| a.to_str().unwrap().to_string());
-    seen.lock().unwrap().push(("chat".into(), auth, v.clone()));
+    seen.lock().unwrap().push((path.into(), auth, v.clone()));
+    v
+}
+
+async fn fake_chat(State(seen): State<Seen>, headers: HeaderMap, body: String) -> Response {
+    let v = record(&seen, "chat", &headers, &body);
     let model = v["model"].as_str().unwrap().to_string();
     let stream = v["stream"] == true;
     match model.as_str() {
@@ -99,9 +105,7 @@ async fn fake_chat(State(seen): State<Seen>, headers: HeaderMap, body: String) -
 }
 
 async fn fake_embeddings(State(seen): State<Seen>, headers: HeaderMap, body: String) -> Response {
-    let v: Value = serde_json::from_str(&body).unwrap();
-    let auth = headers.get("authorization").map(|a| a.to_str().unwrap().to_string());
-    seen.lock().unwrap().push(("embeddings".into(), auth, v));
+    record(&seen, "embeddings", &headers, &body);
     let answer = json!({"object": "list", "data": [{"object": "embedding", "index": 0, "embedding": [0.1, 0.2]}],
         "usage": {"prompt_tokens": 5, "total_tokens": 5}});
     ([("content-type", "application/json")], answer.to_string()).into_response()

@@ -21,7 +21,7 @@ use super::{
 };
 use crate::config::Role;
 use crate::engine::policy::Priority;
-use crate::engine::{DecideOp, DecisionRequest, Outcome};
+use crate::engine::{DecideOp, DecisionRequest};
 
 const SUBJECT: &str = "x-quotad-subject";
 const EVENT: &str = "x-quotad-event";
@@ -46,12 +46,7 @@ pub(super) async fn authorize(
     let decided = decide_request(&st, DecideOp::Consume, req, wait_ms)?;
     let d = settle(&st, DecideOp::Consume, decided).await?;
     let mut h = rate_headers(&d);
-    let outcome = match d.decision {
-        Outcome::Allow => "allow",
-        Outcome::Deny => "deny",
-        Outcome::Degrade => "degrade",
-    };
-    h.insert("x-quotad-decision", HeaderValue::from_static(outcome));
+    h.insert("x-quotad-decision", HeaderValue::from_static(d.decision.as_str()));
     if d.allowed {
         return Ok((StatusCode::NO_CONTENT, h).into_response());
     }
@@ -94,7 +89,7 @@ fn text<'h>(name: &str, v: &'h HeaderValue) -> Result<&'h str, ApiError> {
 }
 
 /// The one value of header `name`, if sent; twice is a 400.
-fn single<'h>(headers: &'h HeaderMap, name: &str) -> Result<Option<&'h str>, ApiError> {
+pub(crate) fn single<'h>(headers: &'h HeaderMap, name: &str) -> Result<Option<&'h str>, ApiError> {
     let mut values = headers.get_all(name).iter();
     let Some(v) = values.next() else { return Ok(None) };
     if values.next().is_some() {
@@ -104,6 +99,45 @@ fn single<'h>(headers: &'h HeaderMap, name: &str) -> Result<Option<&'h str>, Api
         ));
     }
     text(name, v).map(Some)
+}
+
+/// `x-quotad-priority` (up to the token's `max_priority`) and
+/// `x-quotad-wait-ms` (up to `engine.max_wait_ms`): how a call described by
+/// headers waits. Shared with the gateway.
+pub(crate) fn waiting_headers(
+    st: &AppState,
+    headers: &HeaderMap,
+    max_priority: Priority,
+) -> Result<(Option<Priority>, u64), ApiError> {
+    let priority = match single(headers, PRIORITY)? {
+        None => None,
+        Some(p) => {
+            let p: Priority = serde_json::from_value(serde_json::Value::String(p.to_string())).map_err(|_| {
+                ApiError::invalid(
+                    &format!("{PRIORITY} header"),
+                    format!("{p:?} is not one of low, normal, high, critical"),
+                )
+            })?;
+            if p > max_priority {
+                return Err(ApiError::Forbidden(format!(
+                    "{PRIORITY}: {:?} is above what this token may ask for ({:?}, its max_priority in [[auth.tokens]])",
+                    p.as_str(),
+                    max_priority.as_str()
+                )));
+            }
+            Some(p)
+        }
+    };
+    let wait_ms = match single(headers, WAIT)? {
+        None => 0,
+        Some(w) => {
+            let w: u64 = w.trim().parse().map_err(|_| {
+                ApiError::invalid(&format!("{WAIT} header"), format!("{w:?} is not a whole number of ms"))
+            })?;
+            check_wait(st, &format!("{WAIT} header"), w)?
+        }
+    };
+    Ok((priority, wait_ms))
 }
 
 /// The consume the headers describe, and how long it may wait.
@@ -140,34 +174,7 @@ fn request(st: &AppState, headers: &HeaderMap, max_priority: Priority) -> Result
         ));
     }
     check_amounts("x-quotad-amount-* headers", &amounts)?;
-    let priority = match single(headers, PRIORITY)? {
-        None => None,
-        Some(p) => {
-            let p: Priority = serde_json::from_value(serde_json::Value::String(p.to_string())).map_err(|_| {
-                ApiError::invalid(
-                    &format!("{PRIORITY} header"),
-                    format!("{p:?} is not one of low, normal, high, critical"),
-                )
-            })?;
-            if p > max_priority {
-                return Err(ApiError::Forbidden(format!(
-                    "{PRIORITY}: {:?} is above what this token may ask for ({:?}, its max_priority in [[auth.tokens]])",
-                    p.as_str(),
-                    max_priority.as_str()
-                )));
-            }
-            Some(p)
-        }
-    };
-    let wait_ms = match single(headers, WAIT)? {
-        None => 0,
-        Some(w) => {
-            let w: u64 = w.trim().parse().map_err(|_| {
-                ApiError::invalid(&format!("{WAIT} header"), format!("{w:?} is not a whole number of ms"))
-            })?;
-            check_wait(st, &format!("{WAIT} header"), w)?
-        }
-    };
+    let (priority, wait_ms) = waiting_headers(st, headers, max_priority)?;
     let req = DecisionRequest {
         subject: subject.to_string(),
         event: event.map(str::to_string),

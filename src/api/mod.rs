@@ -2,7 +2,7 @@
 //! the engine, waiting for durability, and encoding answers with the
 //! `X-RateLimit-*` headers. The only layer that knows HTTP.
 
-mod authorize;
+pub(crate) mod authorize;
 mod batch;
 pub mod cluster;
 mod error;

@@ -57,6 +57,17 @@ pub enum Outcome {
     Degrade,
 }
 
+impl Outcome {
+    /// Its name in answers (`X-Quotad-Decision`, the `decision` field).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Allow => "allow",
+            Outcome::Deny => "deny",
+            Outcome::Degrade => "degrade",
+        }
+    }
+}
+
 /// Why a limit appears in `reasons`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

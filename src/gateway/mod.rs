@@ -29,6 +29,7 @@ use axum::routing::post;
 use axum::Router;
 use serde_json::{json, Value};
 
+use crate::api::authorize::{single, waiting_headers};
 use crate::api::{decide_call, finish_call, rate_headers, ApiError, AppState};
 use crate::config::Role;
 use crate::engine::policy::Priority;
@@ -123,7 +124,8 @@ fn refused(e: ApiError) -> Refused {
 
 /// What was asked: the parsed body and what the reservation needs.
 struct Asked {
-    body: serde_json::Map<String, Value>,
+    /// The request body: a JSON object.
+    body: Value,
     model: String,
     subject: String,
     stream: bool,
@@ -134,25 +136,18 @@ struct Asked {
     idempotency_key: Option<String>,
 }
 
-fn header_text<'h>(headers: &'h HeaderMap, name: &str) -> Result<Option<&'h str>, Refused> {
-    match headers.get(name) {
-        None => Ok(None),
-        Some(v) => std::str::from_utf8(v.as_bytes())
-            .map(Some)
-            .map_err(|_| invalid(format!("the {name} header is not UTF-8 text"))),
-    }
-}
-
 impl Gateway {
     fn asked(&self, kind: Kind, headers: &HeaderMap, bytes: &[u8], max_priority: Priority) -> Result<Asked, Refused> {
         let body: serde_json::Map<String, Value> = serde_json::from_slice(bytes)
             .map_err(|e| invalid(format!("the request body is not a JSON object: {e}")))?;
+        let body = Value::Object(body);
         let model = match body.get("model") {
             Some(Value::String(m)) if !m.is_empty() && m.len() <= 256 => m.clone(),
             _ => return Err(invalid("model: required, a model name")),
         };
         let header = self.cfg.subject_header.as_str();
-        let subject = header_text(headers, header)?
+        let subject = single(headers, header)
+            .map_err(refused)?
             .filter(|s| !s.is_empty())
             .ok_or_else(|| invalid(format!("the {header} header is required: it names who is charged")))?;
         crate::api::check_text(&format!("{header} header"), subject, crate::api::bounds::SUBJECT_BYTES)
@@ -163,35 +158,8 @@ impl Gateway {
             .and_then(|o| o.get("include_usage"))
             .and_then(Value::as_bool)
             .unwrap_or(false);
-        let priority = match header_text(headers, "x-quotad-priority")? {
-            None => None,
-            Some(p) => {
-                let p: Priority = serde_json::from_value(Value::String(p.into())).map_err(|_| {
-                    invalid(format!(
-                        "the x-quotad-priority header: {p:?} is not one of low, normal, high, critical"
-                    ))
-                })?;
-                if p > max_priority {
-                    return Err(refused(ApiError::Forbidden(format!(
-                        "x-quotad-priority: {:?} is above what this token may ask for ({:?})",
-                        p.as_str(),
-                        max_priority.as_str()
-                    ))));
-                }
-                Some(p)
-            }
-        };
-        let wait_ms = match header_text(headers, "x-quotad-wait-ms")? {
-            None => 0,
-            Some(w) => {
-                let w: u64 = w
-                    .trim()
-                    .parse()
-                    .map_err(|_| invalid(format!("the x-quotad-wait-ms header: {w:?} is not a whole number")))?;
-                crate::api::check_wait(&self.st, "x-quotad-wait-ms header", w).map_err(refused)?
-            }
-        };
-        let idempotency_key = header_text(headers, "idempotency-key")?.map(str::to_string);
+        let (priority, wait_ms) = waiting_headers(&self.st, headers, max_priority).map_err(refused)?;
+        let idempotency_key = single(headers, "idempotency-key").map_err(refused)?.map(str::to_string);
         Ok(Asked {
             body,
             model,
@@ -236,8 +204,8 @@ impl Gateway {
         key: Option<String>,
     ) -> Result<(Decision, u64), Refused> {
         let input = match kind {
-            Kind::Chat => tokens::count_chat(model, &Value::Object(asked.body.clone())),
-            Kind::Embeddings => tokens::count_embeddings(model, &Value::Object(asked.body.clone())),
+            Kind::Chat => tokens::count_chat(model, &asked.body),
+            Kind::Embeddings => tokens::count_embeddings(model, &asked.body),
         };
         let output = match kind {
             Kind::Embeddings => 0,
@@ -314,19 +282,14 @@ fn denied(d: &Decision) -> Response {
     let mut r = oai_error(StatusCode::TOO_MANY_REQUESTS, "rate_limit_exceeded", &code, &message);
     r.headers_mut().extend(rate_headers(d));
     r.headers_mut()
-        .insert("x-quotad-decision", HeaderValue::from_static("deny"));
+        .insert("x-quotad-decision", HeaderValue::from_static(d.decision.as_str()));
     r
 }
 
 /// The headers every forwarded answer carries.
 fn quotad_headers(d: &Decision, id: &str, cost_micros: Option<u64>) -> HeaderMap {
     let mut h = rate_headers(d);
-    let outcome = if d.decision == Outcome::Degrade {
-        "degrade"
-    } else {
-        "allow"
-    };
-    h.insert("x-quotad-decision", HeaderValue::from_static(outcome));
+    h.insert("x-quotad-decision", HeaderValue::from_static(d.decision.as_str()));
     if let Ok(v) = HeaderValue::from_str(id) {
         h.insert("x-quotad-reservation", v);
     }
@@ -364,7 +327,7 @@ async fn call(gw: Arc<Gateway>, kind: Kind, headers: HeaderMap, body: Result<Byt
         Ok(a) => a,
         Err(r) => return *r,
     };
-    let Some(upstream) = gw.upstream(&asked.model).cloned() else {
+    let Some(upstream) = gw.upstream(&asked.model) else {
         return oai_error(
             StatusCode::NOT_FOUND,
             "invalid_request_error",
@@ -376,13 +339,7 @@ async fn call(gw: Arc<Gateway>, kind: Kind, headers: HeaderMap, body: Result<Byt
         );
     };
     let (mut decision, mut input) = match gw
-        .reserve(
-            kind,
-            &asked,
-            &upstream,
-            &asked.model.clone(),
-            asked.idempotency_key.clone(),
-        )
+        .reserve(kind, &asked, upstream, &asked.model, asked.idempotency_key.clone())
         .await
     {
         Ok(d) => d,
@@ -399,7 +356,7 @@ async fn call(gw: Arc<Gateway>, kind: Kind, headers: HeaderMap, body: Result<Byt
                 gw.release(&id).await;
             }
             let key = asked.idempotency_key.as_ref().map(|k| format!("{k}:degraded"));
-            match gw.reserve(kind, &asked, &upstream, &to, key).await {
+            match gw.reserve(kind, &asked, upstream, &to, key).await {
                 Ok((d, i)) if d.allowed => {
                     decision = Decision {
                         decision: Outcome::Degrade,
@@ -410,7 +367,7 @@ async fn call(gw: Arc<Gateway>, kind: Kind, headers: HeaderMap, body: Result<Byt
                 Ok((d, _)) => return denied(&d),
                 Err(r) => return *r,
             }
-            asked.body.insert("model".into(), Value::String(to.clone()));
+            asked.body["model"] = Value::String(to.clone());
             asked.model = to;
         }
     }
@@ -424,9 +381,11 @@ async fn call(gw: Arc<Gateway>, kind: Kind, headers: HeaderMap, body: Result<Byt
     };
     if asked.stream {
         // Ask for the usage chunk: it is what the commit charges.
-        let opts = asked.body.entry("stream_options").or_insert_with(|| json!({}));
-        if let Value::Object(o) = opts {
-            o.insert("include_usage".into(), Value::Bool(true));
+        match asked.body.get_mut("stream_options") {
+            Some(Value::Object(o)) => {
+                o.insert("include_usage".into(), Value::Bool(true));
+            }
+            _ => asked.body["stream_options"] = json!({"include_usage": true}),
         }
     }
     let url = format!("{}/{}", upstream.base_url, kind.path());
@@ -434,7 +393,7 @@ async fn call(gw: Arc<Gateway>, kind: Kind, headers: HeaderMap, body: Result<Byt
         .http
         .post(&url)
         .header(header::CONTENT_TYPE, "application/json")
-        .body(Value::Object(asked.body.clone()).to_string());
+        .body(asked.body.to_string());
     if !asked.stream {
         req = req.timeout(gw.cfg.upstream_timeout);
     }

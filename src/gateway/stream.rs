@@ -41,9 +41,14 @@ impl Tally {
 
     /// Takes `chunk`; returns the complete events to pass on.
     fn feed(&mut self, chunk: &[u8]) -> Vec<u8> {
+        // Only the new bytes (and the 3 before them, where a separator may
+        // start) are searched: a long event arriving in pieces is not
+        // scanned again from its start each time.
+        let mut from = self.buf.len().saturating_sub(3);
         self.buf.extend_from_slice(chunk);
         let mut out = Vec::new();
-        while let Some((end, sep)) = event_end(&self.buf) {
+        while let Some((end, sep)) = event_end(&self.buf, from) {
+            from = 0;
             let event: Vec<u8> = self.buf.drain(..end + sep).collect();
             if self.keep(&event[..end]) {
                 out.extend_from_slice(&event);
@@ -88,10 +93,12 @@ impl Tally {
     }
 }
 
-/// The end of the first complete event in `buf` and its separator's length.
-fn event_end(buf: &[u8]) -> Option<(usize, usize)> {
-    let lf = buf.windows(2).position(|w| w == b"\n\n").map(|i| (i, 2));
-    let crlf = buf.windows(4).position(|w| w == b"\r\n\r\n").map(|i| (i, 4));
+/// The end of the first complete event in `buf` whose separator starts at
+/// or after `from`, and the separator's length.
+fn event_end(buf: &[u8], from: usize) -> Option<(usize, usize)> {
+    let rest = &buf[from..];
+    let lf = rest.windows(2).position(|w| w == b"\n\n").map(|i| (from + i, 2));
+    let crlf = rest.windows(4).position(|w| w == b"\r\n\r\n").map(|i| (from + i, 4));
     match (lf, crlf) {
         (Some(a), Some(b)) => Some(if a.0 < b.0 { a } else { b }),
         (a, b) => a.or(b),
