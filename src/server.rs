@@ -94,6 +94,8 @@ pub struct Server {
     listeners: Vec<Bound>,
     /// The gateway's configuration and bound sockets, when `[gateway]` is set.
     gateway: Option<(crate::gateway::config::Checked, Vec<Bound>)>,
+    /// Envoy's rate limit service (`[gateway] grpc_listen`), bound.
+    grpc: Option<(String, Bound)>,
     /// How long shutdown waits for open requests.
     grace: Duration,
     /// Open connections at most.
@@ -235,13 +237,20 @@ impl Server {
         let tokens = load_tokens(config)?;
         let webhooks = crate::webhooks::load_webhooks(config)?;
         let listeners = bind_all(config, &config.listen_addrs()).await?;
-        let gateway = match &config.gateway {
+        let (gateway, grpc) = match &config.gateway {
             Some(g) => {
                 let checked = g.check(!config.auth.tokens.is_empty())?;
                 let bound = bind_all(config, &checked.listen).await?;
-                Some((checked, bound))
+                let grpc = match &checked.grpc_listen {
+                    Some(a) => bind_all(config, std::slice::from_ref(a))
+                        .await?
+                        .pop()
+                        .map(|b| (checked.grpc_subject_key.clone(), b)),
+                    None => None,
+                };
+                (Some((checked, bound)).filter(|(c, _)| !c.listen.is_empty()), grpc)
             }
-            None => None,
+            None => (None, None),
         };
         let state = Arc::new(AppState {
             core: std::sync::OnceLock::new(),
@@ -261,6 +270,7 @@ impl Server {
             state,
             listeners,
             gateway,
+            grpc,
             grace: Duration::from_millis(config.server.shutdown_grace_ms),
             max_connections: config.server.max_connections,
             header_timeout: Duration::from_millis(config.server.header_timeout_ms),
@@ -287,6 +297,13 @@ impl Server {
         self.gateway.as_ref().map(|(_, l)| bound_addrs(l)).unwrap_or_default()
     }
 
+    /// Where Envoy's rate limit service is bound (none without `grpc_listen`).
+    pub fn grpc_addr(&self) -> Option<ListenAddr> {
+        self.grpc
+            .as_ref()
+            .and_then(|(_, b)| bound_addrs(std::slice::from_ref(b)).pop())
+    }
+
     /// Handler state (engine, metrics), for embedding and tests.
     pub fn state(&self) -> Arc<AppState> {
         self.state.clone()
@@ -298,6 +315,7 @@ impl Server {
             state,
             listeners,
             gateway,
+            grpc,
             grace,
             max_connections,
             header_timeout,
@@ -310,6 +328,7 @@ impl Server {
         let sockets: Vec<PathBuf> = listeners
             .iter()
             .chain(gateway.iter().flat_map(|(_, l)| l.iter()))
+            .chain(grpc.iter().map(|(_, b)| b))
             .filter_map(|l| match l {
                 Bound::Unix(_, p) => Some(p.clone()),
                 Bound::Tcp(_) => None,
@@ -332,6 +351,7 @@ impl Server {
                 &stop_rx,
             ));
         }
+        let grpc_task = grpc.map(|(subject_key, bound)| spawn_grpc(state.clone(), subject_key, bound, &stop_rx));
 
         let (engine, storage, cluster) = match backing {
             Backing::Memory(journal) => (Arc::new(Engine::new(policy, journal)), None, None),
@@ -511,6 +531,12 @@ impl Server {
         for t in accept_tasks {
             let _ = t.await;
         }
+        if let Some(mut t) = grpc_task {
+            // Open gRPC calls finish; Envoy's idle connections are told to go.
+            if tokio::time::timeout(grace, &mut t).await.is_err() {
+                t.abort();
+            }
+        }
         let _ = maintenance.await;
         let _ = waiter_task.await;
         let _ = webhook_task.await;
@@ -589,6 +615,65 @@ fn bound_addrs(listeners: &[Bound]) -> Vec<ListenAddr> {
             Bound::Unix(_, p) => ListenAddr::Unix(p.clone()),
         })
         .collect()
+}
+
+/// Accepted connections as a stream, for tonic. Accept errors (EMFILE and
+/// friends) are logged and waited out rather than ending the server.
+fn incoming<L, IO, F>(listener: L, accept: F) -> impl futures_util::Stream<Item = std::io::Result<IO>>
+where
+    L: Send + 'static,
+    F: for<'a> Fn(&'a L) -> futures_util::future::BoxFuture<'a, std::io::Result<IO>> + Send + 'static,
+{
+    futures_util::stream::unfold((listener, accept), |(l, accept)| async move {
+        loop {
+            match accept(&l).await {
+                Ok(io) => return Some((Ok(io), (l, accept))),
+                Err(e) => {
+                    tracing::warn!(error = %e, "the gRPC listener could not accept a connection");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    })
+}
+
+/// Serves Envoy's rate limit service on `bound` until `stop_rx` turns true.
+fn spawn_grpc(
+    state: Arc<AppState>,
+    subject_key: String,
+    bound: Bound,
+    stop_rx: &watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    let svc = crate::gateway::envoy::service(state, subject_key).max_decoding_message_size(1 << 20);
+    let mut stop = stop_rx.clone();
+    tokio::spawn(async move {
+        let signal = async move {
+            let _ = stop.wait_for(|s| *s).await;
+        };
+        let server = tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .concurrency_limit_per_connection(1024)
+            .add_service(svc);
+        let served = match bound {
+            Bound::Tcp(l) => {
+                let conns = incoming(l, |l: &TcpListener| {
+                    Box::pin(async move {
+                        let (s, _) = l.accept().await?;
+                        let _ = s.set_nodelay(true);
+                        Ok(s)
+                    })
+                });
+                server.serve_with_incoming_shutdown(conns, signal).await
+            }
+            Bound::Unix(l, _) => {
+                let conns = incoming(l, |l: &UnixListener| Box::pin(async move { Ok(l.accept().await?.0) }));
+                server.serve_with_incoming_shutdown(conns, signal).await
+            }
+        };
+        if let Err(e) = served {
+            tracing::error!(error = %e, "Envoy's rate limit service stopped");
+        }
+    })
 }
 
 fn spawn_accept_loops(

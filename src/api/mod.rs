@@ -35,8 +35,8 @@ use crate::clock::Clock;
 use crate::config::{Config, ConfigError, Role};
 use crate::engine::policy::{MaxValue, Priority, MAX_SAFE_INTEGER};
 use crate::engine::{
-    Applied, DecideOp, DecideOpts, Decision, DecisionNotes, DecisionRequest, Engine, EngineError, Finish, FinishAnswer,
-    Lsn, Override, Policy, ReasonCode,
+    Applied, CounterView, DecideOp, DecideOpts, Decision, DecisionNotes, DecisionRequest, Engine, EngineError, Finish,
+    FinishAnswer, Lsn, Override, Policy, ReasonCode,
 };
 use crate::journal::DurableWatch;
 use crate::metrics::Metrics;
@@ -348,7 +348,7 @@ impl AppState {
             .map_err(|e| ApiError::Unavailable(format!("{e}; the change was not acknowledged")))
     }
 
-    fn now(&self) -> u64 {
+    pub(crate) fn now(&self) -> u64 {
         self.clock.now_ms()
     }
 }
@@ -986,7 +986,7 @@ pub(crate) fn check_wait(st: &AppState, field: &str, w: u64) -> Result<u64, ApiE
 }
 
 /// One attribute (`field` names it in the error).
-fn check_attribute(field: &str, key: &str, value: &str) -> Result<(), ApiError> {
+pub(crate) fn check_attribute(field: &str, key: &str, value: &str) -> Result<(), ApiError> {
     check_text("attributes key", key, bounds::ATTRIBUTE_KEY_BYTES)?;
     if value.len() > bounds::ATTRIBUTE_VALUE_BYTES || value.chars().any(char::is_control) {
         return Err(ApiError::invalid(
@@ -1010,20 +1010,7 @@ fn subject_path(s: &str) -> Result<(), ApiError> {
 /// denied (the one with the longest wait), else the one with the least remaining.
 pub(crate) fn rate_headers(d: &Decision) -> HeaderMap {
     let mut h = HeaderMap::new();
-    let source = if d.allowed {
-        d.counters
-            .iter()
-            .filter(|c| c.remaining.is_some())
-            .min_by_key(|c| c.remaining)
-    } else {
-        d.reasons
-            .iter()
-            .filter(|r| matches!(r.code, ReasonCode::LimitExceeded | ReasonCode::ExceedsCapacity))
-            // A denial that never clears outranks any finite wait.
-            .max_by_key(|r| r.retry_after_ms.map_or(u128::MAX, u128::from))
-            .and_then(|r| d.counters.iter().find(|c| Some(&c.limit) == r.limit.as_ref()))
-    };
-    if let Some(c) = source {
+    if let Some(c) = binding_counter(d) {
         if let MaxValue::Finite(m) = c.max {
             h.insert("x-ratelimit-limit", HeaderValue::from(m));
         }
@@ -1040,6 +1027,24 @@ pub(crate) fn rate_headers(d: &Decision) -> HeaderMap {
         }
     }
     h
+}
+
+/// The limit a decision's rate figures come from: when allowed, the counter
+/// with the least remaining; when denied, the denying limit that clears last.
+pub(crate) fn binding_counter(d: &Decision) -> Option<&CounterView> {
+    if d.allowed {
+        d.counters
+            .iter()
+            .filter(|c| c.remaining.is_some())
+            .min_by_key(|c| c.remaining)
+    } else {
+        d.reasons
+            .iter()
+            .filter(|r| matches!(r.code, ReasonCode::LimitExceeded | ReasonCode::ExceedsCapacity))
+            // A denial that never clears outranks any finite wait.
+            .max_by_key(|r| r.retry_after_ms.map_or(u128::MAX, u128::from))
+            .and_then(|r| d.counters.iter().find(|c| Some(&c.limit) == r.limit.as_ref()))
+    }
 }
 
 fn decision_response(d: Decision) -> Response {

@@ -14,7 +14,15 @@ use crate::config::{ConfigError, ListenAddr};
 #[serde(deny_unknown_fields)]
 pub struct GatewayConfig {
     /// Addresses of the gateway's own listener (`host:port` or `unix:/path`).
+    #[serde(default)]
     pub listen: Vec<String>,
+    /// Where Envoy's rate limit service (gRPC) listens (`host:port` or
+    /// `unix:/path`); none: not served.
+    #[serde(default)]
+    pub grpc_listen: Option<String>,
+    /// The descriptor entry that names the subject in a rate limit request.
+    #[serde(default = "default_grpc_subject_key")]
+    pub grpc_subject_key: String,
     /// The request header that names the subject charged for a call.
     #[serde(default = "default_subject_header")]
     pub subject_header: String,
@@ -29,6 +37,7 @@ pub struct GatewayConfig {
     #[serde(default = "default_upstream_timeout")]
     pub upstream_timeout: String,
     /// Where the models are served; the first that lists a model serves it.
+    #[serde(default)]
     pub upstreams: Vec<UpstreamConfig>,
 }
 
@@ -55,6 +64,9 @@ pub struct UpstreamConfig {
 
 fn default_subject_header() -> String {
     "x-quotad-subject".into()
+}
+fn default_grpc_subject_key() -> String {
+    "subject".into()
 }
 fn default_max_output_tokens() -> u64 {
     4096
@@ -92,6 +104,8 @@ impl Upstream {
 #[derive(Debug, Clone)]
 pub struct Checked {
     pub listen: Vec<ListenAddr>,
+    pub grpc_listen: Option<ListenAddr>,
+    pub grpc_subject_key: String,
     pub subject_header: axum::http::HeaderName,
     pub default_max_output_tokens: u64,
     pub max_body_bytes: usize,
@@ -104,23 +118,39 @@ impl GatewayConfig {
     /// `open_listeners`: whether tokens are configured (else the gateway
     /// listens only on loopback or a socket, as the API does).
     pub fn check(&self, tokens_configured: bool) -> Result<Checked, ConfigError> {
-        if self.listen.is_empty() {
-            return Err(ConfigError::new("gateway.listen", "needs at least one address"));
+        if self.listen.is_empty() && self.grpc_listen.is_none() {
+            return Err(ConfigError::new(
+                "gateway.listen",
+                "is empty and there is no grpc_listen: add listen (the OpenAI-compatible gateway), grpc_listen (Envoy's rate limit \
+                 service), or both",
+            ));
         }
-        let mut listen = Vec::new();
-        for (i, l) in self.listen.iter().enumerate() {
-            let key = format!("gateway.listen[{i}]");
+        let local_or_tokens = |key: String, l: &str| -> Result<ListenAddr, ConfigError> {
             let addr = ListenAddr::parse(l).map_err(|m| ConfigError::new(&key, m))?;
             if !addr.is_local() && !tokens_configured {
                 return Err(ConfigError::new(
                     key,
                     format!(
                         "{l:?} is reachable from other hosts; configure auth.tokens before listening on it \
-                         (callers then send a client token as their API key)"
+                         (callers then send a client token)"
                     ),
                 ));
             }
-            listen.push(addr);
+            Ok(addr)
+        };
+        let mut listen = Vec::new();
+        for (i, l) in self.listen.iter().enumerate() {
+            listen.push(local_or_tokens(format!("gateway.listen[{i}]"), l)?);
+        }
+        let grpc_listen = match &self.grpc_listen {
+            Some(l) => Some(local_or_tokens("gateway.grpc_listen".into(), l)?),
+            None => None,
+        };
+        if self.grpc_subject_key.is_empty() || self.grpc_subject_key.len() > 64 {
+            return Err(ConfigError::new(
+                "gateway.grpc_subject_key",
+                "must be 1 to 64 characters",
+            ));
         }
         let subject_header = axum::http::HeaderName::from_bytes(self.subject_header.to_ascii_lowercase().as_bytes())
             .map_err(|_| {
@@ -143,10 +173,16 @@ impl GatewayConfig {
         }
         let timeout_ms =
             crate::config::duration_ms("gateway.upstream_timeout", &self.upstream_timeout, 1_000, 86_400_000)?;
-        if self.upstreams.is_empty() {
+        if self.upstreams.is_empty() && !self.listen.is_empty() {
             return Err(ConfigError::new(
                 "gateway.upstreams",
-                "needs at least one [[gateway.upstreams]]",
+                "needs at least one [[gateway.upstreams]] for gateway.listen to forward to",
+            ));
+        }
+        if !self.upstreams.is_empty() && self.listen.is_empty() {
+            return Err(ConfigError::new(
+                "gateway.listen",
+                "is empty, so nothing uses gateway.upstreams: add an address for the OpenAI-compatible gateway",
             ));
         }
         let mut upstreams = Vec::new();
@@ -196,6 +232,8 @@ impl GatewayConfig {
         }
         Ok(Checked {
             listen,
+            grpc_listen,
+            grpc_subject_key: self.grpc_subject_key.clone(),
             subject_header,
             default_max_output_tokens: self.default_max_output_tokens,
             max_body_bytes: self.max_body_bytes,

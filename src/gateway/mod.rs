@@ -12,8 +12,10 @@
 //! - [`tokens`]: counting a request's tokens before it is sent.
 //! - [`stream`]: passing a streamed answer on event by event while reading
 //!   its usage.
+//! - [`envoy`]: Envoy's rate limit service over gRPC (`grpc_listen`).
 
 pub mod config;
+pub mod envoy;
 mod stream;
 pub mod tokens;
 

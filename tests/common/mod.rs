@@ -40,6 +40,8 @@ pub struct TestServer {
     pub transport: Transport,
     /// The gateway's addresses (empty without `[gateway]`).
     pub gateway: Vec<ListenAddr>,
+    /// Envoy's rate limit service (none without `grpc_listen`).
+    pub grpc: Option<ListenAddr>,
     addr: ListenAddr,
     stop: Option<oneshot::Sender<()>>,
     handle: Option<tokio::task::JoinHandle<()>>,
@@ -180,6 +182,7 @@ impl TestServer {
         };
         let addr = server.local_addrs().remove(0);
         let gateway = server.gateway_addrs();
+        let grpc = server.grpc_addr();
         let state = server.state();
         let (stop, stopped) = oneshot::channel::<()>();
         let handle = tokio::spawn(async move {
@@ -195,6 +198,7 @@ impl TestServer {
             state,
             transport,
             gateway,
+            grpc,
             addr,
             stop: Some(stop),
             handle: Some(handle),
