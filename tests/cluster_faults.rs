@@ -271,6 +271,11 @@ impl Drop for Proc {
 struct Cluster {
     _dir: tempfile::TempDir,
     procs: Vec<Proc>,
+    /// Each node's OpenAI gateway and Envoy rate limit service ports.
+    gateways: Vec<(u16, u16)>,
+    /// Where the gateways' upstream is expected (nothing listens unless a
+    /// test starts it).
+    upstream: u16,
     http: reqwest::Client,
 }
 
@@ -280,6 +285,8 @@ impl Cluster {
         let secret = dir.path().join("secret");
         std::fs::write(&secret, SECRET).expect("secret");
         let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
+        let gateways: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
+        let upstream = free_port();
         let peers: Vec<String> = ports
             .iter()
             .enumerate()
@@ -312,6 +319,13 @@ secret_file = "{secret}"
 peers = [{peers}]
 heartbeat = "50ms"
 election_timeout = "{ELECTION_MS}ms"
+[gateway]
+listen = ["127.0.0.1:{gateway}"]
+grpc_listen = "127.0.0.1:{grpc}"
+[[gateway.upstreams]]
+name = "fake"
+base_url = "http://127.0.0.1:{upstream}/v1"
+models = ["*"]
 [[plans]]
 name = "free"
 default = true
@@ -326,7 +340,15 @@ default = true
   match = {{ event = "open" }}
   algorithm = "lifetime"
   max = {OPEN_CAP}
+  [[plans.limits]]
+  name = "gateway-tokens"
+  metric = "tokens"
+  match = {{ event = "llm.chat" }}
+  algorithm = "lifetime"
+  max = {OPEN_CAP}
 "#,
+                    gateway = gateways[i].0,
+                    grpc = gateways[i].1,
                     data = dir.path().join(format!("node{id}")).display(),
                     secret = secret.display(),
                     peers = peers.join(", "),
@@ -347,6 +369,8 @@ default = true
         Cluster {
             _dir: dir,
             procs,
+            gateways,
+            upstream,
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(5))
                 .build()
@@ -768,4 +792,100 @@ async fn members_are_removed_and_added_back_over_http() {
         assert!(Instant::now() < deadline, "node {} did not catch up{}", p.id, c.logs());
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// The OpenAI gateway and Envoy's rate limit service on a follower: the
+/// leader decides (the follower's engine takes no writes), the gateway's
+/// commit reaches the leader's counters with the upstream's usage, and a
+/// failed upstream call's hold is released there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_and_envoys_service_on_a_follower_ask_the_leader() {
+    use axum::routing::post;
+    use quotad::gateway::envoy::pb::envoy::extensions::common::ratelimit::v3::{
+        rate_limit_descriptor::Entry, RateLimitDescriptor,
+    };
+    use quotad::gateway::envoy::pb::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
+    use quotad::gateway::envoy::pb::envoy::service::ratelimit::v3::RateLimitRequest;
+
+    let c = Cluster::start();
+    let upstream = tokio::net::TcpListener::bind(("127.0.0.1", c.upstream))
+        .await
+        .expect("bind upstream");
+    let app = axum::Router::new().route(
+        "/v1/chat/completions",
+        post(|body: String| async move {
+            let v: Value = serde_json::from_str(&body).unwrap_or_default();
+            if v["model"] == "fail" {
+                return (axum::http::StatusCode::INTERNAL_SERVER_ERROR, "{}".to_string());
+            }
+            let answer = json!({
+                "id": "c1", "object": "chat.completion", "model": v["model"],
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 7, "completion_tokens": 5, "total_tokens": 12}
+            });
+            (axum::http::StatusCode::OK, answer.to_string())
+        }),
+    );
+    let server = tokio::spawn(async move {
+        let _ = axum::serve(upstream, app).await;
+    });
+    let l = c.leader().await;
+    let f = (l + 1) % 3;
+    let leader_used = |subject: &'static str, limit: &'static str| {
+        let c = &c;
+        async move {
+            let v = c.get(l, &format!("/v1/subjects/{subject}")).await.expect("subject");
+            v["counters"]
+                .as_array()
+                .and_then(|cs| cs.iter().find(|x| x["limit"] == limit))
+                .and_then(|x| x["used"].as_u64())
+                .unwrap_or(0)
+        }
+    };
+
+    let chat = |model: &str| {
+        c.http
+            .post(format!("http://127.0.0.1:{}/v1/chat/completions", c.gateways[f].0))
+            .header("x-quotad-subject", "gw-user")
+            .header("content-type", "application/json")
+            .body(
+                json!({"model": model, "max_tokens": 100, "messages": [{"role": "user", "content": "hello"}]})
+                    .to_string(),
+            )
+            .send()
+    };
+    let r = chat("any").await.expect("gateway answers");
+    assert_eq!(r.status(), 200, "{}", c.logs());
+    assert!(r.headers().contains_key("x-quotad-reservation"));
+    // Committed on the leader with the usage: 7 + 5, not the 100+ held.
+    assert_eq!(leader_used("gw-user", "gateway-tokens").await, 12);
+    let r = chat("fail").await.expect("gateway answers");
+    assert_eq!(r.status(), 500);
+    assert_eq!(
+        leader_used("gw-user", "gateway-tokens").await,
+        12,
+        "the failed call's hold is released"
+    );
+
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{}", c.gateways[f].1))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("grpc connects");
+    let mut rls = RateLimitServiceClient::new(channel);
+    let ask = RateLimitRequest {
+        domain: "capped".into(),
+        descriptors: vec![RateLimitDescriptor {
+            entries: vec![Entry {
+                key: "subject".into(),
+                value: "rls-user".into(),
+            }],
+            ..Default::default()
+        }],
+        hits_addend: 3,
+    };
+    let answer = rls.should_rate_limit(ask).await.expect("decided").into_inner();
+    assert_eq!(answer.statuses[0].limit_remaining as u64, CAP - 3);
+    assert_eq!(leader_used("rls-user", "capped").await, 3);
+    server.abort();
 }

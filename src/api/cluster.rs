@@ -166,26 +166,7 @@ async fn forward(c: &ClusterApi, leader: u64, api: &str, req: Request) -> Respon
     out = out.header(FORWARDED_HEADER, c.id());
     let resp = match out.send().await {
         Ok(r) => r,
-        Err(e) if e.is_connect() => {
-            // Nothing was sent: the leader is down or cut off, and an
-            // election is probably under way.
-            return ApiError::NoLeader(format!(
-                "the leader this node knows (node {leader} at {api}) cannot be reached; an election is probably \
-                 under way: retry, on any node"
-            ))
-            .into_response();
-        }
-        Err(e) => {
-            let unknown = if parts.method == Method::GET {
-                ""
-            } else {
-                " if it was sent, its outcome is unknown: retry with the same idempotency key;"
-            };
-            return ApiError::Unavailable(format!(
-                "the leader (node {leader} at {api}) did not answer:{unknown} {e}"
-            ))
-            .into_response();
-        }
+        Err(e) => return not_sent(&e, leader, api, parts.method != Method::GET).into_response(),
     };
     let status = resp.status();
     let mut headers = HeaderMap::new();
@@ -205,6 +186,122 @@ async fn forward(c: &ClusterApi, leader: u64, api: &str, req: Request) -> Respon
         ))
         .into_response(),
     }
+}
+
+/// The leader to ask, for a call this node took on a listener of its own
+/// (the gateway, Envoy's service): `None` when this node decides it (not a
+/// cluster, or the leader serving).
+pub(crate) fn leader_elsewhere(st: &AppState) -> Result<Option<(Arc<ClusterApi>, u64, String)>, ApiError> {
+    let Some(c) = st.core.get().and_then(|core| core.cluster.clone()) else {
+        return Ok(None);
+    };
+    if c.node.serving() {
+        return Ok(None);
+    }
+    match c.leader() {
+        Some((id, _)) if id == c.id() => Err(ApiError::NoLeader(
+            "this node was just elected and is catching up; retry in a moment".into(),
+        )),
+        Some((id, api)) => Ok(Some((c, id, api))),
+        None => Err(ApiError::NoLeader(
+            "no leader is elected now (a majority of the cluster is not reachable); retry".into(),
+        )),
+    }
+}
+
+/// POSTs `body` to `path` of the leader's HTTP API with the caller's
+/// `Authorization`, and reads its answer: the leader decides and stores
+/// exactly as for a request sent to it.
+pub(crate) async fn post_to_leader<T: serde::de::DeserializeOwned>(
+    (c, leader, api): (Arc<ClusterApi>, u64, String),
+    path: &str,
+    body: &serde_json::Value,
+    authorization: Option<&HeaderValue>,
+) -> Result<T, ApiError> {
+    let url = format!("{}{path}", api.trim_end_matches('/'));
+    let mut out = c
+        .http
+        .post(&url)
+        .header(axum::http::header::CONTENT_TYPE, "application/json")
+        .header(FORWARDED_HEADER, c.id())
+        .body(body.to_string());
+    if let Some(a) = authorization {
+        out = out.header(axum::http::header::AUTHORIZATION, a);
+    }
+    let resp = out.send().await.map_err(|e| not_sent(&e, leader, &api, true))?;
+    let status = resp.status();
+    let bytes = resp.bytes().await.map_err(|e| {
+        ApiError::Unavailable(format!(
+            "the leader's answer (node {leader} at {api}) was cut off; if the request changed anything, retry it \
+             with the same idempotency key: {e}"
+        ))
+    })?;
+    if status.is_success() {
+        return serde_json::from_slice(&bytes).map_err(|e| {
+            ApiError::Unavailable(format!(
+                "the leader (node {leader} at {api}) answered something unreadable: {e}"
+            ))
+        });
+    }
+    Err(relayed(status.as_u16(), &bytes))
+}
+
+/// The leader's error answer as this node's own.
+fn relayed(status: u16, body: &[u8]) -> ApiError {
+    let v: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+    let code = v["error"]["code"].as_str().unwrap_or("");
+    let message = v["error"]["message"].as_str().map_or_else(
+        || format!("the leader answered {status}: {}", String::from_utf8_lossy(body)),
+        str::to_string,
+    );
+    // The codes are the API's own: look each up to keep it `'static`.
+    let known = |codes: &[&'static str]| codes.iter().copied().find(|c| *c == code);
+    match status {
+        400 => match code {
+            "unknown_metric" => ApiError::UnknownMetric(message),
+            "unpriced" => ApiError::Unpriced(message),
+            _ => ApiError::InvalidRequest(message),
+        },
+        401 => ApiError::Unauthorized(message),
+        403 => ApiError::Forbidden(message),
+        404 => ApiError::NotFound(
+            known(&[
+                "unknown_reservation",
+                "unknown_subject",
+                "unknown_plan",
+                "unknown_limit",
+            ])
+            .unwrap_or("not_found"),
+            message,
+        ),
+        409 => ApiError::Conflict(
+            known(&["reservation_finished", "idempotency_conflict", "request_in_progress"]).unwrap_or("conflict"),
+            message,
+        ),
+        503 if code == "no_leader" => ApiError::NoLeader(message),
+        503 if code == "busy" => ApiError::Busy(message, 1),
+        _ => ApiError::Unavailable(message),
+    }
+}
+
+/// A forward that failed before an answer came back.
+fn not_sent(e: &reqwest::Error, leader: u64, api: &str, writes: bool) -> ApiError {
+    if e.is_connect() {
+        // Nothing was sent: the leader is down or cut off, and an election
+        // is probably under way.
+        return ApiError::NoLeader(format!(
+            "the leader this node knows (node {leader} at {api}) cannot be reached; an election is probably \
+             under way: retry, on any node"
+        ));
+    }
+    let unknown = if writes {
+        " if it was sent, its outcome is unknown: retry with the same idempotency key;"
+    } else {
+        ""
+    };
+    ApiError::Unavailable(format!(
+        "the leader (node {leader} at {api}) did not answer:{unknown} {e}"
+    ))
 }
 
 fn role_name(s: ServerState) -> &'static str {

@@ -1177,17 +1177,70 @@ async fn decide(
 
 /// A decision for a request built outside this module (the gateway):
 /// decided, waited for and made durable as `/v1/consume` and `/v1/reserve` are.
+///
+/// On a cluster node that does not lead, the call goes to the leader's HTTP
+/// API with the caller's `Authorization`, as a request to this node's API
+/// would be forwarded.
 pub(crate) async fn decide_call(
     st: &AppState,
     op: DecideOp,
     req: DecisionRequest,
     wait_ms: u64,
+    authorization: Option<&HeaderValue>,
 ) -> Result<Decision, ApiError> {
+    if let Some(leader) = cluster::leader_elsewhere(st)? {
+        let path = match op {
+            DecideOp::Check => "/v1/check",
+            DecideOp::Consume => "/v1/consume",
+            DecideOp::Reserve => "/v1/reserve",
+        };
+        let mut body = serde_json::json!({
+            "subject": req.subject,
+            "attributes": req.attributes,
+            "amounts": req.amounts,
+        });
+        let optional = [
+            ("event", req.event.map(serde_json::Value::from)),
+            ("idempotency_key", req.idempotency_key.map(serde_json::Value::from)),
+            ("ttl_ms", req.ttl_ms.map(serde_json::Value::from)),
+            ("priority", req.priority.map(|p| p.as_str().into())),
+            ("wait_ms", (wait_ms > 0).then_some(wait_ms.into())),
+        ];
+        for (k, v) in optional {
+            if let Some(v) = v {
+                body[k] = v;
+            }
+        }
+        return cluster::post_to_leader(leader, path, &body, authorization).await;
+    }
     settle(st, op, decide_request(st, op, req, wait_ms)?).await
 }
 
-/// Commits or releases a reservation as `/v1/reservations/{id}/…` does.
-pub(crate) async fn finish_call(st: &AppState, id: &str, action: Finish) -> Result<FinishAnswer, ApiError> {
+/// Commits or releases a reservation as `/v1/reservations/{id}/…` does (on
+/// the leader, when this cluster node does not lead).
+pub(crate) async fn finish_call(
+    st: &AppState,
+    id: &str,
+    action: Finish,
+    authorization: Option<&HeaderValue>,
+) -> Result<FinishAnswer, ApiError> {
+    if let Some(leader) = cluster::leader_elsewhere(st)? {
+        reservation_path(id)?;
+        let (path, body) = match &action {
+            Finish::Commit(amounts) => (
+                format!("/v1/reservations/{id}/commit"),
+                serde_json::json!({ "amounts": amounts }),
+            ),
+            Finish::Release => (format!("/v1/reservations/{id}/release"), serde_json::json!({})),
+            // Expiry is the leader's own record, never asked for.
+            Finish::Expire => {
+                return Err(ApiError::InvalidRequest(
+                    "a reservation expires by itself; it cannot be asked to".into(),
+                ))
+            }
+        };
+        return cluster::post_to_leader(leader, &path, &body, authorization).await;
+    }
     st.writable()?;
     let applied = st.engine()?.finish(id, action, st.now())?;
     st.durable(applied).await

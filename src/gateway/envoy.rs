@@ -79,12 +79,15 @@ impl RateLimitService for Rls {
         // Envoy sends a token as `initial_metadata` of its grpc_service.
         let headers = request.metadata().clone().into_headers();
         self.st.authorize(&headers, Role::Client).map_err(status_of)?;
+        let authorization = headers.get(http::header::AUTHORIZATION);
         let req = request.into_inner();
         let decisions = self.requests(&req)?;
         let mut statuses = Vec::with_capacity(decisions.len());
         let mut over = false;
         for (op, one) in decisions {
-            let d = decide_call(&self.st, op, one, 0).await.map_err(status_of)?;
+            let d = decide_call(&self.st, op, one, 0, authorization)
+                .await
+                .map_err(status_of)?;
             over |= !d.allowed;
             statuses.push(self.status(&d));
         }

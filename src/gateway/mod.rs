@@ -136,6 +136,8 @@ struct Asked {
     priority: Option<Priority>,
     wait_ms: u64,
     idempotency_key: Option<String>,
+    /// The caller's token: a cluster follower asks the leader with it.
+    authorization: Option<HeaderValue>,
 }
 
 impl Gateway {
@@ -171,6 +173,7 @@ impl Gateway {
             priority,
             wait_ms,
             idempotency_key,
+            authorization: headers.get(header::AUTHORIZATION).cloned(),
         })
     }
 
@@ -228,27 +231,38 @@ impl Gateway {
             ttl_ms: None,
             priority: asked.priority,
         };
-        let d = decide_call(&self.st, DecideOp::Reserve, req, asked.wait_ms)
-            .await
-            .map_err(refused)?;
+        let d = decide_call(
+            &self.st,
+            DecideOp::Reserve,
+            req,
+            asked.wait_ms,
+            asked.authorization.as_ref(),
+        )
+        .await
+        .map_err(refused)?;
         Ok((d, input))
     }
 
     /// Gives a hold back; a failure is logged (the hold expires by itself).
-    async fn release(&self, id: &str) {
-        if let Err(e) = finish_call(&self.st, id, Finish::Release).await {
+    async fn release(&self, id: &str, authorization: Option<&HeaderValue>) {
+        if let Err(e) = finish_call(&self.st, id, Finish::Release, authorization).await {
             tracing::warn!(reservation = id, error = %e, "the gateway could not release a hold; it expires by itself");
         }
     }
 
     /// Charges what the upstream reported: (prompt, completion) tokens, or
     /// without a report what was held.
-    async fn commit(&self, id: &str, usage: Option<(u64, u64)>) -> Option<crate::engine::FinishAnswer> {
+    async fn commit(
+        &self,
+        id: &str,
+        authorization: Option<&HeaderValue>,
+        usage: Option<(u64, u64)>,
+    ) -> Option<crate::engine::FinishAnswer> {
         let amounts = match usage {
             Some((input, output)) => self.amounts(input, output).ok()?,
             None => BTreeMap::new(),
         };
-        match finish_call(&self.st, id, Finish::Commit(amounts)).await {
+        match finish_call(&self.st, id, Finish::Commit(amounts), authorization).await {
             Ok(a) => Some(a),
             Err(e) => {
                 tracing::warn!(reservation = id, error = %e, "the gateway could not commit a call's usage");
@@ -355,7 +369,7 @@ async fn call(gw: Arc<Gateway>, kind: Kind, headers: HeaderMap, body: Result<Byt
     if decision.decision == Outcome::Degrade {
         if let Some(to) = upstream.degrade_to.get(&asked.model).cloned() {
             if let Some(id) = decision.reservation_id.clone() {
-                gw.release(&id).await;
+                gw.release(&id, asked.authorization.as_ref()).await;
             }
             let key = asked.idempotency_key.as_ref().map(|k| format!("{k}:degraded"));
             match gw.reserve(kind, &asked, upstream, &to, key).await {
@@ -414,7 +428,7 @@ async fn call(gw: Arc<Gateway>, kind: Kind, headers: HeaderMap, body: Result<Byt
     let resp = match sent {
         Ok(r) => r,
         Err(e) => {
-            gw.release(&id).await;
+            gw.release(&id, asked.authorization.as_ref()).await;
             tracing::warn!(upstream = %upstream.name, error = %e, "the upstream could not be reached");
             return oai_error(
                 StatusCode::BAD_GATEWAY,
@@ -441,14 +455,20 @@ async fn call(gw: Arc<Gateway>, kind: Kind, headers: HeaderMap, body: Result<Byt
         let body = stream::metered(
             gw.clone(),
             resp,
-            stream::Tally::new(id, asked.model.clone(), input, asked.wants_usage),
+            stream::Tally::new(
+                id,
+                asked.authorization.clone(),
+                asked.model.clone(),
+                input,
+                asked.wants_usage,
+            ),
         );
         return (status, headers, Body::from_stream(body)).into_response();
     }
     let bytes = match resp.bytes().await {
         Ok(b) => b,
         Err(e) => {
-            gw.release(&id).await;
+            gw.release(&id, asked.authorization.as_ref()).await;
             tracing::warn!(upstream = %upstream.name, error = %e, "the upstream's answer was cut off");
             return oai_error(
                 StatusCode::BAD_GATEWAY,
@@ -462,7 +482,7 @@ async fn call(gw: Arc<Gateway>, kind: Kind, headers: HeaderMap, body: Result<Byt
         }
     };
     if !status.is_success() {
-        gw.release(&id).await;
+        gw.release(&id, asked.authorization.as_ref()).await;
         let mut r = (status, bytes).into_response();
         if let Some(ct) = content_type {
             r.headers_mut().insert(header::CONTENT_TYPE, ct);
@@ -471,7 +491,9 @@ async fn call(gw: Arc<Gateway>, kind: Kind, headers: HeaderMap, body: Result<Byt
         return r;
     }
     let parsed: Option<Value> = serde_json::from_slice(&bytes).ok();
-    let answer = gw.commit(&id, parsed.as_ref().and_then(usage_of)).await;
+    let answer = gw
+        .commit(&id, asked.authorization.as_ref(), parsed.as_ref().and_then(usage_of))
+        .await;
     let cost = answer.as_ref().and_then(|a| a.cost.as_ref()).map(|c| c.amount_micros);
     let mut r = (status, bytes).into_response();
     r.headers_mut().insert(

@@ -8,6 +8,7 @@
 use std::sync::Arc;
 
 use axum::body::Bytes;
+use axum::http::HeaderValue;
 use futures_util::StreamExt;
 use serde_json::Value;
 
@@ -16,6 +17,8 @@ use super::{tokens, usage_of, Gateway};
 /// What one stream has seen.
 pub struct Tally {
     id: String,
+    /// The caller's `Authorization`: a cluster follower commits on the leader with it.
+    authorization: Option<HeaderValue>,
     model: String,
     input: u64,
     wants_usage: bool,
@@ -27,9 +30,10 @@ pub struct Tally {
 }
 
 impl Tally {
-    pub fn new(id: String, model: String, input: u64, wants_usage: bool) -> Tally {
+    pub fn new(id: String, authorization: Option<HeaderValue>, model: String, input: u64, wants_usage: bool) -> Tally {
         Tally {
             id,
+            authorization,
             model,
             input,
             wants_usage,
@@ -111,7 +115,7 @@ struct Guard(Option<(Arc<Gateway>, Tally)>);
 impl Guard {
     async fn finish(&mut self) {
         if let Some((gw, t)) = self.0.take() {
-            gw.commit(&t.id, Some(t.charge())).await;
+            gw.commit(&t.id, t.authorization.as_ref(), Some(t.charge())).await;
         }
     }
 }
@@ -122,7 +126,7 @@ impl Drop for Guard {
         if let Some((gw, t)) = self.0.take() {
             if let Ok(rt) = tokio::runtime::Handle::try_current() {
                 rt.spawn(async move {
-                    gw.commit(&t.id, Some(t.charge())).await;
+                    gw.commit(&t.id, t.authorization.as_ref(), Some(t.charge())).await;
                 });
             }
         }
@@ -176,7 +180,7 @@ mod tests {
 
     #[test]
     fn events_are_passed_whole_and_the_usage_chunk_is_read() {
-        let mut t = Tally::new("r".into(), "gpt-4o".into(), 10, false);
+        let mut t = Tally::new("r".into(), None, "gpt-4o".into(), 10, false);
         let a = b"data: {\"choices\":[{\"delta\":{\"content\":\"hel\"}}]}\n\nda";
         assert_eq!(
             t.feed(a),
@@ -190,7 +194,7 @@ mod tests {
         assert!(t.feed(usage).is_empty(), "hidden from a caller who did not ask");
         assert_eq!(t.charge(), (7, 3));
         assert_eq!(t.feed(b"data: [DONE]\n\n"), b"data: [DONE]\n\n".to_vec());
-        let mut asked = Tally::new("r".into(), "gpt-4o".into(), 10, true);
+        let mut asked = Tally::new("r".into(), None, "gpt-4o".into(), 10, true);
         assert_eq!(asked.feed(usage), usage.to_vec());
     }
 }
