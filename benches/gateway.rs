@@ -34,7 +34,11 @@ fn env_or(name: &str, default: usize) -> usize {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn chunk(content: &str) -> String {
@@ -151,7 +155,10 @@ fn main() {
     let calls = env_or("QUOTAD_BENCH_CALLS", 2000);
     let rounds = env_or("QUOTAD_BENCH_ROUNDS", 3);
     let concurrency = env_or("QUOTAD_BENCH_CONCURRENCY", 32);
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async move {
         let upstream = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let up = upstream.local_addr().unwrap();

@@ -3,7 +3,8 @@
 //! fsync latency, batch sizes and bytes; snapshot duration, size and time;
 //! recovery duration and torn-tail bytes; readiness; open, evicted, refused and
 //! timed-out connections; live counters, subjects, holds and idempotency keys
-//! (read from the engine at scrape time).
+//! (read from the engine at scrape time); with `[gateway]` the gateway's and
+//! Envoy's rate limit service's figures, and in a cluster Raft's.
 
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
@@ -132,6 +133,83 @@ struct RoleLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PeerLabels {
     peer: u64,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct GatewayCallLabels {
+    endpoint: &'static str,
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabels {
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UpstreamLabels {
+    upstream: Arc<str>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CodeLabels {
+    code: &'static str,
+}
+
+/// The OpenAI gateway's and Envoy's rate limit service's figures: registered
+/// only when `[gateway]` is configured.
+#[derive(Debug)]
+pub struct GatewayMetrics {
+    calls: Family<GatewayCallLabels, Counter>,
+    tokens: Family<KindLabels, Counter>,
+    upstream_seconds: Family<UpstreamLabels, Histogram, fn() -> Histogram>,
+    rls_descriptors: Family<CodeLabels, Counter>,
+    rls_errors: Counter,
+}
+
+impl Default for GatewayMetrics {
+    fn default() -> Self {
+        GatewayMetrics {
+            calls: Family::default(),
+            tokens: Family::default(),
+            upstream_seconds: Family::new_with_constructor(latency_buckets),
+            rls_descriptors: Family::default(),
+            rls_errors: Counter::default(),
+        }
+    }
+}
+
+impl GatewayMetrics {
+    /// One gateway call ended.
+    pub fn call(&self, endpoint: &'static str, result: &'static str) {
+        self.calls.get_or_create(&GatewayCallLabels { endpoint, result }).inc();
+    }
+
+    /// Tokens charged at a commit.
+    pub fn tokens(&self, input: u64, output: u64) {
+        self.tokens.get_or_create(&KindLabels { kind: "input" }).inc_by(input);
+        self.tokens.get_or_create(&KindLabels { kind: "output" }).inc_by(output);
+    }
+
+    /// How long an upstream took to its headers.
+    pub fn upstream(&self, upstream: &Arc<str>, took: Duration) {
+        self.upstream_seconds
+            .get_or_create(&UpstreamLabels {
+                upstream: upstream.clone(),
+            })
+            .observe(took.as_secs_f64());
+    }
+
+    /// A descriptor decided by the rate limit service.
+    pub fn rls_descriptor(&self, over_limit: bool) {
+        let code = if over_limit { "over_limit" } else { "ok" };
+        self.rls_descriptors.get_or_create(&CodeLabels { code }).inc();
+    }
+
+    /// A rate limit request refused with an error.
+    pub fn rls_error(&self) {
+        self.rls_errors.inc();
+    }
 }
 
 /// A cluster node's figures: registered only when `[cluster]` is configured,
@@ -540,6 +618,42 @@ impl Metrics {
             c.peer_lag.clone(),
         );
         c
+    }
+
+    /// Registers the gateway's figures (only when `[gateway]` is configured).
+    pub fn register_gateway(&self) -> Arc<GatewayMetrics> {
+        let g = Arc::new(GatewayMetrics::default());
+        let mut r = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+        let sub = r.sub_registry_with_prefix("gateway");
+        sub.register(
+            "calls",
+            "Gateway calls by endpoint and result: forwarded (2xx from the upstream), denied (429 from quotad), \
+             upstream_error (the upstream failed or answered an error; the hold was released), refused (a bad \
+             call, a token or an unknown model; nothing was held)",
+            g.calls.clone(),
+        );
+        sub.register(
+            "tokens",
+            "Tokens charged from upstreams' reported usage (or counted from a stream cut short), by kind",
+            g.tokens.clone(),
+        );
+        sub.register(
+            "upstream_seconds",
+            "Seconds until an upstream's answer headers arrived, by upstream",
+            g.upstream_seconds.clone(),
+        );
+        let rls = r.sub_registry_with_prefix("rls");
+        rls.register(
+            "descriptors",
+            "Descriptors Envoy's rate limit service decided, by code (ok, over_limit)",
+            g.rls_descriptors.clone(),
+        );
+        rls.register(
+            "errors",
+            "Rate limit requests refused with a gRPC error (bad request, token, no leader)",
+            g.rls_errors.clone(),
+        );
+        g
     }
 
     /// Renders everything, with the engine's gauges as of now.

@@ -334,6 +334,10 @@ impl Server {
                 Bound::Tcp(_) => None,
             })
             .collect();
+        let gw_metrics = match gateway.is_some() || grpc.is_some() {
+            true => state.metrics.register_gateway(),
+            false => Arc::default(),
+        };
         let mut accept_tasks = spawn_accept_loops(
             api::router(state.clone()),
             listeners,
@@ -342,7 +346,8 @@ impl Server {
             &stop_rx,
         );
         if let Some((checked, bound)) = gateway {
-            let router = crate::gateway::router(state.clone(), checked).map_err(ServerError::Gateway)?;
+            let router =
+                crate::gateway::router(state.clone(), checked, gw_metrics.clone()).map_err(ServerError::Gateway)?;
             accept_tasks.extend(spawn_accept_loops(
                 router,
                 bound,
@@ -351,7 +356,8 @@ impl Server {
                 &stop_rx,
             ));
         }
-        let grpc_task = grpc.map(|(subject_key, bound)| spawn_grpc(state.clone(), subject_key, bound, &stop_rx));
+        let grpc_task = grpc
+            .map(|(subject_key, bound)| spawn_grpc(state.clone(), subject_key, bound, gw_metrics.clone(), &stop_rx));
 
         let (engine, storage, cluster) = match backing {
             Backing::Memory(journal) => (Arc::new(Engine::new(policy, journal)), None, None),
@@ -642,9 +648,10 @@ fn spawn_grpc(
     state: Arc<AppState>,
     subject_key: String,
     bound: Bound,
+    metrics: Arc<crate::metrics::GatewayMetrics>,
     stop_rx: &watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<()> {
-    let svc = crate::gateway::envoy::service(state, subject_key).max_decoding_message_size(1 << 20);
+    let svc = crate::gateway::envoy::service(state, subject_key, metrics).max_decoding_message_size(1 << 20);
     let mut stop = stop_rx.clone();
     tokio::spawn(async move {
         let signal = async move {

@@ -169,6 +169,15 @@ async fn ok_then_over_limit_with_the_binding_limits_figures() {
         s.clock.advance(60_000);
         let r = ask(&mut c, request("api", alice(), 0)).await;
         assert_eq!(r.overall_code, Code::Ok as i32);
+        // 9 descriptors decided (2 over the limit); no errors.
+        let m = s.get("/metrics").await.text;
+        for line in [
+            "quotad_rls_descriptors_total{code=\"ok\"} 7",
+            "quotad_rls_descriptors_total{code=\"over_limit\"} 2",
+            "quotad_rls_errors_total 0",
+        ] {
+            assert!(m.contains(line), "{t:?}: no {line:?} in:\n{m}");
+        }
         drop(c);
         s.stop().await;
     }
@@ -266,6 +275,8 @@ async fn bad_requests_are_refused_in_plain_words_and_charge_nothing() {
         assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
         assert!(e.message().contains(says), "{:?} should say {says:?}", e.message());
     }
+    let m = s.get("/metrics").await.text;
+    assert!(m.contains("quotad_rls_errors_total 6"), "{m}");
     let v = s.get("/v1/subjects/alice").await;
     let used: u64 = v.body["counters"]
         .as_array()

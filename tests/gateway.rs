@@ -413,3 +413,47 @@ fn a_bad_gateway_section_is_refused_naming_the_key() {
         assert!(!err.message.contains("::"), "{}", err.message);
     }
 }
+
+/// `quotad_gateway_*`: calls by how they ended, tokens charged, upstream
+/// time; none of it without `[gateway]`.
+#[tokio::test]
+async fn gateway_metrics_count_calls_by_result_and_tokens_charged() {
+    let g = setup("").await;
+    assert_eq!(
+        g.post("/v1/chat/completions", Some("gus"), chat("gpt-4o-mini")).await.0,
+        200
+    );
+    assert_eq!(
+        g.post("/v1/chat/completions", Some("gus"), chat("gpt-4-capped"))
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        g.post("/v1/chat/completions", Some("gus"), chat("gpt-4-capped"))
+            .await
+            .0,
+        429
+    );
+    assert_eq!(
+        g.post("/v1/chat/completions", Some("gus"), chat("fail-500")).await.0,
+        500
+    );
+    assert_eq!(g.post("/v1/chat/completions", None, chat("gpt-4o-mini")).await.0, 400);
+    let m = g.s.get("/metrics").await.text;
+    for line in [
+        "quotad_gateway_calls_total{endpoint=\"chat\",result=\"forwarded\"} 2",
+        "quotad_gateway_calls_total{endpoint=\"chat\",result=\"denied\"} 1",
+        "quotad_gateway_calls_total{endpoint=\"chat\",result=\"upstream_error\"} 1",
+        "quotad_gateway_calls_total{endpoint=\"chat\",result=\"refused\"} 1",
+        // Two charged calls of 11 prompt and 7 completion tokens.
+        "quotad_gateway_tokens_total{kind=\"input\"} 22",
+        "quotad_gateway_tokens_total{kind=\"output\"} 14",
+        "quotad_gateway_upstream_seconds_count{upstream=\"fake\"} 3",
+    ] {
+        assert!(m.contains(line), "no {line:?} in:\n{m}");
+    }
+    let plain = TestServer::start("", Transport::Tcp).await;
+    let m = plain.get("/metrics").await.text;
+    assert!(!m.contains("quotad_gateway_") && !m.contains("quotad_rls_"), "{m}");
+}

@@ -84,7 +84,7 @@ fn default_event() -> String {
 /// One upstream, checked and with its key read.
 #[derive(Debug, Clone)]
 pub struct Upstream {
-    pub name: String,
+    pub name: std::sync::Arc<str>,
     /// Without a trailing `/`.
     pub base_url: String,
     pub api_key: Option<String>,
@@ -222,7 +222,7 @@ impl GatewayConfig {
                 }
             };
             upstreams.push(Upstream {
-                name: u.name.clone(),
+                name: u.name.as_str().into(),
                 base_url: u.base_url.trim_end_matches('/').to_string(),
                 api_key,
                 event: u.event.clone(),

@@ -20,6 +20,7 @@ use crate::api::{binding_counter, bounds, check_attribute, check_text, decide_ca
 use crate::config::Role;
 use crate::engine::policy::MaxValue;
 use crate::engine::{DecideOp, Decision, DecisionRequest};
+use crate::metrics::GatewayMetrics;
 use crate::period::{Period, Unit as PeriodUnit};
 
 /// Envoy's protos, compiled by the build script (`src/gateway/build.rs`).
@@ -40,11 +41,16 @@ const MAX_DESCRIPTORS: usize = 64;
 pub struct Rls {
     st: Arc<AppState>,
     subject_key: String,
+    metrics: Arc<GatewayMetrics>,
 }
 
 /// The gRPC service over the daemon's state.
-pub fn service(st: Arc<AppState>, subject_key: String) -> RateLimitServiceServer<Rls> {
-    RateLimitServiceServer::new(Rls { st, subject_key })
+pub fn service(st: Arc<AppState>, subject_key: String, metrics: Arc<GatewayMetrics>) -> RateLimitServiceServer<Rls> {
+    RateLimitServiceServer::new(Rls {
+        st,
+        subject_key,
+        metrics,
+    })
 }
 
 /// A quotad error as a gRPC status. Envoy treats any error per its
@@ -76,6 +82,16 @@ impl RateLimitService for Rls {
         &self,
         request: Request<RateLimitRequest>,
     ) -> Result<Response<RateLimitResponse>, Status> {
+        let answer = self.decide(request).await;
+        if answer.is_err() {
+            self.metrics.rls_error();
+        }
+        answer
+    }
+}
+
+impl Rls {
+    async fn decide(&self, request: Request<RateLimitRequest>) -> Result<Response<RateLimitResponse>, Status> {
         // Envoy sends a token as `initial_metadata` of its grpc_service.
         let headers = request.metadata().clone().into_headers();
         self.st.authorize(&headers, Role::Client).map_err(status_of)?;
@@ -91,6 +107,9 @@ impl RateLimitService for Rls {
             over |= !d.allowed;
             statuses.push(self.status(&d));
         }
+        for s in &statuses {
+            self.metrics.rls_descriptor(s.code == Code::OverLimit as i32);
+        }
         let overall = if over { Code::OverLimit } else { Code::Ok };
         Ok(Response::new(RateLimitResponse {
             overall_code: overall as i32,
@@ -98,9 +117,7 @@ impl RateLimitService for Rls {
             ..Default::default()
         }))
     }
-}
 
-impl Rls {
     /// The decisions a request asks for, each checked; a bad one refuses the
     /// whole request before anything is charged.
     fn requests(&self, req: &RateLimitRequest) -> Result<Vec<(DecideOp, DecisionRequest)>, Status> {

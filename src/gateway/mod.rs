@@ -36,6 +36,7 @@ use crate::api::{decide_call, finish_call, rate_headers, ApiError, AppState};
 use crate::config::Role;
 use crate::engine::policy::Priority;
 use crate::engine::{DecideOp, Decision, DecisionRequest, Finish, Outcome};
+use crate::metrics::GatewayMetrics;
 use config::{Checked, Upstream};
 
 /// The gateway's state: the daemon's (engine, tokens, clock) and its own.
@@ -43,6 +44,7 @@ pub struct Gateway {
     st: Arc<AppState>,
     cfg: Checked,
     http: reqwest::Client,
+    metrics: Arc<GatewayMetrics>,
 }
 
 /// Which endpoint.
@@ -59,19 +61,32 @@ impl Kind {
             Kind::Embeddings => "embeddings",
         }
     }
+
+    fn label(self) -> &'static str {
+        match self {
+            Kind::Chat => "chat",
+            Kind::Embeddings => "embeddings",
+        }
+    }
 }
 
 /// The gateway's router.
-pub fn router(st: Arc<AppState>, cfg: Checked) -> Result<Router, String> {
+pub fn router(st: Arc<AppState>, cfg: Checked, metrics: Arc<GatewayMetrics>) -> Result<Router, String> {
     let http = reqwest::Client::builder()
         .connect_timeout(std::time::Duration::from_secs(10))
         .build()
         .map_err(|e| format!("cannot build the gateway's HTTP client: {e}"))?;
     let limit = cfg.max_body_bytes;
-    let gw = Arc::new(Gateway { st, cfg, http });
+    let gw = Arc::new(Gateway { st, cfg, http, metrics });
     Ok(Router::new()
-        .route("/v1/chat/completions", post(|State(g), h, b| call(g, Kind::Chat, h, b)))
-        .route("/v1/embeddings", post(|State(g), h, b| call(g, Kind::Embeddings, h, b)))
+        .route(
+            "/v1/chat/completions",
+            post(|State(g), h, b| counted(g, Kind::Chat, h, b)),
+        )
+        .route(
+            "/v1/embeddings",
+            post(|State(g), h, b| counted(g, Kind::Embeddings, h, b)),
+        )
         .fallback(|| async {
             oai_error(
                 StatusCode::NOT_FOUND,
@@ -221,7 +236,7 @@ impl Gateway {
         };
         let mut attributes = BTreeMap::new();
         attributes.insert("model".to_string(), model.to_string());
-        attributes.insert("upstream".to_string(), upstream.name.clone());
+        attributes.insert("upstream".to_string(), upstream.name.to_string());
         let req = DecisionRequest {
             subject: asked.subject.clone(),
             event: Some(upstream.event.clone()),
@@ -263,7 +278,12 @@ impl Gateway {
             None => BTreeMap::new(),
         };
         match finish_call(&self.st, id, Finish::Commit(amounts), authorization).await {
-            Ok(a) => Some(a),
+            Ok(a) => {
+                if let Some((input, output)) = usage {
+                    self.metrics.tokens(input, output);
+                }
+                Some(a)
+            }
             Err(e) => {
                 tracing::warn!(reservation = id, error = %e, "the gateway could not commit a call's usage");
                 None
@@ -321,6 +341,24 @@ fn usage_of(v: &Value) -> Option<(u64, u64)> {
     let prompt = u.get("prompt_tokens")?.as_u64()?;
     let completion = u.get("completion_tokens").and_then(Value::as_u64).unwrap_or(0);
     Some((prompt, completion))
+}
+
+/// A call, counted in `quotad_gateway_calls_total` by how it ended.
+async fn counted(gw: Arc<Gateway>, kind: Kind, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Response {
+    let r = call(gw.clone(), kind, headers, body).await;
+    let status = r.status();
+    let result = if status.is_success() {
+        "forwarded"
+    } else if r.headers().contains_key("x-quotad-reservation") || status == StatusCode::BAD_GATEWAY {
+        // Held, then the upstream failed: the hold went back.
+        "upstream_error"
+    } else if status == StatusCode::TOO_MANY_REQUESTS && r.headers().contains_key("x-quotad-decision") {
+        "denied"
+    } else {
+        "refused"
+    };
+    gw.metrics.call(kind.label(), result);
+    r
 }
 
 async fn call(gw: Arc<Gateway>, kind: Kind, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Response {
@@ -417,6 +455,7 @@ async fn call(gw: Arc<Gateway>, kind: Kind, headers: HeaderMap, body: Result<Byt
         req = req.bearer_auth(k);
     }
     // A stream's timeout covers its headers only: the answer may run long.
+    let started = std::time::Instant::now();
     let sent = if asked.stream {
         match tokio::time::timeout(gw.cfg.upstream_timeout, req.send()).await {
             Ok(r) => r.map_err(|e| e.to_string()),
@@ -426,7 +465,10 @@ async fn call(gw: Arc<Gateway>, kind: Kind, headers: HeaderMap, body: Result<Byt
         req.send().await.map_err(|e| e.to_string())
     };
     let resp = match sent {
-        Ok(r) => r,
+        Ok(r) => {
+            gw.metrics.upstream(&upstream.name, started.elapsed());
+            r
+        }
         Err(e) => {
             gw.release(&id, asked.authorization.as_ref()).await;
             tracing::warn!(upstream = %upstream.name, error = %e, "the upstream could not be reached");
