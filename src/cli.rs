@@ -520,6 +520,12 @@ fn serve(config_path: Option<&Path>, log_format: Option<LogFormatArg>) -> ExitCo
         for addr in server.local_addrs() {
             tracing::info!(config = %name, %addr, "listening");
         }
+        for addr in server.gateway_addrs() {
+            tracing::info!(%addr, "the OpenAI gateway is listening");
+        }
+        if let Some(addr) = server.grpc_addr() {
+            tracing::info!(%addr, "Envoy's rate limit service (gRPC) is listening");
+        }
         // SIGHUP re-reads the configuration; an invalid file leaves the old one in force.
         let state = server.state();
         tokio::spawn(async move {

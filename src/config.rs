@@ -872,6 +872,7 @@ impl Config {
         if let Some(g) = &self.gateway {
             g.check(!self.auth.tokens.is_empty())?;
         }
+        self.no_address_twice()?;
         for (i, t) in self.auth.tokens.iter().enumerate() {
             let key = format!("auth.tokens[{i}]");
             if let Some(name) = &t.name {
@@ -910,6 +911,50 @@ impl Config {
             breakers: self.breakers.clone(),
             anomalies: self.anomalies.clone(),
         }
+    }
+
+    /// Refuses one address given to two listeners of this daemon, which
+    /// would otherwise fail at start with a bare "address in use".
+    fn no_address_twice(&self) -> Result<(), ConfigError> {
+        let mut all: Vec<(String, &str)> = Vec::new();
+        all.extend(
+            self.server
+                .listen
+                .iter()
+                .enumerate()
+                .map(|(i, l)| (format!("server.listen[{i}]"), l.as_str())),
+        );
+        if let Some(g) = &self.gateway {
+            all.extend(
+                g.listen
+                    .iter()
+                    .enumerate()
+                    .map(|(i, l)| (format!("gateway.listen[{i}]"), l.as_str())),
+            );
+            all.extend(
+                g.grpc_listen
+                    .iter()
+                    .map(|l| ("gateway.grpc_listen".to_string(), l.as_str())),
+            );
+        }
+        if let Some(c) = &self.cluster {
+            all.push(("cluster.raft_listen".into(), c.raft_listen.as_str()));
+        }
+        let parsed: Vec<(String, ListenAddr)> = all
+            .into_iter()
+            .filter_map(|(k, l)| ListenAddr::parse(l).ok().map(|a| (k, a)))
+            // Port 0: the system picks a free port for each.
+            .filter(|(_, a)| !matches!(a, ListenAddr::Tcp(t) if t.ends_with(":0")))
+            .collect();
+        for (i, (key, addr)) in parsed.iter().enumerate() {
+            if let Some((first, _)) = parsed[..i].iter().find(|(_, a)| a == addr) {
+                return Err(ConfigError::new(
+                    key,
+                    format!("{addr} is also {first}: each listener needs an address of its own"),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// The parsed listen addresses (valid after `sanitize`).

@@ -329,3 +329,17 @@ async fn grpc_alone_needs_no_upstreams_and_bad_settings_are_named() {
     let e = check("[gateway]\ngrpc_listen = \"nowhere\"\n").unwrap_err().to_string();
     assert!(e.contains("gateway.grpc_listen"), "{e}");
 }
+
+#[test]
+fn one_address_for_two_listeners_is_refused_naming_both() {
+    use quotad::config::Config;
+    let text = "[server]\nlisten = [\"127.0.0.1:7878\"]\n[gateway]\ngrpc_listen = \"127.0.0.1:7878\"\n";
+    let e = Config::from_toml(text, "t.toml")
+        .and_then(|c| c.sanitize())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("gateway.grpc_listen") && e.contains("server.listen[0]") && e.contains("127.0.0.1:7878"),
+        "{e}"
+    );
+}
