@@ -167,7 +167,7 @@ pub struct DecisionArgs {
     /// An amount, `metric=number` (repeatable; requests defaults to 1).
     #[arg(long = "amount", value_parser = key_number)]
     pub amounts: Vec<(String, u64)>,
-    /// Idempotency key (consume only).
+    /// Idempotency key (consume only: `check` changes nothing and refuses it).
     #[arg(long)]
     pub key: Option<String>,
     /// Connection.
@@ -1170,6 +1170,15 @@ pub fn main() -> ExitCode {
             Some(decision_body(&a, true)),
             print_decision,
         ),
+        Command::Check(a) if a.key.is_some() => {
+            // The API refuses keys on check; dropping it silently would let
+            // a user believe the check was made idempotent.
+            eprintln!(
+                "quotad: check does not take --key: a check changes nothing, so it has no idempotency key \
+                 (consume takes one)"
+            );
+            ExitCode::from(2) // as clap's own usage errors
+        }
         Command::Check(a) => client_call(
             &a.connect,
             cfg,

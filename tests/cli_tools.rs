@@ -383,3 +383,16 @@ fn a_sighup_reload_is_logged_in_words() {
         "{logged}"
     );
 }
+
+/// `check --key` is refused in words, before anything is sent (the API
+/// refuses keys on check; the key was once dropped silently).
+#[test]
+fn check_refuses_an_idempotency_key() {
+    let o = quotad(&["check", "alice", "--key", "k1", "--addr", "127.0.0.1:9"]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o.stderr));
+    assert!(
+        text(&o.stderr).contains("check does not take --key"),
+        "{}",
+        text(&o.stderr)
+    );
+}

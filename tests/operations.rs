@@ -188,7 +188,14 @@ async fn reload_applies_a_good_file_and_keeps_the_old_one_on_a_bad_file() {
         "the old token is gone"
     );
     let rotated = [("authorization", "Bearer rotated-admin-token-000")];
-    assert_eq!(s.req("GET", "/v1/admin/digest", None, &rotated).await.status, 200);
+    let d = s.req("GET", "/v1/admin/digest", None, &rotated).await;
+    assert_eq!(d.status, 200);
+    // Its subject count is not /metrics' quotad_subjects, and it says so.
+    assert!(
+        d.body["note"].as_str().is_some_and(|n| n.contains("quotad_subjects")),
+        "{}",
+        d.text
+    );
     s.stop().await;
 }
 

@@ -521,7 +521,10 @@ impl Engine {
             z ^ (z >> 33)
         }
         let json = |v: &dyn erased::Json| v.to_json();
-        let mut d = StateDigest::default();
+        let mut d = StateDigest {
+            note: DIGEST_NOTE,
+            ..StateDigest::default()
+        };
         let _ = self.for_each_shard(|_, shard| -> Result<(), ()> {
             for (name, st) in shard.subjects.iter() {
                 if st.plan().is_some() || !st.overrides().is_empty() || !st.holds().is_empty() {
@@ -587,7 +590,15 @@ pub struct StateDigest {
     pub reservations: u64,
     /// Idempotency keys kept.
     pub idempotency_keys: u64,
+    /// What `subjects` counts, said in the answer: it differs from
+    /// `quotad_subjects`, which also counts subjects known only by counters.
+    pub note: &'static str,
 }
+
+/// [`StateDigest::note`].
+pub const DIGEST_NOTE: &str =
+    "subjects counts subjects with a plan, overrides or open holds (the state a restart must \
+     keep); quotad_subjects in /metrics also counts subjects known only by their counters";
 
 fn hex<S: serde::Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&format!("{v:016x}"))
