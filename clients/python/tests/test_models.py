@@ -160,3 +160,19 @@ def test_policy_request_building():
         _core.put_item_call("plans", "p", ["not", "a", "dict"], None, None)
     with pytest.raises(ValueError):
         _core.get_plan_call("")
+
+
+def test_finish_carries_the_commit_cost():
+    raw = {
+        "reservation_id": "res_1",
+        "subject": "u",
+        "status": "committed",
+        "expired": False,
+        "held": {"tokens": 100},
+        "charged": {"tokens": 40},
+        "counters": [],
+        "cost": {"amount_micros": 1200, "currency": "USD", "price": "gpt-4o"},
+    }
+    f = quotad.Finish.from_json(raw)
+    assert f.cost is not None and (f.cost.amount_micros, f.cost.currency) == (1200, "USD")
+    assert quotad.Finish.from_json({**raw, "cost": None}).cost is None

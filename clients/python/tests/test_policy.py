@@ -301,3 +301,27 @@ def test_async_policy(policy_daemon, transport, subject):
             assert ch.policy == now.policy
 
     asyncio.run(main())
+
+
+def test_stream_events_filters_by_type(admin):
+    name = unique("stream")
+    admin.put_limit(name, {"scope": "global", "period": "1h", "max": 5})
+    admin.delete_limit(name)
+    got = []
+    stream = admin.stream_events(last_event_id=0, type="policy.*", reconnect=False, read_timeout=1.0)
+    try:
+        for e in stream:
+            got.append(e)
+    except quotad.Unavailable as e:
+        assert e.code == "timeout"  # nothing more within a second
+    finally:
+        stream.close()
+    assert got and all(e.type == "policy.changed" for e in got)
+    # A type nothing has: the stream stays silent.
+    none = admin.stream_events(last_event_id=0, type="breaker.*", reconnect=False, read_timeout=1.0)
+    try:
+        assert list(none) == []
+    except quotad.Unavailable as e:
+        assert e.code == "timeout"
+    finally:
+        none.close()

@@ -106,6 +106,8 @@ export interface StreamOptions {
   reconnect?: boolean | number;
   /** Treat a connection silent for this long (ms) as dropped; default: never. */
   readTimeoutMs?: number;
+  /** Only events of this type, or a prefix with `*` (`"breaker.*"`); filtered by the server. */
+  type?: string;
   /** Stops the stream. */
   signal?: AbortSignal;
 }
@@ -787,7 +789,8 @@ export class QuotadClient {
     let last = options.lastEventId !== undefined ? String(options.lastEventId) : null;
     const r = options.reconnect ?? true;
     const limit = r === true ? null : r === false ? 0 : Math.max(0, Math.floor(r));
-    const call = { method: "GET", path: "/v1/events/stream" };
+    const query = options.type ? `?type=${encodeURIComponent(options.type)}` : "";
+    const call = { method: "GET", path: `/v1/events/stream${query}` };
     const signal = options.signal;
     let failures = 0;
     while (!signal?.aborted) {

@@ -26,7 +26,7 @@ export {
 export type { QuotadErrorOptions } from "./errors.js";
 export { SSEParser } from "./sse.js";
 export type { SSEMessage } from "./sse.js";
-export { parseTime, parseDecision } from "./types.js";
+export { parseTime, parseDecision, parseFinish } from "./types.js";
 export type {
   Algorithm,
   Amounts,

@@ -116,6 +116,8 @@ export interface Finish {
   held: Amounts;
   charged: Amounts;
   counters: Counter[];
+  /** What the commit charged in money, when pricing is configured. */
+  cost: Cost | null;
   raw: JsonObject;
 }
 
@@ -530,6 +532,7 @@ export function parseFinish(d: JsonObject): Finish {
     held: amounts(d.held),
     charged: amounts(d.charged),
     counters: objs(d.counters).map(parseCounter),
+    cost: parseCost(d.cost),
     raw: d,
   };
 }

@@ -6,7 +6,7 @@ import assert from "node:assert/strict";
 import { randomUUID } from "node:crypto";
 import { after, before, describe, test } from "node:test";
 
-import { Conflict, Forbidden, InvalidRequest, NotFound, PreconditionFailed, QuotadClient, QuotadError } from "../dist/index.js";
+import { Conflict, Forbidden, InvalidRequest, NotFound, PreconditionFailed, QuotadClient, QuotadError, Unavailable } from "../dist/index.js";
 import { ADMIN_TOKEN, CLIENT_TOKEN, Daemon, FAST, Proxy, uniqueSubject } from "./helpers.mjs";
 
 const daemon = new Daemon({ auth: true, policyApi: true });
@@ -223,6 +223,24 @@ for (const transport of ["tcp", "unix"]) {
       assert.equal(mine.length, 1);
       assert.equal(mine[0].type, "policy.changed");
       assert.deepEqual([mine[0].raw.previous_version, mine[0].raw.actor], [ch.previousVersion, ch.actor]);
+    });
+
+    test("the event stream filters by type", async () => {
+      const name = unique("stream");
+      await q.putLimit(name, { scope: "global", period: "1h", max: 5 });
+      await q.deleteLimit(name);
+      const read = async (type) => {
+        const got = [];
+        try {
+          for await (const e of q.streamEvents({ lastEventId: 0, type, reconnect: false, readTimeoutMs: 1000 })) got.push(e);
+        } catch (e) {
+          if (!(e instanceof Unavailable && e.code === "timeout")) throw e; // nothing more within a second
+        }
+        return got;
+      };
+      const policy = await read("policy.*");
+      assert.ok(policy.length > 0 && policy.every((e) => e.type === "policy.changed"));
+      assert.deepEqual(await read("breaker.*"), []);
     });
 
     test("a client token reads plans and limits but not the policy", async () => {

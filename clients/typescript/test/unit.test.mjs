@@ -15,8 +15,16 @@ import {
   errorFromResponse,
   newIdempotencyKey,
   parseDecision,
+  parseFinish,
   parseTime,
 } from "../dist/index.js";
+
+test("a commit's answer carries its cost", () => {
+  const raw = { reservation_id: "res_1", subject: "u", status: "committed", expired: false, held: { tokens: 100 }, charged: { tokens: 40 }, counters: [] };
+  const f = parseFinish({ ...raw, cost: { amount_micros: 1200, currency: "USD", price: "gpt-4o" } });
+  assert.deepEqual([f.cost?.amountMicros, f.cost?.currency], [1200, "USD"]);
+  assert.equal(parseFinish(raw).cost, null);
+});
 
 test("parseTime", () => {
   assert.equal(parseTime("2026-11-22T00:00:00Z").toISOString(), "2026-11-22T00:00:00.000Z");

@@ -655,6 +655,11 @@ def event_from_sse(msg: SSEMessage) -> Event:
     return Event.from_json(data, sse_id=msg.id, sse_type=msg.event if msg.event != "message" else None)
 
 
+def stream_params(type: Optional[str]) -> Dict[str, str]:
+    """The event stream's query: ``type`` filters by type or prefix (``"breaker.*"``)."""
+    return {"type": type} if type else {}
+
+
 def stream_headers(last_id: Optional[str]) -> Dict[str, str]:
     h = {"Accept": "text/event-stream", "Cache-Control": "no-cache"}
     if last_id is not None:

@@ -482,6 +482,7 @@ class AsyncClient:
         last_event_id: Union[int, str, None] = None,
         reconnect: Union[bool, int] = True,
         read_timeout: Optional[float] = None,
+        type: Optional[str] = None,
     ) -> AsyncIterator[Event]:
         """Live events over Server-Sent Events; see :meth:`quotad.Client.stream_events`."""
         last = str(last_event_id) if last_event_id is not None else None
@@ -496,6 +497,7 @@ class AsyncClient:
                 async with self._http.stream(
                     "GET",
                     call.path,
+                    params=_core.stream_params(type),
                     headers=_core.stream_headers(last),
                     timeout=_core.stream_timeout(self._s, read_timeout),
                 ) as resp:

@@ -506,6 +506,7 @@ class Client:
         last_event_id: Union[int, str, None] = None,
         reconnect: Union[bool, int] = True,
         read_timeout: Optional[float] = None,
+        type: Optional[str] = None,
     ) -> Iterator[Event]:
         """Live events over Server-Sent Events (admin), as a generator.
 
@@ -514,8 +515,9 @@ class Client:
         nothing is missed or repeated: forever with ``reconnect=True``, not at
         all with ``False``, or at most N failed attempts in a row with an int.
         4xx answers are raised at once. ``read_timeout`` (seconds) treats a
-        silent connection as dropped. Close the generator (or ``break``) to
-        disconnect.
+        silent connection as dropped. ``type`` keeps only events of a type or
+        a prefix with ``*`` (``"breaker.*"``), filtered by the server. Close
+        the generator (or ``break``) to disconnect.
         """
         last = str(last_event_id) if last_event_id is not None else None
         limit = None if reconnect is True else (0 if reconnect is False else int(reconnect))
@@ -529,6 +531,7 @@ class Client:
                 with self._http.stream(
                     "GET",
                     call.path,
+                    params=_core.stream_params(type),
                     headers=_core.stream_headers(last),
                     timeout=_core.stream_timeout(self._s, read_timeout),
                 ) as resp:

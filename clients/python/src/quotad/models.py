@@ -307,6 +307,8 @@ class Finish:
     held: Dict[str, int]
     charged: Dict[str, int]
     counters: List[Counter]
+    #: What the commit charged in money, when pricing is configured.
+    cost: Optional[Cost] = None
     raw: Dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -319,6 +321,7 @@ class Finish:
             held=_amounts(d.get("held")),
             charged=_amounts(d.get("charged")),
             counters=[Counter.from_json(c) for c in _list(d.get("counters")) if isinstance(c, dict)],
+            cost=Cost.from_json(d.get("cost")),
             raw=dict(d),
         )
 
