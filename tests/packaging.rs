@@ -223,6 +223,14 @@ fn the_docker_config_checks_and_refuses_0_0_0_0_without_tokens() {
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // Both show what a new user should see: prices, a money cap with alerts,
+    // and a breaker.
+    for f in ["packaging/quotad.prod.toml", "packaging/quotad.docker.toml"] {
+        let text = std::fs::read_to_string(repo(f)).unwrap();
+        for part in ["[pricing]", "metric = \"cost_micros\"", "alerts = [0.8, 1.0]", "[[breakers]]"] {
+            assert!(text.contains(part), "{f} has no {part}");
+        }
+    }
     let dir = tempfile::tempdir().unwrap();
     let text = std::fs::read_to_string(repo("packaging/quotad.docker.toml")).unwrap();
     let no_auth = &text[..text.find("[auth]").unwrap()];
