@@ -35,6 +35,12 @@ struct LimitLabels {
     outcome: &'static str,
 }
 
+/// Labels of `quotad_spend_micros_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CurrencyLabels {
+    currency: Arc<str>,
+}
+
 /// Labels of the HTTP metrics.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RouteLabels {
@@ -111,6 +117,35 @@ struct EngineGauges {
     open_reservations: Gauge,
     reservations: Gauge,
     idempotency_keys: Gauge,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BreakerLabels {
+    breaker: Arc<str>,
+    scope: Arc<str>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AnomalyLabels {
+    anomaly: Arc<str>,
+}
+
+/// Circuit breakers and anomaly flags now, read from the engine at scrape
+/// time (no series without `[[breakers]]` or `[[anomalies]]`).
+#[derive(Debug, Default)]
+struct SignalGauges {
+    breaker_open: Family<BreakerLabels, Gauge>,
+    anomaly_flags: Family<AnomalyLabels, Gauge>,
+}
+
+/// What [`SignalGauges`] shows: each breaker scope and whether it is open;
+/// each anomaly rule and how many subjects it has flagged now.
+#[derive(Debug, Default)]
+pub struct SignalsNow {
+    /// (breaker, scope value, open).
+    pub breakers: Vec<(Arc<str>, Arc<str>, bool)>,
+    /// (anomaly rule, subjects flagged).
+    pub flags: Vec<(Arc<str>, u64)>,
 }
 
 /// Labels of the waiting metrics.
@@ -360,9 +395,11 @@ pub struct Metrics {
     decisions: Family<DecisionLabels, Counter>,
     limit_decisions: Family<LimitLabels, Counter>,
     replays: Counter,
+    spend: Family<CurrencyLabels, Counter>,
     http_seconds: Family<RouteLabels, Histogram, fn() -> Histogram>,
     http_responses: Family<StatusLabels, Counter>,
     engine: EngineGauges,
+    signals: SignalGauges,
     /// 1 while the daemon serves (recovered, not shutting down). Set by the
     /// server; `/metrics` answers during recovery too, so a scrape can tell
     /// "recovering" from "down".
@@ -398,9 +435,11 @@ impl Metrics {
             decisions: Family::default(),
             limit_decisions: Family::default(),
             replays: Counter::default(),
+            spend: Family::default(),
             http_seconds: Family::new_with_constructor(latency_buckets),
             http_responses: Family::default(),
             engine: EngineGauges::default(),
+            signals: SignalGauges::default(),
             ready: Gauge::default(),
             storage: Arc::new(StorageMetrics::default()),
             waiting: Arc::new(WaitMetrics::default()),
@@ -421,6 +460,11 @@ impl Metrics {
             "idempotent_replays",
             "Answers replayed for a repeated idempotency key",
             m.replays.clone(),
+        );
+        r.register(
+            "spend_micros",
+            "Money charged, in millionths of the currency: allowed consumes and commits (pricing only)",
+            m.spend.clone(),
         );
         r.register(
             "http_request_duration_seconds",
@@ -451,6 +495,16 @@ impl Metrics {
             g.reservations.clone(),
         );
         r.register("idempotency_keys", "Idempotency keys kept", g.idempotency_keys.clone());
+        r.register(
+            "breaker_open",
+            "1 while a circuit breaker is open for a scope value, else 0",
+            m.signals.breaker_open.clone(),
+        );
+        r.register(
+            "anomaly_flags",
+            "Subjects an anomaly rule has flagged now (until cleared or the period ends)",
+            m.signals.anomaly_flags.clone(),
+        );
         let s = &m.storage;
         r.register(
             "wal_fsync_duration_seconds",
@@ -550,6 +604,25 @@ impl Metrics {
         m
     }
 
+    /// A commit or release answered: its money counts once (not for a
+    /// repeat answered from the stored answer).
+    pub fn committed(&self, answer: &crate::engine::FinishAnswer) {
+        if answer.first {
+            self.spent(answer.cost.as_ref());
+        }
+    }
+
+    /// Money charged: an allowed consume's cost, or a commit's.
+    fn spent(&self, cost: Option<&crate::engine::Cost>) {
+        if let Some(c) = cost.filter(|c| c.amount_micros > 0) {
+            self.spend
+                .get_or_create(&CurrencyLabels {
+                    currency: c.currency.clone(),
+                })
+                .inc_by(c.amount_micros);
+        }
+    }
+
     /// Counts one decision answer. Labels share the engine's names (`Arc`
     /// clones), so counting allocates nothing once a series exists.
     pub fn decision(&self, op: &'static str, d: &Decision) {
@@ -561,6 +634,9 @@ impl Metrics {
         if d.replayed {
             self.replays.inc();
             return;
+        }
+        if op == "consume" && d.allowed {
+            self.spent(d.cost.as_ref());
         }
         self.decisions
             .get_or_create(&DecisionLabels {
@@ -657,7 +733,27 @@ impl Metrics {
     }
 
     /// Renders everything, with the engine's gauges as of now.
-    pub fn render(&self, stats: &Stats) -> String {
+    pub fn render(&self, stats: &Stats, signals: &SignalsNow) -> String {
+        // Cleared first: a breaker scope or rule that went away has no series.
+        self.signals.breaker_open.clear();
+        for (breaker, scope, open) in &signals.breakers {
+            self.signals
+                .breaker_open
+                .get_or_create(&BreakerLabels {
+                    breaker: breaker.clone(),
+                    scope: scope.clone(),
+                })
+                .set(i64::from(*open));
+        }
+        self.signals.anomaly_flags.clear();
+        for (anomaly, n) in &signals.flags {
+            self.signals
+                .anomaly_flags
+                .get_or_create(&AnomalyLabels {
+                    anomaly: anomaly.clone(),
+                })
+                .set(*n as i64);
+        }
         let g = &self.engine;
         g.subjects.set(stats.subjects as i64);
         g.counters.set(stats.counters as i64);

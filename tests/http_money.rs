@@ -175,6 +175,10 @@ async fn sixty_four_clients_spend_exactly_the_global_cap() {
         assert_eq!(allowed, 1_000_000 / 7_500, "{t:?}");
         let r = s.post("/v1/check", call("x", "gpt-4o", 0, 0)).await;
         assert_eq!(r.used("spend-per-day"), 133 * 7_500);
+        // /metrics counts the money of allowed calls only, not checks or denials.
+        let m = s.get("/metrics").await.text;
+        let want = format!("quotad_spend_micros_total{{currency=\"USD\"}} {}", 133 * 7_500);
+        assert!(m.contains(&want), "{t:?}: no {want:?} in\n{m}");
         Arc::try_unwrap(s).ok().unwrap().stop().await;
     }
 }
@@ -230,6 +234,9 @@ async fn reservations_hold_the_estimate_and_commit_trues_up() {
             )
             .await;
         assert_eq!(again.body, c.body);
+        // A reserve charges nothing in /metrics; its commit, once, what it cost.
+        let m = s.get("/metrics").await.text;
+        assert!(m.contains("quotad_spend_micros_total{currency=\"USD\"} 8500"), "{m}");
 
         // Commit more than held: recorded anyway, past the cap.
         let (id, _) = reserve(&s, "v", 1000, 1000, None).await; // 12500

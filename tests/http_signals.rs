@@ -627,6 +627,11 @@ async fn the_kill_switch_opens_by_hand_per_scope_and_survives_a_restart() {
     assert_eq!(d["allowed"], false);
     assert_eq!(d["reasons"][0]["code"], "circuit_open");
     assert!(d["retry_after_ms"].is_null(), "a manual open has no end: {d}");
+    let m = s.get("/metrics").await.text;
+    assert!(
+        m.contains("quotad_breaker_open{breaker=\"per-model\",scope=\"model=m1\"} 1"),
+        "{m}"
+    );
     // Another model is not stopped.
     let r = s
         .consume(json!({"subject":"app","event":"image.render","attributes":{"model":"m2"}}))
@@ -730,6 +735,8 @@ async fn anomaly_flags_a_spike_not_steady_growth_and_not_new_subjects() {
     assert_eq!(flags[0]["used"], 51);
     assert_eq!(flags[0]["baseline"], 10);
     assert_eq!(flags[0]["until"], "2026-11-25T00:00:00Z");
+    let m = s.get("/metrics").await.text;
+    assert!(m.contains("quotad_anomaly_flags{anomaly=\"usage-spike\"} 1"), "{m}");
     let e = events(&s, "?type=anomaly.detected").await;
     assert_eq!(e.len(), 1, "raised once per period: {e:?}");
     assert_eq!(e[0]["subject"], "spiker");
@@ -747,6 +754,8 @@ async fn anomaly_flags_a_spike_not_steady_growth_and_not_new_subjects() {
     assert_eq!(r.body["flags"], json!([]));
     calls(&s, "spiker", 10).await;
     assert_eq!(s.get("/v1/anomalies").await.body["flags"], json!([]));
+    let m = s.get("/metrics").await.text;
+    assert!(m.contains("quotad_anomaly_flags{anomaly=\"usage-spike\"} 0"), "{m}");
     // Clearing what is not raised is fine; an unknown rule is 404.
     let r = s
         .req("DELETE", "/v1/subjects/grower/flags/usage-spike", None, &[])

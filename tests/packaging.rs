@@ -227,7 +227,12 @@ fn the_docker_config_checks_and_refuses_0_0_0_0_without_tokens() {
     // and a breaker.
     for f in ["packaging/quotad.prod.toml", "packaging/quotad.docker.toml"] {
         let text = std::fs::read_to_string(repo(f)).unwrap();
-        for part in ["[pricing]", "metric = \"cost_micros\"", "alerts = [0.8, 1.0]", "[[breakers]]"] {
+        for part in [
+            "[pricing]",
+            "metric = \"cost_micros\"",
+            "alerts = [0.8, 1.0]",
+            "[[breakers]]",
+        ] {
             assert!(text.contains(part), "{f} has no {part}");
         }
     }

@@ -165,6 +165,11 @@ pub(super) async fn batch(
             note_decision(&st, op, d);
         }
     }
+    for r in &results {
+        if let ResultBody::Finish(f) = &r.body {
+            st.metrics.committed(f);
+        }
+    }
     let capacity = 512 * results.len();
     Ok(super::json_response(&BatchAnswer { results }, capacity))
 }

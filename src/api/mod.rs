@@ -1243,7 +1243,9 @@ pub(crate) async fn finish_call(
     }
     st.writable()?;
     let applied = st.engine()?.finish(id, action, st.now())?;
-    st.durable(applied).await
+    let answer = st.durable(applied).await?;
+    st.metrics.committed(&answer);
+    Ok(answer)
 }
 
 /// Waits for capacity when the call asked to, then for durability: the
@@ -1296,7 +1298,9 @@ async fn commit(
     check_amounts("amounts", &b.amounts)?;
     st.writable()?;
     let applied = st.engine()?.finish(&id, Finish::Commit(b.amounts), st.now())?;
-    Ok(Json(st.durable(applied).await?).into_response())
+    let answer = st.durable(applied).await?;
+    st.metrics.committed(&answer);
+    Ok(Json(answer).into_response())
 }
 
 async fn release(
@@ -1632,9 +1636,30 @@ async fn metrics(State(st): State<Arc<AppState>>, headers: HeaderMap) -> Result<
     if let Some(c) = st.core.get().and_then(|c| c.cluster.as_ref()) {
         c.update_metrics();
     }
-    let body = st.metrics.render(&stats);
+    let signals = st.engine().map(|e| signals_now(e, st.now())).unwrap_or_default();
+    let body = st.metrics.render(&stats, &signals);
     let content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8";
     Ok(([(axum::http::header::CONTENT_TYPE, content_type)], body).into_response())
+}
+
+/// Breakers and anomaly flags for `/metrics`.
+fn signals_now(engine: &Engine, now: u64) -> crate::metrics::SignalsNow {
+    let policy = engine.policy();
+    if policy.breakers.is_empty() && policy.anomalies.is_empty() {
+        return crate::metrics::SignalsNow::default();
+    }
+    let breakers = engine
+        .breakers(now)
+        .into_iter()
+        .map(|b| (b.name, b.scope, b.open))
+        .collect();
+    let mut flags: Vec<(Arc<str>, u64)> = policy.anomalies.iter().map(|a| (a.name.clone(), 0)).collect();
+    for f in engine.flags(None, now) {
+        if let Some(n) = flags.iter_mut().find(|(a, _)| *a == f.anomaly) {
+            n.1 += 1;
+        }
+    }
+    crate::metrics::SignalsNow { breakers, flags }
 }
 
 async fn digest(State(st): State<Arc<AppState>>, headers: HeaderMap) -> Result<Response, ApiError> {

@@ -191,6 +191,7 @@ impl Engine {
             charged,
             counters,
             cost,
+            first: false,
         };
         let finished_r = Reservation {
             status,
@@ -233,7 +234,10 @@ impl Engine {
         } else {
             locked.commit_signals(muts, events, now)?
         };
-        Ok(Applied { value: answer, lsn })
+        Ok(Applied {
+            value: FinishAnswer { first: true, ..answer },
+            lsn,
+        })
     }
 }
 
@@ -281,5 +285,6 @@ fn empty_answer(r: &Reservation) -> FinishAnswer {
         charged: BTreeMap::new(),
         counters: Vec::new(),
         cost: None,
+        first: false,
     }
 }

@@ -266,6 +266,10 @@ pub struct FinishAnswer {
     /// What was charged in money, when the reservation was priced.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cost: Option<Cost>,
+    /// This call finished the reservation (false for a repeat answered from
+    /// the stored answer): what `/metrics` counts. Never stored or sent.
+    #[serde(skip)]
+    pub first: bool,
 }
 
 /// Per-subject override of a limit.

@@ -281,6 +281,7 @@ mod tests {
                     charged: BTreeMap::new(),
                     counters: decision().counters,
                     cost: None,
+                    first: false,
                 }),
                 price: Some(std::sync::Arc::new(PriceRates {
                     name: "gpt-4o".into(),
