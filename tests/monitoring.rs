@@ -14,6 +14,37 @@ use common::{TestServer, Transport};
 use serde_json::json;
 
 const CONFIG: &str = r#"
+metrics = ["tokens"]
+# Registers the gateway's families (the dashboard has a panel for them).
+[gateway]
+listen = ["127.0.0.1:0"]
+grpc_listen = "127.0.0.1:0"
+[[gateway.upstreams]]
+name = "nowhere"
+base_url = "http://127.0.0.1:9/v1"
+models = ["*"]
+[pricing]
+currency = "USD"
+[[pricing.prices]]
+name = "llm"
+match = { event = "llm.chat" }
+tokens = "1.00/1M"
+[[breakers]]
+name = "surge"
+metric = "requests"
+match = { event = "llm.chat" }
+window = "10m"
+baseline = "24h"
+ratio = 3.0
+min_amount = 1000
+cooldown = "15m"
+[[anomalies]]
+name = "spike"
+metric = "requests"
+period = "1d"
+baseline_periods = 7
+ratio = 10.0
+min_amount = 500
 [[plans]]
 name = "free"
 default = true
@@ -100,9 +131,18 @@ fn used(text: &str) -> Vec<(String, Vec<String>)> {
 
 #[tokio::test]
 async fn every_metric_and_label_in_the_monitoring_files_is_exported() {
-    let s = TestServer::start(CONFIG, Transport::Tcp).await;
+    // A webhook nobody receives: its pending count and failed attempts.
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("hook.secret");
+    std::fs::write(&secret, "monitoring-test-secret-0123").unwrap();
+    let config = format!(
+        "{CONFIG}\n[[webhooks]]\nname = \"hook\"\nurl = \"http://127.0.0.1:9/\"\nsecret_file = \"{}\"\n",
+        secret.display()
+    );
+    let s = TestServer::start(&config, Transport::Tcp).await;
     // Traffic that gives every labelled family a series: allow, deny,
-    // would_deny, a replay, a reservation, check.
+    // would_deny, a replay, a reservation, check, a priced call, an event
+    // for the webhook.
     for _ in 0..3 {
         s.consume(json!({"subject": "u"})).await;
     }
@@ -110,7 +150,28 @@ async fn every_metric_and_label_in_the_monitoring_files_is_exported() {
     s.consume(json!({"subject": "v", "idempotency_key": "k"})).await;
     s.post("/v1/check", json!({"subject": "w"})).await;
     s.post("/v1/reserve", json!({"subject": "w"})).await;
-    let text = s.get("/metrics").await.text;
+    s.consume(json!({"subject": "x", "event": "llm.chat", "amounts": {"tokens": 1000}}))
+        .await;
+    s.post("/v1/breakers/surge/open", json!({})).await;
+    // A gateway call without a subject: refused, and counted.
+    let quotad::config::ListenAddr::Tcp(gw) = &s.gateway[0] else {
+        panic!("the gateway listens on TCP")
+    };
+    let r = reqwest::Client::new()
+        .post(format!("http://{gw}/v1/chat/completions"))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let mut text = String::new();
+    for _ in 0..200 {
+        text = s.get("/metrics").await.text;
+        if text.contains("quotad_webhook_attempts_total{") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
     let exported = exported(&text);
     assert!(exported.contains_key("quotad_decisions_total"), "{text}");
 
@@ -151,6 +212,12 @@ async fn every_metric_and_label_in_the_monitoring_files_is_exported() {
         "quotad_snapshot_timestamp_seconds",
         "quotad_snapshot_failures_total",
         "quotad_recovery_torn_tail_bytes",
+        "quotad_spend_micros_total",
+        "quotad_breaker_open",
+        "quotad_anomaly_flags",
+        "quotad_waiters",
+        "quotad_webhook_pending_events",
+        "quotad_gateway_calls_total",
     ] {
         assert!(seen.contains(must), "nothing watches {must}");
     }
