@@ -30,6 +30,7 @@ macro_rules! say {
     }};
 }
 
+mod browse;
 mod policy;
 
 /// Exit code for any other runtime failure.
@@ -216,6 +217,18 @@ pub enum Command {
         #[command(flatten)]
         connect: Connect,
     },
+    /// Known subjects (admin).
+    Subjects {
+        /// What to do.
+        #[command(subcommand)]
+        action: SubjectsAction,
+    },
+    /// Recorded events (admin): a page, or follow new ones.
+    Events {
+        /// What to do.
+        #[command(subcommand)]
+        action: EventsAction,
+    },
     /// Assign a plan to a subject (keeps its usage).
     SetPlan {
         /// The subject.
@@ -344,6 +357,72 @@ pub enum ConfigAction {
         /// The file.
         file: PathBuf,
     },
+}
+
+/// `quotad subjects ...` (admin).
+#[derive(Debug, Subcommand)]
+pub enum SubjectsAction {
+    /// Known subjects in byte order with their plan, one per line
+    /// (GET /v1/subjects): a page, or with --all every one.
+    List {
+        /// Start after this subject.
+        #[arg(long)]
+        after: Option<String>,
+        /// At most this many (1 to 1000).
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=1000))]
+        limit: u32,
+        /// Every subject, page after page.
+        #[arg(long)]
+        all: bool,
+        /// Connection.
+        #[command(flatten)]
+        connect: Connect,
+    },
+}
+
+/// `quotad events ...` (admin).
+#[derive(Debug, Subcommand)]
+pub enum EventsAction {
+    /// Recorded events, oldest first, one per line (GET /v1/events).
+    List {
+        /// After this seq (default: from the oldest kept).
+        #[arg(long)]
+        after: Option<u64>,
+        /// At most this many (1 to 1000).
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=1000))]
+        limit: u32,
+        /// One type, or a prefix ending in `*` (`breaker.*`).
+        #[arg(long = "type")]
+        kind: Option<String>,
+        /// Connection.
+        #[command(flatten)]
+        connect: Connect,
+    },
+    /// Print new events as they are recorded, until interrupted.
+    Tail {
+        /// Start after this seq (default: after the newest now).
+        #[arg(long)]
+        after: Option<u64>,
+        /// One type, or a prefix ending in `*` (`breaker.*`).
+        #[arg(long = "type")]
+        kind: Option<String>,
+        /// Stop after this many events.
+        #[arg(long)]
+        count: Option<u64>,
+        /// Seconds between polls while nothing is new.
+        #[arg(long, default_value_t = 1.0, value_parser = positive_seconds)]
+        interval: f64,
+        /// Connection.
+        #[command(flatten)]
+        connect: Connect,
+    },
+}
+
+fn positive_seconds(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.05..=3600.0).contains(&v) => Ok(v),
+        _ => Err(format!("{s:?} is not a number of seconds between 0.05 and 3600")),
+    }
 }
 
 /// `quotad policy ...`: each talks to the running daemon.
@@ -1229,6 +1308,8 @@ pub fn main() -> ExitCode {
             print_subject,
         ),
         Command::Policy { action } => policy::run(action, cfg),
+        Command::Subjects { action } => browse::subjects(action, cfg),
+        Command::Events { action } => browse::events(action, cfg),
         Command::Reload { connect } => client_call(&connect, cfg, Method::POST, "/v1/admin/reload", None, print_reload),
         Command::Health { connect } => client_call(&connect, cfg, Method::GET, "/readyz", None, print_health),
         Command::Completions { shell } => {
