@@ -704,8 +704,9 @@ impl Metrics {
         sub.register(
             "calls",
             "Gateway calls by endpoint and result: forwarded (2xx from the upstream), denied (429 from quotad), \
-             upstream_error (the upstream failed or answered an error; the hold was released), refused (a bad \
-             call, a token or an unknown model; nothing was held)",
+             upstream_error (the upstream failed or answered an error; the hold was released), unavailable \
+             (quotad could not decide: no leader, storage, shutting down), refused (a bad call, a token or an \
+             unknown model; nothing was held)",
             g.calls.clone(),
         );
         sub.register(
@@ -734,6 +735,9 @@ impl Metrics {
 
     /// Renders everything, with the engine's gauges as of now.
     pub fn render(&self, stats: &Stats, signals: &SignalsNow) -> String {
+        // Held from the refill to the encoding: two scrapes at once must not
+        // clear each other's breaker and anomaly series.
+        let registry = self.registry.lock().unwrap_or_else(|e| e.into_inner());
         // Cleared first: a breaker scope or rule that went away has no series.
         self.signals.breaker_open.clear();
         for (breaker, scope, open) in &signals.breakers {
@@ -761,7 +765,6 @@ impl Metrics {
         g.reservations.set(stats.reservations as i64);
         g.idempotency_keys.set(stats.idempotency_keys as i64);
         let mut out = String::with_capacity(8192);
-        let registry = self.registry.lock().unwrap_or_else(|e| e.into_inner());
         prometheus_client::encoding::text::encode(&mut out, &registry).expect("writing to a String cannot fail");
         out
     }

@@ -139,6 +139,43 @@ async fn events_list_filters_and_tail_follows_new_events() {
         let out = lines(&o);
         assert_eq!(out.len(), 1, "{out:?}");
         assert!(out[0].starts_with("3\t") && out[0].contains("\tbob\t"), "{out:?}");
+
+        // `| head -1`: once the reader is gone, tail ends instead of polling on.
+        let mut args: Vec<String> = ["events", "tail", "--after", "0", "--interval", "0.05"]
+            .into_iter()
+            .map(String::from)
+            .collect();
+        args.extend(s.cli_target());
+        let mut child = Command::new(BIN)
+            .args(&args)
+            .env_remove("QUOTAD_TOKEN")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let first = tokio::task::spawn_blocking(move || {
+            let mut line = String::new();
+            std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line).unwrap();
+            line // the reader (and the pipe) is dropped here
+        })
+        .await
+        .unwrap();
+        assert!(first.starts_with("1\t"), "{first:?}");
+        for _ in 0..20 {
+            s.consume(json!({"subject": "carol"})).await;
+        }
+        let pid = child.id();
+        let ended = tokio::time::timeout(
+            std::time::Duration::from_secs(20),
+            tokio::task::spawn_blocking(move || child.wait().unwrap()),
+        )
+        .await;
+        if ended.is_err() {
+            let _ = Command::new("kill").arg(pid.to_string()).status();
+            panic!("events tail went on after its reader closed the pipe");
+        }
+        assert!(ended.unwrap().unwrap().success());
         s.stop().await;
     }
 }

@@ -374,6 +374,22 @@ async fn bad_calls_get_openai_shaped_errors() {
     assert!(text.contains("model"), "{text}");
     let (status, _, _) = g.post("/v1/nothing", Some("h"), json!({})).await;
     assert_eq!(status, 404);
+    // Idempotency keys are checked as the API checks them, with room left
+    // for the ":degraded" key of a degraded call.
+    for (key, says) in [("", "idempotency_key"), (&*"k".repeat(250), "longer than 246 bytes")] {
+        let r = g
+            .http
+            .post(format!("{}/v1/chat/completions", g.gateway))
+            .header("x-quotad-subject", "h")
+            .header("idempotency-key", key)
+            .body(chat("gpt-4o-mini").to_string())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400);
+        let text = r.text().await.unwrap();
+        assert!(text.contains(says), "{text}");
+    }
     assert!(g.calls().is_empty());
 }
 

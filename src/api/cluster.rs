@@ -217,6 +217,7 @@ pub(crate) async fn post_to_leader<T: serde::de::DeserializeOwned>(
     path: &str,
     body: &serde_json::Value,
     authorization: Option<&HeaderValue>,
+    timeout: std::time::Duration,
 ) -> Result<T, ApiError> {
     let url = format!("{}{path}", api.trim_end_matches('/'));
     let mut out = c
@@ -224,6 +225,7 @@ pub(crate) async fn post_to_leader<T: serde::de::DeserializeOwned>(
         .post(&url)
         .header(axum::http::header::CONTENT_TYPE, "application/json")
         .header(FORWARDED_HEADER, c.id())
+        .timeout(timeout)
         .body(body.to_string());
     if let Some(a) = authorization {
         out = out.header(axum::http::header::AUTHORIZATION, a);

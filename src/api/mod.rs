@@ -183,6 +183,11 @@ impl AppState {
         grant.ok_or_else(|| ApiError::Unauthorized("the bearer token is not valid".into()))
     }
 
+    /// Whether `[auth]` tokens are configured (else every caller is admin).
+    pub(crate) fn tokens_configured(&self) -> bool {
+        !self.tokens.read().unwrap_or_else(|e| e.into_inner()).is_empty()
+    }
+
     /// What the request's token allows, if its role is at least `need`.
     pub(crate) fn authorize(&self, headers: &HeaderMap, need: Role) -> Result<Grant, ApiError> {
         match self.authenticate(headers)? {
@@ -848,7 +853,7 @@ fn check_amounts(field: &str, amounts: &BTreeMap<String, u64>) -> Result<(), Api
 }
 
 /// The idempotency key from the body and/or the `Idempotency-Key` header.
-fn idempotency_key(headers: &HeaderMap, body_key: Option<String>) -> Result<Option<String>, ApiError> {
+pub(crate) fn idempotency_key(headers: &HeaderMap, body_key: Option<String>) -> Result<Option<String>, ApiError> {
     let header = match headers.get("idempotency-key") {
         Some(v) => Some(
             v.to_str()
@@ -1211,9 +1216,21 @@ pub(crate) async fn decide_call(
                 body[k] = v;
             }
         }
-        return cluster::post_to_leader(leader, path, &body, authorization).await;
+        // The leader may hold the call for its wait, then answers.
+        let timeout = std::time::Duration::from_millis(wait_ms) + FORWARD_TIMEOUT;
+        return cluster::post_to_leader(leader, path, &body, forwarded_auth(st, authorization), timeout).await;
     }
     settle(st, op, decide_request(st, op, req, wait_ms)?).await
+}
+
+/// How long a call forwarded to the leader may take, besides its wait.
+const FORWARD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The caller's `Authorization` to forward, only when tokens are configured:
+/// without them it is no quotad token (for the gateway, perhaps a provider
+/// key) and must not travel to another node.
+fn forwarded_auth<'h>(st: &AppState, authorization: Option<&'h HeaderValue>) -> Option<&'h HeaderValue> {
+    authorization.filter(|_| st.tokens_configured())
 }
 
 /// Commits or releases a reservation as `/v1/reservations/{id}/…` does (on
@@ -1239,7 +1256,7 @@ pub(crate) async fn finish_call(
                 ))
             }
         };
-        return cluster::post_to_leader(leader, &path, &body, authorization).await;
+        return cluster::post_to_leader(leader, &path, &body, forwarded_auth(st, authorization), FORWARD_TIMEOUT).await;
     }
     st.writable()?;
     let applied = st.engine()?.finish(id, action, st.now())?;

@@ -39,12 +39,15 @@ pub(super) fn subjects(action: SubjectsAction, config_path: Option<&Path>) -> Ex
                 Err(code) => return code,
             };
             for s in page["subjects"].as_array().into_iter().flatten() {
-                if connect.json {
-                    say!("{s}");
+                let line = if connect.json {
+                    s.to_string()
                 } else {
                     let plan = s["plan"].as_str().unwrap_or("(no plan)");
                     let how = if s["assigned"] == true { "assigned" } else { "default" };
-                    say!("{}\t{plan}\t{how}", s["subject"].as_str().unwrap_or(""));
+                    format!("{}\t{plan}\t{how}", s["subject"].as_str().unwrap_or(""))
+                };
+                if !emit(&line) {
+                    return ExitCode::SUCCESS;
                 }
             }
             match page["next_after"].as_str() {
@@ -73,7 +76,9 @@ pub(super) fn events(action: EventsAction, config_path: Option<&Path>) -> ExitCo
                 match page(&client, &connect, after.unwrap_or(0), limit, kind.as_deref()).await {
                     Ok((events, next)) => {
                         for e in &events {
-                            print_event(e, connect.json);
+                            if !print_event(e, connect.json) {
+                                return ExitCode::SUCCESS;
+                            }
                         }
                         if events.len() == limit as usize {
                             eprintln!("quotad: more after {next} (--after {next})");
@@ -129,7 +134,10 @@ async fn tail(
             if count.is_some_and(|c| printed >= c) {
                 return ExitCode::SUCCESS;
             }
-            print_event(e, connect.json);
+            if !print_event(e, connect.json) {
+                // The reader went away (`| head`): done, not an error.
+                return ExitCode::SUCCESS;
+            }
             printed += 1;
         }
         if count.is_some_and(|c| printed >= c) {
@@ -173,11 +181,19 @@ async fn get(client: &Client, connect: &Connect, path: &str) -> Result<Value, Ex
     }
 }
 
-/// `seq  at  type  subject  the other fields`, or the event as JSON.
-fn print_event(e: &Value, json: bool) {
+/// Writes a line to stdout; false once stdout is closed (`| head`), which
+/// `say!` would ignore and a `tail` would then poll into forever.
+fn emit(line: &str) -> bool {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{line}").and_then(|()| out.flush()).is_ok()
+}
+
+/// `seq  at  type  subject  the other fields`, or the event as JSON; false
+/// once stdout is closed.
+fn print_event(e: &Value, json: bool) -> bool {
     if json {
-        say!("{e}");
-        return;
+        return emit(&e.to_string());
     }
     let mut rest = e.clone();
     let field = |rest: &mut Value, k: &str| {
@@ -191,5 +207,5 @@ fn print_event(e: &Value, json: bool) {
     let kind = field(&mut rest, "type");
     let subject = field(&mut rest, "subject");
     rest.as_object_mut().map(|o| o.remove("id"));
-    say!("{seq}\t{at}\t{kind}\t{subject}\t{rest}");
+    emit(&format!("{seq}\t{at}\t{kind}\t{subject}\t{rest}"))
 }

@@ -445,8 +445,10 @@ impl Engine {
     }
 
     /// Every breaker (and scope value seen) with its state and totals now.
+    /// A pure read: it expires nothing (that is the maintenance task's, and
+    /// in a cluster the leader's; `/metrics` calls this on every node).
     pub fn breakers(&self, now_ms: Millis) -> Vec<BreakerView> {
-        let (now, policy) = self.begin(now_ms);
+        let (now, policy) = (self.now(now_ms), self.policy());
         let states = self.signals().breakers.clone();
         let mut out = Vec::new();
         for b in &policy.breakers {

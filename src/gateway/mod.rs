@@ -123,6 +123,9 @@ fn from_api(e: ApiError) -> Response {
     r
 }
 
+/// Appended to a call's idempotency key for the hold of its degraded model.
+const DEGRADED_SUFFIX: &str = ":degraded";
+
 /// An answer that ends a call early (boxed: a `Response` is large).
 type Refused = Box<Response>;
 
@@ -178,7 +181,18 @@ impl Gateway {
             .and_then(Value::as_bool)
             .unwrap_or(false);
         let (priority, wait_ms) = waiting_headers(&self.st, headers, max_priority).map_err(refused)?;
-        let idempotency_key = single(headers, "idempotency-key").map_err(refused)?.map(str::to_string);
+        single(headers, "idempotency-key").map_err(refused)?;
+        let idempotency_key = crate::api::idempotency_key(headers, None).map_err(refused)?;
+        // A degraded call is held again under "<key>:degraded": room for it.
+        if idempotency_key
+            .as_ref()
+            .is_some_and(|k| k.len() + DEGRADED_SUFFIX.len() > crate::api::bounds::IDEMPOTENCY_KEY_BYTES)
+        {
+            return Err(invalid(format!(
+                "the Idempotency-Key header is longer than {} bytes, the most the gateway takes",
+                crate::api::bounds::IDEMPOTENCY_KEY_BYTES - DEGRADED_SUFFIX.len()
+            )));
+        }
         Ok(Asked {
             body,
             model,
@@ -354,6 +368,9 @@ async fn counted(gw: Arc<Gateway>, kind: Kind, headers: HeaderMap, body: Result<
         "upstream_error"
     } else if status == StatusCode::TOO_MANY_REQUESTS && r.headers().contains_key("x-quotad-decision") {
         "denied"
+    } else if status == StatusCode::SERVICE_UNAVAILABLE {
+        // quotad could not decide: shutting down, storage, no leader.
+        "unavailable"
     } else {
         "refused"
     };
@@ -409,7 +426,7 @@ async fn call(gw: Arc<Gateway>, kind: Kind, headers: HeaderMap, body: Result<Byt
             if let Some(id) = decision.reservation_id.clone() {
                 gw.release(&id, asked.authorization.as_ref()).await;
             }
-            let key = asked.idempotency_key.as_ref().map(|k| format!("{k}:degraded"));
+            let key = asked.idempotency_key.as_ref().map(|k| format!("{k}{DEGRADED_SUFFIX}"));
             match gw.reserve(kind, &asked, upstream, &to, key).await {
                 Ok((d, i)) if d.allowed => {
                     decision = Decision {
