@@ -196,6 +196,20 @@ async fn reload_applies_a_good_file_and_keeps_the_old_one_on_a_bad_file() {
         "{}",
         d.text
     );
+    // A [gateway] added to the file is set up only at start: reported.
+    std::fs::write(
+        &path,
+        format!("{}\n[gateway]\ngrpc_listen = \"127.0.0.1:0\"\n", config(5, dir.path())),
+    )
+    .unwrap();
+    let r = s.req("POST", "/v1/admin/reload", None, &rotated).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(
+        r.body["restart_required"],
+        json!(["server.listen", "storage", "gateway"]),
+        "{}",
+        r.text
+    );
     s.stop().await;
 }
 

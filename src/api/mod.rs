@@ -266,6 +266,10 @@ impl AppState {
         if format!("{:?}", running.webhooks) != format!("{:?}", new.webhooks) {
             restart_required.push("webhooks");
         }
+        // Its listeners, upstreams and keys are set up at start.
+        if format!("{:?}", running.gateway) != format!("{:?}", new.gateway) {
+            restart_required.push("gateway");
+        }
         let old_policy = engine.policy();
         let mut usage_reset: Vec<String> = old_policy
             .shapes
