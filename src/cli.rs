@@ -392,7 +392,7 @@ pub enum EventsAction {
         #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=1000))]
         limit: u32,
         /// One type, or a prefix ending in `*` (`breaker.*`).
-        #[arg(long = "type")]
+        #[arg(long = "type", value_name = "TYPE")]
         kind: Option<String>,
         /// Connection.
         #[command(flatten)]
@@ -404,7 +404,7 @@ pub enum EventsAction {
         #[arg(long)]
         after: Option<u64>,
         /// One type, or a prefix ending in `*` (`breaker.*`).
-        #[arg(long = "type")]
+        #[arg(long = "type", value_name = "TYPE")]
         kind: Option<String>,
         /// Stop after this many events.
         #[arg(long)]
