@@ -932,6 +932,29 @@ fn client_call(
     }
 }
 
+/// Sends a request for a command that reads the answer itself: no answer,
+/// or an error answer, is reported on stderr and fails with exit 3.
+async fn answered(
+    client: &Client,
+    connect: &Connect,
+    method: Method,
+    path: &str,
+    body: Option<&Value>,
+    headers: &[(&str, &str)],
+) -> Result<crate::client::Answer, ExitCode> {
+    match client.request_with(method, path, body, headers).await {
+        Err(e) => {
+            eprintln!("quotad: {e}");
+            Err(ExitCode::from(EXIT_REQUEST))
+        }
+        Ok(a) if a.status >= 400 => {
+            report_error(&a, connect);
+            Err(ExitCode::from(EXIT_REQUEST))
+        }
+        Ok(a) => Ok(a),
+    }
+}
+
 /// Prints an error answer: its JSON with `--json`, and its code and message
 /// (with a hint for 401/403) on stderr.
 fn report_error(a: &crate::client::Answer, connect: &Connect) {

@@ -10,7 +10,7 @@ use std::time::Duration;
 use hyper::Method;
 use serde_json::Value;
 
-use super::{connected, path_segment, report_error, Connect, EventsAction, SubjectsAction, EXIT_REQUEST};
+use super::{connected, path_segment, Connect, EventsAction, SubjectsAction};
 use crate::client::Client;
 
 /// Pages the daemon answers at most (its `limit` bound).
@@ -168,17 +168,9 @@ async fn page(
 }
 
 async fn get(client: &Client, connect: &Connect, path: &str) -> Result<Value, ExitCode> {
-    match client.request(Method::GET, path, None).await {
-        Err(e) => {
-            eprintln!("quotad: {e}");
-            Err(ExitCode::from(EXIT_REQUEST))
-        }
-        Ok(a) if a.status >= 400 => {
-            report_error(&a, connect);
-            Err(ExitCode::from(EXIT_REQUEST))
-        }
-        Ok(a) => Ok(a.body),
-    }
+    super::answered(client, connect, Method::GET, path, None, &[])
+        .await
+        .map(|a| a.body)
 }
 
 /// Writes a line to stdout; false once stdout is closed (`| head`), which

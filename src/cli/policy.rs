@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use hyper::Method;
 use serde_json::{json, Value};
 
-use super::{connected, report_error, Connect, PolicyAction, EXIT_CONFIG, EXIT_DENIED, EXIT_REQUEST};
+use super::{connected, Connect, PolicyAction, EXIT_CONFIG, EXIT_DENIED, EXIT_REQUEST};
 use crate::client::{Answer, Client};
 use crate::config::Config;
 use crate::engine::policy::{counter_changes, PolicyDoc};
@@ -62,15 +62,10 @@ async fn call(
     body: Option<&Value>,
     headers: &[(&str, &str)],
 ) -> Result<Answer, Failed> {
-    let a = client
-        .request_with(method, path, body, headers)
+    // Reported by `answered`.
+    super::answered(client, connect, method, path, body, headers)
         .await
-        .map_err(|e| Failed::Request(e.to_string()))?;
-    if a.status >= 400 {
-        report_error(&a, connect);
-        return Err(Failed::Request(String::new()));
-    }
-    Ok(a)
+        .map_err(|_| Failed::Request(String::new()))
 }
 
 /// The daemon's current version: its number, who made it and its policy.
