@@ -126,6 +126,69 @@ impl EventFeed {
         Ok(page)
     }
 
+    /// Up to `limit` durable events before `before` (the newest when `None`)
+    /// whose type matches `pattern`, newest first; and the seq to page back
+    /// from next (`None` once the oldest event was scanned). Scans at most
+    /// `SCAN_MAX` events, like [`EventFeed::page`].
+    pub fn page_before(
+        &self,
+        before: Option<u64>,
+        limit: usize,
+        pattern: &str,
+    ) -> Result<(Vec<FeedEvent>, Option<u64>), String> {
+        let mut events = Vec::new();
+        let mut cursor = before.unwrap_or(u64::MAX);
+        let mut scanned = 0;
+        while events.len() < limit && scanned < SCAN_MAX {
+            let chunk = self.scan_before(cursor, limit.max(256))?;
+            let Some(oldest) = chunk.last().map(|e| e.seq) else {
+                return Ok((events, None));
+            };
+            scanned += chunk.len();
+            for e in chunk {
+                if events.len() == limit {
+                    return Ok((events, Some(cursor)));
+                }
+                cursor = e.seq;
+                if type_matches(pattern, &e.kind) {
+                    events.push(e);
+                }
+            }
+            cursor = oldest;
+        }
+        Ok((events, (cursor > 1).then_some(cursor)))
+    }
+
+    /// Up to `limit` durable events before `before`, newest first: memory's,
+    /// then the snapshot file's older ones.
+    fn scan_before(&self, before: u64, limit: usize) -> Result<Vec<FeedEvent>, String> {
+        let mem = self
+            .engine
+            .recent_events_before(before, limit, self.durable.durable_lsn());
+        let mut out: Vec<FeedEvent> = mem
+            .iter()
+            .map(|e| FeedEvent {
+                seq: e.seq,
+                kind: e.kind().to_string(),
+                json: e.to_json().to_string().into(),
+            })
+            .collect();
+        // Memory's events run without a gap to its newest, and whatever it no
+        // longer holds is in the file: continue there below the oldest read.
+        let below = out.last().map_or(before, |e| e.seq);
+        if out.len() < limit {
+            if let Some(store) = &self.store {
+                for (seq, json) in store
+                    .events_before(below, limit - out.len())
+                    .map_err(|e| e.to_string())?
+                {
+                    out.push(stored(seq, json)?);
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// Up to `limit` durable events after `after`, whatever their type. Memory
     /// is read first: events leave it only once the snapshot file holds them,
     /// so whatever memory no longer has is in the file.
@@ -140,17 +203,7 @@ impl EventFeed {
                     if seq >= upto {
                         break;
                     }
-                    let json = String::from_utf8(json)
-                        .map_err(|_| format!("event {seq} in the snapshot file is not UTF-8"))?;
-                    let kind = serde_json::from_str::<serde_json::Value>(&json)
-                        .ok()
-                        .and_then(|v| v.get("type").and_then(|t| t.as_str()).map(str::to_string))
-                        .unwrap_or_default();
-                    out.push(FeedEvent {
-                        seq,
-                        kind,
-                        json: json.into(),
-                    });
+                    out.push(stored(seq, json)?);
                 }
             }
         }
@@ -166,4 +219,18 @@ impl EventFeed {
         }
         Ok(out)
     }
+}
+
+/// An event read from the snapshot file.
+fn stored(seq: u64, json: Vec<u8>) -> Result<FeedEvent, String> {
+    let json = String::from_utf8(json).map_err(|_| format!("event {seq} in the snapshot file is not UTF-8"))?;
+    let kind = serde_json::from_str::<serde_json::Value>(&json)
+        .ok()
+        .and_then(|v| v.get("type").and_then(|t| t.as_str()).map(str::to_string))
+        .unwrap_or_default();
+    Ok(FeedEvent {
+        seq,
+        kind,
+        json: json.into(),
+    })
 }

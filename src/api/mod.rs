@@ -497,6 +497,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/subjects/{subject}/flags/{anomaly}", delete(signals::clear_flag))
         .route("/v1/subjects/{subject}/usage", get(usage::subject_usage))
         .route("/v1/usage", get(usage::export))
+        .route("/v1/usage/top", get(usage::top))
+        .route("/v1/counters", get(usage::counters))
         .route("/v1/events", get(signals::list_events))
         .route("/v1/events/stream", get(signals::stream_events))
         .route("/v1/webhooks", get(signals::webhooks))
@@ -647,6 +649,8 @@ const ROUTES: &[&str] = &[
     "/v1/subjects/{subject}/flags/{anomaly}",
     "/v1/subjects/{subject}/usage",
     "/v1/usage",
+    "/v1/usage/top",
+    "/v1/counters",
     "/v1/events",
     "/v1/events/stream",
     "/v1/webhooks",

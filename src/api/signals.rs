@@ -66,6 +66,9 @@ fn seq_param(field: &str, v: &str) -> Result<u64, ApiError> {
 struct EventsPage {
     events: Vec<Box<RawValue>>,
     next_after: u64,
+    /// With `order=desc`: the seq to page back from (`null` at the oldest).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next_before: Option<Option<u64>>,
 }
 
 fn raw(e: &FeedEvent) -> Result<Box<RawValue>, ApiError> {
@@ -73,17 +76,19 @@ fn raw(e: &FeedEvent) -> Result<Box<RawValue>, ApiError> {
         .map_err(|_| ApiError::Unavailable(format!("event {} in the event log is damaged", e.seq)))
 }
 
-/// `GET /v1/events?after=&limit=&type=`.
+/// `GET /v1/events?after=&limit=&type=`, or newest first with
+/// `order=desc&before=`.
 pub(super) async fn list_events(
     State(st): State<Arc<AppState>>,
     headers: HeaderMap,
     RawQuery(q): RawQuery,
 ) -> Result<Response, ApiError> {
     st.authorize(&headers, Role::Admin)?;
-    let (mut after, mut limit, mut pattern) = (0u64, 100usize, "*".to_string());
+    let (mut after, mut before, mut limit, mut pattern, mut desc) = (None, None, 100usize, "*".to_string(), false);
     for (k, v) in form_urlencoded_pairs(q.as_deref().unwrap_or(""))? {
         match k.as_str() {
-            "after" => after = seq_param("after", &v)?,
+            "after" => after = Some(seq_param("after", &v)?),
+            "before" => before = Some(seq_param("before", &v)?),
             "limit" => {
                 limit = v
                     .parse()
@@ -94,22 +99,53 @@ pub(super) async fn list_events(
                     })?
             }
             "type" => pattern = type_filter(&v)?,
+            "order" => {
+                desc = match v.as_str() {
+                    "asc" => false,
+                    "desc" => true,
+                    _ => return Err(ApiError::invalid("order", format!("{v:?} is not asc or desc"))),
+                }
+            }
             other => {
                 return Err(ApiError::invalid(
                     other,
-                    "unknown query parameter; use after, limit and type",
+                    "unknown query parameter; use after, before, limit, order and type",
                 ));
             }
         }
     }
     let feed = &st.core()?.feed;
-    let page = feed
-        .page(after, limit, &pattern)
-        .map_err(|e| ApiError::Unavailable(format!("cannot read the event log: {e}")))?;
+    let unreadable = |e| ApiError::Unavailable(format!("cannot read the event log: {e}"));
+    if desc {
+        if after.is_some() {
+            return Err(ApiError::invalid(
+                "after",
+                "pages forward, oldest first; with order=desc page back with before",
+            ));
+        }
+        let (events, next_before) = feed.page_before(before, limit, &pattern).map_err(unreadable)?;
+        let next_after = events
+            .first()
+            .map_or(before.map_or(0, |b| b.saturating_sub(1)), |e| e.seq);
+        return Ok(Json(EventsPage {
+            events: events.iter().map(raw).collect::<Result<_, _>>()?,
+            next_after,
+            next_before: Some(next_before),
+        })
+        .into_response());
+    }
+    if before.is_some() {
+        return Err(ApiError::invalid(
+            "before",
+            "pages back, newest first: use it with order=desc",
+        ));
+    }
+    let page = feed.page(after.unwrap_or(0), limit, &pattern).map_err(unreadable)?;
     let events = page.events.iter().map(raw).collect::<Result<_, _>>()?;
     Ok(Json(EventsPage {
         events,
         next_after: page.next_after,
+        next_before: None,
     })
     .into_response())
 }

@@ -1,7 +1,8 @@
-//! Usage history over HTTP: one subject's buckets
-//! (`GET /v1/subjects/{s}/usage`) and every subject's for billing
-//! (`GET /v1/usage`, JSON pages or CSV). Buckets come from the snapshot file
-//! and from what memory holds since the last snapshot, added together.
+//! Usage over HTTP: one subject's buckets (`GET /v1/subjects/{s}/usage`),
+//! every subject's for billing (`GET /v1/usage`, JSON pages or CSV), the
+//! biggest users of a metric (`GET /v1/usage/top`) and the fullest counters
+//! (`GET /v1/counters`). Buckets come from the snapshot file and from what
+//! memory holds since the last snapshot, added together.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -43,6 +44,14 @@ impl Granularity {
     }
 }
 
+/// Which endpoint a query is for: each takes its own parameters.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Endpoint {
+    Subject,
+    Export,
+    Top,
+}
+
 /// A checked usage query.
 struct Query {
     from: u64,
@@ -53,6 +62,8 @@ struct Query {
     csv: bool,
     after: Option<String>,
     limit: usize,
+    /// `/v1/usage/top`: the metric to rank by.
+    metric: String,
 }
 
 /// `from`/`to`: RFC 3339, or `YYYY-MM-DD` (midnight in the query's time zone).
@@ -75,13 +86,14 @@ fn instant(field: &str, v: &str, tz: &TimeZone) -> Result<u64, ApiError> {
     u64::try_from(ms).map_err(|_| ApiError::invalid(field, format!("{v:?} is before 1970")))
 }
 
-fn parse_query(q: Option<&str>, export: bool) -> Result<Query, ApiError> {
+fn parse_query(q: Option<&str>, endpoint: Endpoint) -> Result<Query, ApiError> {
     let mut raw: BTreeMap<String, String> = BTreeMap::new();
-    let known: &[&str] = if export {
-        &["from", "to", "granularity", "timezone", "format", "after", "limit"]
-    } else {
-        &["from", "to", "granularity", "timezone"]
+    let known: &[&str] = match endpoint {
+        Endpoint::Subject => &["from", "to", "granularity", "timezone"],
+        Endpoint::Export => &["from", "to", "granularity", "timezone", "format", "after", "limit"],
+        Endpoint::Top => &["metric", "from", "to", "timezone", "limit"],
     };
+    let export = endpoint == Endpoint::Export;
     for (k, v) in form_urlencoded_pairs(q.unwrap_or(""))? {
         if !known.contains(&k.as_str()) {
             return Err(ApiError::invalid(
@@ -139,7 +151,17 @@ fn parse_query(q: Option<&str>, export: bool) -> Result<Query, ApiError> {
         Some("csv") => true,
         Some(f) => return Err(ApiError::invalid("format", format!("{f:?} is not json or csv"))),
     };
+    let metric = match (endpoint, raw.get("metric")) {
+        (Endpoint::Top, None) => {
+            return Err(ApiError::invalid(
+                "metric",
+                "is required: the metric to rank subjects by, such as requests or tokens",
+            ))
+        }
+        (_, m) => m.cloned().unwrap_or_default(),
+    };
     let limit = match raw.get("limit") {
+        None if endpoint == Endpoint::Top => 10,
         None => 100,
         Some(v) => v
             .parse()
@@ -156,6 +178,7 @@ fn parse_query(q: Option<&str>, export: bool) -> Result<Query, ApiError> {
         csv,
         after: raw.get("after").cloned(),
         limit,
+        metric,
     })
 }
 
@@ -199,6 +222,16 @@ fn hours_from(q: &Query, now: u64, hourly_kept: u64) -> u64 {
     }
     let c = now.saturating_sub(hourly_kept);
     c.div_ceil(DAY) * DAY
+}
+
+/// The stored bucket ranges a query reads: daily buckets for whole days
+/// before hourly retention began, hourly ones from then on (as
+/// [`collect_for`] reads them); and where memory's hourly deltas switch.
+fn parts(q: &Query, cut: u64) -> [(Grain, u64, u64); 2] {
+    [
+        (Grain::Day, q.from, q.to.min(cut)),
+        (Grain::Hour, q.from.max(cut), q.to),
+    ]
 }
 
 /// Bucket start → metric → amount.
@@ -316,7 +349,7 @@ pub(super) async fn subject_usage(
 ) -> Result<Response, ApiError> {
     st.authorize(&headers, Role::Client)?;
     subject_path(&subject)?;
-    let q = parse_query(q.as_deref(), false)?;
+    let q = parse_query(q.as_deref(), Endpoint::Subject)?;
     let mut all = collect(&st, &q, Some(&subject))?;
     let buckets = all
         .remove(&subject)
@@ -362,7 +395,7 @@ pub(super) async fn export(
     RawQuery(q): RawQuery,
 ) -> Result<Response, ApiError> {
     st.authorize(&headers, Role::Admin)?;
-    let q = parse_query(q.as_deref(), true)?;
+    let q = parse_query(q.as_deref(), Endpoint::Export)?;
     if q.csv {
         return export_csv(st, q);
     }
@@ -525,4 +558,174 @@ fn csv_chunk(rows: &[(String, SubjectBuckets)]) -> axum::body::Bytes {
         }
     }
     out.into()
+}
+
+#[derive(Serialize)]
+struct TopRow {
+    subject: String,
+    amount: u64,
+}
+
+#[derive(Serialize)]
+struct Top {
+    metric: String,
+    rows: Vec<TopRow>,
+}
+
+/// `GET /v1/usage/top`: the subjects with the most of a metric in a range
+/// (admin). Exact: every stored bucket in the range is read (merged in
+/// subject order, so memory holds only the `limit` best, not a row per
+/// subject) and what memory holds since the last snapshot is added. The
+/// time is one pass over the range's buckets; it runs off the async
+/// threads and shares `history.max_exports` with the CSV exports.
+pub(super) async fn top(
+    State(st): State<Arc<AppState>>,
+    headers: HeaderMap,
+    RawQuery(q): RawQuery,
+) -> Result<Response, ApiError> {
+    st.authorize(&headers, Role::Admin)?;
+    let q = parse_query(q.as_deref(), Endpoint::Top)?;
+    let permit = st.exports.clone().try_acquire_owned().map_err(|_| {
+        ApiError::Busy(
+            format!(
+                "{} usage scans (exports and top lists) are running, the configured maximum (history.max_exports); retry shortly",
+                st.started_config.history.max_exports
+            ),
+            EXPORT_BUSY_RETRY_S,
+        )
+    })?;
+    let rows = tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        top_rows(&st, &q)
+    })
+    .await
+    .map_err(|e| ApiError::Unavailable(format!("the top list failed: {e}")))??;
+    Ok(Json(rows).into_response())
+}
+
+fn top_rows(st: &AppState, q: &Query) -> Result<Top, ApiError> {
+    use std::cmp::Reverse;
+    let core = st.core()?;
+    let cut = hours_from(q, st.now(), core.engine.policy().history_retention_ms.0);
+    // What memory holds, per subject, in the range.
+    let mut memory: BTreeMap<Arc<str>, u64> = BTreeMap::new();
+    for ((s, hour), amounts) in core.engine.usage_deltas(None) {
+        let start = if hour < cut { hour - hour % DAY } else { hour };
+        if start < q.from || start >= q.to {
+            continue;
+        }
+        if let Some((_, a)) = amounts.iter().find(|(m, _)| **m == *q.metric) {
+            let v = memory.entry(s).or_default();
+            *v = v.saturating_add(*a);
+        }
+    }
+    // The best `limit` so far; the root is the one to drop next (least
+    // amount, then the last name).
+    let mut best: std::collections::BinaryHeap<Reverse<(u64, Reverse<String>)>> = Default::default();
+    let mut offer = |subject: &str, amount: u64| {
+        if amount == 0 {
+            return;
+        }
+        if best.len() == q.limit {
+            match best.peek() {
+                Some(Reverse((a, Reverse(s)))) if (amount, Reverse(subject)) > (*a, Reverse(s.as_str())) => {
+                    best.pop();
+                }
+                _ => return,
+            }
+        }
+        best.push(Reverse((amount, Reverse(subject.to_string()))));
+    };
+    if let Some(store) = &core.snapshots {
+        store
+            .usage_totals(&q.metric, &parts(q, cut), |s, stored| {
+                let total = stored.saturating_add(memory.remove(s).unwrap_or(0));
+                offer(s, total);
+            })
+            .map_err(|e| ApiError::Unavailable(format!("cannot read the usage history: {e}")))?;
+    }
+    for (s, a) in &memory {
+        offer(s, *a);
+    }
+    let mut rows: Vec<TopRow> = best
+        .into_iter()
+        .map(|Reverse((amount, Reverse(subject)))| TopRow { subject, amount })
+        .collect();
+    rows.sort_by(|a, b| b.amount.cmp(&a.amount).then_with(|| a.subject.cmp(&b.subject)));
+    Ok(Top {
+        metric: q.metric.clone(),
+        rows,
+    })
+}
+
+#[derive(Serialize)]
+struct FullCounter {
+    #[serde(flatten)]
+    counter: crate::engine::CounterView,
+    /// `used / max`.
+    fraction: f64,
+}
+
+#[derive(Serialize)]
+struct Fullest {
+    counters: Vec<FullCounter>,
+}
+
+/// Most counters `GET /v1/counters` lists.
+const COUNTERS_LIMIT: usize = 1000;
+
+/// `GET /v1/counters?min_fraction=&limit=`: counters at or above a fraction
+/// of their max, fullest first (admin). One pass over the counters in
+/// memory, off the async threads.
+pub(super) async fn counters(
+    State(st): State<Arc<AppState>>,
+    headers: HeaderMap,
+    RawQuery(q): RawQuery,
+) -> Result<Response, ApiError> {
+    st.authorize(&headers, Role::Admin)?;
+    let (mut min_fraction, mut limit) = (0.8f64, 100usize);
+    for (k, v) in form_urlencoded_pairs(q.as_deref().unwrap_or(""))? {
+        match k.as_str() {
+            "min_fraction" => {
+                min_fraction = v
+                    .trim()
+                    .parse()
+                    .ok()
+                    .filter(|f: &f64| f.is_finite() && *f > 0.0)
+                    .ok_or_else(|| {
+                        ApiError::invalid(
+                            "min_fraction",
+                            format!("{v:?} is not a number above 0 (0.8 lists counters at 80% of their max or more)"),
+                        )
+                    })?
+            }
+            "limit" => {
+                limit = v
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=COUNTERS_LIMIT).contains(n))
+                    .ok_or_else(|| {
+                        ApiError::invalid("limit", format!("must be a whole number from 1 to {COUNTERS_LIMIT}"))
+                    })?
+            }
+            other => {
+                return Err(ApiError::invalid(
+                    other,
+                    "unknown query parameter; use min_fraction and limit",
+                ))
+            }
+        }
+    }
+    let engine = st.core()?.engine.clone();
+    let now = st.now();
+    let found = tokio::task::spawn_blocking(move || engine.fullest_counters(min_fraction, limit, now))
+        .await
+        .map_err(|e| ApiError::Unavailable(format!("the counter scan failed: {e}")))?;
+    Ok(Json(Fullest {
+        counters: found
+            .into_iter()
+            .map(|(fraction, counter)| FullCounter { counter, fraction })
+            .collect(),
+    })
+    .into_response())
 }

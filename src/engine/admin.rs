@@ -437,6 +437,76 @@ impl Engine {
         })
     }
 
+    /// Counters at or above `min_fraction` of their finite, non-zero max,
+    /// fullest first (then by scope and limit), at most `limit`. One pass
+    /// over every counter, a shard at a time (each shard is locked only for
+    /// its own part); memory holds a few times `limit` candidates at most.
+    pub fn fullest_counters(&self, min_fraction: f64, limit: usize, now_ms: Millis) -> Vec<(f64, CounterView)> {
+        let (now, policy) = self.begin(now_ms);
+        // Global and attribute counters are named by their limit alone.
+        let mut shared_limits: BTreeMap<&str, &Arc<Limit>> = BTreeMap::new();
+        for plan in &policy.plans {
+            for (l, _) in &plan.all {
+                if !matches!(l.scope, Scope::Subject) {
+                    shared_limits.entry(&*l.name).or_insert(l);
+                }
+            }
+        }
+        let order = |a: &(f64, CounterView), b: &(f64, CounterView)| {
+            b.0.total_cmp(&a.0)
+                .then_with(|| a.1.scope.cmp(&b.1.scope))
+                .then_with(|| a.1.limit.cmp(&b.1.limit))
+        };
+        let mut found: Vec<(f64, CounterView)> = Vec::new();
+        let offer = |found: &mut Vec<(f64, CounterView)>, l: &Limit, key: CounterKey, c: &Counter, max: MaxValue| {
+            let MaxValue::Finite(m) = max else { return };
+            if m == 0 {
+                return;
+            }
+            let (u, _) = evaluate(&l.kind, Some(c), now, 0, max);
+            let fraction = u.used as f64 / m as f64;
+            if fraction >= min_fraction {
+                found.push((fraction, view(l, &key, &u)));
+                if found.len() >= limit.saturating_mul(4).max(64) {
+                    found.sort_by(order);
+                    found.truncate(limit);
+                }
+            }
+        };
+        for i in 0..self.shards.len() {
+            let mut l = self.lock(vec![i]);
+            let shard = l.shard(i);
+            for (subject, st) in shard.subjects.iter() {
+                if st.counters.is_empty() {
+                    continue;
+                }
+                let Some(plan) = policy.plan_for(st.plan()) else {
+                    continue;
+                };
+                for (limit, _) in &plan.all {
+                    if !matches!(limit.scope, Scope::Subject) {
+                        continue;
+                    }
+                    if let Some(c) = st.counters.get(&limit.name) {
+                        let key = CounterKey {
+                            limit: limit.name.clone(),
+                            scope: ScopeKey::Subject(subject.clone()),
+                        };
+                        offer(&mut found, limit, key, c, effective_max(limit, st.overrides()));
+                    }
+                }
+            }
+            for (key, c) in shard.shared.iter() {
+                if let Some(limit) = shared_limits.get(&*key.limit) {
+                    offer(&mut found, limit, key.clone(), c, limit.max);
+                }
+            }
+        }
+        found.sort_by(order);
+        found.truncate(limit);
+        found
+    }
+
     /// Known subjects after `after`, in byte order, at most `limit`, with the
     /// plan in force (as `subject` shows it) and whether it was assigned.
     pub fn list_subjects(&self, after: Option<&str>, limit: usize) -> Vec<(String, Option<String>, bool)> {

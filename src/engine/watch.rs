@@ -613,6 +613,20 @@ impl Engine {
             .collect()
     }
 
+    /// Up to `limit` durable events in memory before `before`, newest first.
+    pub fn recent_events_before(&self, before: u64, limit: usize, durable: Lsn) -> Vec<Arc<Event>> {
+        let sig = self.signals();
+        // Durable events are a prefix of memory's (LSNs grow with seq).
+        let durable_end = sig.recent.partition_point(|(lsn, _)| *lsn <= durable);
+        let end = sig.recent.partition_point(|(_, e)| e.seq < before).min(durable_end);
+        sig.recent
+            .range(..end)
+            .rev()
+            .take(limit)
+            .map(|(_, e)| e.clone())
+            .collect()
+    }
+
     /// The newest event's seq and LSN (0, 0 when none is in memory).
     pub fn last_event(&self) -> (u64, Lsn) {
         let sig = self.signals();

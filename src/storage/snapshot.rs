@@ -783,6 +783,26 @@ impl SnapshotStore {
         Ok(out)
     }
 
+    /// Up to `limit` stored events before `before`, newest first.
+    pub fn events_before(&self, before: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, SnapshotError> {
+        let (_db, txn) = self.read()?;
+        let table = match txn.open_table(EVENTS) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(self.err(e)),
+        };
+        let mut out = Vec::new();
+        for item in table.range(..before).map_err(|e| self.err(e))?.rev() {
+            if out.len() >= limit {
+                break;
+            }
+            let (k, v) = item.map_err(|e| self.err(e))?;
+            let (_, json) = open_event(k.value(), v.value()).map_err(|m| self.err(m))?;
+            out.push((k.value(), json.to_vec()));
+        }
+        Ok(out)
+    }
+
     /// The newest stored event's seq (0: none).
     pub fn last_event_seq(&self) -> Result<u64, SnapshotError> {
         let (_db, txn) = self.read()?;
@@ -951,6 +971,104 @@ impl SnapshotStore {
             }
         }
         Ok(out)
+    }
+
+    /// Every subject with stored buckets in `parts` (grain, bucket starts
+    /// `from..to`), in byte order, with `metric` summed over those buckets:
+    /// `f` is called once per subject. The by-time index is read as one
+    /// sorted run per bucket start, merged, so memory holds one iterator per
+    /// bucket start in the range, never a row per subject.
+    pub fn usage_totals(
+        &self,
+        metric: &str,
+        parts: &[(Grain, u64, u64)],
+        mut f: impl FnMut(&str, u64),
+    ) -> Result<(), SnapshotError> {
+        use std::cmp::Reverse;
+        let (_db, txn) = self.read()?;
+        let open = |grain: Grain| -> Result<Option<_>, SnapshotError> {
+            let (name, def) = grain.table();
+            let index = if grain == Grain::Hour {
+                USAGE_HOURS_BY_TIME
+            } else {
+                USAGE_DAYS_BY_TIME
+            };
+            match (txn.open_table(def), txn.open_table(index)) {
+                (Ok(t), Ok(i)) => Ok(Some((name, t, i))),
+                (Err(redb::TableError::TableDoesNotExist(_)), _) | (_, Err(redb::TableError::TableDoesNotExist(_))) => {
+                    Ok(None)
+                }
+                (Err(e), _) | (_, Err(e)) => Err(self.err(e)),
+            }
+        };
+        let tables = [open(Grain::Hour)?, open(Grain::Day)?];
+        /// One bucket start's subjects, in order.
+        struct Run<'t> {
+            name: &'static str,
+            table: &'t redb::ReadOnlyTable<(&'static str, u64), &'static [u8]>,
+            start: u64,
+            subjects: redb::Range<'static, (u64, &'static str), ()>,
+        }
+        let mut runs = Vec::new();
+        for &(grain, from, to) in parts {
+            let Some((name, table, index)) = &tables[usize::from(grain == Grain::Day)] else {
+                continue;
+            };
+            let mut at = from;
+            while at < to {
+                let first = index.range((at, "")..(to, "")).map_err(|e| self.err(e))?.next();
+                let Some(item) = first else { break };
+                let start = item.map_err(|e| self.err(e))?.0.value().0;
+                let subjects = index.range((start, "")..(start + 1, "")).map_err(|e| self.err(e))?;
+                runs.push(Run {
+                    name,
+                    table,
+                    start,
+                    subjects,
+                });
+                at = start + 1;
+            }
+        }
+        let next = |run: &mut Run<'_>| -> Result<Option<String>, SnapshotError> {
+            match run.subjects.next() {
+                Some(item) => Ok(Some(item.map_err(|e| self.err(e))?.0.value().1.to_string())),
+                None => Ok(None),
+            }
+        };
+        let mut heads = std::collections::BinaryHeap::new();
+        for (i, run) in runs.iter_mut().enumerate() {
+            if let Some(s) = next(run)? {
+                heads.push(Reverse((s, i)));
+            }
+        }
+        let mut current: Option<(String, u64)> = None;
+        while let Some(Reverse((subject, i))) = heads.pop() {
+            let run = &mut runs[i];
+            let amount = match run.table.get((subject.as_str(), run.start)).map_err(|e| self.err(e))? {
+                Some(v) => open_usage(run.name, &subject, run.start, v.value())
+                    .map_err(|m| self.err(m))?
+                    .get(metric)
+                    .copied()
+                    .unwrap_or(0),
+                None => 0,
+            };
+            if let Some(s) = next(run)? {
+                heads.push(Reverse((s, i)));
+            }
+            match &mut current {
+                Some((s, total)) if *s == subject => *total = total.saturating_add(amount),
+                _ => {
+                    if let Some((s, total)) = current.take() {
+                        f(&s, total);
+                    }
+                    current = Some((subject, amount));
+                }
+            }
+        }
+        if let Some((s, total)) = current {
+            f(&s, total);
+        }
+        Ok(())
     }
 
     /// Replaces the snapshot with `shards` (already encoded) in one durable

@@ -1,0 +1,389 @@
+//! Analytics computed by the server: the top users of a metric
+//! (`/v1/usage/top`), the fullest counters (`/v1/counters`) and events newest
+//! first (`/v1/events?order=desc`). Each is checked exactly against what the
+//! test knows it sent, across the snapshot file and memory, and at 100,000
+//! subjects with over 20,000 events.
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use common::{TestServer, Transport, T0, TRANSPORTS};
+use quotad::clock::Clock;
+use serde_json::{json, Value};
+
+const CONFIG: &str = r#"
+metrics = ["tokens"]
+[[plans]]
+name = "free"
+default = true
+  [[plans.limits]]
+  name = "tokens-per-day"
+  metric = "tokens"
+  period = "1d"
+  max = 1000
+  alerts = [0.5]
+  [[plans.limits]]
+  name = "all-tokens"
+  metric = "tokens"
+  scope = "global"
+  period = "1d"
+  max = 100000000
+[[plans]]
+name = "watched"
+  [[plans.limits]]
+  name = "tokens-per-day"
+  metric = "tokens"
+  period = "1d"
+  max = 1000
+  mode = "monitor"
+"#;
+
+const TODAY: &str = "from=2026-11-21&to=2026-11-22";
+
+async fn ok(s: &TestServer, path: &str) -> Value {
+    let r = s.get(path).await;
+    assert_eq!(r.status, 200, "GET {path}: {}", r.text);
+    r.body
+}
+
+async fn bad(s: &TestServer, path: &str, field: &str) {
+    let r = s.get(path).await;
+    assert_eq!(r.status, 400, "GET {path}: {}", r.text);
+    assert!(r.text.contains(field), "GET {path} names {field}: {}", r.text);
+}
+
+/// Runs `ops` (consumes) through `/v1/batch`, 1000 at a time; all must be allowed.
+async fn load(s: &TestServer, ops: &[Value]) {
+    let mut c = s.connect().await;
+    for chunk in ops.chunks(1000) {
+        let r = c.post("/v1/batch", &json!({ "operations": chunk })).await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        for (i, res) in r.body["results"].as_array().unwrap().iter().enumerate() {
+            assert_eq!(res["status"], 200, "op {i}: {res}");
+            assert_eq!(res["body"]["allowed"], true, "op {i}: {res}");
+        }
+    }
+}
+
+fn consume(subject: &str, tokens: u64) -> Value {
+    json!({"op": "consume", "subject": subject, "amounts": {"tokens": tokens}})
+}
+
+fn top_rows(body: &Value) -> Vec<(String, u64)> {
+    body["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["subject"].as_str().unwrap().to_string(),
+                r["amount"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// Per subject, the sum of `metric` over every row of the JSON export.
+async fn export_totals(s: &TestServer, range: &str, metric: &str) -> BTreeMap<String, u64> {
+    let mut out = BTreeMap::new();
+    let mut after: Option<String> = None;
+    loop {
+        let cursor = after.as_ref().map_or(String::new(), |a| format!("&after={a}"));
+        let page = ok(s, &format!("/v1/usage?{range}&limit=1000{cursor}")).await;
+        for row in page["rows"].as_array().unwrap() {
+            if let Some(a) = row["amounts"][metric].as_u64() {
+                *out.entry(row["subject"].as_str().unwrap().to_string()).or_default() += a;
+            }
+        }
+        match page["next_after"].as_str() {
+            Some(n) => after = Some(n.to_string()),
+            None => return out,
+        }
+    }
+}
+
+/// The expected top `n`: most first, then by name.
+fn expected_top(totals: &BTreeMap<String, u64>, n: usize) -> Vec<(String, u64)> {
+    let mut v: Vec<(String, u64)> = totals
+        .iter()
+        .filter(|(_, a)| **a > 0)
+        .map(|(s, a)| (s.clone(), *a))
+        .collect();
+    v.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    v.truncate(n);
+    v
+}
+
+fn seqs(body: &Value) -> Vec<u64> {
+    body["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["seq"].as_u64().unwrap())
+        .collect()
+}
+
+/// Every event, newest first, paged back `limit` at a time.
+async fn newest_first(s: &TestServer, limit: usize, extra: &str) -> Vec<u64> {
+    let mut out = Vec::new();
+    let mut before: Option<u64> = None;
+    loop {
+        let cursor = before.map_or(String::new(), |b| format!("&before={b}"));
+        let page = ok(s, &format!("/v1/events?order=desc&limit={limit}{extra}{cursor}")).await;
+        out.extend(seqs(&page));
+        match page["next_before"].as_u64() {
+            Some(b) => before = Some(b),
+            None => return out,
+        }
+    }
+}
+
+#[tokio::test]
+async fn top_is_exact_across_the_snapshot_file_and_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let at = common::ms("2026-11-21T10:30:00Z");
+    // Stored: twenty subjects with 10..=200 tokens, then a restart moves them to disk.
+    let s = TestServer::start_durable(CONFIG, Transport::Tcp, at, dir.path()).await;
+    let ops: Vec<Value> = (1..=20).map(|i| consume(&format!("u{i:02}"), i * 10)).collect();
+    load(&s, &ops).await;
+    let now = s.clock.now_ms();
+    s.stop().await;
+    for t in TRANSPORTS {
+        let s = TestServer::start_durable(CONFIG, t, now, dir.path()).await;
+        if t == Transport::Tcp {
+            // In memory only: u03 climbs past everyone, u05 ties u20, a newcomer.
+            load(&s, &[consume("u03", 400), consume("u05", 150), consume("new", 170)]).await;
+        }
+        let totals = export_totals(&s, TODAY, "tokens").await;
+        assert_eq!(totals["u03"], 430);
+        for n in [1, 3, 5, 1000] {
+            let top = ok(&s, &format!("/v1/usage/top?metric=tokens&{TODAY}&limit={n}")).await;
+            assert_eq!(top["metric"], "tokens");
+            assert_eq!(top_rows(&top), expected_top(&totals, n), "limit {n}");
+        }
+        let top = top_rows(&ok(&s, &format!("/v1/usage/top?metric=tokens&{TODAY}&limit=4")).await);
+        assert_eq!(
+            top,
+            [("u03", 430), ("u05", 200), ("u20", 200), ("u19", 190)].map(|(s, a)| (s.to_string(), a))
+        );
+        // requests: everyone 1, u03 and u05 2: ties go by name.
+        let top = top_rows(&ok(&s, &format!("/v1/usage/top?metric=requests&{TODAY}&limit=3")).await);
+        assert_eq!(
+            top,
+            [("u03", 2), ("u05", 2), ("new", 1)].map(|(s, a)| (s.to_string(), a))
+        );
+        // Another day, another metric: nothing.
+        let none = ok(&s, "/v1/usage/top?metric=tokens&from=2026-11-20&to=2026-11-21").await;
+        assert_eq!(top_rows(&none), []);
+        assert_eq!(
+            top_rows(&ok(&s, &format!("/v1/usage/top?metric=images&{TODAY}")).await),
+            []
+        );
+        // Hour ranges read hourly buckets: the 10:00 hour has everything.
+        let hour = "from=2026-11-21T10:00:00Z&to=2026-11-21T11:00:00Z";
+        assert_eq!(
+            top_rows(&ok(&s, &format!("/v1/usage/top?metric=tokens&{hour}&limit=1000")).await),
+            expected_top(&totals, 1000)
+        );
+        bad(&s, &format!("/v1/usage/top?{TODAY}"), "metric").await;
+        bad(&s, &format!("/v1/usage/top?metric=tokens&{TODAY}&limit=0"), "limit").await;
+        bad(&s, &format!("/v1/usage/top?metric=tokens&{TODAY}&limit=1001"), "limit").await;
+        bad(&s, "/v1/usage/top?metric=tokens&from=2026-11-21", "to").await;
+        bad(
+            &s,
+            &format!("/v1/usage/top?metric=tokens&{TODAY}&granularity=day"),
+            "granularity",
+        )
+        .await;
+        s.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn fullest_counters_come_first_with_overrides_and_monitor_mode() {
+    for t in TRANSPORTS {
+        let s = TestServer::start_at(CONFIG, t, common::ms("2026-11-21T10:30:00Z")).await;
+        // A subject whose override makes 500 tokens 100% full.
+        let r = s
+            .put(
+                "/v1/subjects/big",
+                json!({"overrides": {"tokens-per-day": {"max": 500}}}),
+            )
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        let r = s.put("/v1/subjects/mon", json!({"plan": "watched"})).await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        load(
+            &s,
+            &[
+                consume("half", 500),
+                consume("eighty", 800),
+                consume("ninety5", 950),
+                consume("big", 500),
+                consume("mon", 700),
+                consume("mon", 700), // monitor mode: allowed past max, 140%
+                consume("low", 10),
+            ],
+        )
+        .await;
+        let body = ok(&s, "/v1/counters?min_fraction=0.8").await;
+        let got: Vec<(String, String, f64)> = body["counters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| {
+                (
+                    c["scope"].as_str().unwrap().to_string(),
+                    c["limit"].as_str().unwrap().to_string(),
+                    c["fraction"].as_f64().unwrap(),
+                )
+            })
+            .collect();
+        let want = [("mon", 1.4), ("big", 1.0), ("ninety5", 0.95), ("eighty", 0.8)]
+            .map(|(s, f)| (s.to_string(), "tokens-per-day".to_string(), f));
+        assert_eq!(got, want);
+        let first = &body["counters"][0];
+        assert_eq!(first["used"], 1400);
+        assert_eq!(first["max"], 1000);
+        assert_eq!(first["metric"], "tokens");
+        assert_eq!(first["mode"], "monitor");
+        // The global counter is 4,160 of 100,000,000: listed only at a tiny fraction.
+        let body = ok(&s, "/v1/counters?min_fraction=0.00001").await;
+        let scopes: Vec<&str> = body["counters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["scope"].as_str().unwrap())
+            .collect();
+        assert_eq!(scopes, ["mon", "big", "ninety5", "eighty", "half", "low", "global"]);
+        let body = ok(&s, "/v1/counters?min_fraction=0.5&limit=2").await;
+        assert_eq!(body["counters"].as_array().unwrap().len(), 2);
+        assert_eq!(body["counters"][1]["scope"], "big");
+        // Nothing at 2x.
+        assert_eq!(ok(&s, "/v1/counters?min_fraction=2").await["counters"], json!([]));
+        // Tomorrow the daily windows are empty.
+        s.clock.advance(86_400_000);
+        assert_eq!(ok(&s, "/v1/counters?min_fraction=0.5").await["counters"], json!([]));
+        for q in [
+            "min_fraction=0",
+            "min_fraction=-1",
+            "min_fraction=abc",
+            "min_fraction=inf",
+        ] {
+            bad(&s, &format!("/v1/counters?{q}"), "min_fraction").await;
+        }
+        bad(&s, "/v1/counters?limit=0", "limit").await;
+        bad(&s, "/v1/counters?fraction=0.5", "fraction").await;
+        s.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn events_page_back_newest_first_through_memory_and_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut now = T0;
+    // Thirty events go to the snapshot file, twenty stay in memory.
+    for (round, n) in [(0, 30), (1, 20)] {
+        let s = TestServer::start_durable(CONFIG, Transport::Tcp, now, dir.path()).await;
+        let ops: Vec<Value> = (0..n).map(|i| consume(&format!("r{round}-{i}"), 600)).collect();
+        load(&s, &ops).await;
+        now = s.clock.now_ms();
+        if round == 0 {
+            s.stop().await;
+            continue;
+        }
+        let all: Vec<u64> = (1..=50).rev().collect();
+        for limit in [1, 7, 20, 50, 1000] {
+            assert_eq!(newest_first(&s, limit, "").await, all, "limit {limit}");
+        }
+        let page = ok(&s, "/v1/events?order=desc&limit=3").await;
+        assert_eq!(seqs(&page), [50, 49, 48]);
+        assert_eq!(page["next_before"], 48);
+        assert_eq!(page["next_after"], 50);
+        assert_eq!(page["events"][0]["subject"], "r1-19");
+        let page = ok(&s, "/v1/events?order=desc&before=32&limit=5").await;
+        assert_eq!(seqs(&page), [31, 30, 29, 28, 27]);
+        let page = ok(&s, "/v1/events?order=desc&before=3").await;
+        assert_eq!(seqs(&page), [2, 1]);
+        assert_eq!(page["next_before"], Value::Null);
+        assert_eq!(seqs(&ok(&s, "/v1/events?order=desc&before=1").await), Vec::<u64>::new());
+        // A type filter that matches nothing scans to the end.
+        let page = ok(&s, "/v1/events?order=desc&type=breaker.*").await;
+        assert_eq!(seqs(&page), Vec::<u64>::new());
+        assert_eq!(page["next_before"], Value::Null);
+        assert_eq!(newest_first(&s, 9, "&type=threshold.*").await, all);
+        // Oldest first is unchanged and has no next_before.
+        let page = ok(&s, "/v1/events?limit=2").await;
+        assert_eq!(seqs(&page), [1, 2]);
+        assert!(page.get("next_before").is_none());
+        bad(&s, "/v1/events?before=5", "before").await;
+        bad(&s, "/v1/events?order=desc&after=5", "after").await;
+        bad(&s, "/v1/events?order=newest", "order").await;
+        s.stop().await;
+    }
+}
+
+/// 100,000 subjects and 50,000 events: the top, the fullest counters and the
+/// newest events are exactly what was sent, from memory and then from the
+/// snapshot file after a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_100000_subjects_top_counters_and_newest_events_are_exact() {
+    const SUBJECTS: u64 = 100_000;
+    let dir = tempfile::tempdir().unwrap();
+    let at = common::ms("2026-11-21T10:30:00Z");
+    // Tokens spread over 1..=990, and three whales with more, named to sort last.
+    let tokens = |i: u64| (i * 7919) % 990 + 1;
+    let mut sent: BTreeMap<String, u64> = (0..SUBJECTS).map(|i| (format!("user:{i:06}"), tokens(i))).collect();
+    for (w, n) in [("zz:whale-a", 997), ("zz:whale-b", 998), ("zz:whale-c", 1000)] {
+        sent.insert(w.to_string(), n);
+    }
+    let ops: Vec<Value> = sent.iter().map(|(s, n)| consume(s, *n)).collect();
+    // Events: one per subject crossing half of 1000, in the order sent.
+    let crossing: Vec<&String> = sent.iter().filter(|(_, n)| **n >= 500).map(|(s, _)| s).collect();
+    assert!(crossing.len() > 20_000);
+
+    let s = TestServer::start_durable(CONFIG, Transport::Tcp, at, dir.path()).await;
+    load(&s, &ops).await;
+    let now = s.clock.now_ms();
+    check_scale(&s, &sent, &crossing).await;
+    s.stop().await;
+    // From the snapshot file.
+    let s = TestServer::start_durable(CONFIG, Transport::Unix, now, dir.path()).await;
+    check_scale(&s, &sent, &crossing).await;
+    s.stop().await;
+}
+
+async fn check_scale(s: &TestServer, sent: &BTreeMap<String, u64>, crossing: &[&String]) {
+    let top = ok(s, &format!("/v1/usage/top?metric=tokens&{TODAY}&limit=25")).await;
+    let want = expected_top(sent, 25);
+    assert_eq!(want[0], ("zz:whale-c".to_string(), 1000));
+    assert_eq!(top_rows(&top), want);
+
+    let full = ok(s, "/v1/counters?min_fraction=0.988&limit=1000").await;
+    let got: Vec<(String, u64)> = full["counters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| (c["scope"].as_str().unwrap().to_string(), c["used"].as_u64().unwrap()))
+        .collect();
+    let mut want: Vec<(String, u64)> = sent
+        .iter()
+        .filter(|(_, n)| **n >= 988)
+        .map(|(s, n)| (s.clone(), *n))
+        .collect();
+    want.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    assert_eq!(got, want);
+
+    let newest = ok(s, "/v1/events?order=desc&limit=5").await;
+    let n = crossing.len() as u64;
+    assert_eq!(seqs(&newest), (n - 4..=n).rev().collect::<Vec<_>>());
+    let subjects: Vec<&str> = newest["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["subject"].as_str().unwrap())
+        .collect();
+    let last5: Vec<&str> = crossing.iter().rev().take(5).map(|s| s.as_str()).collect();
+    assert_eq!(subjects, last5);
+}
