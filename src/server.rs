@@ -252,8 +252,15 @@ impl Server {
             }
             None => (None, None),
         };
+        let subject_key = match (&config.cluster, &backing) {
+            (Some(c), _) => Ok(crate::api::SubjectKey::from_secret(&c.secret()?)),
+            (None, Backing::Memory(_)) => crate::api::SubjectKey::random(),
+            (None, _) => crate::api::SubjectKey::in_dir(&config.storage.data_dir),
+        }
+        .map_err(|e| ServerError::Storage(format!("the key of subject tokens: {e}")))?;
         let state = Arc::new(AppState {
             core: std::sync::OnceLock::new(),
+            subject_key,
             clock,
             tokens: std::sync::RwLock::new(Arc::new(tokens)),
             config: std::sync::RwLock::new((config.clone(), None)),

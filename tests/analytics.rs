@@ -387,3 +387,194 @@ async fn check_scale(s: &TestServer, sent: &BTreeMap<String, u64>, crossing: &[&
     let last5: Vec<&str> = crossing.iter().rev().take(5).map(|s| s.as_str()).collect();
     assert_eq!(subjects, last5);
 }
+
+const AUTH: &str = r#"
+metrics = ["tokens"]
+[[auth.tokens]]
+name = "web-app"
+role = "client"
+token = "client-token-0123456789"
+[[auth.tokens]]
+name = "ops"
+role = "admin"
+token = "admin-token-0123456789"
+[[plans]]
+name = "free"
+default = true
+  [[plans.limits]]
+  name = "tokens-per-day"
+  metric = "tokens"
+  period = "1d"
+  max = 1000
+"#;
+
+const ADMIN: (&str, &str) = ("authorization", "Bearer admin-token-0123456789");
+const CLIENT: (&str, &str) = ("authorization", "Bearer client-token-0123456789");
+
+async fn mint(s: &TestServer, subject: &str, body: &str, auth: (&str, &str)) -> common::Resp {
+    s.req("POST", &format!("/v1/subjects/{subject}/tokens"), Some(body), &[auth])
+        .await
+}
+
+#[tokio::test]
+async fn a_subject_token_reads_its_subject_alone_until_it_expires() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut now = common::ms("2026-11-21T10:30:00Z");
+    let mut kept = String::new();
+    for t in TRANSPORTS {
+        let s = TestServer::start_durable(AUTH, t, now, dir.path()).await;
+        let r = s
+            .req(
+                "POST",
+                "/v1/consume",
+                Some(r#"{"subject":"user:42","amounts":{"tokens":300}}"#),
+                &[CLIENT],
+            )
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text);
+
+        let r = mint(&s, "user:42", r#"{"ttl":"1h"}"#, ADMIN).await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        assert_eq!(r.body["subject"], "user:42");
+        assert_eq!(
+            common::ms(r.body["expires_at"].as_str().unwrap()),
+            s.clock.now_ms() + 3_600_000
+        );
+        let token = r.body["token"].as_str().unwrap().to_string();
+        assert!(token.starts_with("qst_"), "{token}");
+        let mine = ("authorization", format!("Bearer {token}"));
+        let mine = (mine.0, mine.1.as_str());
+
+        // What it may do: its subject and its usage.
+        let r = s.req("GET", "/v1/subjects/user:42", None, &[mine]).await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        assert_eq!(
+            r.body["counters"][0]["used"].as_u64(),
+            Some(if t == Transport::Tcp { 300 } else { 600 })
+        );
+        let r = s
+            .req("GET", &format!("/v1/subjects/user:42/usage?{TODAY}"), None, &[mine])
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text);
+
+        // Nothing else: another subject, decisions, writes, admin reads, minting.
+        let other = s.req("GET", "/v1/subjects/user:43", None, &[mine]).await;
+        assert_eq!(other.status, 403, "{}", other.text);
+        let msg = other.body["error"]["message"].as_str().unwrap();
+        assert!(msg.contains("\"user:42\"") && msg.contains("\"user:43\""), "{msg}");
+        for (method, path, body) in [
+            ("POST", "/v1/consume", Some(r#"{"subject":"user:42"}"#)),
+            ("POST", "/v1/check", Some(r#"{"subject":"user:42"}"#)),
+            ("POST", "/v1/reserve", Some(r#"{"subject":"user:42"}"#)),
+            ("POST", "/v1/batch", Some(r#"{"operations":[]}"#)),
+            ("GET", "/v1/authorize", None),
+            ("PUT", "/v1/subjects/user:42", Some(r#"{"plan":"free"}"#)),
+            ("DELETE", "/v1/subjects/user:42", None),
+            ("POST", "/v1/subjects/user:42/reset", Some("{}")),
+            (
+                "POST",
+                "/v1/subjects/user:42/credit",
+                Some(r#"{"limit":"tokens-per-day","amount":1}"#),
+            ),
+            ("POST", "/v1/subjects/user:42/tokens", Some("{}")),
+            ("GET", "/v1/subjects", None),
+            ("GET", "/v1/plans", None),
+            ("GET", "/v1/events", None),
+            ("GET", &format!("/v1/usage?{TODAY}"), None),
+            ("GET", &format!("/v1/usage/top?metric=tokens&{TODAY}"), None),
+            ("GET", "/v1/counters", None),
+            ("GET", "/metrics", None),
+            ("GET", "/v1/openapi.json", None),
+            ("GET", "/v1/admin/digest", None),
+        ] {
+            let r = s.req(method, path, body, &[mine]).await;
+            assert_eq!(r.status, 403, "{method} {path}: {}", r.text);
+            assert!(
+                r.text.contains("read-only token for subject"),
+                "{method} {path}: {}",
+                r.text
+            );
+        }
+        // Still only 300 (then 600) charged: nothing above went through.
+        let r = s.req("GET", "/v1/subjects/user:42", None, &[ADMIN]).await;
+        assert_eq!(
+            r.body["counters"][0]["used"].as_u64(),
+            Some(if t == Transport::Tcp { 300 } else { 600 })
+        );
+
+        // Only an admin mints, for 1m to 30d.
+        let r = mint(&s, "user:42", "{}", CLIENT).await;
+        assert_eq!(r.status, 403, "{}", r.text);
+        for ttl in [r#""30s""#, r#""31d""#, r#""1mo""#, r#""soon""#, "5"] {
+            let r = mint(&s, "user:42", &format!(r#"{{"ttl":{ttl}}}"#), ADMIN).await;
+            assert_eq!(r.status, 400, "{ttl}: {}", r.text);
+            assert!(r.text.contains("ttl"), "{ttl}: {}", r.text);
+        }
+        let r = mint(&s, "user:42", r#"{"ttl":"1h","scope":"all"}"#, ADMIN).await;
+        assert_eq!(r.status, 400, "{}", r.text);
+        // The default is an hour.
+        let r = mint(&s, "user:42", "", ADMIN).await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        assert_eq!(
+            common::ms(r.body["expires_at"].as_str().unwrap()),
+            s.clock.now_ms() + 3_600_000
+        );
+
+        // A changed token is not valid.
+        let (head, _) = token.rsplit_once('.').unwrap();
+        let forged = format!("Bearer {head}.{}", "0".repeat(64));
+        let r = s
+            .req("GET", "/v1/subjects/user:42", None, &[("authorization", &forged)])
+            .await;
+        assert_eq!(r.status, 401, "{}", r.text);
+        let retargeted = token.replacen(&hex_of("user:42"), &hex_of("user:43"), 1);
+        let r = s
+            .req(
+                "GET",
+                "/v1/subjects/user:43",
+                None,
+                &[("authorization", &format!("Bearer {retargeted}"))],
+            )
+            .await;
+        assert_eq!(r.status, 401, "{}", r.text);
+
+        if t == Transport::Tcp {
+            // Kept for after the restart: the key is in the data directory.
+            kept = token.clone();
+            // Expired an hour later.
+            let short = mint(&s, "user:42", r#"{"ttl":"2m"}"#, ADMIN).await.body["token"]
+                .as_str()
+                .unwrap()
+                .to_string();
+            s.clock.advance(120_000);
+            let r = s
+                .req(
+                    "GET",
+                    "/v1/subjects/user:42",
+                    None,
+                    &[("authorization", &format!("Bearer {short}"))],
+                )
+                .await;
+            assert_eq!(r.status, 401, "{}", r.text);
+            assert!(r.text.contains("expired"), "{}", r.text);
+        } else {
+            // The first round's token still holds after a restart, until its hour is up.
+            let old = format!("Bearer {kept}");
+            let r = s
+                .req("GET", "/v1/subjects/user:42", None, &[("authorization", &old)])
+                .await;
+            assert_eq!(r.status, 200, "{}", r.text);
+            s.clock.advance(3_600_000);
+            let r = s
+                .req("GET", "/v1/subjects/user:42", None, &[("authorization", &old)])
+                .await;
+            assert_eq!(r.status, 401, "{}", r.text);
+        }
+        now = s.clock.now_ms();
+        s.stop().await;
+    }
+}
+
+fn hex_of(s: &str) -> String {
+    s.bytes().map(|b| format!("{b:02x}")).collect()
+}

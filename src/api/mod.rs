@@ -10,7 +10,9 @@ mod json;
 mod openapi;
 pub mod policy;
 mod signals;
+mod subject_tokens;
 mod usage;
+pub use subject_tokens::SubjectKey;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -89,6 +91,8 @@ pub struct Grant {
     pub max_priority: Priority,
     /// The token's name, recorded as the actor of policy changes.
     pub actor: Arc<str>,
+    /// A subject token's subject: it reads that subject and nothing else.
+    pub subject: Option<Arc<str>>,
 }
 
 impl std::fmt::Debug for Token {
@@ -146,6 +150,8 @@ pub struct AppState {
     pub body_timeout: std::time::Duration,
     /// One permit per CSV export streaming now (`history.max_exports`).
     pub exports: Arc<tokio::sync::Semaphore>,
+    /// Signs and checks subject tokens.
+    pub subject_key: SubjectKey,
 }
 
 impl AppState {
@@ -157,6 +163,7 @@ impl AppState {
                 role: Role::Admin,
                 max_priority: Priority::Critical,
                 actor: ACTOR_WITHOUT_AUTH.into(),
+                subject: None,
             });
         }
         // The scheme name is case-insensitive (RFC 9110 11.1): bearer, BEARER.
@@ -167,6 +174,18 @@ impl AppState {
             .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
             .map(|(_, token)| token)
             .ok_or_else(|| ApiError::Unauthorized("send `Authorization: Bearer <token>`".into()))?;
+        if presented.trim().starts_with(subject_tokens::PREFIX) {
+            let subject = self
+                .subject_key
+                .verify(presented.trim(), self.now())
+                .map_err(|m| ApiError::Unauthorized(m.into()))?;
+            return Ok(Grant {
+                role: Role::Client,
+                max_priority: Priority::Low,
+                actor: "subject token".into(),
+                subject: Some(subject.into()),
+            });
+        }
         // Compare against every token so timing does not tell which one was close.
         let mut grant: Option<Grant> = None;
         for t in tokens.iter() {
@@ -175,6 +194,7 @@ impl AppState {
                     role: t.role,
                     max_priority: t.max_priority,
                     actor: t.name.clone(),
+                    subject: None,
                 });
                 g.role = g.role.max(t.role);
                 g.max_priority = g.max_priority.max(t.max_priority);
@@ -191,10 +211,24 @@ impl AppState {
     /// What the request's token allows, if its role is at least `need`.
     pub(crate) fn authorize(&self, headers: &HeaderMap, need: Role) -> Result<Grant, ApiError> {
         match self.authenticate(headers)? {
+            Grant { subject: Some(s), .. } => Err(ApiError::Forbidden(format!(
+                "this is a read-only token for subject {s:?}: it reads that subject and its usage, nothing else"
+            ))),
             g if g.role >= need => Ok(g),
             _ => Err(ApiError::Forbidden(
                 "this token's role is client; this endpoint needs admin".into(),
             )),
+        }
+    }
+
+    /// What the request's token allows on the read endpoints of `subject`:
+    /// a client or admin token, or a subject token for that subject.
+    pub(crate) fn authorize_subject(&self, headers: &HeaderMap, subject: &str) -> Result<Grant, ApiError> {
+        match self.authenticate(headers)? {
+            Grant { subject: Some(s), .. } if &*s != subject => Err(ApiError::Forbidden(format!(
+                "this is a read-only token for subject {s:?}, not {subject:?}"
+            ))),
+            g => Ok(g),
         }
     }
 
@@ -496,6 +530,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/subjects/{subject}/credit", post(credit))
         .route("/v1/subjects/{subject}/flags/{anomaly}", delete(signals::clear_flag))
         .route("/v1/subjects/{subject}/usage", get(usage::subject_usage))
+        .route("/v1/subjects/{subject}/tokens", post(subject_tokens::mint))
         .route("/v1/usage", get(usage::export))
         .route("/v1/usage/top", get(usage::top))
         .route("/v1/counters", get(usage::counters))
@@ -574,8 +609,15 @@ async fn gate(State(st): State<Arc<AppState>>, req: axum::extract::Request, next
     // The dashboard page holds no data: it asks for a token and sends it with
     // each API call, which a browser's navigation to it cannot.
     if path != "/healthz" && path != "/readyz" && path != "/dashboard" {
-        if let Err(e) = st.authenticate(req.headers()) {
-            return closing(e.into_response());
+        match st.authenticate(req.headers()) {
+            Err(e) => return closing(e.into_response()),
+            Ok(Grant { subject: Some(s), .. }) if !subject_read(req.method(), path) => {
+                return ApiError::Forbidden(format!(
+                    "this is a read-only token for subject {s:?}: it reads that subject (GET /v1/subjects/{{subject}}) and its usage, nothing else"
+                ))
+                .into_response();
+            }
+            Ok(_) => {}
         }
     }
     // A parameter given twice is refused on every endpoint, also on those that
@@ -648,6 +690,7 @@ const ROUTES: &[&str] = &[
     "/v1/subjects/{subject}/credit",
     "/v1/subjects/{subject}/flags/{anomaly}",
     "/v1/subjects/{subject}/usage",
+    "/v1/subjects/{subject}/tokens",
     "/v1/usage",
     "/v1/usage/top",
     "/v1/counters",
@@ -716,6 +759,20 @@ fn body_bytes_named(body: Result<Bytes, BytesRejection>, max: usize, setting: &s
             ApiError::InvalidRequest(format!("could not read the request body: {e}"))
         }
     })
+}
+
+/// Whether a subject token may ask for this at all: a GET of one subject or
+/// of its usage (the handler then checks it is the token's subject).
+fn subject_read(method: &axum::http::Method, path: &str) -> bool {
+    let Some(rest) = path.strip_prefix("/v1/subjects/") else {
+        return false;
+    };
+    method == axum::http::Method::GET
+        && match rest.split_once('/') {
+            None => !rest.is_empty(),
+            Some((s, "usage")) => !s.is_empty(),
+            Some(_) => false,
+        }
 }
 
 /// Parses a JSON body, naming the field path of any error. An empty body is
@@ -1347,8 +1404,8 @@ async fn get_subject(
     Path(subject): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    st.authorize(&headers, Role::Client)?;
     subject_path(&subject)?;
+    st.authorize_subject(&headers, &subject)?;
     Ok(Json(st.engine()?.subject(&subject, st.now())?).into_response())
 }
 

@@ -347,8 +347,8 @@ pub(super) async fn subject_usage(
     headers: HeaderMap,
     RawQuery(q): RawQuery,
 ) -> Result<Response, ApiError> {
-    st.authorize(&headers, Role::Client)?;
     subject_path(&subject)?;
+    st.authorize_subject(&headers, &subject)?;
     let q = parse_query(q.as_deref(), Endpoint::Subject)?;
     let mut all = collect(&st, &q, Some(&subject))?;
     let buckets = all
