@@ -246,6 +246,9 @@ pub struct HistoryConfig {
     /// CSV exports (`GET /v1/usage?format=csv`) streaming at once; more are
     /// 503 `busy`. Default 2, 1..=64.
     pub max_exports: usize,
+    /// Attributes whose values usage is also kept per (`["model"]`): the
+    /// usage endpoints group by them. Default none, at most 4.
+    pub dimensions: Vec<String>,
 }
 
 impl Default for HistoryConfig {
@@ -255,6 +258,7 @@ impl Default for HistoryConfig {
             hourly_retention: "14d".into(),
             daily_retention: "400d".into(),
             max_exports: 2,
+            dimensions: Vec::new(),
         }
     }
 }
@@ -265,6 +269,20 @@ impl HistoryConfig {
         const DAY: u64 = 86_400_000;
         if !(1..=64).contains(&self.max_exports) {
             return Err(ConfigError::new("history.max_exports", "must be between 1 and 64"));
+        }
+        if self.dimensions.len() > 4 {
+            return Err(ConfigError::new("history.dimensions", "at most 4 attributes"));
+        }
+        for (i, d) in self.dimensions.iter().enumerate() {
+            if d.is_empty() || d.len() > 64 || d.chars().any(|c| c.is_control() || c.is_whitespace()) {
+                return Err(ConfigError::new(
+                    "history.dimensions",
+                    format!("{d:?} is not an attribute name (1 to 64 bytes, no spaces or control characters)"),
+                ));
+            }
+            if self.dimensions[..i].contains(d) {
+                return Err(ConfigError::new("history.dimensions", format!("{d:?} is listed twice")));
+            }
         }
         Ok((
             duration_ms("history.hourly_retention", &self.hourly_retention, DAY, 400 * DAY)?,

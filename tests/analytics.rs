@@ -578,3 +578,189 @@ async fn a_subject_token_reads_its_subject_alone_until_it_expires() {
 fn hex_of(s: &str) -> String {
     s.bytes().map(|b| format!("{b:02x}")).collect()
 }
+
+const DIMENSIONS: &str = r#"
+metrics = ["tokens"]
+[history]
+dimensions = ["model"]
+[engine]
+reservation_ttl_max = "1h"
+[[plans]]
+name = "free"
+default = true
+  [[plans.limits]]
+  name = "tokens-per-day"
+  metric = "tokens"
+  period = "1d"
+  max = 1000000
+"#;
+
+fn call(subject: &str, model: Option<&str>, tokens: u64) -> Value {
+    match model {
+        Some(m) => {
+            json!({"op": "consume", "subject": subject, "attributes": {"model": m}, "amounts": {"tokens": tokens}})
+        }
+        None => json!({"op": "consume", "subject": subject, "amounts": {"tokens": tokens}}),
+    }
+}
+
+/// (model or null) → metric → sum over every bucket of a grouped answer.
+fn by_model(buckets: &[Value]) -> BTreeMap<Option<String>, BTreeMap<String, u64>> {
+    let mut out: BTreeMap<Option<String>, BTreeMap<String, u64>> = BTreeMap::new();
+    for b in buckets {
+        let model = b["model"].as_str().map(str::to_string);
+        assert!(b.get("model").is_some(), "a grouped bucket names its model: {b}");
+        for (m, a) in b["amounts"].as_object().unwrap() {
+            *out.entry(model.clone()).or_default().entry(m.clone()).or_default() += a.as_u64().unwrap();
+        }
+    }
+    out
+}
+
+fn plain_totals(buckets: &[Value]) -> BTreeMap<String, u64> {
+    let mut out = BTreeMap::new();
+    for b in buckets {
+        assert!(b.get("model").is_none(), "{b}");
+        for (m, a) in b["amounts"].as_object().unwrap() {
+            *out.entry(m.clone()).or_default() += a.as_u64().unwrap();
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn usage_per_model_adds_up_to_the_totals() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut now = common::ms("2026-11-21T10:30:00Z");
+    for round in 0..2 {
+        let s = TestServer::start_durable(DIMENSIONS, Transport::Tcp, now, dir.path()).await;
+        load(
+            &s,
+            &[
+                call("u", Some("gpt-4o"), 100),
+                call("u", Some("gpt-4o-mini"), 10),
+                call("u", None, 1),
+                call("v", Some("gpt-4o"), 7),
+            ],
+        )
+        .await;
+        // A reservation made for gpt-4o and committed with other amounts.
+        let r = s
+            .post(
+                "/v1/reserve",
+                json!({"subject": "u", "attributes": {"model": "gpt-4o"}, "amounts": {"tokens": 500}, "ttl_ms": 60000}),
+            )
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        let id = r.body["reservation_id"].as_str().unwrap().to_string();
+        let r = s
+            .post(
+                &format!("/v1/reservations/{id}/commit"),
+                json!({"amounts": {"tokens": 300}}),
+            )
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        // The reservation's answer shows only what was asked for.
+        assert_eq!(r.body["held"], json!({"requests": 1, "tokens": 500}), "{}", r.text);
+        now = s.clock.now_ms();
+        if round == 0 {
+            s.stop().await; // the first round's buckets go to the snapshot file
+            continue;
+        }
+        for granularity in ["hour", "day", "month"] {
+            let q = format!("{TODAY}&granularity={granularity}");
+            let plain = ok(&s, &format!("/v1/subjects/u/usage?{q}")).await;
+            let totals = plain_totals(plain["buckets"].as_array().unwrap());
+            assert_eq!(
+                totals,
+                [("requests".to_string(), 8), ("tokens".to_string(), 822)].into()
+            );
+            let grouped = ok(&s, &format!("/v1/subjects/u/usage?{q}&group_by=model")).await;
+            assert_eq!(grouped["group_by"], "model");
+            let groups = by_model(grouped["buckets"].as_array().unwrap());
+            let want: BTreeMap<Option<String>, BTreeMap<String, u64>> =
+                [(Some("gpt-4o"), 4, 800), (Some("gpt-4o-mini"), 2, 20), (None, 2, 2)]
+                    .into_iter()
+                    .map(|(m, r, t)| {
+                        (
+                            m.map(str::to_string),
+                            [("requests".to_string(), r), ("tokens".to_string(), t)].into(),
+                        )
+                    })
+                    .collect();
+            assert_eq!(groups, want, "{granularity}");
+            // Per bucket too: the groups add up to the bucket's totals.
+            for b in plain["buckets"].as_array().unwrap() {
+                let mut sum: BTreeMap<String, u64> = BTreeMap::new();
+                for g in grouped["buckets"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .filter(|g| g["start"] == b["start"])
+                {
+                    for (m, a) in g["amounts"].as_object().unwrap() {
+                        *sum.entry(m.clone()).or_default() += a.as_u64().unwrap();
+                    }
+                }
+                let want: BTreeMap<String, u64> = serde_json::from_value(b["amounts"].clone()).unwrap();
+                assert_eq!(sum, want, "bucket {}", b["start"]);
+            }
+        }
+        // The export: a model field per row, and the same sums.
+        let page = ok(&s, &format!("/v1/usage?{TODAY}&group_by=model")).await;
+        let rows = page["rows"].as_array().unwrap();
+        let v_rows: Vec<&Value> = rows.iter().filter(|r| r["subject"] == "v").collect();
+        assert_eq!(v_rows.len(), 1);
+        assert_eq!(v_rows[0]["model"], "gpt-4o");
+        assert_eq!(v_rows[0]["amounts"], json!({"requests": 2, "tokens": 14}));
+        let plain = ok(&s, &format!("/v1/usage?{TODAY}")).await;
+        assert!(plain["rows"][0].get("model").is_none());
+        let csv = s.get(&format!("/v1/usage?{TODAY}&group_by=model&format=csv")).await;
+        assert_eq!(csv.status, 200, "{}", csv.text);
+        let lines: Vec<&str> = csv.text.lines().collect();
+        assert_eq!(lines[0], "subject,start,model,metric,amount");
+        assert!(lines.contains(&"u,2026-11-21T00:00:00Z,gpt-4o,tokens,800"), "{lines:?}");
+        assert!(lines.contains(&"u,2026-11-21T00:00:00Z,,tokens,2"), "{lines:?}");
+        let plain_csv = s.get(&format!("/v1/usage?{TODAY}&format=csv")).await;
+        assert!(
+            plain_csv
+                .text
+                .lines()
+                .all(|l| l.split(',').count() == 4 && !l.contains('\u{1f}')),
+            "{}",
+            plain_csv.text
+        );
+        // Only configured dimensions.
+        bad(
+            &s,
+            &format!("/v1/subjects/u/usage?{TODAY}&group_by=region"),
+            "history.dimensions",
+        )
+        .await;
+        bad(&s, &format!("/v1/usage?{TODAY}&group_by=region"), "group_by").await;
+        s.stop().await;
+    }
+    // Without dimensions, group_by says what to configure.
+    let s = TestServer::start(CONFIG, Transport::Tcp).await;
+    let r = s.get(&format!("/v1/subjects/u/usage?{TODAY}&group_by=model")).await;
+    assert_eq!(r.status, 400);
+    assert!(r.text.contains("history.dimensions is empty"), "{}", r.text);
+    s.stop().await;
+}
+
+#[test]
+fn dimensions_are_checked_in_the_config() {
+    for (dims, says) in [
+        (r#"["model", "model"]"#, "listed twice"),
+        (r#"["a", "b", "c", "d", "e"]"#, "at most 4"),
+        (r#"["has space"]"#, "not an attribute name"),
+        (r#"[""]"#, "not an attribute name"),
+    ] {
+        let text = DIMENSIONS.replace(r#"dimensions = ["model"]"#, &format!("dimensions = {dims}"));
+        let config = quotad::config::Config::from_toml(&text, "q.toml").unwrap();
+        let e = quotad::engine::policy::Policy::from_config(&config)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("history.dimensions") && e.contains(says), "{dims}: {e}");
+    }
+}

@@ -64,6 +64,8 @@ struct Query {
     limit: usize,
     /// `/v1/usage/top`: the metric to rank by.
     metric: String,
+    /// A `history.dimensions` attribute to split buckets by.
+    group_by: Option<String>,
 }
 
 /// `from`/`to`: RFC 3339, or `YYYY-MM-DD` (midnight in the query's time zone).
@@ -89,8 +91,17 @@ fn instant(field: &str, v: &str, tz: &TimeZone) -> Result<u64, ApiError> {
 fn parse_query(q: Option<&str>, endpoint: Endpoint) -> Result<Query, ApiError> {
     let mut raw: BTreeMap<String, String> = BTreeMap::new();
     let known: &[&str] = match endpoint {
-        Endpoint::Subject => &["from", "to", "granularity", "timezone"],
-        Endpoint::Export => &["from", "to", "granularity", "timezone", "format", "after", "limit"],
+        Endpoint::Subject => &["from", "to", "granularity", "timezone", "group_by"],
+        Endpoint::Export => &[
+            "from",
+            "to",
+            "granularity",
+            "timezone",
+            "format",
+            "after",
+            "limit",
+            "group_by",
+        ],
         Endpoint::Top => &["metric", "from", "to", "timezone", "limit"],
     };
     let export = endpoint == Endpoint::Export;
@@ -179,6 +190,7 @@ fn parse_query(q: Option<&str>, endpoint: Endpoint) -> Result<Query, ApiError> {
         after: raw.get("after").cloned(),
         limit,
         metric,
+        group_by: raw.get("group_by").cloned(),
     })
 }
 
@@ -326,9 +338,82 @@ fn collect_for(st: &AppState, q: &Query, who: Who<'_>) -> Result<Buckets, ApiErr
     Ok(out)
 }
 
+/// Checks `group_by` against `history.dimensions`.
+fn check_group_by(st: &AppState, q: &Query) -> Result<(), ApiError> {
+    let Some(g) = &q.group_by else { return Ok(()) };
+    let dims = st.core()?.engine.policy().history_dimensions.clone();
+    if dims.iter().any(|d| **d == **g) {
+        return Ok(());
+    }
+    let kept = if dims.is_empty() {
+        "none is (history.dimensions is empty)".to_string()
+    } else {
+        format!(
+            "only {} (history.dimensions)",
+            dims.iter().map(|d| format!("{d:?}")).collect::<Vec<_>>().join(", ")
+        )
+    };
+    Err(ApiError::invalid(
+        "group_by",
+        format!(
+            "usage is not kept per {g:?}: {kept}; add it to [history] dimensions to keep usage per value from then on"
+        ),
+    ))
+}
+
+/// One bucket's amounts as shown: the plain metrics (the totals), or with
+/// `group_by` one entry per value of that attribute, then `None` for the
+/// usage of calls that did not carry it (so the groups add up to the totals).
+fn shown(amounts: BTreeMap<String, u64>, group_by: Option<&str>) -> Vec<(Option<String>, BTreeMap<String, u64>)> {
+    use crate::engine::dimensions::split_usage_key;
+    let mut plain = BTreeMap::new();
+    let mut groups: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
+    for (k, a) in amounts {
+        match split_usage_key(&k) {
+            None => {
+                plain.insert(k, a);
+            }
+            Some((metric, d, value)) if Some(d) == group_by => {
+                let v = groups
+                    .entry(value.to_string())
+                    .or_default()
+                    .entry(metric.to_string())
+                    .or_default();
+                *v = v.saturating_add(a);
+            }
+            Some(_) => {}
+        }
+    }
+    if group_by.is_none() {
+        return vec![(None, plain)];
+    }
+    let mut rest = plain;
+    for g in groups.values() {
+        for (m, a) in g {
+            if let Some(r) = rest.get_mut(m) {
+                *r = r.saturating_sub(*a);
+            }
+        }
+    }
+    rest.retain(|_, a| *a > 0);
+    let mut out: Vec<(Option<String>, BTreeMap<String, u64>)> = groups.into_iter().map(|(v, g)| (Some(v), g)).collect();
+    if !rest.is_empty() {
+        out.push((None, rest));
+    }
+    out
+}
+
+/// The grouping column of a shown bucket: `{"model": "gpt-4o"}` (or null),
+/// nothing without `group_by`.
+fn group_field(group_by: Option<&str>, value: Option<String>) -> BTreeMap<String, Option<String>> {
+    group_by.map(|g| (g.to_string(), value)).into_iter().collect()
+}
+
 #[derive(Serialize)]
 struct BucketOut {
     start: String,
+    #[serde(flatten)]
+    group: BTreeMap<String, Option<String>>,
     amounts: BTreeMap<String, u64>,
 }
 
@@ -337,6 +422,8 @@ struct SubjectUsage {
     subject: String,
     granularity: &'static str,
     timezone: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    group_by: Option<String>,
     buckets: Vec<BucketOut>,
 }
 
@@ -350,20 +437,27 @@ pub(super) async fn subject_usage(
     subject_path(&subject)?;
     st.authorize_subject(&headers, &subject)?;
     let q = parse_query(q.as_deref(), Endpoint::Subject)?;
+    check_group_by(&st, &q)?;
     let mut all = collect(&st, &q, Some(&subject))?;
+    let g = q.group_by.as_deref();
     let buckets = all
         .remove(&subject)
         .unwrap_or_default()
         .into_iter()
-        .map(|(start, amounts)| BucketOut {
-            start: rfc3339(start),
-            amounts,
+        .flat_map(|(start, amounts)| {
+            let start = rfc3339(start);
+            shown(amounts, g).into_iter().map(move |(value, amounts)| BucketOut {
+                start: start.clone(),
+                group: group_field(g, value),
+                amounts,
+            })
         })
         .collect();
     Ok(Json(SubjectUsage {
         subject,
         granularity: q.granularity.as_str(),
         timezone: q.tz_name,
+        group_by: q.group_by.clone(),
         buckets,
     })
     .into_response())
@@ -373,6 +467,8 @@ pub(super) async fn subject_usage(
 struct ExportRow {
     subject: String,
     start: String,
+    #[serde(flatten)]
+    group: BTreeMap<String, Option<String>>,
     amounts: BTreeMap<String, u64>,
 }
 
@@ -396,6 +492,7 @@ pub(super) async fn export(
 ) -> Result<Response, ApiError> {
     st.authorize(&headers, Role::Admin)?;
     let q = parse_query(q.as_deref(), Endpoint::Export)?;
+    check_group_by(&st, &q)?;
     if q.csv {
         return export_csv(st, q);
     }
@@ -403,16 +500,21 @@ pub(super) async fn export(
     // What memory holds is read once for every page this request looks at.
     let memory = core.engine.usage_deltas(None);
     let (page, next_after) = export_page(&st, &q, &memory, q.after.clone(), q.limit)?;
-    let rows = page
-        .into_iter()
-        .flat_map(|(subject, buckets)| {
-            buckets.into_iter().map(move |(start, amounts)| ExportRow {
-                subject: subject.clone(),
-                start: rfc3339(start),
-                amounts,
-            })
-        })
-        .collect();
+    let g = q.group_by.as_deref();
+    let mut rows = Vec::new();
+    for (subject, buckets) in page {
+        for (start, amounts) in buckets {
+            let start = rfc3339(start);
+            for (value, amounts) in shown(amounts, g) {
+                rows.push(ExportRow {
+                    subject: subject.clone(),
+                    start: start.clone(),
+                    group: group_field(g, value),
+                    amounts,
+                });
+            }
+        }
+    }
     Ok(Json(ExportPage { rows, next_after }).into_response())
 }
 
@@ -498,7 +600,11 @@ fn export_csv(st: Arc<AppState>, q: Query) -> Result<Response, ApiError> {
     let stream = futures_util::stream::unfold(state, |mut x| async move {
         if x.header {
             x.header = false;
-            return Some((Ok(axum::body::Bytes::from_static(b"subject,start,metric,amount\n")), x));
+            let header = match &x.q.group_by {
+                Some(g) => format!("subject,start,{},metric,amount\n", csv_field(g)),
+                None => "subject,start,metric,amount\n".to_string(),
+            };
+            return Some((Ok(axum::body::Bytes::from(header)), x));
         }
         loop {
             if x.done {
@@ -509,7 +615,7 @@ fn export_csv(st: Arc<AppState>, q: Query) -> Result<Response, ApiError> {
                     x.done = next.is_none();
                     x.cursor = next;
                     if !page.is_empty() {
-                        return Some((Ok(csv_chunk(&page)), x));
+                        return Some((Ok(csv_chunk(&page, x.q.group_by.as_deref())), x));
                     }
                 }
                 Err(e) => {
@@ -530,30 +636,40 @@ fn export_csv(st: Arc<AppState>, q: Query) -> Result<Response, ApiError> {
     Ok(resp)
 }
 
-/// CSV lines of some subjects: `subject,start,metric,amount`. A text field
-/// that a spreadsheet would take for a formula (it begins with `=`, `+`,
-/// `-`, `@`, a tab or a carriage return) gets a leading `'`; a field holding
-/// a comma, a quote or a line break is quoted.
-fn csv_chunk(rows: &[(String, SubjectBuckets)]) -> axum::body::Bytes {
-    fn field(s: &str) -> std::borrow::Cow<'_, str> {
-        let s: std::borrow::Cow<'_, str> = if s.starts_with(['=', '+', '-', '@', '\t', '\r']) {
-            format!("'{s}").into()
-        } else {
-            s.into()
-        };
-        if s.contains([',', '"', '\n', '\r']) {
-            format!("\"{}\"", s.replace('"', "\"\"")).into()
-        } else {
-            s
-        }
+/// A CSV field: a text that a spreadsheet would take for a formula (it
+/// begins with `=`, `+`, `-`, `@`, a tab or a carriage return) gets a
+/// leading `'`; a field holding a comma, a quote or a line break is quoted.
+fn csv_field(s: &str) -> std::borrow::Cow<'_, str> {
+    let s: std::borrow::Cow<'_, str> = if s.starts_with(['=', '+', '-', '@', '\t', '\r']) {
+        format!("'{s}").into()
+    } else {
+        s.into()
+    };
+    if s.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", s.replace('"', "\"\"")).into()
+    } else {
+        s
     }
+}
+
+/// CSV lines of some subjects: `subject,start,metric,amount`, or with
+/// `group_by` `subject,start,<value>,metric,amount` (the value empty for
+/// calls without it).
+fn csv_chunk(rows: &[(String, SubjectBuckets)], group_by: Option<&str>) -> axum::body::Bytes {
     let mut out = String::new();
     for (subject, buckets) in rows {
-        let subject = field(subject);
+        let subject = csv_field(subject);
         for (start, amounts) in buckets {
             let start = rfc3339(*start);
-            for (m, a) in amounts {
-                out.push_str(&format!("{subject},{start},{},{a}\n", field(m)));
+            for (value, amounts) in shown(amounts.clone(), group_by) {
+                let value = match (&value, group_by) {
+                    (Some(v), _) => format!("{},", csv_field(v)),
+                    (None, Some(_)) => ",".to_string(),
+                    (None, None) => String::new(),
+                };
+                for (m, a) in amounts {
+                    out.push_str(&format!("{subject},{start},{value}{},{a}\n", csv_field(&m)));
+                }
             }
         }
     }

@@ -8,6 +8,7 @@
 
 mod admin;
 mod counter;
+pub mod dimensions;
 mod packed;
 pub mod policy;
 mod policy_change;
@@ -1030,7 +1031,10 @@ impl Engine {
             muts.push(Mutation::Usage {
                 subject: subject.clone(),
                 at_ms: now,
-                amounts: usage_of(&req.amounts, priced.as_ref().map(|pc| pc.cost), cost_metric),
+                amounts: dimensions::with_values(
+                    usage_of(&req.amounts, priced.as_ref().map(|pc| pc.cost), cost_metric),
+                    &dimensions::values(&policy.history_dimensions, &req.attributes),
+                ),
             });
         }
         let mut expiry = None;
@@ -1058,6 +1062,13 @@ impl Engine {
             if let (Some(pc), Some(m)) = (&priced, cost_metric) {
                 // Held like any amount, so that commit trues it up.
                 amounts.insert(m.to_string(), pc.cost);
+            }
+            if policy.history {
+                // Its commit files usage under these values.
+                dimensions::mark_reservation(
+                    &mut amounts,
+                    &dimensions::values(&policy.history_dimensions, &req.attributes),
+                );
             }
             muts.push(Mutation::PutReservation(Box::new(Reservation {
                 id: id.clone(),

@@ -174,11 +174,14 @@ impl Engine {
             muts.push(Mutation::Usage {
                 subject: r.subject.clone(),
                 at_ms: r.created_ms,
-                amounts: charged
-                    .iter()
-                    .filter(|(_, &a)| a > 0)
-                    .map(|(m, &a)| (super::intern(m), a))
-                    .collect(),
+                amounts: super::dimensions::with_values(
+                    charged
+                        .iter()
+                        .filter(|(_, &a)| a > 0)
+                        .map(|(m, &a)| (super::intern(m), a))
+                        .collect(),
+                    &super::dimensions::marked(&r.amounts),
+                ),
             });
         }
         let cost = cost_of(&r, policy.pricing.as_ref(), &action, &charged);
@@ -187,7 +190,7 @@ impl Engine {
             subject: r.subject.to_string(),
             status: status.clone(),
             expired: r.status == ReservationStatus::Expired || status == ReservationStatus::Expired,
-            held: r.amounts.clone(),
+            held: super::dimensions::requested(&r.amounts),
             charged,
             counters,
             cost,
@@ -204,7 +207,7 @@ impl Engine {
             events.push(super::signals::EventBody::ReservationExpired {
                 subject: finished_r.subject.clone(),
                 reservation_id: finished_r.id.clone(),
-                held: finished_r.amounts.clone(),
+                held: super::dimensions::requested(&finished_r.amounts),
             });
         }
         // A true-up above what was held can cross a threshold like any charge.
@@ -245,7 +248,7 @@ impl Engine {
 /// ones. A priced reservation's cost is priced again from those amounts with
 /// the price it was made under, unless the commit names the cost itself.
 fn actual_amounts(r: &Reservation, given: &BTreeMap<String, u64>) -> Result<BTreeMap<String, u64>, EngineError> {
-    let mut actual = r.amounts.clone();
+    let mut actual = super::dimensions::requested(&r.amounts);
     actual.extend(given.iter().map(|(k, v)| (k.clone(), *v)));
     if let Some(p) = r.price.as_deref().filter(|p| !given.contains_key(&*p.metric)) {
         let cost = p.cost(|m| actual.get(m).copied().unwrap_or(0))?;
@@ -281,7 +284,7 @@ fn empty_answer(r: &Reservation) -> FinishAnswer {
         subject: r.subject.to_string(),
         status: r.status.clone(),
         expired: true,
-        held: r.amounts.clone(),
+        held: super::dimensions::requested(&r.amounts),
         charged: BTreeMap::new(),
         counters: Vec::new(),
         cost: None,

@@ -261,6 +261,8 @@ pub struct Policy {
     pub history: bool,
     /// (hourly, daily) retention of usage history, ms.
     pub history_retention_ms: (u64, u64),
+    /// Attributes usage history is also kept per (`history.dimensions`).
+    pub history_dimensions: Arc<[Arc<str>]>,
     /// Which policy the engine installed this as (it counts installs):
     /// decisions check it under their shard locks, so none is decided under
     /// a policy that was replaced while it waited for them.
@@ -768,6 +770,12 @@ impl Policy {
             has_alerts,
             history: daemon.history.enabled,
             history_retention_ms: daemon.history.retention_ms()?,
+            history_dimensions: daemon
+                .history
+                .dimensions
+                .iter()
+                .map(|d| Arc::from(d.as_str()))
+                .collect(),
             generation: 0,
             doc: Arc::new(doc.clone()),
             pricing,
