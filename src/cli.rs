@@ -209,10 +209,16 @@ pub enum Command {
     Consume(DecisionArgs),
     /// Ask without charging (POST /v1/check). Exit 0 if allowed, 1 if denied.
     Check(DecisionArgs),
-    /// Show a subject's plan and counters.
+    /// Show a subject's plan and counters (`quotad usage SUBJECT`), or every
+    /// subject's usage: `quotad usage export`, `quotad usage top` (admin).
+    #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
     Usage {
         /// The subject.
-        subject: String,
+        #[arg(required = true)]
+        subject: Option<String>,
+        /// Every subject's usage instead.
+        #[command(subcommand)]
+        action: Option<UsageAction>,
         /// Connection.
         #[command(flatten)]
         connect: Connect,
@@ -378,6 +384,59 @@ pub enum SubjectsAction {
         #[command(flatten)]
         connect: Connect,
     },
+}
+
+/// `quotad usage export|top` (admin).
+#[derive(Debug, Subcommand)]
+pub enum UsageAction {
+    /// Every subject's usage buckets in a time range, for billing
+    /// (GET /v1/usage): CSV streamed to stdout (`subject,start,metric,amount`),
+    /// or with --json one row per line.
+    Export {
+        #[command(flatten)]
+        range: UsageRange,
+        /// Bucket size: day or month.
+        #[arg(long, default_value = "day", value_parser = ["day", "month"])]
+        granularity: String,
+        /// Split buckets by this attribute (one of history.dimensions), adding its column.
+        #[arg(long)]
+        group_by: Option<String>,
+        /// Start after this subject.
+        #[arg(long)]
+        after: Option<String>,
+        /// Connection.
+        #[command(flatten)]
+        connect: Connect,
+    },
+    /// The subjects with the most of a metric in a time range (GET /v1/usage/top),
+    /// one `amount<TAB>subject` per line, most first.
+    Top {
+        /// The metric to rank by (requests, tokens, the pricing metric…).
+        #[arg(long)]
+        metric: String,
+        #[command(flatten)]
+        range: UsageRange,
+        /// How many (1 to 1000).
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=1000))]
+        limit: u32,
+        /// Connection.
+        #[command(flatten)]
+        connect: Connect,
+    },
+}
+
+/// A time range of usage.
+#[derive(Debug, Clone, Args)]
+pub struct UsageRange {
+    /// Start (inclusive): a date (2026-11-01, midnight in --timezone) or an RFC 3339 time.
+    #[arg(long)]
+    pub from: String,
+    /// End (exclusive), as --from.
+    #[arg(long)]
+    pub to: String,
+    /// IANA time zone of days and months (default UTC).
+    #[arg(long)]
+    pub timezone: Option<String>,
 }
 
 /// `quotad events ...` (admin).
@@ -1289,7 +1348,14 @@ pub fn main() -> ExitCode {
             Some(decision_body(&a, false)),
             print_decision,
         ),
-        Command::Usage { subject, connect } => client_call(
+        Command::Usage {
+            action: Some(action), ..
+        } => browse::usage(action, cfg),
+        Command::Usage {
+            subject: Some(subject),
+            connect,
+            ..
+        } => client_call(
             &connect,
             cfg,
             Method::GET,
@@ -1297,6 +1363,7 @@ pub fn main() -> ExitCode {
             None,
             print_subject,
         ),
+        Command::Usage { .. } => unreachable!("clap requires a subject or a subcommand"),
         Command::SetPlan { subject, plan, connect } => client_call(
             &connect,
             cfg,

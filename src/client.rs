@@ -102,6 +102,71 @@ impl Client {
     }
 }
 
+impl Client {
+    /// GETs `path` and copies the answer's body into `out` as it arrives,
+    /// whatever its length or framing (the streamed CSV export), with
+    /// reqwest rather than [`Conn`], which reads whole answers with a
+    /// length. Answers the status; for an error status, the body is read as
+    /// JSON into the answer instead of being copied. `Ok(None)` when `out`
+    /// stopped taking bytes (a closed pipe): the copy ended early, on purpose.
+    pub async fn download(&self, path: &str, out: &mut dyn std::io::Write) -> Result<Option<Answer>, ClientError> {
+        let err = |m: String| ClientError {
+            target: self.target.to_string(),
+            message: m,
+        };
+        let builder = reqwest::Client::builder()
+            .connect_timeout(self.timeout)
+            .read_timeout(self.timeout)
+            .redirect(reqwest::redirect::Policy::none());
+        let (builder, base) = match &self.target {
+            Target::Tcp(a) => (builder, format!("http://{a}")),
+            Target::Unix(p) => (builder.unix_socket(p.as_path()), "http://localhost".to_string()),
+        };
+        let http = builder.build().map_err(|e| err(e.to_string()))?;
+        let mut req = http.get(format!("{base}{path}"));
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
+        let mut resp = req.send().await.map_err(|e| err(plain(&e)))?;
+        let status = resp.status().as_u16();
+        if status >= 400 {
+            let bytes = resp.bytes().await.map_err(|e| err(plain(&e)))?;
+            return Ok(Some(Answer {
+                status,
+                body: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+            }));
+        }
+        while let Some(chunk) = resp
+            .chunk()
+            .await
+            .map_err(|e| err(format!("the answer broke off: {}", plain(&e))))?
+        {
+            if out.write_all(&chunk).is_err() {
+                return Ok(None);
+            }
+        }
+        if out.flush().is_err() {
+            return Ok(None);
+        }
+        Ok(Some(Answer {
+            status,
+            body: Value::Null,
+        }))
+    }
+}
+
+/// A reqwest error with its causes, in words.
+fn plain(e: &reqwest::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(c) = source {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        source = c.source();
+    }
+    s
+}
+
 /// One keep-alive connection speaking just enough HTTP/1.1 for quotad's own
 /// answers (always with a content length): a request is written with one
 /// syscall and the answer is read into a reused buffer. The CLI sends one

@@ -179,3 +179,132 @@ async fn events_list_filters_and_tail_follows_new_events() {
         s.stop().await;
     }
 }
+
+const USAGE: &str = r#"
+metrics = ["tokens"]
+[history]
+dimensions = ["model"]
+[[plans]]
+name = "free"
+default = true
+  [[plans.limits]]
+  name = "tokens-per-day"
+  metric = "tokens"
+  period = "1d"
+  max = 100000
+"#;
+
+#[tokio::test]
+async fn usage_export_streams_csv_and_usage_top_ranks() {
+    let day = |ms: u64| quotad::period::rfc3339(ms)[..10].to_string();
+    let (from, to) = (day(common::T0), day(common::T0 + 86_400_000));
+    for t in TRANSPORTS {
+        let s = TestServer::start(USAGE, t).await;
+        // 600 subjects: more than one page of the export's streaming.
+        for i in 0..600u64 {
+            let model = if i % 2 == 0 { "gpt-4o" } else { "gpt-4o-mini" };
+            let r = s
+                .consume(json!({"subject": format!("u{i:03}"), "attributes": {"model": model}, "amounts": {"tokens": i + 1}}))
+                .await;
+            assert!(r.allowed(), "{}", r.text);
+        }
+        let csv = lines(&cli(&s, &["usage", "export", "--from", &from, "--to", &to]).await);
+        assert_eq!(csv[0], "subject,start,metric,amount");
+        assert_eq!(csv.len(), 1 + 600 * 2, "{t:?}");
+        assert!(
+            csv.contains(&format!("u599,{from}T00:00:00Z,tokens,600")),
+            "{:?}",
+            &csv[..4]
+        );
+        let total: u64 = csv[1..]
+            .iter()
+            .filter(|l| l.contains(",tokens,"))
+            .map(|l| l.rsplit(',').next().unwrap().parse::<u64>().unwrap())
+            .sum();
+        assert_eq!(total, 600 * 601 / 2);
+        // Per model: a column, and the same total.
+        let by = lines(
+            &cli(
+                &s,
+                &["usage", "export", "--from", &from, "--to", &to, "--group-by", "model"],
+            )
+            .await,
+        );
+        assert_eq!(by[0], "subject,start,model,metric,amount");
+        assert!(
+            by.contains(&format!("u001,{from}T00:00:00Z,gpt-4o-mini,tokens,2")),
+            "{:?}",
+            &by[..4]
+        );
+        // JSON rows, one per line, after a subject.
+        let rows = lines(
+            &cli(
+                &s,
+                &[
+                    "usage", "export", "--from", &from, "--to", &to, "--after", "u597", "--json",
+                ],
+            )
+            .await,
+        );
+        assert_eq!(rows.len(), 2);
+        let row: Value = serde_json::from_str(&rows[1]).unwrap();
+        assert_eq!(row["subject"], "u599");
+        assert_eq!(row["amounts"]["tokens"], 600);
+        // A closed pipe ends the export quietly.
+        let args: Vec<String> = ["usage", "export", "--from", &from, "--to", &to]
+            .iter()
+            .map(|x| x.to_string())
+            .chain(s.cli_target())
+            .collect();
+        let head = tokio::task::spawn_blocking(move || {
+            let mut child = Command::new(BIN)
+                .args(&args)
+                .env_remove("QUOTAD_TOKEN")
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap();
+            let mut out = child.stdout.take().unwrap();
+            let mut first = [0u8; 16];
+            std::io::Read::read_exact(&mut out, &mut first).unwrap();
+            drop(out);
+            child.wait().unwrap()
+        })
+        .await
+        .unwrap();
+        assert!(head.success(), "{head:?}");
+
+        let top = lines(
+            &cli(
+                &s,
+                &[
+                    "usage", "top", "--metric", "tokens", "--from", &from, "--to", &to, "--limit", "3",
+                ],
+            )
+            .await,
+        );
+        assert_eq!(top, ["600\tu599", "599\tu598", "598\tu597"]);
+        // Errors are the daemon's, in words, exit 3; bad arguments exit 2.
+        let o = cli(&s, &["usage", "export", "--from", &to, "--to", &from]).await;
+        assert_eq!(o.status.code(), Some(3), "{o:?}");
+        assert!(
+            String::from_utf8_lossy(&o.stderr).contains("must be after from"),
+            "{o:?}"
+        );
+        let o = cli(
+            &s,
+            &["usage", "export", "--from", &from, "--to", &to, "--group-by", "region"],
+        )
+        .await;
+        assert_eq!(o.status.code(), Some(3), "{o:?}");
+        assert!(
+            String::from_utf8_lossy(&o.stderr).contains("history.dimensions"),
+            "{o:?}"
+        );
+        let o = cli(&s, &["usage", "export", "--from", &from]).await;
+        assert_eq!(o.status.code(), Some(2), "{o:?}");
+        // `quotad usage SUBJECT` still shows the subject.
+        let o = lines(&cli(&s, &["usage", "u001"]).await);
+        assert!(o.iter().any(|l| l.contains("tokens-per-day")), "{o:?}");
+        s.stop().await;
+    }
+}

@@ -1,7 +1,7 @@
-//! `quotad subjects list`, `quotad events list` and `quotad events tail`:
-//! reading a running daemon's subjects and events page by page, for
-//! operators at a shell. One line per item (`--json`: one JSON object per
-//! line, for `jq`).
+//! `quotad subjects list`, `quotad events list|tail` and `quotad usage
+//! export|top`: reading a running daemon's subjects, events and usage page
+//! by page (or streamed), for operators at a shell. One line per item
+//! (`--json`: one JSON object per line, for `jq`).
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -10,7 +10,7 @@ use std::time::Duration;
 use hyper::Method;
 use serde_json::Value;
 
-use super::{connected, path_segment, Connect, EventsAction, SubjectsAction};
+use super::{connected, path_segment, report_error, Connect, EventsAction, SubjectsAction, UsageAction, UsageRange};
 use crate::client::Client;
 
 /// Pages the daemon answers at most (its `limit` bound).
@@ -111,18 +111,11 @@ async fn tail(
 ) -> ExitCode {
     let mut after = match after {
         Some(a) => a,
-        // The newest event now: page through what is kept (bounded by
-        // events.retention) without printing it.
-        None => {
-            let mut at = 0;
-            loop {
-                match page(client, connect, at, PAGE, None).await {
-                    Ok((_, next)) if next == at => break at,
-                    Ok((_, next)) => at = next,
-                    Err(code) => return code,
-                }
-            }
-        }
+        // The newest event now, read newest first.
+        None => match get(client, connect, "/v1/events?order=desc&limit=1").await {
+            Ok(body) => body["next_after"].as_u64().unwrap_or(0),
+            Err(code) => return code,
+        },
     };
     let mut printed = 0u64;
     loop {
@@ -200,4 +193,108 @@ fn print_event(e: &Value, json: bool) -> bool {
     let subject = field(&mut rest, "subject");
     rest.as_object_mut().map(|o| o.remove("id"));
     emit(&format!("{seq}\t{at}\t{kind}\t{subject}\t{rest}"))
+}
+
+/// The query of a usage range.
+fn range_query(r: &UsageRange) -> String {
+    let mut q = format!("from={}&to={}", path_segment(&r.from), path_segment(&r.to));
+    if let Some(tz) = &r.timezone {
+        q.push_str(&format!("&timezone={}", path_segment(tz)));
+    }
+    q
+}
+
+pub(super) fn usage(action: UsageAction, config_path: Option<&Path>) -> ExitCode {
+    let connect = match &action {
+        UsageAction::Export { connect, .. } | UsageAction::Top { connect, .. } => connect.clone(),
+    };
+    let (client, runtime) = match connected(&connect.reach, config_path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    runtime.block_on(async {
+        match action {
+            UsageAction::Top {
+                metric, range, limit, ..
+            } => {
+                let path = format!(
+                    "/v1/usage/top?metric={}&{}&limit={limit}",
+                    path_segment(&metric),
+                    range_query(&range)
+                );
+                let body = match get(&client, &connect, &path).await {
+                    Ok(b) => b,
+                    Err(code) => return code,
+                };
+                for row in body["rows"].as_array().into_iter().flatten() {
+                    let line = if connect.json {
+                        row.to_string()
+                    } else {
+                        format!("{}\t{}", row["amount"], row["subject"].as_str().unwrap_or(""))
+                    };
+                    if !emit(&line) {
+                        break;
+                    }
+                }
+                ExitCode::SUCCESS
+            }
+            UsageAction::Export {
+                range,
+                granularity,
+                group_by,
+                after,
+                ..
+            } => {
+                let mut query = format!("{}&granularity={granularity}", range_query(&range));
+                if let Some(g) = &group_by {
+                    query.push_str(&format!("&group_by={}", path_segment(g)));
+                }
+                if connect.json {
+                    return export_rows(&client, &connect, &query, after).await;
+                }
+                if let Some(a) = &after {
+                    query.push_str(&format!("&after={}", path_segment(a)));
+                }
+                let mut out = std::io::stdout().lock();
+                match client
+                    .download(&format!("/v1/usage?{query}&format=csv"), &mut out)
+                    .await
+                {
+                    Err(e) => {
+                        eprintln!("quotad: {e}");
+                        ExitCode::from(super::EXIT_REQUEST)
+                    }
+                    Ok(Some(a)) if a.status >= 400 => {
+                        report_error(&a, &connect);
+                        ExitCode::from(super::EXIT_REQUEST)
+                    }
+                    // Done, or the reader went away (`| head`).
+                    Ok(_) => ExitCode::SUCCESS,
+                }
+            }
+        }
+    })
+}
+
+/// The export as JSON rows, one per line, page after page.
+async fn export_rows(client: &Client, connect: &Connect, query: &str, mut after: Option<String>) -> ExitCode {
+    loop {
+        let mut path = format!("/v1/usage?{query}&limit={PAGE}");
+        if let Some(a) = &after {
+            path.push_str(&format!("&after={}", path_segment(a)));
+        }
+        let page = match get(client, connect, &path).await {
+            Ok(p) => p,
+            Err(code) => return code,
+        };
+        for row in page["rows"].as_array().into_iter().flatten() {
+            if !emit(&row.to_string()) {
+                return ExitCode::SUCCESS;
+            }
+        }
+        match page["next_after"].as_str() {
+            Some(next) => after = Some(next.to_string()),
+            None => return ExitCode::SUCCESS,
+        }
+    }
 }
