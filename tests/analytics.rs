@@ -764,3 +764,85 @@ fn dimensions_are_checked_in_the_config() {
         assert!(e.contains("history.dimensions") && e.contains(says), "{dims}: {e}");
     }
 }
+
+/// Snapshots move buckets from memory to the file while usage is read: a
+/// read sees each charge once, never zero times or twice. A writer charges
+/// one token at a time; every read must see at least what was acknowledged
+/// before it was sent and at most what was sent before it was answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_reads_stay_exact_while_snapshots_move_buckets() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+    let config = format!("{DIMENSIONS}\n[storage]\nsnapshot_every_records = 1000\n");
+    let s = Arc::new(TestServer::start_at(&config, Transport::Tcp, common::ms("2026-11-21T10:30:00Z")).await);
+    let (sent, acked, done) = (
+        Arc::new(AtomicU64::new(0)),
+        Arc::new(AtomicU64::new(0)),
+        Arc::new(AtomicBool::new(false)),
+    );
+    let writer = {
+        let (s, sent, acked, done) = (s.clone(), sent.clone(), acked.clone(), done.clone());
+        tokio::spawn(async move {
+            let mut c = s.connect().await;
+            // Until four snapshots ran during the reads (at most 20,000 calls).
+            for i in 0..20_000 {
+                if i % 500 == 0 && snapshots(&s).await >= 4.0 {
+                    break;
+                }
+                sent.fetch_add(1, Ordering::SeqCst);
+                let r = c
+                    .post("/v1/consume", &json!({"subject": "w", "amounts": {"tokens": 1}}))
+                    .await;
+                assert!(r.allowed(), "{}", r.text);
+                acked.fetch_add(1, Ordering::SeqCst);
+            }
+            done.store(true, Ordering::SeqCst);
+        })
+    };
+    let mut c = s.connect().await;
+    let (mut reads, mut checked) = (0u64, 0u64);
+    // Bounded: the writer ends (or fails, which ends this too).
+    while !done.load(Ordering::SeqCst) && !writer.is_finished() {
+        let low = acked.load(Ordering::SeqCst);
+        let (path, subject_usage) = if reads % 2 == 0 {
+            (format!("/v1/subjects/w/usage?{TODAY}"), true)
+        } else {
+            (format!("/v1/usage/top?metric=tokens&{TODAY}&limit=1"), false)
+        };
+        let r = c.req("GET", &path, None, &[]).await;
+        let high = sent.load(Ordering::SeqCst);
+        assert_eq!(r.status, 200, "{}", r.text);
+        let seen = if subject_usage {
+            r.body["buckets"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|b| b["amounts"]["tokens"].as_u64().unwrap())
+                .sum()
+        } else {
+            r.body["rows"][0]["amount"].as_u64().unwrap_or(0)
+        };
+        assert!(
+            low <= seen && seen <= high,
+            "{path}: saw {seen} tokens with {low} acknowledged and {high} sent"
+        );
+        reads += 1;
+        checked += u64::from(low > 0);
+    }
+    writer.await.unwrap();
+    assert!(checked > 100, "only {checked} reads overlapped the writes");
+    let n = snapshots(&s).await;
+    assert!(n >= 4.0, "snapshots ran while reading: {n}");
+    Arc::try_unwrap(s).ok().unwrap().stop().await;
+}
+
+async fn snapshots(s: &TestServer) -> f64 {
+    s.get("/metrics")
+        .await
+        .text
+        .lines()
+        .find(|l| l.starts_with("quotad_snapshots_total"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}

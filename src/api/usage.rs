@@ -271,7 +271,8 @@ fn add(into: &mut Buckets, q: &Query, subject: &str, start: u64, amounts: impl I
 /// Whose buckets to read.
 enum Who<'a> {
     One(&'a str),
-    /// These subjects (sorted), with the usage memory holds, already read.
+    /// These subjects (sorted), with the usage memory holds, read under the
+    /// caller's usage read guard.
     Some(&'a [String], &'a crate::engine::UsageDeltas),
     All,
 }
@@ -287,6 +288,12 @@ fn collect_for(st: &AppState, q: &Query, who: Who<'_>) -> Result<Buckets, ApiErr
     let cut = hours_from(q, st.now(), policy.history_retention_ms.0);
     let unavailable = |e: crate::storage::snapshot::SnapshotError| {
         ApiError::Unavailable(format!("cannot read the usage history: {e}"))
+    };
+    // The file and memory as of one moment (`Who::Some` was read under the
+    // caller's guard, which is held on through this read).
+    let _reading = match who {
+        Who::Some(..) => None,
+        _ => Some(core.engine.usage_read()),
     };
     let mut out = Buckets::new();
     // Stored buckets start at their hour or UTC day: read from a day early so
@@ -496,10 +503,7 @@ pub(super) async fn export(
     if q.csv {
         return export_csv(st, q);
     }
-    let core = st.core()?;
-    // What memory holds is read once for every page this request looks at.
-    let memory = core.engine.usage_deltas(None);
-    let (page, next_after) = export_page(&st, &q, &memory, q.after.clone(), q.limit)?;
+    let (page, next_after) = export_page(&st, &q, q.after.clone(), q.limit)?;
     let g = q.group_by.as_deref();
     let mut rows = Vec::new();
     for (subject, buckets) in page {
@@ -521,17 +525,19 @@ pub(super) async fn export(
 /// The next subjects after `after` that have usage in the range, at most
 /// `limit` of them, with their buckets; and the cursor of the page after
 /// (`None` at the end). A page reads only its own subjects, on disk and in
-/// `memory`. Subjects with nothing in the range are passed over, so that a
-/// page is empty only at the end (clients stop at an empty page).
+/// memory, both under one usage read guard, so a snapshot between pages
+/// neither hides a bucket nor counts it twice. Subjects with nothing in the
+/// range are passed over, so that a page is empty only at the end (clients
+/// stop at an empty page).
 fn export_page(
     st: &AppState,
     q: &Query,
-    memory: &crate::engine::UsageDeltas,
     mut cursor: Option<String>,
     limit: usize,
 ) -> Result<(Page, Option<String>), ApiError> {
     let core = st.core()?;
     loop {
+        let _reading = core.engine.usage_read();
         let mut candidates: std::collections::BTreeSet<String> = match &core.snapshots {
             Some(store) => store
                 .usage_subjects_after(cursor.as_deref(), limit + 1)
@@ -540,23 +546,14 @@ fn export_page(
                 .collect(),
             None => Default::default(),
         };
-        // Memory's subjects after the cursor, the first `limit + 1` of them.
-        let lower = cursor.as_deref().map_or(std::ops::Bound::Unbounded, |c| {
-            std::ops::Bound::Excluded((Arc::<str>::from(c), u64::MAX))
-        });
-        for ((s, _), _) in memory.range((lower, std::ops::Bound::Unbounded)) {
-            if candidates.len() > limit && candidates.last().is_some_and(|l| l.as_str() < &**s) {
-                break;
-            }
-            if candidates.insert(s.to_string()) && candidates.len() > limit + 1 {
-                candidates.pop_last();
-            }
-        }
+        // Memory's first `limit + 1` subjects after the cursor, and their usage.
+        let memory = core.engine.usage_deltas_after(cursor.as_deref(), limit + 1);
+        candidates.extend(memory.keys().map(|(s, _)| s.to_string()));
         let more = candidates.len() > limit;
         let chosen: Vec<String> = candidates.into_iter().take(limit).collect();
         let last = chosen.last().cloned();
         // Sorted (a set's order), as `Who::Some` needs.
-        let page: Page = collect_for(st, q, Who::Some(&chosen, memory))?.into_iter().collect();
+        let page: Page = collect_for(st, q, Who::Some(&chosen, &memory))?.into_iter().collect();
         if !page.is_empty() || !more {
             return Ok((page, if more { last } else { None }));
         }
@@ -576,11 +573,9 @@ fn export_csv(st: Arc<AppState>, q: Query) -> Result<Response, ApiError> {
             EXPORT_BUSY_RETRY_S,
         )
     })?;
-    let memory = st.core()?.engine.usage_deltas(None);
     struct Export {
         st: Arc<AppState>,
         q: Query,
-        memory: crate::engine::UsageDeltas,
         /// Where the next page starts; `None` with `done` at the end.
         cursor: Option<String>,
         header: bool,
@@ -592,7 +587,6 @@ fn export_csv(st: Arc<AppState>, q: Query) -> Result<Response, ApiError> {
         st,
         cursor: q.after.clone(),
         q,
-        memory,
         header: true,
         done: false,
         _permit: permit,
@@ -610,7 +604,7 @@ fn export_csv(st: Arc<AppState>, q: Query) -> Result<Response, ApiError> {
             if x.done {
                 return None;
             }
-            match export_page(&x.st, &x.q, &x.memory, x.cursor.take(), CSV_PAGE_SUBJECTS) {
+            match export_page(&x.st, &x.q, x.cursor.take(), CSV_PAGE_SUBJECTS) {
                 Ok((page, next)) => {
                     x.done = next.is_none();
                     x.cursor = next;
@@ -723,6 +717,8 @@ fn top_rows(st: &AppState, q: &Query) -> Result<Top, ApiError> {
     use std::cmp::Reverse;
     let core = st.core()?;
     let cut = hours_from(q, st.now(), core.engine.policy().history_retention_ms.0);
+    // The file and memory as of one moment: a snapshot waits for this scan.
+    let _reading = core.engine.usage_read();
     // What memory holds, per subject, in the range.
     let mut memory: BTreeMap<Arc<str>, u64> = BTreeMap::new();
     for ((s, hour), amounts) in core.engine.usage_deltas(None) {

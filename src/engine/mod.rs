@@ -127,6 +127,11 @@ pub struct Engine {
     next_expiry_ms: AtomicU64,
     /// Active reservations, for the `max_open_reservations` cap.
     open_reservations: AtomicIsize,
+    /// Usage readers hold it shared while they read the snapshot file and
+    /// memory together; a snapshot holds it exclusively while it moves
+    /// buckets from memory to the file, so no reader sees a bucket twice or
+    /// not at all. Lock order: this before any shard.
+    usage_moving: RwLock<()>,
     /// Idempotency keys kept, for the `max_idempotency_keys` cap.
     idempotency_keys: AtomicIsize,
     /// Set while a full key store is being cleared of expired keys, so that
@@ -532,6 +537,7 @@ impl Engine {
             expiry: Mutex::new(BTreeSet::new()),
             next_expiry_ms: AtomicU64::new(u64::MAX),
             open_reservations: AtomicIsize::new(0),
+            usage_moving: RwLock::new(()),
             idempotency_keys: AtomicIsize::new(0),
             collecting_keys: std::sync::atomic::AtomicBool::new(false),
             id_seed,
@@ -1310,6 +1316,52 @@ impl Engine {
         for (i, d) in by_shard {
             merge_usage(&mut self.shards[i].lock().unwrap_or_else(|e| e.into_inner()).usage, d);
         }
+    }
+
+    /// Held while reading usage from the snapshot file and memory together,
+    /// so that a snapshot cannot move buckets between the two reads.
+    pub fn usage_read(&self) -> std::sync::RwLockReadGuard<'_, ()> {
+        self.usage_moving.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Held by a snapshot from taking usage out of memory until the file
+    /// holds it (or it was given back).
+    pub fn usage_move(&self) -> std::sync::RwLockWriteGuard<'_, ()> {
+        self.usage_moving.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Usage not yet in the snapshot file of the first `subjects` subjects
+    /// (in byte order) after `after` that memory holds any of.
+    pub fn usage_deltas_after(&self, after: Option<&str>, subjects: usize) -> UsageDeltas {
+        use std::ops::Bound;
+        let lower = after.map_or(Bound::Unbounded, |a| Bound::Excluded((Arc::<str>::from(a), u64::MAX)));
+        let mut out = UsageDeltas::new();
+        for s in self.shards.iter() {
+            let g = s.lock().unwrap_or_else(|e| e.into_inner());
+            let mut seen = 0;
+            let mut last: Option<&Arc<str>> = None;
+            for (k, v) in g.usage.range((lower.clone(), Bound::Unbounded)) {
+                if last != Some(&k.0) {
+                    seen += 1;
+                    if seen > subjects {
+                        break;
+                    }
+                    last = Some(&k.0);
+                }
+                out.insert(k.clone(), v.clone());
+            }
+        }
+        // Each shard gave its first `subjects`; keep the first overall.
+        let mut kept = 0;
+        let mut last: Option<Arc<str>> = None;
+        out.retain(|k, _| {
+            if last.as_ref() != Some(&k.0) {
+                kept += 1;
+                last = Some(k.0.clone());
+            }
+            kept <= subjects
+        });
+        out
     }
 
     /// Usage not yet in the snapshot file: one subject's, or everybody's.

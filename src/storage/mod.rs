@@ -248,6 +248,8 @@ pub fn write_engine_snapshot(
     let mut encoded = Vec::new();
     let (mut min_lsn, mut max_lsn) = (u64::MAX, 0);
     let mut usage = crate::engine::UsageDeltas::new();
+    // Usage readers wait while buckets are out of memory and not yet in the file.
+    let _moving = engine.usage_move();
     let taken = engine.for_each_shard_taking_usage(|_, shard, deltas| {
         crate::engine::merge_usage(&mut usage, deltas);
         encoded.push(codec::encode_shard(shard).map_err(|e| StorageError::Io(e.to_string()))?);
