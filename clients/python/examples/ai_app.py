@@ -19,6 +19,7 @@ import os
 import random
 import sys
 import uuid
+from datetime import datetime, timedelta, timezone
 
 import quotad
 
@@ -113,7 +114,24 @@ def main() -> int:
         for c in s.counters:
             if c.metric == "tokens" and c.scope == s.subject:
                 print(f"  {c.limit:<24} {c.used:>7} / {c.max}")
+        print_usage_by_model(q, args.user)
     return 0
+
+
+def print_usage_by_model(q: quotad.Client, user: str) -> None:
+    """Today's tokens per model, from the usage history (the daemon keeps usage
+    per model with `[history] dimensions = ["model"]`, as the shipped config does)."""
+    today = datetime.now(timezone.utc).date()
+    try:
+        u = q.usage(user, from_=today, to=today + timedelta(days=1), group_by="model")
+    except quotad.InvalidRequest:
+        return  # this daemon does not keep usage per model
+    except quotad.QuotadError as e:
+        print(f"usage by model: {e}")
+        return
+    print("tokens today by model:")
+    for model, sums in sorted(u.totals_by_group().items(), key=lambda kv: -kv[1].get("tokens", 0)):
+        print(f"  {model or '(none)':<24} {sums.get('tokens', 0):>7}")
 
 
 if __name__ == "__main__":

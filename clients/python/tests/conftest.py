@@ -49,6 +49,8 @@ level = "warn"
 
 {policy}
 
+{history}
+
 [[limits]]
 name = "global-tokens"
 metric = "tokens"
@@ -122,6 +124,12 @@ source = "api"
 """
 
 
+def history_section(dimensions: Optional[List[str]]) -> str:
+    if dimensions is None:
+        return ""
+    return "[history]\ndimensions = [" + ", ".join(json.dumps(d) for d in dimensions) + "]\n"
+
+
 def quotad_bin() -> Path:
     raw = os.environ.get("QUOTAD_BIN")
     path = Path(raw).expanduser().resolve() if raw else REPO / "target" / "debug" / "quotad"
@@ -140,11 +148,22 @@ def free_port() -> int:
 
 class Daemon:
     """One quotad process on 127.0.0.1:<free port> and <tmp>/quotad.sock.
-    ``policy_api``: ``[policy] source = "api"`` (policy writes allowed)."""
+    ``policy_api``: ``[policy] source = "api"`` (policy writes allowed).
+    ``dimensions``: ``[history] dimensions`` (usage kept per value of these
+    attributes, for ``group_by``). ``extra``: TOML appended to the config
+    (more ``[[limits]]``)."""
 
-    def __init__(self, auth: bool = False, policy_api: bool = False) -> None:
+    def __init__(
+        self,
+        auth: bool = False,
+        policy_api: bool = False,
+        dimensions: Optional[List[str]] = None,
+        extra: str = "",
+    ) -> None:
         self.auth = auth
         self.policy_api = policy_api
+        self.dimensions = dimensions
+        self.extra = extra
         self.dir = Path(tempfile.mkdtemp(prefix="quotad-py-"))
         self.socket = str(self.dir / "quotad.sock")
         self.port = 0
@@ -166,7 +185,9 @@ class Daemon:
                     data_dir=self.dir / "data",
                     auth=AUTH if self.auth else "",
                     policy=POLICY_FROM_API if self.policy_api else "",
+                    history=history_section(self.dimensions),
                 )
+                + self.extra
             )
             log = open(self.log_path, "ab")
             self.proc = subprocess.Popen(
@@ -258,6 +279,23 @@ def policy_daemon():
         d.start()
         yield d
     finally:
+        d.cleanup()
+
+
+@pytest.fixture
+def fresh_daemon():
+    """A daemon of the test's own (admin and client tokens, usage kept per
+    ``model``), for answers that must be exact over every subject: nothing
+    else charges it. More TOML through ``fresh_daemon(extra=...)``."""
+    made: List[Daemon] = []
+
+    def make(extra: str = "", auth: bool = True) -> Daemon:
+        d = Daemon(auth=auth, dimensions=["model"], extra=extra)
+        made.append(d)
+        return d.start()
+
+    yield make
+    for d in made:
         d.cleanup()
 
 

@@ -176,3 +176,64 @@ def test_finish_carries_the_commit_cost():
     f = quotad.Finish.from_json(raw)
     assert f.cost is not None and (f.cost.amount_micros, f.cost.currency) == (1200, "USD")
     assert quotad.Finish.from_json({**raw, "cost": None}).cost is None
+
+
+def test_analytics_requests_and_parsing():
+    call = _core.events_call(None, 50, None, "desc", 42)
+    assert call.params == {"before": "42", "limit": "50", "order": "desc"}
+    assert _core.events_call(7, None, "breaker.*").params == {"after": "7", "type": "breaker.*"}
+    with pytest.raises(ValueError):
+        _core.events_call(None, None, None, "newest")
+    call = _core.usage_call("u:1", dt.date(2026, 1, 1), "2026-02-01", "day", None, "model")
+    assert call.params == {"from": "2026-01-01", "to": "2026-02-01", "granularity": "day", "group_by": "model"}
+    call = _core.usage_export_call("2026-01-01", "2026-02-01", None, "json", "u:1", "Europe/Paris", 10, "model")
+    assert call.params == {
+        "from": "2026-01-01",
+        "to": "2026-02-01",
+        "timezone": "Europe/Paris",
+        "format": "json",
+        "after": "u:1",
+        "limit": "10",
+        "group_by": "model",
+    }
+    call = _core.usage_top_call("tokens", "2026-01-01", "2026-02-01", None, 3)
+    assert (call.path, call.params) == ("/v1/usage/top", {"metric": "tokens", "from": "2026-01-01", "to": "2026-02-01", "limit": "3"})
+    assert _core.counters_call(0.5, None).params == {"min_fraction": "0.5"}
+    assert _core.counters_call(None, None).params == {}
+    with pytest.raises(ValueError):
+        _core.counters_call("lots", None)  # type: ignore[arg-type]
+    assert _core.back_pages_guard(None, 5) and _core.back_pages_guard(9, 5)
+    assert not _core.back_pages_guard(5, None) and not _core.back_pages_guard(5, 5)
+
+    page = quotad.EventPage.from_json({"events": [{"seq": 9, "type": "x"}], "next_after": 9, "next_before": 9})
+    assert (page.next_after, page.next_before) == (9, 9)
+    assert quotad.EventPage.from_json({"events": [], "next_after": 0}).next_before is None
+    top = quotad.TopUsage.from_json({"metric": "tokens", "rows": [{"subject": "a", "amount": 5}]})
+    assert [(r.subject, r.amount) for r in top] == [("a", 5)] and len(top) == 1
+    c = quotad.FullCounter.from_json(
+        {"limit": "l", "metric": "tokens", "scope": "a", "max": 10, "used": 12, "remaining": 0, "mode": "monitor", "fraction": 1.2}
+    )
+    assert isinstance(c, quotad.Counter) and c.fraction == 1.2 and c.used == 12 and c.resets_at is None
+    usage = quotad.Usage.from_json(
+        {
+            "subject": "a",
+            "granularity": "day",
+            "timezone": "UTC",
+            "group_by": "model",
+            "buckets": [
+                {"start": "2026-01-01T00:00:00Z", "model": "gpt-4o", "amounts": {"tokens": 3}},
+                {"start": "2026-01-02T00:00:00Z", "model": "gpt-4o", "amounts": {"tokens": 4}},
+                {"start": "2026-01-01T00:00:00Z", "model": None, "amounts": {"tokens": 1}},
+            ],
+        }
+    )
+    assert usage.group_by == "model" and [b.group for b in usage.buckets] == ["gpt-4o", "gpt-4o", None]
+    assert usage.totals_by_group() == {"gpt-4o": {"tokens": 7}, None: {"tokens": 1}}
+    assert usage.totals() == {"tokens": 8}
+    rows = quotad.UsagePage.from_json(
+        {"rows": [{"subject": "a", "start": "2026-01-01T00:00:00Z", "model": "x", "amounts": {}}], "next_after": None},
+        "model",
+    )
+    assert rows.group_by == "model" and rows.rows[0].group == "x"
+    tok = quotad.SubjectToken.from_json({"token": "qst_abc", "subject": "a", "expires_at": "2026-01-01T01:00:00Z"})
+    assert tok.expires_at == dt.datetime(2026, 1, 1, 1, tzinfo=dt.timezone.utc) and "qst_abc" not in repr(tok)

@@ -14,7 +14,7 @@
 import { randomBytes } from "node:crypto";
 import { parseArgs } from "node:util";
 
-import { Denied, QuotadClient, QuotadError, Unavailable } from "quotad";
+import { Denied, InvalidRequest, QuotadClient, QuotadError, Unavailable } from "quotad";
 
 const PROMPTS = [
   ["Summarise this contract", 6000],
@@ -134,6 +134,7 @@ async function main() {
     for (const c of s.counters) {
       if (c.metric === "tokens" && c.scope === s.subject) console.log(`  ${c.limit.padEnd(24)} ${String(c.used).padStart(7)} / ${c.max}`);
     }
+    await printUsageByModel(q, args.user);
     return 0;
   } catch (e) {
     if (e instanceof Unavailable) {
@@ -148,6 +149,27 @@ async function main() {
   } finally {
     q.close();
   }
+}
+
+// Today's tokens per model, from the usage history (the daemon keeps usage per
+// model with `[history] dimensions = ["model"]`, as the shipped config does).
+async function printUsageByModel(q, user) {
+  const day = 86400000;
+  const from = new Date(Math.floor(Date.now() / day) * day);
+  let u;
+  try {
+    u = await q.usage(user, { from, to: new Date(from.getTime() + day), groupBy: "model" });
+  } catch (e) {
+    if (e instanceof InvalidRequest) return; // this daemon does not keep usage per model
+    if (e instanceof QuotadError) {
+      console.log(`usage by model: ${e.message}`);
+      return;
+    }
+    throw e;
+  }
+  console.log("tokens today by model:");
+  const rows = [...u.totalsByGroup()].sort((a, b) => (b[1].tokens ?? 0) - (a[1].tokens ?? 0));
+  for (const [model, sums] of rows) console.log(`  ${(model ?? "(none)").padEnd(24)} ${String(sums.tokens ?? 0).padStart(7)}`);
 }
 
 process.exitCode = await main();

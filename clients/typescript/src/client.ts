@@ -17,6 +17,7 @@ import {
   parseEventPage,
   parseFinish,
   parseFlag,
+  parseFullCounter,
   parsePlans,
   parsePolicy,
   parsePolicyChange,
@@ -24,6 +25,8 @@ import {
   parseReload,
   parseSubject,
   parseSubjectPage,
+  parseSubjectToken,
+  parseTopUsage,
   parseUsage,
   parseUsagePage,
   parseWebhook,
@@ -38,6 +41,7 @@ import {
   type EventPage,
   type Finish,
   type Flag,
+  type FullCounter,
   type JsonObject,
   type LimitDoc,
   type Max,
@@ -53,6 +57,8 @@ import {
   type Subject,
   type SubjectEntry,
   type SubjectPage,
+  type SubjectToken,
+  type TopUsage,
   type Usage,
   type UsagePage,
   type UsageRow,
@@ -119,13 +125,60 @@ export interface UsageOptions {
   to?: TimeArg;
   granularity?: "hour" | "day" | "month";
   timezone?: string;
+  /**
+   * Split each bucket per value of this attribute (one listed in the daemon's
+   * `history.dimensions`, such as `"model"`); another is {@link InvalidRequest}
+   * naming `group_by`.
+   */
+  groupBy?: string;
 }
 
 export interface UsageExportOptions {
   from?: TimeArg;
   to?: TimeArg;
   granularity?: "day" | "month";
+  timezone?: string;
+  /** Start after this subject; pass the previous page's `nextAfter`. */
   after?: string;
+  /** Subjects per JSON page (1–1000, default 100). */
+  limit?: number;
+  /** Split each row per value of this attribute (`row.group`); the CSV gets a column for it. */
+  groupBy?: string;
+}
+
+export interface EventsOptions {
+  /** Oldest first (`"asc"`, the default) or newest first (`"desc"`). */
+  order?: "asc" | "desc";
+  /** Oldest first: events after this seq (pass the previous page's `nextAfter`). Not with `order: "desc"`. */
+  after?: number;
+  /** Newest first: events before this seq (pass the previous page's `nextBefore`); default: from the newest. Only with `order: "desc"`. */
+  before?: number;
+  /** 1–1000, default 100. */
+  limit?: number;
+  /** A type, or a prefix with `*` (`"breaker.*"`). */
+  type?: string;
+}
+
+export interface UsageTopOptions {
+  from?: TimeArg;
+  to?: TimeArg;
+  timezone?: string;
+  /** Rows at most (1–1000, default 10). */
+  limit?: number;
+}
+
+export interface CountersOptions {
+  /** `used / max` at least this (above 0; default 0.8). */
+  minFraction?: number;
+  /** 1–1000, default 100. */
+  limit?: number;
+}
+
+export interface SubjectTokenOptions {
+  /** How long the token holds: `"1m"` to `"30d"` (default `"1h"`). */
+  ttl?: string;
+  /** The same in milliseconds (sent as `"<n>ms"`); give `ttl` or this. */
+  ttlMs?: number;
 }
 
 /** Options of a policy write (putPolicy, putPlan, deletePlan, putLimit, deleteLimit). */
@@ -633,6 +686,43 @@ export class QuotadClient {
     }
   }
 
+  /**
+   * A read-only token for `subject` alone (admin), for a page where an end
+   * user sees their own usage: hand `token` to their browser (or
+   * `new QuotadClient({ url, token })`). It reads {@link subject} and
+   * {@link usage} of that subject until `expiresAt`; anything else with it is
+   * {@link Forbidden}, and after `expiresAt` {@link Unauthorized}.
+   */
+  async mintSubjectToken(subject: string, options: SubjectTokenOptions = {}): Promise<SubjectToken> {
+    if (options.ttl !== undefined && options.ttlMs !== undefined) throw new TypeError("give ttl or ttlMs, not both");
+    let ttl = options.ttl;
+    if (options.ttlMs !== undefined) {
+      if (!Number.isSafeInteger(options.ttlMs) || options.ttlMs <= 0) throw new TypeError(`ttlMs must be a whole number above 0, got ${options.ttlMs}`);
+      ttl = `${options.ttlMs}ms`;
+    }
+    return this.#call({
+      method: "POST",
+      path: `/v1/subjects/${seg(subject)}/tokens`,
+      body: clean({ ttl }),
+      parse: (r) => parseSubjectToken(jsonObject(r)),
+    });
+  }
+
+  /**
+   * The counters whose usage is at least `minFraction` of their max (default
+   * 0.8), fullest first, then by scope and limit, at most `limit` (admin):
+   * subjects' counters and global and attribute ones. Unlimited limits and
+   * limits of 0 are not listed.
+   */
+  async counters(options: CountersOptions = {}): Promise<FullCounter[]> {
+    return this.#call({
+      method: "GET",
+      path: "/v1/counters",
+      query: { min_fraction: options.minFraction, limit: options.limit },
+      parse: (r) => items(jsonBody(r), "counters").map(parseFullCounter),
+    });
+  }
+
   async plans(): Promise<Plans> {
     return this.#call({ method: "GET", path: "/v1/plans", parse: (r) => parsePlans(jsonObject(r)) });
   }
@@ -758,21 +848,45 @@ export class QuotadClient {
 
   // ---------- events, breakers, anomalies ----------
 
-  /** One page of recorded events, oldest first (admin); `type` is a type or a prefix with `*`. */
-  async events(options: { after?: number; limit?: number; type?: string } = {}): Promise<EventPage> {
+  /**
+   * One page of recorded events (admin): oldest first after `after`; or with
+   * `order: "desc"`, newest first before `before` (default: the newest), paged
+   * back with the page's `nextBefore`. `before` without `order: "desc"`, or
+   * `after` with it, is {@link InvalidRequest}. `type` is a type or a prefix with `*`.
+   */
+  async events(options: EventsOptions = {}): Promise<EventPage> {
+    if (options.order !== undefined && options.order !== "asc" && options.order !== "desc") {
+      throw new TypeError(`order must be "asc" or "desc", got ${JSON.stringify(options.order)}`);
+    }
     return this.#call({
       method: "GET",
       path: "/v1/events",
-      query: { after: options.after, limit: options.limit, type: options.type },
+      query: { after: options.after, before: options.before, limit: options.limit, type: options.type, order: options.order },
       parse: (r) => parseEventPage(jsonObject(r)),
     });
   }
 
-  /** Every recorded event after `after`, page after page. */
-  async *iterEvents(options: { after?: number; type?: string; pageSize?: number } = {}): AsyncGenerator<QuotadEvent> {
-    let after = options.after;
+  /**
+   * Every recorded event, page after page: oldest first after `after`; or with
+   * `order: "desc"`, newest first from before `before` (default: the newest)
+   * back to the oldest.
+   */
+  async *iterEvents(options: Omit<EventsOptions, "limit"> & { pageSize?: number } = {}): AsyncGenerator<QuotadEvent> {
+    const { pageSize, ...rest } = options;
+    const limit = pageSize ?? 1000;
+    if (rest.order === "desc") {
+      let before = rest.before;
+      for (;;) {
+        const page = await this.events({ ...rest, before, limit });
+        yield* page.events;
+        // A page may be empty (a filter that matched nothing in what was scanned): go on while nextBefore moves back.
+        if (page.nextBefore === null || (before !== undefined && page.nextBefore >= before)) return;
+        before = page.nextBefore;
+      }
+    }
+    let after = rest.after;
     for (;;) {
-      const page = await this.events({ after, type: options.type, limit: options.pageSize ?? 1000 });
+      const page = await this.events({ ...rest, after, limit });
       yield* page.events;
       if (page.nextAfter === null || page.events.length === 0 || page.nextAfter === after) return;
       after = page.nextAfter;
@@ -915,38 +1029,82 @@ export class QuotadClient {
 
   // ---------- usage history ----------
 
-  /** A subject's usage buckets (`to` exclusive; Dates or `YYYY-MM-DD` / RFC 3339 text). */
+  /**
+   * A subject's usage buckets (`to` exclusive; Dates or `YYYY-MM-DD` / RFC 3339
+   * text). `groupBy` (an attribute in the daemon's `history.dimensions`, such
+   * as `"model"`) splits each bucket per value of it (`bucket.group`). A
+   * subject token of that subject may call this too.
+   */
   async usage(subject: string, options: UsageOptions = {}): Promise<Usage> {
     return this.#call({
       method: "GET",
       path: `/v1/subjects/${seg(subject)}/usage`,
-      query: { from: fmtTime(options.from), to: fmtTime(options.to), granularity: options.granularity, timezone: options.timezone },
+      query: {
+        from: fmtTime(options.from),
+        to: fmtTime(options.to),
+        granularity: options.granularity,
+        timezone: options.timezone,
+        group_by: options.groupBy,
+      },
       parse: (r) => parseUsage(jsonObject(r)),
     });
   }
 
-  /** Every subject's usage for billing (admin): a JSON page, or with `format: "csv"` the CSV text (`subject,start,metric,amount`). */
+  /**
+   * Every subject's usage for billing (admin): a JSON page (`limit` subjects
+   * after `after`), or with `format: "csv"` the CSV text
+   * (`subject,start,metric,amount`). With `groupBy` (such as `"model"`) each
+   * row carries the value of that attribute (`row.group`) and the CSV has a
+   * column for it (`subject,start,model,metric,amount`).
+   */
   usageExport(options?: UsageExportOptions & { format?: "json" }): Promise<UsagePage>;
   usageExport(options: UsageExportOptions & { format: "csv" }): Promise<string>;
   async usageExport(options: UsageExportOptions & { format?: "json" | "csv" } = {}): Promise<UsagePage | string> {
     const format = options.format ?? "json";
     if (format !== "json" && format !== "csv") throw new TypeError(`format must be "json" or "csv", got ${JSON.stringify(format)}`);
-    const query = { from: fmtTime(options.from), to: fmtTime(options.to), granularity: options.granularity, format, after: options.after };
+    const query = {
+      from: fmtTime(options.from),
+      to: fmtTime(options.to),
+      granularity: options.granularity,
+      timezone: options.timezone,
+      format,
+      after: options.after,
+      limit: options.limit,
+      group_by: options.groupBy,
+    };
     if (format === "csv") {
       return this.#call({ method: "GET", path: "/v1/usage", query, headers: { Accept: "text/csv" }, parse: (r) => r.body.toString("utf8") });
     }
-    return this.#call({ method: "GET", path: "/v1/usage", query, parse: (r) => parseUsagePage(jsonObject(r)) });
+    return this.#call({ method: "GET", path: "/v1/usage", query, parse: (r) => parseUsagePage(jsonObject(r), options.groupBy ?? null) });
   }
 
-  /** Every row of the JSON billing export, page after page. */
-  async *iterUsageExport(options: Omit<UsageExportOptions, "after"> = {}): AsyncGenerator<UsageRow> {
+  /** Every row of the JSON billing export, page after page (`pageSize` subjects a page). */
+  async *iterUsageExport(options: Omit<UsageExportOptions, "after" | "limit"> & { pageSize?: number } = {}): AsyncGenerator<UsageRow> {
+    const { pageSize, ...rest } = options;
     let after: string | undefined;
     for (;;) {
-      const page = await this.usageExport({ ...options, after, format: "json" });
+      const page = await this.usageExport({ ...rest, after, limit: pageSize, format: "json" });
       yield* page.rows;
       if (page.nextAfter === null || page.rows.length === 0 || page.nextAfter === after) return;
       after = page.nextAfter;
     }
+  }
+
+  /**
+   * The `limit` (1–1000, default 10) subjects with the most of `metric` in
+   * `[from, to)`, most first, ties by subject (admin). Exact: the amounts are
+   * those {@link usageExport} would sum for each subject. Shares
+   * `history.max_exports` with CSV exports ({@link Unavailable} `busy` when all
+   * are taken).
+   */
+  async usageTop(metric: string, options: UsageTopOptions = {}): Promise<TopUsage> {
+    if (typeof metric !== "string" || metric === "") throw new TypeError(`metric must be a non-empty string, got ${JSON.stringify(metric)}`);
+    return this.#call({
+      method: "GET",
+      path: "/v1/usage/top",
+      query: { metric, from: fmtTime(options.from), to: fmtTime(options.to), timezone: options.timezone, limit: options.limit },
+      parse: (r) => parseTopUsage(jsonObject(r)),
+    });
   }
 
   /** The OpenAPI document the daemon serves. */

@@ -9,7 +9,19 @@
  */
 
 export { QuotadClient, Reservation, newIdempotencyKey, VERSION, TransportError } from "./client.js";
-export type { ClientOptions, OnUnavailable, PolicyWriteOptions, StreamOptions, TimeArg, UsageOptions, UsageExportOptions } from "./client.js";
+export type {
+  ClientOptions,
+  CountersOptions,
+  EventsOptions,
+  OnUnavailable,
+  PolicyWriteOptions,
+  StreamOptions,
+  SubjectTokenOptions,
+  TimeArg,
+  UsageOptions,
+  UsageExportOptions,
+  UsageTopOptions,
+} from "./client.js";
 export {
   QuotadError,
   InvalidRequest,
@@ -46,6 +58,7 @@ export type {
   EventPage,
   Finish,
   Flag,
+  FullCounter,
   JsonObject,
   LimitDoc,
   LimitMode,
@@ -69,6 +82,9 @@ export type {
   Subject,
   SubjectEntry,
   SubjectPage,
+  SubjectToken,
+  TopRow,
+  TopUsage,
   Usage,
   UsageBucket,
   UsagePage,

@@ -59,6 +59,12 @@ export interface Counter {
   raw: JsonObject;
 }
 
+/** One entry of `GET /v1/counters`: a counter and how full it is. */
+export interface FullCounter extends Counter {
+  /** `used / max` (past 1 for a monitor- or degrade-mode limit). */
+  fraction: number;
+}
+
 export interface Reason {
   /** `limit_exceeded`, `exceeds_capacity`, `would_deny`, `degraded`, `unmatched`, `circuit_open`, `anomaly`, `queue_full`, … and `unavailable` on a fallback. */
   code: string;
@@ -198,9 +204,18 @@ export interface QuotadEvent {
   raw: JsonObject;
 }
 
+/**
+ * One page of `GET /v1/events`. Oldest first (the default): pass `nextAfter`
+ * as `after` for the next page. Newest first (`order: "desc"`): pass
+ * `nextBefore` as `before` for the next, older page (`null` once the oldest
+ * event was read); `nextAfter` is then the newest seq in the page, to follow
+ * newer events from.
+ */
 export interface EventPage {
   events: QuotadEvent[];
   nextAfter: number | null;
+  /** `order: "desc"` only: the `before` of the next (older) page; `null` at the oldest. */
+  nextBefore: number | null;
   raw: JsonObject;
 }
 
@@ -237,29 +252,73 @@ export interface Flag {
 export interface UsageBucket {
   start: Date | null;
   amounts: Amounts;
+  /** With `groupBy`: the value of that attribute (`null` for calls that did not carry it); also in `raw` under the attribute's name. `null` without `groupBy`. */
+  group: string | null;
   raw: JsonObject;
 }
 
+/**
+ * `GET /v1/subjects/{s}/usage`: buckets with usage (empty ones left out).
+ * With `groupBy` (an attribute listed in the daemon's `history.dimensions`),
+ * each bucket is split into one per value of it (`bucket.group`); the groups
+ * add up to the totals.
+ */
 export interface Usage {
   subject: string;
   granularity: string;
   timezone: string | null;
+  /** The attribute the buckets are split by, as asked; `null` without. */
+  groupBy: string | null;
   buckets: UsageBucket[];
   raw: JsonObject;
   /** Sum of every bucket, per metric. */
   totals(): Amounts;
+  /** With `groupBy`: the sum of every bucket per value of the attribute (key `null`: calls without it), per metric. */
+  totalsByGroup(): Map<string | null, Amounts>;
 }
 
 export interface UsageRow {
   subject: string;
   start: Date | null;
   amounts: Amounts;
+  /** With `groupBy`: the value of that attribute (`null` for calls that did not carry it). `null` without `groupBy`. */
+  group: string | null;
   raw: JsonObject;
 }
 
+/** One JSON page of `GET /v1/usage` (billing export); pass `nextAfter` as `after` (`null` on the last page). */
 export interface UsagePage {
   rows: UsageRow[];
   nextAfter: string | null;
+  /** The attribute the rows are split by, as asked; `null` without. */
+  groupBy: string | null;
+  raw: JsonObject;
+}
+
+/** One subject of {@link TopUsage} and its amount of the metric. */
+export interface TopRow {
+  subject: string;
+  amount: number;
+  raw: JsonObject;
+}
+
+/** `GET /v1/usage/top`: the subjects with the most of `metric` in the range, most first (ties by subject); subjects with none are left out. */
+export interface TopUsage {
+  metric: string;
+  rows: TopRow[];
+  raw: JsonObject;
+}
+
+/**
+ * `POST /v1/subjects/{s}/tokens`: a read-only token for one subject. Send
+ * `token` as `Authorization: Bearer` (`new QuotadClient({ url, token })`): it
+ * reads that subject and its usage until `expiresAt` and is refused (403)
+ * everywhere else; after `expiresAt` it is 401.
+ */
+export interface SubjectToken {
+  token: string;
+  subject: string;
+  expiresAt: Date | null;
   raw: JsonObject;
 }
 
@@ -625,7 +684,7 @@ export function parseEvent(d: JsonObject, sseId?: string | null, sseType?: strin
 }
 
 export function parseEventPage(d: JsonObject): EventPage {
-  return { events: objs(d.events).map((e) => parseEvent(e)), nextAfter: num(d.next_after), raw: d };
+  return { events: objs(d.events).map((e) => parseEvent(e)), nextAfter: num(d.next_after), nextBefore: num(d.next_before), raw: d };
 }
 
 export function items(body: unknown, ...keys: string[]): JsonObject[] {
@@ -671,12 +730,16 @@ export function parseFlag(d: JsonObject): Flag {
   };
 }
 
+const groupOf = (d: JsonObject, groupBy: string | null): string | null => (groupBy === null ? null : str(d[groupBy]));
+
 export function parseUsage(d: JsonObject): Usage {
-  const buckets = objs(d.buckets).map((b) => ({ start: parseTime(b.start), amounts: amounts(b.amounts), raw: b }));
+  const groupBy = str(d.group_by);
+  const buckets = objs(d.buckets).map((b) => ({ start: parseTime(b.start), amounts: amounts(b.amounts), group: groupOf(b, groupBy), raw: b }));
   return {
     subject: str(d.subject) ?? "",
     granularity: str(d.granularity) ?? "",
     timezone: str(d.timezone),
+    groupBy,
     buckets,
     raw: d,
     totals() {
@@ -684,15 +747,49 @@ export function parseUsage(d: JsonObject): Usage {
       for (const b of buckets) for (const [k, v] of Object.entries(b.amounts)) out[k] = (out[k] ?? 0) + v;
       return out;
     },
+    totalsByGroup() {
+      const out = new Map<string | null, Amounts>();
+      for (const b of buckets) {
+        let sums = out.get(b.group);
+        if (!sums) out.set(b.group, (sums = {}));
+        for (const [k, v] of Object.entries(b.amounts)) sums[k] = (sums[k] ?? 0) + v;
+      }
+      return out;
+    },
   };
 }
 
-export function parseUsagePage(d: JsonObject): UsagePage {
+/** `groupBy`: the attribute asked for (the answer does not name it). */
+export function parseUsagePage(d: JsonObject, groupBy: string | null = null): UsagePage {
+  const by = groupBy ?? str(d.group_by);
   return {
-    rows: objs(d.rows).map((r) => ({ subject: str(r.subject) ?? "", start: parseTime(r.start), amounts: amounts(r.amounts), raw: r })),
+    rows: objs(d.rows).map((r) => ({
+      subject: str(r.subject) ?? "",
+      start: parseTime(r.start),
+      amounts: amounts(r.amounts),
+      group: groupOf(r, by),
+      raw: r,
+    })),
     nextAfter: str(d.next_after),
+    groupBy: by,
     raw: d,
   };
+}
+
+export function parseFullCounter(d: JsonObject): FullCounter {
+  return { ...parseCounter(d), fraction: num(d.fraction) ?? 0 };
+}
+
+export function parseTopUsage(d: JsonObject): TopUsage {
+  return {
+    metric: str(d.metric) ?? "",
+    rows: objs(d.rows).map((r) => ({ subject: str(r.subject) ?? "", amount: num(r.amount) ?? 0, raw: r })),
+    raw: d,
+  };
+}
+
+export function parseSubjectToken(d: JsonObject): SubjectToken {
+  return { token: str(d.token) ?? "", subject: str(d.subject) ?? "", expiresAt: parseTime(d.expires_at), raw: d };
 }
 
 const docOrNull = (v: unknown): JsonObject | null => (v && typeof v === "object" && !Array.isArray(v) ? (v as JsonObject) : null);

@@ -42,7 +42,12 @@ const POLICY_FROM_API = `
 source = "api"
 `;
 
-function config({ listen, dataDir, auth, policyApi }) {
+function historySection(dimensions) {
+  if (!dimensions) return "";
+  return `[history]\ndimensions = [${dimensions.map((d) => JSON.stringify(d)).join(", ")}]\n`;
+}
+
+function config({ listen, dataDir, auth, policyApi, dimensions, extra }) {
   return `
 metrics = ["cost_micros"]
 
@@ -64,6 +69,8 @@ level = "warn"
 ${auth ? AUTH : ""}
 
 ${policyApi ? POLICY_FROM_API : ""}
+
+${historySection(dimensions)}
 
 [[limits]]
 name = "global-tokens"
@@ -123,7 +130,7 @@ name = "pro"
   match = { event = "image.render" }
   algorithm = "lifetime"
   max = 100
-`;
+${extra ?? ""}`;
 }
 
 export function freePort() {
@@ -159,11 +166,18 @@ process.on("exit", () => {
   }
 });
 
-/** One quotad on 127.0.0.1:<free port> and <tmp>/quotad.sock. `policyApi`: `[policy] source = "api"` (policy writes allowed). */
+/**
+ * One quotad on 127.0.0.1:<free port> and <tmp>/quotad.sock. `policyApi`:
+ * `[policy] source = "api"` (policy writes allowed). `dimensions`: `[history]
+ * dimensions` (usage kept per value of these attributes, for groupBy).
+ * `extra`: TOML appended to the config (more `[[limits]]`).
+ */
 export class Daemon {
-  constructor({ auth = false, policyApi = false } = {}) {
+  constructor({ auth = false, policyApi = false, dimensions = null, extra = "" } = {}) {
     this.auth = auth;
     this.policyApi = policyApi;
+    this.dimensions = dimensions;
+    this.extra = extra;
     this.dir = fs.mkdtempSync(path.join(os.tmpdir(), "quotad-ts-"));
     this.socket = path.join(this.dir, "quotad.sock");
     this.logPath = path.join(this.dir, "quotad.log");
@@ -187,6 +201,8 @@ export class Daemon {
           dataDir: path.join(this.dir, "data"),
           auth: this.auth,
           policyApi: this.policyApi,
+          dimensions: this.dimensions,
+          extra: this.extra,
         }),
       );
       const log = fs.openSync(this.logPath, "a");

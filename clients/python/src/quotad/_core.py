@@ -7,7 +7,7 @@ import json
 import random
 import uuid
 from dataclasses import dataclass, field
-from datetime import date, datetime, timezone
+from datetime import date, datetime, timedelta, timezone
 from typing import Any, Callable, Dict, Generic, Iterable, List, Mapping, Optional, Sequence, TypeVar, Union, cast
 from urllib.parse import quote, urlsplit
 
@@ -24,6 +24,7 @@ from .models import (
     EventPage,
     Finish,
     Flag,
+    FullCounter,
     LimitDoc,
     PlanDoc,
     Plans,
@@ -33,6 +34,8 @@ from .models import (
     ReloadReport,
     Subject,
     SubjectPage,
+    SubjectToken,
+    TopUsage,
     Usage,
     UsagePage,
     Webhook,
@@ -43,6 +46,7 @@ ON_UNAVAILABLE = ("raise", "allow", "deny")
 PRIORITIES = ("critical", "high", "normal", "low")
 RETRY_STATUSES = frozenset({502, 503, 504})
 TimeArg = Union[str, date, datetime, None]
+TtlArg = Union[str, timedelta, None]
 TimeoutArg = Union[float, int, httpx.Timeout, None]
 
 
@@ -405,6 +409,31 @@ def credit_call(subject: str, limit: str, amount: int, idempotency_key: Optional
     )
 
 
+def fmt_ttl(value: TtlArg) -> Optional[str]:
+    """A subject token's ``ttl``: text as given (``"15m"``, ``"1h"``,
+    ``"7d"``), a ``timedelta`` in whole seconds (or milliseconds)."""
+    if value is None:
+        return None
+    if isinstance(value, timedelta):
+        ms = round(value.total_seconds() * 1000)
+        if ms <= 0:
+            raise ValueError(f"ttl must be positive, got {value!r}")
+        return f"{ms // 1000}s" if ms % 1000 == 0 else f"{ms}ms"
+    if isinstance(value, str) and value:
+        return value
+    raise ValueError(f"ttl must be a duration such as '1h' or a timedelta, got {value!r}")
+
+
+def subject_token_call(subject: str, ttl: TtlArg) -> Call[SubjectToken]:
+    body: Dict[str, Any] = {}
+    text = fmt_ttl(ttl)
+    if text is not None:
+        body["ttl"] = text
+    return Call(
+        "POST", f"/v1/subjects/{seg(subject)}/tokens", lambda r: SubjectToken.from_json(_obj(r)), body=body
+    )
+
+
 def subjects_call(after: Optional[str], limit: Optional[int]) -> Call[SubjectPage]:
     params = {}
     if after is not None:
@@ -435,8 +464,16 @@ def metrics_call() -> Call[str]:
     return Call("GET", "/metrics", lambda r: r.text, headers={"Accept": "text/plain, application/openmetrics-text"})
 
 
-def events_call(after: Optional[int], limit: Optional[int], type: Optional[str]) -> Call[EventPage]:
-    params = _clean({"after": after, "limit": limit, "type": type})
+def events_call(
+    after: Optional[int],
+    limit: Optional[int],
+    type: Optional[str],
+    order: Optional[str] = None,
+    before: Optional[int] = None,
+) -> Call[EventPage]:
+    if order is not None and order not in ("asc", "desc"):
+        raise ValueError(f"order must be 'asc' or 'desc', got {order!r}")
+    params = _clean({"after": after, "before": before, "limit": limit, "type": type, "order": order})
     return Call(
         "GET", "/v1/events", lambda r: EventPage.from_json(_obj(r)), params={k: str(v) for k, v in params.items()}
     )
@@ -492,26 +529,89 @@ def clear_flag_call(subject: str, anomaly: str, idempotency_key: Optional[str]) 
 
 
 def usage_call(
-    subject: str, from_: TimeArg, to: TimeArg, granularity: Optional[str], timezone_: Optional[str]
+    subject: str,
+    from_: TimeArg,
+    to: TimeArg,
+    granularity: Optional[str],
+    timezone_: Optional[str],
+    group_by: Optional[str] = None,
 ) -> Call[Usage]:
-    params = _clean({"from": fmt_time(from_), "to": fmt_time(to), "granularity": granularity, "timezone": timezone_})
+    params = _clean(
+        {
+            "from": fmt_time(from_),
+            "to": fmt_time(to),
+            "granularity": granularity,
+            "timezone": timezone_,
+            "group_by": group_by,
+        }
+    )
     return Call("GET", f"/v1/subjects/{seg(subject)}/usage", lambda r: Usage.from_json(_obj(r)), params=params)
 
 
 def usage_export_call(
-    from_: TimeArg, to: TimeArg, granularity: Optional[str], format: str, after: Optional[str]
+    from_: TimeArg,
+    to: TimeArg,
+    granularity: Optional[str],
+    format: str,
+    after: Optional[str],
+    timezone_: Optional[str] = None,
+    limit: Optional[int] = None,
+    group_by: Optional[str] = None,
 ) -> Call[Union[UsagePage, str]]:
     if format not in ("json", "csv"):
         raise ValueError(f"format must be 'json' or 'csv', got {format!r}")
     params = _clean(
-        {"from": fmt_time(from_), "to": fmt_time(to), "granularity": granularity, "format": format, "after": after}
+        {
+            "from": fmt_time(from_),
+            "to": fmt_time(to),
+            "granularity": granularity,
+            "timezone": timezone_,
+            "format": format,
+            "after": after,
+            "limit": str(limit) if limit is not None else None,
+            "group_by": group_by,
+        }
     )
 
     def parse(r: httpx.Response) -> Union[UsagePage, str]:
-        return r.text if format == "csv" else UsagePage.from_json(_obj(r))
+        return r.text if format == "csv" else UsagePage.from_json(_obj(r), group_by)
 
     headers = {"Accept": "text/csv"} if format == "csv" else {}
     return Call("GET", "/v1/usage", parse, params=params, headers=headers)
+
+
+def usage_top_call(
+    metric: str, from_: TimeArg, to: TimeArg, timezone_: Optional[str], limit: Optional[int]
+) -> Call[TopUsage]:
+    if not isinstance(metric, str) or not metric:
+        raise ValueError(f"metric must be a non-empty string, got {metric!r}")
+    params = _clean(
+        {
+            "metric": metric,
+            "from": fmt_time(from_),
+            "to": fmt_time(to),
+            "timezone": timezone_,
+            "limit": str(limit) if limit is not None else None,
+        }
+    )
+    return Call("GET", "/v1/usage/top", lambda r: TopUsage.from_json(_obj(r)), params=params)
+
+
+def counters_call(min_fraction: Optional[float], limit: Optional[int]) -> Call[List[FullCounter]]:
+    if min_fraction is not None and (isinstance(min_fraction, bool) or not isinstance(min_fraction, (int, float))):
+        raise ValueError(f"min_fraction must be a number above 0, got {min_fraction!r}")
+    params = _clean(
+        {
+            "min_fraction": str(min_fraction) if min_fraction is not None else None,
+            "limit": str(limit) if limit is not None else None,
+        }
+    )
+    return Call(
+        "GET",
+        "/v1/counters",
+        lambda r: [FullCounter.from_json(x) for x in _items(_json(r), "counters")],
+        params=params,
+    )
 
 
 # ---------- policy as data ----------
@@ -675,6 +775,14 @@ def stream_timeout(settings: Settings, read_timeout: Optional[float]) -> httpx.T
 def split_pages_guard(prev: Any, nxt: Any, count: int) -> bool:
     """True when paging should go on: a next cursor that moved and a page with rows."""
     return nxt is not None and count > 0 and nxt != prev
+
+
+def back_pages_guard(prev: Optional[int], nxt: Optional[int]) -> bool:
+    """Newest first: True when paging back should go on, i.e. the answer's
+    ``next_before`` is set (``None`` once the oldest event was read) and older
+    than the ``before`` that was sent. A page may be empty (a filter that
+    matched nothing in the events scanned) and paging still goes on."""
+    return nxt is not None and (prev is None or nxt < prev)
 
 
 __all__: Sequence[str] = []

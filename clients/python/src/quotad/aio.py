@@ -26,7 +26,7 @@ import httpx
 from typing import Literal
 
 from . import _core
-from ._core import Call, Settings, T, TimeArg, TimeoutArg
+from ._core import Call, Settings, T, TimeArg, TimeoutArg, TtlArg
 from .errors import Denied, QuotadError, Unavailable
 from .models import (
     BatchResult,
@@ -37,6 +37,7 @@ from .models import (
     EventPage,
     Finish,
     Flag,
+    FullCounter,
     LimitDoc,
     PlanDoc,
     Plans,
@@ -48,6 +49,8 @@ from .models import (
     Subject,
     SubjectEntry,
     SubjectPage,
+    SubjectToken,
+    TopUsage,
     Usage,
     UsagePage,
     UsageRow,
@@ -374,6 +377,18 @@ class AsyncClient:
                 return
             after = page.next_after
 
+    async def mint_subject_token(self, subject: str, *, ttl: TtlArg = None) -> SubjectToken:
+        """A read-only token for ``subject`` alone (admin); see
+        :meth:`quotad.Client.mint_subject_token`."""
+        return await self._call(_core.subject_token_call(subject, ttl))
+
+    async def counters(
+        self, *, min_fraction: Optional[float] = None, limit: Optional[int] = None
+    ) -> List[FullCounter]:
+        """The counters at least ``min_fraction`` full, fullest first (admin);
+        see :meth:`quotad.Client.counters`."""
+        return await self._call(_core.counters_call(min_fraction, limit))
+
     async def plans(self) -> Plans:
         return await self._call(_core.plans_call())
 
@@ -461,15 +476,40 @@ class AsyncClient:
     # ----- events, breakers, anomalies -----
 
     async def events(
-        self, *, after: Optional[int] = None, limit: Optional[int] = None, type: Optional[str] = None
+        self,
+        *,
+        after: Optional[int] = None,
+        limit: Optional[int] = None,
+        type: Optional[str] = None,
+        order: Optional[Literal["asc", "desc"]] = None,
+        before: Optional[int] = None,
     ) -> EventPage:
-        return await self._call(_core.events_call(after, limit, type))
+        """One page of recorded events (admin), oldest first, or newest first
+        with ``order="desc"``; see :meth:`quotad.Client.events`."""
+        return await self._call(_core.events_call(after, limit, type, order, before))
 
     async def iter_events(
-        self, *, after: Optional[int] = None, type: Optional[str] = None, page_size: int = 1000
+        self,
+        *,
+        after: Optional[int] = None,
+        type: Optional[str] = None,
+        page_size: int = 1000,
+        order: Optional[Literal["asc", "desc"]] = None,
+        before: Optional[int] = None,
     ) -> AsyncIterator[Event]:
+        """Every recorded event, page after page: oldest first after
+        ``after``, or with ``order="desc"`` newest first from before
+        ``before`` back to the oldest."""
+        if order == "desc":
+            while True:
+                page = await self.events(after=after, before=before, limit=page_size, type=type, order="desc")
+                for e in page.events:
+                    yield e
+                if not _core.back_pages_guard(before, page.next_before):
+                    return
+                before = page.next_before
         while True:
-            page = await self.events(after=after, limit=page_size, type=type)
+            page = await self.events(after=after, before=before, limit=page_size, type=type, order=order)
             for e in page.events:
                 yield e
             if not _core.split_pages_guard(after, page.next_after, len(page.events)):
@@ -569,8 +609,11 @@ class AsyncClient:
         to: TimeArg = None,
         granularity: Optional[str] = None,
         timezone: Optional[str] = None,
+        group_by: Optional[str] = None,
     ) -> Usage:
-        return await self._call(_core.usage_call(subject, from_, to, granularity, timezone))
+        """A subject's usage buckets, split per value of ``group_by`` when
+        given; see :meth:`quotad.Client.usage`."""
+        return await self._call(_core.usage_call(subject, from_, to, granularity, timezone, group_by))
 
     @overload
     async def usage_export(
@@ -581,6 +624,9 @@ class AsyncClient:
         granularity: Optional[str] = ...,
         format: Literal["json"] = ...,
         after: Optional[str] = ...,
+        timezone: Optional[str] = ...,
+        limit: Optional[int] = ...,
+        group_by: Optional[str] = ...,
     ) -> UsagePage: ...
 
     @overload
@@ -592,6 +638,9 @@ class AsyncClient:
         granularity: Optional[str] = ...,
         format: Literal["csv"],
         after: Optional[str] = ...,
+        timezone: Optional[str] = ...,
+        limit: Optional[int] = ...,
+        group_by: Optional[str] = ...,
     ) -> str: ...
 
     async def usage_export(
@@ -602,20 +651,57 @@ class AsyncClient:
         granularity: Optional[str] = None,
         format: str = "json",
         after: Optional[str] = None,
+        timezone: Optional[str] = None,
+        limit: Optional[int] = None,
+        group_by: Optional[str] = None,
     ) -> Union[UsagePage, str]:
-        return await self._call(_core.usage_export_call(from_, to, granularity, format, after))
+        """Every subject's usage for billing (admin); see
+        :meth:`quotad.Client.usage_export`."""
+        return await self._call(
+            _core.usage_export_call(from_, to, granularity, format, after, timezone, limit, group_by)
+        )
 
     async def iter_usage_export(
-        self, *, from_: TimeArg = None, to: TimeArg = None, granularity: Optional[str] = None
+        self,
+        *,
+        from_: TimeArg = None,
+        to: TimeArg = None,
+        granularity: Optional[str] = None,
+        timezone: Optional[str] = None,
+        group_by: Optional[str] = None,
+        page_size: Optional[int] = None,
     ) -> AsyncIterator[UsageRow]:
+        """Every row of the JSON billing export, page after page."""
         after: Optional[str] = None
         while True:
-            page = await self.usage_export(from_=from_, to=to, granularity=granularity, format="json", after=after)
+            page = await self.usage_export(
+                from_=from_,
+                to=to,
+                granularity=granularity,
+                format="json",
+                after=after,
+                timezone=timezone,
+                limit=page_size,
+                group_by=group_by,
+            )
             for r in page.rows:
                 yield r
             if not _core.split_pages_guard(after, page.next_after, len(page.rows)):
                 return
             after = page.next_after
+
+    async def usage_top(
+        self,
+        metric: str,
+        *,
+        from_: TimeArg = None,
+        to: TimeArg = None,
+        timezone: Optional[str] = None,
+        limit: Optional[int] = None,
+    ) -> TopUsage:
+        """The subjects with the most of ``metric`` in ``[from_, to)``, most
+        first (admin); see :meth:`quotad.Client.usage_top`."""
+        return await self._call(_core.usage_top_call(metric, from_, to, timezone, limit))
 
     async def openapi(self) -> Dict[str, Any]:
         return await self._call(_core.openapi_call())

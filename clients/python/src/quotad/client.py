@@ -11,7 +11,7 @@ import httpx
 from typing import Literal
 
 from . import _core
-from ._core import Call, Settings, T, TimeArg, TimeoutArg
+from ._core import Call, Settings, T, TimeArg, TimeoutArg, TtlArg
 from .errors import Denied, QuotadError, Unavailable
 from .models import (
     BatchResult,
@@ -22,6 +22,7 @@ from .models import (
     EventPage,
     Finish,
     Flag,
+    FullCounter,
     LimitDoc,
     PlanDoc,
     Plans,
@@ -33,6 +34,8 @@ from .models import (
     Subject,
     SubjectEntry,
     SubjectPage,
+    SubjectToken,
+    TopUsage,
     Usage,
     UsagePage,
     UsageRow,
@@ -372,6 +375,23 @@ class Client:
                 return
             after = page.next_after
 
+    def mint_subject_token(self, subject: str, *, ttl: TtlArg = None) -> SubjectToken:
+        """A read-only token for ``subject`` alone (admin), for a page where
+        an end user sees their own usage: hand ``token`` to their browser (or
+        ``quotad.Client(url, token=t.token)``). It reads
+        :meth:`subject` and :meth:`usage` of that subject until
+        ``expires_at``; anything else with it is :class:`~quotad.Forbidden`,
+        and after ``expires_at`` it is :class:`~quotad.Unauthorized`. ``ttl``
+        is ``"1m"`` to ``"30d"`` (or a ``timedelta``; default 1 hour)."""
+        return self._call(_core.subject_token_call(subject, ttl))
+
+    def counters(self, *, min_fraction: Optional[float] = None, limit: Optional[int] = None) -> List[FullCounter]:
+        """The counters whose usage is at least ``min_fraction`` of their max
+        (server default 0.8), fullest first, then by scope and limit, at most
+        ``limit`` (1-1000, default 100) (admin): subjects' counters and global
+        and attribute ones. Unlimited limits and limits of 0 are not listed."""
+        return self._call(_core.counters_call(min_fraction, limit))
+
     def plans(self) -> Plans:
         return self._call(_core.plans_call())
 
@@ -484,17 +504,44 @@ class Client:
 
     # ----- events, breakers, anomalies -----
 
-    def events(self, *, after: Optional[int] = None, limit: Optional[int] = None, type: Optional[str] = None) -> EventPage:
-        """One page of recorded events, oldest first (admin). ``type`` is a
-        type or a prefix with ``*`` (``"breaker.*"``)."""
-        return self._call(_core.events_call(after, limit, type))
+    def events(
+        self,
+        *,
+        after: Optional[int] = None,
+        limit: Optional[int] = None,
+        type: Optional[str] = None,
+        order: Optional[Literal["asc", "desc"]] = None,
+        before: Optional[int] = None,
+    ) -> EventPage:
+        """One page of recorded events (admin), oldest first after ``after``;
+        or with ``order="desc"``, newest first before ``before`` (default: the
+        newest), paged back with the page's ``next_before``. ``before``
+        without ``order="desc"``, or ``after`` with it, is
+        :class:`~quotad.InvalidRequest`. ``type`` is a type or a prefix with
+        ``*`` (``"breaker.*"``)."""
+        return self._call(_core.events_call(after, limit, type, order, before))
 
     def iter_events(
-        self, *, after: Optional[int] = None, type: Optional[str] = None, page_size: int = 1000
+        self,
+        *,
+        after: Optional[int] = None,
+        type: Optional[str] = None,
+        page_size: int = 1000,
+        order: Optional[Literal["asc", "desc"]] = None,
+        before: Optional[int] = None,
     ) -> Iterator[Event]:
-        """Every recorded event after ``after``, page after page."""
+        """Every recorded event after ``after``, oldest first, page after
+        page; or with ``order="desc"``, newest first from before ``before``
+        (default: the newest) back to the oldest."""
+        if order == "desc":
+            while True:
+                page = self.events(after=after, before=before, limit=page_size, type=type, order="desc")
+                yield from page.events
+                if not _core.back_pages_guard(before, page.next_before):
+                    return
+                before = page.next_before
         while True:
-            page = self.events(after=after, limit=page_size, type=type)
+            page = self.events(after=after, before=before, limit=page_size, type=type, order=order)
             yield from page.events
             if not _core.split_pages_guard(after, page.next_after, len(page.events)):
                 return
@@ -608,10 +655,16 @@ class Client:
         to: TimeArg = None,
         granularity: Optional[str] = None,
         timezone: Optional[str] = None,
+        group_by: Optional[str] = None,
     ) -> Usage:
         """A subject's usage buckets (``granularity`` hour, day or month;
-        ``to`` exclusive; datetimes, dates or strings)."""
-        return self._call(_core.usage_call(subject, from_, to, granularity, timezone))
+        ``to`` exclusive; datetimes, dates or strings). ``group_by`` (an
+        attribute in the daemon's ``history.dimensions``, such as ``"model"``)
+        splits each bucket into one per value of it
+        (:attr:`UsageBucket.group`); another attribute is
+        :class:`~quotad.InvalidRequest` naming ``group_by``. A subject token
+        of that subject may call this too."""
+        return self._call(_core.usage_call(subject, from_, to, granularity, timezone, group_by))
 
     @overload
     def usage_export(
@@ -622,6 +675,9 @@ class Client:
         granularity: Optional[str] = ...,
         format: Literal["json"] = ...,
         after: Optional[str] = ...,
+        timezone: Optional[str] = ...,
+        limit: Optional[int] = ...,
+        group_by: Optional[str] = ...,
     ) -> UsagePage: ...
 
     @overload
@@ -633,6 +689,9 @@ class Client:
         granularity: Optional[str] = ...,
         format: Literal["csv"],
         after: Optional[str] = ...,
+        timezone: Optional[str] = ...,
+        limit: Optional[int] = ...,
+        group_by: Optional[str] = ...,
     ) -> str: ...
 
     def usage_export(
@@ -643,23 +702,64 @@ class Client:
         granularity: Optional[str] = None,
         format: str = "json",
         after: Optional[str] = None,
+        timezone: Optional[str] = None,
+        limit: Optional[int] = None,
+        group_by: Optional[str] = None,
     ) -> Union[UsagePage, str]:
         """Every subject's usage for billing (admin): a JSON page
-        (:class:`UsagePage`), or with ``format="csv"`` the CSV text
-        (``subject,start,metric,amount``)."""
-        return self._call(_core.usage_export_call(from_, to, granularity, format, after))
+        (:class:`UsagePage`, ``limit`` subjects after ``after``), or with
+        ``format="csv"`` the CSV text (``subject,start,metric,amount``).
+        With ``group_by`` (such as ``"model"``) each row carries the value of
+        that attribute (:attr:`UsageRow.group`) and the CSV has a column for
+        it (``subject,start,model,metric,amount``)."""
+        return self._call(
+            _core.usage_export_call(from_, to, granularity, format, after, timezone, limit, group_by)
+        )
 
     def iter_usage_export(
-        self, *, from_: TimeArg = None, to: TimeArg = None, granularity: Optional[str] = None
+        self,
+        *,
+        from_: TimeArg = None,
+        to: TimeArg = None,
+        granularity: Optional[str] = None,
+        timezone: Optional[str] = None,
+        group_by: Optional[str] = None,
+        page_size: Optional[int] = None,
     ) -> Iterator[UsageRow]:
-        """Every row of the JSON billing export, page after page."""
+        """Every row of the JSON billing export, page after page
+        (``page_size`` subjects a page)."""
         after: Optional[str] = None
         while True:
-            page = self.usage_export(from_=from_, to=to, granularity=granularity, format="json", after=after)
+            page = self.usage_export(
+                from_=from_,
+                to=to,
+                granularity=granularity,
+                format="json",
+                after=after,
+                timezone=timezone,
+                limit=page_size,
+                group_by=group_by,
+            )
             yield from page.rows
             if not _core.split_pages_guard(after, page.next_after, len(page.rows)):
                 return
             after = page.next_after
+
+    def usage_top(
+        self,
+        metric: str,
+        *,
+        from_: TimeArg = None,
+        to: TimeArg = None,
+        timezone: Optional[str] = None,
+        limit: Optional[int] = None,
+    ) -> TopUsage:
+        """The ``limit`` (1-1000, default 10) subjects with the most of
+        ``metric`` in ``[from_, to)``, most first, ties by subject (admin).
+        Exact: the amounts are those :meth:`usage_export` would sum for each
+        subject. Shares ``history.max_exports`` with CSV exports
+        (:class:`~quotad.Unavailable` ``busy`` when all are taken)."""
+        return self._call(_core.usage_top_call(metric, from_, to, timezone, limit))
 
     def openapi(self) -> Dict[str, Any]:
         """The OpenAPI document the daemon serves."""

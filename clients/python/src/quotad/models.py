@@ -13,6 +13,7 @@ from .errors import Denied, QuotadError, error_from_response
 
 __all__ = [
     "Counter",
+    "FullCounter",
     "Reason",
     "Cost",
     "Decision",
@@ -35,6 +36,9 @@ __all__ = [
     "Usage",
     "UsageRow",
     "UsagePage",
+    "TopRow",
+    "TopUsage",
+    "SubjectToken",
     "MatchDoc",
     "LimitDoc",
     "PlanDoc",
@@ -146,6 +150,31 @@ class Counter:
             resets_at=parse_time(d.get("resets_at")),
             mode=str(d.get("mode", "enforce")),
             raw=dict(d),
+        )
+
+
+@dataclass
+class FullCounter(Counter):
+    """One entry of ``GET /v1/counters``: a :class:`Counter` and how full it
+    is. ``fraction`` is ``used / max`` (past 1 for a monitor-mode limit)."""
+
+    fraction: float = 0.0
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> "FullCounter":
+        c = Counter.from_json(d)
+        fraction = d.get("fraction")
+        return cls(
+            limit=c.limit,
+            metric=c.metric,
+            scope=c.scope,
+            max=c.max,
+            used=c.used,
+            remaining=c.remaining,
+            resets_at=c.resets_at,
+            mode=c.mode,
+            raw=c.raw,
+            fraction=float(fraction) if isinstance(fraction, (int, float)) and not isinstance(fraction, bool) else 0.0,
         )
 
 
@@ -583,10 +612,15 @@ class Event:
 
 @dataclass
 class EventPage:
-    """One page of ``GET /v1/events``; pass ``next_after`` as ``after``."""
+    """One page of ``GET /v1/events``. Oldest first (the default): pass
+    ``next_after`` as ``after`` for the next page. Newest first
+    (``order="desc"``): pass ``next_before`` as ``before`` for the next, older
+    page (``None`` once the oldest event was read); ``next_after`` is then the
+    newest seq in the page, to follow newer events from."""
 
     events: List[Event]
     next_after: Optional[int]
+    next_before: Optional[int] = None
     raw: Dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -594,6 +628,7 @@ class EventPage:
         return cls(
             events=[Event.from_json(e) for e in _list(d.get("events")) if isinstance(e, dict)],
             next_after=_int(d.get("next_after")),
+            next_before=_int(d.get("next_before")),
             raw=dict(d),
         )
 
@@ -678,22 +713,38 @@ class Flag:
         )
 
 
+def _group(d: Mapping[str, Any], group_by: Optional[str]) -> Optional[str]:
+    if group_by is None:
+        return None
+    v = d.get(group_by)
+    return str(v) if v is not None else None
+
+
 @dataclass
 class UsageBucket:
+    """One bucket of a subject's usage. With ``group_by``, ``group`` is the
+    value of that attribute (``None`` for calls that did not carry it); the
+    answer names it as a field of its own (``raw["model"]``)."""
+
     start: Optional[datetime]
     amounts: Dict[str, int]
     raw: Dict[str, Any] = field(default_factory=dict, repr=False)
+    group: Optional[str] = None
 
 
 @dataclass
 class Usage:
-    """``GET /v1/subjects/{s}/usage``: buckets with usage (empty ones left out)."""
+    """``GET /v1/subjects/{s}/usage``: buckets with usage (empty ones left
+    out). With ``group_by`` (an attribute listed in the daemon's
+    ``history.dimensions``), each bucket is split into one per value of it
+    (:attr:`UsageBucket.group`); the groups add up to the totals."""
 
     subject: str
     granularity: str
     timezone: Optional[str]
     buckets: List[UsageBucket]
     raw: Dict[str, Any] = field(default_factory=dict, repr=False)
+    group_by: Optional[str] = None
 
     def totals(self) -> Dict[str, int]:
         """Sum of every bucket, per metric."""
@@ -703,10 +754,22 @@ class Usage:
                 out[k] = out.get(k, 0) + int(v)
         return out
 
+    def totals_by_group(self) -> Dict[Optional[str], Dict[str, int]]:
+        """With ``group_by``: the sum of every bucket per group value
+        (``None``: calls without the attribute), per metric."""
+        out: Dict[Optional[str], Dict[str, int]] = {}
+        for b in self.buckets:
+            sums = out.setdefault(b.group, {})
+            for k, v in b.amounts.items():
+                sums[k] = sums.get(k, 0) + int(v)
+        return out
+
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> "Usage":
+        gb = d.get("group_by")
+        group_by = str(gb) if gb is not None else None
         buckets = [
-            UsageBucket(parse_time(b.get("start")), _amounts(b.get("amounts")), dict(b))
+            UsageBucket(parse_time(b.get("start")), _amounts(b.get("amounts")), dict(b), _group(b, group_by))
             for b in _list(d.get("buckets"))
             if isinstance(b, dict)
         ]
@@ -716,34 +779,115 @@ class Usage:
             timezone=d.get("timezone"),
             buckets=buckets,
             raw=dict(d),
+            group_by=group_by,
         )
 
 
 @dataclass
 class UsageRow:
+    """One row of the billing export; with ``group_by``, ``group`` is the
+    value of that attribute (``None`` for calls that did not carry it)."""
+
     subject: str
     start: Optional[datetime]
     amounts: Dict[str, int]
     raw: Dict[str, Any] = field(default_factory=dict, repr=False)
+    group: Optional[str] = None
 
 
 @dataclass
 class UsagePage:
-    """One JSON page of ``GET /v1/usage`` (billing export)."""
+    """One JSON page of ``GET /v1/usage`` (billing export); pass
+    ``next_after`` as ``after`` (``None`` on the last page). ``group_by`` is
+    the attribute the rows were split by, as asked."""
 
     rows: List[UsageRow]
     next_after: Optional[str]
     raw: Dict[str, Any] = field(default_factory=dict, repr=False)
+    group_by: Optional[str] = None
 
     @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> "UsagePage":
+    def from_json(cls, d: Mapping[str, Any], group_by: Optional[str] = None) -> "UsagePage":
+        if group_by is None and d.get("group_by") is not None:
+            group_by = str(d.get("group_by"))
         rows = [
-            UsageRow(str(r.get("subject", "")), parse_time(r.get("start")), _amounts(r.get("amounts")), dict(r))
+            UsageRow(
+                str(r.get("subject", "")),
+                parse_time(r.get("start")),
+                _amounts(r.get("amounts")),
+                dict(r),
+                _group(r, group_by),
+            )
             for r in _list(d.get("rows"))
             if isinstance(r, dict)
         ]
         nxt = d.get("next_after")
-        return cls(rows=rows, next_after=str(nxt) if nxt is not None else None, raw=dict(d))
+        return cls(rows=rows, next_after=str(nxt) if nxt is not None else None, raw=dict(d), group_by=group_by)
+
+
+@dataclass
+class TopRow:
+    """One subject of :class:`TopUsage` and its amount of the metric."""
+
+    subject: str
+    amount: int
+    raw: Dict[str, Any] = field(default_factory=dict, repr=False)
+
+
+@dataclass
+class TopUsage:
+    """``GET /v1/usage/top``: the subjects with the most of ``metric`` in the
+    range, most first (ties by subject); subjects with none are left out.
+    Iterable over its rows."""
+
+    metric: str
+    rows: List[TopRow]
+    raw: Dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __iter__(self) -> Iterator[TopRow]:
+        return iter(self.rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> "TopUsage":
+        return cls(
+            metric=str(d.get("metric", "")),
+            rows=[
+                TopRow(str(r.get("subject", "")), _int(r.get("amount")) or 0, dict(r))
+                for r in _list(d.get("rows"))
+                if isinstance(r, dict)
+            ],
+            raw=dict(d),
+        )
+
+
+@dataclass
+class SubjectToken:
+    """``POST /v1/subjects/{s}/tokens``: a read-only token for one subject.
+    Send ``token`` as ``Authorization: Bearer`` (``quotad.Client(url,
+    token=t.token)``): it reads that subject (:meth:`~quotad.Client.subject`)
+    and its usage (:meth:`~quotad.Client.usage`) until ``expires_at``, and is
+    refused (403) everywhere else; after ``expires_at`` it is 401."""
+
+    token: str
+    subject: str
+    expires_at: Optional[datetime]
+    raw: Dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __repr__(self) -> str:
+        # The token is a credential: keep it out of logs.
+        return f"SubjectToken(subject={self.subject!r}, expires_at={self.expires_at!r}, token='qst_...')"
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> "SubjectToken":
+        return cls(
+            token=str(d.get("token", "")),
+            subject=str(d.get("subject", "")),
+            expires_at=parse_time(d.get("expires_at")),
+            raw=dict(d),
+        )
 
 
 # ---------- policy as data ----------
