@@ -32,6 +32,9 @@ struct VersionView {
     version: u64,
     changed_at: String,
     actor: String,
+    /// Where the policy is changed: `"file"` (edit the file, reload) or
+    /// `"api"` (the policy endpoints), as the daemon runs now.
+    source: &'static str,
     policy: serde_json::Value,
 }
 
@@ -313,6 +316,10 @@ pub(super) async fn get_policy(
     }
     let engine = st.engine()?;
     let (version, doc, stored) = current(engine)?;
+    let source = match st.config().policy.source {
+        PolicySource::File => "file",
+        PolicySource::Api => "api",
+    };
     let view = match (wanted, stored) {
         (Some(k), _) if k != version => {
             let log = engine.policy_log();
@@ -327,6 +334,7 @@ pub(super) async fn get_policy(
                 version: v.version,
                 changed_at: rfc3339(v.changed_at_ms),
                 actor: v.actor.clone(),
+                source,
                 policy: v.policy_doc().map_err(ApiError::Unavailable)?.to_json(),
             }
         }
@@ -334,12 +342,14 @@ pub(super) async fn get_policy(
             version,
             changed_at: rfc3339(v.changed_at_ms),
             actor: v.actor,
+            source,
             policy: doc.to_json(),
         },
         (_, None) => VersionView {
             version,
             changed_at: rfc3339(0),
             actor: ACTOR_FILE.into(),
+            source,
             policy: doc.to_json(),
         },
     };

@@ -434,6 +434,8 @@ impl Engine {
                     until: crate::period::rfc3339(f.period_end_ms),
                 })
                 .collect(),
+            cost_metric: policy.pricing.as_ref().map(|p| p.metric.clone()),
+            currency: policy.pricing.as_ref().map(|p| p.currency.clone()),
         })
     }
 

@@ -295,6 +295,14 @@ pub struct SubjectView {
     pub counters: Vec<CounterView>,
     /// Anomaly flags raised on it now.
     pub flags: Vec<SubjectFlag>,
+    /// With `[pricing]`: the metric money is counted in (millionths of
+    /// `currency`), so that a reader without access to the plans (a subject
+    /// token) can show its money counters as money.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost_metric: Option<Arc<str>>,
+    /// With `[pricing]`: its currency code.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub currency: Option<Arc<str>>,
 }
 
 /// An anomaly flag as a subject's answer lists it.
