@@ -261,6 +261,7 @@ impl Server {
         let state = Arc::new(AppState {
             core: std::sync::OnceLock::new(),
             subject_key,
+            top_cache: Default::default(),
             clock,
             tokens: std::sync::RwLock::new(Arc::new(tokens)),
             config: std::sync::RwLock::new((config.clone(), None)),

@@ -13,6 +13,7 @@ mod signals;
 mod subject_tokens;
 mod usage;
 pub use subject_tokens::SubjectKey;
+pub use usage::TopCache;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -152,6 +153,8 @@ pub struct AppState {
     pub exports: Arc<tokio::sync::Semaphore>,
     /// Signs and checks subject tokens.
     pub subject_key: SubjectKey,
+    /// Top lists of the snapshot file, kept until it changes.
+    pub top_cache: TopCache,
 }
 
 impl AppState {

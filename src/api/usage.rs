@@ -685,9 +685,10 @@ struct Top {
 /// `GET /v1/usage/top`: the subjects with the most of a metric in a range
 /// (admin). Exact: every stored bucket in the range is read (merged in
 /// subject order, so memory holds only the `limit` best, not a row per
-/// subject) and what memory holds since the last snapshot is added. The
-/// time is one pass over the range's buckets; it runs off the async
-/// threads and shares `history.max_exports` with the CSV exports.
+/// subject) and what memory holds since the last snapshot is added. A scan
+/// is one pass over the range's buckets, kept until the next snapshot; it
+/// runs off the async threads and shares `history.max_exports` with the
+/// CSV exports.
 pub(super) async fn top(
     State(st): State<Arc<AppState>>,
     headers: HeaderMap,
@@ -713,11 +714,98 @@ pub(super) async fn top(
     Ok(Json(rows).into_response())
 }
 
+/// The best `limit` subjects offered so far: most first, ties by name.
+struct Ranking {
+    limit: usize,
+    /// The root is the one to drop next (least amount, then the last name).
+    best: std::collections::BinaryHeap<std::cmp::Reverse<(u64, std::cmp::Reverse<String>)>>,
+}
+
+impl Ranking {
+    fn new(limit: usize) -> Ranking {
+        Ranking {
+            limit,
+            best: Default::default(),
+        }
+    }
+
+    fn offer(&mut self, subject: &str, amount: u64) {
+        use std::cmp::Reverse;
+        if amount == 0 {
+            return;
+        }
+        if self.best.len() == self.limit {
+            match self.best.peek() {
+                Some(Reverse((a, Reverse(s)))) if (amount, Reverse(subject)) > (*a, Reverse(s.as_str())) => {
+                    self.best.pop();
+                }
+                _ => return,
+            }
+        }
+        self.best.push(Reverse((amount, Reverse(subject.to_string()))));
+    }
+
+    fn rows(self) -> Vec<(String, u64)> {
+        let mut rows: Vec<(String, u64)> = self
+            .best
+            .into_iter()
+            .map(|std::cmp::Reverse((amount, std::cmp::Reverse(subject)))| (subject, amount))
+            .collect();
+        rows.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        rows
+    }
+}
+
+/// What a top list of the snapshot file alone is kept under.
+#[derive(Clone, PartialEq, Eq)]
+pub struct TopKey {
+    metric: String,
+    parts: [(Grain, u64, u64); 2],
+    limit: usize,
+}
+
+/// Top lists of the snapshot file alone, each with the file's generation it
+/// was computed from: the file changes only when a snapshot is written, so
+/// until then a repeated top list (a dashboard's refresh) reads only what
+/// memory adds, not every bucket again.
+#[derive(Default)]
+pub struct TopCache(std::sync::Mutex<std::collections::VecDeque<(TopKey, u64, Arc<Vec<(String, u64)>>)>>);
+
+/// Top lists kept at most.
+const TOP_CACHE_ENTRIES: usize = 16;
+
+impl TopCache {
+    fn get(&self, key: &TopKey, generation: u64) -> Option<Arc<Vec<(String, u64)>>> {
+        let entries = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        entries
+            .iter()
+            .find(|(k, g, _)| k == key && *g == generation)
+            .map(|(_, _, rows)| rows.clone())
+    }
+
+    fn put(&self, key: TopKey, generation: u64, rows: Arc<Vec<(String, u64)>>) {
+        let mut entries = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        entries.retain(|(k, _, _)| *k != key);
+        if entries.len() >= TOP_CACHE_ENTRIES {
+            entries.pop_front();
+        }
+        entries.push_back((key, generation, rows));
+    }
+}
+
+/// The top list: the file's own top `limit` (scanned, or kept from an
+/// earlier scan of the same file), with the subjects memory adds to
+/// re-ranked on their whole totals (their stored part read one by one). A
+/// subject memory does not touch and that is not in the file's top `limit`
+/// has `limit` others at least as far ahead in the file, so it cannot rank.
 fn top_rows(st: &AppState, q: &Query) -> Result<Top, ApiError> {
-    use std::cmp::Reverse;
     let core = st.core()?;
     let cut = hours_from(q, st.now(), core.engine.policy().history_retention_ms.0);
-    // The file and memory as of one moment: a snapshot waits for this scan.
+    let parts = parts(q, cut);
+    let unreadable = |e: crate::storage::snapshot::SnapshotError| {
+        ApiError::Unavailable(format!("cannot read the usage history: {e}"))
+    };
+    // The file and memory as of one moment: a snapshot waits for this.
     let _reading = core.engine.usage_read();
     // What memory holds, per subject, in the range.
     let mut memory: BTreeMap<Arc<str>, u64> = BTreeMap::new();
@@ -731,42 +819,54 @@ fn top_rows(st: &AppState, q: &Query) -> Result<Top, ApiError> {
             *v = v.saturating_add(*a);
         }
     }
-    // The best `limit` so far; the root is the one to drop next (least
-    // amount, then the last name).
-    let mut best: std::collections::BinaryHeap<Reverse<(u64, Reverse<String>)>> = Default::default();
-    let mut offer = |subject: &str, amount: u64| {
-        if amount == 0 {
-            return;
-        }
-        if best.len() == q.limit {
-            match best.peek() {
-                Some(Reverse((a, Reverse(s)))) if (amount, Reverse(subject)) > (*a, Reverse(s.as_str())) => {
-                    best.pop();
+    let mut ranking = Ranking::new(q.limit);
+    match &core.snapshots {
+        Some(store) => {
+            let key = TopKey {
+                metric: q.metric.clone(),
+                parts,
+                limit: q.limit,
+            };
+            // Read before the scan: a file replaced meanwhile only makes
+            // the kept list look older than it is.
+            let generation = store.generation();
+            let stored = match st.top_cache.get(&key, generation) {
+                Some(rows) => rows,
+                None => {
+                    let mut file = Ranking::new(q.limit);
+                    store
+                        .usage_totals(&q.metric, &parts, |s, amount| file.offer(s, amount))
+                        .map_err(unreadable)?;
+                    let rows = Arc::new(file.rows());
+                    st.top_cache.put(key, generation, rows.clone());
+                    rows
                 }
-                _ => return,
+            };
+            for (s, amount) in stored.iter() {
+                if !memory.contains_key(s.as_str()) {
+                    ranking.offer(s, *amount);
+                }
+            }
+            let totals = store
+                .usage_totals_of(&q.metric, &parts, memory.keys().map(|s| &**s))
+                .map_err(unreadable)?;
+            for (s, stored) in totals {
+                ranking.offer(s, stored.saturating_add(memory[s]));
             }
         }
-        best.push(Reverse((amount, Reverse(subject.to_string()))));
-    };
-    if let Some(store) = &core.snapshots {
-        store
-            .usage_totals(&q.metric, &parts(q, cut), |s, stored| {
-                let total = stored.saturating_add(memory.remove(s).unwrap_or(0));
-                offer(s, total);
-            })
-            .map_err(|e| ApiError::Unavailable(format!("cannot read the usage history: {e}")))?;
+        None => {
+            for (s, a) in &memory {
+                ranking.offer(s, *a);
+            }
+        }
     }
-    for (s, a) in &memory {
-        offer(s, *a);
-    }
-    let mut rows: Vec<TopRow> = best
-        .into_iter()
-        .map(|Reverse((amount, Reverse(subject)))| TopRow { subject, amount })
-        .collect();
-    rows.sort_by(|a, b| b.amount.cmp(&a.amount).then_with(|| a.subject.cmp(&b.subject)));
     Ok(Top {
         metric: q.metric.clone(),
-        rows,
+        rows: ranking
+            .rows()
+            .into_iter()
+            .map(|(subject, amount)| TopRow { subject, amount })
+            .collect(),
     })
 }
 

@@ -316,6 +316,10 @@ pub struct SnapshotStore {
     /// The event and usage values were checked before this store was opened
     /// for writing: `load` skips that full read.
     values_checked: bool,
+    /// Counts the writes that changed the file's content (snapshots, a
+    /// replaced file): a reader may keep what it computed from the file
+    /// while this stays the same.
+    generation: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 fn meta_crc(version: u64, count: u64, created_ms: u64, last_lsn: u64) -> u64 {
@@ -348,6 +352,7 @@ impl SnapshotStore {
             db: std::sync::Arc::new(RwLock::new(Db::ReadWrite(db))),
             path: p,
             values_checked: false,
+            generation: Default::default(),
         };
         store.upgrade()?;
         Ok(store)
@@ -381,6 +386,7 @@ impl SnapshotStore {
             .create(path)
             .map_err(|e| self.err(e))?;
         *guard = Db::ReadWrite(db);
+        self.generation.fetch_add(1, std::sync::atomic::Ordering::Release);
         Ok(())
     }
 
@@ -402,6 +408,7 @@ impl SnapshotStore {
                 db: std::sync::Arc::new(RwLock::new(Db::ReadOnly(db))),
                 path: p,
                 values_checked: false,
+                generation: Default::default(),
             })),
             Err(redb::DatabaseError::RepairAborted) => {
                 let copy = PrivateCopy::of(path).map_err(|e| err(&e))?;
@@ -410,6 +417,7 @@ impl SnapshotStore {
                     db: std::sync::Arc::new(RwLock::new(Db::Copy { db, _file: copy })),
                     path: p,
                     values_checked: false,
+                    generation: Default::default(),
                 }))
             }
             Err(e) => Err(err(&e)),
@@ -426,6 +434,7 @@ impl SnapshotStore {
             db: std::sync::Arc::new(RwLock::new(Db::ReadWrite(db))),
             path: "<memory>".into(),
             values_checked: false,
+            generation: Default::default(),
         }
     }
 
@@ -472,6 +481,7 @@ impl SnapshotStore {
             db: std::sync::Arc::new(RwLock::new(Db::ReadOnly(db))),
             path: path.display().to_string(),
             values_checked: false,
+            generation: Default::default(),
         };
         store.read_snapshot(false, true).map(|_| true)
     }
@@ -1071,6 +1081,42 @@ impl SnapshotStore {
         Ok(())
     }
 
+    /// `metric` summed over the stored buckets in `parts` of each of
+    /// `subjects`: a range read per subject and part.
+    pub fn usage_totals_of<'a>(
+        &self,
+        metric: &str,
+        parts: &[(Grain, u64, u64)],
+        subjects: impl IntoIterator<Item = &'a str>,
+    ) -> Result<Vec<(&'a str, u64)>, SnapshotError> {
+        let (_db, txn) = self.read()?;
+        let mut tables = Vec::new();
+        for &(grain, from, to) in parts {
+            let (name, def) = grain.table();
+            match txn.open_table(def) {
+                Ok(t) => tables.push((name, t, from, to)),
+                Err(redb::TableError::TableDoesNotExist(_)) => {}
+                Err(e) => return Err(self.err(e)),
+            }
+        }
+        let mut out = Vec::new();
+        for s in subjects {
+            let mut total = 0u64;
+            for (name, table, from, to) in &tables {
+                if from >= to {
+                    continue;
+                }
+                for item in table.range((s, *from)..(s, *to)).map_err(|e| self.err(e))? {
+                    let (k, v) = item.map_err(|e| self.err(e))?;
+                    let amounts = open_usage(name, s, k.value().1, v.value()).map_err(|m| self.err(m))?;
+                    total = total.saturating_add(amounts.get(metric).copied().unwrap_or(0));
+                }
+            }
+            out.push((s, total));
+        }
+        Ok(out)
+    }
+
     /// Replaces the snapshot with `shards` (already encoded) in one durable
     /// transaction. `last_lsn` is the newest LSN any of them holds.
     pub fn write(
@@ -1161,8 +1207,14 @@ impl SnapshotStore {
             }
         }
         txn.commit().map_err(|e| self.err(e))?;
+        self.generation.fetch_add(1, std::sync::atomic::Ordering::Release);
         drop(guard);
         self.compact_if_bloated()
+    }
+
+    /// Changes whenever a write changed the file's content.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Compacts the file when it has grown past twice its live data (and
