@@ -18,6 +18,7 @@
 #   pricing  plain + [pricing] with three prices + the same two limits counting
 #            cost_micros instead of tokens: the money version of "limits"
 #   nohistory  plain with [history] enabled = false (usage history is on by default)
+#   dims     plain with [history] dimensions = ["model"] (usage also kept per model)
 #   signals  pricing + what the shipped quotad.toml adds for signals: alerts
 #            [0.8, 1.0] on the monthly limit, the spend-surge breaker and the
 #            usage-spike anomaly rule (every bench call matches all three)
@@ -65,6 +66,9 @@ config() { # $1 = name, $2 = durability
     plain) ;;
     nohistory)
       printf '[history]\nenabled = false\n'
+      ;;
+    dims)
+      printf '[history]\ndimensions = ["model"]\n'
       ;;
     limits)
       cat <<'TOML'
@@ -134,7 +138,7 @@ default = true
   period = "1d"
   max = 1000000000
 TOML
-  if [ "$1" != plain ] && [ "$1" != nohistory ]; then
+  if [ "$1" != plain ] && [ "$1" != nohistory ] && [ "$1" != dims ]; then
     cat <<TOML
   [[plans.limits]]
   name = "per-month"

@@ -1,5 +1,7 @@
 //! Usage history on disk and its queries. Run with `cargo bench --bench
-//! history` (QUOTAD_BENCH_SUBJECTS sets the subject count, default 100000).
+//! history` (QUOTAD_BENCH_SUBJECTS sets the subject count, default 100000;
+//! QUOTAD_BENCH_DIMENSIONS=model keeps usage per model too, each subject's
+//! calls on one of two models).
 //! A day of traffic: every subject charged once an hour for 24 hours, a
 //! snapshot after each hour (what moves buckets to disk), then the size the
 //! history added to snapshot.redb per subject and day, one subject's 30-day
@@ -26,9 +28,15 @@ fn main() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(100_000);
+    let dims = std::env::var("QUOTAD_BENCH_DIMENSIONS").unwrap_or_default();
     let dir = tempfile::tempdir().unwrap();
+    let history = if dims.is_empty() {
+        String::new()
+    } else {
+        format!("[history]\ndimensions = [\"{dims}\"]\n")
+    };
     let text = format!(
-        "metrics = [\"tokens\"]\n[storage]\ndata_dir = \"{}\"\ndurability = \"batch\"\n\
+        "metrics = [\"tokens\"]\n{history}[storage]\ndata_dir = \"{}\"\ndurability = \"batch\"\n\
          [[plans]]\nname = \"p\"\ndefault = true\n[[plans.limits]]\nname = \"d\"\nmetric = \"tokens\"\nperiod = \"1d\"\nmax = 9000000000000\n",
         dir.path().display()
     );
@@ -46,7 +54,12 @@ fn main() {
             let req = DecisionRequest {
                 subject: format!("user:{i:08}"),
                 event: None,
-                attributes: BTreeMap::new(),
+                attributes: if dims.is_empty() {
+                    BTreeMap::new()
+                } else {
+                    let value = if i % 2 == 0 { "gpt-4o" } else { "gpt-4o-mini" };
+                    BTreeMap::from([(dims.clone(), value.to_string())])
+                },
                 amounts: BTreeMap::from([("tokens".to_string(), 1000 + i as u64 % 500)]),
                 idempotency_key: None,
                 ttl_ms: None,
@@ -101,7 +114,14 @@ fn main() {
     let requests: u64 = all.iter().map(|r| r.2.get("requests").copied().unwrap_or(0)).sum();
     assert_eq!(requests, 24 * n as u64, "the buckets add up to every charge");
 
-    println!("{n} subjects, one charge an hour for 24 hours, a snapshot each hour (durability batch)");
+    println!(
+        "{n} subjects, one charge an hour for 24 hours, a snapshot each hour (durability batch){}",
+        if dims.is_empty() {
+            String::new()
+        } else {
+            format!(", usage also per {dims}")
+        }
+    );
     println!("  23 hours of charges and snapshots: {day_secs:.1} s");
     println!(
         "  snapshot.redb: {base} bytes after hour 1, {size} after hour 24: {:.0} bytes per subject and day \

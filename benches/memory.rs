@@ -6,7 +6,8 @@
 //! difference is memory per key), the same with the shipped alerts, breaker
 //! and anomaly rule taken out (the difference is what signals cost per
 //! subject), and N calls with N values of a per-model breaker's attribute
-//! (memory per breaker scope value). Calls are `llm.chat` on `gpt-4o-mini`
+//! (memory per breaker scope value), and the subjects again without usage
+//! per model (`history.dimensions`). Calls are `llm.chat` on `gpt-4o-mini`
 //! with 5 tokens, so a free-plan subject's stored answer carries the six
 //! counters it matches.
 
@@ -37,6 +38,9 @@ fn run(n: u64, mode: &str) {
     let keys = mode == "keys";
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("quotad.toml");
     let mut config = Config::load(&path).unwrap();
+    if mode == "nodims" {
+        config.history.dimensions.clear();
+    }
     if mode == "nosignals" || mode == "scopes" {
         config.breakers.clear();
         config.anomalies.clear();
@@ -119,9 +123,11 @@ fn main() {
     let keyed = child(n, "keys");
     let bare = child(n, "nosignals");
     let scopes = child(n, "scopes");
+    let nodims = child(n, "nodims");
     let per_subject = plain["growth"].as_f64().unwrap() / n as f64;
     let per_key = (keyed["growth"].as_f64().unwrap() - plain["growth"].as_f64().unwrap()) / n as f64;
     let per_subject_bare = bare["growth"].as_f64().unwrap() / n as f64;
+    let per_subject_nodims = nodims["growth"].as_f64().unwrap() / n as f64;
     // Per value watched: past the cap (10,000 per breaker) values are not.
     let per_scope = scopes["growth"].as_f64().unwrap() / scopes["breaker_scopes"].as_f64().unwrap().max(1.0);
     println!(
@@ -132,10 +138,16 @@ fn main() {
     println!("  with keys:    {keyed}");
     println!("  no signals:   {bare}");
     println!("  scopes:       {scopes}");
+    println!("  no dims:      {nodims}");
     println!("  resident memory per subject: {per_subject:.0} bytes");
     println!(
         "  of which the shipped alerts, breaker and anomaly rule: {:.0} bytes (without them: {per_subject_bare:.0})",
         per_subject - per_subject_bare
+    );
+    println!(
+        "  of which usage per model (history.dimensions = [\"model\"]), until a snapshot moves it to disk: \
+         {:.0} bytes (without it: {per_subject_nodims:.0})",
+        per_subject - per_subject_nodims
     );
     println!("  resident memory per breaker scope value: {per_scope:.0} bytes");
     println!("  resident memory per retained idempotency key: {per_key:.0} bytes");

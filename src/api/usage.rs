@@ -769,13 +769,16 @@ pub struct TopKey {
 /// until then a repeated top list (a dashboard's refresh) reads only what
 /// memory adds, not every bucket again.
 #[derive(Default)]
-pub struct TopCache(std::sync::Mutex<std::collections::VecDeque<(TopKey, u64, Arc<Vec<(String, u64)>>)>>);
+pub struct TopCache(std::sync::Mutex<std::collections::VecDeque<(TopKey, u64, Ranked)>>);
+
+/// A top list: subject and amount, most first.
+type Ranked = Arc<Vec<(String, u64)>>;
 
 /// Top lists kept at most.
 const TOP_CACHE_ENTRIES: usize = 16;
 
 impl TopCache {
-    fn get(&self, key: &TopKey, generation: u64) -> Option<Arc<Vec<(String, u64)>>> {
+    fn get(&self, key: &TopKey, generation: u64) -> Option<Ranked> {
         let entries = self.0.lock().unwrap_or_else(|e| e.into_inner());
         entries
             .iter()
@@ -783,7 +786,7 @@ impl TopCache {
             .map(|(_, _, rows)| rows.clone())
     }
 
-    fn put(&self, key: TopKey, generation: u64, rows: Arc<Vec<(String, u64)>>) {
+    fn put(&self, key: TopKey, generation: u64, rows: Ranked) {
         let mut entries = self.0.lock().unwrap_or_else(|e| e.into_inner());
         entries.retain(|(k, _, _)| *k != key);
         if entries.len() >= TOP_CACHE_ENTRIES {

@@ -1331,36 +1331,43 @@ impl Engine {
     }
 
     /// Usage not yet in the snapshot file of the first `subjects` subjects
-    /// (in byte order) after `after` that memory holds any of.
+    /// (in byte order) after `after` that memory holds any of. Names are
+    /// looked at first and only those subjects' buckets are copied, so a
+    /// page costs what its subjects hold, not what every shard holds.
     pub fn usage_deltas_after(&self, after: Option<&str>, subjects: usize) -> UsageDeltas {
         use std::ops::Bound;
         let lower = after.map_or(Bound::Unbounded, |a| Bound::Excluded((Arc::<str>::from(a), u64::MAX)));
+        // The first `subjects` names over every shard.
+        let mut first: BTreeSet<Arc<str>> = BTreeSet::new();
+        for s in self.shards.iter() {
+            let g = s.lock().unwrap_or_else(|e| e.into_inner());
+            let mut taken = 0;
+            for ((subject, _), _) in g.usage.range((lower.clone(), Bound::Unbounded)) {
+                if first.len() == subjects && first.last().is_some_and(|l| subject > l) {
+                    break;
+                }
+                if first.insert(subject.clone()) {
+                    taken += 1;
+                    if first.len() > subjects {
+                        first.pop_last();
+                    }
+                    if taken == subjects {
+                        break;
+                    }
+                }
+            }
+        }
+        let Some(last) = first.last().cloned() else {
+            return UsageDeltas::new();
+        };
+        let upper = Bound::Included((last, u64::MAX));
         let mut out = UsageDeltas::new();
         for s in self.shards.iter() {
             let g = s.lock().unwrap_or_else(|e| e.into_inner());
-            let mut seen = 0;
-            let mut last: Option<&Arc<str>> = None;
-            for (k, v) in g.usage.range((lower.clone(), Bound::Unbounded)) {
-                if last != Some(&k.0) {
-                    seen += 1;
-                    if seen > subjects {
-                        break;
-                    }
-                    last = Some(&k.0);
-                }
+            for (k, v) in g.usage.range((lower.clone(), upper.clone())) {
                 out.insert(k.clone(), v.clone());
             }
         }
-        // Each shard gave its first `subjects`; keep the first overall.
-        let mut kept = 0;
-        let mut last: Option<Arc<str>> = None;
-        out.retain(|k, _| {
-            if last.as_ref() != Some(&k.0) {
-                kept += 1;
-                last = Some(k.0.clone());
-            }
-            kept <= subjects
-        });
         out
     }
 
