@@ -1,8 +1,10 @@
 //! Analytics computed by the server: the top users of a metric
 //! (`/v1/usage/top`), the fullest counters (`/v1/counters`) and events newest
-//! first (`/v1/events?order=desc`). Each is checked exactly against what the
-//! test knows it sent, across the snapshot file and memory, and at 100,000
-//! subjects with over 20,000 events.
+//! first (`/v1/events?order=desc`), each checked exactly against what the
+//! test sent, across the snapshot file and memory, at 100,000 subjects with
+//! over 20,000 events, and while snapshots move buckets; usage per model
+//! (`history.dimensions`, `group_by`) adding up to the totals; and subject
+//! tokens: their scope, their expiry and what they cannot do.
 
 mod common;
 

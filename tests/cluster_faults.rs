@@ -386,6 +386,22 @@ default = true
         serde_json::from_slice(&r.bytes().await.ok()?).ok()
     }
 
+    /// Waits (up to 30 s) until every running node has recovered and
+    /// answers as a member of the cluster.
+    async fn all_up(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for i in 0..self.procs.len() {
+            while self.procs[i].child.is_some() && self.get(i, "/v1/cluster").await.is_none() {
+                assert!(
+                    Instant::now() < deadline,
+                    "node {i} is not up within 30 s; logs: {}",
+                    self.logs()
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+
     /// The index of the node that leads and takes writes, waiting up to 30 s.
     async fn leader(&self) -> usize {
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -698,6 +714,8 @@ async fn no_acknowledged_write_is_lost_under_faults() {
 async fn members_are_removed_and_added_back_over_http() {
     let c = Cluster::start();
     let l = c.leader().await;
+    // The follower asked below must be up, not still starting.
+    c.all_up().await;
     let f = (l + 1) % 3;
     let other = (l + 2) % 3;
     let send = |req: reqwest::RequestBuilder| async move {

@@ -317,12 +317,18 @@ fn role_name(s: ServerState) -> &'static str {
 }
 
 fn cluster_of(st: &AppState) -> Result<Arc<ClusterApi>, ApiError> {
-    st.core.get().and_then(|c| c.cluster.clone()).ok_or_else(|| {
-        ApiError::NotFound(
-            "not_a_cluster",
-            "this daemon runs as a single node (no [cluster] section in its configuration)".into(),
-        )
-    })
+    if st.started_config.cluster.is_some() {
+        // A node still starting is a cluster node all the same: say so.
+        return st
+            .core()?
+            .cluster
+            .clone()
+            .ok_or_else(|| ApiError::Unavailable("this node is still joining its cluster; retry shortly".into()));
+    }
+    Err(ApiError::NotFound(
+        "not_a_cluster",
+        "this daemon runs as a single node (no [cluster] section in its configuration)".into(),
+    ))
 }
 
 /// `GET /v1/cluster`: this node's view of the cluster.
