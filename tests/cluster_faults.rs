@@ -386,12 +386,18 @@ default = true
         serde_json::from_slice(&r.bytes().await.ok()?).ok()
     }
 
-    /// Waits (up to 30 s) until every running node has recovered and
-    /// answers as a member of the cluster.
+    /// Waits (up to 30 s) until every running node has recovered, answers
+    /// as a member of the cluster and knows the leader (a node that does not
+    /// yet rightly answers 503, retry).
     async fn all_up(&self) {
         let deadline = Instant::now() + Duration::from_secs(30);
         for i in 0..self.procs.len() {
-            while self.procs[i].child.is_some() && self.get(i, "/v1/cluster").await.is_none() {
+            while self.procs[i].child.is_some()
+                && self
+                    .get(i, "/v1/cluster")
+                    .await
+                    .is_none_or(|v| v["leader"]["id"].as_u64().is_none())
+            {
                 assert!(
                     Instant::now() < deadline,
                     "node {i} is not up within 30 s; logs: {}",
@@ -848,6 +854,7 @@ async fn the_gateway_and_envoys_service_on_a_follower_ask_the_leader() {
         let _ = axum::serve(upstream, app).await;
     });
     let l = c.leader().await;
+    c.all_up().await;
     let f = (l + 1) % 3;
     let leader_used = |subject: &'static str, limit: &'static str| {
         let c = &c;
