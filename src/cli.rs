@@ -299,6 +299,10 @@ pub enum Command {
         /// Distinct subjects, picked at random.
         #[arg(long, default_value_t = 100_000)]
         subjects: u64,
+        /// Subject names are this prefix and a number (fresh subjects for a
+        /// run on a daemon whose limits earlier runs used up).
+        #[arg(long, default_value = "user:")]
+        subject_prefix: String,
         /// The operation.
         #[arg(long, value_enum, default_value = "consume")]
         op: crate::loadgen::BenchOp,
@@ -1415,6 +1419,7 @@ pub fn main() -> ExitCode {
             requests,
             warmup,
             subjects,
+            subject_prefix,
             op,
             batch_size,
             tokens,
@@ -1443,6 +1448,7 @@ pub fn main() -> ExitCode {
                 requests,
                 warmup: Duration::from_secs_f64(if requests.is_some() { 0.0 } else { warmup.max(0.0) }),
                 subjects,
+                subject_prefix,
                 op,
                 batch_size,
                 tokens,

@@ -41,8 +41,10 @@ pub struct BenchConfig {
     pub requests: Option<u64>,
     /// Not measured, at the start.
     pub warmup: Duration,
-    /// Subjects are `user:0` .. `user:{subjects-1}`, picked at random.
+    /// Subjects are `{prefix}0` .. `{prefix}{subjects-1}`, picked at random.
     pub subjects: u64,
+    /// Prefix of the subject names (`user:` by default).
+    pub subject_prefix: String,
     /// The operation.
     pub op: BenchOp,
     /// Consumes per batch request.
@@ -143,7 +145,9 @@ fn decision_body(cfg: &BenchConfig, rng: &mut Rng, op: Option<&str>) -> String {
     if cfg.tokens > 0 {
         extra.push_str(&format!(",\"amounts\":{{\"tokens\":{}}}", cfg.tokens));
     }
-    format!("{{{op}\"subject\":\"user:{subject}\"{extra}}}")
+    let prefix = serde_json::to_string(&cfg.subject_prefix).expect("strings serialize");
+    let prefix = &prefix[1..prefix.len() - 1];
+    format!("{{{op}\"subject\":\"{prefix}{subject}\"{extra}}}")
 }
 
 /// One operation: (ok, denied decisions).

@@ -116,7 +116,11 @@ impl Node {
             engine.install_recovered(compile(&v)?);
         }
         let engine = Arc::new(engine);
-        let dir = FsDir::new(&wal_dir(&options.data_dir)).map_err(|e| e.to_string())?;
+        let dir = FsDir::preallocating(
+            &wal_dir(&options.data_dir),
+            crate::storage::io::write_ahead_bytes(options.segment_bytes_max),
+        )
+        .map_err(|e| e.to_string())?;
         let log = LogStore::open(Arc::new(dir), &options.data_dir, options.segment_bytes_max)?;
         let state_machine = StateMachine::new(
             Parts {

@@ -339,7 +339,11 @@ impl Storage {
         metrics: Arc<StorageMetrics>,
     ) -> Result<(Engine, Storage, RecoveryReport), StorageError> {
         let lock = lock_dir(&config.data_dir)?;
-        let dir = FsDir::new(&wal_dir(&config.data_dir)).map_err(|e| StorageError::Io(e.to_string()))?;
+        let dir = FsDir::preallocating(
+            &wal_dir(&config.data_dir),
+            io::write_ahead_bytes(config.segment_bytes_max),
+        )
+        .map_err(|e| StorageError::Io(e.to_string()))?;
         let path = snapshot_path(&config.data_dir);
         // Checked read-only first, so that a refusal to start leaves the file
         // as it was: opened for writing, redb rewrites its header.

@@ -18,8 +18,10 @@
 //!
 //! Recovery: the last segment may end in a torn tail (an incomplete record, or
 //! zero bytes where an unsynced write never landed); it is truncated and the
-//! byte count reported. Any other damage, anywhere, is corruption: the daemon
-//! refuses to start and names the file and offset.
+//! byte count reported. Zeros alone are not reported: they are also the space
+//! the daemon writes ahead of the end (see `io`), and hold nothing lost. Any
+//! other damage, anywhere, is corruption: the daemon refuses to start and
+//! names the file and offset.
 
 use std::sync::Arc;
 
@@ -181,6 +183,10 @@ fn parse_segment(name: &str, bytes: &[u8], last: bool, flags: u16) -> Result<Opt
             format!("segment is {} bytes, shorter than its header", bytes.len()),
         ));
     }
+    if last && bytes.iter().all(|&b| b == 0) {
+        // Zeros written ahead landed, the header with the first batch did not.
+        return Ok(None);
+    }
     if bytes[..8] != MAGIC {
         return Err(corrupt(0, "bad magic: not a quotad WAL segment".into()));
     }
@@ -334,8 +340,10 @@ fn scan(
         let bytes = file.read_all().map_err(io_err(name))?;
         let Some(p) = parse_segment(name, &bytes, last, flags)? else {
             // Torn while its header was written: it never held a record.
-            report.torn_tail_bytes = bytes.len() as u64;
-            report.torn_tail_file = Some(name.clone());
+            if bytes.iter().any(|&b| b != 0) {
+                report.torn_tail_bytes = bytes.len() as u64;
+                report.torn_tail_file = Some(name.clone());
+            }
             if truncate {
                 dir.remove(name).map_err(io_err(name))?;
             }
@@ -383,8 +391,12 @@ fn scan(
         }
         next = Some(p.first_lsn + p.records.len() as u64);
         if p.valid_len < bytes.len() {
-            report.torn_tail_bytes = (bytes.len() - p.valid_len) as u64;
-            report.torn_tail_file = Some(name.clone());
+            // Zeros alone past the last record are space written ahead (or
+            // a write that never landed): nothing of a record was lost.
+            if bytes[p.valid_len..].iter().any(|&b| b != 0) {
+                report.torn_tail_bytes = (bytes.len() - p.valid_len) as u64;
+                report.torn_tail_file = Some(name.clone());
+            }
             if truncate {
                 file.truncate(p.valid_len as u64).map_err(io_err(name))?;
             }
@@ -520,6 +532,10 @@ impl Wal {
     /// Starts segment `first_lsn` with the batch: the header goes out with
     /// it, one write and one sync.
     fn write_new_segment(&mut self, framed: &[u8], first_lsn: Lsn) -> Result<(), WalError> {
+        if let (Some(file), Some(s)) = (self.active.as_mut(), self.segments.last()) {
+            // Only the last segment may end in zeros written ahead.
+            file.seal().map_err(io_err(&s.name))?;
+        }
         let name = segment_name(first_lsn);
         let mut file = self.dir.create(&name).map_err(io_err(&name))?;
         let mut buf = Vec::with_capacity(HEADER_BYTES + framed.len());
@@ -696,6 +712,88 @@ mod tests {
             wal.write(&buf, lsn, lsn).unwrap();
         }
         (dir, wal)
+    }
+
+    /// On the real filesystem with zeros written ahead: every segment but
+    /// the last ends at its last record, the last one in zeros that are not
+    /// reported as torn; a restart appends right after the last record; a
+    /// new segment whose zeros landed but whose header did not held nothing.
+    #[test]
+    fn zeros_written_ahead_are_space_not_damage() {
+        use crate::storage::io::{write_ahead_bytes, FsDir};
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("wal");
+        let segment_max = 1 << 20;
+        let open = |dir: &FsDir, got: &mut Vec<Lsn>| {
+            Wal::open(Arc::new(dir.clone()), 0, segment_max, 1, &mut |lsn, _, _| {
+                got.push(lsn);
+                Ok(())
+            })
+        };
+        let dir = FsDir::preallocating(&path, write_ahead_bytes(segment_max)).unwrap();
+        let sizes = |path: &std::path::Path| -> Vec<(String, u64)> {
+            let mut v: Vec<_> = std::fs::read_dir(path)
+                .unwrap()
+                .map(|e| {
+                    let e = e.unwrap();
+                    (e.file_name().into_string().unwrap(), e.metadata().unwrap().len())
+                })
+                .collect();
+            v.sort();
+            v
+        };
+        let write = |wal: &mut Wal, from: Lsn, to: Lsn| {
+            for lsn in from..=to {
+                let mut buf = Vec::new();
+                frame(lsn, &[lsn as u8 | 1; 1000], &mut buf);
+                wal.write(&buf, lsn, lsn).unwrap();
+            }
+        };
+        let (mut wal, _) = open(&dir, &mut vec![]).unwrap();
+        write(&mut wal, 1, 10);
+        let record = (RECORD_HEADER_BYTES + 1000) as u64;
+        // Written ahead with the first record, not again until half is used.
+        assert_eq!(
+            sizes(&path),
+            [(
+                segment_name(1),
+                HEADER_BYTES as u64 + record + write_ahead_bytes(segment_max)
+            )],
+            "zeros written ahead"
+        );
+        drop(wal);
+        let mut got = vec![];
+        let (mut wal, report) = open(&dir, &mut got).unwrap();
+        assert_eq!(
+            (got.len(), report.torn_tail_bytes),
+            (10, 0),
+            "zeros are not a torn tail"
+        );
+        // After the restart the next record lands right after the last one.
+        write(&mut wal, 11, 1100);
+        drop(wal);
+        let files = sizes(&path);
+        assert!(files.len() > 1, "rotated: {files:?}");
+        for (name, len) in &files[..files.len() - 1] {
+            let bytes = std::fs::read(path.join(name)).unwrap();
+            assert_ne!(bytes.last(), Some(&0), "{name} ({len} bytes) ends at its last record");
+        }
+        let mut got = vec![];
+        let (wal, report) = open(&dir, &mut got).unwrap();
+        assert_eq!(got, (1..=1100).collect::<Vec<_>>());
+        assert_eq!(report.torn_tail_bytes, 0);
+        drop(wal);
+        // A crash after a new segment's zeros landed but not its header.
+        std::fs::write(path.join(segment_name(1101)), vec![0u8; 4096]).unwrap();
+        let mut got = vec![];
+        let (mut wal, report) = open(&dir, &mut got).unwrap();
+        assert_eq!((got.len(), report.torn_tail_bytes), (1100, 0));
+        assert!(!path.join(segment_name(1101)).exists(), "removed: it held nothing");
+        write(&mut wal, 1101, 1101);
+        drop(wal);
+        let mut got = vec![];
+        open(&dir, &mut got).unwrap();
+        assert_eq!(got.len(), 1101);
     }
 
     #[test]
