@@ -1,3 +1,7 @@
+//! An answer only after its record's fdatasync: with the simulated disk's
+//! syncs held, a consume's record is written but unsynced and no answer
+//! comes; released, the answer comes and the record is durable.
+//!
 //! A failed fsync or a short write (a full disk), injected through the
 //! simulated WAL directory under the real HTTP server: the request whose batch
 //! failed and every later write get 503 (nothing acknowledged, and nothing of
@@ -136,6 +140,58 @@ async fn failed_fsync_is_never_acknowledged_stops_the_daemon_and_recovers_cleanl
         let _ = stop.send(());
         run.await.unwrap().unwrap();
     }
+}
+
+#[tokio::test]
+async fn a_write_is_answered_only_after_its_record_is_synced() {
+    let sock_dir = tempfile::tempdir().unwrap();
+    let mut config = Config::from_toml(CONFIG, "t.toml").unwrap();
+    let sock = sock_dir.path().join("q.sock");
+    config.server.listen = vec![format!("unix:{}", sock.display())];
+    let (dir, snaps) = (SimDir::new(), SnapshotStore::in_memory());
+    let server = Server::bind_with_storage(
+        &config,
+        Arc::new(ManualClock::new(common::T0)),
+        opener(&config, &dir, &snaps),
+    )
+    .await
+    .unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(server.run(async {
+        let _ = stopped.await;
+    }));
+    wait_ready(&sock).await;
+    let durable = |dir: &SimDir| dir.durable_files().values().map(Vec::len).sum::<usize>();
+    let before = durable(&dir);
+
+    dir.hold_syncs();
+    let body = json!({"subject": "u", "amounts": {"tokens": 7}, "idempotency_key": "held"}).to_string();
+    let answer = tokio::spawn({
+        let sock = sock.clone();
+        async move { raw(&sock, &body).await }
+    });
+    // The record reaches the file, unsynced; the writer waits in its sync.
+    let segment = loop {
+        let names: Vec<String> = dir.durable_files().into_keys().collect();
+        if let Some(n) = names.iter().find(|n| dir.unsynced_bytes(n) > 0) {
+            break n.clone();
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    };
+    // However long the sync takes, no answer comes before it.
+    for _ in 0..20 {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        assert!(!answer.is_finished(), "answered while its record was not synced");
+    }
+    assert_eq!(durable(&dir), before, "nothing synced yet");
+
+    dir.release_syncs();
+    let (status, text) = answer.await.unwrap().expect("an answer");
+    assert_eq!(status, 200, "{text}");
+    assert!(durable(&dir) > before, "the record is durable once answered");
+    assert_eq!(dir.unsynced_bytes(&segment), 0);
+    let _ = stop.send(());
+    run.await.unwrap().unwrap();
 }
 
 async fn wait_ready(sock: &std::path::Path) {

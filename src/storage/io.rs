@@ -236,6 +236,8 @@ struct SimState {
 pub struct SimDir {
     /// Shared by every handle, like a real directory.
     state: Arc<Mutex<SimState>>,
+    /// While true, `sync_data` waits (a slow disk a test holds still).
+    held: Arc<(Mutex<bool>, std::sync::Condvar)>,
 }
 
 struct SimHandle {
@@ -252,6 +254,23 @@ impl SimDir {
     /// Injects failures.
     pub fn set_faults(&self, faults: Faults) {
         self.lock().faults = faults;
+    }
+
+    /// Holds every `sync_data` from now until [`SimDir::release_syncs`]:
+    /// the writer waits inside the sync, its bytes written but not durable.
+    pub fn hold_syncs(&self) {
+        *self.held.0.lock().unwrap_or_else(|e| e.into_inner()) = true;
+    }
+
+    /// Lets held and later syncs run.
+    pub fn release_syncs(&self) {
+        *self.held.0.lock().unwrap_or_else(|e| e.into_inner()) = false;
+        self.held.1.notify_all();
+    }
+
+    /// Bytes written to `name` and not yet synced (0 if there is no such file).
+    pub fn unsynced_bytes(&self, name: &str) -> usize {
+        self.lock().files.get(name).map_or(0, |f| f.pending.len())
     }
 
     /// `(appends, syncs)` so far.
@@ -285,6 +304,7 @@ impl SimDir {
                 files,
                 ..SimState::default()
             })),
+            held: Arc::default(),
         }
     }
 
@@ -316,6 +336,7 @@ impl SimDir {
                 files,
                 ..SimState::default()
             })),
+            held: Arc::default(),
         }
     }
 
@@ -354,6 +375,13 @@ impl WalFile for SimHandle {
         Ok(())
     }
     fn sync_data(&mut self) -> io::Result<()> {
+        {
+            let (held, cv) = &*self.dir.held;
+            let mut h = held.lock().unwrap_or_else(|e| e.into_inner());
+            while *h {
+                h = cv.wait(h).unwrap_or_else(|e| e.into_inner());
+            }
+        }
         let mut s = self.dir.lock();
         s.syncs += 1;
         if s.faults.fail_sync_at == Some(s.syncs) {
