@@ -145,9 +145,7 @@ async fn failed_fsync_is_never_acknowledged_stops_the_daemon_and_recovers_cleanl
 #[tokio::test]
 async fn a_write_is_answered_only_after_its_record_is_synced() {
     let sock_dir = tempfile::tempdir().unwrap();
-    let mut config = Config::from_toml(CONFIG, "t.toml").unwrap();
-    let sock = sock_dir.path().join("q.sock");
-    config.server.listen = vec![format!("unix:{}", sock.display())];
+    let (config, sock) = on_socket(sock_dir.path());
     let (dir, snaps) = (SimDir::new(), SnapshotStore::in_memory());
     let server = Server::bind_with_storage(
         &config,
@@ -194,6 +192,14 @@ async fn a_write_is_answered_only_after_its_record_is_synced() {
     run.await.unwrap().unwrap();
 }
 
+/// The test config, listening on a socket in `dir` only.
+fn on_socket(dir: &std::path::Path) -> (Config, std::path::PathBuf) {
+    let mut config = Config::from_toml(CONFIG, "t.toml").unwrap();
+    let sock = dir.join("q.sock");
+    config.server.listen = vec![format!("unix:{}", sock.display())];
+    (config, sock)
+}
+
 async fn wait_ready(sock: &std::path::Path) {
     for _ in 0..500 {
         if let Some((200, _)) = request(sock, "GET", "/readyz", "").await {
@@ -229,9 +235,7 @@ async fn request(sock: &std::path::Path, method: &str, path: &str, body: &str) -
 #[tokio::test]
 async fn only_health_answers_until_recovery_has_finished() {
     let sock_dir = tempfile::tempdir().unwrap();
-    let mut config = Config::from_toml(CONFIG, "t.toml").unwrap();
-    let sock = sock_dir.path().join("q.sock");
-    config.server.listen = vec![format!("unix:{}", sock.display())];
+    let (config, sock) = on_socket(sock_dir.path());
     let (dir, snaps) = (SimDir::new(), SnapshotStore::in_memory());
     // Recovery that waits for the test's go-ahead.
     let (go, gate) = std::sync::mpsc::channel::<()>();

@@ -156,13 +156,21 @@ fn a_torn_tail_is_truncated_and_logged() {
     run_and_stop(dir.path(), 4, "");
     let seg = segment(dir.path());
     let len = std::fs::metadata(&seg).unwrap().len();
-    // Half a record header: a write cut short by the crash.
-    std::fs::OpenOptions::new()
-        .append(true)
-        .open(&seg)
-        .unwrap()
-        .write_all(&[7, 0, 0])
-        .unwrap();
+    // Half a record header right after the last record: a write cut short by
+    // the crash, in a file that ends there (the zeros the daemon writes
+    // ahead of the log's end are cut off, as on a disk that lost them).
+    let bytes = std::fs::read(&seg).unwrap();
+    let mut end = 24;
+    while let Some(field) = bytes.get(end..end + 4) {
+        let len = u32::from_le_bytes(field.try_into().unwrap()) & 0x00FF_FFFF;
+        if len == 0 {
+            break;
+        }
+        end += 16 + len as usize;
+    }
+    let f = std::fs::OpenOptions::new().write(true).open(&seg).unwrap();
+    f.set_len(end as u64).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &[7, 0, 0], end as u64).unwrap();
     let v = quotad(&["wal", "verify"], &dir.path().join("data"));
     assert!(String::from_utf8_lossy(&v.stdout).contains("torn tail: 3 byte(s)"));
     run_and_stop(dir.path(), 1, "second-");

@@ -131,15 +131,20 @@ impl WalFile for FsFile {
     }
 
     fn append(&mut self, buf: &[u8]) -> io::Result<()> {
+        let first = self.end == 0;
         self.file.write_all_at(buf, self.end)?;
         self.end += buf.len() as u64;
         self.len = self.len.max(self.end);
-        if self.ahead > 0 && self.len - self.end < self.ahead / 2 {
+        // Not with a file's first write (its header): zeros that landed
+        // without the header would be a segment recovery cannot read.
+        if self.ahead > 0 && !first && self.len - self.end < self.ahead / 2 {
             // Synced with the batch. Failing here loses nothing: the batch
             // is written, and a partial run of zeros is more of the same.
             if let Err(e) = self.write_ahead() {
                 tracing::warn!(error = %e, "cannot write the WAL's space ahead; appending without it");
                 self.ahead = 0;
+                // Part of the zeros may have landed past `len`.
+                self.len = self.file.metadata().map_or(u64::MAX, |m| m.len()).max(self.end);
             }
         }
         Ok(())
@@ -157,7 +162,8 @@ impl WalFile for FsFile {
     }
 
     fn seal(&mut self) -> io::Result<()> {
-        if self.len > self.end {
+        // The file's own length: zeros of a failed write ahead may lie past `len`.
+        if self.file.metadata()?.len() > self.end {
             self.truncate(self.end)?;
         }
         Ok(())

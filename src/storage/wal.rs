@@ -19,9 +19,12 @@
 //! Recovery: the last segment may end in a torn tail (an incomplete record, or
 //! zero bytes where an unsynced write never landed); it is truncated and the
 //! byte count reported. Zeros alone are not reported: they are also the space
-//! the daemon writes ahead of the end (see `io`), and hold nothing lost. Any
-//! other damage, anywhere, is corruption: the daemon refuses to start and
-//! names the file and offset.
+//! the daemon writes ahead of the end (see `io`), and hold nothing lost. A
+//! batch written over those zeros and cut short by a crash leaves a last
+//! record whose sectors from some boundary on are zeros, with the file going
+//! on past it: that too is a torn tail ([`torn_over_zeros`]). Any other
+//! damage, anywhere, is corruption: the daemon refuses to start and names the
+//! file and offset.
 
 use std::sync::Arc;
 
@@ -183,10 +186,6 @@ fn parse_segment(name: &str, bytes: &[u8], last: bool, flags: u16) -> Result<Opt
             format!("segment is {} bytes, shorter than its header", bytes.len()),
         ));
     }
-    if last && bytes.iter().all(|&b| b == 0) {
-        // Zeros written ahead landed, the header with the first batch did not.
-        return Ok(None);
-    }
     if bytes[..8] != MAGIC {
         return Err(corrupt(0, "bad magic: not a quotad WAL segment".into()));
     }
@@ -239,6 +238,10 @@ fn parse_segment(name: &str, bytes: &[u8], last: bool, flags: u16) -> Result<Opt
         let field = u32::from_le_bytes(rest[..4].try_into().expect("4 bytes"));
         let len = field & 0x00FF_FFFF;
         if field >> 24 != len_check(len) {
+            // A header cut at a sector boundary inside it, over zeros ahead.
+            if last && torn_over_zeros(bytes, off, off + RECORD_HEADER_BYTES) {
+                break;
+            }
             return Err(corrupt(
                 off,
                 format!("record length field {field:#010x} fails its check byte"),
@@ -262,6 +265,9 @@ fn parse_segment(name: &str, bytes: &[u8], last: bool, flags: u16) -> Result<Opt
         }
         let crc = u32::from_le_bytes(rest[4..8].try_into().expect("4 bytes"));
         if crc32fast::hash(&rest[8..RECORD_HEADER_BYTES + len]) != crc {
+            if last && torn_over_zeros(bytes, off, off + RECORD_HEADER_BYTES + len) {
+                break;
+            }
             return Err(corrupt(off, "record checksum mismatch".into()));
         }
         let lsn = u64::from_le_bytes(rest[8..16].try_into().expect("8 bytes"));
@@ -279,6 +285,26 @@ fn parse_segment(name: &str, bytes: &[u8], last: bool, flags: u16) -> Result<Opt
         records,
         valid_len,
     }))
+}
+
+/// The unit a disk writes whole or not at all.
+const SECTOR: usize = 512;
+
+/// Whether the record at `start..end` of the last segment, whose checksum
+/// fails, is a batch cut short while it was written over zeros written ahead
+/// (see `io`): from a sector boundary inside the record every byte to the
+/// end of the file is zero (those sectors never landed), and the file goes
+/// on past the record, which only zeros written ahead make it do. A record
+/// that ends the file, or whose damage is followed by data, is corruption as
+/// before.
+fn torn_over_zeros(bytes: &[u8], start: usize, end: usize) -> bool {
+    if end >= bytes.len() {
+        return false;
+    }
+    let zeros_from = bytes.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
+    // The first boundary after the record's start (its length field landed).
+    let boundary = zeros_from.max(start + 1).div_ceil(SECTOR) * SECTOR;
+    boundary < end
 }
 
 /// A segment file opened again: the file, its bytes, and what they hold.
@@ -340,10 +366,8 @@ fn scan(
         let bytes = file.read_all().map_err(io_err(name))?;
         let Some(p) = parse_segment(name, &bytes, last, flags)? else {
             // Torn while its header was written: it never held a record.
-            if bytes.iter().any(|&b| b != 0) {
-                report.torn_tail_bytes = bytes.len() as u64;
-                report.torn_tail_file = Some(name.clone());
-            }
+            report.torn_tail_bytes = bytes.len() as u64;
+            report.torn_tail_file = Some(name.clone());
             if truncate {
                 dir.remove(name).map_err(io_err(name))?;
             }
@@ -716,61 +740,30 @@ mod tests {
 
     /// On the real filesystem with zeros written ahead: every segment but
     /// the last ends at its last record, the last one in zeros that are not
-    /// reported as torn; a restart appends right after the last record; a
-    /// new segment whose zeros landed but whose header did not held nothing.
+    /// reported as torn; a restart appends right after the last record.
     #[test]
     fn zeros_written_ahead_are_space_not_damage() {
-        use crate::storage::io::{write_ahead_bytes, FsDir};
         let tmp = tempfile::tempdir().unwrap();
-        let path = tmp.path().join("wal");
-        let segment_max = 1 << 20;
-        let open = |dir: &FsDir, got: &mut Vec<Lsn>| {
-            Wal::open(Arc::new(dir.clone()), 0, segment_max, 1, &mut |lsn, _, _| {
-                got.push(lsn);
-                Ok(())
-            })
-        };
-        let dir = FsDir::preallocating(&path, write_ahead_bytes(segment_max)).unwrap();
-        let sizes = |path: &std::path::Path| -> Vec<(String, u64)> {
-            let mut v: Vec<_> = std::fs::read_dir(path)
-                .unwrap()
-                .map(|e| {
-                    let e = e.unwrap();
-                    (e.file_name().into_string().unwrap(), e.metadata().unwrap().len())
-                })
-                .collect();
-            v.sort();
-            v
-        };
-        let write = |wal: &mut Wal, from: Lsn, to: Lsn| {
-            for lsn in from..=to {
-                let mut buf = Vec::new();
-                frame(lsn, &[lsn as u8 | 1; 1000], &mut buf);
-                wal.write(&buf, lsn, lsn).unwrap();
-            }
-        };
-        let (mut wal, _) = open(&dir, &mut vec![]).unwrap();
-        write(&mut wal, 1, 10);
-        let record = (RECORD_HEADER_BYTES + 1000) as u64;
-        // Written ahead with the first record, not again until half is used.
+        let (path, dir) = ahead_dir(tmp.path());
+        let (mut wal, _) = open_ahead(&dir, &mut vec![]).unwrap();
+        write_ahead_log(&mut wal, 1, 10);
+        // The first write (the header) goes out alone; the second writes ahead.
+        let ahead = crate::storage::io::write_ahead_bytes(AHEAD_SEGMENT_MAX);
         assert_eq!(
             sizes(&path),
-            [(
-                segment_name(1),
-                HEADER_BYTES as u64 + record + write_ahead_bytes(segment_max)
-            )],
+            [(segment_name(1), HEADER_BYTES as u64 + 2 * AHEAD_RECORD as u64 + ahead)],
             "zeros written ahead"
         );
         drop(wal);
         let mut got = vec![];
-        let (mut wal, report) = open(&dir, &mut got).unwrap();
+        let (mut wal, report) = open_ahead(&dir, &mut got).unwrap();
         assert_eq!(
             (got.len(), report.torn_tail_bytes),
             (10, 0),
             "zeros are not a torn tail"
         );
         // After the restart the next record lands right after the last one.
-        write(&mut wal, 11, 1100);
+        write_ahead_log(&mut wal, 11, 1100);
         drop(wal);
         let files = sizes(&path);
         assert!(files.len() > 1, "rotated: {files:?}");
@@ -779,21 +772,110 @@ mod tests {
             assert_ne!(bytes.last(), Some(&0), "{name} ({len} bytes) ends at its last record");
         }
         let mut got = vec![];
-        let (wal, report) = open(&dir, &mut got).unwrap();
+        let (wal, report) = open_ahead(&dir, &mut got).unwrap();
         assert_eq!(got, (1..=1100).collect::<Vec<_>>());
         assert_eq!(report.torn_tail_bytes, 0);
         drop(wal);
-        // A crash after a new segment's zeros landed but not its header.
+        // A last segment of zeros alone (no header) is refused, as before.
         std::fs::write(path.join(segment_name(1101)), vec![0u8; 4096]).unwrap();
-        let mut got = vec![];
-        let (mut wal, report) = open(&dir, &mut got).unwrap();
-        assert_eq!((got.len(), report.torn_tail_bytes), (1100, 0));
-        assert!(!path.join(segment_name(1101)).exists(), "removed: it held nothing");
-        write(&mut wal, 1101, 1101);
+        assert!(matches!(open_ahead(&dir, &mut vec![]), Err(WalError::Corrupt(_))));
+    }
+
+    /// A batch written over zeros ahead and cut short by a crash (its last
+    /// sectors never landed) is a torn tail; a bit flip in the last record,
+    /// or lost sectors followed by data, are still corruption.
+    #[test]
+    fn a_batch_torn_over_zeros_ahead_is_a_tail_and_damage_is_not() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (path, dir) = ahead_dir(tmp.path());
+        let (mut wal, _) = open_ahead(&dir, &mut vec![]).unwrap();
+        write_ahead_log(&mut wal, 1, 10);
         drop(wal);
-        let mut got = vec![];
-        open(&dir, &mut got).unwrap();
-        assert_eq!(got.len(), 1101);
+        let file = path.join(segment_name(1));
+        let clean = std::fs::read(&file).unwrap();
+        let record_at = |k: usize| HEADER_BYTES + (k - 1) * AHEAD_RECORD; // record k, from 1
+        let try_with = |bytes: &[u8]| {
+            std::fs::write(&file, bytes).unwrap();
+            let mut got = vec![];
+            let r = open_ahead(&dir, &mut got).map(|(_, report)| (got.len(), report.torn_tail_bytes > 0));
+            std::fs::write(&file, &clean).unwrap();
+            r
+        };
+        // Every sector boundary inside record 10 at which the write stopped.
+        let (start, end) = (record_at(10), record_at(10) + AHEAD_RECORD);
+        let mut cuts = 0;
+        for boundary in (start + 1..end).filter(|b| b % SECTOR == 0) {
+            let mut b = clean.clone();
+            b[boundary..].fill(0);
+            assert_eq!(try_with(&b).unwrap(), (9, true), "cut at {boundary}");
+            cuts += 1;
+        }
+        assert!(cuts >= 1);
+        // A flipped bit anywhere in record 10: refused.
+        for byte in start..end {
+            let mut b = clean.clone();
+            b[byte] ^= 0x10;
+            assert!(matches!(try_with(&b), Err(WalError::Corrupt(_))), "flip at {byte}");
+        }
+        // A lost sector inside record 9, with record 10 after it: refused.
+        let lost = record_at(9).div_ceil(SECTOR) * SECTOR;
+        let mut b = clean.clone();
+        b[lost..lost + SECTOR].fill(0);
+        assert!(matches!(try_with(&b), Err(WalError::Corrupt(_))));
+        assert_eq!(try_with(&clean).unwrap(), (10, false));
+
+        // A record whose header (its length field) a sector boundary cuts.
+        let (mut wal, _) = open_ahead(&dir, &mut vec![]).unwrap();
+        let at = record_at(11) + RECORD_HEADER_BYTES + 550;
+        assert_eq!(at % SECTOR, SECTOR - 2, "record 12 starts 2 bytes before a boundary");
+        for (lsn, size) in [(11, 550), (12, 1000)] {
+            let mut buf = Vec::new();
+            frame(lsn, &vec![7u8; size], &mut buf);
+            wal.write(&buf, lsn, lsn).unwrap();
+        }
+        drop(wal);
+        let mut b = std::fs::read(&file).unwrap();
+        b[at + 2..].fill(0);
+        assert_eq!(try_with(&b).unwrap(), (11, true), "header cut after 2 bytes");
+    }
+
+    const AHEAD_SEGMENT_MAX: u64 = 1 << 20;
+    /// A framed record of `write_ahead_log`.
+    const AHEAD_RECORD: usize = RECORD_HEADER_BYTES + 1000;
+
+    fn ahead_dir(tmp: &std::path::Path) -> (std::path::PathBuf, crate::storage::io::FsDir) {
+        let path = tmp.join("wal");
+        let dir =
+            crate::storage::io::FsDir::preallocating(&path, crate::storage::io::write_ahead_bytes(AHEAD_SEGMENT_MAX))
+                .unwrap();
+        (path, dir)
+    }
+
+    fn open_ahead(dir: &crate::storage::io::FsDir, got: &mut Vec<Lsn>) -> Result<(Wal, ScanReport), WalError> {
+        Wal::open(Arc::new(dir.clone()), 0, AHEAD_SEGMENT_MAX, 1, &mut |lsn, _, _| {
+            got.push(lsn);
+            Ok(())
+        })
+    }
+
+    fn write_ahead_log(wal: &mut Wal, from: Lsn, to: Lsn) {
+        for lsn in from..=to {
+            let mut buf = Vec::new();
+            frame(lsn, &[lsn as u8 | 1; 1000], &mut buf);
+            wal.write(&buf, lsn, lsn).unwrap();
+        }
+    }
+
+    fn sizes(path: &std::path::Path) -> Vec<(String, u64)> {
+        let mut v: Vec<_> = std::fs::read_dir(path)
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                (e.file_name().into_string().unwrap(), e.metadata().unwrap().len())
+            })
+            .collect();
+        v.sort();
+        v
     }
 
     #[test]
