@@ -79,18 +79,33 @@ impl SubjectKey {
                 use std::os::unix::fs::OpenOptionsExt;
                 std::fs::create_dir_all(dir)?;
                 let key = SubjectKey::random()?;
-                let tmp = dir.join(format!("{KEY_FILE}.tmp"));
-                let mut f = std::fs::OpenOptions::new()
-                    .write(true)
-                    .create(true)
-                    .truncate(true)
-                    .mode(0o600)
-                    .open(&tmp)?;
-                f.write_all(hex::encode(key.0).as_bytes())?;
-                f.sync_all()?;
-                std::fs::rename(&tmp, &path)?;
-                std::fs::File::open(dir)?.sync_all()?;
-                Ok(key)
+                // A temporary file of this process's own, linked into place
+                // only if no key is there yet: two daemons (or tests) making
+                // the key at once end with one key, the first one linked.
+                let tmp = dir.join(format!(
+                    "{KEY_FILE}.{}.{}.tmp",
+                    std::process::id(),
+                    hex::encode(&SubjectKey::random()?.0[..8])
+                ));
+                let written = (|| {
+                    let mut f = std::fs::OpenOptions::new()
+                        .write(true)
+                        .create_new(true)
+                        .mode(0o600)
+                        .open(&tmp)?;
+                    f.write_all(hex::encode(key.0).as_bytes())?;
+                    f.sync_all()?;
+                    std::fs::hard_link(&tmp, &path)
+                })();
+                let _ = std::fs::remove_file(&tmp);
+                match written {
+                    Ok(()) => {
+                        std::fs::File::open(dir)?.sync_all()?;
+                        Ok(key)
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => SubjectKey::in_dir(dir),
+                    Err(e) => Err(e),
+                }
             }
             Err(e) => Err(std::io::Error::new(
                 e.kind(),
@@ -187,6 +202,27 @@ pub(super) async fn mint(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Servers starting at once on one directory end with one key (a test
+    /// failed in CI when two renamed the same temporary file).
+    #[test]
+    fn keys_made_at_once_in_one_directory_are_one_key() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("data");
+        let keys: Vec<[u8; 32]> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..8)
+                .map(|_| s.spawn(|| SubjectKey::in_dir(&dir).unwrap().0))
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert!(keys.iter().all(|k| *k == keys[0]), "one key");
+        let names: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(names, [KEY_FILE], "no temporary file is left");
+        assert_eq!(SubjectKey::in_dir(&dir).unwrap().0, keys[0], "read back");
+    }
 
     #[test]
     fn a_token_holds_for_its_subject_until_it_expires() {
