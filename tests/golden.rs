@@ -131,6 +131,14 @@ fn state(engine: &Engine) -> Value {
             let mut v = serde_json::to_value(engine.subject(s, T_CHECK).unwrap()).unwrap();
             // Added after the v1 and v2 files were recorded; none is ever raised here.
             assert_eq!(v.as_object_mut().unwrap().remove("flags"), Some(json!([])));
+            // Added with the dashboard's money display, where the policy has
+            // prices (EUR from v2 on): read from the policy, not stored state.
+            let o = v.as_object_mut().unwrap();
+            let money = (o.remove("currency"), o.remove("cost_metric"));
+            assert!(
+                money == (None, None) || money == (Some(json!("EUR")), Some(json!("cost_micros"))),
+                "{money:?}"
+            );
             v
         })
         .collect();
