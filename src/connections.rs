@@ -8,6 +8,7 @@
 //! followed by [`framing`], which marks a request whose head carried both
 //! `Content-Length` and `Transfer-Encoding` for the API to refuse.
 
+pub(crate) mod direct;
 mod framing;
 
 use std::collections::HashMap;
@@ -29,6 +30,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{watch, Notify};
 use tower::ServiceExt;
 
+use crate::api::direct::DirectApi;
 use crate::metrics::ConnectionMetrics;
 use framing::Scanner;
 
@@ -169,8 +171,17 @@ impl Connections {
 
     /// Serves an accepted connection with `router` on a task of its own, or
     /// closes it at once when every open connection has a request in flight.
-    pub fn serve<S>(self: &Arc<Self>, io: S, router: &Router, builder: &http1::Builder)
-    where
+    ///
+    /// With `direct`, the connection starts on the direct path
+    /// ([`direct`]), which hands it to hyper at its first request for
+    /// another endpoint.
+    pub fn serve<S>(
+        self: &Arc<Self>,
+        io: S,
+        router: &Router,
+        builder: &http1::Builder,
+        direct: Option<(&Arc<DirectApi>, Duration)>,
+    ) where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let Some(slot) = self.admit() else {
@@ -181,18 +192,32 @@ impl Connections {
             );
             return;
         };
-        let io = TokioIo::new(Scanned {
-            io,
-            scanner: Scanner::default(),
-            slot: slot.clone(),
-        });
         let service = Tracked {
             router: router.clone(),
             slot: slot.clone(),
         };
-        let conn = builder.serve_connection(io, service);
-        let (registry, drain) = (self.clone(), self.drain.subscribe());
+        let (registry, builder) = (self.clone(), builder.clone());
+        let mut drain = self.drain.subscribe();
+        let direct = direct.map(|(api, header_timeout)| (api.clone(), header_timeout));
         tokio::spawn(async move {
+            let (io, answered) = match direct {
+                None => (direct::Rewind::new(io, Vec::new()), 0),
+                Some((api, header_timeout)) => {
+                    match direct::serve(&api, io, &slot, &mut drain, header_timeout, &registry.metrics).await {
+                        direct::End::HandOff { io, read, answered } => (direct::Rewind::new(io, read), answered),
+                        direct::End::Closed => {
+                            registry.close(slot.id);
+                            return;
+                        }
+                    }
+                }
+            };
+            let io = TokioIo::new(Scanned {
+                io,
+                scanner: Scanner::after(answered),
+                slot: slot.clone(),
+            });
+            let conn = builder.serve_connection(io, service);
             if let Err(e) = drive(conn, &slot, drain).await {
                 if e.is_timeout() {
                     registry.metrics.header_timeouts.inc();
@@ -212,7 +237,7 @@ impl Connections {
 
 /// Polls a connection until it ends, is evicted or is drained.
 async fn drive<S>(
-    conn: http1::Connection<TokioIo<Scanned<S>>, Tracked>,
+    conn: http1::Connection<TokioIo<Scanned<direct::Rewind<S>>>, Tracked>,
     slot: &Slot,
     mut drain: watch::Receiver<bool>,
 ) -> Result<(), hyper::Error>

@@ -348,6 +348,7 @@ impl Server {
         };
         let mut accept_tasks = spawn_accept_loops(
             api::router(state.clone()),
+            Some(Arc::new(api::direct::DirectApi::new(state.clone()))),
             listeners,
             &connections,
             header_timeout,
@@ -358,6 +359,7 @@ impl Server {
                 crate::gateway::router(state.clone(), checked, gw_metrics.clone()).map_err(ServerError::Gateway)?;
             accept_tasks.extend(spawn_accept_loops(
                 router,
+                None,
                 bound,
                 &connections,
                 header_timeout,
@@ -693,6 +695,7 @@ fn spawn_grpc(
 
 fn spawn_accept_loops(
     router: axum::Router,
+    direct: Option<Arc<api::direct::DirectApi>>,
     listeners: Vec<Bound>,
     connections: &Arc<Connections>,
     header_timeout: Duration,
@@ -706,6 +709,7 @@ fn spawn_accept_loops(
         .into_iter()
         .map(|l| {
             let (router, builder, connections) = (router.clone(), builder.clone(), connections.clone());
+            let direct = direct.clone();
             let mut stop = stop_rx.clone();
             tokio::spawn(async move {
                 loop {
@@ -713,9 +717,11 @@ fn spawn_accept_loops(
                         r = accept(&l) => match r {
                             Ok(Accepted::Tcp(s)) => {
                                 let _ = s.set_nodelay(true);
-                                connections.serve(s, &router, &builder);
+                                connections.serve(s, &router, &builder, direct.as_ref().map(|d| (d, header_timeout)));
                             }
-                            Ok(Accepted::Unix(s)) => connections.serve(s, &router, &builder),
+                            Ok(Accepted::Unix(s)) => {
+                                connections.serve(s, &router, &builder, direct.as_ref().map(|d| (d, header_timeout)))
+                            }
                             Err(e) => {
                                 // EMFILE and friends: back off rather than spin.
                                 tracing::warn!(error = %e, "accept failed");

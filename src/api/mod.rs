@@ -5,6 +5,7 @@
 pub(crate) mod authorize;
 mod batch;
 pub mod cluster;
+pub mod direct;
 mod error;
 mod json;
 mod openapi;
@@ -24,7 +25,7 @@ use std::time::Instant;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, RawQuery, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, delete, get, post};
 use axum::{Json, Router};
@@ -609,19 +610,8 @@ async fn gate(State(st): State<Arc<AppState>>, req: axum::extract::Request, next
         return closing(e.into_response());
     }
     let path = req.uri().path();
-    // The dashboard page holds no data: it asks for a token and sends it with
-    // each API call, which a browser's navigation to it cannot.
-    if path != "/healthz" && path != "/readyz" && path != "/dashboard" {
-        match st.authenticate(req.headers()) {
-            Err(e) => return closing(e.into_response()),
-            Ok(Grant { subject: Some(s), .. }) if !subject_read(req.method(), path) => {
-                return ApiError::Forbidden(format!(
-                    "this is a read-only token for subject {s:?}: it reads that subject (GET /v1/subjects/{{subject}}) and its usage, nothing else"
-                ))
-                .into_response();
-            }
-            Ok(_) => {}
-        }
+    if let Some(refused) = refuse_head(&st, req.method(), path, req.headers()) {
+        return refused;
     }
     // A parameter given twice is refused on every endpoint, also on those that
     // read no query (which of two values was meant is a guess).
@@ -641,8 +631,7 @@ async fn gate(State(st): State<Arc<AppState>>, req: axum::extract::Request, next
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
-        let e = ApiError::PayloadTooLarge(format!("the request body is larger than {limit} bytes ({setting})"));
-        return closing(e.into_response());
+        return too_large(limit, setting);
     }
     if declared == Some(0) || (declared.is_none() && !req.headers().contains_key(header::TRANSFER_ENCODING)) {
         return cluster::route(&st, req, next).await;
@@ -650,17 +639,8 @@ async fn gate(State(st): State<Arc<AppState>>, req: axum::extract::Request, next
     let (parts, body) = req.into_parts();
     let bytes = match tokio::time::timeout(st.body_timeout, axum::body::to_bytes(body, limit)).await {
         Ok(Ok(b)) => b,
-        Ok(Err(_)) => {
-            let e = ApiError::PayloadTooLarge(format!("the request body is larger than {limit} bytes ({setting})"));
-            return closing(e.into_response());
-        }
-        Err(_) => {
-            let e = ApiError::RequestTimeout(format!(
-                "the request body did not arrive within {} ms (server.body_timeout_ms)",
-                st.body_timeout.as_millis()
-            ));
-            return closing(e.into_response());
-        }
+        Ok(Err(_)) => return too_large(limit, setting),
+        Err(_) => return body_timed_out(st.body_timeout),
     };
     cluster::route(
         &st,
@@ -668,6 +648,45 @@ async fn gate(State(st): State<Arc<AppState>>, req: axum::extract::Request, next
         next,
     )
     .await
+}
+
+/// The gate's checks on a request head: its token (a refusal closes the
+/// connection), and a subject token only for reading its subject. The
+/// refusal, if any. Also the direct path's ([`direct`]).
+fn refuse_head(st: &AppState, method: &axum::http::Method, path: &str, headers: &HeaderMap) -> Option<Response> {
+    // The dashboard page holds no data: it asks for a token and sends it with
+    // each API call, which a browser's navigation to it cannot.
+    if path == "/healthz" || path == "/readyz" || path == "/dashboard" {
+        return None;
+    }
+    match st.authenticate(headers) {
+        Err(e) => Some(closing(e.into_response())),
+        Ok(Grant { subject: Some(s), .. }) if !subject_read(method, path) => Some(
+            ApiError::Forbidden(format!(
+                "this is a read-only token for subject {s:?}: it reads that subject (GET /v1/subjects/{{subject}}) and its usage, nothing else"
+            ))
+            .into_response(),
+        ),
+        Ok(_) => None,
+    }
+}
+
+/// 413 for a body over `limit` (named by its `setting`); closes the connection.
+fn too_large(limit: usize, setting: &str) -> Response {
+    closing(
+        ApiError::PayloadTooLarge(format!("the request body is larger than {limit} bytes ({setting})")).into_response(),
+    )
+}
+
+/// 408 for a body that did not arrive in time; closes the connection.
+fn body_timed_out(timeout: std::time::Duration) -> Response {
+    closing(
+        ApiError::RequestTimeout(format!(
+            "the request body did not arrive within {} ms (server.body_timeout_ms)",
+            timeout.as_millis()
+        ))
+        .into_response(),
+    )
 }
 
 /// Marks an answer as the last on its connection.
@@ -1083,23 +1102,31 @@ fn subject_path(s: &str) -> Result<(), ApiError> {
 /// denied (the one with the longest wait), else the one with the least remaining.
 pub(crate) fn rate_headers(d: &Decision) -> HeaderMap {
     let mut h = HeaderMap::new();
-    if let Some(c) = binding_counter(d) {
-        if let MaxValue::Finite(m) = c.max {
-            h.insert("x-ratelimit-limit", HeaderValue::from(m));
-        }
-        if let Some(r) = c.remaining {
-            h.insert("x-ratelimit-remaining", HeaderValue::from(r));
-        }
-        if let Some(at) = c.resets_at {
-            h.insert("x-ratelimit-reset", HeaderValue::from(at.div_ceil(1000)));
-        }
-    }
-    if !d.allowed {
-        if let Some(ms) = d.retry_after_ms {
-            h.insert("retry-after", HeaderValue::from(ms.div_ceil(1000)));
-        }
+    for (name, value) in rate_figures(d).into_iter().flatten() {
+        h.insert(name, HeaderValue::from(value));
     }
     h
+}
+
+/// The rate-limit headers of a decision as (name, value), in answer order:
+/// `X-RateLimit-Limit`, `-Remaining`, `-Reset` (seconds since the epoch) of
+/// the binding counter, and `Retry-After` (seconds) of a denial.
+pub(crate) fn rate_figures(d: &Decision) -> [Option<(HeaderName, u64)>; 4] {
+    const LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
+    const REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
+    const RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
+    let mut out = [None, None, None, None];
+    if let Some(c) = binding_counter(d) {
+        if let MaxValue::Finite(m) = c.max {
+            out[0] = Some((LIMIT, m));
+        }
+        out[1] = c.remaining.map(|r| (REMAINING, r));
+        out[2] = c.resets_at.map(|at| (RESET, at.div_ceil(1000)));
+    }
+    if !d.allowed {
+        out[3] = d.retry_after_ms.map(|ms| (header::RETRY_AFTER, ms.div_ceil(1000)));
+    }
+    out
 }
 
 /// The limit a decision's rate figures come from: when allowed, the counter
@@ -1242,10 +1269,21 @@ async fn decide(
     body: Result<Bytes, BytesRejection>,
     op: DecideOp,
 ) -> Result<Response, ApiError> {
-    let grant = st.authorize(&headers, Role::Client)?;
     let bytes = body_bytes(body, st.max_body_bytes)?;
-    let decided = decide_now(&st, &headers, &bytes, op, false, grant.max_priority)?;
-    Ok(decision_response(settle(&st, op, decided).await?))
+    decide_bytes(&st, &headers, &bytes, op).await
+}
+
+/// `/v1/check`, `/v1/consume` or `/v1/reserve` on a body read whole: the
+/// handler's work, shared by the router and the direct path ([`direct`]).
+async fn decide_bytes(st: &AppState, headers: &HeaderMap, bytes: &[u8], op: DecideOp) -> Result<Response, ApiError> {
+    Ok(decision_response(decide_body(st, headers, bytes, op).await?))
+}
+
+/// The decision [`decide_bytes`] answers with.
+async fn decide_body(st: &AppState, headers: &HeaderMap, bytes: &[u8], op: DecideOp) -> Result<Decision, ApiError> {
+    let grant = st.authorize(headers, Role::Client)?;
+    let decided = decide_now(st, headers, bytes, op, false, grant.max_priority)?;
+    settle(st, op, decided).await
 }
 
 /// A decision for a request built outside this module (the gateway):

@@ -90,6 +90,15 @@ fn hex(b: u8) -> Option<u64> {
 }
 
 impl Scanner {
+    /// A scanner for a connection whose first `heads` requests were read
+    /// before it (on the direct path): the next head is number `heads + 1`.
+    pub(crate) fn after(heads: u32) -> Scanner {
+        Scanner {
+            heads,
+            ..Scanner::default()
+        }
+    }
+
     /// Takes the next bytes read from the connection. Returns the number
     /// (1 for the first request on the connection, wrapping) of the first head
     /// among them that carried both `Content-Length` and `Transfer-Encoding`.

@@ -2,6 +2,8 @@
 //! in a temp dir, with an injected clock, and talks HTTP/1.1 to it with hyper.
 #![allow(dead_code)]
 
+pub mod raw;
+
 use std::sync::Arc;
 
 use bytes::Bytes;

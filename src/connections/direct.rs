@@ -1,0 +1,414 @@
+//! The direct request path: every API connection starts here. Requests to the
+//! decision endpoints (`crate::api::direct`) are read with httparse into one
+//! reused buffer and answered in place, with no dispatcher, router or
+//! middleware chain between the socket and the decision: the hot loop of the
+//! durable consume path. The first request this path does not take (another
+//! endpoint, a chunked body, `Expect`, `Upgrade`, HTTP/1.0, a query string, a
+//! head httparse refuses, a cluster node) hands the connection and the bytes
+//! already read to hyper, which serves it from there on.
+//!
+//! What hyper does for a connection is kept: the head of every request
+//! (a kept-alive connection's wait for its next one included) must arrive
+//! within `server.header_timeout_ms`; an evicted or draining connection
+//! closes when no request is in flight and answers the one that is first;
+//! answers carry `Date` and `Content-Length`; `Connection: close` from
+//! either side ends the connection after the answer.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
+
+use axum::body::Bytes;
+use axum::http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::{InFlight, Slot, EVICT_LINGER};
+use crate::api::direct::{rate_figures, Answer, DirectApi};
+use crate::engine::Decision;
+use crate::metrics::ConnectionMetrics;
+
+/// A head longer than this goes to hyper, which has its own limit and answer.
+const MAX_HEAD: usize = 16 * 1024;
+/// Headers httparse reads on this path; a request with more goes to hyper.
+const MAX_HEADERS: usize = 32;
+
+/// How a connection left the direct path.
+pub(super) enum End<S> {
+    /// hyper serves it from here on: the socket, the bytes read and not yet
+    /// answered, and how many requests were answered here (hyper's framing
+    /// scanner numbers requests on from there).
+    HandOff { io: S, read: Vec<u8>, answered: u32 },
+    /// The connection is done.
+    Closed,
+}
+
+/// A request head this path answers.
+struct Head {
+    /// What it asks for.
+    op: crate::engine::DecideOp,
+    /// The route, for the metrics' label.
+    route: &'static str,
+    /// Its headers.
+    headers: HeaderMap,
+    /// The head's length in bytes.
+    len: usize,
+    /// The body's `Content-Length` (0 when absent).
+    body: u64,
+    /// `Connection: close`.
+    close: bool,
+}
+
+/// What the bytes read so far hold.
+enum Parsed {
+    /// A whole head this path answers.
+    Ours(Head),
+    /// A head that is not whole yet.
+    Partial,
+    /// A request (or bytes) for hyper.
+    Theirs,
+}
+
+/// Parses the head at the start of `buf`.
+fn parse(api: &DirectApi, buf: &[u8]) -> Parsed {
+    let mut raw = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut raw);
+    let len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) if buf.len() <= MAX_HEAD => return Parsed::Partial,
+        _ => return Parsed::Theirs,
+    };
+    if req.version != Some(1) {
+        return Parsed::Theirs;
+    }
+    let (Some(method), Some(target)) = (req.method, req.path) else {
+        return Parsed::Theirs;
+    };
+    let Some((op, route)) = api.endpoint(method, target) else {
+        return Parsed::Theirs;
+    };
+    let mut headers = HeaderMap::with_capacity(req.headers.len());
+    let mut body = None;
+    let mut close = false;
+    for h in req.headers.iter() {
+        let Ok(name) = HeaderName::from_bytes(h.name.as_bytes()) else {
+            return Parsed::Theirs;
+        };
+        if name == header::CONTENT_LENGTH {
+            // Exactly one, of digits only: anything else is hyper's to refuse.
+            let digits = h.value.iter().all(u8::is_ascii_digit) && !h.value.is_empty() && h.value.len() <= 18;
+            if body.is_some() || !digits {
+                return Parsed::Theirs;
+            }
+            body = std::str::from_utf8(h.value).ok().and_then(|v| v.parse::<u64>().ok());
+        } else if name == header::CONNECTION {
+            match h.value {
+                v if v.eq_ignore_ascii_case(b"close") => close = true,
+                v if v.eq_ignore_ascii_case(b"keep-alive") => {}
+                _ => return Parsed::Theirs,
+            }
+        } else if name == header::TRANSFER_ENCODING || name == header::EXPECT || name == header::UPGRADE {
+            return Parsed::Theirs;
+        }
+        let Ok(value) = HeaderValue::from_bytes(h.value) else {
+            return Parsed::Theirs;
+        };
+        headers.append(name, value);
+    }
+    Parsed::Ours(Head {
+        op,
+        route,
+        headers,
+        len,
+        body: body.unwrap_or(0),
+        close,
+    })
+}
+
+/// Serves `io` until it closes or needs hyper.
+pub(super) async fn serve<S>(
+    api: &DirectApi,
+    mut io: S,
+    slot: &Arc<Slot>,
+    drain: &mut watch::Receiver<bool>,
+    header_timeout: Duration,
+    metrics: &ConnectionMetrics,
+) -> End<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut buf: Vec<u8> = Vec::with_capacity(4096);
+    let mut out: Vec<u8> = Vec::with_capacity(1024);
+    let mut json: Vec<u8> = Vec::with_capacity(512);
+    // What arrives while a request is decided.
+    let mut early: Vec<u8> = Vec::new();
+    let mut answered: u32 = 0;
+    let mut closing = *drain.borrow_and_update();
+    // One timer for the connection, re-armed only when it fires before the
+    // head it guards is late (so not once per request).
+    let timer = tokio::time::sleep(header_timeout);
+    tokio::pin!(timer);
+    loop {
+        // The head of the next request.
+        let mut deadline = Instant::now() + header_timeout;
+        let mut evicted = false;
+        let head = loop {
+            if !buf.is_empty() {
+                match parse(api, &buf) {
+                    Parsed::Ours(h) => break h,
+                    Parsed::Theirs => {
+                        return End::HandOff {
+                            io,
+                            read: buf,
+                            answered,
+                        }
+                    }
+                    Parsed::Partial => {}
+                }
+            } else if closing {
+                return End::Closed;
+            }
+            tokio::select! {
+                biased;
+                r = io.read_buf(&mut buf) => match r {
+                    Ok(0) | Err(_) => return End::Closed,
+                    Ok(_) => {}
+                },
+                () = &mut timer => {
+                    if Instant::now() >= deadline {
+                        if !evicted {
+                            metrics.header_timeouts.inc();
+                        }
+                        return End::Closed;
+                    }
+                    timer.as_mut().reset(deadline);
+                }
+                _ = slot.evict.notified(), if !closing => {
+                    // A connection chosen while a head is half sent gets a
+                    // moment to finish it, as hyper's graceful close does.
+                    closing = true;
+                    evicted = true;
+                    deadline = deadline.min(Instant::now() + EVICT_LINGER);
+                    timer.as_mut().reset(deadline);
+                }
+                _ = drain.changed(), if !closing => closing = true,
+            }
+        };
+        slot.begin();
+        answered = answered.wrapping_add(1);
+        let in_flight = InFlight(slot.clone());
+
+        let (answer, body_read) = match api.refuse(head.route, &head.headers) {
+            Some(refused) => (Answer::Other(refused), false),
+            None if head.body > api.max_body_bytes() as u64 => (Answer::Other(api.too_large()), false),
+            None => {
+                let end = head.len + head.body as usize;
+                match read_to(&mut io, &mut buf, end, api.body_timeout()).await {
+                    Ok(true) => {
+                        // A client that leaves while its call waits (for
+                        // capacity, `wait_ms`) is taken out of the queue, as
+                        // through hyper: the call is dropped when the socket
+                        // closes. Bytes of the next requests are kept.
+                        let answer = api.answer(head.op, head.route, &head.headers, &buf[head.len..end]);
+                        tokio::pin!(answer);
+                        let answer = loop {
+                            tokio::select! {
+                                biased;
+                                a = &mut answer => break a,
+                                r = io.read_buf(&mut early), if early.len() < MAX_HEAD => match r {
+                                    Ok(0) | Err(_) => return End::Closed,
+                                    Ok(_) => {}
+                                },
+                            }
+                        };
+                        (answer, true)
+                    }
+                    Ok(false) => (Answer::Other(api.body_timed_out()), false),
+                    Err(_) => return End::Closed,
+                }
+            }
+        };
+        // A refusal before the body was read leaves it unread: the connection
+        // ends with the answer.
+        let refused = matches!(&answer, Answer::Other(r) if is_closing(r));
+        let close = head.close || refused || !body_read || closing || *drain.borrow();
+        out.clear();
+        match answer {
+            Answer::Decision(d) => encode_decision(&d, close, &mut out, &mut json).await,
+            Answer::Other(resp) => encode(resp, close, &mut out).await,
+        }
+        let written = io.write_all(&out).await;
+        drop(in_flight);
+        if written.is_err() || close {
+            let _ = io.shutdown().await;
+            return End::Closed;
+        }
+        buf.drain(..head.len + head.body as usize);
+        buf.append(&mut early);
+    }
+}
+
+/// Reads until `buf` holds `end` bytes, within `timeout`: false when it ran out.
+async fn read_to<S: AsyncRead + Unpin>(
+    io: &mut S,
+    buf: &mut Vec<u8>,
+    end: usize,
+    timeout: Duration,
+) -> io::Result<bool> {
+    if buf.len() >= end {
+        return Ok(true);
+    }
+    buf.reserve(end - buf.len());
+    let read = async {
+        while buf.len() < end {
+            if io.read_buf(buf).await? == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+        }
+        Ok(())
+    };
+    match tokio::time::timeout(timeout, read).await {
+        Ok(r) => r.map(|()| true),
+        Err(_) => Ok(false),
+    }
+}
+
+/// Whether an answer ends its connection.
+fn is_closing(resp: &Response) -> bool {
+    resp.headers()
+        .get(header::CONNECTION)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"))
+}
+
+/// Writes a decision as the router's handler answers it (200, JSON, the
+/// rate-limit headers) into `out`, with no header map or body in between;
+/// `json` is scratch space.
+async fn encode_decision(d: &Decision, close: bool, out: &mut Vec<u8>, json: &mut Vec<u8>) {
+    json.clear();
+    if let Err(e) = serde_json::to_writer(&mut *json, d) {
+        // As the router's answer says it; decisions always encode.
+        let text = format!("cannot encode the answer: {e}");
+        return encode((StatusCode::INTERNAL_SERVER_ERROR, text).into_response(), close, out).await;
+    }
+    out.extend_from_slice(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n");
+    let mut digits = itoa::Buffer::new();
+    for (name, value) in rate_figures(d).into_iter().flatten() {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(digits.format(value).as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    end_head(json.len(), close, out);
+    out.extend_from_slice(json);
+}
+
+/// Writes `resp` as an HTTP/1.1 answer into `out`, saying `Connection: close`
+/// when it is the connection's last.
+async fn encode(resp: Response, close: bool, out: &mut Vec<u8>) {
+    let (parts, body) = resp.into_parts();
+    // The API's answers here are whole buffers: this does not wait.
+    let body = axum::body::to_bytes(body, usize::MAX).await.unwrap_or_default();
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(parts.status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(parts.status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for (name, value) in &parts.headers {
+        if name == header::CONTENT_LENGTH || name == header::DATE || name == header::CONNECTION {
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    end_head(body.len(), close, out);
+    out.extend_from_slice(&body);
+}
+
+/// The head's last lines: `Connection: close` for the last answer, the
+/// body's length and the date.
+fn end_head(body: usize, close: bool, out: &mut Vec<u8>) {
+    if close {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"content-length: ");
+    out.extend_from_slice(itoa::Buffer::new().format(body).as_bytes());
+    out.extend_from_slice(b"\r\ndate: ");
+    date(out);
+    out.extend_from_slice(b"\r\n\r\n");
+}
+
+/// Appends the current time as an HTTP date, formatted once a second per thread.
+fn date(out: &mut Vec<u8>) {
+    thread_local! {
+        static CACHED: std::cell::RefCell<(u64, String)> = const { std::cell::RefCell::new((u64::MAX, String::new())) };
+    }
+    let now = SystemTime::now();
+    let secs = now.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    CACHED.with_borrow_mut(|(at, text)| {
+        if *at != secs {
+            *at = secs;
+            *text = httpdate::fmt_http_date(now);
+        }
+        out.extend_from_slice(text.as_bytes());
+    });
+}
+
+/// A socket whose first reads return bytes read from it before: how hyper
+/// gets a connection the direct path started.
+pub(super) struct Rewind<S> {
+    /// Read already, not yet taken.
+    pre: Bytes,
+    /// The socket.
+    io: S,
+}
+
+impl<S> Rewind<S> {
+    pub(super) fn new(io: S, pre: Vec<u8>) -> Rewind<S> {
+        Rewind { pre: pre.into(), io }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Rewind<S> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        if !self.pre.is_empty() {
+            let n = self.pre.len().min(buf.remaining());
+            let taken = self.pre.split_to(n);
+            buf.put_slice(&taken);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}

@@ -1,0 +1,263 @@
+//! The direct request path (decisions answered without hyper and the router)
+//! against the router's path, byte for byte where it matters: the same
+//! answers and refusals, a connection handed to hyper mid-stream keeping its
+//! order and its framing checks, pipelined requests, `Connection: close`,
+//! timeouts and shutdown. Over TCP and the Unix socket.
+
+mod common;
+
+use common::raw::{raw, Raw};
+use common::{TestServer, TRANSPORTS};
+use serde_json::Value;
+
+const CONFIG: &str = r#"
+[auth]
+tokens = [{ role = "client", token = "client-token-0123456789" }]
+
+[[plans]]
+name = "free"
+default = true
+  [[plans.limits]]
+  name = "tokens-per-day"
+  metric = "tokens"
+  period = "1d"
+  max = 1000
+"#;
+
+const AUTH: &str = "Authorization: Bearer client-token-0123456789\r\n";
+
+fn post(path: &str, extra: &str, body: &str) -> String {
+    format!(
+        "POST {path} HTTP/1.1\r\nHost: q\r\n{extra}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+/// A connection moved to hyper: its first request is one the direct path
+/// leaves to the router.
+async fn on_hyper(s: &TestServer) -> Raw {
+    let mut c = raw(s).await;
+    c.send(&format!("GET /healthz HTTP/1.1\r\nHost: q\r\n{AUTH}\r\n")).await;
+    assert_eq!(c.answer().await.0, 200);
+    c
+}
+
+/// An answer's head without its `Date`, lower case, headers sorted.
+fn comparable(head: &str) -> Vec<String> {
+    let mut lines: Vec<String> = head
+        .lines()
+        .filter(|l| !l.is_empty() && !l.to_ascii_lowercase().starts_with("date:"))
+        .map(str::to_ascii_lowercase)
+        .collect();
+    lines[1..].sort();
+    lines
+}
+
+#[tokio::test]
+async fn both_paths_answer_alike() {
+    for t in TRANSPORTS {
+        let s = TestServer::start(CONFIG, t).await;
+        let cases = [
+            post("/v1/check", AUTH, r#"{"subject":"a","amounts":{"tokens":10}}"#),
+            post("/v1/check", AUTH, r#"{"subject":"a","amounts":{"tokens":5000}}"#),
+            post(
+                "/v1/check",
+                AUTH,
+                r#"{"subject":"a","amounts":{"tokens":1},"subject":"b"}"#,
+            ),
+            post("/v1/check", AUTH, r#"{"subject":"#),
+            post("/v1/check", AUTH, r#"{"subject":"a","colour":"red"}"#),
+            post("/v1/check", AUTH, ""),
+            post(
+                "/v1/reserve",
+                AUTH,
+                r#"{"subject":"a","amounts":{"tokens":10},"ttl_ms":0}"#,
+            ),
+            post("/v1/consume", AUTH, r#"{"subject":"a","amounts":{"tokens":-1}}"#),
+        ];
+        for case in &cases {
+            let mut direct = raw(&s).await;
+            direct.send(case).await;
+            let (status, head, body) = direct.answer().await;
+            let mut routed = on_hyper(&s).await;
+            routed.send(case).await;
+            let (status2, head2, body2) = routed.answer().await;
+            assert_eq!((status, &body), (status2, &body2), "{t:?} {case}");
+            assert_eq!(comparable(&head), comparable(&head2), "{t:?} {case}");
+            assert!(head.to_ascii_lowercase().contains("\r\ndate: "), "{head}");
+        }
+        // Consumes charge alike: three on each path, in turn.
+        let mut direct = raw(&s).await;
+        let mut routed = on_hyper(&s).await;
+        let consume = post("/v1/consume", AUTH, r#"{"subject":"c","amounts":{"tokens":7}}"#);
+        for i in 0..3 {
+            direct.send(&consume).await;
+            let (_, _, body) = direct.answer().await;
+            let v: Value = serde_json::from_str(&body).unwrap();
+            assert_eq!(v["counters"][0]["used"], 7 * (2 * i + 1), "{body}");
+            routed.send(&consume).await;
+            let (_, _, body) = routed.answer().await;
+            let v: Value = serde_json::from_str(&body).unwrap();
+            assert_eq!(v["counters"][0]["used"], 7 * (2 * i + 2), "{body}");
+        }
+        // The direct path's requests are in the request metrics.
+        let mut m = on_hyper(&s).await;
+        m.send(&format!("GET /metrics HTTP/1.1\r\nHost: q\r\n{AUTH}\r\n")).await;
+        let (_, _, metrics) = m.answer().await;
+        let count = |route: &str| -> f64 {
+            metrics
+                .lines()
+                .find(|l| {
+                    l.starts_with("quotad_http_request_duration_seconds_count")
+                        && l.contains(&format!("route=\"{route}\""))
+                })
+                .and_then(|l| l.rsplit(' ').next())
+                .map_or(0.0, |v| v.parse().unwrap())
+        };
+        assert_eq!(count("/v1/check"), 12.0, "{metrics}");
+        assert_eq!(count("/v1/reserve"), 2.0, "{metrics}");
+        assert_eq!(count("/v1/consume"), 8.0, "{metrics}");
+        s.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn refusals_on_the_direct_path_close_the_connection() {
+    let cfg = format!("[server]\nbody_timeout_ms = 300\nmax_body_bytes = 1024\n{CONFIG}");
+    for t in TRANSPORTS {
+        let s = TestServer::start(&cfg, t).await;
+        // No token: 401, with the scheme to use.
+        let mut c = raw(&s).await;
+        c.send(&post("/v1/consume", "", r#"{"subject":"a"}"#)).await;
+        let (status, head, _) = c.answer().await;
+        assert_eq!(status, 401, "{t:?}");
+        let head = head.to_ascii_lowercase();
+        assert!(
+            head.contains("www-authenticate: bearer") && head.contains("connection: close"),
+            "{head}"
+        );
+        assert!(c.closed().await.is_some(), "{t:?}");
+        // A body over the limit is refused before it is read.
+        let mut c = raw(&s).await;
+        c.send(&format!(
+            "POST /v1/consume HTTP/1.1\r\nHost: q\r\n{AUTH}Content-Length: 5000\r\n\r\n"
+        ))
+        .await;
+        let (status, head, body) = c.answer().await;
+        assert_eq!(status, 413, "{t:?} {body}");
+        assert!(body.contains("server.max_body_bytes"), "{body}");
+        assert!(head.to_ascii_lowercase().contains("connection: close"), "{head}");
+        assert!(c.closed().await.is_some(), "{t:?}");
+        // A body that stops coming: 408 after body_timeout_ms.
+        let mut c = raw(&s).await;
+        c.send(&format!(
+            "POST /v1/consume HTTP/1.1\r\nHost: q\r\n{AUTH}Content-Length: 40\r\n\r\n{{\"subject\""
+        ))
+        .await;
+        let (status, _, body) = c.answer().await;
+        assert_eq!(status, 408, "{t:?} {body}");
+        assert!(body.contains("server.body_timeout_ms"), "{body}");
+        assert!(c.closed().await.is_some(), "{t:?}");
+        // The client's own `Connection: close` is kept.
+        let mut c = raw(&s).await;
+        c.send(&post(
+            "/v1/consume",
+            &format!("{AUTH}Connection: close\r\n"),
+            r#"{"subject":"a"}"#,
+        ))
+        .await;
+        let (status, head, _) = c.answer().await;
+        assert_eq!(status, 200, "{t:?}");
+        assert!(head.to_ascii_lowercase().contains("connection: close"), "{head}");
+        assert!(c.closed().await.is_some(), "{t:?}");
+        // Nothing was charged by the refused ones.
+        let mut c = on_hyper(&s).await;
+        c.send(&format!("GET /v1/subjects/a HTTP/1.1\r\nHost: q\r\n{AUTH}\r\n"))
+            .await;
+        let (_, _, body) = c.answer().await;
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["counters"][0]["used"], 0, "{body}");
+        s.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn pipelined_requests_are_answered_in_order_across_the_hand_off() {
+    for t in TRANSPORTS {
+        let s = TestServer::start(CONFIG, t).await;
+        let body = r#"{"subject":"p","amounts":{"tokens":5}}"#;
+        let chunked = format!("{:x}\r\n{body}\r\n0\r\n\r\n", body.len());
+        let consume = post("/v1/consume", AUTH, body);
+        let read = format!("GET /v1/subjects/p HTTP/1.1\r\nHost: q\r\n{AUTH}\r\n");
+        let chunked_consume =
+            format!("POST /v1/consume HTTP/1.1\r\nHost: q\r\n{AUTH}Transfer-Encoding: chunked\r\n\r\n{chunked}");
+        // Two requests on the direct path, then one it hands to hyper, then
+        // more (hyper's now): all in one write.
+        let mut c = raw(&s).await;
+        c.send(&format!("{consume}{consume}{read}{consume}{chunked_consume}{consume}"))
+            .await;
+        for (i, used) in [5, 10, 10, 15, 20, 25].into_iter().enumerate() {
+            let (status, _, text) = c.answer().await;
+            assert_eq!(status, 200, "{t:?} answer {i}: {text}");
+            let v: Value = serde_json::from_str(&text).unwrap();
+            assert_eq!(v["counters"][0]["used"], used, "{t:?} answer {i}: {text}");
+        }
+        // The framing check counts requests from the connection's start: the
+        // third request with both lengths is the one refused, after two the
+        // direct path answered.
+        let mut c = raw(&s).await;
+        let both = format!(
+            "POST /v1/consume HTTP/1.1\r\nHost: q\r\n{AUTH}Transfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n{chunked}"
+        );
+        c.send(&format!("{consume}{consume}{both}{consume}")).await;
+        assert_eq!(c.answer().await.0, 200);
+        assert_eq!(c.answer().await.0, 200);
+        let (status, head, text) = c.answer().await;
+        assert_eq!(status, 400, "{t:?} {text}");
+        assert!(text.contains("Transfer-Encoding"), "{text}");
+        assert!(head.to_ascii_lowercase().contains("connection: close"), "{head}");
+        assert!(c.closed().await.is_some(), "{t:?}");
+        let mut c = on_hyper(&s).await;
+        c.send(&read).await;
+        let (_, _, text) = c.answer().await;
+        let v: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["counters"][0]["used"], 35, "{t:?}: {text}");
+        s.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn an_idle_direct_connection_times_out_and_closes_on_shutdown() {
+    let cfg = format!("[server]\nheader_timeout_ms = 300\n{CONFIG}");
+    for t in TRANSPORTS {
+        let s = TestServer::start(&cfg, t).await;
+        let before = s.state.metrics.connections.header_timeouts.get();
+        // Kept alive after a decision, then silent: closed by the header timeout.
+        let mut kept = raw(&s).await;
+        kept.send(&post("/v1/consume", AUTH, r#"{"subject":"k"}"#)).await;
+        let (status, head, _) = kept.answer().await;
+        assert_eq!(status, 200);
+        assert!(!head.to_ascii_lowercase().contains("connection: close"), "{head}");
+        assert!(kept.closed().await.is_some(), "{t:?}: stayed open");
+        // Half a head: the same.
+        let mut half = raw(&s).await;
+        half.send(&format!("POST /v1/consume HTTP/1.1\r\nHost: q\r\n{AUTH}"))
+            .await;
+        assert!(half.closed().await.is_some(), "{t:?}: half a head stayed open");
+        assert_eq!(s.state.metrics.connections.header_timeouts.get() - before, 2);
+        s.stop().await;
+    }
+    // Shutdown closes an idle kept-alive connection at once.
+    for t in TRANSPORTS {
+        let s = TestServer::start(CONFIG, t).await;
+        let mut kept = raw(&s).await;
+        kept.send(&post("/v1/consume", AUTH, r#"{"subject":"k"}"#)).await;
+        assert_eq!(kept.answer().await.0, 200);
+        let stopped = tokio::spawn(s.stop());
+        assert!(kept.closed().await.is_some(), "{t:?}: stayed open through shutdown");
+        tokio::time::timeout(std::time::Duration::from_secs(5), stopped)
+            .await
+            .expect("stopped in time")
+            .unwrap();
+    }
+}
