@@ -16,7 +16,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -82,6 +82,9 @@ struct Slot {
     conflicting: AtomicU64,
     /// Told when the registry evicts the connection.
     evict: Notify,
+    /// Set when the registry evicts the connection (the direct path checks
+    /// it between pipelined requests, where it does not wait on `evict`).
+    evicted: AtomicBool,
     /// The registry's epoch.
     epoch: Instant,
 }
@@ -142,6 +145,7 @@ impl Connections {
                 .min_by_key(|s| s.idle_since.load(Ordering::Relaxed))
                 .map(|s| s.id)?;
             if let Some(v) = open.slots.remove(&victim) {
+                v.evicted.store(true, Ordering::Relaxed);
                 v.evict.notify_one();
                 self.metrics.evicted.inc();
             }
@@ -154,6 +158,7 @@ impl Connections {
             idle_since: AtomicU64::new(0),
             conflicting: AtomicU64::new(0),
             evict: Notify::new(),
+            evicted: AtomicBool::new(false),
             epoch: self.epoch,
         });
         // Idle from the moment it opened: one that never sends a request goes first.
@@ -196,15 +201,33 @@ impl Connections {
             router: router.clone(),
             slot: slot.clone(),
         };
-        let (registry, builder) = (self.clone(), builder.clone());
+        let (registry, mut builder) = (self.clone(), builder.clone());
         let mut drain = self.drain.subscribe();
         let direct = direct.map(|(api, header_timeout)| (api.clone(), header_timeout));
         tokio::spawn(async move {
-            let (io, answered) = match direct {
-                None => (direct::Rewind::new(io, Vec::new()), 0),
+            let (io, answered, start) = match direct {
+                None => (direct::Rewind::new(io, Vec::new()), 0, Start::Fresh),
                 Some((api, header_timeout)) => {
                     match direct::serve(&api, io, &slot, &mut drain, header_timeout, &registry.metrics).await {
-                        direct::End::HandOff { io, read, answered } => (direct::Rewind::new(io, read), answered),
+                        direct::End::HandOff {
+                            io,
+                            read,
+                            answered,
+                            evicted,
+                        } => {
+                            registry.metrics.handed_off.inc();
+                            // A request already read must be answered, which
+                            // hyper's graceful close would not do (it has read
+                            // nothing yet): hyper answers it and closes instead.
+                            let start = if evicted {
+                                Start::Closing(Some(tokio::time::Instant::now() + EVICT_LINGER))
+                            } else if *drain.borrow_and_update() {
+                                Start::Closing(None)
+                            } else {
+                                Start::Fresh
+                            };
+                            (direct::Rewind::new(io, read), answered, start)
+                        }
                         direct::End::Closed => {
                             registry.close(slot.id);
                             return;
@@ -217,8 +240,11 @@ impl Connections {
                 scanner: Scanner::after(answered),
                 slot: slot.clone(),
             });
-            let conn = builder.serve_connection(io, service);
-            if let Err(e) = drive(conn, &slot, drain).await {
+            let conn = match start {
+                Start::Fresh => builder.serve_connection(io, service),
+                Start::Closing(_) => builder.keep_alive(false).serve_connection(io, service),
+            };
+            if let Err(e) = drive(conn, &slot, drain, start).await {
                 if e.is_timeout() {
                     registry.metrics.header_timeouts.inc();
                 }
@@ -235,21 +261,34 @@ impl Connections {
     }
 }
 
+/// How hyper takes a connection over.
+#[derive(Clone, Copy)]
+enum Start {
+    /// Served until it ends, is evicted or is drained.
+    Fresh,
+    /// Evicted or drained on the direct path: served without keep-alive
+    /// (its request answered, then closed), within the linger if evicted.
+    Closing(Option<tokio::time::Instant>),
+}
+
 /// Polls a connection until it ends, is evicted or is drained.
 async fn drive<S>(
     conn: http1::Connection<TokioIo<Scanned<direct::Rewind<S>>>, Tracked>,
     slot: &Slot,
     mut drain: watch::Receiver<bool>,
+    start: Start,
 ) -> Result<(), hyper::Error>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     tokio::pin!(conn);
-    let mut closing = *drain.borrow_and_update();
-    if closing {
+    let (mut closing, mut linger) = match start {
+        Start::Closing(linger) => (true, linger),
+        Start::Fresh => (*drain.borrow_and_update(), None),
+    };
+    if closing && matches!(start, Start::Fresh) {
         conn.as_mut().graceful_shutdown();
     }
-    let mut linger: Option<tokio::time::Instant> = None;
     loop {
         // Only polled while there is a linger.
         let deadline = linger.unwrap_or_else(tokio::time::Instant::now);

@@ -333,6 +333,9 @@ pub struct ConnectionMetrics {
     pub refused: Counter,
     /// Connections closed because no whole request head came within `server.header_timeout_ms`.
     pub header_timeouts: Counter,
+    /// Connections the direct path for decisions handed to the general HTTP
+    /// stack (their first request was for another endpoint, or not plain).
+    pub handed_off: Counter,
 }
 
 /// Labels of the webhook gauges.
@@ -599,6 +602,11 @@ impl Metrics {
             "connections_header_timeouts",
             "Connections closed because no whole request head came within server.header_timeout_ms",
             c.header_timeouts.clone(),
+        );
+        r.register(
+            "connections_handed_off",
+            "Connections moved from the direct path for decisions to the general HTTP stack at their first other request",
+            c.handed_off.clone(),
         );
         *m.registry.lock().unwrap_or_else(|e| e.into_inner()) = r;
         m

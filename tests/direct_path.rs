@@ -261,3 +261,92 @@ async fn an_idle_direct_connection_times_out_and_closes_on_shutdown() {
             .unwrap();
     }
 }
+
+#[tokio::test]
+async fn decisions_stay_on_the_direct_path_until_another_request() {
+    for t in TRANSPORTS {
+        let s = TestServer::start(CONFIG, t).await;
+        // The harness's own readiness checks were handed off before.
+        let before = s.state.metrics.connections.handed_off.get();
+        let handed_off = || s.state.metrics.connections.handed_off.get() - before;
+        let mut c = raw(&s).await;
+        for path in ["/v1/consume", "/v1/check", "/v1/reserve"] {
+            c.send(&post(path, AUTH, r#"{"subject":"d","amounts":{"tokens":1}}"#))
+                .await;
+            assert_eq!(c.answer().await.0, 200, "{t:?} {path}");
+        }
+        assert_eq!(handed_off(), 0, "{t:?}: a decision left the direct path");
+        c.send(&format!("GET /v1/subjects/d HTTP/1.1\r\nHost: q\r\n{AUTH}\r\n"))
+            .await;
+        assert_eq!(c.answer().await.0, 200);
+        assert_eq!(handed_off(), 1, "{t:?}");
+        // A query string is the router's to check.
+        let mut q = raw(&s).await;
+        q.send(&post("/v1/consume?x=1&x=2", AUTH, r#"{"subject":"d"}"#)).await;
+        assert_eq!(q.answer().await.0, 400, "{t:?}");
+        assert_eq!(handed_off(), 2, "{t:?}");
+        s.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn a_client_that_pipelines_then_half_closes_gets_every_answer() {
+    for t in TRANSPORTS {
+        let s = TestServer::start(CONFIG, t).await;
+        let mut c = raw(&s).await;
+        let consume = post("/v1/consume", AUTH, r#"{"subject":"h","amounts":{"tokens":2}}"#);
+        c.send(&format!("{consume}{consume}{consume}")).await;
+        tokio::io::AsyncWriteExt::shutdown(&mut c.io).await.unwrap();
+        for used in [2, 4, 6] {
+            let (status, _, text) = c.answer().await;
+            assert_eq!(status, 200, "{t:?} {text}");
+            let v: Value = serde_json::from_str(&text).unwrap();
+            assert_eq!(v["counters"][0]["used"], used, "{t:?} {text}");
+        }
+        assert!(c.closed().await.is_some(), "{t:?}");
+        s.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn a_request_finished_after_eviction_or_shutdown_began_is_answered_then_closed() {
+    let cfg = format!("[server]\nmax_connections = 2\nheader_timeout_ms = 60000\n{CONFIG}");
+    let rest = format!("{AUTH}\r\n");
+    for t in TRANSPORTS {
+        let s = TestServer::start(&cfg, t).await;
+        // Half a head for another endpoint; two newer connections evict it.
+        let mut half = raw(&s).await;
+        half.send("GET /v1/subjects/e HTTP/1.1\r\nHost: q\r\n").await;
+        let others = [raw(&s).await, raw(&s).await];
+        for _ in 0..100 {
+            if s.state.metrics.connections.evicted.get() >= 1 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        half.send(&rest).await;
+        let (status, head, _) = half.answer().await;
+        assert_eq!(status, 200, "{t:?}");
+        assert!(head.to_ascii_lowercase().contains("connection: close"), "{head}");
+        assert!(
+            half.closed().await.is_some(),
+            "{t:?}: an evicted connection stayed open"
+        );
+        drop(others);
+        // Half a head when shutdown begins: finished, it is answered.
+        let mut half = raw(&s).await;
+        half.send("GET /v1/subjects/e HTTP/1.1\r\nHost: q\r\n").await;
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let stopped = tokio::spawn(s.stop());
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        half.send(&rest).await;
+        let (status, head, _) = half.answer().await;
+        assert_eq!(status, 200, "{t:?}");
+        assert!(head.to_ascii_lowercase().contains("connection: close"), "{head}");
+        assert!(half.closed().await.is_some(), "{t:?}: stayed open through shutdown");
+        tokio::time::timeout(std::time::Duration::from_secs(5), stopped)
+            .await
+            .expect("stopped in time")
+            .unwrap();
+    }
+}

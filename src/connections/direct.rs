@@ -43,7 +43,12 @@ pub(super) enum End<S> {
     /// hyper serves it from here on: the socket, the bytes read and not yet
     /// answered, and how many requests were answered here (hyper's framing
     /// scanner numbers requests on from there).
-    HandOff { io: S, read: Vec<u8>, answered: u32 },
+    HandOff {
+        io: S,
+        read: Vec<u8>,
+        answered: u32,
+        evicted: bool,
+    },
     /// The connection is done.
     Closed,
 }
@@ -166,6 +171,7 @@ where
                             io,
                             read: buf,
                             answered,
+                            evicted: evicted || slot.evicted.load(std::sync::atomic::Ordering::Relaxed),
                         }
                     }
                     Parsed::Partial => {}
@@ -214,13 +220,20 @@ where
                         // capacity, `wait_ms`) is taken out of the queue, as
                         // through hyper: the call is dropped when the socket
                         // closes. Bytes of the next requests are kept.
+                        //
+                        // Only when nothing past this request is buffered, as
+                        // hyper does: a client that pipelined and then
+                        // half-closed still gets its answers, and a client
+                        // that sends faster than it is answered meets TCP's
+                        // backpressure, not a growing buffer.
+                        let watch = buf.len() == end;
                         let answer = api.answer(head.op, head.route, &head.headers, &buf[head.len..end]);
                         tokio::pin!(answer);
                         let answer = loop {
                             tokio::select! {
                                 biased;
                                 a = &mut answer => break a,
-                                r = io.read_buf(&mut early), if early.len() < MAX_HEAD => match r {
+                                r = io.read_buf(&mut early), if watch && early.is_empty() => match r {
                                     Ok(0) | Err(_) => return End::Closed,
                                     Ok(_) => {}
                                 },
@@ -236,7 +249,8 @@ where
         // A refusal before the body was read leaves it unread: the connection
         // ends with the answer.
         let refused = matches!(&answer, Answer::Other(r) if is_closing(r));
-        let close = head.close || refused || !body_read || closing || *drain.borrow();
+        let evicted = slot.evicted.load(std::sync::atomic::Ordering::Relaxed);
+        let close = head.close || refused || !body_read || closing || evicted || *drain.borrow();
         out.clear();
         match answer {
             Answer::Decision(d) => encode_decision(&d, close, &mut out, &mut json).await,
@@ -381,6 +395,9 @@ impl<S: AsyncRead + Unpin> AsyncRead for Rewind<S> {
             let n = self.pre.len().min(buf.remaining());
             let taken = self.pre.split_to(n);
             buf.put_slice(&taken);
+            if self.pre.is_empty() {
+                self.pre = Bytes::new(); // lets the direct path's buffer go
+            }
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut self.io).poll_read(cx, buf)
