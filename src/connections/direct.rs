@@ -216,18 +216,18 @@ where
                 let end = head.len + head.body as usize;
                 match read_to(&mut io, &mut buf, end, api.body_timeout()).await {
                     Ok(true) => {
-                        // A client that leaves while its call waits (for
-                        // capacity, `wait_ms`) is taken out of the queue, as
-                        // through hyper: the call is dropped when the socket
-                        // closes. Bytes of the next requests are kept.
-                        //
-                        // Only when nothing past this request is buffered, as
-                        // hyper does: a client that pipelined and then
-                        // half-closed still gets its answers, and a client
+                        // A client that leaves while its call waits for
+                        // capacity is taken out of the queue, as through
+                        // hyper: the call is dropped when the socket closes.
+                        // Only a call that may wait (its body names
+                        // `wait_ms`) is watched, so a client that pipelined
+                        // and then half-closed gets its other answers; and
+                        // only while nothing past it is buffered, so a client
                         // that sends faster than it is answered meets TCP's
                         // backpressure, not a growing buffer.
-                        let watch = buf.len() == end;
-                        let answer = api.answer(head.op, head.route, &head.headers, &buf[head.len..end]);
+                        let body = &buf[head.len..end];
+                        let watch = buf.len() == end && body.windows(9).any(|w| w == b"\"wait_ms\"");
+                        let answer = api.answer(head.op, head.route, &head.headers, body);
                         tokio::pin!(answer);
                         let answer = loop {
                             tokio::select! {
