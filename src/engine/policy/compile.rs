@@ -120,28 +120,35 @@ impl Matcher {
 }
 
 /// `*` matches any run of characters, `?` exactly one; everything else literally.
+/// It walks both strings by byte offset, a character at a time, without
+/// copying them: it runs for every limit's match on every decision.
 pub fn glob_match(pattern: &str, text: &str) -> bool {
-    let p: Vec<char> = pattern.chars().collect();
-    let t: Vec<char> = text.chars().collect();
+    let at = |s: &str, i: usize| s[i..].chars().next();
     let (mut pi, mut ti) = (0, 0);
-    // Position of the last `*` and the text position it was tried at.
+    // Byte offsets of the last `*` and of the text position it was tried at.
     let mut star: Option<(usize, usize)> = None;
-    while ti < t.len() {
-        if pi < p.len() && (p[pi] == '?' || (p[pi] != '*' && p[pi] == t[ti])) {
-            pi += 1;
-            ti += 1;
-        } else if pi < p.len() && p[pi] == '*' {
-            star = Some((pi, ti));
-            pi += 1;
-        } else if let Some((sp, st)) = star {
-            pi = sp + 1;
-            ti = st + 1;
-            star = Some((sp, st + 1));
-        } else {
-            return false;
+    while let Some(tc) = at(text, ti) {
+        match at(pattern, pi) {
+            Some(pc) if pc == '?' || (pc != '*' && pc == tc) => {
+                pi += pc.len_utf8();
+                ti += tc.len_utf8();
+            }
+            Some('*') => {
+                star = Some((pi, ti));
+                pi += 1;
+            }
+            _ => match star {
+                Some((sp, st)) => {
+                    let st = st + at(text, st).map_or(1, char::len_utf8);
+                    pi = sp + 1;
+                    ti = st;
+                    star = Some((sp, st));
+                }
+                None => return false,
+            },
         }
     }
-    p[pi..].iter().all(|&c| c == '*')
+    pattern[pi..].chars().all(|c| c == '*')
 }
 
 /// One compiled limit.
@@ -830,6 +837,49 @@ mod tests {
         assert!(!glob_match("llm.*", "image.render"));
         assert!(!glob_match("a?c", "ac"));
         assert!(glob_match("gpt-4o*", "gpt-4o-mini"));
+        // `?` is one character, not one byte; `*` backtracks over characters.
+        assert!(glob_match("caf?", "café"));
+        assert!(glob_match("*é*x", "aébéx"));
+        assert!(!glob_match("caf?", "cafée"));
+        assert!(glob_match("**a", "ba"));
+        assert!(!glob_match("a*b", "acbc"));
+        assert!(glob_match("", ""));
+        assert!(!glob_match("", "a"));
+        // Against the obvious recursive definition, on every pattern and
+        // text of up to 4 characters from a small alphabet with a
+        // multi-byte letter.
+        fn reference(p: &[char], t: &[char]) -> bool {
+            match p.split_first() {
+                None => t.is_empty(),
+                Some(('*', rest)) => (0..=t.len()).any(|i| reference(rest, &t[i..])),
+                Some((&c, rest)) => t
+                    .split_first()
+                    .is_some_and(|(&d, tr)| (c == '?' || c == d) && reference(rest, tr)),
+            }
+        }
+        let strings = |alphabet: &[char]| {
+            let mut all = vec![String::new()];
+            for len in 1..=4 {
+                let mut idx = vec![0usize; len];
+                loop {
+                    all.push(idx.iter().map(|&i| alphabet[i]).collect::<String>());
+                    let Some(k) = (0..len).rev().find(|&k| idx[k] + 1 < alphabet.len()) else {
+                        break;
+                    };
+                    idx[k] += 1;
+                    idx[k + 1..].iter_mut().for_each(|i| *i = 0);
+                }
+            }
+            all
+        };
+        let texts = strings(&['a', 'é']);
+        for p in strings(&['a', 'é', '*', '?']) {
+            let pc: Vec<char> = p.chars().collect();
+            for t in &texts {
+                let tc: Vec<char> = t.chars().collect();
+                assert_eq!(glob_match(&p, t), reference(&pc, &tc), "{p:?} on {t:?}");
+            }
+        }
     }
 
     #[test]
