@@ -100,6 +100,41 @@ async fn both_paths_answer_alike() {
             let v: Value = serde_json::from_str(&body).unwrap();
             assert_eq!(v["counters"][0]["used"], 7 * (2 * i + 2), "{body}");
         }
+        // Reservations: committed and released alike, and the same refusals.
+        for (action, body) in [("commit", r#"{"amounts":{"tokens":20}}"#), ("release", "{}")] {
+            let mut answers = Vec::new();
+            for (i, c) in [&mut direct, &mut routed].into_iter().enumerate() {
+                // A subject of its own on each path, named alike in the answer.
+                let subject = format!("r-{action}-{i}");
+                let reserve = format!(r#"{{"subject":"{subject}","amounts":{{"tokens":50}},"ttl_ms":60000}}"#);
+                c.send(&post("/v1/reserve", AUTH, &reserve)).await;
+                let (_, _, text) = c.answer().await;
+                let v: Value = serde_json::from_str(&text).unwrap();
+                let id = v["reservation_id"].as_str().unwrap().to_string();
+                c.send(&post(&format!("/v1/reservations/{id}/{action}"), AUTH, body))
+                    .await;
+                let (status, head, text) = c.answer().await;
+                answers.push((
+                    status,
+                    comparable(&head),
+                    text.replace(&id, "ID").replace(&subject, "S"),
+                ));
+            }
+            assert_eq!(answers[0], answers[1], "{t:?} {action}");
+            assert_eq!(answers[0].0, 200, "{t:?} {action}: {}", answers[0].2);
+        }
+        for case in [
+            post("/v1/reservations/nope/commit", AUTH, "{}"),
+            post("/v1/reservations/nope/release", AUTH, r#"{"amounts":{}}"#),
+            post("/v1/reservations/nope/commit", AUTH, r#"{"amounts":{"tokens":-1}}"#),
+        ] {
+            direct.send(&case).await;
+            let (status, head, body) = direct.answer().await;
+            routed.send(&case).await;
+            let (status2, head2, body2) = routed.answer().await;
+            assert_eq!((status, &body), (status2, &body2), "{t:?} {case}");
+            assert_eq!(comparable(&head), comparable(&head2), "{t:?} {case}");
+        }
         // The direct path's requests are in the request metrics.
         let mut m = on_hyper(&s).await;
         m.send(&format!("GET /metrics HTTP/1.1\r\nHost: q\r\n{AUTH}\r\n")).await;
@@ -115,7 +150,9 @@ async fn both_paths_answer_alike() {
                 .map_or(0.0, |v| v.parse().unwrap())
         };
         assert_eq!(count("/v1/check"), 12.0, "{metrics}");
-        assert_eq!(count("/v1/reserve"), 2.0, "{metrics}");
+        assert_eq!(count("/v1/reserve"), 6.0, "{metrics}");
+        assert_eq!(count("/v1/reservations/{id}/commit"), 6.0, "{metrics}");
+        assert_eq!(count("/v1/reservations/{id}/release"), 4.0, "{metrics}");
         assert_eq!(count("/v1/consume"), 8.0, "{metrics}");
         s.stop().await;
     }
@@ -273,7 +310,15 @@ async fn decisions_stay_on_the_direct_path_until_another_request() {
         for path in ["/v1/consume", "/v1/check", "/v1/reserve"] {
             c.send(&post(path, AUTH, r#"{"subject":"d","amounts":{"tokens":1}}"#))
                 .await;
-            assert_eq!(c.answer().await.0, 200, "{t:?} {path}");
+            let (status, _, text) = c.answer().await;
+            assert_eq!(status, 200, "{t:?} {path}");
+            if path == "/v1/reserve" {
+                let v: Value = serde_json::from_str(&text).unwrap();
+                let id = v["reservation_id"].as_str().unwrap();
+                c.send(&post(&format!("/v1/reservations/{id}/commit"), AUTH, "{}"))
+                    .await;
+                assert_eq!(c.answer().await.0, 200, "{t:?} commit");
+            }
         }
         assert_eq!(handed_off(), 0, "{t:?}: a decision left the direct path");
         c.send(&format!("GET /v1/subjects/d HTTP/1.1\r\nHost: q\r\n{AUTH}\r\n"))
@@ -285,6 +330,12 @@ async fn decisions_stay_on_the_direct_path_until_another_request() {
         q.send(&post("/v1/consume?x=1&x=2", AUTH, r#"{"subject":"d"}"#)).await;
         assert_eq!(q.answer().await.0, 400, "{t:?}");
         assert_eq!(handed_off(), 2, "{t:?}");
+        // So is a reservation id the router would percent-decode.
+        let mut p = raw(&s).await;
+        p.send(&post("/v1/reservations/a%20b/commit", AUTH, "{}")).await;
+        let (status, _, text) = p.answer().await;
+        assert_eq!(status, 404, "{t:?} {text}");
+        assert_eq!(handed_off(), 3, "{t:?}");
         s.stop().await;
     }
 }

@@ -1,5 +1,6 @@
-//! The decision endpoints (`POST /v1/check`, `/v1/consume`, `/v1/reserve`) as
-//! the direct request path answers them (`crate::connections::direct` reads
+//! The decision endpoints (`POST /v1/check`, `/v1/consume`, `/v1/reserve`)
+//! and a reservation's commit and release, as the direct request path
+//! answers them (`crate::connections::direct` reads
 //! the requests and writes the answers). Everything a request meets through
 //! the router is here too, from the same functions: the gate's token checks,
 //! the body limit and timeout, the handler and the request metrics. Only the
@@ -11,9 +12,10 @@ use std::time::{Duration, Instant};
 
 use axum::http::{HeaderMap, Method};
 use axum::response::{IntoResponse, Response};
+use axum::Json;
 
 pub(crate) use super::rate_figures;
-use super::{body_timed_out, decide_body, refuse_head, too_large, AppState};
+use super::{body_timed_out, decide_body, finish_body, refuse_head, too_large, AppState};
 use crate::engine::{DecideOp, Decision};
 
 /// The API as the direct path sees it.
@@ -27,20 +29,32 @@ impl DirectApi {
         DirectApi { st }
     }
 
-    /// The decision endpoint a request line names, when this daemon answers
-    /// it on the direct path: a single node whose engine is loaded. A cluster
-    /// node's requests go through the router, which forwards them to the
-    /// leader and stamps the node that answered. A query string goes through
-    /// the router too, which checks it.
-    pub fn endpoint(&self, method: &str, target: &str) -> Option<(DecideOp, &'static str)> {
+    /// The endpoint a request line names, when this daemon answers it on the
+    /// direct path: a single node whose engine is loaded. A cluster node's
+    /// requests go through the router, which forwards them to the leader and
+    /// stamps the node that answered. A query string, or a reservation id
+    /// with anything but letters, digits and `-_.~` (the router would
+    /// percent-decode it), goes through the router too.
+    pub fn endpoint(&self, method: &str, target: &str) -> Option<Endpoint> {
         if method != "POST" {
             return None;
         }
         let found = match target {
-            "/v1/consume" => (DecideOp::Consume, "/v1/consume"),
-            "/v1/check" => (DecideOp::Check, "/v1/check"),
-            "/v1/reserve" => (DecideOp::Reserve, "/v1/reserve"),
-            _ => return None,
+            "/v1/consume" => Endpoint::Decide(DecideOp::Consume, "/v1/consume"),
+            "/v1/check" => Endpoint::Decide(DecideOp::Check, "/v1/check"),
+            "/v1/reserve" => Endpoint::Decide(DecideOp::Reserve, "/v1/reserve"),
+            _ => {
+                let (id, action) = target.strip_prefix("/v1/reservations/")?.split_once('/')?;
+                let plain = |c: u8| c.is_ascii_alphanumeric() || b"-_.~".contains(&c);
+                if id.is_empty() || !id.bytes().all(plain) {
+                    return None;
+                }
+                match action {
+                    "commit" => Endpoint::Finish(id.to_string(), true),
+                    "release" => Endpoint::Finish(id.to_string(), false),
+                    _ => return None,
+                }
+            }
         };
         let core = self.st.core.get()?;
         core.cluster.is_none().then_some(found)
@@ -73,20 +87,47 @@ impl DirectApi {
         body_timed_out(self.st.body_timeout)
     }
 
-    /// Decides a request whose head the gate admitted and whose body was read
-    /// whole, and counts it in the request metrics as the router does.
-    pub async fn answer(&self, op: DecideOp, route: &'static str, headers: &HeaderMap, body: &[u8]) -> Answer {
+    /// Answers a request whose head the gate admitted and whose body was
+    /// read whole, and counts it in the request metrics as the router does.
+    pub async fn answer(&self, endpoint: &Endpoint, headers: &HeaderMap, body: &[u8]) -> Answer {
         let started = Instant::now();
-        let (answer, status) = match decide_body(&self.st, headers, body, op).await {
-            Ok(d) => (Answer::Decision(d), 200),
-            Err(e) => {
-                let resp = e.into_response();
-                let status = resp.status().as_u16();
-                (Answer::Other(resp), status)
-            }
+        let answer = match endpoint {
+            Endpoint::Decide(op, _) => match decide_body(&self.st, headers, body, *op).await {
+                Ok(d) => Answer::Decision(d),
+                Err(e) => Answer::Other(e.into_response()),
+            },
+            Endpoint::Finish(id, commit) => match finish_body(&self.st, id, headers, body, *commit).await {
+                Ok(a) => Answer::Other(Json(a).into_response()),
+                Err(e) => Answer::Other(e.into_response()),
+            },
         };
-        self.st.metrics.http("POST", route, status, started.elapsed());
+        let status = match &answer {
+            Answer::Decision(_) => 200,
+            Answer::Other(r) => r.status().as_u16(),
+        };
+        self.st
+            .metrics
+            .http("POST", endpoint.route(), status, started.elapsed());
         answer
+    }
+}
+
+/// An endpoint the direct path answers.
+pub enum Endpoint {
+    /// `/v1/check`, `/v1/consume` or `/v1/reserve` (the route).
+    Decide(DecideOp, &'static str),
+    /// `/v1/reservations/{id}/commit` (true) or `/release` (false).
+    Finish(String, bool),
+}
+
+impl Endpoint {
+    /// The route pattern, as the router's metrics label it.
+    pub fn route(&self) -> &'static str {
+        match self {
+            Endpoint::Decide(_, route) => route,
+            Endpoint::Finish(_, true) => "/v1/reservations/{id}/commit",
+            Endpoint::Finish(_, false) => "/v1/reservations/{id}/release",
+        }
     }
 }
 

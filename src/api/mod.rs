@@ -1415,15 +1415,8 @@ async fn commit(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    st.authorize(&headers, Role::Client)?;
-    reservation_path(&id)?;
-    let b: CommitBody = parse(&body_bytes(body, st.max_body_bytes)?)?;
-    check_amounts("amounts", &b.amounts)?;
-    st.writable()?;
-    let applied = st.engine()?.finish(&id, Finish::Commit(b.amounts), st.now())?;
-    let answer = st.durable(applied).await?;
-    st.metrics.committed(&answer);
-    Ok(Json(answer).into_response())
+    let bytes = body_bytes(body, st.max_body_bytes)?;
+    Ok(Json(finish_body(&st, &id, &headers, &bytes, true).await?).into_response())
 }
 
 async fn release(
@@ -1432,12 +1425,36 @@ async fn release(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    st.authorize(&headers, Role::Client)?;
-    reservation_path(&id)?;
-    let _: ReleaseBody = parse(&body_bytes(body, st.max_body_bytes)?)?;
+    let bytes = body_bytes(body, st.max_body_bytes)?;
+    Ok(Json(finish_body(&st, &id, &headers, &bytes, false).await?).into_response())
+}
+
+/// `/v1/reservations/{id}/commit` (`commit`) or `/release` on a body read
+/// whole: the handlers' work, shared by the router and the direct path.
+async fn finish_body(
+    st: &AppState,
+    id: &str,
+    headers: &HeaderMap,
+    bytes: &[u8],
+    commit: bool,
+) -> Result<FinishAnswer, ApiError> {
+    st.authorize(headers, Role::Client)?;
+    reservation_path(id)?;
+    let action = if commit {
+        let b: CommitBody = parse(bytes)?;
+        check_amounts("amounts", &b.amounts)?;
+        Finish::Commit(b.amounts)
+    } else {
+        let _: ReleaseBody = parse(bytes)?;
+        Finish::Release
+    };
     st.writable()?;
-    let applied = st.engine()?.finish(&id, Finish::Release, st.now())?;
-    Ok(Json(st.durable(applied).await?).into_response())
+    let applied = st.engine()?.finish(id, action, st.now())?;
+    let answer = st.durable(applied).await?;
+    if commit {
+        st.metrics.committed(&answer);
+    }
+    Ok(answer)
 }
 
 async fn get_subject(

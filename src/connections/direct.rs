@@ -1,5 +1,6 @@
 //! The direct request path: every API connection starts here. Requests to the
-//! decision endpoints (`crate::api::direct`) are read with httparse into one
+//! decision endpoints and to commit or release a reservation
+//! (`crate::api::direct`) are read with httparse into one
 //! reused buffer and answered in place, with no dispatcher, router or
 //! middleware chain between the socket and the decision: the hot loop of the
 //! durable consume path. The first request this path does not take (another
@@ -29,7 +30,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::{InFlight, Slot, EVICT_LINGER};
-use crate::api::direct::{rate_figures, Answer, DirectApi};
+use crate::api::direct::{rate_figures, Answer, DirectApi, Endpoint};
 use crate::engine::Decision;
 use crate::metrics::ConnectionMetrics;
 
@@ -56,9 +57,7 @@ pub(super) enum End<S> {
 /// A request head this path answers.
 struct Head {
     /// What it asks for.
-    op: crate::engine::DecideOp,
-    /// The route, for the metrics' label.
-    route: &'static str,
+    endpoint: Endpoint,
     /// Its headers.
     headers: HeaderMap,
     /// The head's length in bytes.
@@ -94,7 +93,7 @@ fn parse(api: &DirectApi, buf: &[u8]) -> Parsed {
     let (Some(method), Some(target)) = (req.method, req.path) else {
         return Parsed::Theirs;
     };
-    let Some((op, route)) = api.endpoint(method, target) else {
+    let Some(endpoint) = api.endpoint(method, target) else {
         return Parsed::Theirs;
     };
     let mut headers = HeaderMap::with_capacity(req.headers.len());
@@ -126,8 +125,7 @@ fn parse(api: &DirectApi, buf: &[u8]) -> Parsed {
         headers.append(name, value);
     }
     Parsed::Ours(Head {
-        op,
-        route,
+        endpoint,
         headers,
         len,
         body: body.unwrap_or(0),
@@ -209,7 +207,7 @@ where
         answered = answered.wrapping_add(1);
         let in_flight = InFlight(slot.clone());
 
-        let (answer, body_read) = match api.refuse(head.route, &head.headers) {
+        let (answer, body_read) = match api.refuse(head.endpoint.route(), &head.headers) {
             Some(refused) => (Answer::Other(refused), false),
             None if head.body > api.max_body_bytes() as u64 => (Answer::Other(api.too_large()), false),
             None => {
@@ -227,7 +225,7 @@ where
                         // backpressure, not a growing buffer.
                         let body = &buf[head.len..end];
                         let watch = buf.len() == end && body.windows(9).any(|w| w == b"\"wait_ms\"");
-                        let answer = api.answer(head.op, head.route, &head.headers, body);
+                        let answer = api.answer(&head.endpoint, &head.headers, body);
                         tokio::pin!(answer);
                         let answer = loop {
                             tokio::select! {
