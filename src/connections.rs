@@ -205,8 +205,8 @@ impl Connections {
         let mut drain = self.drain.subscribe();
         let direct = direct.map(|(api, header_timeout)| (api.clone(), header_timeout));
         tokio::spawn(async move {
-            let (io, answered, start) = match direct {
-                None => (direct::Rewind::new(io, Vec::new()), 0, Start::Fresh),
+            let (io, read, answered, start) = match direct {
+                None => (io, Vec::new(), 0, Start::Fresh),
                 Some((api, header_timeout)) => {
                     match direct::serve(&api, io, &slot, &mut drain, header_timeout, &registry.metrics).await {
                         direct::End::HandOff {
@@ -226,7 +226,7 @@ impl Connections {
                             } else {
                                 Start::Fresh
                             };
-                            (direct::Rewind::new(io, read), answered, start)
+                            (io, read, answered, start)
                         }
                         direct::End::Closed => {
                             registry.close(slot.id);
@@ -237,6 +237,7 @@ impl Connections {
             };
             let io = TokioIo::new(Scanned {
                 io,
+                pre: read.into(),
                 scanner: Scanner::after(answered),
                 slot: slot.clone(),
             });
@@ -273,7 +274,7 @@ enum Start {
 
 /// Polls a connection until it ends, is evicted or is drained.
 async fn drive<S>(
-    conn: http1::Connection<TokioIo<Scanned<direct::Rewind<S>>>, Tracked>,
+    conn: http1::Connection<TokioIo<Scanned<S>>, Tracked>,
     slot: &Slot,
     mut drain: watch::Receiver<bool>,
     start: Start,
@@ -378,10 +379,13 @@ impl hyper::body::Body for TrackedBody {
     }
 }
 
-/// A socket whose incoming bytes pass the framing scanner.
+/// A socket whose incoming bytes pass the framing scanner; its first reads
+/// return the bytes the direct path read before handing it over.
 struct Scanned<S> {
     /// The socket.
     io: S,
+    /// Read by the direct path and not yet taken.
+    pre: Bytes,
     /// The request framing so far.
     scanner: Scanner,
     /// Where a request with both lengths is marked.
@@ -392,7 +396,16 @@ impl<S: AsyncRead + Unpin> AsyncRead for Scanned<S> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let this = &mut *self;
-        let polled = Pin::new(&mut this.io).poll_read(cx, buf);
+        let polled = if this.pre.is_empty() {
+            Pin::new(&mut this.io).poll_read(cx, buf)
+        } else {
+            let taken = this.pre.split_to(this.pre.len().min(buf.remaining()));
+            buf.put_slice(&taken);
+            if this.pre.is_empty() {
+                this.pre = Bytes::new(); // lets the direct path's buffer go
+            }
+            Poll::Ready(Ok(()))
+        };
         if let Some(n) = this.scanner.feed(&buf.filled()[before..]) {
             // hyper closes the connection after that request: the first one counts.
             let _ = this.slot.conflicting.compare_exchange(

@@ -16,16 +16,14 @@
 //! either side ends the connection after the answer.
 
 use std::io;
-use std::pin::Pin;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
-use axum::body::Bytes;
 use axum::http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -159,7 +157,6 @@ where
     loop {
         // The head of the next request.
         let mut deadline = Instant::now() + header_timeout;
-        let mut evicted = false;
         let head = loop {
             if !buf.is_empty() {
                 match parse(api, &buf) {
@@ -169,7 +166,7 @@ where
                             io,
                             read: buf,
                             answered,
-                            evicted: evicted || slot.evicted.load(std::sync::atomic::Ordering::Relaxed),
+                            evicted: slot.evicted.load(Ordering::Relaxed),
                         }
                     }
                     Parsed::Partial => {}
@@ -185,7 +182,7 @@ where
                 },
                 () = &mut timer => {
                     if Instant::now() >= deadline {
-                        if !evicted {
+                        if !slot.evicted.load(Ordering::Relaxed) {
                             metrics.header_timeouts.inc();
                         }
                         return End::Closed;
@@ -196,7 +193,6 @@ where
                     // A connection chosen while a head is half sent gets a
                     // moment to finish it, as hyper's graceful close does.
                     closing = true;
-                    evicted = true;
                     deadline = deadline.min(Instant::now() + EVICT_LINGER);
                     timer.as_mut().reset(deadline);
                 }
@@ -247,7 +243,7 @@ where
         // A refusal before the body was read leaves it unread: the connection
         // ends with the answer.
         let refused = matches!(&answer, Answer::Other(r) if is_closing(r));
-        let evicted = slot.evicted.load(std::sync::atomic::Ordering::Relaxed);
+        let evicted = slot.evicted.load(Ordering::Relaxed);
         let close = head.close || refused || !body_read || closing || evicted || *drain.borrow();
         out.clear();
         match answer {
@@ -370,60 +366,4 @@ fn date(out: &mut Vec<u8>) {
         }
         out.extend_from_slice(text.as_bytes());
     });
-}
-
-/// A socket whose first reads return bytes read from it before: how hyper
-/// gets a connection the direct path started.
-pub(super) struct Rewind<S> {
-    /// Read already, not yet taken.
-    pre: Bytes,
-    /// The socket.
-    io: S,
-}
-
-impl<S> Rewind<S> {
-    pub(super) fn new(io: S, pre: Vec<u8>) -> Rewind<S> {
-        Rewind { pre: pre.into(), io }
-    }
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Rewind<S> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        if !self.pre.is_empty() {
-            let n = self.pre.len().min(buf.remaining());
-            let taken = self.pre.split_to(n);
-            buf.put_slice(&taken);
-            if self.pre.is_empty() {
-                self.pre = Bytes::new(); // lets the direct path's buffer go
-            }
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut self.io).poll_read(cx, buf)
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
-    }
 }
