@@ -51,7 +51,7 @@ fn a_csv_export_of_300000_lines_stays_within_64_mib() {
         for i in 0..SUBJECTS {
             let subject: Arc<str> = format!("customer:{i:08}").into();
             deltas.insert(
-                (subject, DAY),
+                (subject.into(), DAY),
                 vec![(requests.clone(), 3), (tokens.clone(), 1000 + i as u64)],
             );
         }

@@ -818,7 +818,7 @@ fn top_rows(st: &AppState, q: &Query) -> Result<Top, ApiError> {
             continue;
         }
         if let Some((_, a)) = amounts.iter().find(|(m, _)| **m == *q.metric) {
-            let v = memory.entry(s).or_default();
+            let v = memory.entry(s.name().clone()).or_default();
             *v = v.saturating_add(*a);
         }
     }

@@ -38,7 +38,7 @@ pub use policy_change::{PolicyOutcome, PolicyRequest};
 pub use pricing::{parse_price, PriceRates, PricedCall, Pricing};
 pub use replicated::InstalledState;
 pub use state::{
-    apply, intern, merge_usage, CounterMap, FastMap, Shard, ShardAccess, SubjectState, Subjects, UsageDeltas,
+    apply, intern, merge_usage, CounterMap, FastMap, Shard, ShardAccess, SortKey, SubjectState, Subjects, UsageDeltas,
 };
 pub use types::*;
 use watch::SignalWork;
@@ -1336,9 +1336,11 @@ impl Engine {
     /// page costs what its subjects hold, not what every shard holds.
     pub fn usage_deltas_after(&self, after: Option<&str>, subjects: usize) -> UsageDeltas {
         use std::ops::Bound;
-        let lower = after.map_or(Bound::Unbounded, |a| Bound::Excluded((Arc::<str>::from(a), u64::MAX)));
+        let lower = after.map_or(Bound::Unbounded, |a| {
+            Bound::Excluded((SortKey::new(Arc::<str>::from(a)), u64::MAX))
+        });
         // The first `subjects` names over every shard.
-        let mut first: BTreeSet<Arc<str>> = BTreeSet::new();
+        let mut first: BTreeSet<SortKey> = BTreeSet::new();
         for s in self.shards.iter() {
             let g = s.lock().unwrap_or_else(|e| e.into_inner());
             let mut taken = 0;
