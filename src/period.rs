@@ -223,9 +223,58 @@ pub fn rfc3339(ms: Millis) -> String {
     }
 }
 
+/// Runs `f` on [`rfc3339`]`(ms)`, formatted once per thread for the last few
+/// instants asked: every answer names its windows' resets, and most of them
+/// are the same few instants (the end of today, of this month), so the
+/// calendar arithmetic and the string would otherwise be redone per counter.
+pub fn with_rfc3339<R>(ms: Millis, f: impl FnOnce(&str) -> R) -> R {
+    const SLOTS: usize = 8;
+    /// The next slot to replace, and (instant, text) slots.
+    type Recent = (usize, [(Option<Millis>, String); SLOTS]);
+    thread_local! {
+        static RECENT: std::cell::RefCell<Recent> =
+            std::cell::RefCell::new((0, std::array::from_fn(|_| (None, String::new()))));
+    }
+    RECENT.with(|cell| {
+        let Ok(mut recent) = cell.try_borrow_mut() else {
+            return f(&rfc3339(ms)); // `f` itself formats a time: no cache for that one
+        };
+        let (next, slots) = &mut *recent;
+        let i = match slots.iter().position(|(k, _)| *k == Some(ms)) {
+            Some(i) => i,
+            None => {
+                let i = *next;
+                *next = (i + 1) % SLOTS;
+                slots[i] = (Some(ms), rfc3339(ms));
+                i
+            }
+        };
+        f(&slots[i].1)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cached_rfc3339_text_is_the_formatted_text() {
+        // More instants than the cache holds, asked over and over, and the edges.
+        let instants: Vec<Millis> = (0..20u64)
+            .map(|i| 1_796_601_600_000 + i * 86_400_000 + i % 3)
+            .chain([0, 1, 999, u64::MAX, i64::MAX as u64, 253_402_300_799_999])
+            .collect();
+        for round in 0..3 {
+            for (i, &ms) in instants.iter().enumerate() {
+                let ms = if round == 1 {
+                    instants[instants.len() - 1 - i]
+                } else {
+                    ms
+                };
+                assert_eq!(with_rfc3339(ms, str::to_string), rfc3339(ms), "{ms}");
+            }
+        }
+    }
 
     fn ms(s: &str) -> Millis {
         s.parse::<Timestamp>().unwrap().as_millisecond() as Millis
