@@ -194,6 +194,12 @@ pub trait Journal: Send + Sync + 'static {
     /// LSNs in call order.
     fn append(&self, at_ms: Millis, mutations: &[Mutation]) -> Result<Lsn, JournalError>;
 
+    /// Does what `append` left for after the engine's locks: waking the
+    /// writer that takes the new records. The engine calls it once it has
+    /// released the locks it appended under, so that a wake-up (a system
+    /// call) is not made while other calls wait for those locks.
+    fn wake(&self) {}
+
     /// Where callers wait for durability.
     fn watch(&self) -> DurableWatch;
 }

@@ -190,6 +190,18 @@ struct Locked<'a> {
     engine: &'a Engine,
     idx: Vec<usize>,
     guards: Vec<MutexGuard<'a, Shard>>,
+    /// A record was journaled under these locks: the journal is woken once
+    /// they are released.
+    appended: bool,
+}
+
+impl Drop for Locked<'_> {
+    fn drop(&mut self) {
+        self.guards.clear();
+        if self.appended {
+            self.engine.journal.wake();
+        }
+    }
 }
 
 impl Locked<'_> {
@@ -231,6 +243,7 @@ impl Locked<'_> {
         if muts.iter().any(signals::Signals::touches) {
             return self.commit_signals(muts.to_vec(), Vec::new(), now);
         }
+        self.appended = true;
         let lsn = self
             .engine
             .journal
@@ -264,6 +277,7 @@ impl Locked<'_> {
                 },
             ))));
         }
+        self.appended = true;
         let lsn = self
             .engine
             .journal
@@ -647,6 +661,7 @@ impl Engine {
             engine: self,
             idx,
             guards,
+            appended: false,
         }
     }
 
@@ -725,6 +740,13 @@ impl Engine {
             Some(pc) if Some(metric) == cost_metric => pc.cost,
             _ => amount_of(&req.amounts, metric),
         };
+        // What a consume adds to the usage history, also from the request alone.
+        let mut history = (op == DecideOp::Consume && policy.history).then(|| {
+            dimensions::with_values(
+                usage_of(&req.amounts, priced.as_ref().map(|pc| pc.cost), cost_metric),
+                &dimensions::values(&policy.history_dimensions, &req.attributes),
+            )
+        });
 
         if idem_key.is_some() {
             self.make_room_for_keys(&policy, now)?;
@@ -1033,14 +1055,11 @@ impl Engine {
                 self.crossings(&locked, m, &subject, now, &mut sig);
             }
         }
-        if op == DecideOp::Consume && policy.history {
+        if let Some(amounts) = history.take() {
             muts.push(Mutation::Usage {
                 subject: subject.clone(),
                 at_ms: now,
-                amounts: dimensions::with_values(
-                    usage_of(&req.amounts, priced.as_ref().map(|pc| pc.cost), cost_metric),
-                    &dimensions::values(&policy.history_dimensions, &req.attributes),
-                ),
+                amounts,
             });
         }
         let mut expiry = None;

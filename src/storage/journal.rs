@@ -7,6 +7,7 @@
 //! In `batch` durability answers do not wait; the writer syncs every
 //! `flush_interval_ms` instead (or as soon as a full batch is queued).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -66,6 +67,8 @@ struct Shared {
     /// How far the log is durable; requests and threads wait on it.
     waiters: Arc<Waiters>,
     config: WriterConfig,
+    /// An append found the writer to wake; [`Journal::wake`] does it.
+    wake_pending: AtomicBool,
 }
 
 impl Shared {
@@ -101,6 +104,7 @@ impl WalJournal {
             space: Condvar::new(),
             waiters: Arc::new(Waiters::new(next_lsn - 1)),
             config,
+            wake_pending: AtomicBool::new(false),
         });
         let wal = Arc::new(Mutex::new(wal));
         let writer = {
@@ -196,6 +200,9 @@ impl Journal for WalJournal {
                 break;
             }
             q.space_waiters += 1;
+            // The writer may be idle, its wake-up left to an appender that
+            // has not yet released its locks: it is what makes space.
+            self.shared.work.notify_one();
             q = self.shared.space.wait(q).unwrap_or_else(|e| e.into_inner());
             q.space_waiters -= 1;
         }
@@ -209,9 +216,16 @@ impl Journal for WalJournal {
         let wake = q.writer_idle || q.buf.len() >= self.shared.config.queue_bytes_max / 2;
         drop(q);
         if wake {
-            self.shared.work.notify_one();
+            self.shared.wake_pending.store(true, Ordering::Release);
         }
         Ok(lsn)
+    }
+
+    fn wake(&self) {
+        // Whoever clears the flag notifies, after every append that set it.
+        if self.shared.wake_pending.swap(false, Ordering::AcqRel) {
+            self.shared.work.notify_one();
+        }
     }
 
     fn watch(&self) -> DurableWatch {
