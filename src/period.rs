@@ -235,10 +235,11 @@ pub fn with_rfc3339<R>(ms: Millis, f: impl FnOnce(&str) -> R) -> R {
         static RECENT: std::cell::RefCell<Recent> =
             std::cell::RefCell::new((0, std::array::from_fn(|_| (None, String::new()))));
     }
-    RECENT.with(|cell| {
-        let Ok(mut recent) = cell.try_borrow_mut() else {
-            return f(&rfc3339(ms)); // `f` itself formats a time: no cache for that one
-        };
+    let mut f = Some(f);
+    let cached = RECENT.try_with(|cell| {
+        // Borrowed already when `f` itself formats a time, gone while the
+        // thread ends: those are formatted without the cache.
+        let mut recent = cell.try_borrow_mut().ok()?;
         let (next, slots) = &mut *recent;
         let i = match slots.iter().position(|(k, _)| *k == Some(ms)) {
             Some(i) => i,
@@ -249,8 +250,12 @@ pub fn with_rfc3339<R>(ms: Millis, f: impl FnOnce(&str) -> R) -> R {
                 i
             }
         };
-        f(&slots[i].1)
-    })
+        f.take().map(|f| f(&slots[i].1))
+    });
+    match cached {
+        Ok(Some(r)) => r,
+        _ => (f.take().expect("f runs once"))(&rfc3339(ms)),
+    }
 }
 
 #[cfg(test)]

@@ -50,8 +50,9 @@ struct Queue {
     failed: Option<String>,
     /// Records written since the last snapshot, and their bytes.
     since_snapshot: (u64, u64),
-    /// The writer sleeps on `work`: only then does an append signal it (a
-    /// condvar signal is a futex syscall even when nobody waits).
+    /// The writer sleeps on `work`: only then does an append ask for it to
+    /// be signalled (a condvar signal is a futex syscall even when nobody
+    /// waits), which `Journal::wake` does once the engine's locks are released.
     writer_idle: bool,
     /// Appenders waiting on `space` (queue room is freed when the writer takes
     /// a batch, before it writes).
