@@ -223,39 +223,31 @@ pub fn rfc3339(ms: Millis) -> String {
     }
 }
 
-/// Runs `f` on [`rfc3339`]`(ms)`, formatted once per thread for the last few
-/// instants asked: every answer names its windows' resets, and most of them
-/// are the same few instants (the end of today, of this month), so the
-/// calendar arithmetic and the string would otherwise be redone per counter.
-pub fn with_rfc3339<R>(ms: Millis, f: impl FnOnce(&str) -> R) -> R {
+/// [`rfc3339`]`(ms)`, formatted once per thread for the last few instants
+/// asked: every answer names its windows' resets, and most of them are the
+/// same few instants (the end of today, of this month), so the calendar
+/// arithmetic and the string would otherwise be redone per counter.
+pub fn rfc3339_cached(ms: Millis) -> std::sync::Arc<str> {
     const SLOTS: usize = 8;
     /// The next slot to replace, and (instant, text) slots.
-    type Recent = (usize, [(Option<Millis>, String); SLOTS]);
+    type Recent = (usize, [(Option<Millis>, std::sync::Arc<str>); SLOTS]);
     thread_local! {
         static RECENT: std::cell::RefCell<Recent> =
-            std::cell::RefCell::new((0, std::array::from_fn(|_| (None, String::new()))));
+            std::cell::RefCell::new((0, std::array::from_fn(|_| (None, "".into()))));
     }
-    let mut f = Some(f);
-    let cached = RECENT.try_with(|cell| {
-        // Borrowed already when `f` itself formats a time, gone while the
-        // thread ends: those are formatted without the cache.
-        let mut recent = cell.try_borrow_mut().ok()?;
-        let (next, slots) = &mut *recent;
-        let i = match slots.iter().position(|(k, _)| *k == Some(ms)) {
-            Some(i) => i,
-            None => {
-                let i = *next;
-                *next = (i + 1) % SLOTS;
-                slots[i] = (Some(ms), rfc3339(ms));
-                i
+    // Without the cache while the thread's locals are being destroyed.
+    RECENT
+        .try_with(|cell| {
+            let (next, slots) = &mut *cell.borrow_mut();
+            if let Some((_, text)) = slots.iter().find(|(k, _)| *k == Some(ms)) {
+                return text.clone();
             }
-        };
-        f.take().map(|f| f(&slots[i].1))
-    });
-    match cached {
-        Ok(Some(r)) => r,
-        _ => (f.take().expect("f runs once"))(&rfc3339(ms)),
-    }
+            let i = *next;
+            *next = (i + 1) % SLOTS;
+            slots[i] = (Some(ms), rfc3339(ms).into());
+            slots[i].1.clone()
+        })
+        .unwrap_or_else(|_| rfc3339(ms).into())
 }
 
 #[cfg(test)]
@@ -276,7 +268,7 @@ mod tests {
                 } else {
                     ms
                 };
-                assert_eq!(with_rfc3339(ms, str::to_string), rfc3339(ms), "{ms}");
+                assert_eq!(&*rfc3339_cached(ms), rfc3339(ms), "{ms}");
             }
         }
     }

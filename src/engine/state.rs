@@ -277,7 +277,9 @@ pub fn deserialize_interned<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Ar
 /// the same way; a name that is a prefix of the other within 16 bytes has
 /// the smaller head, or an equal one (the other goes on with zero bytes),
 /// and equal heads fall back to comparing the names.
-#[derive(Debug, Clone)]
+///
+/// The derived order compares the fields in turn: `head`, then `name`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct SortKey {
     head: u128,
     name: Arc<str>,
@@ -316,26 +318,6 @@ impl std::ops::Deref for SortKey {
 impl std::borrow::Borrow<str> for SortKey {
     fn borrow(&self) -> &str {
         &self.name
-    }
-}
-
-impl PartialEq for SortKey {
-    fn eq(&self, other: &SortKey) -> bool {
-        self.head == other.head && self.name == other.name
-    }
-}
-
-impl Eq for SortKey {}
-
-impl PartialOrd for SortKey {
-    fn partial_cmp(&self, other: &SortKey) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
-impl Ord for SortKey {
-    fn cmp(&self, other: &SortKey) -> std::cmp::Ordering {
-        self.head.cmp(&other.head).then_with(|| self.name.cmp(&other.name))
     }
 }
 
