@@ -3,10 +3,11 @@
 //! changed (so records touching the same state are in apply order), and the API
 //! layer waits on [`DurableWatch`] before it answers.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
-
-use tokio::sync::oneshot;
+use std::task::{Context, Poll, Waker};
 
 use crate::clock::Millis;
 use crate::engine::{Lsn, Mutation};
@@ -16,11 +17,19 @@ use crate::engine::{Lsn, Mutation};
 #[error("journal unavailable: {0}")]
 pub struct JournalError(pub String);
 
-/// How far the journal is durable, and who waits for it: requests are woken
-/// exactly when a sync covers them (a shared watch would wake every waiter on
-/// every sync, which costs O(waiters) per batch); threads block on a condvar.
+/// How far the journal is durable, and who waits for it. A request's wait is
+/// a future that finds its LSN already durable without taking the lock, or
+/// leaves its waker in a list that the writer drains once per sync, waking
+/// exactly the waits the sync covers: no channel or allocation per request,
+/// and no wake-up of waits a sync does not cover. Threads block on a condvar.
 #[derive(Debug, Default)]
 pub struct Waiters {
+    /// Every LSN at or below this is durable. Written under `inner`'s lock;
+    /// read without it by waits that need not register.
+    durable: AtomicU64,
+    /// Bumped (under the lock) by each [`Waiters::abort_waiting`]: a wait
+    /// that sees it unchanged since it registered was not aborted.
+    aborts: AtomicU64,
     inner: Mutex<WaitersInner>,
     /// Wakes threads in [`Waiters::wait_blocking`].
     changed: Condvar,
@@ -28,27 +37,35 @@ pub struct Waiters {
 
 #[derive(Debug, Default)]
 struct WaitersInner {
-    /// Every LSN at or below this is durable.
-    durable: Lsn,
     /// Set once the journal failed: every waiter above `durable` gets it.
     failed: Option<String>,
-    /// (lsn, ticket) → who waits for it.
-    waiting: std::collections::BTreeMap<(Lsn, u64), oneshot::Sender<Result<(), JournalError>>>,
-    /// Makes keys unique.
+    /// Waits not yet covered, in no order: a sync wakes and removes those at
+    /// or below the new durable LSN (a scan of the waits in flight, at most
+    /// one per connection).
+    waiting: Vec<Waiting>,
+    /// Makes waits distinguishable.
     ticket: u64,
+    /// Waits that [`Waiters::abort_waiting`] took out of `waiting`; each
+    /// removes itself when it next looks.
+    aborted_tickets: Vec<u64>,
+    /// The last abort's message.
+    aborted: String,
     /// Threads in `wait_blocking`: only then is `changed` signalled.
     blocking: usize,
-    /// Bumped by [`Waiters::abort_waiting`], with its message: threads
-    /// blocked before it return that message.
-    aborts: u64,
-    aborted: String,
+}
+
+#[derive(Debug)]
+struct Waiting {
+    lsn: Lsn,
+    ticket: u64,
+    waker: Waker,
 }
 
 impl Waiters {
     /// Waiters with everything up to `durable` already durable.
     pub fn new(durable: Lsn) -> Waiters {
         let w = Waiters::default();
-        w.lock().durable = durable;
+        w.durable.store(durable, Ordering::Release);
         w
     }
 
@@ -58,18 +75,22 @@ impl Waiters {
 
     /// Everything up to `lsn` is durable: wakes those waiting for it.
     pub fn advance(&self, lsn: Lsn) {
-        let done = {
+        let mut woken = Vec::new();
+        {
             let mut w = self.lock();
-            w.durable = w.durable.max(lsn);
+            self.durable.fetch_max(lsn, Ordering::AcqRel);
             if w.blocking > 0 {
                 self.changed.notify_all();
             }
-            let rest = w.waiting.split_off(&(lsn + 1, 0));
-            std::mem::replace(&mut w.waiting, rest)
-        };
-        for tx in done.into_values() {
-            let _ = tx.send(Ok(()));
+            w.waiting.retain_mut(|x| {
+                let covered = x.lsn <= lsn;
+                if covered {
+                    woken.push(std::mem::replace(&mut x.waker, Waker::noop().clone()));
+                }
+                !covered
+            });
         }
+        woken.into_iter().for_each(Waker::wake);
     }
 
     /// The journal failed: every waiter above the durable LSN gets `message`.
@@ -80,9 +101,7 @@ impl Waiters {
             self.changed.notify_all();
             std::mem::take(&mut w.waiting)
         };
-        for tx in all.into_values() {
-            let _ = tx.send(Err(JournalError(message.to_string())));
-        }
+        all.into_iter().for_each(|x| x.waker.wake());
     }
 
     /// Fails everyone waiting now with `message`, without failing the
@@ -91,29 +110,29 @@ impl Waiters {
     pub fn abort_waiting(&self, message: &str) {
         let all = {
             let mut w = self.lock();
-            w.aborts += 1;
+            self.aborts.fetch_add(1, Ordering::AcqRel);
             w.aborted = message.to_string();
             self.changed.notify_all();
-            std::mem::take(&mut w.waiting)
+            let all = std::mem::take(&mut w.waiting);
+            w.aborted_tickets.extend(all.iter().map(|x| x.ticket));
+            all
         };
-        for tx in all.into_values() {
-            let _ = tx.send(Err(JournalError(message.to_string())));
-        }
+        all.into_iter().for_each(|x| x.waker.wake());
     }
 
     /// Blocks the thread until `lsn` is durable; errors once the journal
     /// failed, or when the wait is aborted.
     pub fn wait_blocking(&self, lsn: Lsn) -> Result<(), JournalError> {
         let mut w = self.lock();
-        let aborts = w.aborts;
+        let aborts = self.aborts.load(Ordering::Acquire);
         loop {
             if let Some(f) = &w.failed {
                 return Err(JournalError(f.clone()));
             }
-            if w.durable >= lsn {
+            if self.durable.load(Ordering::Acquire) >= lsn {
                 return Ok(());
             }
-            if w.aborts != aborts {
+            if self.aborts.load(Ordering::Acquire) != aborts {
                 return Err(JournalError(w.aborted.clone()));
             }
             w.blocking += 1;
@@ -135,23 +154,95 @@ impl Waiters {
         }
     }
 
-    async fn wait(&self, lsn: Lsn) -> Result<(), JournalError> {
-        let rx = {
-            let mut w = self.lock();
-            if w.durable >= lsn {
-                return Ok(());
+    fn wait(&self, lsn: Lsn) -> Wait<'_> {
+        Wait {
+            waiters: self,
+            lsn,
+            registered: None,
+        }
+    }
+}
+
+/// One wait for an LSN to become durable (see [`Waiters`]).
+struct Wait<'a> {
+    waiters: &'a Waiters,
+    lsn: Lsn,
+    /// Once in the list: its ticket and the abort count when it went in.
+    /// Cleared when the wait resolves.
+    registered: Option<(u64, u64)>,
+}
+
+impl Future for Wait<'_> {
+    type Output = Result<(), JournalError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let (ws, lsn) = (self.waiters, self.lsn);
+        // Durable and not aborted since the wait went in: the sync that
+        // made it durable took it out of the list (under the lock that an
+        // abort takes too), so nothing is left to tidy.
+        let aborts_then = self.registered.map(|(_, a)| a);
+        if ws.durable.load(Ordering::Acquire) >= lsn
+            && aborts_then.is_none_or(|a| ws.aborts.load(Ordering::Acquire) == a)
+        {
+            self.registered = None;
+            return Poll::Ready(Ok(()));
+        }
+        let mut w = ws.lock();
+        if let Some((ticket, _)) = self.registered {
+            if let Some(i) = w.aborted_tickets.iter().position(|t| *t == ticket) {
+                w.aborted_tickets.swap_remove(i);
+                let message = w.aborted.clone();
+                drop(w);
+                self.registered = None;
+                return Poll::Ready(Err(JournalError(message)));
             }
-            if let Some(f) = &w.failed {
-                return Err(JournalError(f.clone()));
+        }
+        if ws.durable.load(Ordering::Acquire) >= lsn {
+            self.registered = None;
+            return Poll::Ready(Ok(()));
+        }
+        if let Some(f) = &w.failed {
+            let message = f.clone();
+            drop(w);
+            self.registered = None;
+            return Poll::Ready(Err(JournalError(message)));
+        }
+        match self.registered {
+            // Woken with nothing changed for it: keep the newest waker.
+            Some((ticket, _)) => {
+                if let Some(x) = w.waiting.iter_mut().find(|x| x.ticket == ticket) {
+                    x.waker.clone_from(cx.waker());
+                }
             }
-            let (tx, rx) = oneshot::channel();
-            w.ticket += 1;
-            let t = w.ticket;
-            w.waiting.insert((lsn, t), tx);
-            rx
-        };
-        rx.await
-            .unwrap_or_else(|_| Err(JournalError("the journal writer stopped".into())))
+            None => {
+                w.ticket += 1;
+                let ticket = w.ticket;
+                w.waiting.push(Waiting {
+                    lsn,
+                    ticket,
+                    waker: cx.waker().clone(),
+                });
+                let aborts = ws.aborts.load(Ordering::Acquire);
+                drop(w);
+                self.registered = Some((ticket, aborts));
+            }
+        }
+        Poll::Pending
+    }
+}
+
+impl Drop for Wait<'_> {
+    fn drop(&mut self) {
+        // Given up before it resolved (its request was cancelled): take it
+        // out of whichever list holds it.
+        if let Some((ticket, _)) = self.registered {
+            let mut w = self.waiters.lock();
+            if let Some(i) = w.waiting.iter().position(|x| x.ticket == ticket) {
+                w.waiting.swap_remove(i);
+            } else if let Some(i) = w.aborted_tickets.iter().position(|t| *t == ticket) {
+                w.aborted_tickets.swap_remove(i);
+            }
+        }
     }
 }
 
@@ -174,7 +265,7 @@ impl DurableWatch {
     pub fn durable_lsn(&self) -> Lsn {
         match self {
             DurableWatch::Always => Lsn::MAX,
-            DurableWatch::Waiters(w) => w.lock().durable,
+            DurableWatch::Waiters(w) => w.durable.load(Ordering::Acquire),
         }
     }
 
@@ -249,5 +340,169 @@ impl Journal for MemoryJournal {
 
     fn watch(&self) -> DurableWatch {
         DurableWatch::always()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+    use std::task::Wake;
+
+    /// Counts its wake-ups.
+    struct Count(AtomicUsize);
+    impl Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// A wait polled by hand, with a waker that counts.
+    struct Polled<'a> {
+        wait: Pin<Box<Wait<'a>>>,
+        woken: Arc<Count>,
+    }
+
+    impl<'a> Polled<'a> {
+        fn new(w: &'a Waiters, lsn: Lsn) -> Self {
+            Polled {
+                wait: Box::pin(w.wait(lsn)),
+                woken: Arc::new(Count(AtomicUsize::new(0))),
+            }
+        }
+        fn poll(&mut self) -> Poll<Result<(), JournalError>> {
+            let waker = Waker::from(self.woken.clone());
+            self.wait.as_mut().poll(&mut Context::from_waker(&waker))
+        }
+        fn wakes(&self) -> usize {
+            self.woken.0.load(Ordering::SeqCst)
+        }
+    }
+
+    fn listed(w: &Waiters) -> (usize, usize) {
+        let g = w.lock();
+        (g.waiting.len(), g.aborted_tickets.len())
+    }
+
+    #[test]
+    fn a_sync_wakes_the_waits_it_covers_and_no_others() {
+        let w = Waiters::new(4);
+        assert_eq!(Polled::new(&w, 4).poll(), Poll::Ready(Ok(())), "already durable");
+        let (mut a, mut b, mut c) = (Polled::new(&w, 5), Polled::new(&w, 6), Polled::new(&w, 8));
+        for p in [&mut a, &mut b, &mut c] {
+            assert_eq!(p.poll(), Poll::Pending);
+        }
+        assert_eq!(listed(&w), (3, 0));
+        w.advance(6);
+        assert_eq!((a.wakes(), b.wakes(), c.wakes()), (1, 1, 0));
+        assert_eq!(a.poll(), Poll::Ready(Ok(())));
+        assert_eq!(b.poll(), Poll::Ready(Ok(())));
+        assert_eq!(c.poll(), Poll::Pending, "a spurious poll keeps waiting");
+        assert_eq!(listed(&w), (1, 0), "polled twice, listed once");
+        w.advance(7);
+        assert_eq!(c.wakes(), 0);
+        w.advance(8);
+        assert_eq!(c.wakes(), 1);
+        assert_eq!(c.poll(), Poll::Ready(Ok(())));
+        assert_eq!(listed(&w), (0, 0));
+        assert_eq!(DurableWatch::Waiters(Arc::new(Waiters::new(9))).durable_lsn(), 9);
+    }
+
+    #[test]
+    fn a_failure_fails_the_waits_above_the_durable_lsn() {
+        let w = Waiters::new(4);
+        let mut above = Polled::new(&w, 5);
+        assert_eq!(above.poll(), Poll::Pending);
+        w.fail("disk gone");
+        assert_eq!(above.wakes(), 1);
+        assert_eq!(above.poll(), Poll::Ready(Err(JournalError("disk gone".into()))));
+        assert_eq!(
+            Polled::new(&w, 4).poll(),
+            Poll::Ready(Ok(())),
+            "durable before the failure"
+        );
+        assert_eq!(
+            Polled::new(&w, 6).poll(),
+            Poll::Ready(Err(JournalError("disk gone".into())))
+        );
+        assert_eq!(w.wait_blocking(6), Err(JournalError("disk gone".into())));
+        assert_eq!(listed(&w), (0, 0));
+    }
+
+    #[test]
+    fn an_abort_fails_only_the_waits_listed_when_it_came() {
+        let w = Waiters::new(4);
+        let (mut covered, mut listed_then) = (Polled::new(&w, 5), Polled::new(&w, 6));
+        assert_eq!(covered.poll(), Poll::Pending);
+        assert_eq!(listed_then.poll(), Poll::Pending);
+        w.advance(5);
+        w.abort_waiting("lost leadership");
+        // The log position is reached later by another leader's record: the
+        // aborted wait must not take it for its own.
+        w.advance(6);
+        assert_eq!(covered.poll(), Poll::Ready(Ok(())), "covered before the abort");
+        assert_eq!(listed_then.wakes(), 1);
+        assert_eq!(
+            listed_then.poll(),
+            Poll::Ready(Err(JournalError("lost leadership".into())))
+        );
+        let mut later = Polled::new(&w, 7);
+        assert_eq!(later.poll(), Poll::Pending, "a wait after the abort is not aborted");
+        w.advance(7);
+        assert_eq!(later.poll(), Poll::Ready(Ok(())));
+        assert_eq!(listed(&w), (0, 0));
+    }
+
+    #[test]
+    fn a_wait_given_up_leaves_nothing_behind() {
+        let w = Waiters::new(0);
+        let mut waits: Vec<Polled> = (1..=100).map(|l| Polled::new(&w, l)).collect();
+        waits.iter_mut().for_each(|p| assert_eq!(p.poll(), Poll::Pending));
+        waits.truncate(50);
+        assert_eq!(listed(&w), (50, 0));
+        w.abort_waiting("gone");
+        assert_eq!(listed(&w), (0, 50));
+        waits.truncate(10);
+        assert_eq!(listed(&w), (0, 10));
+        for p in &mut waits {
+            assert_eq!(p.poll(), Poll::Ready(Err(JournalError("gone".into()))));
+        }
+        drop(waits);
+        assert_eq!(listed(&w), (0, 0));
+    }
+
+    #[test]
+    fn tasks_on_many_threads_see_every_sync() {
+        let w = Arc::new(Waiters::new(0));
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_time()
+            .build()
+            .expect("runtime");
+        let tasks: Vec<_> = (0..16u64)
+            .map(|t| {
+                let w = w.clone();
+                rt.spawn(async move {
+                    for l in (1..=400u64).filter(|l| l % 16 == t) {
+                        DurableWatch::Waiters(w.clone()).wait(l).await.expect("durable");
+                    }
+                })
+            })
+            .collect();
+        for l in 1..=400 {
+            w.advance(l);
+            if l % 50 == 0 {
+                std::thread::yield_now();
+            }
+        }
+        rt.block_on(async {
+            for t in tasks {
+                tokio::time::timeout(std::time::Duration::from_secs(30), t)
+                    .await
+                    .expect("every wait ends")
+                    .expect("no panic");
+            }
+        });
+        assert_eq!(listed(&w), (0, 0));
     }
 }
