@@ -382,6 +382,10 @@ pub struct StorageConfig {
     pub durability: Durability,
     /// Sync interval for `durability = "batch"`, in ms. Default 10, 1..=10000.
     pub flush_interval_ms: u64,
+    /// With `durability = "fsync"`, under load (a sync covered 8 records or
+    /// more) the writer holds the next sync briefly to gather more writes
+    /// into it. Default true.
+    pub gather_commits: bool,
     /// A new WAL segment is started beyond this size. Default 64 MiB, 1 MiB..=1 GiB.
     pub segment_bytes_max: u64,
     /// Take a snapshot after this many WAL records. Default 1_000_000, at least 1000.
@@ -413,6 +417,7 @@ impl Default for StorageConfig {
             data_dir: PathBuf::from("./data"),
             durability: Durability::Fsync,
             flush_interval_ms: 10,
+            gather_commits: true,
             segment_bytes_max: 64 << 20,
             snapshot_every_records: 1_000_000,
             snapshot_every_bytes: 256 << 20,

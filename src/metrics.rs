@@ -70,6 +70,11 @@ pub struct StorageMetrics {
     pub wal_bytes: Counter,
     /// Records written to the WAL.
     pub wal_records: Counter,
+    /// Batches the writer held to gather more records (fsync mode, under load).
+    pub wal_gathers: Counter,
+    /// Of those, the holds that ended because the records waited for arrived
+    /// (the others ran their time out).
+    pub wal_gathers_filled: Counter,
     /// Seconds the last snapshot took.
     pub snapshot_seconds: Gauge<f64, AtomicU64>,
     /// Encoded size of the last snapshot.
@@ -97,6 +102,8 @@ impl Default for StorageMetrics {
             batch_records: Histogram::new(exponential_buckets(1.0, 2.0, 16)),
             wal_bytes: Counter::default(),
             wal_records: Counter::default(),
+            wal_gathers: Counter::default(),
+            wal_gathers_filled: Counter::default(),
             snapshot_seconds: Gauge::default(),
             snapshot_bytes: Gauge::default(),
             snapshot_timestamp_seconds: Gauge::default(),
@@ -521,6 +528,16 @@ impl Metrics {
         );
         r.register("wal_bytes", "Bytes written to the WAL", s.wal_bytes.clone());
         r.register("wal_records", "Records written to the WAL", s.wal_records.clone());
+        r.register(
+            "wal_gathers",
+            "Batches the WAL writer held under load to gather more records into one sync",
+            s.wal_gathers.clone(),
+        );
+        r.register(
+            "wal_gathers_filled",
+            "Gathers that ended because the records waited for arrived, not by time",
+            s.wal_gathers_filled.clone(),
+        );
         r.register(
             "snapshot_duration_seconds",
             "Duration of the last snapshot",

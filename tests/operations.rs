@@ -275,6 +275,8 @@ async fn metrics_move_as_requests_are_made() {
         "quotad_wal_fsync_duration_seconds",
         "quotad_wal_batch_records",
         "quotad_wal_bytes_total",
+        "quotad_wal_gathers_total",
+        "quotad_wal_gathers_filled_total",
         "quotad_snapshot_duration_seconds",
         "quotad_snapshot_timestamp_seconds",
         "quotad_recovery_duration_seconds",

@@ -227,6 +227,8 @@ pub struct Faults {
     pub short_append_at: Option<u64>,
     /// Every `truncate` and `remove` fails (the undo of a failed write).
     pub fail_undo: bool,
+    /// Every `sync_data` takes this long: a slow disk.
+    pub sync_delay: std::time::Duration,
 }
 
 #[derive(Debug, Default)]
@@ -387,6 +389,10 @@ impl WalFile for SimHandle {
             while *h {
                 h = cv.wait(h).unwrap_or_else(|e| e.into_inner());
             }
+        }
+        let delay = self.dir.lock().faults.sync_delay;
+        if !delay.is_zero() {
+            std::thread::sleep(delay);
         }
         let mut s = self.dir.lock();
         s.syncs += 1;

@@ -4,6 +4,14 @@
 //! writes it with one write and one fdatasync, then publishes the durable LSN
 //! that waiting requests watch. There is no artificial delay when idle.
 //!
+//! Under load the writer gathers: once a sync has covered at least
+//! [`GATHER_FROM`] records, it holds the next write until as many records are
+//! queued as that sync covered, or for at most as long as that sync took
+//! (never more than [`GATHER_MAX`]), whichever comes first. Many requests then
+//! share each `fdatasync`, whose CPU is the writer's main cost, and the
+//! requests of the last batch, answered during the hold, are in time for the
+//! next one. A quiet daemon's batches are small, so it never waits.
+//!
 //! In `batch` durability answers do not wait; the writer syncs every
 //! `flush_interval_ms` instead (or as soon as a full batch is queued).
 
@@ -24,6 +32,12 @@ use crate::metrics::StorageMetrics;
 /// "storage failed" status).
 pub const EXIT_UNRECOVERABLE: i32 = 5;
 
+/// A sync that covered at least this many records makes the writer gather
+/// the next batch: below it, requests are too few to be worth a wait.
+pub const GATHER_FROM: u64 = 8;
+/// The longest the writer holds a batch to gather more.
+pub const GATHER_MAX: Duration = Duration::from_millis(1);
+
 /// Queue and writer settings.
 #[derive(Debug, Clone)]
 pub struct WriterConfig {
@@ -31,6 +45,11 @@ pub struct WriterConfig {
     pub durability: Durability,
     /// Sync interval in batch mode.
     pub flush_interval: Duration,
+    /// Whether, in fsync mode under load, the writer gathers batches (see
+    /// the module docs).
+    pub gather: bool,
+    /// The longest a gather lasts ([`GATHER_MAX`] outside tests).
+    pub gather_max: Duration,
     /// Appends wait (backpressure) while this many bytes are queued.
     pub queue_bytes_max: usize,
     /// Where fsync latency and batch sizes go.
@@ -57,6 +76,9 @@ struct Queue {
     /// Appenders waiting on `space` (queue room is freed when the writer takes
     /// a batch, before it writes).
     space_waiters: usize,
+    /// While the writer gathers: the number of queued records at which the
+    /// append that reaches it wakes the writer (0 when not gathering).
+    gather_until: u64,
 }
 
 struct Shared {
@@ -100,6 +122,7 @@ impl WalJournal {
                 since_snapshot: (0, 0),
                 writer_idle: false,
                 space_waiters: 0,
+                gather_until: 0,
             }),
             work: Condvar::new(),
             space: Condvar::new(),
@@ -213,8 +236,13 @@ impl Journal for WalJournal {
         }
         wal::frame(lsn, &payload, &mut q.buf);
         q.next_lsn += 1;
-        // Batch mode's timed wait ends early once half the queue is full.
-        let wake = q.writer_idle || q.buf.len() >= self.shared.config.queue_bytes_max / 2;
+        // Batch mode's timed wait and a gather end early once half the queue
+        // is full; a gather also once it holds the records it waits for.
+        let mut wake = q.writer_idle || q.buf.len() >= self.shared.config.queue_bytes_max / 2;
+        if q.gather_until > 0 && q.next_lsn - q.first_lsn >= q.gather_until {
+            q.gather_until = 0;
+            wake = true;
+        }
         drop(q);
         if wake {
             self.shared.wake_pending.store(true, Ordering::Release);
@@ -239,6 +267,8 @@ impl Journal for WalJournal {
 
 fn write_loop(shared: &Shared, wal: &Mutex<Wal>) {
     let mut spare = Vec::new();
+    // The previous sync: how many records it covered and how long it took.
+    let mut prev = (0u64, Duration::ZERO);
     loop {
         let mut q = shared.lock();
         while q.buf.is_empty() && !q.closed {
@@ -260,6 +290,21 @@ fn write_loop(shared: &Shared, wal: &Mutex<Wal>) {
                     .unwrap_or_else(|e| e.into_inner())
                     .0;
             }
+        } else if shared.config.gather && prev.0 >= GATHER_FROM && !q.closed {
+            let queued = q.next_lsn - q.first_lsn;
+            let half_full = shared.config.queue_bytes_max / 2;
+            if queued < prev.0 && q.buf.len() < half_full {
+                q.gather_until = prev.0;
+                let hold = prev.1.min(shared.config.gather_max);
+                let (guard, waited) = shared.work.wait_timeout(q, hold).unwrap_or_else(|e| e.into_inner());
+                q = guard;
+                q.gather_until = 0;
+                let m = &shared.config.metrics;
+                m.wal_gathers.inc();
+                if !waited.timed_out() && q.next_lsn - q.first_lsn >= prev.0 {
+                    m.wal_gathers_filled.inc();
+                }
+            }
         }
         let batch = std::mem::replace(&mut q.buf, std::mem::take(&mut spare));
         let (first, last) = (q.first_lsn, q.next_lsn - 1);
@@ -272,8 +317,10 @@ fn write_loop(shared: &Shared, wal: &Mutex<Wal>) {
 
         let started = std::time::Instant::now();
         let result = wal.lock().unwrap_or_else(|e| e.into_inner()).write(&batch, first, last);
+        let took = started.elapsed();
+        prev = (last - first + 1, took);
         let m = &shared.config.metrics;
-        m.fsync_seconds.observe(started.elapsed().as_secs_f64());
+        m.fsync_seconds.observe(took.as_secs_f64());
         match result {
             Ok(()) => {
                 m.batch_records.observe((last - first + 1) as f64);
@@ -315,6 +362,146 @@ fn write_loop(shared: &Shared, wal: &Mutex<Wal>) {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+    use crate::storage::io::{Faults, SimDir};
+
+    fn start(dir: &SimDir, gather: bool, metrics: &Arc<StorageMetrics>) -> WalJournal {
+        let (wal, _) = Wal::open(
+            Arc::new(dir.clone()),
+            0,
+            64 << 20,
+            codec::FORMAT_VERSION,
+            &mut |_, _, _| Ok(()),
+        )
+        .expect("an empty log opens");
+        WalJournal::start(
+            wal,
+            WriterConfig {
+                durability: Durability::Fsync,
+                flush_interval: Duration::from_millis(10),
+                gather,
+                // Holds end by the previous sync's length alone.
+                gather_max: Duration::from_secs(600),
+                queue_bytes_max: 16 << 20,
+                metrics: metrics.clone(),
+            },
+        )
+    }
+
+    /// Appends one record as the engine does: append, then wake.
+    fn append(j: &WalJournal) -> Lsn {
+        let lsn = j.append(0, &[]).expect("the log takes records");
+        j.wake();
+        lsn
+    }
+
+    /// Makes the next sync cover `n` records: holds syncs, lets the writer
+    /// take one record into a held sync, queues `n` behind it, then lets
+    /// both syncs run. Returns the last LSN.
+    fn sync_of(dir: &SimDir, j: &WalJournal, n: usize) -> Lsn {
+        dir.hold_syncs();
+        append(j);
+        while !j.shared.lock().buf.is_empty() {
+            std::thread::yield_now();
+        }
+        let last = (0..n).map(|_| append(j)).last().expect("n > 0");
+        dir.release_syncs();
+        j.wait_durable_blocking(last).expect("durable");
+        last
+    }
+
+    fn batches(m: &StorageMetrics) -> u64 {
+        let mut text = String::new();
+        let mut r = prometheus_client::registry::Registry::default();
+        r.register("b", "", m.batch_records.clone());
+        prometheus_client::encoding::text::encode(&mut text, &r).expect("encodes");
+        let line = text.lines().find(|l| l.starts_with("b_count")).expect("a count");
+        line.split_whitespace()
+            .nth(1)
+            .and_then(|v| v.parse().ok())
+            .expect("a number")
+    }
+
+    #[test]
+    fn under_load_a_sync_waits_for_as_many_records_as_the_last_one_covered() {
+        let dir = SimDir::new();
+        // Each sync takes a second: the longest a gather may hold.
+        dir.set_faults(Faults {
+            sync_delay: Duration::from_secs(1),
+            ..Faults::default()
+        });
+        let m = Arc::new(StorageMetrics::default());
+        let j = start(&dir, true, &m);
+        let last = sync_of(&dir, &j, 10);
+        assert_eq!((batches(&m), m.wal_gathers.get()), (2, 0), "1 then 10, no gather yet");
+
+        // Nine arrive: fewer than the ten the last sync covered, so the
+        // writer holds them; the tenth ends the hold and all ten go in one sync.
+        let lsns: Vec<Lsn> = (0..10).map(|_| append(&j)).collect();
+        j.wait_durable_blocking(*lsns.last().unwrap()).expect("durable");
+        assert_eq!(lsns, (last + 1..=last + 10).collect::<Vec<_>>());
+        assert_eq!(batches(&m), 3, "the ten records share one sync");
+        assert_eq!(m.wal_gathers.get(), 1);
+        assert_eq!(m.wal_gathers_filled.get(), 1, "ended by the tenth record, not by time");
+        j.close().expect("closes");
+    }
+
+    #[test]
+    fn a_quiet_log_never_waits_and_a_burst_gathers_at_most_once() {
+        let dir = SimDir::new();
+        let m = Arc::new(StorageMetrics::default());
+        let j = start(&dir, true, &m);
+        for _ in 0..20 {
+            let lsn = append(&j);
+            j.wait_durable_blocking(lsn).expect("durable");
+        }
+        assert_eq!(m.wal_gathers.get(), 0, "one record per sync: never held");
+        sync_of(&dir, &j, 12);
+        for _ in 0..20 {
+            let lsn = append(&j);
+            j.wait_durable_blocking(lsn).expect("durable");
+        }
+        assert!(
+            m.wal_gathers.get() <= 1,
+            "after the burst: {} holds",
+            m.wal_gathers.get()
+        );
+        j.close().expect("closes");
+    }
+
+    #[test]
+    fn with_gathering_off_nothing_is_held() {
+        let dir = SimDir::new();
+        dir.set_faults(Faults {
+            sync_delay: Duration::from_millis(200),
+            ..Faults::default()
+        });
+        let m = Arc::new(StorageMetrics::default());
+        let j = start(&dir, false, &m);
+        sync_of(&dir, &j, 10);
+        // Three records are synced without waiting for more.
+        let lsn = (0..3).map(|_| append(&j)).last().unwrap();
+        j.wait_durable_blocking(lsn).expect("durable");
+        assert_eq!(m.wal_gathers.get(), 0);
+        j.close().expect("closes");
+    }
+
+    #[test]
+    fn closing_during_a_gather_writes_what_is_queued() {
+        let dir = SimDir::new();
+        dir.set_faults(Faults {
+            sync_delay: Duration::from_millis(500),
+            ..Faults::default()
+        });
+        let m = Arc::new(StorageMetrics::default());
+        let j = start(&dir, true, &m);
+        let before = sync_of(&dir, &j, 10);
+        let last = (0..4).map(|_| append(&j)).last().unwrap();
+        j.close().expect("closes");
+        assert_eq!(last, before + 4);
+        assert_eq!(j.watch().durable_lsn(), last, "nothing queued is lost");
+    }
+
     #[test]
     fn an_unrecoverable_write_exits_with_the_storage_status() {
         assert_eq!(super::EXIT_UNRECOVERABLE, i32::from(crate::cli::EXIT_STORAGE));

@@ -369,6 +369,8 @@ impl Storage {
         let writer = WriterConfig {
             durability: config.durability,
             flush_interval: Duration::from_millis(config.flush_interval_ms),
+            gather: config.gather_commits,
+            gather_max: journal::GATHER_MAX,
             queue_bytes_max: config.queue_bytes_max,
             metrics: metrics.clone(),
         };
