@@ -1320,7 +1320,7 @@ impl Engine {
     ) -> Result<(), E> {
         for (i, s) in self.shards.iter().enumerate() {
             let mut guard = s.lock().unwrap_or_else(|e| e.into_inner());
-            let usage = std::mem::take(&mut guard.usage);
+            let usage = std::mem::take(&mut guard.usage).into_deltas();
             f(i, &guard, usage)?;
         }
         Ok(())
@@ -1333,7 +1333,7 @@ impl Engine {
             by_shard.entry(self.shard_of_subject(&k.0)).or_default().insert(k, v);
         }
         for (i, d) in by_shard {
-            merge_usage(&mut self.shards[i].lock().unwrap_or_else(|e| e.into_inner()).usage, d);
+            self.shards[i].lock().unwrap_or_else(|e| e.into_inner()).usage.merge(d);
         }
     }
 
@@ -1355,38 +1355,31 @@ impl Engine {
     /// page costs what its subjects hold, not what every shard holds.
     pub fn usage_deltas_after(&self, after: Option<&str>, subjects: usize) -> UsageDeltas {
         use std::ops::Bound;
-        let lower = after.map_or(Bound::Unbounded, |a| {
-            Bound::Excluded((SortKey::new(Arc::<str>::from(a)), u64::MAX))
-        });
+        let lower = after.map_or(Bound::Unbounded, Bound::Excluded);
         // The first `subjects` names over every shard.
         let mut first: BTreeSet<SortKey> = BTreeSet::new();
         for s in self.shards.iter() {
             let g = s.lock().unwrap_or_else(|e| e.into_inner());
-            let mut taken = 0;
-            for ((subject, _), _) in g.usage.range((lower.clone(), Bound::Unbounded)) {
+            for (subject, _) in g.usage.range((lower, Bound::Unbounded)).take(subjects) {
                 if first.len() == subjects && first.last().is_some_and(|l| subject > l) {
                     break;
                 }
-                if first.insert(subject.clone()) {
-                    taken += 1;
-                    if first.len() > subjects {
-                        first.pop_last();
-                    }
-                    if taken == subjects {
-                        break;
-                    }
+                first.insert(subject.clone());
+                if first.len() > subjects {
+                    first.pop_last();
                 }
             }
         }
         let Some(last) = first.last().cloned() else {
             return UsageDeltas::new();
         };
-        let upper = Bound::Included((last, u64::MAX));
         let mut out = UsageDeltas::new();
         for s in self.shards.iter() {
             let g = s.lock().unwrap_or_else(|e| e.into_inner());
-            for (k, v) in g.usage.range((lower.clone(), upper.clone())) {
-                out.insert(k.clone(), v.clone());
+            for (subject, hours) in g.usage.range((lower, Bound::Included(last.name()))) {
+                for (hour, amounts) in hours {
+                    out.insert((subject.clone(), *hour), amounts.clone());
+                }
             }
         }
         out
@@ -1395,15 +1388,16 @@ impl Engine {
     /// Usage not yet in the snapshot file: one subject's, or everybody's.
     pub fn usage_deltas(&self, subject: Option<&str>) -> UsageDeltas {
         let mut out = UsageDeltas::new();
-        let shards: Vec<usize> = match subject {
-            Some(s) => vec![self.shard_of_subject(s)],
-            None => (0..self.shards.len()).collect(),
-        };
-        for i in shards {
-            let g = self.shards[i].lock().unwrap_or_else(|e| e.into_inner());
-            for (k, v) in &g.usage {
-                if subject.is_none_or(|s| &*k.0 == s) {
-                    out.insert(k.clone(), v.clone());
+        match subject {
+            Some(s) => {
+                let g = self.shards[self.shard_of_subject(s)]
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                g.usage.copy_subject(s, &mut out);
+            }
+            None => {
+                for shard in self.shards.iter() {
+                    shard.lock().unwrap_or_else(|e| e.into_inner()).usage.copy_all(&mut out);
                 }
             }
         }

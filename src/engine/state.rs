@@ -449,7 +449,7 @@ pub struct Shard {
     /// metric → amount. A snapshot moves it out (with the shard, so it is as
     /// of `applied_lsn`), so it is not part of the encoded shard.
     #[serde(skip)]
-    pub usage: UsageDeltas,
+    pub usage: UsageLedger,
     /// Active holds on this shard's counters, by counter, soonest expiry
     /// first: when held capacity returns if the hold is never finished.
     /// Derived from the reservations (rebuilt at recovery), not encoded.
@@ -494,6 +494,114 @@ pub fn add_usage(bucket: &mut Vec<(Arc<str>, u64)>, metric: &Arc<str>, amount: u
     match bucket.iter_mut().find(|(m, _)| m == metric) {
         Some((_, v)) => *v = v.saturating_add(amount).min(crate::engine::policy::MAX_SAFE_INTEGER),
         None => bucket.push((metric.clone(), amount)),
+    }
+}
+
+/// One subject's usage in one hour: (hour start, (metric, amount) pairs).
+pub type HourBucket = (Millis, Vec<(Arc<str>, u64)>);
+
+/// A shard's usage not yet in the snapshot file. Every consume adds to one
+/// bucket, found by hashing its subject and then among that subject's few
+/// hours: an ordered map of (subject, hour) searched several nodes per
+/// charge, the largest item of a decision's own code. Listing in order goes
+/// through an index of the subjects that hold any, which changes only when
+/// a subject gets its first bucket since the last snapshot.
+#[derive(Debug, Default, Clone)]
+pub struct UsageLedger {
+    /// Subject → its buckets, in hour order.
+    by_subject: FastMap<Arc<str>, Vec<HourBucket>>,
+    /// The subjects of `by_subject`, in byte order.
+    order: BTreeSet<SortKey>,
+    /// (subject, hour) buckets in all.
+    buckets: usize,
+}
+
+impl UsageLedger {
+    /// Adds `amounts` to the subject's bucket of the hour starting at `hour`.
+    pub fn add(&mut self, subject: &Arc<str>, hour: Millis, amounts: &[(Arc<str>, u64)]) {
+        let hours = match self.by_subject.get_mut(&**subject) {
+            Some(hours) => hours,
+            None => {
+                self.order.insert(SortKey::new(subject.clone()));
+                self.by_subject
+                    .entry(subject.clone())
+                    .or_insert_with(|| Vec::with_capacity(1))
+            }
+        };
+        // Charges come in time order: the hour is the last one, or new.
+        let i = match hours.iter().rposition(|(h, _)| *h <= hour) {
+            Some(i) if hours[i].0 == hour => i,
+            before => {
+                let at = before.map_or(0, |i| i + 1);
+                hours.insert(at, (hour, Vec::new()));
+                self.buckets += 1;
+                at
+            }
+        };
+        for (m, a) in amounts {
+            add_usage(&mut hours[i].1, m, *a);
+        }
+    }
+
+    /// (subject, hour) buckets held.
+    pub fn len(&self) -> usize {
+        self.buckets
+    }
+
+    /// Whether it holds nothing.
+    pub fn is_empty(&self) -> bool {
+        self.buckets == 0
+    }
+
+    /// Every bucket, as deltas.
+    pub fn into_deltas(self) -> UsageDeltas {
+        let UsageLedger {
+            mut by_subject, order, ..
+        } = self;
+        let mut sorted = Vec::with_capacity(order.len());
+        for key in order {
+            for (hour, amounts) in by_subject.remove(key.name()).unwrap_or_default() {
+                sorted.push(((key.clone(), hour), amounts));
+            }
+        }
+        sorted.into_iter().collect()
+    }
+
+    /// Adds `deltas` (a failed snapshot's, given back).
+    pub fn merge(&mut self, deltas: UsageDeltas) {
+        for ((subject, hour), amounts) in deltas {
+            self.add(subject.name(), hour, &amounts);
+        }
+    }
+
+    /// Copies one subject's buckets into `out`.
+    pub fn copy_subject(&self, subject: &str, out: &mut UsageDeltas) {
+        if let Some((name, hours)) = self.by_subject.get_key_value(subject) {
+            let key = SortKey::new(name.clone());
+            for (hour, amounts) in hours {
+                out.insert((key.clone(), *hour), amounts.clone());
+            }
+        }
+    }
+
+    /// Copies every bucket into `out`.
+    pub fn copy_all(&self, out: &mut UsageDeltas) {
+        for (name, hours) in &self.by_subject {
+            let key = SortKey::new(name.clone());
+            for (hour, amounts) in hours {
+                out.insert((key.clone(), *hour), amounts.clone());
+            }
+        }
+    }
+
+    /// The subjects within `range`, in byte order, with their buckets.
+    pub fn range<'a>(
+        &'a self,
+        range: (std::ops::Bound<&'a str>, std::ops::Bound<&'a str>),
+    ) -> impl Iterator<Item = (&'a SortKey, &'a [HourBucket])> + 'a {
+        self.order
+            .range::<str, _>(range)
+            .filter_map(|k| Some((k, self.by_subject.get(&**k)?.as_slice())))
     }
 }
 
@@ -591,14 +699,7 @@ pub fn apply<A: ShardAccess>(access: &mut A, m: &Mutation, lsn: Lsn) -> Applied 
             amounts,
         } => {
             let hour = at_ms - at_ms % 3_600_000;
-            let bucket = access
-                .subject_shard(subject)
-                .usage
-                .entry((SortKey::new(subject.clone()), hour))
-                .or_default();
-            for (m, a) in amounts {
-                add_usage(bucket, m, *a);
-            }
+            access.subject_shard(subject).usage.add(subject, hour, amounts);
         }
         Mutation::SetSubject {
             subject,
@@ -736,5 +837,71 @@ mod tests {
                 .collect();
             assert_eq!(after, sorted[i + 1..], "names after {n:?}");
         }
+    }
+
+    /// The ledger against the ordered map it replaced, over charges in and
+    /// out of time order, to subjects named around the 16-byte head.
+    #[test]
+    fn the_usage_ledger_holds_what_an_ordered_map_of_buckets_would() {
+        let names = names();
+        let metrics: Vec<Arc<str>> = ["requests", "tokens", "usd_micros"].map(Arc::from).to_vec();
+        let mut ledger = UsageLedger::default();
+        let mut model = UsageDeltas::new();
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = |n: usize| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % n as u64) as usize
+        };
+        for step in 0..20_000 {
+            let subject: Arc<str> = Arc::from(names[next(names.len())].as_str());
+            // Mostly the current hour, sometimes an earlier or a later one.
+            let hour = 3_600_000 * (100 + step / 4_000 + next(3)) as u64;
+            let amounts: Vec<(Arc<str>, u64)> = (0..1 + next(3))
+                .map(|_| (metrics[next(3)].clone(), 1 + next(1000) as u64))
+                .collect();
+            ledger.add(&subject, hour, &amounts);
+            let bucket = model.entry((SortKey::new(subject), hour)).or_default();
+            for (m, a) in &amounts {
+                add_usage(bucket, m, *a);
+            }
+        }
+        assert_eq!(ledger.len(), model.len());
+        let mut one = UsageDeltas::new();
+        ledger.copy_subject("user:", &mut one);
+        let expect: UsageDeltas = model
+            .iter()
+            .filter(|((s, _), _)| &**s == "user:")
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        assert_eq!(one, expect);
+        let mut all = UsageDeltas::new();
+        ledger.copy_all(&mut all);
+        assert_eq!(all, model);
+        let (lo, hi) = ("a", "user:123456789abc");
+        let ranged: Vec<(&str, Millis)> = ledger
+            .range((std::ops::Bound::Excluded(lo), std::ops::Bound::Included(hi)))
+            .flat_map(|(k, hours)| hours.iter().map(move |(h, _)| (&**k, *h)))
+            .collect();
+        let expect: Vec<(&str, Millis)> = model
+            .keys()
+            .filter(|(k, _)| &**k > lo && &**k <= hi)
+            .map(|(k, h)| (&**k, *h))
+            .collect();
+        assert_eq!(ranged, expect, "in order of subject, then hour");
+        // Given back after a failed snapshot, the buckets add up again.
+        let mut back = UsageLedger::default();
+        back.merge(model.clone());
+        back.merge(model.clone());
+        let doubled = back.into_deltas();
+        assert_eq!(doubled.len(), model.len());
+        for (k, v) in &model {
+            for (m, a) in v {
+                let got = doubled[k].iter().find(|(n, _)| n == m).map(|(_, a)| *a);
+                assert_eq!(got, Some((2 * a).min(crate::engine::policy::MAX_SAFE_INTEGER)));
+            }
+        }
+        assert_eq!(ledger.into_deltas(), model);
     }
 }
