@@ -30,13 +30,26 @@ pub fn with_values(mut usage: Vec<(Arc<str>, u64)>, values: &[(&str, &str)]) -> 
     if values.is_empty() {
         return usage;
     }
-    let plain = usage.len();
-    for i in 0..plain {
-        let (metric, amount) = usage[i].clone();
-        for (d, v) in values {
-            usage.push((intern(&format!("{metric}{SEP}{d}{SEP}{v}")), amount));
-        }
+    thread_local! {
+        /// The name being built: most are interned already, so most calls
+        /// allocate nothing.
+        static NAME: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
     }
+    let plain = usage.len();
+    NAME.with_borrow_mut(|name| {
+        for i in 0..plain {
+            let (metric, amount) = usage[i].clone();
+            for (d, v) in values {
+                name.clear();
+                name.push_str(&metric);
+                name.push(SEP);
+                name.push_str(d);
+                name.push(SEP);
+                name.push_str(v);
+                usage.push((intern(name), amount));
+            }
+        }
+    });
     usage
 }
 

@@ -453,10 +453,19 @@ fn hash_counter(key: &CounterKey) -> u64 {
 /// What a consume adds to usage history: its amounts, `requests` (1 unless
 /// given) and the cost when priced; zeros left out.
 fn usage_of(amounts: &BTreeMap<String, u64>, cost: Option<u64>, cost_metric: Option<&str>) -> Vec<(Arc<str>, u64)> {
-    let mut out: BTreeMap<&str, u64> = amounts.iter().map(|(m, &a)| (m.as_str(), a)).collect();
-    out.entry("requests").or_insert(1);
+    // In name order, as the amounts are: a vector, not a map, for a few names.
+    let mut out: Vec<(&str, u64)> = Vec::with_capacity(amounts.len() + 2);
+    out.extend(amounts.iter().map(|(m, &a)| (m.as_str(), a)));
+    fn set<'a>(out: &mut Vec<(&'a str, u64)>, name: &'a str, amount: u64, replace: bool) {
+        match out.binary_search_by(|(m, _)| (*m).cmp(name)) {
+            Ok(i) if replace => out[i].1 = amount,
+            Ok(_) => {}
+            Err(i) => out.insert(i, (name, amount)),
+        }
+    }
+    set(&mut out, "requests", 1, false);
     if let (Some(c), Some(m)) = (cost, cost_metric) {
-        out.insert(m, c);
+        set(&mut out, m, c, true);
     }
     // Interned: each bucket in memory keeps these names until the next snapshot.
     out.into_iter()
@@ -1447,6 +1456,50 @@ impl Derived {
     fn index_holds(&self, access: &mut impl state::ShardAccess) {
         for r in &self.active {
             state::index_holds(access, r, true);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What `usage_of` computed when it built a map: the reference.
+    fn usage_by_map(amounts: &BTreeMap<String, u64>, cost: Option<u64>, metric: Option<&str>) -> Vec<(String, u64)> {
+        let mut out: BTreeMap<&str, u64> = amounts.iter().map(|(m, &a)| (m.as_str(), a)).collect();
+        out.entry("requests").or_insert(1);
+        if let (Some(c), Some(m)) = (cost, metric) {
+            out.insert(m, c);
+        }
+        out.into_iter()
+            .filter(|&(_, a)| a > 0)
+            .map(|(m, a)| (m.to_string(), a))
+            .collect()
+    }
+
+    #[test]
+    fn usage_of_files_requests_amounts_and_cost_in_name_order() {
+        let amounts = [
+            vec![],
+            vec![("tokens", 5)],
+            vec![("requests", 3), ("tokens", 0)],
+            vec![("a", 1), ("requests", 0), ("zz", 2)],
+            vec![("images", 2), ("usd_micros", 9)],
+        ];
+        for a in amounts {
+            let a: BTreeMap<String, u64> = a.into_iter().map(|(m, v)| (m.to_string(), v)).collect();
+            for (cost, metric) in [
+                (None, None),
+                (Some(7), Some("usd_micros")),
+                (Some(0), Some("cost")),
+                (Some(4), Some("a")),
+            ] {
+                let got: Vec<(String, u64)> = usage_of(&a, cost, metric)
+                    .into_iter()
+                    .map(|(m, v)| (m.to_string(), v))
+                    .collect();
+                assert_eq!(got, usage_by_map(&a, cost, metric), "{a:?} {cost:?} {metric:?}");
+            }
         }
     }
 }
