@@ -365,7 +365,13 @@ mod tests {
     use super::*;
     use crate::storage::io::{Faults, SimDir};
 
-    fn start(dir: &SimDir, gather: bool, metrics: &Arc<StorageMetrics>) -> WalJournal {
+    /// A writer over a simulated disk whose every sync takes `sync_delay`.
+    fn start(sync_delay: Duration, gather: bool) -> (SimDir, Arc<StorageMetrics>, WalJournal) {
+        let dir = SimDir::new();
+        dir.set_faults(Faults {
+            sync_delay,
+            ..Faults::default()
+        });
         let (wal, _) = Wal::open(
             Arc::new(dir.clone()),
             0,
@@ -374,7 +380,8 @@ mod tests {
             &mut |_, _, _| Ok(()),
         )
         .expect("an empty log opens");
-        WalJournal::start(
+        let metrics = Arc::new(StorageMetrics::default());
+        let j = WalJournal::start(
             wal,
             WriterConfig {
                 durability: Durability::Fsync,
@@ -385,7 +392,8 @@ mod tests {
                 queue_bytes_max: 16 << 20,
                 metrics: metrics.clone(),
             },
-        )
+        );
+        (dir, metrics, j)
     }
 
     /// Appends one record as the engine does: append, then wake.
@@ -424,14 +432,8 @@ mod tests {
 
     #[test]
     fn under_load_a_sync_waits_for_as_many_records_as_the_last_one_covered() {
-        let dir = SimDir::new();
         // Each sync takes a second: the longest a gather may hold.
-        dir.set_faults(Faults {
-            sync_delay: Duration::from_secs(1),
-            ..Faults::default()
-        });
-        let m = Arc::new(StorageMetrics::default());
-        let j = start(&dir, true, &m);
+        let (dir, m, j) = start(Duration::from_secs(1), true);
         let last = sync_of(&dir, &j, 10);
         assert_eq!((batches(&m), m.wal_gathers.get()), (2, 0), "1 then 10, no gather yet");
 
@@ -448,9 +450,7 @@ mod tests {
 
     #[test]
     fn a_quiet_log_never_waits_and_a_burst_gathers_at_most_once() {
-        let dir = SimDir::new();
-        let m = Arc::new(StorageMetrics::default());
-        let j = start(&dir, true, &m);
+        let (dir, m, j) = start(Duration::ZERO, true);
         for _ in 0..20 {
             let lsn = append(&j);
             j.wait_durable_blocking(lsn).expect("durable");
@@ -471,13 +471,7 @@ mod tests {
 
     #[test]
     fn with_gathering_off_nothing_is_held() {
-        let dir = SimDir::new();
-        dir.set_faults(Faults {
-            sync_delay: Duration::from_millis(200),
-            ..Faults::default()
-        });
-        let m = Arc::new(StorageMetrics::default());
-        let j = start(&dir, false, &m);
+        let (dir, m, j) = start(Duration::from_millis(200), false);
         sync_of(&dir, &j, 10);
         // Three records are synced without waiting for more.
         let lsn = (0..3).map(|_| append(&j)).last().unwrap();
@@ -488,18 +482,13 @@ mod tests {
 
     #[test]
     fn closing_during_a_gather_writes_what_is_queued() {
-        let dir = SimDir::new();
-        dir.set_faults(Faults {
-            sync_delay: Duration::from_millis(500),
-            ..Faults::default()
-        });
-        let m = Arc::new(StorageMetrics::default());
-        let j = start(&dir, true, &m);
+        let (dir, m, j) = start(Duration::from_millis(500), true);
         let before = sync_of(&dir, &j, 10);
         let last = (0..4).map(|_| append(&j)).last().unwrap();
         j.close().expect("closes");
         assert_eq!(last, before + 4);
         assert_eq!(j.watch().durable_lsn(), last, "nothing queued is lost");
+        assert_eq!(m.wal_gathers_filled.get(), 0, "4 of the 10 waited for came");
     }
 
     #[test]
