@@ -14,7 +14,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_quotad");
-const CLIENTS: usize = 4;
+/// Enough clients that the WAL writer's syncs reach the size at which it
+/// gathers (8 records), so kills also land while it holds a batch.
+const CLIENTS: usize = 12;
 
 #[derive(Clone, Copy, PartialEq, Debug)]
 enum Outcome {
@@ -152,6 +154,9 @@ fn sigkill_loop_never_loses_or_repeats_an_acknowledged_consume() {
     };
     let started = Instant::now();
     let mut sent = 0usize;
+    // Batches the writer held to gather, summed over the runs (read just
+    // before each kill).
+    let mut gathers = 0u64;
     for round in 0..restarts {
         let mut child = start(&config, &log);
         wait_ready(&sock, &mut child, &log);
@@ -182,6 +187,12 @@ fn sigkill_loop_never_loses_or_repeats_an_acknowledged_consume() {
             })
             .collect();
         std::thread::sleep(Duration::from_millis(20 + rand(200)));
+        gathers += http(&sock, "GET", "/metrics", "")
+            .and_then(|(_, text)| {
+                let line = text.lines().find(|l| l.starts_with("quotad_wal_gathers_total "))?;
+                line.split_whitespace().nth(1)?.parse::<f64>().ok()
+            })
+            .unwrap_or(0.0) as u64;
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
         for t in threads {
@@ -198,8 +209,9 @@ fn sigkill_loop_never_loses_or_repeats_an_acknowledged_consume() {
     assert!(child.wait().unwrap().success());
     let total: usize = ledger.lock().unwrap().requests.iter().map(Vec::len).sum();
     println!(
-        "crash loop: {restarts} SIGKILL restarts, {total} requests ({sent} acknowledged before a kill), {:.1} s; \
-         every counter within bounds after each restart and exact after retries",
+        "crash loop: {restarts} SIGKILL restarts, {total} requests ({sent} acknowledged before a kill, \
+         {gathers} gathered batches seen), {:.1} s; every counter within bounds after each restart and exact \
+         after retries",
         started.elapsed().as_secs_f64()
     );
 }
