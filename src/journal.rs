@@ -75,22 +75,15 @@ impl Waiters {
 
     /// Everything up to `lsn` is durable: wakes those waiting for it.
     pub fn advance(&self, lsn: Lsn) {
-        let mut woken = Vec::new();
-        {
+        let covered: Vec<Waiting> = {
             let mut w = self.lock();
             self.durable.fetch_max(lsn, Ordering::AcqRel);
             if w.blocking > 0 {
                 self.changed.notify_all();
             }
-            w.waiting.retain_mut(|x| {
-                let covered = x.lsn <= lsn;
-                if covered {
-                    woken.push(std::mem::replace(&mut x.waker, Waker::noop().clone()));
-                }
-                !covered
-            });
-        }
-        woken.into_iter().for_each(Waker::wake);
+            w.waiting.extract_if(.., |x| x.lsn <= lsn).collect()
+        };
+        covered.into_iter().for_each(|x| x.waker.wake());
     }
 
     /// The journal failed: every waiter above the durable LSN gets `message`.
@@ -188,24 +181,21 @@ impl Future for Wait<'_> {
             return Poll::Ready(Ok(()));
         }
         let mut w = ws.lock();
-        if let Some((ticket, _)) = self.registered {
-            if let Some(i) = w.aborted_tickets.iter().position(|t| *t == ticket) {
-                w.aborted_tickets.swap_remove(i);
-                let message = w.aborted.clone();
-                drop(w);
-                self.registered = None;
-                return Poll::Ready(Err(JournalError(message)));
-            }
-        }
-        if ws.durable.load(Ordering::Acquire) >= lsn {
+        // An abort that took this wait out of the list comes first: the LSN
+        // may since have been reached by another leader's record.
+        let aborted = self
+            .registered
+            .is_some_and(|(ticket, _)| take_ticket(&mut w.aborted_tickets, ticket));
+        let done = if aborted {
+            Some(Err(JournalError(w.aborted.clone())))
+        } else if ws.durable.load(Ordering::Acquire) >= lsn {
+            Some(Ok(()))
+        } else {
+            w.failed.clone().map(|f| Err(JournalError(f)))
+        };
+        if let Some(result) = done {
             self.registered = None;
-            return Poll::Ready(Ok(()));
-        }
-        if let Some(f) = &w.failed {
-            let message = f.clone();
-            drop(w);
-            self.registered = None;
-            return Poll::Ready(Err(JournalError(message)));
+            return Poll::Ready(result);
         }
         match self.registered {
             // Woken with nothing changed for it: keep the newest waker.
@@ -222,9 +212,7 @@ impl Future for Wait<'_> {
                     ticket,
                     waker: cx.waker().clone(),
                 });
-                let aborts = ws.aborts.load(Ordering::Acquire);
-                drop(w);
-                self.registered = Some((ticket, aborts));
+                self.registered = Some((ticket, ws.aborts.load(Ordering::Acquire)));
             }
         }
         Poll::Pending
@@ -239,11 +227,17 @@ impl Drop for Wait<'_> {
             let mut w = self.waiters.lock();
             if let Some(i) = w.waiting.iter().position(|x| x.ticket == ticket) {
                 w.waiting.swap_remove(i);
-            } else if let Some(i) = w.aborted_tickets.iter().position(|t| *t == ticket) {
-                w.aborted_tickets.swap_remove(i);
+            } else {
+                take_ticket(&mut w.aborted_tickets, ticket);
             }
         }
     }
+}
+
+/// Removes `ticket` from `tickets`; whether it was there.
+fn take_ticket(tickets: &mut Vec<u64>, ticket: u64) -> bool {
+    let found = tickets.iter().position(|t| *t == ticket);
+    found.map(|i| tickets.swap_remove(i)).is_some()
 }
 
 /// Waits for records to become durable.

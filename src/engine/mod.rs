@@ -1385,30 +1385,22 @@ impl Engine {
         let mut out = UsageDeltas::new();
         for s in self.shards.iter() {
             let g = s.lock().unwrap_or_else(|e| e.into_inner());
-            for (subject, hours) in g.usage.range((lower, Bound::Included(last.name()))) {
-                for (hour, amounts) in hours {
-                    out.insert((subject.clone(), *hour), amounts.clone());
-                }
-            }
+            g.usage.copy_range((lower, Bound::Included(last.name())), &mut out);
         }
         out
     }
 
     /// Usage not yet in the snapshot file: one subject's, or everybody's.
     pub fn usage_deltas(&self, subject: Option<&str>) -> UsageDeltas {
+        use std::ops::Bound;
         let mut out = UsageDeltas::new();
-        match subject {
-            Some(s) => {
-                let g = self.shards[self.shard_of_subject(s)]
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner());
-                g.usage.copy_subject(s, &mut out);
-            }
-            None => {
-                for shard in self.shards.iter() {
-                    shard.lock().unwrap_or_else(|e| e.into_inner()).usage.copy_all(&mut out);
-                }
-            }
+        let (shards, range) = match subject {
+            Some(s) => (vec![self.shard_of_subject(s)], (Bound::Included(s), Bound::Included(s))),
+            None => ((0..self.shards.len()).collect(), (Bound::Unbounded, Bound::Unbounded)),
+        };
+        for i in shards {
+            let g = self.shards[i].lock().unwrap_or_else(|e| e.into_inner());
+            g.usage.copy_range(range, &mut out);
         }
         out
     }

@@ -574,26 +574,6 @@ impl UsageLedger {
         }
     }
 
-    /// Copies one subject's buckets into `out`.
-    pub fn copy_subject(&self, subject: &str, out: &mut UsageDeltas) {
-        if let Some((name, hours)) = self.by_subject.get_key_value(subject) {
-            let key = SortKey::new(name.clone());
-            for (hour, amounts) in hours {
-                out.insert((key.clone(), *hour), amounts.clone());
-            }
-        }
-    }
-
-    /// Copies every bucket into `out`.
-    pub fn copy_all(&self, out: &mut UsageDeltas) {
-        for (name, hours) in &self.by_subject {
-            let key = SortKey::new(name.clone());
-            for (hour, amounts) in hours {
-                out.insert((key.clone(), *hour), amounts.clone());
-            }
-        }
-    }
-
     /// The subjects within `range`, in byte order, with their buckets.
     pub fn range<'a>(
         &'a self,
@@ -602,6 +582,15 @@ impl UsageLedger {
         self.order
             .range::<str, _>(range)
             .filter_map(|k| Some((k, self.by_subject.get(&**k)?.as_slice())))
+    }
+
+    /// Copies the buckets of the subjects within `range` into `out`.
+    pub fn copy_range(&self, range: (std::ops::Bound<&str>, std::ops::Bound<&str>), out: &mut UsageDeltas) {
+        for (subject, hours) in self.range(range) {
+            for (hour, amounts) in hours {
+                out.insert((subject.clone(), *hour), amounts.clone());
+            }
+        }
     }
 }
 
@@ -869,7 +858,8 @@ mod tests {
         }
         assert_eq!(ledger.len(), model.len());
         let mut one = UsageDeltas::new();
-        ledger.copy_subject("user:", &mut one);
+        let user = std::ops::Bound::Included("user:");
+        ledger.copy_range((user, user), &mut one);
         let expect: UsageDeltas = model
             .iter()
             .filter(|((s, _), _)| &**s == "user:")
@@ -877,7 +867,7 @@ mod tests {
             .collect();
         assert_eq!(one, expect);
         let mut all = UsageDeltas::new();
-        ledger.copy_all(&mut all);
+        ledger.copy_range((std::ops::Bound::Unbounded, std::ops::Bound::Unbounded), &mut all);
         assert_eq!(all, model);
         let (lo, hi) = ("a", "user:123456789abc");
         let ranged: Vec<(&str, Millis)> = ledger

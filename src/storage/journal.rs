@@ -94,6 +94,13 @@ struct Shared {
     wake_pending: AtomicBool,
 }
 
+impl Queue {
+    /// Records queued for the writer.
+    fn queued(&self) -> u64 {
+        self.next_lsn - self.first_lsn
+    }
+}
+
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, Queue> {
         self.queue.lock().unwrap_or_else(|e| e.into_inner())
@@ -239,7 +246,7 @@ impl Journal for WalJournal {
         // Batch mode's timed wait and a gather end early once half the queue
         // is full; a gather also once it holds the records it waits for.
         let mut wake = q.writer_idle || q.buf.len() >= self.shared.config.queue_bytes_max / 2;
-        if q.gather_until > 0 && q.next_lsn - q.first_lsn >= q.gather_until {
+        if q.gather_until > 0 && q.queued() >= q.gather_until {
             q.gather_until = 0;
             wake = true;
         }
@@ -279,9 +286,9 @@ fn write_loop(shared: &Shared, wal: &Mutex<Wal>) {
         if q.buf.is_empty() && q.closed {
             return;
         }
+        let half_full = shared.config.queue_bytes_max / 2;
         if shared.config.durability == Durability::Batch && !q.closed {
             // Wait out the flush interval unless the batch is already large.
-            let half_full = shared.config.queue_bytes_max / 2;
             if q.buf.len() < half_full {
                 // Not idle: appends need not wake it early.
                 q = shared
@@ -290,20 +297,21 @@ fn write_loop(shared: &Shared, wal: &Mutex<Wal>) {
                     .unwrap_or_else(|e| e.into_inner())
                     .0;
             }
-        } else if shared.config.gather && prev.0 >= GATHER_FROM && !q.closed {
-            let queued = q.next_lsn - q.first_lsn;
-            let half_full = shared.config.queue_bytes_max / 2;
-            if queued < prev.0 && q.buf.len() < half_full {
-                q.gather_until = prev.0;
-                let hold = prev.1.min(shared.config.gather_max);
-                let (guard, waited) = shared.work.wait_timeout(q, hold).unwrap_or_else(|e| e.into_inner());
-                q = guard;
-                q.gather_until = 0;
-                let m = &shared.config.metrics;
-                m.wal_gathers.inc();
-                if !waited.timed_out() && q.next_lsn - q.first_lsn >= prev.0 {
-                    m.wal_gathers_filled.inc();
-                }
+        } else if shared.config.gather
+            && prev.0 >= GATHER_FROM
+            && q.queued() < prev.0
+            && q.buf.len() < half_full
+            && !q.closed
+        {
+            q.gather_until = prev.0;
+            let hold = prev.1.min(shared.config.gather_max);
+            let (guard, waited) = shared.work.wait_timeout(q, hold).unwrap_or_else(|e| e.into_inner());
+            q = guard;
+            q.gather_until = 0;
+            let m = &shared.config.metrics;
+            m.wal_gathers.inc();
+            if !waited.timed_out() && q.queued() >= prev.0 {
+                m.wal_gathers_filled.inc();
             }
         }
         let batch = std::mem::replace(&mut q.buf, std::mem::take(&mut spare));
