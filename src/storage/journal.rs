@@ -447,7 +447,18 @@ mod tests {
 
         // Nine arrive: fewer than the ten the last sync covered, so the
         // writer holds them; the tenth ends the hold and all ten go in one sync.
-        let lsns: Vec<Lsn> = (0..10).map(|_| append(&j)).collect();
+        let mut lsns: Vec<Lsn> = (0..9).map(|_| append(&j)).collect();
+        // The tenth only once the writer holds: sent sooner, it could find
+        // all ten queued and have nothing to wait for.
+        let since = std::time::Instant::now();
+        while j.shared.lock().gather_until == 0 {
+            assert!(
+                since.elapsed() < Duration::from_secs(30),
+                "the writer never held the nine"
+            );
+            std::thread::yield_now();
+        }
+        lsns.push(append(&j));
         j.wait_durable_blocking(*lsns.last().unwrap()).expect("durable");
         assert_eq!(lsns, (last + 1..=last + 10).collect::<Vec<_>>());
         assert_eq!(batches(&m), 3, "the ten records share one sync");
