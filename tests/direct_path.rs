@@ -401,3 +401,124 @@ async fn a_request_finished_after_eviction_or_shutdown_began_is_answered_then_cl
             .unwrap();
     }
 }
+
+/// The same plan with no tokens, so a test reads `/metrics` too.
+const OPEN: &str = r#"
+[[plans]]
+name = "free"
+default = true
+  [[plans.limits]]
+  name = "tokens-per-day"
+  metric = "tokens"
+  period = "1d"
+  max = 1000
+"#;
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{name} not in:\n{text}"))
+}
+
+#[tokio::test]
+async fn pipelined_decisions_are_decided_in_order_and_synced_together() {
+    const N: u64 = 20;
+    for t in TRANSPORTS {
+        let s = TestServer::start(OPEN, t).await;
+        let syncs = || async { metric(&s.get("/metrics").await.text, "quotad_wal_fsync_duration_seconds_count") };
+        let before = syncs().await;
+        let consume = post("/v1/consume", "", r#"{"subject":"p","amounts":{"tokens":1}}"#);
+        let mut c = raw(&s).await;
+        c.send(&consume.repeat(N as usize)).await;
+        for used in 1..=N {
+            let (status, head, text) = c.answer().await;
+            assert_eq!(status, 200, "{t:?} {text}");
+            assert!(!head.to_ascii_lowercase().contains("connection: close"), "{head}");
+            let v: Value = serde_json::from_str(&text).unwrap();
+            assert_eq!(v["counters"][0]["used"], used, "{t:?}: answered out of order: {text}");
+        }
+        // One at a time, each would wait for its own sync. Decided together,
+        // they share one or two (the log may take the first alone).
+        let took = syncs().await - before;
+        assert!(
+            took < (N / 2) as f64,
+            "{t:?}: {N} pipelined decisions took {took} syncs"
+        );
+        s.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn a_pipeline_stops_at_a_call_that_may_wait_and_at_connection_close() {
+    const WAIT: &str = r#"
+[engine]
+max_wait_ms = 120000
+max_waiters_per_subject = 10
+
+[[plans]]
+name = "free"
+default = true
+  [[plans.limits]]
+  name = "tokens-per-minute"
+  metric = "tokens"
+  period = "1m"
+  max = 10
+"#;
+    for t in TRANSPORTS {
+        let s = TestServer::start(WAIT, t).await;
+        let consume = |tokens: u32, extra: &str| {
+            post(
+                "/v1/consume",
+                extra,
+                &format!(r#"{{"subject":"w","amounts":{{"tokens":{tokens}}}}}"#),
+            )
+        };
+        // 5 fit; 6 more do not and wait for the next minute. The 5 behind
+        // them are decided only once the wait ends, in the new minute, where
+        // 6 + 5 do not fit: decided before it, they would have.
+        let waits = post(
+            "/v1/consume",
+            "",
+            r#"{"subject":"w","amounts":{"tokens":6},"wait_ms":90000}"#,
+        );
+        let mut c = raw(&s).await;
+        c.send(&format!(
+            "{}{waits}{}{}{}",
+            consume(5, ""),
+            consume(5, ""),
+            consume(1, "Connection: close\r\n"),
+            consume(1, "")
+        ))
+        .await;
+        let waiting = &s.state.core.get().unwrap().waiting;
+        for _ in 0..500 {
+            if waiting.len() == 1 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        assert_eq!(waiting.len(), 1, "{t:?}: the call over the cap is not waiting");
+        tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+        s.clock.advance(60_000);
+        waiting.poke();
+        for (i, (allowed, used)) in [(true, 5), (true, 6), (false, 6), (true, 7)].into_iter().enumerate() {
+            let (status, head, text) = c.answer().await;
+            assert_eq!(status, 200, "{t:?} answer {i}: {text}");
+            let v: Value = serde_json::from_str(&text).unwrap();
+            assert_eq!(v["allowed"], allowed, "{t:?} answer {i}: {text}");
+            assert_eq!(v["counters"][0]["used"], used, "{t:?} answer {i}: {text}");
+            let closes = head.to_ascii_lowercase().contains("connection: close");
+            assert_eq!(closes, i == 3, "{t:?} answer {i}: {head}");
+        }
+        assert!(c.closed().await.is_some(), "{t:?}");
+        // The request after `Connection: close` was never decided.
+        let mut c = raw(&s).await;
+        c.send(&post("/v1/check", "", r#"{"subject":"w"}"#)).await;
+        let (_, _, text) = c.answer().await;
+        let v: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["counters"][0]["used"], 7, "{t:?}: {text}");
+        s.stop().await;
+    }
+}

@@ -7,6 +7,7 @@
 //! routing, the middleware chain and the building of a routed request are
 //! left out.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,8 +16,11 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 
 pub(crate) use super::rate_figures;
-use super::{body_timed_out, decide_body, finish_body, refuse_head, too_large, AppState};
-use crate::engine::{DecideOp, Decision};
+use super::{
+    body_timed_out, decide_body_now, finish_body_now, finish_settle, refuse_head, settle, too_large, ApiError,
+    AppState, Decided,
+};
+use crate::engine::{Applied, DecideOp, Decision, FinishAnswer};
 
 /// The API as the direct path sees it.
 pub struct DirectApi {
@@ -89,27 +93,54 @@ impl DirectApi {
 
     /// Answers a request whose head the gate admitted and whose body was
     /// read whole, and counts it in the request metrics as the router does.
-    pub async fn answer(&self, endpoint: &Endpoint, headers: &HeaderMap, body: &[u8]) -> Answer {
+    ///
+    /// The request is decided here, on the call, and the future returned
+    /// only waits (for capacity when the body asks to wait, then for the
+    /// record to be durable): requests that arrived together are decided
+    /// in the order of the calls, and their waits overlap.
+    pub fn answer<'a>(
+        &'a self,
+        endpoint: &Endpoint,
+        headers: &HeaderMap,
+        body: &[u8],
+    ) -> impl Future<Output = Answer> + Send + 'a {
         let started = Instant::now();
-        let answer = match endpoint {
-            Endpoint::Decide(op, _) => match decide_body(&self.st, headers, body, *op).await {
-                Ok(d) => Answer::Decision(d),
-                Err(e) => Answer::Other(e.into_response()),
-            },
-            Endpoint::Finish(id, commit) => match finish_body(&self.st, id, headers, body, *commit).await {
-                Ok(a) => Answer::Other(Json(a).into_response()),
-                Err(e) => Answer::Other(e.into_response()),
-            },
+        let route = endpoint.route();
+        let now = match endpoint {
+            Endpoint::Decide(op, _) => Now::Decided(*op, decide_body_now(&self.st, headers, body, *op)),
+            Endpoint::Finish(id, commit) => {
+                Now::Finished(*commit, finish_body_now(&self.st, id, headers, body, *commit))
+            }
         };
-        let status = match &answer {
-            Answer::Decision(_) => 200,
-            Answer::Other(r) => r.status().as_u16(),
-        };
-        self.st
-            .metrics
-            .http("POST", endpoint.route(), status, started.elapsed());
-        answer
+        async move {
+            let answer = match now {
+                Now::Decided(op, Ok(decided)) => match settle(&self.st, op, decided).await {
+                    Ok(d) => Answer::Decision(d),
+                    Err(e) => Answer::Other(e.into_response()),
+                },
+                Now::Finished(commit, Ok(applied)) => match finish_settle(&self.st, applied, commit).await {
+                    Ok(a) => Answer::Other(Json(a).into_response()),
+                    Err(e) => Answer::Other(e.into_response()),
+                },
+                Now::Decided(_, Err(e)) | Now::Finished(_, Err(e)) => Answer::Other(e.into_response()),
+            };
+            let status = match &answer {
+                Answer::Decision(_) => 200,
+                Answer::Other(r) => r.status().as_u16(),
+            };
+            self.st.metrics.http("POST", route, status, started.elapsed());
+            answer
+        }
     }
+}
+
+/// What [`DirectApi::answer`] did at once.
+// It lives in the answer's future, which holds the decision either way:
+// boxing the larger variant would only add an allocation per request.
+#[allow(clippy::large_enum_variant)]
+enum Now {
+    Decided(DecideOp, Result<Decided, ApiError>),
+    Finished(bool, Result<Applied<FinishAnswer>, ApiError>),
 }
 
 /// An endpoint the direct path answers.

@@ -1281,9 +1281,14 @@ async fn decide_bytes(st: &AppState, headers: &HeaderMap, bytes: &[u8], op: Deci
 
 /// The decision [`decide_bytes`] answers with.
 async fn decide_body(st: &AppState, headers: &HeaderMap, bytes: &[u8], op: DecideOp) -> Result<Decision, ApiError> {
+    settle(st, op, decide_body_now(st, headers, bytes, op)?).await
+}
+
+/// The part of [`decide_body`] that runs at once: checks and the decision,
+/// before any wait for capacity or durability.
+fn decide_body_now(st: &AppState, headers: &HeaderMap, bytes: &[u8], op: DecideOp) -> Result<Decided, ApiError> {
     let grant = st.authorize(headers, Role::Client)?;
-    let decided = decide_now(st, headers, bytes, op, false, grant.max_priority)?;
-    settle(st, op, decided).await
+    decide_now(st, headers, bytes, op, false, grant.max_priority)
 }
 
 /// A decision for a request built outside this module (the gateway):
@@ -1438,6 +1443,19 @@ async fn finish_body(
     bytes: &[u8],
     commit: bool,
 ) -> Result<FinishAnswer, ApiError> {
+    let applied = finish_body_now(st, id, headers, bytes, commit)?;
+    finish_settle(st, applied, commit).await
+}
+
+/// The part of [`finish_body`] that runs at once: checks and the engine's
+/// change, before the wait for durability.
+fn finish_body_now(
+    st: &AppState,
+    id: &str,
+    headers: &HeaderMap,
+    bytes: &[u8],
+    commit: bool,
+) -> Result<Applied<FinishAnswer>, ApiError> {
     st.authorize(headers, Role::Client)?;
     reservation_path(id)?;
     let action = if commit {
@@ -1449,7 +1467,11 @@ async fn finish_body(
         Finish::Release
     };
     st.writable()?;
-    let applied = st.engine()?.finish(id, action, st.now())?;
+    Ok(st.engine()?.finish(id, action, st.now())?)
+}
+
+/// Answers a commit or release once its change is durable.
+async fn finish_settle(st: &AppState, applied: Applied<FinishAnswer>, commit: bool) -> Result<FinishAnswer, ApiError> {
     let answer = st.durable(applied).await?;
     if commit {
         st.metrics.committed(&answer);

@@ -6,7 +6,9 @@
 //! durable consume path. The first request this path does not take (another
 //! endpoint, a chunked body, `Expect`, `Upgrade`, HTTP/1.0, a query string, a
 //! head httparse refuses, a cluster node) hands the connection and the bytes
-//! already read to hyper, which serves it from there on.
+//! already read to hyper, which serves it from there on. Whole requests
+//! that arrived together (pipelined) are decided in order at once and
+//! answered in one write, so that one sync makes them all durable.
 //!
 //! What hyper does for a connection is kept: the head of every request
 //! (a kept-alive connection's wait for its next one included) must arrive
@@ -202,12 +204,16 @@ where
         slot.begin();
         answered = answered.wrapping_add(1);
         let in_flight = InFlight(slot.clone());
+        // Whole requests read behind this one (pipelined), decided at once
+        // and answered in the same write: (answer, `Connection: close`).
+        let mut more = Vec::new();
+        let mut consumed = head.len + head.body as usize;
 
         let (answer, body_read) = match api.refuse(head.endpoint.route(), &head.headers) {
             Some(refused) => (Answer::Other(refused), false),
             None if head.body > api.max_body_bytes() as u64 => (Answer::Other(api.too_large()), false),
             None => {
-                let end = head.len + head.body as usize;
+                let end = consumed;
                 match read_to(&mut io, &mut buf, end, api.body_timeout()).await {
                     Ok(true) => {
                         // A client that leaves while its call waits for
@@ -220,8 +226,19 @@ where
                         // that sends faster than it is answered meets TCP's
                         // backpressure, not a growing buffer.
                         let body = &buf[head.len..end];
-                        let watch = buf.len() == end && body.windows(9).any(|w| w == b"\"wait_ms\"");
+                        let may_wait = names_wait(body);
+                        let watch = buf.len() == end && may_wait;
                         let answer = api.answer(&head.endpoint, &head.headers, body);
+                        // The requests behind it are decided now, in order,
+                        // so that one sync makes them all durable; but not
+                        // past a call that may wait, which must be admitted
+                        // before anything after it is decided.
+                        if !may_wait && !head.close {
+                            for (next, body) in pipelined(api, &buf, end) {
+                                consumed = body.end;
+                                more.push((api.answer(&next.endpoint, &next.headers, &buf[body]), next.close));
+                            }
+                        }
                         tokio::pin!(answer);
                         let answer = loop {
                             tokio::select! {
@@ -240,24 +257,89 @@ where
                 }
             }
         };
+        let mut flights = Vec::with_capacity(more.len());
+        for _ in &more {
+            slot.begin();
+            answered = answered.wrapping_add(1);
+            flights.push(InFlight(slot.clone()));
+        }
         // A refusal before the body was read leaves it unread: the connection
         // ends with the answer.
-        let refused = matches!(&answer, Answer::Other(r) if is_closing(r));
-        let evicted = slot.evicted.load(Ordering::Relaxed);
-        let close = head.close || refused || !body_read || closing || evicted || *drain.borrow();
+        // The last answer written says whether the connection ends.
+        let ends = |answer: &Answer, asked: bool, last: bool| {
+            let refused = matches!(answer, Answer::Other(r) if is_closing(r));
+            let evicted = slot.evicted.load(Ordering::Relaxed);
+            refused || (last && (asked || !body_read || closing || evicted || *drain.borrow()))
+        };
         out.clear();
-        match answer {
-            Answer::Decision(d) => encode_decision(&d, close, &mut out, &mut json).await,
-            Answer::Other(resp) => encode(resp, close, &mut out).await,
+        let mut close = ends(&answer, head.close, more.is_empty());
+        encode_answer(answer, close, &mut out, &mut json).await;
+        let n = more.len();
+        for (i, (next, asked)) in more.into_iter().enumerate() {
+            if close {
+                // Decided and not answered, as when a client goes away
+                // mid-pipeline (a retry with its idempotency key is safe);
+                // the decision endpoints' answers never end a connection,
+                // so this is a guard, not a path.
+                break;
+            }
+            let next = next.await;
+            close = ends(&next, asked, i + 1 == n);
+            encode_answer(next, close, &mut out, &mut json).await;
         }
         let written = io.write_all(&out).await;
         drop(in_flight);
+        drop(flights);
         if written.is_err() || close {
             let _ = io.shutdown().await;
             return End::Closed;
         }
-        buf.drain(..head.len + head.body as usize);
+        buf.drain(..consumed);
         buf.append(&mut early);
+    }
+}
+
+/// Requests pipelined in at most one write of answers.
+const MAX_PIPELINED: usize = 32;
+
+/// Whether a body names `wait_ms` (a call that may wait for capacity).
+fn names_wait(body: &[u8]) -> bool {
+    body.windows(9).any(|w| w == b"\"wait_ms\"")
+}
+
+/// The whole requests in `buf` from `from` on, with where their bodies
+/// lie, until one this path does not answer at once (a partial one, another
+/// endpoint, a refusal, a body over the limit, a call that may wait for
+/// capacity), one that says `Connection: close`, or [`MAX_PIPELINED`] in
+/// all with the one before `from`.
+fn pipelined(api: &DirectApi, buf: &[u8], mut from: usize) -> Vec<(Head, std::ops::Range<usize>)> {
+    let mut found = Vec::new();
+    while from < buf.len() && found.len() + 1 < MAX_PIPELINED {
+        let Parsed::Ours(head) = parse(api, &buf[from..]) else {
+            break;
+        };
+        if head.body > api.max_body_bytes() as u64 || api.refuse(head.endpoint.route(), &head.headers).is_some() {
+            break;
+        }
+        let body = from + head.len..from + head.len + head.body as usize;
+        if body.end > buf.len() || names_wait(&buf[body.clone()]) {
+            break;
+        }
+        from = body.end;
+        let close = head.close;
+        found.push((head, body));
+        if close {
+            break;
+        }
+    }
+    found
+}
+
+/// Writes a direct answer into `out`.
+async fn encode_answer(answer: Answer, close: bool, out: &mut Vec<u8>, json: &mut Vec<u8>) {
+    match answer {
+        Answer::Decision(d) => encode_decision(&d, close, out, json).await,
+        Answer::Other(resp) => encode(resp, close, out).await,
     }
 }
 
