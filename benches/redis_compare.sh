@@ -16,6 +16,10 @@
 # every case once, in the same order), so drift on the machine falls on all
 # of them alike; the ratio is the median of the per-round ratios.
 #
+# With PIPELINE=N (16 by default, 0 for none), both also run pipelined at
+# 50 connections: each connection sends N requests at once and then reads
+# their N answers (redis-benchmark -P N, quotad bench -P N).
+#
 # With BASELINE=path/to/an/older/quotad, that binary serves the one-limit
 # config too (its own data directory), in the same rounds: the "before" of
 # a change, side by side. The load generator is always this tree's.
@@ -27,6 +31,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 REQUESTS=${REQUESTS:-200000}
 ROUNDS=${ROUNDS:-3}
+PIPELINE=${PIPELINE:-16}
 SUBJECTS=100000
 
 if ! command -v redis-server >/dev/null || ! command -v redis-benchmark >/dev/null; then
@@ -125,16 +130,16 @@ stop_shipped() {
 field() { python3 -c "import json,sys; print(json.load(sys.stdin)['$1'])"; }
 
 # One case: prints "ops_per_sec cpu_us_per_op p99_ms".
-run_redis() { # $1 = connections, $2 = tcp|unix
+run_redis() { # $1 = connections, $2 = tcp|unix, $3 = requests sent at once (1 by default)
   local where=(-p 6390) t0 t1 rps
   [ "$2" = unix ] && where=(-s "$WORK/redis.sock")
   t0=$(ticks "$REDIS_PID")
-  rps=$(redis-benchmark "${where[@]}" -c "$1" -n "$REQUESTS" -r "$SUBJECTS" --csv \
+  rps=$(redis-benchmark "${where[@]}" -c "$1" -P "${3:-1}" -n "$REQUESTS" -r "$SUBJECTS" --csv \
     EVALSHA "$SHA" 1 "quota:__rand_int__" 1 1000000000 86400 | tail -1 | cut -d, -f2 | tr -d '"')
   t1=$(ticks "$REDIS_PID")
   awk -v r="$rps" -v t="$((t1 - t0))" -v hz="$TICK" -v n="$REQUESTS" 'BEGIN { printf "%s %.1f 0\n", r, t / hz * 1e6 / n }'
 }
-run_quotad() { # $1 = one|shipped, $2 = connections, $3 = tcp|unix, $4 = op
+run_quotad() { # $1 = one|shipped, $2 = connections, $3 = tcp|unix, $4 = op, $5 = requests sent at once (1 by default)
   local port=7979 pid=${QPID[$1]} where t0 t1 json extra=()
   [ "$1" = shipped ] && port=7980
   [ "$1" = base ] && port=7981
@@ -146,7 +151,7 @@ run_quotad() { # $1 = one|shipped, $2 = connections, $3 = tcp|unix, $4 = op
   [ "$1" = shipped ] && extra=(--event llm.chat --attr model=gpt-4o-mini --tokens 3)
   t0=$(ticks "$pid")
   json=$("$QUOTAD" bench "${where[@]}" -c "$2" -n "$REQUESTS" --warmup 0 --subjects "$SUBJECTS" \
-    --op "$4" "${extra[@]}" --json)
+    --op "$4" -P "${5:-1}" "${extra[@]}" --json)
   t1=$(ticks "$pid")
   python3 - "$json" "$((t1 - t0))" "$TICK" <<'PY'
 import json, sys
@@ -176,9 +181,15 @@ for round in $(seq "$ROUNDS"); do
       fi
     done
   done
+  if [ "$PIPELINE" -gt 0 ]; then
+    for via in tcp unix; do
+      echo "redis-p 50 $via $(run_redis 50 "$via" "$PIPELINE")" >>"$RESULTS"
+      echo "one-p 50 $via $(run_quotad one 50 "$via" consume "$PIPELINE")" >>"$RESULTS"
+    done
+  fi
 done
 
-python3 - "$RESULTS" "$ROUNDS" <<'PY'
+python3 - "$RESULTS" "$ROUNDS" "$PIPELINE" <<'PY'
 import statistics, sys
 from collections import defaultdict
 rows = defaultdict(list)  # (server, conns, via) -> [(rps, cpu, p99)] in round order
@@ -208,6 +219,15 @@ if rows[("base", "50", "tcp")]:
             print(f"{c:<6}{via:<5}{med([x[0] for x in b]):>9.0f}{med([x[1] for x in b]):>6.1f}"
                   f"{med([x[2] for x in b]):>8.2f}{med([qq[0] / bb[0] for qq, bb in zip(q, b)]):>13.2f}"
                   f"{med([bb[0] / rr[0] for bb, rr in zip(b, r)]):>12.2f}")
+if rows[("one-p", "50", "tcp")]:
+    print(f"pipelined: 50 connections, each sending {sys.argv[3]} requests at once, then reading their answers:")
+    print(f"{'via':<5}{'redis/s':>9}{'cpu':>6}{'quotad/s':>10}{'cpu':>6}{'ratio':>7}{'cpu ratio':>10}{'p99 ms':>8}")
+    for via in ("tcp", "unix"):
+        r, q = rows[("redis-p", "50", via)], rows[("one-p", "50", via)]
+        print(f"{via:<5}{med([x[0] for x in r]):>9.0f}{med([x[1] for x in r]):>6.1f}"
+              f"{med([x[0] for x in q]):>10.0f}{med([x[1] for x in q]):>6.1f}"
+              f"{med([qq[0] / rr[0] for qq, rr in zip(q, r)]):>7.2f}{med([qq[1] / rr[1] for qq, rr in zip(q, r)]):>10.2f}"
+              f"{med([x[2] for x in q]):>8.2f}")
 print("per round (quotad/s / redis/s):")
 for c in ("50", "200"):
     for via in ("tcp", "unix"):

@@ -309,6 +309,11 @@ pub enum Command {
         /// Consumes per request with `--op batch`.
         #[arg(long, default_value_t = 100)]
         batch_size: usize,
+        /// Requests each connection sends at once before reading their
+        /// answers (HTTP/1.1 pipelining, as redis-benchmark -P); with
+        /// consume, check and noop. Latency is that of the whole group.
+        #[arg(long, short = 'P', default_value_t = 1)]
+        pipeline: usize,
         /// Tokens per decision (0: none).
         #[arg(long, default_value_t = 0)]
         tokens: u64,
@@ -1422,6 +1427,7 @@ pub fn main() -> ExitCode {
             subject_prefix,
             op,
             batch_size,
+            pipeline,
             tokens,
             event,
             attributes,
@@ -1441,6 +1447,19 @@ pub fn main() -> ExitCode {
                 eprintln!("quotad: --connections and --subjects must be at least 1, --batch-size 1 to 1000");
                 return ExitCode::from(EXIT_CONFIG);
             }
+            if !(1..=1000).contains(&pipeline) {
+                eprintln!("quotad: --pipeline must be 1 to 1000");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+            if pipeline > 1
+                && matches!(
+                    op,
+                    crate::loadgen::BenchOp::Batch | crate::loadgen::BenchOp::ReserveCommit
+                )
+            {
+                eprintln!("quotad: --pipeline works with --op consume, check and noop (a reserve's commit needs its answer first; a batch is already many decisions)");
+                return ExitCode::from(EXIT_CONFIG);
+            }
             let report = crate::loadgen::run(crate::loadgen::BenchConfig {
                 target: client.target,
                 connections,
@@ -1451,6 +1470,7 @@ pub fn main() -> ExitCode {
                 subject_prefix,
                 op,
                 batch_size,
+                pipeline,
                 tokens,
                 event,
                 attributes: attributes.into_iter().collect(),

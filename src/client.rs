@@ -223,7 +223,13 @@ impl Conn {
         path: &str,
         body: &[u8],
     ) -> Result<u16, String> {
-        self.out.clear();
+        self.queue(token, method, path, body);
+        self.send().await?;
+        self.answer().await
+    }
+
+    /// Adds a request to those [`Conn::send`] sends.
+    pub fn queue(&mut self, token: Option<&str>, method: &str, path: &str, body: &[u8]) {
         let _ = write!(self.out, "{method} {path} HTTP/1.1\r\nhost: quotad\r\n");
         if let Some(t) = token {
             let _ = write!(self.out, "authorization: Bearer {t}\r\n");
@@ -238,8 +244,17 @@ impl Conn {
         }
         self.out.extend_from_slice(b"\r\n");
         self.out.extend_from_slice(body);
-        self.io.write_all(&self.out).await.map_err(|e| e.to_string())?;
+    }
 
+    /// Writes the queued requests in one write.
+    pub async fn send(&mut self) -> Result<(), String> {
+        let sent = self.io.write_all(&self.out).await.map_err(|e| e.to_string());
+        self.out.clear();
+        sent
+    }
+
+    /// Reads the next answer into `self.body`; returns the status.
+    pub async fn answer(&mut self) -> Result<u16, String> {
         // Head: read until it parses.
         let (status, head_len, content_length, close) = loop {
             let mut headers = [httparse::EMPTY_HEADER; 32];

@@ -49,6 +49,9 @@ pub struct BenchConfig {
     pub op: BenchOp,
     /// Consumes per batch request.
     pub batch_size: usize,
+    /// Requests a connection sends before reading their answers (consume,
+    /// check and noop; 1 for the others).
+    pub pipeline: usize,
     /// Tokens per decision (0: only `requests` is sent).
     pub tokens: u64,
     /// Event of every decision.
@@ -82,7 +85,10 @@ pub struct BenchReport {
     pub ops_per_sec: f64,
     /// Decisions per second.
     pub decisions_per_sec: f64,
-    /// Latency percentiles of one operation, in microseconds.
+    /// Requests each connection sent at once (pipelined).
+    pub pipeline: usize,
+    /// Latency percentiles of one operation (with pipelining, of the
+    /// group it was sent in), in microseconds.
     pub p50_us: u64,
     /// 90th percentile.
     pub p90_us: u64,
@@ -150,25 +156,36 @@ fn decision_body(cfg: &BenchConfig, rng: &mut Rng, op: Option<&str>) -> String {
     format!("{{{op}\"subject\":\"{prefix}{subject}\"{extra}}}")
 }
 
-/// One operation: (ok, denied decisions).
-async fn one(cfg: &BenchConfig, c: &mut Conn, rng: &mut Rng) -> Result<(bool, u64), String> {
+/// One round trip: (operations, failed operations, denied decisions).
+/// `trip`: the requests to pipeline (consume, check and noop).
+async fn one(cfg: &BenchConfig, c: &mut Conn, rng: &mut Rng, trip: u64) -> Result<(u64, u64, u64), String> {
     let token = cfg.token.as_deref();
     let denied = |b: &[u8]| count(b, b"\"allowed\":false");
+    let single = |ok: bool, denied: u64| Ok((1, u64::from(!ok), denied));
     match cfg.op {
-        BenchOp::Noop => {
-            let st = c.exchange(token, "GET", "/healthz", b"").await?;
-            Ok((st == 200, 0))
-        }
-        BenchOp::Consume | BenchOp::Check => {
-            let path = if cfg.op == BenchOp::Consume {
-                "/v1/consume"
-            } else {
-                "/v1/check"
+        BenchOp::Noop | BenchOp::Consume | BenchOp::Check => {
+            let (method, path) = match cfg.op {
+                BenchOp::Noop => ("GET", "/healthz"),
+                BenchOp::Consume => ("POST", "/v1/consume"),
+                _ => ("POST", "/v1/check"),
             };
-            let st = c
-                .exchange(token, "POST", path, decision_body(cfg, rng, None).as_bytes())
-                .await?;
-            Ok((st == 200, denied(c.body())))
+            let n = trip;
+            for _ in 0..n {
+                let body = if cfg.op == BenchOp::Noop {
+                    String::new()
+                } else {
+                    decision_body(cfg, rng, None)
+                };
+                c.queue(token, method, path, body.as_bytes());
+            }
+            c.send().await?;
+            let (mut failed, mut no) = (0, 0);
+            for _ in 0..n {
+                let st = c.answer().await?;
+                failed += u64::from(st != 200);
+                no += denied(c.body());
+            }
+            Ok((n, failed, no))
         }
         BenchOp::Batch => {
             let ops: Vec<String> = (0..cfg.batch_size)
@@ -176,17 +193,17 @@ async fn one(cfg: &BenchConfig, c: &mut Conn, rng: &mut Rng) -> Result<(bool, u6
                 .collect();
             let body = format!("{{\"operations\":[{}]}}", ops.join(","));
             let st = c.exchange(token, "POST", "/v1/batch", body.as_bytes()).await?;
-            Ok((
+            single(
                 st == 200 && count(c.body(), b"\"status\":200") == cfg.batch_size as u64,
                 denied(c.body()),
-            ))
+            )
         }
         BenchOp::ReserveCommit => {
             let st = c
                 .exchange(token, "POST", "/v1/reserve", decision_body(cfg, rng, None).as_bytes())
                 .await?;
             if st != 200 {
-                return Ok((false, 0));
+                return single(false, 0);
             }
             let text = String::from_utf8_lossy(c.body());
             let Some(id) = text
@@ -194,11 +211,11 @@ async fn one(cfg: &BenchConfig, c: &mut Conn, rng: &mut Rng) -> Result<(bool, u6
                 .nth(1)
                 .and_then(|r| r.split('"').next())
             else {
-                return Ok((true, denied(c.body()))); // denied: nothing to commit
+                return single(true, denied(c.body())); // denied: nothing to commit
             };
             let path = format!("/v1/reservations/{id}/commit");
             let st = c.exchange(token, "POST", &path, b"{}").await?;
-            Ok((st == 200, 0))
+            single(st == 200, 0)
         }
     }
 }
@@ -212,11 +229,19 @@ async fn connection(cfg: Arc<BenchConfig>, shared: Arc<Shared>, seed: u64) -> Co
     };
     let mut rng = Rng(seed | 1);
     let mut conn = None;
+    let per_trip = match cfg.op {
+        BenchOp::Noop | BenchOp::Consume | BenchOp::Check => cfg.pipeline.max(1) as u64,
+        BenchOp::Batch | BenchOp::ReserveCommit => 1,
+    };
     while !shared.stop.load(Ordering::Relaxed) {
+        // The last round trip of a `--requests` run takes what is left.
+        let mut trip = per_trip;
         if let Some(n) = cfg.requests {
-            if shared.started.fetch_add(1, Ordering::Relaxed) >= n {
+            let before = shared.started.fetch_add(per_trip, Ordering::Relaxed);
+            if before >= n {
                 break;
             }
+            trip = per_trip.min(n - before);
         }
         let s = match &mut conn {
             Some(s) => s,
@@ -230,17 +255,17 @@ async fn connection(cfg: Arc<BenchConfig>, shared: Arc<Shared>, seed: u64) -> Co
             },
         };
         let t0 = Instant::now();
-        let r = one(&cfg, s, &mut rng).await;
+        let r = one(&cfg, s, &mut rng, trip).await;
         if s.closed() {
             conn = None;
         }
         let measured = t0 >= shared.measure_from;
         match r {
-            Ok((ok, denied)) if measured => {
-                stats.ops += 1;
+            Ok((ops, failed, denied)) if measured => {
+                stats.ops += ops;
                 stats.denied += denied;
-                stats.errors += u64::from(!ok);
-                let _ = stats.hist.record((t0.elapsed().as_micros() as u64).max(1));
+                stats.errors += failed;
+                let _ = stats.hist.record_n((t0.elapsed().as_micros() as u64).max(1), ops);
             }
             Ok(_) => {}
             Err(_) => {
@@ -248,7 +273,7 @@ async fn connection(cfg: Arc<BenchConfig>, shared: Arc<Shared>, seed: u64) -> Co
                 conn = None;
             }
         }
-        shared.done.fetch_add(1, Ordering::Relaxed);
+        shared.done.fetch_add(trip, Ordering::Relaxed);
     }
     stats
 }
@@ -326,6 +351,7 @@ pub fn run(cfg: BenchConfig) -> BenchReport {
             op: cfg.op,
             target: cfg.target.to_string(),
             connections: cfg.connections,
+            pipeline: cfg.pipeline,
             operations: ops,
             decisions: ops * per_op,
             seconds,
@@ -347,8 +373,15 @@ impl std::fmt::Display for BenchReport {
         let ms = |us: u64| us as f64 / 1000.0;
         writeln!(
             f,
-            "quotad bench: {:?}, {} connections, {}",
-            self.op, self.connections, self.target
+            "quotad bench: {:?}, {} connections{}, {}",
+            self.op,
+            self.connections,
+            if self.pipeline > 1 {
+                format!(" of {} pipelined requests", self.pipeline)
+            } else {
+                String::new()
+            },
+            self.target
         )?;
         writeln!(
             f,

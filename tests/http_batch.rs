@@ -125,6 +125,47 @@ async fn quotad_bench_drives_a_server_and_reports() {
         }
         assert_eq!(used, 300 - denied);
         assert!(r["p50_us"].as_u64().unwrap() > 0 && r["p99_us"].as_u64() >= r["p50_us"].as_u64());
+        // Pipelined, 8 at a time: exactly the operations asked for, each
+        // answered and counted once.
+        let mut args: Vec<String> = [
+            "bench",
+            "-c",
+            "4",
+            "-P",
+            "8",
+            "-n",
+            "300",
+            "--subjects",
+            "50",
+            "--subject-prefix",
+            "pipe:",
+            "--json",
+        ]
+        .map(String::from)
+        .to_vec();
+        args.extend(s.cli_target());
+        let out = tokio::task::spawn_blocking(move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_quotad"))
+                .args(&args)
+                .output()
+                .unwrap()
+        })
+        .await
+        .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(
+            (r["operations"].as_u64(), r["errors"].as_u64(), r["pipeline"].as_u64()),
+            (Some(300), Some(0), Some(8)),
+            "{r}"
+        );
+        let denied = r["denied"].as_u64().unwrap();
+        let mut used = 0;
+        for i in 0..50 {
+            used += s.get(&format!("/v1/subjects/pipe:{i}")).await.used("d");
+        }
+        assert_eq!(used, 300 - denied, "{r}");
+        assert!(denied >= 200, "{r}");
         s.stop().await;
     }
 }
