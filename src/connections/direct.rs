@@ -234,9 +234,15 @@ where
                         // past a call that may wait, which must be admitted
                         // before anything after it is decided.
                         if !may_wait && !head.close {
-                            for (next, body) in pipelined(api, &buf, end) {
+                            let found = pipelined(api, &buf, end);
+                            more.reserve_exact(found.len());
+                            for (next, body) in found {
                                 consumed = body.end;
-                                more.push((api.answer(&next.endpoint, &next.headers, &buf[body]), next.close));
+                                // Boxed: an answer's future is large, and one
+                                // in place is not copied again on its way to
+                                // being awaited.
+                                let answer = Box::pin(api.answer(&next.endpoint, &next.headers, &buf[body]));
+                                more.push((answer, next.close));
                             }
                         }
                         tokio::pin!(answer);
