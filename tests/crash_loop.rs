@@ -3,10 +3,12 @@
 //! restarted, and checked: for every counter, acknowledged ≤ value ≤ attempted.
 //! Then every request whose outcome is unknown is retried with the same key, and
 //! the counter must equal exactly the sum of acknowledged requests (no key
-//! applied twice). CI runs a few restarts; `QUOTAD_CRASH_RESTARTS=200 cargo test
+//! applied twice). A third of the clients pipeline: each sends 8 consumes on
+//! one connection before reading answers, and counts as acknowledged only the
+//! answers it read before the kill. CI runs a few restarts; `QUOTAD_CRASH_RESTARTS=200 cargo test
 //! --release --test crash_loop -- --nocapture` is the long run.
 
-use std::io::{Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -97,6 +99,60 @@ fn consume(sock: &Path, client: usize, key: &str, amount: u64) -> Option<bool> {
     }
 }
 
+/// Requests a pipelining client sends at once.
+const PIPELINE: usize = 8;
+
+/// Whether client `c` pipelines.
+fn pipelines(c: usize) -> bool {
+    c % 3 == 2
+}
+
+/// Sends `reqs` (key, amount) on one connection in one write, then reads
+/// answers in order: how many were answered 200 before the connection ended.
+fn consume_pipelined(sock: &Path, client: usize, reqs: &[(String, u64)]) -> usize {
+    let Ok(mut s) = UnixStream::connect(sock) else {
+        return 0;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+    let mut out = String::new();
+    for (key, amount) in reqs {
+        let body = format!(r#"{{"subject":"c{client}","amounts":{{"tokens":{amount}}},"idempotency_key":"{key}"}}"#);
+        out.push_str(&format!(
+            "POST /v1/consume HTTP/1.1\r\nHost: q\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        ));
+    }
+    if s.write_all(out.as_bytes()).is_err() {
+        return 0;
+    }
+    let mut r = BufReader::new(s);
+    for answered in 0..reqs.len() {
+        let mut status = String::new();
+        if r.read_line(&mut status).unwrap_or(0) == 0 || !status.starts_with("HTTP/1.1 200") {
+            return answered;
+        }
+        let mut length = None;
+        loop {
+            let mut line = String::new();
+            if r.read_line(&mut line).unwrap_or(0) == 0 {
+                return answered;
+            }
+            let line = line.trim_end();
+            if line.is_empty() {
+                break;
+            }
+            if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                length = v.trim().parse::<usize>().ok();
+            }
+        }
+        let mut body = vec![0; length.unwrap_or(0)];
+        if length.is_none() || r.read_exact(&mut body).is_err() {
+            return answered;
+        }
+    }
+    reqs.len()
+}
+
 /// Checks bounds, retries unknown outcomes, checks exactness.
 fn settle(sock: &Path, ledger: &Mutex<Ledger>, round: usize) {
     let mut l = ledger.lock().unwrap();
@@ -166,6 +222,29 @@ fn sigkill_loop_never_loses_or_repeats_an_acknowledged_consume() {
                 let (sock, ledger) = (sock.clone(), ledger.clone());
                 std::thread::spawn(move || {
                     let mut n = 0;
+                    while pipelines(c) {
+                        let reqs: Vec<(String, u64)> = {
+                            let mut l = ledger.lock().unwrap();
+                            (0..PIPELINE)
+                                .map(|_| {
+                                    let i = l.requests[c].len();
+                                    let (key, amount) = (format!("c{c}-{i}"), (i % 7 + 1) as u64);
+                                    l.requests[c].push((key.clone(), amount, Outcome::Unknown));
+                                    (key, amount)
+                                })
+                                .collect()
+                        };
+                        let answered = consume_pipelined(&sock, c, &reqs);
+                        let mut l = ledger.lock().unwrap();
+                        let from = l.requests[c].len() - PIPELINE;
+                        for r in &mut l.requests[c][from..from + answered] {
+                            r.2 = Outcome::Acked;
+                        }
+                        n += answered;
+                        if answered < PIPELINE {
+                            return n; // the daemon is gone
+                        }
+                    }
                     loop {
                         let (key, amount) = {
                             let mut l = ledger.lock().unwrap();
@@ -207,11 +286,16 @@ fn sigkill_loop_never_loses_or_repeats_an_acknowledged_consume() {
         .status()
         .unwrap();
     assert!(child.wait().unwrap().success());
-    let total: usize = ledger.lock().unwrap().requests.iter().map(Vec::len).sum();
+    let l = ledger.lock().unwrap();
+    let total: usize = l.requests.iter().map(Vec::len).sum();
+    let piped: usize = (0..CLIENTS)
+        .filter(|&c| pipelines(c))
+        .map(|c| l.requests[c].len())
+        .sum();
     println!(
-        "crash loop: {restarts} SIGKILL restarts, {total} requests ({sent} acknowledged before a kill, \
-         {gathers} gathered batches seen), {:.1} s; every counter within bounds after each restart and exact \
-         after retries",
+        "crash loop: {restarts} SIGKILL restarts, {total} requests ({piped} of them pipelined {PIPELINE} at a \
+         time; {sent} acknowledged before a kill, {gathers} gathered batches seen), {:.1} s; every counter \
+         within bounds after each restart and exact after retries",
         started.elapsed().as_secs_f64()
     );
 }
