@@ -18,7 +18,8 @@
 #
 # With PIPELINE=N (16 by default, 0 for none), both also run pipelined at
 # 50 connections: each connection sends N requests at once and then reads
-# their N answers (redis-benchmark -P N, quotad bench -P N).
+# their N answers (redis-benchmark -P N, quotad bench -P N); quotad's side
+# is a second one-limit daemon.
 #
 # With BASELINE=path/to/an/older/quotad, that binary serves the one-limit
 # config too (its own data directory), in the same rounds: the "before" of
@@ -100,6 +101,14 @@ if [ -n "${BASELINE:-}" ]; then
   NAMES+=(base)
   PORTS+=(7981)
 fi
+if [ "$PIPELINE" -gt 0 ]; then
+  # Its own daemon, so that the pipelined runs' records (and the snapshots
+  # they bring) do not land in the other cases' runs.
+  sed -e "s|127.0.0.1:7979|127.0.0.1:7982|; s|$WORK/one.sock|$WORK/pipe.sock|; s|$WORK/one\"|$WORK/pipe\"|" \
+    "$WORK/one.toml" >"$WORK/pipe.toml"
+  NAMES+=(pipe)
+  PORTS+=(7982)
+fi
 declare -A QPID
 for name in "${NAMES[@]}"; do
   bin=$QUOTAD
@@ -143,6 +152,7 @@ run_quotad() { # $1 = one|shipped, $2 = connections, $3 = tcp|unix, $4 = op, $5 
   local port=7979 pid=${QPID[$1]} where t0 t1 json extra=()
   [ "$1" = shipped ] && port=7980
   [ "$1" = base ] && port=7981
+  [ "$1" = pipe ] && port=7982
   where=(--addr "127.0.0.1:$port")
   [ "$3" = unix ] && where=(--socket "$WORK/$1.sock")
   # Priced chat calls on the shipped config. gpt-4o-mini at 3 tokens costs
@@ -184,7 +194,7 @@ for round in $(seq "$ROUNDS"); do
   if [ "$PIPELINE" -gt 0 ]; then
     for via in tcp unix; do
       echo "redis-p 50 $via $(run_redis 50 "$via" "$PIPELINE")" >>"$RESULTS"
-      echo "one-p 50 $via $(run_quotad one 50 "$via" consume "$PIPELINE")" >>"$RESULTS"
+      echo "one-p 50 $via $(run_quotad pipe 50 "$via" consume "$PIPELINE")" >>"$RESULTS"
     done
   fi
 done
