@@ -9,8 +9,9 @@
 # the one-limit daemon's no-op endpoint (GET /healthz), the HTTP ceiling.
 #
 # Server CPU per decision is the server process's user+system time
-# (/proc/PID/stat, all threads, plus reaped children: Redis's AOF rewrites)
-# over the run, divided by the decisions. quotad's snapshots (one per million
+# (/proc/PID/stat, all threads, plus reaped children: Redis's AOF rewrites,
+# each waited for at the end of the run that set it off) over the run,
+# divided by the decisions. quotad's snapshots (one per million
 # records by default) fall into whichever run they happen in.
 # Every figure is the median of ROUNDS interleaved rounds (each round runs
 # every case once, in the same order), so drift on the machine falls on all
@@ -145,6 +146,13 @@ run_redis() { # $1 = connections, $2 = tcp|unix, $3 = requests sent at once (1 b
   t0=$(ticks "$REDIS_PID")
   rps=$(redis-benchmark "${where[@]}" -c "$1" -P "${3:-1}" -n "$REQUESTS" -r "$SUBJECTS" --csv \
     EVALSHA "$SHA" 1 "quota:__rand_int__" 1 1000000000 86400 | tail -1 | cut -d, -f2 | tr -d '"')
+  # An AOF rewrite the run set off belongs to it: wait for it (at most 60 s)
+  # so that its child is reaped and counted here, and does not run beside
+  # the next case.
+  for _ in $(seq 600); do
+    redis-cli -p 6390 INFO persistence | grep -Eq '^aof_rewrite_(in_progress|scheduled):1' || break
+    sleep 0.1
+  done
   t1=$(ticks "$REDIS_PID")
   awk -v r="$rps" -v t="$((t1 - t0))" -v hz="$TICK" -v n="$REQUESTS" 'BEGIN { printf "%s %.1f 0\n", r, t / hz * 1e6 / n }'
 }
