@@ -402,17 +402,10 @@ async fn a_request_finished_after_eviction_or_shutdown_began_is_answered_then_cl
     }
 }
 
-/// The same plan with no tokens, so a test reads `/metrics` too.
-const OPEN: &str = r#"
-[[plans]]
-name = "free"
-default = true
-  [[plans.limits]]
-  name = "tokens-per-day"
-  metric = "tokens"
-  period = "1d"
-  max = 1000
-"#;
+/// [`CONFIG`]'s plan with no tokens, so a test reads `/metrics` too.
+fn open() -> &'static str {
+    &CONFIG[CONFIG.find("[[plans]]").expect("CONFIG has a plan")..]
+}
 
 fn metric(text: &str, name: &str) -> f64 {
     text.lines()
@@ -426,7 +419,7 @@ fn metric(text: &str, name: &str) -> f64 {
 async fn pipelined_decisions_are_decided_in_order_and_synced_together() {
     const N: u64 = 20;
     for t in TRANSPORTS {
-        let s = TestServer::start(OPEN, t).await;
+        let s = TestServer::start(open(), t).await;
         let syncs = || async { metric(&s.get("/metrics").await.text, "quotad_wal_fsync_duration_seconds_count") };
         let before = syncs().await;
         let consume = post("/v1/consume", "", r#"{"subject":"p","amounts":{"tokens":1}}"#);

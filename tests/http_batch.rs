@@ -87,6 +87,33 @@ async fn each_operation_is_answered_like_its_single_call() {
     }
 }
 
+/// Runs `quotad bench ARGS --subjects 50 --json` against `s`; its report.
+async fn bench(s: &TestServer, args: &[&str]) -> serde_json::Value {
+    let mut args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    args.extend(["--subjects", "50", "--json"].map(String::from));
+    args.extend(s.cli_target());
+    // The server runs on this test's thread: run the client off it.
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_quotad"))
+            .args(&args)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// The `d` counters of subjects `{prefix}0` to `{prefix}49`, summed.
+async fn used_by(s: &TestServer, prefix: &str) -> u64 {
+    let mut used = 0;
+    for i in 0..50 {
+        used += s.get(&format!("/v1/subjects/{prefix}{i}")).await.used("d");
+    }
+    used
+}
+
 #[tokio::test]
 async fn quotad_bench_drives_a_server_and_reports() {
     for t in TRANSPORTS {
@@ -96,21 +123,7 @@ async fn quotad_bench_drives_a_server_and_reports() {
             t,
         )
         .await;
-        let mut args: Vec<String> = ["bench", "-c", "4", "-n", "300", "--subjects", "50", "--json"]
-            .map(String::from)
-            .to_vec();
-        args.extend(s.cli_target());
-        // The server runs on this test's thread: run the client off it.
-        let out = tokio::task::spawn_blocking(move || {
-            std::process::Command::new(env!("CARGO_BIN_EXE_quotad"))
-                .args(&args)
-                .output()
-                .unwrap()
-        })
-        .await
-        .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let r = bench(&s, &["bench", "-c", "4", "-n", "300"]).await;
         assert_eq!(
             (r["operations"].as_u64(), r["errors"].as_u64()),
             (Some(300), Some(0)),
@@ -119,53 +132,23 @@ async fn quotad_bench_drives_a_server_and_reports() {
         let denied = r["denied"].as_u64().unwrap();
         assert!(denied >= 200, "50 subjects with max 2 allow at most 100: {r}");
         // The server's counters hold exactly the allowed ones.
-        let mut used = 0;
-        for i in 0..50 {
-            used += s.get(&format!("/v1/subjects/user:{i}")).await.used("d");
-        }
-        assert_eq!(used, 300 - denied);
+        assert_eq!(used_by(&s, "user:").await, 300 - denied);
         assert!(r["p50_us"].as_u64().unwrap() > 0 && r["p99_us"].as_u64() >= r["p50_us"].as_u64());
         // Pipelined, 8 at a time: exactly the operations asked for, each
         // answered and counted once.
-        let mut args: Vec<String> = [
-            "bench",
-            "-c",
-            "4",
-            "-P",
-            "8",
-            "-n",
-            "300",
-            "--subjects",
-            "50",
-            "--subject-prefix",
-            "pipe:",
-            "--json",
-        ]
-        .map(String::from)
-        .to_vec();
-        args.extend(s.cli_target());
-        let out = tokio::task::spawn_blocking(move || {
-            std::process::Command::new(env!("CARGO_BIN_EXE_quotad"))
-                .args(&args)
-                .output()
-                .unwrap()
-        })
-        .await
-        .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let r = bench(
+            &s,
+            &["bench", "-c", "4", "-P", "8", "-n", "300", "--subject-prefix", "pipe:"],
+        )
+        .await;
         assert_eq!(
             (r["operations"].as_u64(), r["errors"].as_u64(), r["pipeline"].as_u64()),
             (Some(300), Some(0), Some(8)),
             "{r}"
         );
         let denied = r["denied"].as_u64().unwrap();
-        let mut used = 0;
-        for i in 0..50 {
-            used += s.get(&format!("/v1/subjects/pipe:{i}")).await.used("d");
-        }
-        assert_eq!(used, 300 - denied, "{r}");
         assert!(denied >= 200, "{r}");
+        assert_eq!(used_by(&s, "pipe:").await, 300 - denied, "{r}");
         s.stop().await;
     }
 }
