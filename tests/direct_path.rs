@@ -461,57 +461,66 @@ default = true
 "#;
     for t in TRANSPORTS {
         let s = TestServer::start(WAIT, t).await;
-        let consume = |tokens: u32, extra: &str| {
-            post(
+        // The field's name as such, and spelled with an escape.
+        for (k, wait_ms) in ["wait_ms", "wait\\u005fms"].into_iter().enumerate() {
+            let subject = format!("w{k}");
+            let consume = |tokens: u32, extra: &str| {
+                post(
+                    "/v1/consume",
+                    extra,
+                    &format!(r#"{{"subject":"{subject}","amounts":{{"tokens":{tokens}}}}}"#),
+                )
+            };
+            // 5 fit; 6 more do not and wait for the next minute. The 5 behind
+            // them are decided only once the wait ends, in the new minute,
+            // where 6 + 5 do not fit: decided before it, they would have.
+            let waits = post(
                 "/v1/consume",
-                extra,
-                &format!(r#"{{"subject":"w","amounts":{{"tokens":{tokens}}}}}"#),
-            )
-        };
-        // 5 fit; 6 more do not and wait for the next minute. The 5 behind
-        // them are decided only once the wait ends, in the new minute, where
-        // 6 + 5 do not fit: decided before it, they would have.
-        let waits = post(
-            "/v1/consume",
-            "",
-            r#"{"subject":"w","amounts":{"tokens":6},"wait_ms":90000}"#,
-        );
-        let mut c = raw(&s).await;
-        c.send(&format!(
-            "{}{waits}{}{}{}",
-            consume(5, ""),
-            consume(5, ""),
-            consume(1, "Connection: close\r\n"),
-            consume(1, "")
-        ))
-        .await;
-        let waiting = &s.state.core.get().unwrap().waiting;
-        for _ in 0..500 {
-            if waiting.len() == 1 {
-                break;
+                "",
+                &format!(r#"{{"subject":"{subject}","amounts":{{"tokens":6}},"{wait_ms}":90000}}"#),
+            );
+            let mut c = raw(&s).await;
+            c.send(&format!(
+                "{}{waits}{}{}{}",
+                consume(5, ""),
+                consume(5, ""),
+                consume(1, "Connection: close\r\n"),
+                consume(1, "")
+            ))
+            .await;
+            let waiting = &s.state.core.get().unwrap().waiting;
+            for _ in 0..500 {
+                if waiting.len() == 1 {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
             }
-            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-        }
-        assert_eq!(waiting.len(), 1, "{t:?}: the call over the cap is not waiting");
-        tokio::time::sleep(std::time::Duration::from_millis(30)).await;
-        s.clock.advance(60_000);
-        waiting.poke();
-        for (i, (allowed, used)) in [(true, 5), (true, 6), (false, 6), (true, 7)].into_iter().enumerate() {
-            let (status, head, text) = c.answer().await;
-            assert_eq!(status, 200, "{t:?} answer {i}: {text}");
+            assert_eq!(
+                waiting.len(),
+                1,
+                "{t:?} {wait_ms}: the call over the cap is not waiting"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+            s.clock.advance(60_000);
+            waiting.poke();
+            for (i, (allowed, used)) in [(true, 5), (true, 6), (false, 6), (true, 7)].into_iter().enumerate() {
+                let (status, head, text) = c.answer().await;
+                assert_eq!(status, 200, "{t:?} {wait_ms} answer {i}: {text}");
+                let v: Value = serde_json::from_str(&text).unwrap();
+                assert_eq!(v["allowed"], allowed, "{t:?} {wait_ms} answer {i}: {text}");
+                assert_eq!(v["counters"][0]["used"], used, "{t:?} {wait_ms} answer {i}: {text}");
+                let closes = head.to_ascii_lowercase().contains("connection: close");
+                assert_eq!(closes, i == 3, "{t:?} {wait_ms} answer {i}: {head}");
+            }
+            assert!(c.closed().await.is_some(), "{t:?}");
+            // The request after `Connection: close` was never decided.
+            let mut c = raw(&s).await;
+            c.send(&post("/v1/check", "", &format!(r#"{{"subject":"{subject}"}}"#)))
+                .await;
+            let (_, _, text) = c.answer().await;
             let v: Value = serde_json::from_str(&text).unwrap();
-            assert_eq!(v["allowed"], allowed, "{t:?} answer {i}: {text}");
-            assert_eq!(v["counters"][0]["used"], used, "{t:?} answer {i}: {text}");
-            let closes = head.to_ascii_lowercase().contains("connection: close");
-            assert_eq!(closes, i == 3, "{t:?} answer {i}: {head}");
+            assert_eq!(v["counters"][0]["used"], 7, "{t:?} {wait_ms}: {text}");
         }
-        assert!(c.closed().await.is_some(), "{t:?}");
-        // The request after `Connection: close` was never decided.
-        let mut c = raw(&s).await;
-        c.send(&post("/v1/check", "", r#"{"subject":"w"}"#)).await;
-        let (_, _, text) = c.answer().await;
-        let v: Value = serde_json::from_str(&text).unwrap();
-        assert_eq!(v["counters"][0]["used"], 7, "{t:?}: {text}");
         s.stop().await;
     }
 }

@@ -1,6 +1,7 @@
 //! An answer only after its record's fdatasync: with the simulated disk's
-//! syncs held, a consume's record is written but unsynced and no answer
-//! comes; released, the answer comes and the record is durable.
+//! syncs held, a consume's record (or five pipelined consumes' records) is
+//! written but unsynced and no byte of an answer comes; released, the
+//! answers come and the records are durable.
 //!
 //! A failed fsync or a short write (a full disk), injected through the
 //! simulated WAL directory under the real HTTP server: the request whose batch
@@ -13,6 +14,7 @@ mod common;
 
 use std::sync::Arc;
 
+use futures_util::FutureExt;
 use quotad::clock::ManualClock;
 use quotad::config::Config;
 use quotad::server::{Server, ServerError, StorageOpener};
@@ -160,34 +162,47 @@ async fn a_write_is_answered_only_after_its_record_is_synced() {
     }));
     wait_ready(&sock).await;
     let durable = |dir: &SimDir| dir.durable_files().values().map(Vec::len).sum::<usize>();
-    let before = durable(&dir);
 
-    dir.hold_syncs();
-    let body = json!({"subject": "u", "amounts": {"tokens": 7}, "idempotency_key": "held"}).to_string();
-    let answer = tokio::spawn({
-        let sock = sock.clone();
-        async move { raw(&sock, &body).await }
-    });
-    // The record reaches the file, unsynced; the writer waits in its sync.
-    let segment = loop {
-        let names: Vec<String> = dir.durable_files().into_keys().collect();
-        if let Some(n) = names.iter().find(|n| dir.unsynced_bytes(n) > 0) {
-            break n.clone();
+    // One request, then five pipelined in one write (answered together).
+    for n in [1usize, 5] {
+        let before = durable(&dir);
+        dir.hold_syncs();
+        let bodies: Vec<String> = (0..n)
+            .map(|i| {
+                json!({"subject": "u", "amounts": {"tokens": 7}, "idempotency_key": format!("held-{n}-{i}")})
+                    .to_string()
+            })
+            .collect();
+        let (first_byte, got_first) = tokio::sync::oneshot::channel();
+        let answers = tokio::spawn({
+            let sock = sock.clone();
+            async move { pipelined(&sock, &bodies, first_byte).await }
+        });
+        // The records reach the file, unsynced; the writer waits in its sync.
+        let segment = loop {
+            let names: Vec<String> = dir.durable_files().into_keys().collect();
+            if let Some(n) = names.iter().find(|n| dir.unsynced_bytes(n) > 0) {
+                break n.clone();
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        };
+        // However long the sync takes, not a byte of any answer comes before it.
+        tokio::pin!(got_first);
+        for _ in 0..20 {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            assert!(
+                got_first.as_mut().now_or_never().is_none(),
+                "{n}: answered while its record was not synced"
+            );
         }
-        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-    };
-    // However long the sync takes, no answer comes before it.
-    for _ in 0..20 {
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-        assert!(!answer.is_finished(), "answered while its record was not synced");
-    }
-    assert_eq!(durable(&dir), before, "nothing synced yet");
+        assert_eq!(durable(&dir), before, "{n}: nothing synced yet");
 
-    dir.release_syncs();
-    let (status, text) = answer.await.unwrap().expect("an answer");
-    assert_eq!(status, 200, "{text}");
-    assert!(durable(&dir) > before, "the record is durable once answered");
-    assert_eq!(dir.unsynced_bytes(&segment), 0);
+        dir.release_syncs();
+        let text = answers.await.unwrap().expect("answers");
+        assert_eq!(text.matches("HTTP/1.1 200 OK").count(), n, "{text}");
+        assert!(durable(&dir) > before, "{n}: the records are durable once answered");
+        assert_eq!(dir.unsynced_bytes(&segment), 0);
+    }
     let _ = stop.send(());
     run.await.unwrap().unwrap();
 }
@@ -211,6 +226,42 @@ async fn wait_ready(sock: &std::path::Path) {
 }
 
 /// A consume over a fresh connection: (status, body), or None if the daemon is gone.
+/// Sends `bodies` as consumes in one write (the last says `Connection:
+/// close`), signals `first_byte` when any answer's first byte arrives, and
+/// returns everything read to the end.
+async fn pipelined(
+    sock: &std::path::Path,
+    bodies: &[String],
+    first_byte: tokio::sync::oneshot::Sender<()>,
+) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::UnixStream::connect(sock).await.ok()?;
+    let mut req = String::new();
+    for (i, body) in bodies.iter().enumerate() {
+        let close = if i + 1 == bodies.len() {
+            "Connection: close\r\n"
+        } else {
+            ""
+        };
+        req.push_str(&format!(
+            "POST /v1/consume HTTP/1.1\r\nHost: q\r\n{close}Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        ));
+    }
+    s.write_all(req.as_bytes()).await.ok()?;
+    let mut out = vec![0; 1];
+    tokio::time::timeout(std::time::Duration::from_secs(5), s.read_exact(&mut out))
+        .await
+        .ok()?
+        .ok()?;
+    let _ = first_byte.send(());
+    tokio::time::timeout(std::time::Duration::from_secs(5), s.read_to_end(&mut out))
+        .await
+        .ok()?
+        .ok()?;
+    String::from_utf8(out).ok()
+}
+
 async fn raw(sock: &std::path::Path, body: &str) -> Option<(u16, String)> {
     request(sock, "POST", "/v1/consume", body).await
 }

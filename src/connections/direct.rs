@@ -205,8 +205,10 @@ where
         answered = answered.wrapping_add(1);
         let in_flight = InFlight(slot.clone());
         // Whole requests read behind this one (pipelined), decided at once
-        // and answered in the same write: (answer, `Connection: close`).
+        // and answered in the same write: (answer, `Connection: close`),
+        // and each one's place in the connection's requests in flight.
         let mut more = Vec::new();
+        let mut flights = Vec::new();
         let mut consumed = head.len + head.body as usize;
 
         let (answer, body_read) = match api.refuse(head.endpoint.route(), &head.headers) {
@@ -232,12 +234,17 @@ where
                         // The requests behind it are decided now, in order,
                         // so that one sync makes them all durable; but not
                         // past a call that may wait, which must be admitted
-                        // before anything after it is decided.
-                        if !may_wait && !head.close {
+                        // before anything after it is decided, nor on a
+                        // connection that ends with this answer.
+                        if !may_wait && !head.close && !closing {
                             let found = pipelined(api, &buf, end);
                             more.reserve_exact(found.len());
+                            flights.reserve_exact(found.len());
                             for (next, body) in found {
                                 consumed = body.end;
+                                slot.begin();
+                                answered = answered.wrapping_add(1);
+                                flights.push(InFlight(slot.clone()));
                                 // Boxed: an answer's future is large, and one
                                 // in place is not copied again on its way to
                                 // being awaited.
@@ -263,15 +270,9 @@ where
                 }
             }
         };
-        let mut flights = Vec::with_capacity(more.len());
-        for _ in &more {
-            slot.begin();
-            answered = answered.wrapping_add(1);
-            flights.push(InFlight(slot.clone()));
-        }
-        // A refusal before the body was read leaves it unread: the connection
-        // ends with the answer.
-        // The last answer written says whether the connection ends.
+        // The last answer written says whether the connection ends; a
+        // refusal before the body was read leaves it unread, so the
+        // connection ends with it.
         let ends = |answer: &Answer, asked: bool, last: bool| {
             let refused = matches!(answer, Answer::Other(r) if is_closing(r));
             let evicted = slot.evicted.load(Ordering::Relaxed);
@@ -308,9 +309,10 @@ where
 /// Requests pipelined in at most one write of answers.
 const MAX_PIPELINED: usize = 32;
 
-/// Whether a body names `wait_ms` (a call that may wait for capacity).
+/// Whether a body may ask to wait for capacity: it names `wait_ms`, or holds
+/// a `\u` escape, which could spell the name another way.
 fn names_wait(body: &[u8]) -> bool {
-    body.windows(9).any(|w| w == b"\"wait_ms\"")
+    body.windows(9).any(|w| w == b"\"wait_ms\"") || body.windows(2).any(|w| w == b"\\u")
 }
 
 /// The whole requests in `buf` from `from` on, with where their bodies
