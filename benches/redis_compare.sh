@@ -148,9 +148,13 @@ run_redis() { # $1 = connections, $2 = tcp|unix, $3 = requests sent at once (1 b
     EVALSHA "$SHA" 1 "quota:__rand_int__" 1 1000000000 86400 | tail -1 | cut -d, -f2 | tr -d '"')
   # An AOF rewrite the run set off belongs to it: wait for it (at most 60 s)
   # so that its child is reaped and counted here, and does not run beside
-  # the next case.
+  # the next case. Redis checks the AOF's growth ten times a second, so a
+  # rewrite the last writes set off has started after 0.3 s.
+  sleep 0.3
+  local info
   for _ in $(seq 600); do
-    redis-cli -p 6390 INFO persistence | grep -Eq '^aof_rewrite_(in_progress|scheduled):1' || break
+    info=$(redis-cli -p 6390 INFO persistence)
+    grep -Eq '^aof_rewrite_(in_progress|scheduled):1' <<<"$info" || break
     sleep 0.1
   done
   t1=$(ticks "$REDIS_PID")

@@ -156,12 +156,38 @@ fn decision_body(cfg: &BenchConfig, rng: &mut Rng, op: Option<&str>) -> String {
     format!("{{{op}\"subject\":\"{prefix}{subject}\"{extra}}}")
 }
 
-/// One round trip: (operations, failed operations, denied decisions).
-/// `trip`: the requests to pipeline (consume, check and noop).
-async fn one(cfg: &BenchConfig, c: &mut Conn, rng: &mut Rng, trip: u64) -> Result<(u64, u64, u64), String> {
+/// What a round trip did.
+struct Trip {
+    /// Operations answered.
+    ops: u64,
+    /// Operations that failed: answered with another status than 200, or
+    /// never answered.
+    failed: u64,
+    /// Denied decisions among the answered.
+    denied: u64,
+}
+
+impl Trip {
+    fn one(ok: bool, denied: u64) -> Trip {
+        Trip {
+            ops: 1,
+            failed: u64::from(!ok),
+            denied,
+        }
+    }
+}
+
+/// One round trip of `trip` requests (more than one only pipelined: consume,
+/// check and noop). An error means the connection is no longer usable; it
+/// carries what the round trip did up to then.
+async fn one(cfg: &BenchConfig, c: &mut Conn, rng: &mut Rng, trip: u64) -> Result<Trip, Trip> {
     let token = cfg.token.as_deref();
     let denied = |b: &[u8]| count(b, b"\"allowed\":false");
-    let single = |ok: bool, denied: u64| Ok((1, u64::from(!ok), denied));
+    let broken = || Trip {
+        ops: 0,
+        failed: 1,
+        denied: 0,
+    };
     match cfg.op {
         BenchOp::Noop | BenchOp::Consume | BenchOp::Check => {
             let (method, path) = match cfg.op {
@@ -169,8 +195,7 @@ async fn one(cfg: &BenchConfig, c: &mut Conn, rng: &mut Rng, trip: u64) -> Resul
                 BenchOp::Consume => ("POST", "/v1/consume"),
                 _ => ("POST", "/v1/check"),
             };
-            let n = trip;
-            for _ in 0..n {
+            for _ in 0..trip {
                 let body = if cfg.op == BenchOp::Noop {
                     String::new()
                 } else {
@@ -178,32 +203,48 @@ async fn one(cfg: &BenchConfig, c: &mut Conn, rng: &mut Rng, trip: u64) -> Resul
                 };
                 c.queue(token, method, path, body.as_bytes());
             }
-            c.send().await?;
-            let (mut failed, mut no) = (0, 0);
-            for _ in 0..n {
-                let st = c.answer().await?;
-                failed += u64::from(st != 200);
-                no += denied(c.body());
+            let mut done = Trip {
+                ops: 0,
+                failed: 0,
+                denied: 0,
+            };
+            if c.send().await.is_ok() {
+                for _ in 0..trip {
+                    let Ok(st) = c.answer().await else {
+                        break;
+                    };
+                    done.ops += 1;
+                    done.failed += u64::from(st != 200);
+                    done.denied += denied(c.body());
+                }
             }
-            Ok((n, failed, no))
+            if done.ops < trip {
+                done.failed += trip - done.ops;
+                return Err(done);
+            }
+            Ok(done)
         }
         BenchOp::Batch => {
             let ops: Vec<String> = (0..cfg.batch_size)
                 .map(|_| decision_body(cfg, rng, Some("consume")))
                 .collect();
             let body = format!("{{\"operations\":[{}]}}", ops.join(","));
-            let st = c.exchange(token, "POST", "/v1/batch", body.as_bytes()).await?;
-            single(
+            let st = c
+                .exchange(token, "POST", "/v1/batch", body.as_bytes())
+                .await
+                .map_err(|_| broken())?;
+            Ok(Trip::one(
                 st == 200 && count(c.body(), b"\"status\":200") == cfg.batch_size as u64,
                 denied(c.body()),
-            )
+            ))
         }
         BenchOp::ReserveCommit => {
             let st = c
                 .exchange(token, "POST", "/v1/reserve", decision_body(cfg, rng, None).as_bytes())
-                .await?;
+                .await
+                .map_err(|_| broken())?;
             if st != 200 {
-                return single(false, 0);
+                return Ok(Trip::one(false, 0));
             }
             let text = String::from_utf8_lossy(c.body());
             let Some(id) = text
@@ -211,11 +252,11 @@ async fn one(cfg: &BenchConfig, c: &mut Conn, rng: &mut Rng, trip: u64) -> Resul
                 .nth(1)
                 .and_then(|r| r.split('"').next())
             else {
-                return single(true, denied(c.body())); // denied: nothing to commit
+                return Ok(Trip::one(true, denied(c.body()))); // denied: nothing to commit
             };
             let path = format!("/v1/reservations/{id}/commit");
-            let st = c.exchange(token, "POST", &path, b"{}").await?;
-            single(st == 200, 0)
+            let st = c.exchange(token, "POST", &path, b"{}").await.map_err(|_| broken())?;
+            Ok(Trip::one(st == 200, 0))
         }
     }
 }
@@ -248,7 +289,8 @@ async fn connection(cfg: Arc<BenchConfig>, shared: Arc<Shared>, seed: u64) -> Co
             None => match Conn::open(&cfg.target).await {
                 Ok(s) => conn.insert(s),
                 Err(_) => {
-                    stats.errors += 1;
+                    // The requests this round trip took are not sent: failed.
+                    stats.errors += trip;
                     tokio::time::sleep(Duration::from_millis(10)).await;
                     continue;
                 }
@@ -260,17 +302,16 @@ async fn connection(cfg: Arc<BenchConfig>, shared: Arc<Shared>, seed: u64) -> Co
             conn = None;
         }
         let measured = t0 >= shared.measure_from;
-        match r {
-            Ok((ops, failed, denied)) if measured => {
-                stats.ops += ops;
-                stats.denied += denied;
-                stats.errors += failed;
-                let _ = stats.hist.record_n((t0.elapsed().as_micros() as u64).max(1), ops);
-            }
-            Ok(_) => {}
-            Err(_) => {
-                stats.errors += u64::from(measured);
-                conn = None;
+        if r.is_err() {
+            conn = None;
+        }
+        if measured {
+            let (Ok(t) | Err(t)) = r;
+            stats.ops += t.ops;
+            stats.denied += t.denied;
+            stats.errors += t.failed;
+            if t.ops > 0 {
+                let _ = stats.hist.record_n((t0.elapsed().as_micros() as u64).max(1), t.ops);
             }
         }
         shared.done.fetch_add(trip, Ordering::Relaxed);
