@@ -1453,12 +1453,7 @@ pub fn main() -> ExitCode {
                 eprintln!("quotad: --pipeline must be 1 to 128");
                 return ExitCode::from(EXIT_CONFIG);
             }
-            if pipeline > 1
-                && matches!(
-                    op,
-                    crate::loadgen::BenchOp::Batch | crate::loadgen::BenchOp::ReserveCommit
-                )
-            {
+            if pipeline > 1 && !op.pipelines() {
                 eprintln!("quotad: --pipeline works with --op consume, check and noop (a reserve's commit needs its answer first; a batch is already many decisions)");
                 return ExitCode::from(EXIT_CONFIG);
             }

@@ -28,6 +28,14 @@ pub enum BenchOp {
     Noop,
 }
 
+impl BenchOp {
+    /// Whether requests of this operation can be pipelined (`--pipeline`):
+    /// each is one request whose answer nothing after it needs.
+    pub fn pipelines(self) -> bool {
+        matches!(self, BenchOp::Noop | BenchOp::Consume | BenchOp::Check)
+    }
+}
+
 /// Load settings.
 #[derive(Debug, Clone)]
 pub struct BenchConfig {
@@ -157,6 +165,7 @@ fn decision_body(cfg: &BenchConfig, rng: &mut Rng, op: Option<&str>) -> String {
 }
 
 /// What a round trip did.
+#[derive(Default)]
 struct Trip {
     /// Operations answered.
     ops: u64,
@@ -184,13 +193,12 @@ async fn one(cfg: &BenchConfig, c: &mut Conn, rng: &mut Rng, trip: u64) -> Resul
     let token = cfg.token.as_deref();
     let denied = |b: &[u8]| count(b, b"\"allowed\":false");
     let broken = || Trip {
-        ops: 0,
         failed: 1,
-        denied: 0,
+        ..Trip::default()
     };
     match cfg.op {
-        BenchOp::Noop | BenchOp::Consume | BenchOp::Check => {
-            let (method, path) = match cfg.op {
+        op @ (BenchOp::Noop | BenchOp::Consume | BenchOp::Check) => {
+            let (method, path) = match op {
                 BenchOp::Noop => ("GET", "/healthz"),
                 BenchOp::Consume => ("POST", "/v1/consume"),
                 _ => ("POST", "/v1/check"),
@@ -203,11 +211,7 @@ async fn one(cfg: &BenchConfig, c: &mut Conn, rng: &mut Rng, trip: u64) -> Resul
                 };
                 c.queue(token, method, path, body.as_bytes());
             }
-            let mut done = Trip {
-                ops: 0,
-                failed: 0,
-                denied: 0,
-            };
+            let mut done = Trip::default();
             if c.send().await.is_ok() {
                 for _ in 0..trip {
                     let Ok(st) = c.answer().await else {
@@ -270,9 +274,10 @@ async fn connection(cfg: Arc<BenchConfig>, shared: Arc<Shared>, seed: u64) -> Co
     };
     let mut rng = Rng(seed | 1);
     let mut conn = None;
-    let per_trip = match cfg.op {
-        BenchOp::Noop | BenchOp::Consume | BenchOp::Check => cfg.pipeline.max(1) as u64,
-        BenchOp::Batch | BenchOp::ReserveCommit => 1,
+    let per_trip = if cfg.op.pipelines() {
+        cfg.pipeline.max(1) as u64
+    } else {
+        1
     };
     while !shared.stop.load(Ordering::Relaxed) {
         // The last round trip of a `--requests` run takes what is left.
