@@ -228,7 +228,7 @@ where
                         // that sends faster than it is answered meets TCP's
                         // backpressure, not a growing buffer.
                         let body = &buf[head.len..end];
-                        let may_wait = names_wait(body);
+                        let may_wait = may_ask_to_wait(body);
                         let watch = buf.len() == end && may_wait;
                         let answer = api.answer(&head.endpoint, &head.headers, body);
                         // The requests behind it are decided now, in order,
@@ -311,7 +311,7 @@ const MAX_PIPELINED: usize = 32;
 
 /// Whether a body may ask to wait for capacity: it names `wait_ms`, or holds
 /// a `\u` escape, which could spell the name another way.
-fn names_wait(body: &[u8]) -> bool {
+fn may_ask_to_wait(body: &[u8]) -> bool {
     body.windows(9).any(|w| w == b"\"wait_ms\"") || body.windows(2).any(|w| w == b"\\u")
 }
 
@@ -330,7 +330,7 @@ fn pipelined(api: &DirectApi, buf: &[u8], mut from: usize) -> Vec<(Head, std::op
             break;
         }
         let body = from + head.len..from + head.len + head.body as usize;
-        if body.end > buf.len() || names_wait(&buf[body.clone()]) {
+        if body.end > buf.len() || may_ask_to_wait(&buf[body.clone()]) {
             break;
         }
         from = body.end;
