@@ -841,6 +841,63 @@ async fn usage_reads_stay_exact_while_snapshots_move_buckets() {
     Arc::try_unwrap(s).ok().unwrap().stop().await;
 }
 
+/// A usage read waits while a snapshot moves buckets to the file. It waits
+/// on a blocking thread, not on one of the runtime's workers: with more
+/// reads waiting than there are workers, decisions are still answered, and
+/// the reads finish once the move is over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_reads_waiting_for_a_snapshot_do_not_hold_up_decisions() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let s = TestServer::start_at(DIMENSIONS, Transport::Tcp, common::ms("2026-11-21T10:30:00Z")).await;
+    let r = s.consume(json!({"subject": "u", "amounts": {"tokens": 7}})).await;
+    assert!(r.allowed(), "{}", r.text);
+    // A thread holds the guard as a snapshot does from taking buckets out
+    // of memory until the file has them, until told to let go or for 20 s
+    // at most (so that a failure is a failed assertion, not a hang).
+    let engine = s.state.engine().unwrap().clone();
+    let released = Arc::new(AtomicBool::new(false));
+    let (held_tx, held_rx) = std::sync::mpsc::channel();
+    let (release, release_rx) = std::sync::mpsc::channel::<()>();
+    let holder = {
+        let released = released.clone();
+        std::thread::spawn(move || {
+            let moving = engine.usage_move();
+            held_tx.send(()).unwrap();
+            let _ = release_rx.recv_timeout(std::time::Duration::from_secs(20));
+            released.store(true, Ordering::SeqCst);
+            drop(moving);
+        })
+    };
+    held_rx.recv().unwrap();
+    let paths = [
+        format!("/v1/subjects/u/usage?{TODAY}"),
+        format!("/v1/subjects/u/usage?{TODAY}"),
+        format!("/v1/usage?{TODAY}"),
+        format!("/v1/usage?{TODAY}&format=csv"),
+    ];
+    let mut reads = Vec::new();
+    for path in &paths {
+        let (mut c, path) = (s.connect().await, path.clone());
+        reads.push(tokio::spawn(async move { c.req("GET", &path, None, &[]).await }));
+    }
+    let held_up = "the runtime stood still until the waiting usage reads could go on";
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert!(!released.load(Ordering::SeqCst), "{held_up}");
+    assert!(reads.iter().all(|r| !r.is_finished()), "the reads wait for the move");
+    let decided = s.consume(json!({"subject": "v", "amounts": {"tokens": 1}})).await;
+    assert!(!released.load(Ordering::SeqCst), "{held_up}");
+    assert!(decided.allowed(), "{}", decided.text);
+    release.send(()).unwrap();
+    holder.join().unwrap();
+    for (path, read) in paths.iter().zip(reads) {
+        let r = read.await.unwrap();
+        assert_eq!(r.status, 200, "{path}: {}", r.text);
+        assert!(r.text.contains('7'), "{path} shows the charge: {}", r.text);
+    }
+    s.stop().await;
+}
+
 async fn snapshots(s: &TestServer) -> f64 {
     s.get("/metrics")
         .await

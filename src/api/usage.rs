@@ -445,7 +445,11 @@ pub(super) async fn subject_usage(
     st.authorize_subject(&headers, &subject)?;
     let q = parse_query(q.as_deref(), Endpoint::Subject)?;
     check_group_by(&st, &q)?;
-    let mut all = collect(&st, &q, Some(&subject))?;
+    let (mut all, q, subject) = off_the_workers(move || {
+        let all = collect(&st, &q, Some(&subject))?;
+        Ok((all, q, subject))
+    })
+    .await?;
     let g = q.group_by.as_deref();
     let buckets = all
         .remove(&subject)
@@ -503,7 +507,11 @@ pub(super) async fn export(
     if q.csv {
         return export_csv(st, q);
     }
-    let (page, next_after) = export_page(&st, &q, q.after.clone(), q.limit)?;
+    let (page, next_after, q) = off_the_workers(move || {
+        let (page, next) = export_page(&st, &q, q.after.clone(), q.limit)?;
+        Ok((page, next, q))
+    })
+    .await?;
     let g = q.group_by.as_deref();
     let mut rows = Vec::new();
     for (subject, buckets) in page {
@@ -561,6 +569,17 @@ fn export_page(
     }
 }
 
+/// Runs a usage read on a blocking thread. It may wait while a snapshot moves
+/// buckets from memory to the file, and it reads that file: neither belongs
+/// on the threads that answer decisions.
+async fn off_the_workers<T: Send + 'static>(
+    read: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(read)
+        .await
+        .map_err(|e| ApiError::Unavailable(format!("the usage read failed: {e}")))?
+}
+
 /// The CSV export: streamed a page of subjects at a time, at most
 /// `history.max_exports` at once.
 fn export_csv(st: Arc<AppState>, q: Query) -> Result<Response, ApiError> {
@@ -575,7 +594,7 @@ fn export_csv(st: Arc<AppState>, q: Query) -> Result<Response, ApiError> {
     })?;
     struct Export {
         st: Arc<AppState>,
-        q: Query,
+        q: Arc<Query>,
         /// Where the next page starts; `None` with `done` at the end.
         cursor: Option<String>,
         header: bool,
@@ -586,7 +605,7 @@ fn export_csv(st: Arc<AppState>, q: Query) -> Result<Response, ApiError> {
     let state = Export {
         st,
         cursor: q.after.clone(),
-        q,
+        q: Arc::new(q),
         header: true,
         done: false,
         _permit: permit,
@@ -604,7 +623,8 @@ fn export_csv(st: Arc<AppState>, q: Query) -> Result<Response, ApiError> {
             if x.done {
                 return None;
             }
-            match export_page(&x.st, &x.q, x.cursor.take(), CSV_PAGE_SUBJECTS) {
+            let (st, q, cursor) = (x.st.clone(), x.q.clone(), x.cursor.take());
+            match off_the_workers(move || export_page(&st, &q, cursor, CSV_PAGE_SUBJECTS)).await {
                 Ok((page, next)) => {
                     x.done = next.is_none();
                     x.cursor = next;
@@ -705,12 +725,11 @@ pub(super) async fn top(
             EXPORT_BUSY_RETRY_S,
         )
     })?;
-    let rows = tokio::task::spawn_blocking(move || {
+    let rows = off_the_workers(move || {
         let _permit = permit;
         top_rows(&st, &q)
     })
-    .await
-    .map_err(|e| ApiError::Unavailable(format!("the top list failed: {e}")))??;
+    .await?;
     Ok(Json(rows).into_response())
 }
 
