@@ -1,4 +1,5 @@
-//! `snapshot.redb` stays within twice its live data: a day of hourly
+//! Snapshot writes: the file's write yields the CPU to requests, and
+//! `snapshot.redb` stays within twice its live data. A day of hourly
 //! snapshots, each rewriting every shard and adding usage buckets, grew a
 //! file to 3.4× its live data before compaction (549 MB for 160 MB in an
 //! adversarial run). Run with `QUOTAD_COMPACTION_SUBJECTS=100000` for the
@@ -86,4 +87,47 @@ fn a_day_of_hourly_snapshots_stays_within_twice_the_live_data() {
     assert!(grown_past_floor, "the test data passes the compaction floor");
     println!("{subjects} subjects, 24 hourly snapshots: worst file/live ratio {worst:.2}");
     s.close().unwrap();
+}
+
+/// The file write, most of a snapshot's CPU, runs on a thread of its own at
+/// the lowest priority (nice 19), so a busy daemon's answers go first. The
+/// thread that called keeps its priority: on a single node it is a thread of
+/// the blocking pool, on a cluster node one of Raft's.
+#[test]
+fn a_snapshot_writes_its_file_at_background_priority() {
+    use rustix::process::getpriority_process;
+    use rustix::thread::gettid;
+    let dir = tempfile::tempdir().unwrap();
+    let (e, s) = open(dir.path());
+    let req = DecisionRequest {
+        subject: "u".to_string(),
+        event: None,
+        attributes: BTreeMap::new(),
+        amounts: BTreeMap::from([("tokens".to_string(), 5)]),
+        idempotency_key: None,
+        ttl_ms: None,
+        priority: None,
+    };
+    e.decide(DecideOp::Consume, &req, T0).unwrap();
+    let own = getpriority_process(Some(gettid())).unwrap();
+    let seen = std::sync::Mutex::new(None);
+    let wait = |lsn| {
+        let me = std::thread::current();
+        *seen.lock().unwrap() = Some((
+            me.name().map(str::to_string),
+            getpriority_process(Some(gettid())).unwrap(),
+        ));
+        s.journal()
+            .wait_durable_blocking(lsn)
+            .map_err(|e| quotad::storage::StorageError::Io(e.to_string()))
+    };
+    quotad::storage::write_engine_snapshot(s.snapshots(), &e, T0 + 1, &wait, 0, Vec::new()).unwrap();
+    let (name, nice) = seen.into_inner().unwrap().expect("the snapshot waited for the log");
+    assert_eq!(name.as_deref(), Some("quotad-snapshot"));
+    assert_eq!(nice, 19, "the snapshot writer's nice value");
+    assert_eq!(
+        getpriority_process(Some(gettid())).unwrap(),
+        own,
+        "the caller's priority is its own"
+    );
 }

@@ -237,11 +237,13 @@ pub struct Written {
 /// durable (on a cluster node: committed), so it never holds a change the
 /// log might lose. `delivered_seq` bounds event retention; `raft` is a
 /// cluster node's Raft state, stored with it (empty on a single node).
+/// After the locked part, the file is written on a thread of its own at
+/// background priority (see [`background_priority`]) while the caller waits.
 pub fn write_engine_snapshot(
     snapshots: &SnapshotStore,
     engine: &Engine,
     now_ms: Millis,
-    wait_durable: &dyn Fn(u64) -> Result<(), StorageError>,
+    wait_durable: &(dyn Fn(u64) -> Result<(), StorageError> + Sync),
     delivered_seq: u64,
     raft: Vec<u8>,
 ) -> Result<Written, StorageError> {
@@ -276,6 +278,15 @@ pub fn write_engine_snapshot(
     })
 }
 
+/// Lowers the calling thread's CPU priority to the lowest (nice 19): for
+/// a thread that only writes a snapshot file and then ends. Linux keeps a
+/// nice value per thread, so the daemon's other threads are untouched.
+fn background_priority() {
+    if let Err(e) = rustix::process::setpriority_process(Some(rustix::thread::gettid()), 19) {
+        tracing::debug!(error = %e, "the snapshot writer keeps its priority");
+    }
+}
+
 /// The shards and usage a snapshot took out of the engine.
 struct Taken<'a> {
     encoded: &'a [Vec<u8>],
@@ -290,7 +301,7 @@ fn write_taken(
     engine: &Engine,
     now_ms: Millis,
     taken: Taken<'_>,
-    wait_durable: &dyn Fn(u64) -> Result<(), StorageError>,
+    wait_durable: &(dyn Fn(u64) -> Result<(), StorageError> + Sync),
     delivered_seq: u64,
     raft: Vec<u8>,
 ) -> Result<Millis, StorageError> {
@@ -299,32 +310,54 @@ fn write_taken(
     // change the shards hold (replay skips what they already have).
     let (signals, events) = engine.signals_for_snapshot();
     let policy_log = engine.policy_log();
-    let policy = codec::encode_policy_log(&policy_log).map_err(|e| StorageError::Io(e.to_string()))?;
-    let state = codec::encode_signals(&signals).map_err(|e| StorageError::Io(e.to_string()))?;
-    wait_durable(taken.max_lsn.max(signals.applied_lsn).max(policy_log.applied_lsn))?;
-    let json: Vec<Vec<u8>> = events.iter().map(|e| e.to_json().to_string().into_bytes()).collect();
-    let now = engine.time(now_ms);
-    let part = snapshot::SignalsPart {
-        state,
-        events: events
-            .iter()
-            .zip(&json)
-            .map(|(e, j)| (e.seq, e.at_ms, j.as_slice()))
-            .collect(),
-        retain_after_ms: now.saturating_sub(engine.policy().events_retention_ms),
-        delivered_seq,
-        policy,
-        raft,
+    let policy = engine.policy();
+    // The file write is most of a snapshot's CPU and takes no lock a
+    // request needs: it runs at background priority, so on a busy daemon
+    // answers go first and the snapshot takes the idle time. What does take
+    // such a lock (the signals' in `events_stored`, the log's when segments
+    // are deleted) stays on the caller's thread and priority.
+    let write = || -> Result<Millis, StorageError> {
+        background_priority();
+        let policy_bytes = codec::encode_policy_log(&policy_log).map_err(|e| StorageError::Io(e.to_string()))?;
+        let state = codec::encode_signals(&signals).map_err(|e| StorageError::Io(e.to_string()))?;
+        wait_durable(taken.max_lsn.max(signals.applied_lsn).max(policy_log.applied_lsn))?;
+        let json: Vec<Vec<u8>> = events.iter().map(|e| e.to_json().to_string().into_bytes()).collect();
+        let now = engine.time(now_ms);
+        let part = snapshot::SignalsPart {
+            state,
+            events: events
+                .iter()
+                .zip(&json)
+                .map(|(e, j)| (e.seq, e.at_ms, j.as_slice()))
+                .collect(),
+            retain_after_ms: now.saturating_sub(policy.events_retention_ms),
+            delivered_seq,
+            policy: policy_bytes,
+            raft: raft.clone(),
+        };
+        let (hours_kept, days_kept) = policy.history_retention_ms;
+        let usage = snapshot::UsagePart {
+            deltas: taken.usage,
+            hours_before_ms: now.saturating_sub(hours_kept),
+            days_before_ms: now.saturating_sub(days_kept),
+        };
+        snapshots
+            .write(taken.encoded, now, taken.max_lsn, &part, &usage)
+            .map_err(|e| StorageError::Io(e.to_string()))?;
+        Ok(now)
     };
-    let (hours_kept, days_kept) = engine.policy().history_retention_ms;
-    let usage = snapshot::UsagePart {
-        deltas: taken.usage,
-        hours_before_ms: now.saturating_sub(hours_kept),
-        days_before_ms: now.saturating_sub(days_kept),
-    };
-    snapshots
-        .write(taken.encoded, now, taken.max_lsn, &part, &usage)
-        .map_err(|e| StorageError::Io(e.to_string()))?;
+    let now = std::thread::scope(|s| {
+        match std::thread::Builder::new()
+            .name("quotad-snapshot".into())
+            .spawn_scoped(s, write)
+        {
+            Ok(h) => h
+                .join()
+                .unwrap_or_else(|_| Err(StorageError::Io("the snapshot writer panicked".into()))),
+            // No thread to spare: written here, at this thread's priority.
+            Err(_) => write(),
+        }
+    })?;
     if let Some(last) = events.last() {
         engine.events_stored(last.seq);
     }
