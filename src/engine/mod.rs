@@ -299,7 +299,20 @@ impl Locked<'_> {
 
     fn apply_all(&mut self, muts: &[Mutation], lsn: Lsn) {
         let hooks = self.engine.wait_hooks.get().filter(|h| h.active());
-        for m in muts {
+        let mut i = 0;
+        while i < muts.len() {
+            let run = state::subject_charge_run(&muts[i..]);
+            if run > 1 {
+                // A plan's charges to the subject: one lookup, not one each.
+                if let Some(h) = hooks {
+                    muts[i..i + run].iter().for_each(|m| note_freed(&**h, m));
+                }
+                state::apply_subject_charges(self, &muts[i..i + run]);
+                i += run;
+                continue;
+            }
+            let m = &muts[i];
+            i += 1;
             if let Some(h) = hooks {
                 note_freed(&**h, m);
             }
@@ -760,7 +773,9 @@ impl Engine {
         if idem_key.is_some() {
             self.make_room_for_keys(&policy, now)?;
         }
-        let mut shards = vec![self.shard_of_subject(&subject)];
+        // Sized up front: growing it from one was a reallocation per call or two.
+        let mut shards = Vec::with_capacity(3 + policy.shared_limits.len() + 2 * policy.breakers.len());
+        shards.push(self.shard_of_subject(&subject));
         if let Some(k) = idem_key {
             shards.push(self.shard_of_idempotency(k));
         }
@@ -778,7 +793,7 @@ impl Engine {
         }
         // Breakers watch counters of their own (global or per attribute value).
         let writes = op != DecideOp::Check;
-        let mut watched: Vec<(&Arc<signals::Breaker>, ScopeKey)> = Vec::new();
+        let mut watched: Vec<(&Arc<signals::Breaker>, ScopeKey)> = Vec::with_capacity(policy.breakers.len());
         for b in &policy.breakers {
             if b.matcher.matches(event, &req.attributes) {
                 if let Some(sk) = b.scope_key(&req.attributes) {
@@ -1040,7 +1055,8 @@ impl Engine {
             return Ok((Applied { value: decision, lsn }, notes));
         }
 
-        let mut muts = Vec::with_capacity(matched.len() + 2);
+        // Charges, usage, a reservation or key, the signal counters' charges.
+        let mut muts = Vec::with_capacity(matched.len() + 2 + sig.holds.len() + sig.changes.len());
         for m in &mut matched {
             decision.counters.push(view_after(
                 &m.limit,

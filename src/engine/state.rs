@@ -155,6 +155,11 @@ impl CounterMap {
             }
         }
     }
+    /// Makes room for `extra` more counters in one allocation (still exact:
+    /// memory is per subject).
+    fn reserve_exact(&mut self, extra: usize) {
+        self.0.reserve_exact(extra);
+    }
     /// Runs `f` on the counter of `limit` (`None` if absent); a `None` left by
     /// `f` removes it.
     pub fn update(&mut self, limit: &Arc<str>, f: impl FnOnce(&mut Option<Counter>)) {
@@ -643,12 +648,86 @@ fn update_counter<A: ShardAccess>(access: &mut A, key: &CounterKey, f: impl FnOn
         }
         _ => {
             let shared = &mut access.shared_shard(key).shared;
-            let mut c = shared.remove(key);
-            f(&mut c);
-            if let Some(c) = c {
-                shared.insert(key.clone(), c);
+            match shared.get_mut(key) {
+                // In place: every call that a global limit matches lands here.
+                Some(c) => {
+                    let mut v = Some(std::mem::replace(c, Counter::Lifetime { used: 0, credited: 0 }));
+                    f(&mut v);
+                    match v {
+                        Some(v) => *c = v,
+                        None => {
+                            shared.remove(key);
+                        }
+                    }
+                }
+                None => {
+                    let mut v = None;
+                    f(&mut v);
+                    if let Some(v) = v {
+                        shared.insert(key.clone(), v);
+                    }
+                }
             }
         }
+    }
+}
+
+/// How many of the leading mutations of `muts` are charges to one subject's
+/// counters (0 if the first is not): a decision's charges to its subject come
+/// together, and [`apply_subject_charges`] applies such a run with one lookup.
+pub fn subject_charge_run(muts: &[Mutation]) -> usize {
+    fn subject_of(m: &Mutation) -> Option<&Arc<str>> {
+        match m {
+            Mutation::Charge { counter, .. } => match &counter.scope {
+                ScopeKey::Subject(s) => Some(s),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+    let Some(first) = muts.first().and_then(subject_of) else {
+        return 0;
+    };
+    1 + muts[1..]
+        .iter()
+        .take_while(|m| subject_of(m).is_some_and(|s| Arc::ptr_eq(s, first) || s == first))
+        .count()
+}
+
+/// Applies a run of charges to one subject's counters (see
+/// [`subject_charge_run`]): the same end state as applying each in turn, with
+/// the subject looked up once and its counter list grown once.
+pub fn apply_subject_charges<A: ShardAccess>(access: &mut A, run: &[Mutation]) {
+    let Some(Mutation::Charge { counter: first, .. }) = run.first() else {
+        return;
+    };
+    let ScopeKey::Subject(s) = &first.scope else {
+        return;
+    };
+    let subjects = &mut access.subject_shard(s).subjects;
+    let st = subjects.get_or_default(s);
+    let new = run
+        .iter()
+        .filter(|m| matches!(m, Mutation::Charge { counter, .. } if st.counters.get(&counter.limit).is_none()))
+        .count();
+    if new > 0 {
+        st.counters.reserve_exact(new);
+    }
+    for m in run {
+        if let Mutation::Charge {
+            counter,
+            slot,
+            delta,
+            at_ms,
+        } = m
+        {
+            debug_assert!(matches!(&counter.scope, ScopeKey::Subject(x) if x == s));
+            st.counters
+                .update(&counter.limit, |c| apply_charge(c, slot, *delta, *at_ms));
+        }
+    }
+    if st.is_empty() {
+        subjects.remove(s);
     }
 }
 
@@ -893,5 +972,112 @@ mod tests {
             }
         }
         assert_eq!(ledger.into_deltas(), model);
+    }
+
+    /// Every key on one shard: enough to apply mutations in a test.
+    struct OneShard(Shard);
+
+    impl ShardAccess for OneShard {
+        fn subject_shard(&mut self, _: &str) -> &mut Shard {
+            &mut self.0
+        }
+        fn shared_shard(&mut self, _: &CounterKey) -> &mut Shard {
+            &mut self.0
+        }
+        fn reservation_shard(&mut self, _: &str) -> &mut Shard {
+            &mut self.0
+        }
+        fn idempotency_shard(&mut self, _: &str) -> &mut Shard {
+            &mut self.0
+        }
+        fn each_shard(&mut self, f: &mut dyn FnMut(&mut Shard)) {
+            f(&mut self.0)
+        }
+    }
+
+    fn charge(subject: &Arc<str>, limit: usize, delta: i64, slot: u8) -> Mutation {
+        Mutation::Charge {
+            counter: CounterKey {
+                limit: intern(&format!("limit-{limit}")),
+                scope: ScopeKey::Subject(subject.clone()),
+            },
+            slot: match slot {
+                0 => Slot::Fixed {
+                    start_ms: 0,
+                    end_ms: 1000,
+                },
+                1 => Slot::Fixed {
+                    start_ms: 1000,
+                    end_ms: 2000,
+                },
+                _ => Slot::Lifetime,
+            },
+            delta,
+            at_ms: 500,
+        }
+    }
+
+    proptest::proptest! {
+        /// A run of charges to one subject, applied with one lookup, leaves
+        /// what applying them one by one leaves, on a new subject or one with
+        /// counters already.
+        #[test]
+        fn a_run_of_charges_applies_as_the_charges_one_by_one(
+            before in proptest::collection::vec((0usize..4, 0i64..5, 0u8..3), 0..4),
+            run in proptest::collection::vec((0usize..5, -5i64..5, 0u8..3), 1..9),
+        ) {
+            let s: Arc<str> = Arc::from("subject-a");
+            let before: Vec<Mutation> = before.iter().map(|&(l, d, w)| charge(&s, l, d, w)).collect();
+            let run: Vec<Mutation> = run.iter().map(|&(l, d, w)| charge(&s, l, d, w)).collect();
+            proptest::prop_assert_eq!(subject_charge_run(&run), run.len());
+            let mut one_by_one = OneShard(Shard::default());
+            let mut together = OneShard(Shard::default());
+            for m in &before {
+                apply(&mut one_by_one, m, 1);
+                apply(&mut together, m, 1);
+            }
+            for m in &run {
+                apply(&mut one_by_one, m, 2);
+            }
+            apply_subject_charges(&mut together, &run);
+            proptest::prop_assert_eq!(one_by_one.0.subjects.get("subject-a"), together.0.subjects.get("subject-a"));
+            proptest::prop_assert_eq!(one_by_one.0.subjects.len(), together.0.subjects.len());
+        }
+    }
+
+    #[test]
+    fn a_run_ends_at_another_subject_or_another_kind_of_change() {
+        let a: Arc<str> = Arc::from("a");
+        let b: Arc<str> = Arc::from("b");
+        let global = Mutation::Charge {
+            counter: CounterKey {
+                limit: intern("global-limit"),
+                scope: ScopeKey::Global,
+            },
+            slot: Slot::Lifetime,
+            delta: 1,
+            at_ms: 0,
+        };
+        let usage = Mutation::Usage {
+            subject: a.clone(),
+            at_ms: 0,
+            amounts: Vec::new(),
+        };
+        assert_eq!(subject_charge_run(&[]), 0);
+        assert_eq!(subject_charge_run(std::slice::from_ref(&global)), 0);
+        assert_eq!(
+            subject_charge_run(&[charge(&a, 0, 1, 0), charge(&a, 1, 1, 0), charge(&b, 0, 1, 0)]),
+            2
+        );
+        assert_eq!(
+            subject_charge_run(&[charge(&a, 0, 1, 0), global, charge(&a, 1, 1, 0)]),
+            1
+        );
+        // Equal names in different allocations are one subject.
+        let a2: Arc<str> = Arc::from("a");
+        assert_eq!(
+            subject_charge_run(&[charge(&a, 0, 1, 0), charge(&a2, 1, 1, 0), usage]),
+            2
+        );
     }
 }
