@@ -8,6 +8,7 @@
 //! followed by [`framing`], which marks a request whose head carried both
 //! `Content-Length` and `Transfer-Encoding` for the API to refuse.
 
+mod decision_json;
 pub(crate) mod direct;
 mod framing;
 

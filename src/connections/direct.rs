@@ -23,8 +23,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use axum::http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -388,11 +387,7 @@ fn is_closing(resp: &Response) -> bool {
 /// `json` is scratch space.
 async fn encode_decision(d: &Decision, close: bool, out: &mut Vec<u8>, json: &mut Vec<u8>) {
     json.clear();
-    if let Err(e) = serde_json::to_writer(&mut *json, d) {
-        // As the router's answer says it; decisions always encode.
-        let text = format!("cannot encode the answer: {e}");
-        return encode((StatusCode::INTERNAL_SERVER_ERROR, text).into_response(), close, out).await;
-    }
+    super::decision_json::write_decision(d, json);
     out.extend_from_slice(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n");
     let mut digits = itoa::Buffer::new();
     for (name, value) in rate_figures(d).into_iter().flatten() {
