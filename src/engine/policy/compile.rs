@@ -123,6 +123,14 @@ impl Matcher {
 /// It walks both strings by byte offset, a character at a time, without
 /// copying them: it runs for every limit's match on every decision.
 pub fn glob_match(pattern: &str, text: &str) -> bool {
+    // The shapes policies use: a name, or a prefix and `*` (`llm.*`).
+    match pattern.as_bytes().iter().position(|&b| b == b'*' || b == b'?') {
+        None => return pattern == text,
+        Some(i) if i + 1 == pattern.len() && pattern.as_bytes()[i] == b'*' => {
+            return text.starts_with(&pattern[..i]);
+        }
+        Some(_) => {}
+    }
     let at = |s: &str, i: usize| s[i..].chars().next();
     let (mut pi, mut ti) = (0, 0);
     // Byte offsets of the last `*` and of the text position it was tried at.
