@@ -706,9 +706,18 @@ pub fn apply_subject_charges<A: ShardAccess>(access: &mut A, run: &[Mutation]) {
     };
     let subjects = &mut access.subject_shard(s).subjects;
     let st = subjects.get_or_default(s);
+    // Distinct limits the subject has no counter for (a run is a handful).
+    fn limit_of(m: &Mutation) -> Option<&Arc<str>> {
+        match m {
+            Mutation::Charge { counter, .. } => Some(&counter.limit),
+            _ => None,
+        }
+    }
     let new = run
         .iter()
-        .filter(|m| matches!(m, Mutation::Charge { counter, .. } if st.counters.get(&counter.limit).is_none()))
+        .enumerate()
+        .filter_map(|(i, m)| limit_of(m).map(|l| (i, l)))
+        .filter(|&(i, l)| st.counters.get(l).is_none() && !run[..i].iter().any(|p| limit_of(p) == Some(l)))
         .count();
     if new > 0 {
         st.counters.reserve_exact(new);
@@ -1042,6 +1051,9 @@ mod tests {
             apply_subject_charges(&mut together, &run);
             proptest::prop_assert_eq!(one_by_one.0.subjects.get("subject-a"), together.0.subjects.get("subject-a"));
             proptest::prop_assert_eq!(one_by_one.0.subjects.len(), together.0.subjects.len());
+            // Grown once, to fit: a limit charged twice in the run is one counter.
+            let counters = &together.0.subjects.get("subject-a").expect("charged").counters.0;
+            proptest::prop_assert_eq!(counters.capacity(), counters.len());
         }
     }
 
