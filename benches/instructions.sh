@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Instructions the daemon executes per durable consume, counted by callgrind:
 # unlike wall-clock figures on two shared cores, the count repeats to within
-# a fraction of a per cent from run to run, so it shows changes of a few per
-# cent that an A/B in req/s cannot. It counts user-space instructions of all
+# 1 % from run to run, so it shows changes of a few per cent that an A/B in
+# req/s cannot. It counts user-space instructions of all
 # the daemon's threads (the kernel's share, TCP and fdatasync, is not in it).
 #
 # Each binary serves twice under callgrind, for N1 and for N2 consumes from
