@@ -19,6 +19,7 @@
 # SNAPSHOT_EVERY (the config's own when unset), CONFIG, BENCH_ARGS.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. benches/configs.sh
 [ $# -eq 2 ] || { echo "usage: bash benches/ab.sh BEFORE-BINARY AFTER-BINARY" >&2; exit 2; }
 BEFORE=$(realpath "$1")
 AFTER=$(realpath "$2")
@@ -60,23 +61,7 @@ text = re.sub(r'(?m)^durability\s*=.*$', 'durability = "fsync"', text, count=1)
 open(dst, "w").write(text)
 PY
 else
-  cat >"$WORK/ab.toml" <<TOML
-[server]
-listen = ["127.0.0.1:$PORT", "unix:$WORK/ab.sock"]
-max_connections = 1000
-[storage]
-data_dir = "$WORK/data"
-durability = "fsync"
-[log]
-level = "warn"
-[[plans]]
-name = "bench"
-default = true
-  [[plans.limits]]
-  name = "requests-per-day"
-  period = "1d"
-  max = 1000000000
-TOML
+  one_limit_config "\"127.0.0.1:$PORT\", \"unix:$WORK/ab.sock\"" "$WORK/data" >"$WORK/ab.toml"
 fi
 if [ -n "${SNAPSHOT_EVERY:-}" ]; then
   python3 - "$WORK/ab.toml" "$SNAPSHOT_EVERY" <<'PY'

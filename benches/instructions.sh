@@ -27,6 +27,7 @@ for b in "$@"; do
   BINS+=("$(realpath "$b")")
 done
 cd "$(dirname "$0")/.."
+. benches/configs.sh
 command -v python3 >/dev/null || { echo "python3 is needed (it reads the bench's JSON)" >&2; exit 2; }
 CONFIGS=${CONFIGS:-one-limit shipped}
 N1=${N1:-2000}
@@ -51,28 +52,8 @@ ADDR=127.0.0.1:7983
 
 config() { # $1 = one-limit | shipped, $2 = data dir
   case "$1" in
-    one-limit)
-      cat <<TOML
-[server]
-listen = ["$ADDR"]
-[storage]
-data_dir = "$2"
-durability = "fsync"
-[log]
-level = "warn"
-[[plans]]
-name = "bench"
-default = true
-  [[plans.limits]]
-  name = "requests-per-day"
-  period = "1d"
-  max = 1000000000
-TOML
-      ;;
-    shipped)
-      sed -e "s|^listen = .*|listen = [\"$ADDR\"]|" -e "s|^data_dir = .*|data_dir = \"$2\"|" quotad.toml
-      printf '\n[log]\nlevel = "warn"\n'
-      ;;
+    one-limit) one_limit_config "\"$ADDR\"" "$2" ;;
+    shipped) shipped_config "\"$ADDR\"" "$2" ;;
     *) echo "unknown config $1 (one-limit or shipped)" >&2; exit 2 ;;
   esac
 }

@@ -14,6 +14,7 @@
 #   REQUESTS=400000 TOP=30 bash benches/profile.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. benches/configs.sh
 REQUESTS=${REQUESTS:-300000}
 TOP=${TOP:-25}
 command -v perf >/dev/null || {
@@ -34,30 +35,8 @@ trap cleanup EXIT
 
 config() { # $1 = one-limit | shipped
   case "$1" in
-    one-limit)
-      cat <<TOML
-[server]
-listen = ["127.0.0.1:7979"]
-max_connections = 1000
-[storage]
-data_dir = "$WORK/data"
-durability = "fsync"
-[log]
-level = "warn"
-[[plans]]
-name = "bench"
-default = true
-  [[plans.limits]]
-  name = "requests-per-day"
-  period = "1d"
-  max = 1000000000
-TOML
-      ;;
-    shipped)
-      sed -e 's|^listen = .*|listen = ["127.0.0.1:7979"]\nmax_connections = 1000|' \
-        -e "s|^data_dir = .*|data_dir = \"$WORK/data\"|" quotad.toml
-      printf '\n[log]\nlevel = "warn"\n'
-      ;;
+    one-limit) one_limit_config '"127.0.0.1:7979"' "$WORK/data" ;;
+    shipped) shipped_config '"127.0.0.1:7979"' "$WORK/data" ;;
   esac
 }
 

@@ -31,6 +31,7 @@
 #   BASELINE=/tmp/quotad-before bash benches/redis_compare.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. benches/configs.sh
 REQUESTS=${REQUESTS:-200000}
 ROUNDS=${ROUNDS:-3}
 PIPELINE=${PIPELINE:-16}
@@ -73,27 +74,9 @@ return {1, max - used}'
 SHA=$(redis-cli -p 6390 SCRIPT LOAD "$LUA")
 
 # --- quotad "one": one fixed daily limit per subject, fsync durability.
-cat >"$WORK/one.toml" <<TOML
-[server]
-listen = ["127.0.0.1:7979", "unix:$WORK/one.sock"]
-max_connections = 1000
-[storage]
-data_dir = "$WORK/one"
-durability = "fsync"
-[log]
-level = "warn"
-[[plans]]
-name = "bench"
-default = true
-  [[plans.limits]]
-  name = "requests-per-day"
-  period = "1d"
-  max = 1000000000
-TOML
+one_limit_config "\"127.0.0.1:7979\", \"unix:$WORK/one.sock\"" "$WORK/one" >"$WORK/one.toml"
 # --- quotad "shipped": the shipped quotad.toml on other addresses.
-sed -e "s|^listen = .*|listen = [\"127.0.0.1:7980\", \"unix:$WORK/shipped.sock\"]\nmax_connections = 1000|" \
-  -e "s|^data_dir = .*|data_dir = \"$WORK/shipped\"|" quotad.toml >"$WORK/shipped.toml"
-printf '\n[log]\nlevel = "warn"\n' >>"$WORK/shipped.toml"
+shipped_config "\"127.0.0.1:7980\", \"unix:$WORK/shipped.sock\"" "$WORK/shipped" >"$WORK/shipped.toml"
 NAMES=(one)
 PORTS=(7979)
 if [ -n "${BASELINE:-}" ]; then
