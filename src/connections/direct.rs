@@ -345,7 +345,7 @@ fn pipelined(api: &DirectApi, buf: &[u8], mut from: usize) -> Vec<(Head, std::op
 /// Writes a direct answer into `out`.
 async fn encode_answer(answer: Answer, close: bool, out: &mut Vec<u8>, json: &mut Vec<u8>) {
     match answer {
-        Answer::Decision(d) => encode_decision(&d, close, out, json).await,
+        Answer::Decision(d) => encode_decision(&d, close, out, json),
         Answer::Other(resp) => encode(resp, close, out).await,
     }
 }
@@ -385,7 +385,7 @@ fn is_closing(resp: &Response) -> bool {
 /// Writes a decision as the router's handler answers it (200, JSON, the
 /// rate-limit headers) into `out`, with no header map or body in between;
 /// `json` is scratch space.
-async fn encode_decision(d: &Decision, close: bool, out: &mut Vec<u8>, json: &mut Vec<u8>) {
+fn encode_decision(d: &Decision, close: bool, out: &mut Vec<u8>, json: &mut Vec<u8>) {
     json.clear();
     super::decision_json::write_decision(d, json);
     out.extend_from_slice(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n");

@@ -165,14 +165,8 @@ impl CounterMap {
     pub fn update(&mut self, limit: &Arc<str>, f: impl FnOnce(&mut Option<Counter>)) {
         match self.position(limit) {
             Some(i) => {
-                let placeholder = Counter::Lifetime { used: 0, credited: 0 };
-                let mut c = Some(std::mem::replace(&mut self.0[i].1, placeholder));
-                f(&mut c);
-                match c {
-                    Some(c) => self.0[i].1 = c,
-                    None => {
-                        self.0.remove(i);
-                    }
+                if !update_in_place(&mut self.0[i].1, f) {
+                    self.0.remove(i);
                 }
             }
             None => {
@@ -636,6 +630,20 @@ pub struct Applied {
 
 /// Runs `f` on a counter (`None` if absent; a `None` left by `f` removes it),
 /// and forgets a subject that is left with nothing.
+/// Runs `f` on a stored counter where it lies; false when `f` left `None`
+/// (the caller removes it).
+fn update_in_place(c: &mut Counter, f: impl FnOnce(&mut Option<Counter>)) -> bool {
+    let mut v = Some(std::mem::replace(c, Counter::Lifetime { used: 0, credited: 0 }));
+    f(&mut v);
+    match v {
+        Some(v) => {
+            *c = v;
+            true
+        }
+        None => false,
+    }
+}
+
 fn update_counter<A: ShardAccess>(access: &mut A, key: &CounterKey, f: impl FnOnce(&mut Option<Counter>)) {
     match &key.scope {
         ScopeKey::Subject(s) => {
@@ -651,13 +659,8 @@ fn update_counter<A: ShardAccess>(access: &mut A, key: &CounterKey, f: impl FnOn
             match shared.get_mut(key) {
                 // In place: every call that a global limit matches lands here.
                 Some(c) => {
-                    let mut v = Some(std::mem::replace(c, Counter::Lifetime { used: 0, credited: 0 }));
-                    f(&mut v);
-                    match v {
-                        Some(v) => *c = v,
-                        None => {
-                            shared.remove(key);
-                        }
+                    if !update_in_place(c, f) {
+                        shared.remove(key);
                     }
                 }
                 None => {
@@ -672,25 +675,30 @@ fn update_counter<A: ShardAccess>(access: &mut A, key: &CounterKey, f: impl FnOn
     }
 }
 
+/// The subject and limit of a charge to a subject's counter.
+fn subject_charge(m: &Mutation) -> Option<(&Arc<str>, &Arc<str>)> {
+    match m {
+        Mutation::Charge {
+            counter: CounterKey {
+                limit,
+                scope: ScopeKey::Subject(s),
+            },
+            ..
+        } => Some((s, limit)),
+        _ => None,
+    }
+}
+
 /// How many of the leading mutations of `muts` are charges to one subject's
 /// counters (0 if the first is not): a decision's charges to its subject come
 /// together, and [`apply_subject_charges`] applies such a run with one lookup.
 pub fn subject_charge_run(muts: &[Mutation]) -> usize {
-    fn subject_of(m: &Mutation) -> Option<&Arc<str>> {
-        match m {
-            Mutation::Charge { counter, .. } => match &counter.scope {
-                ScopeKey::Subject(s) => Some(s),
-                _ => None,
-            },
-            _ => None,
-        }
-    }
-    let Some(first) = muts.first().and_then(subject_of) else {
+    let Some((first, _)) = muts.first().and_then(subject_charge) else {
         return 0;
     };
     1 + muts[1..]
         .iter()
-        .take_while(|m| subject_of(m).is_some_and(|s| Arc::ptr_eq(s, first) || s == first))
+        .take_while(|m| subject_charge(m).is_some_and(|(s, _)| Arc::ptr_eq(s, first) || s == first))
         .count()
 }
 
@@ -698,26 +706,17 @@ pub fn subject_charge_run(muts: &[Mutation]) -> usize {
 /// [`subject_charge_run`]): the same end state as applying each in turn, with
 /// the subject looked up once and its counter list grown once.
 pub fn apply_subject_charges<A: ShardAccess>(access: &mut A, run: &[Mutation]) {
-    let Some(Mutation::Charge { counter: first, .. }) = run.first() else {
-        return;
-    };
-    let ScopeKey::Subject(s) = &first.scope else {
+    let Some((s, _)) = run.first().and_then(subject_charge) else {
         return;
     };
     let subjects = &mut access.subject_shard(s).subjects;
     let st = subjects.get_or_default(s);
     // Distinct limits the subject has no counter for (a run is a handful).
-    fn limit_of(m: &Mutation) -> Option<&Arc<str>> {
-        match m {
-            Mutation::Charge { counter, .. } => Some(&counter.limit),
-            _ => None,
-        }
-    }
-    let new = run
-        .iter()
-        .enumerate()
-        .filter_map(|(i, m)| limit_of(m).map(|l| (i, l)))
-        .filter(|&(i, l)| st.counters.get(l).is_none() && !run[..i].iter().any(|p| limit_of(p) == Some(l)))
+    let limit_at = |i: usize| subject_charge(&run[i]).map(|(_, l)| l);
+    let new = (0..run.len())
+        .filter(|&i| {
+            limit_at(i).is_some_and(|l| st.counters.get(l).is_none() && !(0..i).any(|j| limit_at(j) == Some(l)))
+        })
         .count();
     if new > 0 {
         st.counters.reserve_exact(new);
