@@ -410,6 +410,14 @@ struct DecisionSeries {
     limits: FastMap<LimitLabels, Counter>,
 }
 
+/// Handles into the request families, found by a cheaper hash than the
+/// families' own (SipHash under a lock per family): two series per request.
+#[derive(Default)]
+struct HttpSeries {
+    seconds: FastMap<RouteLabels, Histogram>,
+    responses: FastMap<u16, Counter>,
+}
+
 /// A series [`DecisionSeries`] does not hold yet.
 enum NewSeries {
     Decision(DecisionLabels),
@@ -428,6 +436,8 @@ pub struct Metrics {
     spend: Family<CurrencyLabels, Counter>,
     http_seconds: Family<RouteLabels, Histogram, fn() -> Histogram>,
     http_responses: Family<StatusLabels, Counter>,
+    /// Handles into the two families above.
+    http_series: RwLock<HttpSeries>,
     engine: EngineGauges,
     signals: SignalGauges,
     /// 1 while the daemon serves (recovered, not shutting down). Set by the
@@ -465,6 +475,7 @@ impl Metrics {
             decisions: Family::default(),
             limit_decisions: Family::default(),
             decision_series: RwLock::default(),
+            http_series: RwLock::default(),
             replays: Counter::default(),
             spend: Family::default(),
             http_seconds: Family::new_with_constructor(latency_buckets),
@@ -747,10 +758,30 @@ impl Metrics {
 
     /// Records one answered request.
     pub fn http(&self, method: &'static str, route: &'static str, status: u16, elapsed: Duration) {
-        self.http_seconds
-            .get_or_create(&RouteLabels { method, route })
-            .observe(elapsed.as_secs_f64());
-        self.http_responses.get_or_create(&StatusLabels { code: status }).inc();
+        let labels = RouteLabels { method, route };
+        {
+            let series = self.http_series.read().unwrap_or_else(|e| e.into_inner());
+            if let (Some(h), Some(c)) = (series.seconds.get(&labels), series.responses.get(&status)) {
+                h.observe(elapsed.as_secs_f64());
+                c.inc();
+                return;
+            }
+        }
+        // A route's or a status's first request: its series made in its
+        // family, the handle kept.
+        let mut guard = self.http_series.write().unwrap_or_else(|e| e.into_inner());
+        let series = &mut *guard;
+        let h = series
+            .seconds
+            .entry(labels.clone())
+            .or_insert_with(|| self.http_seconds.get_or_create(&labels).clone());
+        h.observe(elapsed.as_secs_f64());
+        let c = series.responses.entry(status).or_insert_with(|| {
+            self.http_responses
+                .get_or_create(&StatusLabels { code: status })
+                .clone()
+        });
+        c.inc();
     }
 
     /// Registers the cluster figures (a cluster node only, so that a single

@@ -163,10 +163,12 @@ impl AppState {
     fn authenticate(&self, headers: &HeaderMap) -> Result<Grant, ApiError> {
         let tokens = self.tokens.read().unwrap_or_else(|e| e.into_inner()).clone();
         if tokens.is_empty() {
+            // Made once: every call of a daemon without tokens comes here.
+            static WITHOUT_AUTH: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| ACTOR_WITHOUT_AUTH.into());
             return Ok(Grant {
                 role: Role::Admin,
                 max_priority: Priority::Critical,
-                actor: ACTOR_WITHOUT_AUTH.into(),
+                actor: WITHOUT_AUTH.clone(),
                 subject: None,
             });
         }
@@ -941,7 +943,9 @@ fn check_amounts(field: &str, amounts: &BTreeMap<String, u64>) -> Result<(), Api
 
 /// The idempotency key from the body and/or the `Idempotency-Key` header.
 pub(crate) fn idempotency_key(headers: &HeaderMap, body_key: Option<String>) -> Result<Option<String>, ApiError> {
-    let header = match headers.get("idempotency-key") {
+    // A name made once: `get` with a &str parses and lower-cases it each call.
+    const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+    let header = match headers.get(&IDEMPOTENCY_KEY) {
         Some(v) => Some(
             v.to_str()
                 .map_err(|_| ApiError::invalid("Idempotency-Key header", "must be visible ASCII"))?

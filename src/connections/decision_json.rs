@@ -131,7 +131,12 @@ fn number(out: &mut Vec<u8>, n: u64) {
 /// A JSON string. Only control characters, `"` and `\` need escaping (what
 /// serde_json escapes); a string with any of them goes through serde_json.
 fn string(out: &mut Vec<u8>, s: &str) {
-    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+    // No early exit: a loop without one is vectorized, 16 bytes a step
+    // (the byte-at-a-time loop was a third of writing an answer).
+    let needs_escape = s
+        .bytes()
+        .fold(false, |any, b| any | (b < 0x20) | (b == b'"') | (b == b'\\'));
+    if !needs_escape {
         out.reserve(s.len() + 2);
         out.push(b'"');
         out.extend_from_slice(s.as_bytes());

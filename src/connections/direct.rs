@@ -57,7 +57,8 @@ pub(super) enum End<S> {
 struct Head {
     /// What it asks for.
     endpoint: Endpoint,
-    /// Its headers.
+    /// Its headers but for `Content-Length` and `Connection`, which are
+    /// read into `body` and `close`.
     headers: HeaderMap,
     /// The head's length in bytes.
     len: usize,
@@ -109,12 +110,15 @@ fn parse(api: &DirectApi, buf: &[u8]) -> Parsed {
                 return Parsed::Theirs;
             }
             body = std::str::from_utf8(h.value).ok().and_then(|v| v.parse::<u64>().ok());
+            // Framing is this path's own: the answer reads `body`, not the map.
+            continue;
         } else if name == header::CONNECTION {
             match h.value {
                 v if v.eq_ignore_ascii_case(b"close") => close = true,
                 v if v.eq_ignore_ascii_case(b"keep-alive") => {}
                 _ => return Parsed::Theirs,
             }
+            continue;
         } else if name == header::TRANSFER_ENCODING || name == header::EXPECT || name == header::UPGRADE {
             return Parsed::Theirs;
         }
