@@ -223,31 +223,98 @@ pub fn rfc3339(ms: Millis) -> String {
     }
 }
 
+/// "YYYY-MM-DDTHH:MM:SS": a whole second's text without its "Z".
+const SECOND_PREFIX: usize = 19;
+/// Instants from jiff's last whole second on are formatted whole: jiff
+/// refuses some milliseconds of that second (9999-12-30T22:00:00Z; the
+/// tests hold it equal to jiff's).
+const COMPOSED_BELOW: Millis = 253_402_207_200_000;
+
 /// [`rfc3339`]`(ms)`, formatted once per thread for the last few instants
 /// asked: every answer names its windows' resets, and most of them are the
 /// same few instants (the end of today, of this month), so the calendar
 /// arithmetic and the string would otherwise be redone per counter.
+///
+/// The resets of sliding windows and token buckets move with every call, a
+/// millisecond at a time: those are written from the text of their whole
+/// second, kept apart, so that they neither miss each time nor push the
+/// calendar instants out.
 pub fn rfc3339_cached(ms: Millis) -> std::sync::Arc<str> {
     const SLOTS: usize = 8;
-    /// The next slot to replace, and (instant, text) slots.
-    type Recent = (usize, [(Option<Millis>, std::sync::Arc<str>); SLOTS]);
+    const SECONDS: usize = 4;
+    const PREFIX: usize = SECOND_PREFIX;
+    struct Recent {
+        /// The next slot to replace, and (instant, text) slots.
+        next: usize,
+        slots: [(Option<Millis>, std::sync::Arc<str>); SLOTS],
+        /// The same for whole seconds, by their first millisecond.
+        next_second: usize,
+        seconds: [(Option<Millis>, [u8; PREFIX]); SECONDS],
+    }
     thread_local! {
-        static RECENT: std::cell::RefCell<Recent> =
-            std::cell::RefCell::new((0, std::array::from_fn(|_| (None, "".into()))));
+        static RECENT: std::cell::RefCell<Recent> = std::cell::RefCell::new(Recent {
+            next: 0,
+            slots: std::array::from_fn(|_| (None, "".into())),
+            next_second: 0,
+            seconds: [(None, [0; PREFIX]); SECONDS],
+        });
     }
     // Without the cache while the thread's locals are being destroyed.
     RECENT
         .try_with(|cell| {
-            let (next, slots) = &mut *cell.borrow_mut();
-            if let Some((_, text)) = slots.iter().find(|(k, _)| *k == Some(ms)) {
+            let r = &mut *cell.borrow_mut();
+            if let Some((_, text)) = r.slots.iter().find(|(k, _)| *k == Some(ms)) {
                 return text.clone();
             }
-            let i = *next;
-            *next = (i + 1) % SLOTS;
-            slots[i] = (Some(ms), rfc3339(ms).into());
-            slots[i].1.clone()
+            let fraction = ms % 1000;
+            if fraction != 0 && ms < COMPOSED_BELOW {
+                let second = ms - fraction;
+                let prefix = match r.seconds.iter().find(|(k, _)| *k == Some(second)) {
+                    Some((_, p)) => *p,
+                    None => {
+                        let whole = rfc3339(second);
+                        if whole.len() != PREFIX + 1 {
+                            return rfc3339(ms).into();
+                        }
+                        let mut p = [0; PREFIX];
+                        p.copy_from_slice(&whole.as_bytes()[..PREFIX]);
+                        let i = r.next_second;
+                        r.next_second = (i + 1) % SECONDS;
+                        r.seconds[i] = (Some(second), p);
+                        p
+                    }
+                };
+                return with_fraction(&prefix, fraction);
+            }
+            let i = r.next;
+            r.next = (i + 1) % SLOTS;
+            r.slots[i] = (Some(ms), rfc3339(ms).into());
+            r.slots[i].1.clone()
         })
         .unwrap_or_else(|_| rfc3339(ms).into())
+}
+
+/// A whole second's text with `fraction` (1..=999) milliseconds, written as
+/// jiff writes them: no trailing zeros (".5Z", ".25Z", ".125Z").
+fn with_fraction(prefix: &[u8; SECOND_PREFIX], fraction: Millis) -> std::sync::Arc<str> {
+    let digits = [
+        b'0' + (fraction / 100) as u8,
+        b'0' + (fraction / 10 % 10) as u8,
+        b'0' + (fraction % 10) as u8,
+    ];
+    let kept = match fraction {
+        f if f % 100 == 0 => 1,
+        f if f % 10 == 0 => 2,
+        _ => 3,
+    };
+    let mut buf = [0u8; SECOND_PREFIX + 5];
+    buf[..SECOND_PREFIX].copy_from_slice(prefix);
+    buf[SECOND_PREFIX] = b'.';
+    buf[SECOND_PREFIX + 1..][..kept].copy_from_slice(&digits[..kept]);
+    buf[SECOND_PREFIX + 1 + kept] = b'Z';
+    std::str::from_utf8(&buf[..SECOND_PREFIX + 2 + kept])
+        .expect("a second's text and digits are ASCII")
+        .into()
 }
 
 #[cfg(test)]
@@ -270,6 +337,34 @@ mod tests {
                 };
                 assert_eq!(&*rfc3339_cached(ms), rfc3339(ms), "{ms}");
             }
+        }
+    }
+
+    #[test]
+    fn moving_instants_are_written_as_jiff_writes_them() {
+        // Every millisecond of a few seconds, the calendar instants asked in
+        // between (as an answer asks them), and the edge of jiff's range.
+        let max = Timestamp::MAX.as_millisecond() as Millis;
+        let last = max - max % 1000;
+        assert_eq!(COMPOSED_BELOW, Timestamp::MAX.as_second() as Millis * 1000);
+        let seconds = [
+            0,
+            1_796_601_600_000,
+            1_796_601_601_000,
+            1_796_688_000_000,
+            last - 1000,
+            last,
+        ];
+        let calendar = [1_796_688_000_000, 1_798_761_600_000, 1_796_601_600_000];
+        for second in seconds {
+            for f in 0..1000 {
+                for ms in [second + f, calendar[(f % 3) as usize]] {
+                    assert_eq!(&*rfc3339_cached(ms), rfc3339(ms), "{ms}");
+                }
+            }
+        }
+        for ms in [max, max + 1, max + 999, u64::MAX] {
+            assert_eq!(&*rfc3339_cached(ms), rfc3339(ms), "{ms}");
         }
     }
 
