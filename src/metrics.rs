@@ -42,7 +42,7 @@ struct CurrencyLabels {
 }
 
 /// Labels of the HTTP metrics.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RouteLabels {
     method: &'static str,
     route: &'static str,
@@ -769,11 +769,10 @@ impl Metrics {
         }
         // A route's or a status's first request: its series made in its
         // family, the handle kept.
-        let mut guard = self.http_series.write().unwrap_or_else(|e| e.into_inner());
-        let series = &mut *guard;
+        let mut series = self.http_series.write().unwrap_or_else(|e| e.into_inner());
         let h = series
             .seconds
-            .entry(labels.clone())
+            .entry(labels)
             .or_insert_with(|| self.http_seconds.get_or_create(&labels).clone());
         h.observe(elapsed.as_secs_f64());
         let c = series.responses.entry(status).or_insert_with(|| {

@@ -225,78 +225,87 @@ pub fn rfc3339(ms: Millis) -> String {
 
 /// "YYYY-MM-DDTHH:MM:SS": a whole second's text without its "Z".
 const SECOND_PREFIX: usize = 19;
-/// Instants from jiff's last whole second on are formatted whole: jiff
-/// refuses some milliseconds of that second (9999-12-30T22:00:00Z; the
-/// tests hold it equal to jiff's).
+/// Instants from here on are formatted whole: jiff refuses every
+/// millisecond after 9999-12-30T22:00:00Z, its last second (the tests hold
+/// this equal to jiff's).
 const COMPOSED_BELOW: Millis = 253_402_207_200_000;
 
-/// [`rfc3339`]`(ms)`, formatted once per thread for the last few instants
-/// asked: every answer names its windows' resets, and most of them are the
-/// same few instants (the end of today, of this month), so the calendar
-/// arithmetic and the string would otherwise be redone per counter.
+/// Calls `f` with [`rfc3339`]`(ms)`, formatted once per thread for the last
+/// few instants asked: every answer names its windows' resets, and most of
+/// them are the same few instants (the end of today, of this month), so the
+/// calendar arithmetic and the string would otherwise be redone per counter.
 ///
 /// The resets of sliding windows and token buckets move with every call, a
 /// millisecond at a time: those are written from the text of their whole
 /// second, kept apart, so that they neither miss each time nor push the
 /// calendar instants out.
-pub fn rfc3339_cached(ms: Millis) -> std::sync::Arc<str> {
+pub fn with_rfc3339<R>(ms: Millis, f: impl FnOnce(&str) -> R) -> R {
     const SLOTS: usize = 8;
     const SECONDS: usize = 4;
-    const PREFIX: usize = SECOND_PREFIX;
     struct Recent {
         /// The next slot to replace, and (instant, text) slots.
         next: usize,
-        slots: [(Option<Millis>, std::sync::Arc<str>); SLOTS],
+        slots: [(Option<Millis>, Box<str>); SLOTS],
         /// The same for whole seconds, by their first millisecond.
         next_second: usize,
-        seconds: [(Option<Millis>, [u8; PREFIX]); SECONDS],
+        seconds: [(Option<Millis>, [u8; SECOND_PREFIX]); SECONDS],
     }
     thread_local! {
         static RECENT: std::cell::RefCell<Recent> = std::cell::RefCell::new(Recent {
             next: 0,
             slots: std::array::from_fn(|_| (None, "".into())),
             next_second: 0,
-            seconds: [(None, [0; PREFIX]); SECONDS],
+            seconds: [(None, [0; SECOND_PREFIX]); SECONDS],
         });
     }
-    // Without the cache while the thread's locals are being destroyed.
-    RECENT
-        .try_with(|cell| {
-            let r = &mut *cell.borrow_mut();
-            if let Some((_, text)) = r.slots.iter().find(|(k, _)| *k == Some(ms)) {
-                return text.clone();
-            }
-            let fraction = ms % 1000;
-            if fraction != 0 && ms < COMPOSED_BELOW {
-                let second = ms - fraction;
-                let prefix = match r.seconds.iter().find(|(k, _)| *k == Some(second)) {
-                    Some((_, p)) => *p,
-                    None => {
-                        let whole = rfc3339(second);
-                        if whole.len() != PREFIX + 1 {
-                            return rfc3339(ms).into();
-                        }
-                        let mut p = [0; PREFIX];
-                        p.copy_from_slice(&whole.as_bytes()[..PREFIX]);
-                        let i = r.next_second;
-                        r.next_second = (i + 1) % SECONDS;
-                        r.seconds[i] = (Some(second), p);
-                        p
+    let mut f = Some(f);
+    let mut call = |text: &str| f.take().expect("called once")(text);
+    // Without the cache while the thread's locals are being destroyed, or
+    // if `f` asks for a time itself.
+    let cached = RECENT.try_with(|cell| {
+        let mut r = cell.try_borrow_mut().ok()?;
+        let r = &mut *r;
+        if let Some((_, text)) = r.slots.iter().find(|(k, _)| *k == Some(ms)) {
+            return Some(call(text));
+        }
+        let fraction = ms % 1000;
+        if fraction != 0 && ms < COMPOSED_BELOW {
+            let second = ms - fraction;
+            let prefix = match r.seconds.iter().find(|(k, _)| *k == Some(second)) {
+                Some((_, p)) => *p,
+                None => {
+                    let whole = rfc3339(second);
+                    if whole.len() != SECOND_PREFIX + 1 {
+                        return None;
                     }
-                };
-                return with_fraction(&prefix, fraction);
-            }
-            let i = r.next;
-            r.next = (i + 1) % SLOTS;
-            r.slots[i] = (Some(ms), rfc3339(ms).into());
-            r.slots[i].1.clone()
-        })
-        .unwrap_or_else(|_| rfc3339(ms).into())
+                    let mut p = [0; SECOND_PREFIX];
+                    p.copy_from_slice(&whole.as_bytes()[..SECOND_PREFIX]);
+                    let i = r.next_second;
+                    r.next_second = (i + 1) % SECONDS;
+                    r.seconds[i] = (Some(second), p);
+                    p
+                }
+            };
+            let (buf, len) = with_fraction(&prefix, fraction);
+            return Some(call(
+                std::str::from_utf8(&buf[..len]).expect("a second's text and digits are ASCII"),
+            ));
+        }
+        let i = r.next;
+        r.next = (i + 1) % SLOTS;
+        r.slots[i] = (Some(ms), rfc3339(ms).into());
+        Some(call(&r.slots[i].1))
+    });
+    match cached {
+        Ok(Some(v)) => v,
+        _ => call(&rfc3339(ms)),
+    }
 }
 
 /// A whole second's text with `fraction` (1..=999) milliseconds, written as
-/// jiff writes them: no trailing zeros (".5Z", ".25Z", ".125Z").
-fn with_fraction(prefix: &[u8; SECOND_PREFIX], fraction: Millis) -> std::sync::Arc<str> {
+/// jiff writes them: no trailing zeros (".5Z", ".25Z", ".125Z"). Returns the
+/// bytes and how many of them are the text.
+fn with_fraction(prefix: &[u8; SECOND_PREFIX], fraction: Millis) -> ([u8; SECOND_PREFIX + 5], usize) {
     let digits = [
         b'0' + (fraction / 100) as u8,
         b'0' + (fraction / 10 % 10) as u8,
@@ -312,9 +321,7 @@ fn with_fraction(prefix: &[u8; SECOND_PREFIX], fraction: Millis) -> std::sync::A
     buf[SECOND_PREFIX] = b'.';
     buf[SECOND_PREFIX + 1..][..kept].copy_from_slice(&digits[..kept]);
     buf[SECOND_PREFIX + 1 + kept] = b'Z';
-    std::str::from_utf8(&buf[..SECOND_PREFIX + 2 + kept])
-        .expect("a second's text and digits are ASCII")
-        .into()
+    (buf, SECOND_PREFIX + 2 + kept)
 }
 
 #[cfg(test)]
@@ -335,7 +342,7 @@ mod tests {
                 } else {
                     ms
                 };
-                assert_eq!(&*rfc3339_cached(ms), rfc3339(ms), "{ms}");
+                assert_eq!(&*with_rfc3339(ms, str::to_string), rfc3339(ms), "{ms}");
             }
         }
     }
@@ -359,12 +366,12 @@ mod tests {
         for second in seconds {
             for f in 0..1000 {
                 for ms in [second + f, calendar[(f % 3) as usize]] {
-                    assert_eq!(&*rfc3339_cached(ms), rfc3339(ms), "{ms}");
+                    assert_eq!(&*with_rfc3339(ms, str::to_string), rfc3339(ms), "{ms}");
                 }
             }
         }
         for ms in [max, max + 1, max + 999, u64::MAX] {
-            assert_eq!(&*rfc3339_cached(ms), rfc3339(ms), "{ms}");
+            assert_eq!(&*with_rfc3339(ms, str::to_string), rfc3339(ms), "{ms}");
         }
     }
 

@@ -8,7 +8,7 @@
 
 use crate::engine::policy::{MaxValue, Mode};
 use crate::engine::{CounterView, Decision, Reason, ReasonCode};
-use crate::period::rfc3339_cached;
+use crate::period::with_rfc3339;
 
 /// Appends `d` as JSON to `out`.
 pub(super) fn write_decision(d: &Decision, out: &mut Vec<u8>) {
@@ -48,7 +48,7 @@ pub(super) fn write_decision(d: &Decision, out: &mut Vec<u8>) {
     }
     out.extend_from_slice(b",\"expires_at\":");
     match d.expires_at {
-        Some(ms) => string(out, &rfc3339_cached(ms)),
+        Some(ms) => with_rfc3339(ms, |t| string(out, t)),
         None => out.extend_from_slice(b"null"),
     }
     if let Some(c) = &d.cost {
@@ -92,7 +92,7 @@ fn counter(out: &mut Vec<u8>, c: &CounterView) {
     }
     if let Some(ms) = c.resets_at {
         out.extend_from_slice(b",\"resets_at\":");
-        string(out, &rfc3339_cached(ms));
+        with_rfc3339(ms, |t| string(out, t));
     }
     out.extend_from_slice(b",\"mode\":\"");
     out.extend_from_slice(mode_name(c.mode).as_bytes());
@@ -131,8 +131,8 @@ fn number(out: &mut Vec<u8>, n: u64) {
 /// A JSON string. Only control characters, `"` and `\` need escaping (what
 /// serde_json escapes); a string with any of them goes through serde_json.
 fn string(out: &mut Vec<u8>, s: &str) {
-    // No early exit: a loop without one is vectorized, 16 bytes a step
-    // (the byte-at-a-time loop was a third of writing an answer).
+    // No early exit: a loop without one is vectorized (the byte-at-a-time
+    // loop was a third of writing an answer).
     let needs_escape = s
         .bytes()
         .fold(false, |any, b| any | (b < 0x20) | (b == b'"') | (b == b'\\'));

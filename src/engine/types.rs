@@ -137,7 +137,7 @@ mod opt_rfc3339 {
 
     pub fn serialize<S: Serializer>(v: &Option<Millis>, s: S) -> Result<S::Ok, S::Error> {
         match v {
-            Some(ms) => s.serialize_str(&crate::period::rfc3339_cached(*ms)),
+            Some(ms) => crate::period::with_rfc3339(*ms, |t| s.serialize_str(t)),
             None => s.serialize_none(),
         }
     }
