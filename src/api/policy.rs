@@ -396,7 +396,7 @@ pub(super) async fn put_policy(
         &st,
         Write {
             doc,
-            actor: &grant.actor,
+            actor: grant.actor(),
             if_version,
             key: key.as_deref(),
             fingerprint,
@@ -580,7 +580,7 @@ async fn write_item(
             st,
             Write {
                 doc,
-                actor: &grant.actor,
+                actor: grant.actor(),
                 if_version: Some(version),
                 key: key.as_deref(),
                 fingerprint,
