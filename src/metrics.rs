@@ -415,7 +415,20 @@ struct DecisionSeries {
 #[derive(Default)]
 struct HttpSeries {
     seconds: FastMap<RouteLabels, Histogram>,
-    responses: FastMap<u16, Counter>,
+    responses: FastMap<StatusLabels, Counter>,
+}
+
+/// The handle of `labels`' series in `handles`, made in `family` and kept on
+/// first use (a clone shares the family's series).
+fn kept<'a, L, M, C>(handles: &'a mut FastMap<L, M>, family: &Family<L, M, C>, labels: L) -> &'a M
+where
+    L: Clone + std::hash::Hash + Eq,
+    M: Clone,
+    C: prometheus_client::metrics::family::MetricConstructor<M>,
+{
+    handles
+        .entry(labels)
+        .or_insert_with_key(|l| family.get_or_create(l).clone())
 }
 
 /// A series [`DecisionSeries`] does not hold yet.
@@ -741,46 +754,29 @@ impl Metrics {
             let mut series = self.decision_series.write().unwrap_or_else(|e| e.into_inner());
             for m in missing {
                 match m {
-                    NewSeries::Decision(labels) => {
-                        let c = self.decisions.get_or_create(&labels).clone();
-                        c.inc();
-                        series.decisions.insert(labels, c);
-                    }
-                    NewSeries::Limit(l) => {
-                        let c = self.limit_decisions.get_or_create(&l).clone();
-                        c.inc();
-                        series.limits.insert(l, c);
-                    }
-                }
+                    NewSeries::Decision(labels) => kept(&mut series.decisions, &self.decisions, labels).inc(),
+                    NewSeries::Limit(l) => kept(&mut series.limits, &self.limit_decisions, l).inc(),
+                };
             }
         }
     }
 
     /// Records one answered request.
     pub fn http(&self, method: &'static str, route: &'static str, status: u16, elapsed: Duration) {
-        let labels = RouteLabels { method, route };
+        let route = RouteLabels { method, route };
+        let status = StatusLabels { code: status };
         {
             let series = self.http_series.read().unwrap_or_else(|e| e.into_inner());
-            if let (Some(h), Some(c)) = (series.seconds.get(&labels), series.responses.get(&status)) {
+            if let (Some(h), Some(c)) = (series.seconds.get(&route), series.responses.get(&status)) {
                 h.observe(elapsed.as_secs_f64());
                 c.inc();
                 return;
             }
         }
-        // A route's or a status's first request: its series made in its
-        // family, the handle kept.
+        // A route's or a status's first request.
         let mut series = self.http_series.write().unwrap_or_else(|e| e.into_inner());
-        let h = series
-            .seconds
-            .entry(labels)
-            .or_insert_with(|| self.http_seconds.get_or_create(&labels).clone());
-        h.observe(elapsed.as_secs_f64());
-        let c = series.responses.entry(status).or_insert_with(|| {
-            self.http_responses
-                .get_or_create(&StatusLabels { code: status })
-                .clone()
-        });
-        c.inc();
+        kept(&mut series.seconds, &self.http_seconds, route).observe(elapsed.as_secs_f64());
+        kept(&mut series.responses, &self.http_responses, status).inc();
     }
 
     /// Registers the cluster figures (a cluster node only, so that a single

@@ -240,23 +240,10 @@ const COMPOSED_BELOW: Millis = 253_402_207_200_000;
 /// second, kept apart, so that they neither miss each time nor push the
 /// calendar instants out.
 pub fn with_rfc3339<R>(ms: Millis, f: impl FnOnce(&str) -> R) -> R {
-    const SLOTS: usize = 8;
-    const SECONDS: usize = 4;
-    struct Recent {
-        /// The next slot to replace, and (instant, text) slots.
-        next: usize,
-        slots: [(Option<Millis>, Box<str>); SLOTS],
-        /// The same for whole seconds, by their first millisecond.
-        next_second: usize,
-        seconds: [(Option<Millis>, [u8; SECOND_PREFIX]); SECONDS],
-    }
+    /// Instants' texts, and whole seconds' texts without their "Z".
+    type Recent = (Ring<Box<str>, 8>, Ring<[u8; SECOND_PREFIX], 4>);
     thread_local! {
-        static RECENT: std::cell::RefCell<Recent> = std::cell::RefCell::new(Recent {
-            next: 0,
-            slots: std::array::from_fn(|_| (None, "".into())),
-            next_second: 0,
-            seconds: [(None, [0; SECOND_PREFIX]); SECONDS],
-        });
+        static RECENT: std::cell::RefCell<Recent> = std::cell::RefCell::new((Ring::new(), Ring::new()));
     }
     let mut f = Some(f);
     let mut call = |text: &str| f.take().expect("called once")(text);
@@ -264,26 +251,22 @@ pub fn with_rfc3339<R>(ms: Millis, f: impl FnOnce(&str) -> R) -> R {
     // if `f` asks for a time itself.
     let cached = RECENT.try_with(|cell| {
         let mut r = cell.try_borrow_mut().ok()?;
-        let r = &mut *r;
-        if let Some((_, text)) = r.slots.iter().find(|(k, _)| *k == Some(ms)) {
+        let (instants, seconds) = &mut *r;
+        if let Some(text) = instants.get(ms) {
             return Some(call(text));
         }
         let fraction = ms % 1000;
         if fraction != 0 && ms < COMPOSED_BELOW {
             let second = ms - fraction;
-            let prefix = match r.seconds.iter().find(|(k, _)| *k == Some(second)) {
-                Some((_, p)) => *p,
+            let prefix = match seconds.get(second) {
+                Some(p) => *p,
                 None => {
                     let whole = rfc3339(second);
                     if whole.len() != SECOND_PREFIX + 1 {
                         return None;
                     }
-                    let mut p = [0; SECOND_PREFIX];
-                    p.copy_from_slice(&whole.as_bytes()[..SECOND_PREFIX]);
-                    let i = r.next_second;
-                    r.next_second = (i + 1) % SECONDS;
-                    r.seconds[i] = (Some(second), p);
-                    p
+                    let p = whole.as_bytes()[..SECOND_PREFIX].try_into().expect("length checked");
+                    *seconds.put(second, p)
                 }
             };
             let (buf, len) = with_fraction(&prefix, fraction);
@@ -291,14 +274,36 @@ pub fn with_rfc3339<R>(ms: Millis, f: impl FnOnce(&str) -> R) -> R {
                 std::str::from_utf8(&buf[..len]).expect("a second's text and digits are ASCII"),
             ));
         }
-        let i = r.next;
-        r.next = (i + 1) % SLOTS;
-        r.slots[i] = (Some(ms), rfc3339(ms).into());
-        Some(call(&r.slots[i].1))
+        Some(call(instants.put(ms, rfc3339(ms).into())))
     });
     match cached {
         Ok(Some(v)) => v,
         _ => call(&rfc3339(ms)),
+    }
+}
+
+/// The last N (instant, value) pairs put, the oldest replaced first.
+struct Ring<V, const N: usize> {
+    next: usize,
+    slots: [Option<(Millis, V)>; N],
+}
+
+impl<V, const N: usize> Ring<V, N> {
+    fn new() -> Self {
+        Ring {
+            next: 0,
+            slots: std::array::from_fn(|_| None),
+        }
+    }
+
+    fn get(&self, at: Millis) -> Option<&V> {
+        self.slots.iter().flatten().find(|(k, _)| *k == at).map(|(_, v)| v)
+    }
+
+    fn put(&mut self, at: Millis, v: V) -> &V {
+        let i = self.next;
+        self.next = (i + 1) % N;
+        &self.slots[i].insert((at, v)).1
     }
 }
 

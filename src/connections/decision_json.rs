@@ -6,8 +6,8 @@
 //! instructions per decision. Strings that need escaping are handed to
 //! serde_json; all others are copied as they are.
 
-use crate::engine::policy::{MaxValue, Mode};
-use crate::engine::{CounterView, Decision, Reason, ReasonCode};
+use crate::engine::policy::MaxValue;
+use crate::engine::{CounterView, Decision, Reason};
 use crate::period::with_rfc3339;
 
 /// Appends `d` as JSON to `out`.
@@ -95,7 +95,7 @@ fn counter(out: &mut Vec<u8>, c: &CounterView) {
         with_rfc3339(ms, |t| string(out, t));
     }
     out.extend_from_slice(b",\"mode\":\"");
-    out.extend_from_slice(mode_name(c.mode).as_bytes());
+    out.extend_from_slice(c.mode.as_str().as_bytes());
     out.extend_from_slice(b"\"}");
 }
 
@@ -107,7 +107,7 @@ fn reason(out: &mut Vec<u8>, r: &Reason) {
         out.push(b',');
     }
     out.extend_from_slice(b"\"code\":\"");
-    out.extend_from_slice(code_name(r.code).as_bytes());
+    out.extend_from_slice(r.code.as_str().as_bytes());
     out.push(b'"');
     if let Some(ms) = r.retry_after_ms {
         out.extend_from_slice(b",\"retry_after_ms\":");
@@ -146,34 +146,13 @@ fn string(out: &mut Vec<u8>, s: &str) {
     }
 }
 
-fn mode_name(m: Mode) -> &'static str {
-    match m {
-        Mode::Enforce => "enforce",
-        Mode::Monitor => "monitor",
-        Mode::Degrade => "degrade",
-    }
-}
-
-fn code_name(c: ReasonCode) -> &'static str {
-    match c {
-        ReasonCode::LimitExceeded => "limit_exceeded",
-        ReasonCode::ExceedsCapacity => "exceeds_capacity",
-        ReasonCode::WouldDeny => "would_deny",
-        ReasonCode::Degraded => "degraded",
-        ReasonCode::Unmatched => "unmatched",
-        ReasonCode::QueueFull => "queue_full",
-        ReasonCode::CircuitOpen => "circuit_open",
-        ReasonCode::Anomaly => "anomaly",
-        ReasonCode::TooManyReservations => "too_many_reservations",
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::engine::{Cost, Outcome};
+    use crate::engine::policy::Mode;
+    use crate::engine::{Cost, Outcome, ReasonCode};
 
     fn same_as_serde(d: &Decision) {
         let mut ours = Vec::new();

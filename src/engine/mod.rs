@@ -301,22 +301,18 @@ impl Locked<'_> {
         let hooks = self.engine.wait_hooks.get().filter(|h| h.active());
         let mut i = 0;
         while i < muts.len() {
+            // A plan's charges to the subject: one lookup, not one each.
             let run = state::subject_charge_run(&muts[i..]);
+            let group = &muts[i..i + run.max(1)];
+            i += group.len();
+            if let Some(h) = hooks {
+                group.iter().for_each(|m| note_freed(&**h, m));
+            }
             if run > 1 {
-                // A plan's charges to the subject: one lookup, not one each.
-                if let Some(h) = hooks {
-                    muts[i..i + run].iter().for_each(|m| note_freed(&**h, m));
-                }
-                state::apply_subject_charges(self, &muts[i..i + run]);
-                i += run;
+                state::apply_subject_charges(self, group);
                 continue;
             }
-            let m = &muts[i];
-            i += 1;
-            if let Some(h) = hooks {
-                note_freed(&**h, m);
-            }
-            let a = apply(self, m, lsn);
+            let a = apply(self, &group[0], lsn);
             self.engine
                 .open_reservations
                 .fetch_add(a.open_reservations_delta, Ordering::Relaxed);

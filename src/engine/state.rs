@@ -628,8 +628,6 @@ pub struct Applied {
     pub idempotency_keys_delta: isize,
 }
 
-/// Runs `f` on a counter (`None` if absent; a `None` left by `f` removes it),
-/// and forgets a subject that is left with nothing.
 /// Runs `f` on a stored counter where it lies; false when `f` left `None`
 /// (the caller removes it).
 fn update_in_place(c: &mut Counter, f: impl FnOnce(&mut Option<Counter>)) -> bool {
@@ -644,6 +642,8 @@ fn update_in_place(c: &mut Counter, f: impl FnOnce(&mut Option<Counter>)) -> boo
     }
 }
 
+/// Runs `f` on a counter (`None` if absent; a `None` left by `f` removes it),
+/// and forgets a subject that is left with nothing.
 fn update_counter<A: ShardAccess>(access: &mut A, key: &CounterKey, f: impl FnOnce(&mut Option<Counter>)) {
     match &key.scope {
         ScopeKey::Subject(s) => {
@@ -698,7 +698,8 @@ pub fn subject_charge_run(muts: &[Mutation]) -> usize {
     };
     1 + muts[1..]
         .iter()
-        .take_while(|m| subject_charge(m).is_some_and(|(s, _)| Arc::ptr_eq(s, first) || s == first))
+        // `==` on an `Arc<str>` compares the pointers first.
+        .take_while(|m| subject_charge(m).is_some_and(|(s, _)| s == first))
         .count()
 }
 

@@ -94,6 +94,23 @@ pub enum ReasonCode {
     TooManyReservations,
 }
 
+impl ReasonCode {
+    /// Its name in answers (the `code` field).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReasonCode::LimitExceeded => "limit_exceeded",
+            ReasonCode::ExceedsCapacity => "exceeds_capacity",
+            ReasonCode::WouldDeny => "would_deny",
+            ReasonCode::Degraded => "degraded",
+            ReasonCode::Unmatched => "unmatched",
+            ReasonCode::QueueFull => "queue_full",
+            ReasonCode::CircuitOpen => "circuit_open",
+            ReasonCode::Anomaly => "anomaly",
+            ReasonCode::TooManyReservations => "too_many_reservations",
+        }
+    }
+}
+
 /// One entry of `reasons`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Reason {

@@ -292,6 +292,17 @@ pub enum Mode {
     Degrade,
 }
 
+impl Mode {
+    /// The name used in the API and the config.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Enforce => "enforce",
+            Mode::Monitor => "monitor",
+            Mode::Degrade => "degrade",
+        }
+    }
+}
+
 /// One `[[plans]]` entry.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
